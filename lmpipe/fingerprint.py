@@ -1,0 +1,60 @@
+"""Stage fingerprints: one hash links the Prefect cache key, the MLflow tag and the files on disk.
+
+A fingerprint covers the stage's config section, its upstream fingerprints and
+its code version (a hash of the source of the modules the stage runs), so a
+change to any of them re-runs the stage and everything downstream, and nothing
+else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel
+
+# Which library modules decide each stage's output. Editing one re-runs that stage.
+STAGE_MODULES: dict[str, tuple[str, ...]] = {
+    "download": ("lmpipe.download",),
+    "clean": ("lmpipe.clean",),
+    "train_tokenizer": ("lmpipe.tokenizer",),
+    "shard": ("lmpipe.shards", "lmpipe.tokenizer"),
+    "pretrain": ("lmpipe.model", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.shards"),
+    "finetune": ("lmpipe.model", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.shards", "lmpipe.sft"),
+    "evaluate": ("lmpipe.model", "lmpipe.evaluate", "lmpipe.checkpoint", "lmpipe.shards"),
+    "register": ("lmpipe.tracking",),
+}
+
+FINGERPRINT_CHARS = 16
+
+
+@cache
+def code_version(stage: str) -> str:
+    """sha256 over the source files of the stage's modules (short)."""
+    h = hashlib.sha256()
+    for name in STAGE_MODULES[stage]:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise RuntimeError(f"stage {stage!r}: module {name} not found")
+        with open(spec.origin, "rb") as f:
+            h.update(name.encode() + b"\0" + f.read() + b"\0")
+    return h.hexdigest()[:FINGERPRINT_CHARS]
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    return obj
+
+
+def stage_fingerprint(stage: str, config: Any, upstream: list[str] | tuple[str, ...] = ()) -> str:
+    """Deterministic hash of (stage, config, upstream fingerprints, code version)."""
+    payload = json.dumps(
+        {"stage": stage, "config": _plain(config), "upstream": list(upstream), "code": code_version(stage)},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:FINGERPRINT_CHARS]

@@ -1,0 +1,63 @@
+"""Shared fixtures: one Prefect test harness for the session, real corpora, a tiny config.
+
+Prefect keeps persisted task results (the cache) under PREFECT_HOME, which the
+harness does not isolate: point it at a fresh temporary folder *before* prefect
+is imported, so no test reuses a cache from an earlier session or the user's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="lmpipe-test-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ.pop("PREFECT_API_URL", None)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import pytest  # noqa: E402
+
+from lmpipe.config import PipelineConfig, load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path:
+    """The shared corpora beside the checkout when present, else the copies bundled in data/."""
+    shared = REPO.parent / "shared" / "data"
+    return shared if (shared / "tinyshakespeare.txt").is_file() else REPO / "data"
+
+
+DATA = _data_dir()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One ephemeral Prefect API for the whole session (it takes ~10 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
+
+
+def tiny_config(workdir: Path, *overrides: str) -> PipelineConfig:
+    """configs/tiny.yaml on the real corpora, everything written under workdir."""
+    return load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"workdir={workdir}",
+            f"data.pretrain.sources=[{{uri: '{DATA / 'wikitext2-valid.txt'}', doc_boundary: wikitext_title}}]",
+            f"data.finetune.sources=[{{uri: '{DATA / 'tinyshakespeare.txt'}', doc_boundary: blank_line}}]",
+            *overrides,
+        ],
+    )

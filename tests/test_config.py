@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from lmpipe.config import ConfigError, PipelineConfig, load_config
+from lmpipe.fingerprint import stage_fingerprint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_preset_is_the_default():
+    assert load_config(REPO / "configs" / "demo.yaml") == PipelineConfig()
+    assert load_config(None) == PipelineConfig()
+
+
+def test_overrides_are_typed_and_reach_nested_sections():
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      ["pretrain.max_steps=7", "pretrain.learning_rate=1e-3", "model.bias=false",
+                       "data.pretrain.val_fraction=0.25", "eval.prompts=[a, b, c]"])
+    assert cfg.pretrain.max_steps == 7
+    assert cfg.pretrain.learning_rate == 1e-3
+    assert cfg.model.bias is False
+    assert cfg.data.pretrain.val_fraction == 0.25
+    assert cfg.eval.prompts == ["a", "b", "c"]
+    assert cfg.model.n_layer == 2  # untouched preset value
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("tokenizer.vocab_size=200", "tokenizer.vocab_size: 200 is too small: the byte alphabet (256) plus 1"),
+        ("model.n_embd=30", "model.n_embd: 30 must be divisible by n_head=4"),
+        ("pretrain.max_steps=0", "pretrain.max_steps: Input should be greater than or equal to 1 (got 0)"),
+        ("pretrain.max_stepz=10", "pretrain.max_stepz: unknown field (got 10)"),
+        ("data.pretrain.val_fraction=1.5", "data.pretrain.val_fraction: Input should be less than 1 (got 1.5)"),
+        ("finetune.mode=sft", "finetune: mode='sft' needs sft_path"),
+        ("tokenizer.eot_token=<eos>", "tokenizer.eot_token: eot_token '<eos>' must be one of special_tokens"),
+        ("pretrain.device=tpu", "pretrain.device: Input should be 'auto', 'cpu', 'cuda' or 'mps' (got 'tpu')"),
+    ],
+)
+def test_invalid_values_name_the_field_and_value(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_bad_override_syntax_and_missing_file():
+    with pytest.raises(ConfigError, match="must look like section.field=value"):
+        load_config(None, ["pretrain.max_steps"])
+    with pytest.raises(ConfigError, match="config file 'nope.yaml' does not exist"):
+        load_config("nope.yaml")
+
+
+def test_vocab_floor_counts_every_special_token():
+    cfg = load_config(None, ["tokenizer.special_tokens=[<|endoftext|>, <|user|>]", "tokenizer.vocab_size=258"])
+    assert cfg.tokenizer.vocab_size == 258
+    with pytest.raises(ConfigError, match="needs at least 258"):
+        load_config(None, ["tokenizer.special_tokens=[<|endoftext|>, <|user|>]", "tokenizer.vocab_size=257"])
+
+
+def test_fingerprint_depends_on_config_and_upstream_only():
+    a = PipelineConfig()
+    b = load_config(None, ["model.n_layer=5"])
+    fp = stage_fingerprint("pretrain", {"model": a.model, "cfg": a.pretrain}, ["up1"])
+    assert fp == stage_fingerprint("pretrain", {"model": a.model, "cfg": a.pretrain}, ["up1"])
+    assert len(fp) == 16
+    assert fp != stage_fingerprint("pretrain", {"model": b.model, "cfg": a.pretrain}, ["up1"])
+    assert fp != stage_fingerprint("pretrain", {"model": a.model, "cfg": a.pretrain}, ["up2"])
+    # Data stages do not see the model section at all.
+    assert stage_fingerprint("train_tokenizer", a.tokenizer, ["d"]) == stage_fingerprint("train_tokenizer", b.tokenizer, ["d"])

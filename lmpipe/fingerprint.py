@@ -24,7 +24,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "shard": ("lmpipe.shards", "lmpipe.tokenizer"),
     "pretrain": ("lmpipe.model", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.shards"),
     "finetune": ("lmpipe.model", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.shards", "lmpipe.sft"),
-    "evaluate": ("lmpipe.model", "lmpipe.evaluate", "lmpipe.checkpoint", "lmpipe.shards"),
+    "evaluate": ("lmpipe.model", "lmpipe.evaluate", "lmpipe.checkpoint", "lmpipe.shards", "lmpipe.tokenizer"),
     "register": ("lmpipe.tracking",),
 }
 
@@ -45,16 +45,18 @@ def code_version(stage: str) -> str:
 
 
 def _plain(obj: Any) -> Any:
+    """json.dumps fallback: config sections become their JSON form, wherever they are nested."""
     if isinstance(obj, BaseModel):
         return obj.model_dump(mode="json")
-    return obj
+    raise TypeError(f"cannot fingerprint a {type(obj).__name__}")
 
 
 def stage_fingerprint(stage: str, config: Any, upstream: list[str] | tuple[str, ...] = ()) -> str:
     """Deterministic hash of (stage, config, upstream fingerprints, code version)."""
     payload = json.dumps(
-        {"stage": stage, "config": _plain(config), "upstream": list(upstream), "code": code_version(stage)},
+        {"stage": stage, "config": config, "upstream": list(upstream), "code": code_version(stage)},
         sort_keys=True,
         separators=(",", ":"),
+        default=_plain,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:FINGERPRINT_CHARS]

@@ -1,0 +1,315 @@
+"""Evaluation: held-out loss, perplexity and bits per byte, plus seeded text samples.
+
+Every model is scored on the ``val`` split of every corpus with the same fixed
+token budget, read from the start of the split in consecutive windows, so two
+models (or two runs) are compared on exactly the same tokens.
+
+Bits per byte divides the summed loss by the UTF-8 bytes those tokens stand
+for, which makes it comparable across tokenizers: a tokenizer with longer
+tokens has a higher loss per token but not per byte.
+
+    >>> r = evaluate_loss(model, TokenSplit(shard_dir, "val"), token_byte_lengths(tok),
+    ...                   eval_tokens=4096, batch_size=8, device="cpu")
+    >>> sorted(r)
+    ['bits_per_byte', 'bytes', 'loss', 'perplexity', 'tokens']
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from lmpipe.checkpoint import load_model, read_state
+from lmpipe.config import EvalConfig
+from lmpipe.shards import MANIFEST_FILE, TokenSplit, read_manifest
+from lmpipe.stage import BuildOutput, StageResult, run_stage, write_json_atomic
+from lmpipe.tokenizer import TOKENIZER_FILE, load_tokenizer, token_byte_lengths, tokenizer_fingerprint
+
+METRICS = ("loss", "perplexity", "bits_per_byte")
+# The delta row of the report compares these two model names when both are evaluated.
+BASE, FINETUNED = "base", "finetuned"
+
+
+class TokenizerMismatchError(ValueError):
+    """A corpus was tokenized with a different tokenizer than the one evaluation decodes with."""
+
+
+class TokenWindows(Protocol):
+    """What evaluate_loss needs from a split (lmpipe.shards.TokenSplit has it)."""
+
+    num_tokens: int
+
+    def window(self, start: int, length: int) -> np.ndarray: ...
+
+
+def evaluate_loss(
+    model: torch.nn.Module,
+    split: TokenWindows,
+    token_bytes: np.ndarray,
+    *,
+    eval_tokens: int,
+    batch_size: int,
+    device: str | torch.device,
+) -> dict[str, float]:
+    """Score the first ``min(eval_tokens, split.num_tokens - 1)`` target tokens of a split.
+
+    Window k holds tokens ``[k*T, k*T + T]`` (T = block_size): its first T tokens
+    are the inputs, its last T the targets, so the next window starts where this
+    one's targets ended and every token after the first is scored exactly once.
+    The last window is cut short to stay inside the budget; in a batch it is
+    padded with ignored targets (-1), which causal attention keeps from
+    affecting the real positions.
+    """
+    if eval_tokens < 1:
+        raise ValueError(f"eval.eval_tokens must be >= 1, got {eval_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}")
+    if split.num_tokens < 2:
+        raise ValueError(f"the split has {split.num_tokens} token(s); scoring needs at least 2")
+    block = model.config.block_size
+    # The first token is only ever context: nothing predicts it.
+    n_targets = min(eval_tokens, split.num_tokens - 1)
+    starts = list(range(0, n_targets, block))
+
+    was_training = model.training
+    model.eval()
+    sum_nats = torch.zeros((), dtype=torch.float64, device=device)  # stays on device: no sync per batch
+    sum_bytes = 0
+    try:
+        with torch.inference_mode():
+            for b in range(0, len(starts), batch_size):
+                batch = starts[b : b + batch_size]
+                lengths = [min(block, n_targets - s) for s in batch]
+                x = np.zeros((len(batch), max(lengths)), dtype=np.int64)
+                y = np.full((len(batch), max(lengths)), -1, dtype=np.int64)
+                for i, (s, n) in enumerate(zip(batch, lengths)):
+                    w = split.window(s, n + 1)
+                    if w.size and int(w.max()) >= len(token_bytes):
+                        raise ValueError(
+                            f"token id {int(w.max())} at position >= {s} is outside the tokenizer's "
+                            f"vocabulary of {len(token_bytes)}: the shards and tokenizer do not match"
+                        )
+                    x[i, :n], y[i, :n] = w[:-1], w[1:]
+                    sum_bytes += int(token_bytes[w[1:]].sum())
+                xt = torch.from_numpy(x).to(device)
+                yt = torch.from_numpy(y).to(device)
+                logits, _ = model(xt, yt)  # (B, T, V): all positions, since targets are given
+                # Per-token losses in float32, summed in float64 so a long budget adds up exactly.
+                nats = F.cross_entropy(
+                    logits.float().flatten(0, 1), yt.flatten(), ignore_index=-1, reduction="none"
+                )  # (B*T,), 0 where ignored
+                sum_nats += nats.double().sum()
+    finally:
+        model.train(was_training)
+
+    total = float(sum_nats.item())
+    if sum_bytes == 0:
+        raise ValueError(f"the {n_targets} scored tokens stand for 0 bytes (only special tokens?)")
+    loss = total / n_targets
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": total / math.log(2) / sum_bytes,
+        "tokens": n_targets,
+        "bytes": sum_bytes,
+    }
+
+
+def generate_samples(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+    device: str | torch.device,
+    start_id: int | None = None,
+) -> list[dict[str, str]]:
+    """Continue each prompt; returns ``[{"prompt", "completion"}, ...]`` in prompt order.
+
+    Each prompt gets its own generator seeded with ``seed``, so a sample does
+    not depend on which prompts came before it. A prompt that encodes to no
+    tokens (the empty string) starts from ``start_id`` (the end-of-text token:
+    "a new document begins"). Leaves the model in eval mode.
+    """
+    model.eval()
+    samples = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+        if not ids:
+            if start_id is None:
+                raise ValueError(f"eval.prompts[{i}] = {prompt!r} encodes to no tokens and no start_id was given")
+            ids = [start_id]
+        gen = torch.Generator(device=device).manual_seed(seed)
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        with torch.inference_mode():
+            out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+        new = out[0, len(ids) :].tolist()
+        # Decode prompt and continuation together so a character split across the
+        # boundary comes out whole; fall back to the new tokens alone otherwise.
+        full = tokenizer.decode(ids + new, skip_special_tokens=False)
+        head = tokenizer.decode(ids, skip_special_tokens=False)
+        completion = full[len(head) :] if full.startswith(head) else tokenizer.decode(new, skip_special_tokens=False)
+        samples.append({"prompt": prompt, "completion": completion})
+    return samples
+
+
+def _fmt_cell(name: str) -> str:
+    return name.replace("|", "\\|")
+
+
+def render_markdown(
+    results: list[dict[str, Any]],
+    samples: dict[str, list[dict[str, str]]],
+    *,
+    eval_tokens: int,
+) -> str:
+    """The report as markdown: one row per model, loss / ppl / bpb per corpus, a delta row, samples."""
+    models = list(dict.fromkeys(r["model"] for r in results))
+    corpora = list(dict.fromkeys(r["corpus"] for r in results))
+    by = {(r["model"], r["corpus"]): r for r in results}
+    fmt = {"loss": "{:.4f}", "perplexity": "{:.2f}", "bits_per_byte": "{:.4f}"}
+    short = {"loss": "loss", "perplexity": "ppl", "bits_per_byte": "bpb"}
+
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Held-out `val` split of each corpus, first {eval_tokens:,} target tokens (or all of them if fewer); "
+        "loss in nats per token, bpb = bits per UTF-8 byte (comparable across tokenizers). Lower is better.",
+        "",
+    ]
+    header = ["model"] + [f"{_fmt_cell(c)} {short[m]}" for c in corpora for m in METRICS]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" + "---:|" * (len(header) - 1))
+
+    def cell(model: str, corpus: str, metric: str) -> str:
+        r = by.get((model, corpus))
+        return "" if r is None else fmt[metric].format(r[metric])
+
+    for model in models:
+        cells = [cell(model, c, m) for c in corpora for m in METRICS]
+        lines.append("| " + " | ".join([_fmt_cell(model)] + cells) + " |")
+    if BASE in models and FINETUNED in models:
+        cells = []
+        for c in corpora:
+            for m in METRICS:
+                a, b = by.get((FINETUNED, c)), by.get((BASE, c))
+                cells.append("" if a is None or b is None else ("{:+" + fmt[m][2:]).format(a[m] - b[m]))
+        lines.append("| " + " | ".join([f"Δ {FINETUNED} − {BASE}"] + cells) + " |")
+
+    lines += ["", "Tokens and bytes scored:", ""]
+    for r in results:
+        lines.append(f"- {r['model']} on {r['corpus']}: {r['tokens']:,} tokens, {r['bytes']:,} bytes")
+
+    if any(samples.values()):
+        lines += ["", "## Samples"]
+        for model, rows in samples.items():
+            lines += ["", f"### {model}"]
+            for row in rows:
+                text = row["prompt"] + row["completion"]
+                lines += ["", f"Prompt: `{row['prompt']}`", ""]
+                lines += [f"> {line}" if line else ">" for line in text.split("\n")]
+    return "\n".join(lines) + "\n"
+
+
+def run_evaluate(
+    cfg: EvalConfig,
+    models: dict[str, Path],
+    corpora: dict[str, StageResult],
+    tokenizer: StageResult,
+    out_dir: Path,
+    fingerprint: str,
+) -> StageResult:
+    """Score every model on every corpus's val split and sample from each; write the report."""
+    if not models:
+        raise ValueError("run_evaluate: no models to evaluate (models is empty)")
+    if not corpora:
+        raise ValueError("run_evaluate: no corpora to evaluate on (corpora is empty)")
+    # Everything is checked before the slow part, so a mismatch fails at once.
+    tok_path = tokenizer.path(TOKENIZER_FILE)
+    tok_fp = tokenizer_fingerprint(tok_path)
+    manifests = {}
+    for name, shards in corpora.items():
+        manifest = read_manifest(Path(shards.out_dir))
+        if manifest["tokenizer_fingerprint"] != tok_fp:
+            raise TokenizerMismatchError(
+                f"corpus {name!r}: {Path(shards.out_dir) / MANIFEST_FILE} was tokenized with tokenizer "
+                f"{manifest['tokenizer_fingerprint']}, but evaluation decodes with {tok_path} "
+                f"(sha256 {tok_fp}); re-shard the corpus with this tokenizer"
+            )
+        manifests[name] = manifest
+    states = {}
+    for name, ckpt in models.items():
+        if not Path(ckpt).is_dir():
+            raise FileNotFoundError(f"checkpoint directory of model {name!r} does not exist: {ckpt}")
+        state = states[name] = read_state(Path(ckpt))
+        if state.get("tokenizer_fingerprint") != tok_fp:
+            raise TokenizerMismatchError(
+                f"model {name!r}: {state['state_file']} was trained with tokenizer "
+                f"{state.get('tokenizer_fingerprint')!r}, but evaluation uses {tok_path} (sha256 {tok_fp})"
+            )
+
+    def build(tmp: Path) -> BuildOutput:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        tok = load_tokenizer(tok_path)
+        token_bytes = token_byte_lengths(tok)
+        # Every corpus was checked to use this tokenizer, so they share one end-of-text id.
+        start_id = next(iter(manifests.values()))["eot_id"]
+        splits = {name: TokenSplit(Path(shards.out_dir), "val") for name, shards in corpora.items()}
+
+        results, samples, model_info = [], {}, {}
+        for model_name, ckpt in models.items():
+            model = load_model(Path(ckpt), device=device)
+            model_info[model_name] = {
+                "checkpoint": str(ckpt), "step": states[model_name].get("step"), "params": model.num_params(),
+            }
+            for corpus_name, split in splits.items():
+                try:
+                    r = evaluate_loss(
+                        model, split, token_bytes,
+                        eval_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, device=device,
+                    )
+                except ValueError as err:
+                    raise ValueError(f"evaluating model {model_name!r} on corpus {corpus_name!r} (val split): {err}") from err
+                results.append({"model": model_name, "corpus": corpus_name, **r})
+            samples[model_name] = generate_samples(
+                model, tok, cfg.prompts,
+                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                seed=cfg.seed, device=device, start_id=start_id,
+            )
+            del model
+
+        corpus_info = {
+            name: {
+                "fingerprint": corpora[name].fingerprint,
+                "val_tokens": split.num_tokens,
+                "val_bytes": split.num_bytes,
+            }
+            for name, split in splits.items()
+        }
+        markdown = render_markdown(results, samples, eval_tokens=cfg.eval_tokens)
+        write_json_atomic(
+            tmp / "report.json",
+            {"models": model_info, "corpora": corpus_info, "results": results, "samples": samples},
+        )
+        write_json_atomic(
+            tmp / "samples.json",
+            {
+                "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                "top_k": cfg.top_k, "seed": cfg.seed, "samples": samples,
+            },
+        )
+        (tmp / "report.md").write_text(markdown, encoding="utf-8")
+        metrics = {f"{r['model']}.{r['corpus']}.{m}": float(r[m]) for r in results for m in METRICS}
+        return BuildOutput(metrics=metrics, meta={"markdown": markdown, "device": device})
+
+    return run_stage("evaluate", fingerprint, out_dir, build)

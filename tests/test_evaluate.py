@@ -1,0 +1,302 @@
+"""Evaluation: loss / bits per byte against reference computations, the token budget,
+seeded samples, and the whole stage on real corpora with real tokenizer, shards and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lmpipe.checkpoint import load_model, save_checkpoint
+from lmpipe.config import CorpusConfig, EvalConfig, ShardConfig, SourceConfig, TokenizerConfig
+from lmpipe.evaluate import TokenizerMismatchError, evaluate_loss, generate_samples, run_evaluate
+from lmpipe.model import GPT, GPTConfig
+from lmpipe.shards import TokenSplit, run_shard
+from lmpipe.stage import StageResult
+from lmpipe.tokenizer import load_tokenizer, run_train_tokenizer, token_byte_lengths, tokenizer_fingerprint
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+VOCAB = 260
+BLOCK = 8
+
+
+class ArraySplit:
+    """A token sequence in memory with TokenSplit's reading interface (num_tokens, window)."""
+
+    def __init__(self, tokens: np.ndarray) -> None:
+        self.tokens = tokens.astype(np.int64)
+        self.num_tokens = len(tokens)
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        assert 0 <= start and start + length <= self.num_tokens
+        return self.tokens[start : start + length].copy()
+
+
+def tiny_gpt(seed: int = 0, vocab_size: int = VOCAB) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=BLOCK, n_layer=2, n_head=2, n_embd=16)).eval()
+
+
+@pytest.fixture(scope="module")
+def tokens() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, VOCAB, size=100)
+
+
+@pytest.fixture(scope="module")
+def token_bytes() -> np.ndarray:
+    lengths = np.arange(VOCAB, dtype=np.int64) % 4 + 1  # 1..4 bytes per token
+    lengths[0] = 0  # a special token
+    return lengths
+
+
+# ---------------------------------------------------------------- evaluate_loss
+
+
+def test_uniform_model_gives_log_vocab_nats_and_exact_bits_per_byte(tokens, token_bytes):
+    # All-zero weights give all-zero logits: every token costs exactly ln(V) nats.
+    model = tiny_gpt()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    r = evaluate_loss(model, ArraySplit(tokens), token_bytes, eval_tokens=30, batch_size=2, device="cpu")
+    n_bytes = int(token_bytes[tokens[1:31]].sum())
+    assert r["tokens"] == 30
+    assert r["bytes"] == n_bytes
+    torch.testing.assert_close(r["loss"], math.log(VOCAB), rtol=1e-6, atol=0)
+    torch.testing.assert_close(r["perplexity"], float(VOCAB), rtol=1e-6, atol=0)
+    torch.testing.assert_close(r["bits_per_byte"], 30 * math.log2(VOCAB) / n_bytes, rtol=1e-6, atol=0)
+
+
+def reference_loss(model: GPT, tokens: np.ndarray, n_targets: int, token_bytes: np.ndarray) -> tuple[float, int]:
+    """Summed nats and bytes, one window at a time through the model's own mean loss."""
+    total, n_bytes = 0.0, 0
+    for start in range(0, n_targets, BLOCK):
+        n = min(BLOCK, n_targets - start)
+        w = torch.from_numpy(tokens[start : start + n + 1].astype(np.int64))
+        with torch.no_grad():
+            _, loss = model(w[None, :-1], w[None, 1:])
+        total += loss.item() * n
+        n_bytes += int(token_bytes[w[1:].numpy()].sum())
+    return total, n_bytes
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_matches_reference_computation(tokens, token_bytes, batch_size):
+    model = tiny_gpt(seed=1)
+    model.train()
+    # 45 targets = 5 full windows of 8 and a last window of 5 (padded in a batch).
+    r = evaluate_loss(model, ArraySplit(tokens), token_bytes, eval_tokens=45, batch_size=batch_size, device="cpu")
+    assert model.training  # the caller's mode is restored
+    model.eval()
+    total, n_bytes = reference_loss(model, tokens, 45, token_bytes)
+    assert (r["tokens"], r["bytes"]) == (45, n_bytes)
+    torch.testing.assert_close(r["loss"], total / 45, rtol=1e-6, atol=0)
+    torch.testing.assert_close(r["perplexity"], math.exp(total / 45), rtol=1e-6, atol=0)
+    torch.testing.assert_close(r["bits_per_byte"], total / math.log(2) / n_bytes, rtol=1e-6, atol=0)
+    assert r["loss"] > 0.5 * math.log(VOCAB)  # a real, untrained model: near ln(V), not 0
+
+
+@pytest.mark.parametrize("eval_tokens", [1, 7, 8, 9, 45, 99, 100, 10_000])
+def test_token_budget_is_exact(tokens, token_bytes, eval_tokens):
+    r = evaluate_loss(tiny_gpt(), ArraySplit(tokens), token_bytes, eval_tokens=eval_tokens, batch_size=4, device="cpu")
+    expected = min(eval_tokens, len(tokens) - 1)  # the first token is never a target
+    assert r["tokens"] == expected
+    assert r["bytes"] == int(token_bytes[tokens[1 : expected + 1]].sum())
+
+
+def test_same_result_for_every_batch_size(tokens, token_bytes):
+    model = tiny_gpt(seed=2)
+    runs = [
+        evaluate_loss(model, ArraySplit(tokens), token_bytes, eval_tokens=99, batch_size=b, device="cpu")
+        for b in (1, 2, 5, 13)
+    ]
+    for r in runs[1:]:
+        assert (r["tokens"], r["bytes"]) == (runs[0]["tokens"], runs[0]["bytes"])
+        torch.testing.assert_close(r["loss"], runs[0]["loss"], rtol=1e-6, atol=0)
+
+
+def test_bad_inputs_fail_clearly(tokens, token_bytes):
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="eval.eval_tokens must be >= 1, got 0"):
+        evaluate_loss(model, ArraySplit(tokens), token_bytes, eval_tokens=0, batch_size=1, device="cpu")
+    with pytest.raises(ValueError, match="split has 1 token"):
+        evaluate_loss(model, ArraySplit(tokens[:1]), token_bytes, eval_tokens=10, batch_size=1, device="cpu")
+    with pytest.raises(ValueError, match="outside the tokenizer's vocabulary of 200"):
+        evaluate_loss(model, ArraySplit(tokens), token_bytes[:200], eval_tokens=99, batch_size=1, device="cpu")
+    with pytest.raises(ValueError, match="0 bytes"):
+        evaluate_loss(model, ArraySplit(np.zeros(20, dtype=np.int64)), token_bytes, eval_tokens=10, batch_size=1, device="cpu")
+
+
+# ---------------------------------------------------------------- real data: tokenizer, shards, checkpoints
+
+
+def write_documents(out_dir: Path, path: Path, n_chars: int, source: str) -> StageResult:
+    """documents.parquet from the start of a real corpus, one document per blank-line block."""
+    text = path.read_text(encoding="utf-8")[:n_chars]
+    blocks = [b.strip() for b in re.split(r"\n\s*\n", text) if b.strip()]
+    out_dir.mkdir(parents=True)
+    pd.DataFrame(
+        {"id": [f"{source}-{i:05d}" for i in range(len(blocks))], "text": blocks, "source": source}
+    ).to_parquet(out_dir / "documents.parquet", index=False)
+    return StageResult(stage="clean", fingerprint=source, out_dir=str(out_dir))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Tokenizer, two sharded corpora and two checkpoints, built once for the module."""
+    root = tmp_path_factory.mktemp("eval")
+    wiki = write_documents(root / "docs-wiki", DATA / "wikitext2-valid.txt", 60_000, "wikitext2")
+    shakes = write_documents(root / "docs-shakes", DATA / "tinyshakespeare.txt", 40_000, "tinyshakespeare")
+    both = root / "docs-both"
+    both.mkdir()
+    pd.concat([pd.read_parquet(d.path("documents.parquet")) for d in (wiki, shakes)]).to_parquet(
+        both / "documents.parquet", index=False
+    )
+    tok = run_train_tokenizer(
+        TokenizerConfig(vocab_size=400),
+        StageResult(stage="clean", fingerprint="both", out_dir=str(both)),
+        root / "tok", "tokfp",
+    )
+    corpora = {}
+    for name, docs in (("wikitext2", wiki), ("tinyshakespeare", shakes)):
+        corpus = CorpusConfig(name=name, sources=[SourceConfig(uri="unused.txt")], val_fraction=0.2)
+        corpora[name] = run_shard(
+            ShardConfig(shard_tokens=1024), corpus, docs, tok, root / f"shards-{name}", f"fp-{name}",
+            corpus_field=f"data.{name}",
+        )
+    tok_fp = tokenizer_fingerprint(tok.path("tokenizer.json"))
+    vocab = load_tokenizer(tok.path("tokenizer.json")).get_vocab_size()
+    models = {}
+    for i, name in enumerate(("base", "finetuned")):
+        model = tiny_gpt(seed=10 + i, vocab_size=vocab)
+        opt = torch.optim.AdamW(model.parameters())
+        models[name] = save_checkpoint(root / f"ckpt-{name}", 0, model, opt, {"tokenizer_fingerprint": tok_fp})
+    return {"root": root, "tokenizer": tok, "corpora": corpora, "models": models}
+
+
+def test_samples_are_reproducible_per_prompt(pipeline):
+    tok = load_tokenizer(pipeline["tokenizer"].path("tokenizer.json"))
+    model = tiny_gpt(seed=3, vocab_size=tok.get_vocab_size())
+    kw = dict(max_new_tokens=20, temperature=1.0, top_k=None, device="cpu")
+    a = generate_samples(model, tok, ["ROMEO:", "The history of"], seed=7, **kw)
+    assert [s["prompt"] for s in a] == ["ROMEO:", "The history of"]
+    assert a == generate_samples(model, tok, ["ROMEO:", "The history of"], seed=7, **kw)
+    # Each prompt has its own generator: a sample does not depend on the prompts before it.
+    assert a[1:] == generate_samples(model, tok, ["The history of"], seed=7, **kw)
+    b = generate_samples(model, tok, ["ROMEO:", "The history of"], seed=8, **kw)
+    assert [s["completion"] for s in a] != [s["completion"] for s in b]
+    # The completion is exactly the decoded continuation model.generate produces.
+    ids = tok.encode("ROMEO:", add_special_tokens=False).ids
+    out = model.generate(torch.tensor([ids]), 20, generator=torch.Generator().manual_seed(7))
+    assert tok.decode(out[0].tolist(), skip_special_tokens=False) == "ROMEO:" + a[0]["completion"]
+
+
+def test_empty_prompt_needs_a_start_token(pipeline):
+    tok = load_tokenizer(pipeline["tokenizer"].path("tokenizer.json"))
+    model = tiny_gpt(vocab_size=tok.get_vocab_size())
+    kw = dict(max_new_tokens=3, temperature=1.0, top_k=5, seed=0, device="cpu")
+    with pytest.raises(ValueError, match=r"eval.prompts\[1\] = '' encodes to no tokens"):
+        generate_samples(model, tok, ["x", ""], **kw)
+    [s] = generate_samples(model, tok, [""], start_id=0, **kw)
+    # The start token is context, not part of the completion.
+    out = model.generate(torch.tensor([[0]]), 3, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert s == {"prompt": "", "completion": tok.decode(out[0, 1:].tolist(), skip_special_tokens=False)}
+    assert len(s["completion"]) > 0
+
+
+EVAL = EvalConfig(eval_tokens=300, batch_size=4, prompts=["ROMEO:", "The history of"], max_new_tokens=6, seed=5)
+
+
+def test_run_evaluate_end_to_end(pipeline, tmp_path):
+    corpora, models, tok = pipeline["corpora"], pipeline["models"], pipeline["tokenizer"]
+    result = run_evaluate(EVAL, models, corpora, tok, tmp_path / "eval", "evalfp")
+
+    names = [(m, c) for m in ("base", "finetuned") for c in ("wikitext2", "tinyshakespeare")]
+    assert set(result.metrics) == {f"{m}.{c}.{k}" for m, c in names for k in ("loss", "perplexity", "bits_per_byte")}
+    assert set(result.files) == {"report.json", "report.md", "samples.json"}
+    report = json.loads(result.path("report.json").read_text())
+    assert set(report) == {"models", "corpora", "results", "samples"}
+    assert [(r["model"], r["corpus"]) for r in report["results"]] == names
+
+    token_bytes = token_byte_lengths(load_tokenizer(tok.path("tokenizer.json")))
+    for r in report["results"]:
+        split = TokenSplit(Path(corpora[r["corpus"]].out_dir), "val")
+        assert split.num_tokens > EVAL.eval_tokens + 1  # so the budget, not the split, decides
+        # Recomputed directly: the stage reports exactly what evaluate_loss gives.
+        model = load_model(models[r["model"]])
+        direct = evaluate_loss(model, split, token_bytes, eval_tokens=EVAL.eval_tokens, batch_size=4, device="cpu")
+        assert {k: r[k] for k in direct} == direct
+        assert r["tokens"] == EVAL.eval_tokens
+        for k in ("loss", "perplexity", "bits_per_byte"):
+            assert result.metrics[f"{r['model']}.{r['corpus']}.{k}"] == r[k]
+    assert report["models"]["base"] == {
+        "checkpoint": str(models["base"]), "step": 0, "params": load_model(models["base"]).num_params(),
+    }
+    assert report["corpora"]["wikitext2"]["fingerprint"] == "fp-wikitext2"
+
+    md = result.path("report.md").read_text()
+    assert result.meta["markdown"] == md
+    lines = md.splitlines()
+    assert (
+        "| model | wikitext2 loss | wikitext2 ppl | wikitext2 bpb "
+        "| tinyshakespeare loss | tinyshakespeare ppl | tinyshakespeare bpb |"
+    ) in lines
+    by = {(r["model"], r["corpus"]): r for r in report["results"]}
+    base_row = next(line for line in lines if line.startswith("| base |"))
+    assert base_row.split(" | ")[1] == f"{by['base', 'wikitext2']['loss']:.4f}"
+    delta_row = next(line for line in lines if line.startswith("| Δ finetuned − base |"))
+    delta = by["finetuned", "tinyshakespeare"]["bits_per_byte"] - by["base", "tinyshakespeare"]["bits_per_byte"]
+    assert delta_row.rstrip(" |").split(" | ")[-1] == f"{delta:+.4f}"
+
+    samples = json.loads(result.path("samples.json").read_text())
+    assert samples["samples"] == report["samples"]
+    assert [s["prompt"] for s in report["samples"]["finetuned"]] == EVAL.prompts
+    first = report["samples"]["base"][0]
+    assert "> " + (first["prompt"] + first["completion"]).split("\n")[0] in lines
+    assert "## Samples" in lines and "### finetuned" in lines
+
+    # Deterministic: a second run elsewhere writes byte-identical reports.
+    again = run_evaluate(EVAL, models, corpora, tok, tmp_path / "eval2", "evalfp")
+    assert again.files == result.files
+
+
+def test_whole_val_split_scores_all_its_bytes(pipeline, tmp_path):
+    # With a budget beyond the split, every token after the first is scored, and the
+    # bytes add up to the split's text bytes (end-of-text tokens count 0).
+    corpora, tok = pipeline["corpora"], pipeline["tokenizer"]
+    cfg = EVAL.model_copy(update={"eval_tokens": 10**6, "max_new_tokens": 0})
+    result = run_evaluate(cfg, {"base": pipeline["models"]["base"]}, corpora, tok, tmp_path / "e", "fp")
+    token_bytes = token_byte_lengths(load_tokenizer(tok.path("tokenizer.json")))
+    for r in json.loads(result.path("report.json").read_text())["results"]:
+        split = TokenSplit(Path(corpora[r["corpus"]].out_dir), "val")
+        assert r["tokens"] == split.num_tokens - 1
+        assert r["bytes"] == split.num_bytes - token_bytes[split.window(0, 1)[0]]
+    assert "Δ" not in result.meta["markdown"]  # no delta row without both models
+
+
+def test_tokenizer_mismatch_fails_before_any_work(pipeline, tmp_path):
+    # A tokenizer whose file differs by one byte has another fingerprint.
+    other = tmp_path / "other-tok"
+    shutil.copytree(pipeline["tokenizer"].out_dir, other)
+    with open(other / "tokenizer.json", "a") as f:
+        f.write("\n")
+    other_tok = StageResult(stage="train_tokenizer", fingerprint="other", out_dir=str(other))
+    with pytest.raises(TokenizerMismatchError, match=r"corpus 'wikitext2': .*manifest.json was tokenized with tokenizer"):
+        run_evaluate(EVAL, pipeline["models"], pipeline["corpora"], other_tok, tmp_path / "e", "fp")
+    assert not (tmp_path / "e").exists() and not (tmp_path / "e.partial").exists()
+
+
+def test_checkpoint_from_another_tokenizer_is_refused(pipeline, tmp_path):
+    vocab = load_tokenizer(pipeline["tokenizer"].path("tokenizer.json")).get_vocab_size()
+    model = tiny_gpt(vocab_size=vocab)
+    ckpt = save_checkpoint(tmp_path / "ckpt", 0, model, torch.optim.AdamW(model.parameters()), {"tokenizer_fingerprint": "0" * 64})
+    models = {"base": pipeline["models"]["base"], "stranger": ckpt}
+    with pytest.raises(TokenizerMismatchError, match="model 'stranger': .*state.json was trained with tokenizer '0000"):
+        run_evaluate(EVAL, models, pipeline["corpora"], pipeline["tokenizer"], tmp_path / "e", "fp")

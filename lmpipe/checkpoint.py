@@ -1,0 +1,314 @@
+"""Training checkpoints: one directory per step, written atomically, verified on load.
+
+Layout of ``<root>/step-0000200/``::
+
+    model.safetensors   weights (the tied output head is stored once, as the token embedding)
+    optimizer.pt        AdamW state, read back with torch.load(weights_only=True)
+    state.json          written LAST: format version, step, model config, vocab size,
+                        tokenizer fingerprint, data position, RNG states, sha256 of the files
+
+A checkpoint is built in a hidden temporary directory and renamed into place, and
+``latest_checkpoint`` trusts a directory only if its state.json parses and every
+file matches its recorded hash, so a crash mid-write is never resumed from.
+An exported model (``export_model``) is the same layout without optimizer.pt.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmpipe.config import ModelConfig
+from lmpipe.model import GPT, GPTConfig
+from lmpipe.stage import sha256_file, write_json_atomic
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+_STEP_DIR = re.compile(r"^step-(\d{7,})$")
+# The output head is the token embedding (weight tying); safetensors refuses shared
+# tensors, and storing the matrix once is what we want anyway.
+_TIED_KEY, _TIED_TO = "lm_head.weight", "transformer.wte.weight"
+# Fields that decide the weights' shapes and meaning. Dropout is left out: it is a
+# training-time choice, and a checkpoint is valid with any dropout.
+ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete or corrupted."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the configured model, tokenizer or format."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:07d}"
+
+
+# ---------------------------------------------------------------- RNG states
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def rng_state() -> dict[str, Any]:
+    """All global RNG states as JSON-able values (bytes as base64)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    # CUDA states come back only onto the same number of devices.
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _weights(model: GPT) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    if _TIED_KEY in sd and sd[_TIED_KEY].data_ptr() == sd[_TIED_TO].data_ptr():
+        del sd[_TIED_KEY]
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _finish(tmp: Path, final: Path, state: dict[str, Any]) -> Path:
+    """Hash (and fsync) the files in tmp, write state.json last, rename tmp to final."""
+    files = sorted(p for p in tmp.iterdir() if p.is_file())
+    for p in files:
+        _fsync(p)
+    state = {**state, "files": {p.name: sha256_file(p) for p in files}}
+    write_json_atomic(tmp / STATE_FILE, state)
+    _fsync(tmp)
+    if final.exists():  # the same step saved again (e.g. a run resumed at its last step)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(final.parent)  # make the rename itself durable
+    return final
+
+
+def save_checkpoint(
+    root: Path, step: int, model: GPT, optimizer: torch.optim.Optimizer, state: dict[str, Any], *, keep: int = 2
+) -> Path:
+    """Write ``root/step-{step:07d}`` atomically, then prune: keep the newest ``keep`` checkpoints.
+
+    ``state`` holds the caller's fields (tokenizer_fingerprint, data position, train
+    config, ...); format_version, step, model config, vocab_size and RNG states are
+    added here. One writer per root is assumed: leftover temporary directories and
+    checkpoints of later steps are removed, since training resumes from the newest
+    valid checkpoint, so later ones were invalid or belong to an abandoned run.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".step-*.tmp"):  # left by a crash mid-save
+        shutil.rmtree(leftover)
+    final = step_dir(root, step)
+    tmp = root / f".{final.name}.tmp"  # hidden, and never matches the step-N pattern
+    tmp.mkdir()
+    save_file(_weights(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    full = {
+        **state,
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "model": asdict(model.config),
+        "vocab_size": model.config.vocab_size,
+        "rng": rng_state(),
+    }
+    out = _finish(tmp, final, full)
+    later = [d for d in _step_dirs(root) if _step_of(d) > step]
+    kept_or_older = [d for d in _step_dirs(root) if _step_of(d) <= step]
+    for d in later + kept_or_older[keep:]:
+        shutil.rmtree(d)
+    return out
+
+
+def export_model(ckpt_dir: Path, dest: Path) -> Path:
+    """Copy a checkpoint without its optimizer state: what inference and fine-tuning need."""
+    state = read_state(ckpt_dir)
+    state.pop("state_file")
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    for d in (tmp, dest):
+        if d.exists():
+            shutil.rmtree(d)
+    tmp.mkdir(parents=True)
+    shutil.copyfile(Path(ckpt_dir) / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
+    return _finish(tmp, dest, {k: v for k, v in state.items() if k != "files"})
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _step_of(d: Path) -> int:
+    return int(d.name.split("-")[1])
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """Checkpoint directories under root, newest step first (temporary dirs excluded)."""
+    if not Path(root).is_dir():
+        return []
+    found = [p for p in Path(root).iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=_step_of, reverse=True)
+
+
+def read_state(ckpt_dir: Path) -> dict[str, Any]:
+    """The parsed state.json, plus ``state_file`` (its path, for error messages; not stored)."""
+    f = Path(ckpt_dir) / STATE_FILE
+    if not f.is_file():
+        raise CheckpointError(f"{ckpt_dir} is not a checkpoint: {STATE_FILE} is missing")
+    try:
+        state = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{f} is not valid JSON: {err}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{f} must hold a JSON object")
+    state["state_file"] = str(f)
+    return state
+
+
+def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
+    """read_state, then check the format version and every file's sha256; raises CheckpointError."""
+    state = read_state(ckpt_dir)
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{state['state_file']}: format_version is {state.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+        )
+    files = state.get("files")
+    if not isinstance(files, dict) or WEIGHTS_FILE not in files:
+        raise CheckpointError(f"{state['state_file']}: no file hashes recorded for {WEIGHTS_FILE}")
+    for name, digest in files.items():
+        p = Path(ckpt_dir) / name
+        if not p.is_file():
+            raise CheckpointError(f"{p} is missing")
+        if sha256_file(p) != digest:
+            raise CheckpointError(f"{p} does not match the sha256 recorded in {STATE_FILE} (corrupted?)")
+    return state
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete, uncorrupted checkpoint under root, or None."""
+    for d in _step_dirs(root):
+        try:
+            verify_checkpoint(d)
+        except CheckpointError:
+            continue
+        return d
+    return None
+
+
+def check_compatible(
+    state: dict[str, Any],
+    model_cfg: ModelConfig,
+    vocab_size: int,
+    tokenizer_fingerprint: str,
+    *,
+    field: str,
+    train_cfg: dict[str, Any] | None = None,
+) -> None:
+    """Raise CheckpointMismatchError listing every field where the checkpoint differs from the config.
+
+    ``field`` names the config entry that pointed at the checkpoint. ``train_cfg``
+    (optional) are training settings that must also match, e.g. on resume.
+    """
+    where = state.get("state_file", "<state>")
+    diffs: list[str] = []
+    if state.get("format_version") != FORMAT_VERSION:
+        diffs.append(f"format_version: checkpoint has {state.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+    saved_model = state.get("model") or {}
+    for name in ARCH_FIELDS:
+        if saved_model.get(name) != getattr(model_cfg, name):
+            diffs.append(f"model.{name}: checkpoint has {saved_model.get(name)!r}, config has {getattr(model_cfg, name)!r}")
+    if state.get("vocab_size") != vocab_size:
+        diffs.append(f"vocab_size: checkpoint has {state.get('vocab_size')!r}, tokenizer has {vocab_size!r}")
+    if state.get("tokenizer_fingerprint") != tokenizer_fingerprint:
+        diffs.append(
+            f"tokenizer_fingerprint: checkpoint has {state.get('tokenizer_fingerprint')!r}, "
+            f"tokenizer has {tokenizer_fingerprint!r}"
+        )
+    for name, value in (train_cfg or {}).items():
+        saved = (state.get("train") or {}).get(name)
+        if saved != value:
+            diffs.append(f"train.{name}: checkpoint has {saved!r}, config has {value!r}")
+    if diffs:
+        raise CheckpointMismatchError(
+            f"{field}: checkpoint {where} does not match the configuration:\n  " + "\n  ".join(diffs)
+        )
+
+
+def _load_weights(model: GPT, ckpt_dir: Path, device: torch.device | str) -> None:
+    sd = load_file(str(Path(ckpt_dir) / WEIGHTS_FILE), device=str(device))
+    sd[_TIED_KEY] = sd[_TIED_TO]
+    model.load_state_dict(sd, strict=True)
+
+
+def load_model(ckpt_dir: Path, device: torch.device | str = "cpu") -> GPT:
+    """Build the GPT a checkpoint describes and load its weights; returned in eval mode."""
+    state = verify_checkpoint(ckpt_dir)
+    model = GPT(GPTConfig(**state["model"]))
+    _load_weights(model, ckpt_dir, "cpu")
+    return model.to(device).eval()
+
+
+def load_checkpoint(
+    ckpt_dir: Path,
+    model: GPT,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Restore weights into model (and optimizer state, RNG states); returns the checkpoint's state.
+
+    The model must already have the checkpoint's architecture (see check_compatible).
+    """
+    state = verify_checkpoint(ckpt_dir)
+    _load_weights(model, ckpt_dir, device)
+    if optimizer is not None:
+        opt_file = Path(ckpt_dir) / OPTIMIZER_FILE
+        if not opt_file.is_file():
+            raise CheckpointError(f"{ckpt_dir} holds no optimizer state (an exported model?)")
+        optimizer.load_state_dict(torch.load(opt_file, map_location=device, weights_only=True))
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return state

@@ -1,0 +1,535 @@
+"""Training: the loop (``train``) and the pretrain / finetune stages built on it.
+
+The loop is nanoGPT's: random windows of the token stream, AdamW with linear
+warmup and cosine decay, gradient accumulation and clipping, periodic
+validation and checkpoints. What it adds is exact resumption.
+
+Exact resume. The batch of optimizer step ``s``, micro step ``m`` is drawn
+from ``np.random.default_rng([seed, s, m])``: a pure function of the step, not
+of a generator that has advanced through every earlier batch. So the data
+position *is* the step number, and a run resumed from the checkpoint of step
+``k`` (weights, optimizer moments, torch RNG for dropout) takes the very same
+steps ``k+1..N`` as a run that never stopped: on CPU the losses are bitwise
+equal, which ``tests/test_train.py`` asserts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lmpipe.checkpoint import (
+    STATE_FILE,
+    check_compatible,
+    export_model,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
+from lmpipe.config import FinetuneConfig, ModelConfig, TrainConfig
+from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
+from lmpipe.sft import build_sft_data
+from lmpipe.shards import TokenSplit
+from lmpipe.stage import BuildOutput, StageResult, run_stage
+from lmpipe.tokenizer import META_FILE, TOKENIZER_FILE, eot_id, load_tokenizer, read_tokenizer_meta, tokenizer_fingerprint
+
+LogMetrics = Callable[[dict[str, float], int], None]
+OnProgress = Callable[[int, int], None]
+
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"
+# Dense bf16 peak FLOP/s (no sparsity) by device-name substring, for MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Settings that do not change which steps are taken; all other training settings
+# must match a checkpoint to resume from it.
+_NOT_TRAJECTORY = {"eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "device", "threads"}
+
+
+class TokenSource(Protocol):
+    """A token sequence training can read windows of (``lmpipe.shards.TokenSplit``, ``ArraySource``)."""
+
+    num_tokens: int
+
+    def window(self, start: int, length: int) -> np.ndarray: ...
+
+
+class ArraySource:
+    """A token sequence held in memory: SFT streams, loss masks, tests."""
+
+    def __init__(self, tokens: np.ndarray) -> None:
+        self.tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        self.num_tokens = len(self.tokens)
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        if start < 0 or start + length > self.num_tokens:
+            raise IndexError(f"window start={start} length={length} is outside {self.num_tokens} tokens")
+        return self.tokens[start : start + length].copy()
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite; the update was not applied."""
+
+
+@dataclass
+class TrainSummary:
+    steps: int  # optimizer steps done, including those before a resume
+    final_train_loss: float  # mean loss of the last log_interval steps (one step is noisy)
+    final_val_loss: float | None  # None when stopped early (stop_after)
+    tokens_seen: int
+    tokens_per_sec: float  # of this call's training steps (evaluation and checkpoints excluded)
+    seconds: float  # wall time of this call
+    params: int
+    flops_per_token: int
+    device: str
+    checkpoint: Path  # the last checkpoint written or resumed from
+    resumed_from: int  # step this call started from (0: a fresh start)
+
+
+# ---------------------------------------------------------------- pieces of the loop
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of (0-based) step: linear warmup, then cosine from learning_rate to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_steps + 1)
+    decay_steps = max(cfg.max_steps - cfg.warmup_steps, 1)
+    ratio = min((step - cfg.warmup_steps) / decay_steps, 1.0)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def batch_offsets(seed: int, step: int, micro: int, num_tokens: int, block_size: int, batch_size: int) -> np.ndarray:
+    """Start positions of one micro-batch's windows: a pure function of (seed, step, micro)."""
+    rng = np.random.default_rng([seed, step, micro])
+    return rng.integers(0, num_tokens - block_size, size=batch_size)  # a window is block_size + 1 tokens
+
+
+def eval_offsets(num_tokens: int, block_size: int, n: int) -> np.ndarray:
+    """n window starts spread evenly over the split: the same validation windows every time."""
+    last = num_tokens - (block_size + 1)
+    return np.arange(n, dtype=np.int64) * last // max(n - 1, 1)
+
+
+def get_batch(
+    src: TokenSource, offsets: np.ndarray, block_size: int, device: torch.device, mask: TokenSource | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs x and targets y (B, T); y is x shifted by one, IGNORE_INDEX where the mask is 0."""
+    buf = torch.from_numpy(np.stack([src.window(int(o), block_size + 1) for o in offsets]))  # (B, T+1)
+    x = buf[:, :-1].contiguous()  # (B, T)
+    y = buf[:, 1:].contiguous()  # (B, T)
+    if mask is not None:
+        m = torch.from_numpy(np.stack([mask.window(int(o), block_size + 1) for o in offsets]))[:, 1:]  # (B, T)
+        y[m == 0] = IGNORE_INDEX
+    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def check_split_lengths(block_size: int, train_src: TokenSource, val_src: TokenSource) -> None:
+    """A window is block_size + 1 tokens; fail before training if a split cannot hold one."""
+    need = block_size + 1
+    if train_src.num_tokens <= need:
+        raise ValueError(
+            f"model.block_size={block_size} needs more than {need} tokens in the train split, which has "
+            f"{train_src.num_tokens}: use a smaller model.block_size or more training data"
+        )
+    if val_src.num_tokens < need:
+        raise ValueError(
+            f"model.block_size={block_size} is longer than the validation split ({val_src.num_tokens} tokens; "
+            f"a window needs {need}): use a smaller model.block_size or a larger val_fraction"
+        )
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: GPT, src: TokenSource, offsets: np.ndarray, batch_size: int, device: torch.device,
+    autocast: contextlib.AbstractContextManager, mask: TokenSource | None = None,
+) -> float:
+    """Mean loss over fixed windows, in eval mode (no dropout, no RNG drawn)."""
+    model.eval()
+    losses = []
+    for i in range(0, len(offsets), batch_size):
+        x, y = get_batch(src, offsets[i : i + batch_size], model.config.block_size, device, mask)
+        with autocast:
+            _, loss = model(x, y)
+        losses.append(loss.float())
+    model.train()
+    return torch.stack(losses).mean().item()
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def _trajectory(cfg: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_TRAJECTORY}
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _truncate_metrics(path: Path, through_step: int) -> list[dict[str, Any]]:
+    """Keep the rows of steps <= through_step: after a resume the file equals an uninterrupted run's."""
+    rows = [r for r in _read_metrics(path) if r["step"] <= through_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+    return rows
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    vocab_size: int,
+    train_src: TokenSource,
+    val_src: TokenSource,
+    work_dir: Path,
+    *,
+    tokenizer_fingerprint: str,
+    init_from: Path | None = None,
+    log_metrics: LogMetrics | None = None,
+    on_progress: OnProgress | None = None,
+    stop_after: int | None = None,
+    target_mask_src: tuple[TokenSource, TokenSource] | None = None,
+) -> TrainSummary:
+    """Train a GPT on train_src for cfg.max_steps steps; checkpoints and metrics.jsonl go to work_dir.
+
+    Resumes from the newest valid checkpoint in ``work_dir/checkpoints`` when there
+    is one; otherwise starts from ``init_from``'s weights (a fine-tuning start, fresh
+    optimizer) or from a seeded random init. ``target_mask_src`` = (train, val) loss
+    masks parallel to the sources: targets whose mask is 0 do not count (SFT prompts).
+    ``stop_after=k`` checkpoints at step k and returns, as if interrupted there.
+    """
+    started = time.perf_counter()
+    section = "finetune" if isinstance(cfg, FinetuneConfig) else "pretrain"  # for error messages
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    T = model_cfg.block_size
+    check_split_lengths(T, train_src, val_src)
+    train_mask, val_mask = target_mask_src or (None, None)
+    for name, src, mask in (("train", train_src, train_mask), ("val", val_src, val_mask)):
+        if mask is not None and mask.num_tokens != src.num_tokens:
+            raise ValueError(f"{name} loss mask has {mask.num_tokens} entries for {src.num_tokens} tokens")
+
+    device = resolve_device(cfg.device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
+    # bf16 autocast on CUDA only: CPU runs stay fp32 and bitwise reproducible.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    model = GPT(GPTConfig.from_config(model_cfg, vocab_size)).to(device)
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+
+    ckpt_root = work_dir / CHECKPOINTS_DIR
+    metrics_path = work_dir / METRICS_FILE
+    last_ckpt = latest_checkpoint(ckpt_root)
+    start = 0
+    if last_ckpt is not None:
+        check_compatible(read_state(last_ckpt), model_cfg, vocab_size, tokenizer_fingerprint,
+                         field=f"resume from {work_dir}", train_cfg=_trajectory(cfg))
+        start = load_checkpoint(last_ckpt, model, optimizer, device=device)["step"]
+    elif init_from is not None:
+        check_compatible(read_state(init_from), model_cfg, vocab_size, tokenizer_fingerprint, field="init_from")
+        load_checkpoint(init_from, model, None, device=device, restore_rng=False)
+    rows = _truncate_metrics(metrics_path, start)
+
+    params, flops_per_token = model.num_params(), model.flops_per_token()
+    peak = peak_flops(device)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * T
+    val_offsets = eval_offsets(val_src.num_tokens, T, cfg.eval_batches * cfg.batch_size)
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, never clip
+
+    def save(step: int) -> Path:
+        state = {
+            "tokenizer_fingerprint": tokenizer_fingerprint,
+            "data": {"seed": cfg.seed, "next_step": step, "tokens_seen": step * tokens_per_step},
+            "train": cfg.model_dump(mode="json"),
+        }
+        return save_checkpoint(ckpt_root, step, model, optimizer, state)
+
+    # Per-step values stay on the device until a flush: reading them is a GPU sync.
+    pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (step, lr, loss, grad_norm)
+    interval_losses: list[float] = []  # since the last log_metrics call
+    last_grad_norm = math.nan
+
+    def flush() -> None:
+        """Write pending steps to metrics.jsonl (one device sync for all of them)."""
+        nonlocal last_grad_norm
+        if not pending:
+            return
+        losses = torch.stack([p[2] for p in pending]).tolist()
+        last_grad_norm = pending[-1][3].item()
+        new_rows = [{"step": s, "loss": loss, "lr": lr} for (s, lr, _, _), loss in zip(pending, losses)]
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in new_rows)
+        rows.extend(new_rows)
+        interval_losses.extend(losses)
+        pending.clear()
+
+    model.train()
+    train_seconds = 0.0  # time in steps only, for tokens/s
+    interval_seconds, interval_tokens = 0.0, 0
+    val_loss: float | None = None
+    with tqdm(total=cfg.max_steps, initial=start, desc=section, unit="step", file=sys.stderr,
+              mininterval=1.0, dynamic_ncols=True) as bar:
+        for step in range(start, cfg.max_steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            loss, grad_norm = _step(model, optimizer, lr, step, cfg, train_src, train_mask, max_norm, device, autocast)
+            # The one sync per optimizer step (never per micro step): the update must be
+            # skipped, not undone, when the loss or gradients are not finite.
+            if not torch.isfinite(loss + grad_norm).item():
+                flush()
+                raise TrainingDivergedError(
+                    f"step {step + 1}: loss {loss.item()} / gradient norm {grad_norm.item()} is not finite at "
+                    f"learning rate {lr:g}; the update was skipped and training stopped. The last good checkpoint "
+                    f"is {latest_checkpoint(ckpt_root)}. Lower {section}.learning_rate={cfg.learning_rate:g} "
+                    f"or set {section}.grad_clip (now {cfg.grad_clip:g})."
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            pending.append((done, lr, loss, grad_norm))
+            bar.update(1)
+            dt = time.perf_counter() - t0
+            train_seconds += dt
+            interval_seconds += dt
+            interval_tokens += tokens_per_step
+
+            is_last = done == cfg.max_steps
+            is_log = done % cfg.log_interval == 0 or is_last
+            is_ckpt = done % cfg.checkpoint_interval == 0 or is_last or done == stop_after
+            logged: dict[str, float] = {}
+            if is_log or is_ckpt:
+                flush()  # metrics.jsonl must reach `done` before a checkpoint of `done` exists
+            if is_log:
+                tok_s = interval_tokens / max(interval_seconds, 1e-9)
+                logged |= {
+                    "train/loss": sum(interval_losses) / len(interval_losses),
+                    "train/lr": lr,
+                    "train/grad_norm": last_grad_norm,
+                    "train/tokens_per_sec": tok_s,
+                }
+                if peak is not None:
+                    logged["train/mfu"] = flops_per_token * tok_s / peak
+                bar.set_postfix(loss=f"{logged['train/loss']:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                interval_losses.clear()
+                interval_seconds, interval_tokens = 0.0, 0
+            if done % cfg.eval_interval == 0 or is_last:
+                val_loss = evaluate_loss(model, val_src, val_offsets, cfg.batch_size, device, autocast, val_mask)
+                logged["val/loss"] = val_loss
+            if is_ckpt:  # before the callbacks: a failing tracker must not cost the checkpoint
+                last_ckpt = save(done)
+            if logged and log_metrics is not None:
+                log_metrics(logged, done)
+            if is_log and on_progress is not None:
+                on_progress(done, cfg.max_steps)
+            if done == stop_after and not is_last:
+                return _summary(cfg, rows, done, None, tokens_per_step, train_seconds, started, params,
+                                flops_per_token, device, last_ckpt, start)
+
+    if last_ckpt is None:  # cannot happen: the last step always checkpoints
+        raise RuntimeError("training finished without a checkpoint")
+    if val_loss is None:  # resumed from the final checkpoint: nothing left to train
+        val_loss = evaluate_loss(model, val_src, val_offsets, cfg.batch_size, device, autocast, val_mask)
+    return _summary(cfg, rows, cfg.max_steps, val_loss, tokens_per_step, train_seconds, started, params,
+                    flops_per_token, device, last_ckpt, start)
+
+
+def _step(
+    model: GPT, optimizer: torch.optim.Optimizer, lr: float, step: int, cfg: TrainConfig,
+    src: TokenSource, mask: TokenSource | None, max_norm: float, device: torch.device,
+    autocast: contextlib.AbstractContextManager,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over the step's micro-batches; returns (mean loss, grad norm), on the device.
+
+    Leaves the (clipped) gradients in place: the caller decides whether to apply them.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    block_size = model.config.block_size
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(cfg.grad_accum_steps):
+        offsets = batch_offsets(cfg.seed, step, micro, src.num_tokens, block_size, cfg.batch_size)
+        x, y = get_batch(src, offsets, block_size, device, mask)
+        with autocast:
+            _, loss = model(x, y)
+        loss = loss / cfg.grad_accum_steps  # the gradients then sum to the mean over micro-batches
+        loss_sum += loss.detach()
+        loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return loss_sum, grad_norm.detach()
+
+
+def _summary(cfg: TrainConfig, rows: list[dict[str, Any]], steps: int, val_loss: float | None,
+             tokens_per_step: int, train_seconds: float, started: float, params: int,
+             flops_per_token: int, device: torch.device, ckpt: Path, start: int) -> TrainSummary:
+    tail = [r["loss"] for r in rows[-cfg.log_interval :]] or [math.nan]  # nan: metrics.jsonl was removed
+    return TrainSummary(
+        steps=steps,
+        final_train_loss=sum(tail) / len(tail),
+        final_val_loss=val_loss,
+        tokens_seen=steps * tokens_per_step,
+        tokens_per_sec=(steps - start) * tokens_per_step / train_seconds if train_seconds > 0 else 0.0,
+        seconds=time.perf_counter() - started,
+        params=params,
+        flops_per_token=flops_per_token,
+        device=str(device),
+        checkpoint=ckpt,
+        resumed_from=start,
+    )
+
+
+# ---------------------------------------------------------------- stages
+
+
+def _tokenizer_info(tokenizer: StageResult) -> tuple[Path, str, int]:
+    tok_path = tokenizer.path(TOKENIZER_FILE)
+    return tok_path, tokenizer_fingerprint(tok_path), load_tokenizer(tok_path).get_vocab_size()
+
+
+def _open_splits(shards: StageResult, tok_fingerprint: str, field: str) -> tuple[TokenSplit, TokenSplit]:
+    train_src, val_src = TokenSplit(shards.out_dir, "train"), TokenSplit(shards.out_dir, "val")
+    if train_src.tokenizer_fingerprint != tok_fingerprint:
+        raise ValueError(
+            f"{field}: shards in {shards.out_dir} were encoded with tokenizer {train_src.tokenizer_fingerprint}, "
+            f"the given tokenizer is {tok_fingerprint}; re-run the shard stage"
+        )
+    return train_src, val_src
+
+
+def _publish(tmp: Path, summary: TrainSummary) -> BuildOutput:
+    """Leave model/ (the final checkpoint without optimizer state) and metrics.jsonl; drop the history."""
+    export_model(summary.checkpoint, tmp / MODEL_DIR)
+    shutil.rmtree(tmp / CHECKPOINTS_DIR, ignore_errors=True)
+    return BuildOutput(
+        metrics={
+            "final_train_loss": summary.final_train_loss,
+            "final_val_loss": summary.final_val_loss if summary.final_val_loss is not None else math.nan,
+            "tokens_per_sec": summary.tokens_per_sec,
+            "params": float(summary.params),
+            "steps": float(summary.steps),
+            "seconds": summary.seconds,
+        },
+        meta={
+            "device": summary.device,
+            "flops_per_token": summary.flops_per_token,
+            "tokens_seen": summary.tokens_seen,
+            "resumed_from_step": summary.resumed_from,
+        },
+    )
+
+
+def run_pretrain(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    shards: StageResult,
+    tokenizer: StageResult,
+    out_dir: str | Path,
+    fingerprint: str,
+    *,
+    log_metrics: LogMetrics | None = None,
+    on_progress: OnProgress | None = None,
+) -> StageResult:
+    """Stage: pretrain from scratch on the shards; publishes model/ and metrics.jsonl.
+
+    An interrupted run leaves its checkpoints in the stage's .partial directory and
+    the next call with the same fingerprint resumes from them.
+    """
+
+    def build(tmp: Path) -> BuildOutput:
+        _, tok_fp, vocab_size = _tokenizer_info(tokenizer)
+        train_src, val_src = _open_splits(shards, tok_fp, "data.pretrain")
+        summary = train(model_cfg, train_cfg, vocab_size, train_src, val_src, tmp,
+                        tokenizer_fingerprint=tok_fp, log_metrics=log_metrics, on_progress=on_progress)
+        return _publish(tmp, summary)
+
+    return run_stage("pretrain", fingerprint, out_dir, build, keep_partial=True)
+
+
+def run_finetune(
+    ft_cfg: FinetuneConfig,
+    model_cfg: ModelConfig,
+    init: Path,
+    shards: StageResult | None,
+    tokenizer: StageResult,
+    out_dir: str | Path,
+    fingerprint: str,
+    *,
+    log_metrics: LogMetrics | None = None,
+    on_progress: OnProgress | None = None,
+) -> StageResult:
+    """Stage: continue training ``init``'s weights (fresh optimizer and schedule).
+
+    mode "continue": on the fine-tuning corpus's shards. mode "sft": on
+    ft_cfg.sft_path's prompt/response pairs, with the loss on responses only.
+    """
+
+    def build(tmp: Path) -> BuildOutput:
+        tok_path, tok_fp, vocab_size = _tokenizer_info(tokenizer)
+        init_dir = Path(init)
+        if not (init_dir / STATE_FILE).is_file():
+            raise FileNotFoundError(f"finetune.init_checkpoint: {str(init_dir)!r} is not a checkpoint directory (no {STATE_FILE})")
+        check_compatible(read_state(init_dir), model_cfg, vocab_size, tok_fp, field="finetune.init_checkpoint")
+        masks = None
+        meta: dict[str, Any] = {}
+        if ft_cfg.mode == "continue":
+            if shards is None:
+                raise ValueError("finetune.mode='continue' trains on the data.finetune shards, but none were given")
+            train_src, val_src = _open_splits(shards, tok_fp, "data.finetune")
+        else:
+            tok = load_tokenizer(tok_path)
+            eot = eot_id(tok, read_tokenizer_meta(tokenizer.path(META_FILE))["eot_token"])
+            data = build_sft_data(Path(ft_cfg.sft_path), tok, eot, field="finetune.sft_path")
+            train_src, val_src = ArraySource(data.train_tokens), ArraySource(data.val_tokens)
+            masks = (ArraySource(data.train_mask), ArraySource(data.val_mask))
+            meta = {"sft_train_examples": data.train_examples, "sft_val_examples": data.val_examples}
+        summary = train(model_cfg, ft_cfg, vocab_size, train_src, val_src, tmp, tokenizer_fingerprint=tok_fp,
+                        init_from=init_dir, log_metrics=log_metrics, on_progress=on_progress,
+                        target_mask_src=masks)
+        out = _publish(tmp, summary)
+        out.meta |= meta | {"init_checkpoint": str(init_dir)}
+        return out
+
+    return run_stage("finetune", fingerprint, out_dir, build, keep_partial=True)

@@ -1,0 +1,387 @@
+"""Training: loss goes down, runs are deterministic, resume is exact, bad inputs fail clearly.
+
+The model is tiny (2 layers, 32 wide, context 32) and the data real: the bytes of
+Tiny Shakespeare as token ids (vocabulary 256), so no other stage is needed.
+The stage tests at the end run the real tokenizer and shard stages first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmpipe.checkpoint import (
+    CheckpointMismatchError,
+    latest_checkpoint,
+    load_model,
+    read_state,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from lmpipe.config import CorpusConfig, FinetuneConfig, ModelConfig, ShardConfig, SourceConfig, TokenizerConfig, TrainConfig
+from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
+from lmpipe.shards import run_shard
+from lmpipe.stage import StageResult, partial_dir
+from lmpipe.tokenizer import run_train_tokenizer
+from lmpipe.train import (
+    ArraySource,
+    TrainingDivergedError,
+    batch_offsets,
+    eval_offsets,
+    get_batch,
+    lr_at,
+    run_finetune,
+    run_pretrain,
+    train,
+)
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+_BYTES = np.frombuffer((DATA / "tinyshakespeare.txt").read_bytes(), dtype=np.uint8).astype(np.int64)
+TRAIN = ArraySource(_BYTES[:200_000])
+VAL = ArraySource(_BYTES[-20_000:])
+MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)
+FP = "bytes-as-tokens"
+# Dropout on: runs draw from the torch RNG, which a resume must restore to match.
+DROPOUT_MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.1)
+
+
+def config(**overrides: object) -> TrainConfig:
+    base: dict[str, object] = dict(
+        max_steps=12, batch_size=4, learning_rate=3e-3, min_lr=3e-4, warmup_steps=2,
+        eval_interval=5, eval_batches=2, log_interval=5, checkpoint_interval=100, device="cpu",
+    )
+    return TrainConfig(**(base | overrides))
+
+
+def run(work: Path, cfg: TrainConfig, model: ModelConfig = MODEL, **kw: object):
+    return train(model, cfg, 256, TRAIN, VAL, work, tokenizer_fingerprint=FP, **kw)
+
+
+def metrics_text(work: Path) -> str:
+    return (work / "metrics.jsonl").read_text(encoding="utf-8")
+
+
+def losses(work: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in metrics_text(work).splitlines()]
+
+
+# ---------------------------------------------------------------- schedule and batches
+
+
+def test_lr_schedule_warmup_then_cosine_to_min_lr() -> None:
+    cfg = config(max_steps=100, warmup_steps=10, learning_rate=1e-3, min_lr=1e-4)
+    assert lr_at(0, cfg) == pytest.approx(1e-3 / 11)
+    assert lr_at(9, cfg) == pytest.approx(1e-3 * 10 / 11)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(55, cfg) == pytest.approx(5.5e-4)  # halfway down the cosine
+    assert lr_at(100, cfg) == pytest.approx(1e-4)
+    decay = [lr_at(s, cfg) for s in range(10, 100)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+
+
+def test_batches_are_a_pure_function_of_seed_step_micro() -> None:
+    a = batch_offsets(1, 7, 0, TRAIN.num_tokens, 32, 4)
+    assert np.array_equal(a, batch_offsets(1, 7, 0, TRAIN.num_tokens, 32, 4))
+    assert not np.array_equal(a, batch_offsets(1, 7, 1, TRAIN.num_tokens, 32, 4))
+    assert not np.array_equal(a, batch_offsets(1, 8, 0, TRAIN.num_tokens, 32, 4))
+    # Every window of block_size + 1 fits, and the last possible start is reachable.
+    starts = batch_offsets(0, 0, 0, 40, 32, 2000)
+    assert starts.min() == 0 and starts.max() == 40 - 33
+
+
+def test_eval_windows_span_the_split() -> None:
+    assert eval_offsets(100, 32, 5).tolist() == [0, 16, 33, 50, 67]
+    assert eval_offsets(33, 32, 3).tolist() == [0, 0, 0]
+
+
+def test_get_batch_shifts_targets_and_applies_mask() -> None:
+    src = ArraySource(np.arange(10))
+    mask = ArraySource(np.array([0, 0, 0, 1, 1, 1, 0, 0, 1, 1]))
+    x, y = get_batch(src, np.array([0, 4]), 4, torch.device("cpu"), mask)
+    assert x.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert y.tolist() == [[-1, -1, 3, 4], [5, -1, -1, 8]]  # target t+1 counts iff mask[t+1] == 1
+    assert IGNORE_INDEX == -1
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_loss_decreases(tmp_path: Path) -> None:
+    cfg = config(max_steps=30, batch_size=8, learning_rate=1e-2, min_lr=1e-3, warmup_steps=5, eval_interval=30)
+    summary = run(tmp_path, cfg)
+    first = losses(tmp_path)[0]
+    assert abs(first - math.log(256)) < 0.05  # starts at a uniform guess over bytes
+    # Observed: 5.52 -> 3.48 (train, last 5 steps), 3.50 (val): byte frequencies learned.
+    assert summary.final_train_loss < first - 1.9
+    assert summary.final_val_loss is not None and summary.final_val_loss < first - 1.9
+    assert summary.steps == 30 and summary.tokens_seen == 30 * 8 * 32
+    assert summary.params == 33664  # as in test_model: position embeddings are not counted
+    assert summary.device == "cpu" and summary.tokens_per_sec > 0
+
+
+def test_two_fresh_runs_are_identical(tmp_path: Path) -> None:
+    cfg = config()
+    run(tmp_path / "a", cfg, DROPOUT_MODEL)
+    run(tmp_path / "b", cfg, DROPOUT_MODEL)
+    assert len(losses(tmp_path / "a")) == 12
+    assert metrics_text(tmp_path / "a") == metrics_text(tmp_path / "b")
+    wa = (tmp_path / "a/checkpoints/step-0000012/model.safetensors").read_bytes()
+    wb = (tmp_path / "b/checkpoints/step-0000012/model.safetensors").read_bytes()
+    assert wa == wb
+    # A different seed draws different batches.
+    run(tmp_path / "c", config(seed=1), DROPOUT_MODEL)
+    assert losses(tmp_path / "c") != losses(tmp_path / "a")
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_is_exact(tmp_path: Path, accum: int) -> None:
+    cfg = config(grad_accum_steps=accum)
+    full = run(tmp_path / "full", cfg, DROPOUT_MODEL)
+
+    work = tmp_path / "resumed"
+    first = run(work, cfg, DROPOUT_MODEL, stop_after=4)
+    assert first.steps == 4 and first.final_val_loss is None
+    assert [p.name for p in (work / "checkpoints").iterdir()] == ["step-0000004"]
+    second = run(work, cfg, DROPOUT_MODEL, stop_after=9)
+    assert second.resumed_from == 4
+    # A crash after metrics were written but before the next checkpoint leaves extra rows.
+    with open(work / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 10, "loss": 9.9, "lr": 0.0}) + "\n")
+    last = run(work, cfg, DROPOUT_MODEL)
+    assert last.resumed_from == 9
+
+    assert len(losses(work)) == 12
+    assert metrics_text(work) == metrics_text(tmp_path / "full")  # bitwise equal losses
+    assert last.final_val_loss == full.final_val_loss
+    assert last.final_train_loss == full.final_train_loss
+    w_full = load_file(full.checkpoint / "model.safetensors")
+    w_res = load_file(last.checkpoint / "model.safetensors")
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+
+
+def test_resume_at_the_end_trains_nothing(tmp_path: Path) -> None:
+    first = run(tmp_path, config())
+    again = run(tmp_path, config())
+    assert again.resumed_from == 12 and again.steps == 12
+    assert again.final_val_loss == first.final_val_loss and again.final_train_loss == first.final_train_loss
+
+
+def test_resume_with_different_training_settings_is_refused(tmp_path: Path) -> None:
+    run(tmp_path, config(), stop_after=3)
+    with pytest.raises(CheckpointMismatchError, match=r"train\.learning_rate: checkpoint has 0\.003, config has 0\.001"):
+        run(tmp_path, config(learning_rate=1e-3, min_lr=1e-4))
+    run(tmp_path, config(log_interval=2, eval_interval=3))  # bookkeeping settings may change
+
+
+def test_logs_once_per_interval_and_reports_progress(tmp_path: Path) -> None:
+    calls: list[tuple[int, dict[str, float]]] = []
+    progress: list[tuple[int, int]] = []
+    run(tmp_path, config(), log_metrics=lambda m, s: calls.append((s, m)), on_progress=lambda d, t: progress.append((d, t)))
+    assert [s for s, _ in calls] == [5, 10, 12]
+    assert set(calls[0][1]) == {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "val/loss"}
+    assert "train/mfu" not in calls[0][1]  # CPU: no known peak
+    rows = [json.loads(line) for line in metrics_text(tmp_path).splitlines()]
+    assert calls[0][1]["train/loss"] == pytest.approx(sum(r["loss"] for r in rows[:5]) / 5)
+    assert calls[2][1]["train/lr"] == rows[11]["lr"]
+    assert progress == [(5, 12), (10, 12), (12, 12)]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_context_longer_than_val_split_names_block_size(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"model\.block_size=32 is longer than the validation split \(20 tokens"):
+        train(MODEL, config(), 256, TRAIN, ArraySource(_BYTES[:20]), tmp_path, tokenizer_fingerprint=FP)
+    with pytest.raises(ValueError, match=r"model\.block_size=32 needs more than 33 tokens in the train split, which has 33"):
+        train(MODEL, config(), 256, ArraySource(_BYTES[:33]), VAL, tmp_path, tokenizer_fingerprint=FP)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    forward = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self: GPT, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        logits, loss = forward(self, idx, targets)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:  # the third training step's loss
+                loss = loss * math.inf
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(TrainingDivergedError, match=r"step 3: loss inf .* not finite .* last good checkpoint is .*step-0000002"):
+        run(tmp_path, config(checkpoint_interval=1))
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-0000002"
+    assert [json.loads(line)["step"] for line in metrics_text(tmp_path).splitlines()] == [1, 2]
+
+
+def test_huge_learning_rate_diverges_with_a_clear_error(tmp_path: Path) -> None:
+    cfg = config(learning_rate=1e30, min_lr=0.0, warmup_steps=0, grad_clip=0.0, checkpoint_interval=1)
+    with pytest.raises(TrainingDivergedError, match=r"step 2: .* Lower pretrain\.learning_rate=1e\+30"):
+        run(tmp_path, cfg)
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-0000001"
+
+
+def test_init_from_mismatched_model_names_the_field(tmp_path: Path) -> None:
+    base = run(tmp_path / "base", config(max_steps=2))
+    other = ModelConfig(n_layer=3, n_head=2, n_embd=32, block_size=32)
+    with pytest.raises(CheckpointMismatchError) as err:
+        run(tmp_path / "ft", config(), other, init_from=base.checkpoint)
+    msg = str(err.value)
+    assert "init_from" in msg and str(base.checkpoint / "state.json") in msg
+    assert "model.n_layer: checkpoint has 2, config has 3" in msg
+    assert "n_embd" not in msg  # only the fields that differ
+    with pytest.raises(CheckpointMismatchError, match="tokenizer_fingerprint: checkpoint has 'bytes-as-tokens', tokenizer has 'other'"):
+        train(MODEL, config(), 256, TRAIN, VAL, tmp_path / "ft2", tokenizer_fingerprint="other", init_from=base.checkpoint)
+
+
+def test_init_from_loads_weights_only(tmp_path: Path) -> None:
+    base = run(tmp_path / "base", config(max_steps=6))
+    steps: list[float] = []
+    ft = run(tmp_path / "ft", config(max_steps=1, learning_rate=1e-9, min_lr=0.0, warmup_steps=0),
+             init_from=base.checkpoint, log_metrics=lambda m, s: steps.append(m["val/loss"]))
+    assert ft.resumed_from == 0 and ft.steps == 1
+    assert abs(steps[0] - base.final_val_loss) < 1e-4  # same weights (lr ~0), not a fresh init
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip_keeps_tied_weights(tmp_path: Path) -> None:
+    summary = run(tmp_path, config(max_steps=3))
+    model = load_model(summary.checkpoint)
+    assert model.lm_head.weight is model.transformer.wte.weight and not model.training
+    stored = load_file(summary.checkpoint / "model.safetensors")
+    assert "lm_head.weight" not in stored and "transformer.wte.weight" in stored
+    state = read_state(summary.checkpoint)
+    assert state["step"] == 3 and state["vocab_size"] == 256 and state["tokenizer_fingerprint"] == FP
+    assert state["model"] == {"vocab_size": 256, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32,
+                              "dropout": 0.0, "bias": True}
+    assert state["data"] == {"seed": 1337, "next_step": 3, "tokens_seen": 3 * 4 * 32}
+    assert set(state["rng"]) >= {"python", "numpy", "torch"}
+    assert set(state["files"]) == {"model.safetensors", "optimizer.pt"}
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path: Path) -> None:
+    run(tmp_path, config(checkpoint_interval=3))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000009", "step-0000012"]
+
+
+def test_latest_checkpoint_ignores_temp_and_corrupted_dirs(tmp_path: Path) -> None:
+    cfg = config(checkpoint_interval=5, max_steps=10)
+    run(tmp_path / "full", cfg)
+    work = tmp_path / "work"
+    run(work, cfg)
+    root = work / "checkpoints"
+    assert latest_checkpoint(root).name == "step-0000010"
+    # A newer save that crashed half-way leaves its temporary directory.
+    shutil.copytree(root / "step-0000010", root / ".step-0000015.tmp")
+    (root / ".step-0000015.tmp" / "state.json").unlink()
+    # A newer directory without state.json, and the newest complete one corrupted.
+    (root / "step-0000020").mkdir()
+    weights = root / "step-0000010" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert latest_checkpoint(root).name == "step-0000005"
+    # Training resumes from step 5 and ends where the uninterrupted run did.
+    assert run(work, cfg).resumed_from == 5
+    assert metrics_text(work) == metrics_text(tmp_path / "full")
+    assert latest_checkpoint(root).name == "step-0000010"
+    verify_checkpoint(root / "step-0000010")
+    # The next save cleared the leftovers.
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000005", "step-0000010"]
+    assert latest_checkpoint(tmp_path / "nothing-here") is None
+
+
+def test_save_checkpoint_replaces_a_leftover_temp_dir(tmp_path: Path) -> None:
+    model = GPT(GPTConfig(vocab_size=256, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    opt = model.configure_optimizer(0.0, 1e-3, (0.9, 0.95), "cpu")
+    (tmp_path / ".step-0000001.tmp").mkdir()
+    (tmp_path / ".step-0000001.tmp" / "junk").write_text("x")
+    out = save_checkpoint(tmp_path, 1, model, opt, {"tokenizer_fingerprint": FP})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000001"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "optimizer.pt", "state.json"]
+
+
+# ---------------------------------------------------------------- stages
+
+
+def _documents(out: Path) -> StageResult:
+    """Tiny Shakespeare's first ~120 KB as documents cut at blank lines."""
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:120_000]
+    docs = [d for d in text.split("\n\n") if d.strip()]
+    out.mkdir(parents=True)
+    pq.write_table(
+        pa.table({"id": [f"d{i:05d}" for i in range(len(docs))], "text": docs, "source": ["t"] * len(docs)}),
+        out / "documents.parquet",
+    )
+    return StageResult(stage="clean", fingerprint="docs", out_dir=str(out))
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory: pytest.TempPathFactory) -> tuple[StageResult, StageResult]:
+    root = tmp_path_factory.mktemp("stages")
+    docs = _documents(root / "docs")
+    tok = run_train_tokenizer(TokenizerConfig(vocab_size=512), docs, root / "tok", "tok")
+    corpus = CorpusConfig(name="shakespeare", sources=[SourceConfig(uri="unused")], val_fraction=0.1)
+    # Small shards, so training windows cross shard boundaries.
+    shards = run_shard(ShardConfig(shard_tokens=4096), corpus, docs, tok, root / "shards", "shards",
+                       corpus_field="data.finetune")
+    return tok, shards
+
+
+STAGE_MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)
+
+
+def test_run_pretrain_publishes_model_and_resumes_after_interruption(tmp_path: Path, stages) -> None:
+    tok, shards = stages
+    cfg = config(max_steps=10, checkpoint_interval=4, log_interval=2)
+    full = run_pretrain(STAGE_MODEL, cfg, shards, tok, tmp_path / "full", "fp")
+    assert sorted(full.files) == ["metrics.jsonl", "model/model.safetensors", "model/state.json"]
+    assert set(full.metrics) == {"final_train_loss", "final_val_loss", "tokens_per_sec", "params", "steps", "seconds"}
+    assert full.metrics["steps"] == 10
+    model = load_model(full.path("model"))
+    assert model.config.vocab_size == 512
+    assert read_state(full.path("model"))["files"].keys() == {"model.safetensors"}  # optimizer state dropped
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt_at_6(metrics: dict[str, float], step: int) -> None:
+        if step == 6:
+            raise Interrupt
+
+    out = tmp_path / "interrupted"
+    with pytest.raises(Interrupt):
+        run_pretrain(STAGE_MODEL, cfg, shards, tok, out, "fp", log_metrics=interrupt_at_6)
+    assert not out.exists() and latest_checkpoint(partial_dir(out) / "checkpoints").name == "step-0000004"
+    resumed = run_pretrain(STAGE_MODEL, cfg, shards, tok, out, "fp")
+    assert resumed.meta["resumed_from_step"] == 4
+    assert resumed.files == full.files  # byte-identical model and metrics.jsonl
+    assert run_pretrain(STAGE_MODEL, cfg, shards, tok, out, "fp").meta["reused"] is True
+
+
+def test_run_finetune_continue_and_mismatch(tmp_path: Path, stages) -> None:
+    tok, shards = stages
+    base = run_pretrain(STAGE_MODEL, config(max_steps=4), shards, tok, tmp_path / "pre", "fp")
+    ft_cfg = FinetuneConfig(max_steps=3, batch_size=4, eval_batches=2, device="cpu")
+    ft = run_finetune(ft_cfg, STAGE_MODEL, base.path("model"), shards, tok, tmp_path / "ft", "fp")
+    assert ft.metrics["steps"] == 3 and ft.meta["init_checkpoint"] == str(base.path("model"))
+    assert read_state(ft.path("model"))["train"]["learning_rate"] == ft_cfg.learning_rate
+
+    wider = ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=32)
+    with pytest.raises(CheckpointMismatchError, match=r"finetune\.init_checkpoint: .*\n  model\.n_embd: checkpoint has 32, config has 64"):
+        run_finetune(ft_cfg, wider, base.path("model"), shards, tok, tmp_path / "ft2", "fp")
+    with pytest.raises(FileNotFoundError, match="finetune.init_checkpoint"):
+        run_finetune(ft_cfg, STAGE_MODEL, tmp_path / "nope", shards, tok, tmp_path / "ft3", "fp")

@@ -104,6 +104,10 @@ class DataConfig(Section):
     )
     clean: CleanConfig = Field(default_factory=CleanConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
+    download_retries: int = Field(3, ge=0, description="Retries of a download that failed transiently.")
+    download_retry_delay_s: float = Field(
+        2.0, ge=0.0, description="First retry delay; each next one is 5x longer (with jitter)."
+    )
 
 
 class TokenizerConfig(Section):
@@ -218,7 +222,8 @@ class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<workdir>/mlflow.db.")
     experiment: str = "lmpipe"
     registered_model: str = "lmpipe-gpt"
-    alias: str = Field("latest", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    alias: str = Field("candidate", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
+                       description="Registry alias moved to each new version ('latest' is reserved by MLflow).")
 
 
 class PipelineConfig(Section):

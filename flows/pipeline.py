@@ -1,0 +1,77 @@
+"""The Prefect flows. They read like the DAG in the architecture:
+
+    download -> clean -> train_tokenizer -> shard -> pretrain -> finetune -> evaluate -> register
+
+The fine-tuning corpus goes through its own download/clean/shard with the
+tokenizer trained on the pretraining corpus.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from flows.ledger import Ledger, tracked_flow
+from lmpipe.config import CorpusConfig, PipelineConfig
+from lmpipe.preflight import check_inputs
+from lmpipe.stage import StageResult, sha256_file
+from lmpipe.tracking import TrackingContext
+from tasks.stages import clean, download, evaluate, finetune, pretrain, register, shard, train_tokenizer
+
+
+def _documents(config: PipelineConfig, corpus: CorpusConfig, field: str, ctx: TrackingContext,
+               ledger: Ledger) -> StageResult:
+    delay = config.data.download_retry_delay_s
+    fetch = download.with_options(retries=config.data.download_retries,
+                                  retry_delay_seconds=[delay * 5**i for i in range(config.data.download_retries)] or 0)
+    docs = ledger.run(fetch, f"download/{corpus.name}", corpus=corpus, field=field, ctx=ctx)
+    return ledger.run(clean, f"clean/{corpus.name}", cfg=config.data.clean, docs=docs, corpus_field=field, ctx=ctx)
+
+
+def _shards(config: PipelineConfig, corpus: CorpusConfig, field: str, docs: StageResult, tokenizer: StageResult,
+            ctx: TrackingContext, ledger: Ledger) -> StageResult:
+    return ledger.run(shard, f"shard/{corpus.name}", cfg=config.data.shard, corpus=corpus, docs=docs,
+                      tokenizer=tokenizer, corpus_field=field, ctx=ctx)
+
+
+def _prepare(config: PipelineConfig, ctx: TrackingContext, ledger: Ledger) -> tuple[StageResult, dict[str, StageResult]]:
+    """Both corpora as token shards, with the tokenizer trained on the pretraining corpus."""
+    pre = config.data.pretrain
+    pre_docs = _documents(config, pre, "data.pretrain", ctx, ledger)
+    tokenizer = ledger.run(train_tokenizer, cfg=config.tokenizer, docs=pre_docs, ctx=ctx)
+    corpora = {pre.name: _shards(config, pre, "data.pretrain", pre_docs, tokenizer, ctx, ledger)}
+    ft = config.data.finetune
+    if ft is not None:
+        ft_docs = _documents(config, ft, "data.finetune", ctx, ledger)
+        corpora[ft.name] = _shards(config, ft, "data.finetune", ft_docs, tokenizer, ctx, ledger)
+    return tokenizer, corpora
+
+
+@flow(name="lmpipe-pipeline", log_prints=True, validate_parameters=True)
+def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
+    """Corpus to registered model: data, tokenizer, shards, pretraining, fine-tuning, evaluation, registry."""
+    with tracked_flow(config, "pipeline") as (ctx, ledger):
+        check_inputs(config)
+        tokenizer, corpora = _prepare(config, ctx, ledger)
+        pre_shards = corpora[config.data.pretrain.name]
+        ft_shards = corpora.get(config.data.finetune.name) if config.data.finetune else None
+        base = ledger.run(pretrain, model_cfg=config.model, cfg=config.pretrain, shards=pre_shards,
+                          tokenizer=tokenizer, ctx=ctx)
+        tuned = ledger.run(finetune, model_cfg=config.model, cfg=config.finetune, base=base,
+                           shards=ft_shards if config.finetune.mode == "continue" else None,
+                           sft_sha256=sha256_file(Path(config.finetune.sft_path)) if config.finetune.sft_path else None,
+                           tokenizer=tokenizer, ctx=ctx)
+        report = ledger.run(evaluate, cfg=config.eval, models={"base": base, "finetuned": tuned}, corpora=corpora,
+                            tokenizer=tokenizer, ctx=ctx)
+        ledger.run(register, cfg=config.tracking, finetuned=tuned, tokenizer=tokenizer, report=report, ctx=ctx)
+    return ledger.summary(ctx)
+
+
+@flow(name="lmpipe-data", log_prints=True, validate_parameters=True)
+def prepare_data(config: PipelineConfig = PipelineConfig()) -> dict:
+    """The data stages alone: both corpora downloaded, cleaned and sharded, and the tokenizer."""
+    with tracked_flow(config, "data") as (ctx, ledger):
+        check_inputs(config, training=False)
+        _prepare(config, ctx, ledger)
+    return ledger.summary(ctx)

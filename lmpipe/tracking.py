@@ -1,0 +1,290 @@
+"""Everything MLflow: runs, batched metrics, artifacts, the served model and the registry.
+
+The only module of the library that imports mlflow. It logs through
+``MlflowClient`` with explicit run ids, never through the fluent API's
+thread-local "active run": stages run in Prefect worker threads, where a bare
+``mlflow.log_metric`` would silently open a new top-level run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from pydantic import BaseModel
+
+from lmpipe.config import TrackingConfig
+from lmpipe.stage import StageResult
+
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+BATCH_LIMIT = 1000  # MLflow's limit on metrics per log_batch call
+
+
+class TrackingContext(BaseModel):
+    """What a stage needs to log into the pipeline's MLflow run; small and picklable."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+    workdir: str
+
+
+def resolve_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
+    """The configured URI, or a SQLite store under the work directory (MLflow 3 refuses ./mlruns)."""
+    if cfg.uri:
+        return cfg.uri
+    return f"sqlite:///{(Path(workdir).resolve() / 'mlflow.db').as_posix()}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/models to dotted keys: {"model": {"n_layer": 4}} -> {"model.n_layer": 4}."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: obj}
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."
+
+
+def _client(uri: str) -> MlflowClient:
+    mlflow.set_tracking_uri(uri)  # the registry and pyfunc logging read the global URI
+    return MlflowClient(tracking_uri=uri)
+
+
+def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, params: dict[str, Any],
+                      tags: dict[str, str]) -> TrackingContext:
+    """Create the experiment if needed (artifacts under the work directory) and start the parent run."""
+    uri = resolve_uri(cfg, workdir)
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    client = _client(uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        artifacts = None
+        if uri.startswith("sqlite:///"):
+            artifacts = (Path(workdir).resolve() / "mlartifacts").as_uri()
+        exp_id = client.create_experiment(cfg.experiment, artifact_location=artifacts)
+    else:
+        exp_id = exp.experiment_id
+    run = client.create_run(exp_id, run_name=run_name, tags={"lmpipe.git_commit": git_commit(), **tags})
+    ctx = TrackingContext(uri=uri, experiment_id=exp_id, parent_run_id=run.info.run_id,
+                          workdir=str(Path(workdir).resolve()))
+    _log_params(client, ctx.parent_run_id, params)
+    return ctx
+
+
+def close_run(ctx: TrackingContext, run_id: str, status: str) -> None:
+    _client(ctx.uri).set_terminated(run_id, status=status)
+
+
+def _log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(k, _param_value(v)) for k, v in flatten(params).items()]
+    for i in range(0, len(items), 100):  # MLflow caps params per batch at 100
+        client.log_batch(run_id, params=items[i : i + 100], synchronous=True)
+
+
+class StageRun:
+    """A stage's nested MLflow run. Metrics are buffered and written in batches."""
+
+    def __init__(self, ctx: TrackingContext, run_id: str, flush_every: int = 200) -> None:
+        self.ctx = ctx
+        self.run_id = run_id
+        self.client = _client(ctx.uri)
+        self.flush_every = flush_every
+        self._pending: list[Metric] = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        _log_params(self.client, self.run_id, params)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Buffer metrics; one store call per `flush_every` values, not per value (3 ms each on SQLite)."""
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if value is None or (isinstance(value, float) and not math.isfinite(value)):
+                continue
+            self._pending.append(Metric(key, float(value), now, int(step)))
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:BATCH_LIMIT], self._pending[BATCH_LIMIT:]
+            self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_result(self, result: StageResult, artifacts: list[str] = ()) -> None:
+        """The stage's summary metrics, its file hashes as an artifact, and the named output files."""
+        self.log_metrics(result.metrics, step=0)
+        self.flush()
+        self.set_tags({"lmpipe.out_dir": result.out_dir, "lmpipe.reused_output": result.meta.get("reused", False)})
+        self.client.log_dict(self.run_id, result.files, "stage_files.json")
+        for name in artifacts:
+            if result.path(name).exists():
+                self.log_artifact(result.path(name), None if "/" not in name else str(Path(name).parent))
+
+
+@contextmanager
+def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[str, Any],
+              tags: dict[str, str] | None = None) -> Iterator[StageRun]:
+    """A nested run for one stage; FINISHED when the block succeeds, FAILED when it raises."""
+    client = _client(ctx.uri)
+    run = client.create_run(
+        ctx.experiment_id,
+        run_name=stage,
+        tags={PARENT_TAG: ctx.parent_run_id, "lmpipe.stage": stage, "lmpipe.fingerprint": fingerprint,
+              "lmpipe.git_commit": git_commit(), **(tags or {})},
+    )
+    sr = StageRun(ctx, run.info.run_id)
+    sr.log_params(params)
+    try:
+        yield sr
+    except BaseException:
+        sr.flush()
+        client.set_terminated(sr.run_id, status="FAILED")
+        raise
+    sr.flush()
+    client.set_terminated(sr.run_id, status="FINISHED")
+
+
+# ---------------------------------------------------------------------------------------------
+# The served model: a pyfunc that generates text, registered with an alias.
+
+
+class GPTTextGenerator(mlflow.pyfunc.PythonModel):
+    """Serves a checkpoint as text generation: a list of prompts in, a list of completions out."""
+
+    def load_context(self, context: Any) -> None:
+        from lmpipe.checkpoint import load_model
+        from lmpipe.tokenizer import load_tokenizer
+
+        self.model = load_model(Path(context.artifacts["checkpoint"]), device="cpu")
+        self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
+
+    # No type hints on predict: MLflow would infer a signature from them that has no params schema
+    # and then ignore max_new_tokens/temperature/top_k/seed. The explicit signature declares them.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        """list[str] (or a one-column DataFrame) of prompts -> list[str] of completions."""
+        from lmpipe.evaluate import generate_samples
+
+        if hasattr(model_input, "iloc"):  # a DataFrame from the scoring server
+            model_input = model_input.iloc[:, 0].tolist()
+
+        params = params or {}
+        samples = generate_samples(
+            self.model, self.tokenizer, list(model_input),
+            max_new_tokens=int(params.get("max_new_tokens", 32)),
+            temperature=float(params.get("temperature", 0.8)),
+            top_k=int(params["top_k"]) if params.get("top_k") else None,
+            seed=int(params.get("seed", 0)),
+            device="cpu",
+        )
+        return [s["completion"] for s in samples]
+
+
+def register_model(ctx: TrackingContext, run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path,
+                   tokenizer_json: Path, pip_requirements: list[str]) -> dict[str, Any]:
+    """Log the model as a pyfunc in the stage's run, register a new version and point the alias at it."""
+    from mlflow.models import infer_signature
+
+    library_dir = Path(__file__).resolve().parent
+    signature = infer_signature(["ROMEO:"], ["a completion"],
+                                params={"max_new_tokens": 32, "temperature": 0.8, "top_k": 40, "seed": 0})
+    # The fluent API is needed for log_model; opening the stage's own child run in this thread is
+    # safe (it is not the parent, and this stage ends with it).
+    with mlflow.start_run(run_id=run.run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=GPTTextGenerator(),
+            artifacts={"checkpoint": str(checkpoint_dir), "tokenizer": str(tokenizer_json)},
+            code_paths=[str(library_dir)],
+            pip_requirements=pip_requirements,
+            signature=signature,
+            input_example=["ROMEO:"],
+            registered_model_name=cfg.registered_model,
+        )
+    version = str(info.registered_model_version)
+    run.client.set_registered_model_alias(cfg.registered_model, cfg.alias, version)
+    return {
+        "name": cfg.registered_model,
+        "version": version,
+        "alias": cfg.alias,
+        "model_uri": f"models:/{cfg.registered_model}@{cfg.alias}",
+        "logged_model_uri": info.model_uri,
+    }
+
+
+def served_requirements() -> list[str]:
+    """Exact versions of what the served model imports, so MLflow need not infer them (~8 s a call)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in
+            ("torch", "tokenizers", "safetensors", "numpy", "pydantic", "pyyaml", "pandas", "pyarrow")]
+
+
+def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finetuned: StageResult,
+                 tokenizer: StageResult, out_dir: Path, fingerprint: str) -> StageResult:
+    """The register stage: the fine-tuned model logged, registered and aliased; the outcome on disk."""
+    from lmpipe.stage import BuildOutput, run_stage, write_json_atomic
+
+    def build(tmp: Path) -> BuildOutput:
+        info = register_model(ctx, run, cfg, finetuned.path("model"), tokenizer.path("tokenizer.json"),
+                              served_requirements())
+        write_json_atomic(tmp / "registration.json", {**info, "tracking_uri": ctx.uri})
+        return BuildOutput(metrics={"version": float(info["version"])}, meta=info)
+
+    return run_stage("register", fingerprint, out_dir, build)
+
+
+def set_parent_summary(ctx: TrackingContext, results: dict[str, StageResult], outcomes: list[dict[str, Any]]) -> None:
+    """Put every stage's metrics, fingerprint and cache status on the parent run.
+
+    A cached stage opens no child run of its own, so without this a fully cached
+    run would have nothing to compare in the MLflow UI.
+    """
+    client = _client(ctx.uri)
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{label}.{key}", float(value), now, 0)
+               for label, result in results.items() for key, value in result.metrics.items()
+               if value is not None and math.isfinite(float(value))]
+    tags = [RunTag(f"lmpipe.stage.{o['label']}", f"{o['status']} {o['fingerprint']}") for o in outcomes]
+    for i in range(0, max(len(metrics), 1), BATCH_LIMIT):
+        client.log_batch(ctx.parent_run_id, metrics=metrics[i : i + BATCH_LIMIT], tags=tags if i == 0 else [],
+                         synchronous=True)
+    client.log_dict(ctx.parent_run_id, {"stages": outcomes}, "stages.json")

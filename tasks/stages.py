@@ -1,0 +1,160 @@
+"""One thin Prefect task per stage.
+
+Each task: fingerprint and output directory from its StageSpec, a nested MLflow
+run, one call into lmpipe, the stage's files and metrics logged, and a Prefect
+artifact where a person would look for one. Retries, caching and result
+persistence live in the decorators.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from lmpipe.clean import run_clean
+from lmpipe.config import (CleanConfig, CorpusConfig, EvalConfig, FinetuneConfig, ModelConfig, ShardConfig,
+                           TokenizerConfig, TrackingConfig, TrainConfig)
+from lmpipe.download import TransientDownloadError, run_download
+from lmpipe.evaluate import run_evaluate
+from lmpipe.shards import run_shard
+from lmpipe.stage import StageResult
+from lmpipe.tokenizer import run_train_tokenizer
+from lmpipe.tracking import TrackingContext, run_register, stage_run
+from lmpipe.train import run_finetune, run_pretrain
+from tasks.caching import StageSpec
+from tasks.progress import PrefectProgress
+
+CACHED = dict(persist_result=True)
+
+
+def _transient_only(_task: Any, _task_run: Any, state: Any) -> bool:
+    """Retry network hiccups, not a 404 or a checksum mismatch."""
+    return isinstance(state.result(raise_on_failure=False), TransientDownloadError)
+
+
+DOWNLOAD = StageSpec("download", configs=("corpus",))
+
+
+@task(name="download", task_run_name="download-{field}", cache_key_fn=DOWNLOAD.cache_key, retries=3,
+      retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5, retry_condition_fn=_transient_only, **CACHED)
+def download(corpus: CorpusConfig, field: str, ctx: TrackingContext) -> StageResult:
+    fp, out_dir = DOWNLOAD.locate({"corpus": corpus, "ctx": ctx})
+    with stage_run(ctx, "download", fp, {field: corpus}, {"lmpipe.corpus": corpus.name}) as run:
+        result = run_download(corpus, out_dir, fp, field=field)
+        run.log_result(result, ["sources.json"])
+    return result
+
+
+CLEAN = StageSpec("clean", configs=("cfg",), upstreams=("docs",))
+
+
+@task(name="clean", task_run_name="clean-{corpus_field}", cache_key_fn=CLEAN.cache_key, **CACHED)
+def clean(cfg: CleanConfig, docs: StageResult, corpus_field: str, ctx: TrackingContext) -> StageResult:
+    fp, out_dir = CLEAN.locate({"cfg": cfg, "docs": docs, "ctx": ctx})
+    with stage_run(ctx, "clean", fp, {"data.clean": cfg}, {"lmpipe.corpus_field": corpus_field}) as run:
+        result = run_clean(cfg, docs, out_dir, fp, corpus_field=corpus_field)
+        run.log_result(result, ["clean_report.json"])
+    rows = result.meta["report"]
+    run.client.log_table(run.run_id, {k: [r[k] for r in rows] for k in rows[0]}, "clean_report_table.json")
+    create_table_artifact(table=rows, key=f"clean-{_key(corpus_field)}",
+                          description=f"Cleaning of {corpus_field}: documents and bytes per step")
+    return result
+
+
+TOKENIZER = StageSpec("train_tokenizer", configs=("cfg",), upstreams=("docs",))
+
+
+@task(name="train_tokenizer", cache_key_fn=TOKENIZER.cache_key, **CACHED)
+def train_tokenizer(cfg: TokenizerConfig, docs: StageResult, ctx: TrackingContext) -> StageResult:
+    fp, out_dir = TOKENIZER.locate({"cfg": cfg, "docs": docs, "ctx": ctx})
+    with stage_run(ctx, "train_tokenizer", fp, {"tokenizer": cfg}) as run:
+        result = run_train_tokenizer(cfg, docs, out_dir, fp)
+        run.log_result(result, ["tokenizer.json", "tokenizer_meta.json"])
+    return result
+
+
+SHARD = StageSpec("shard", configs=("cfg", "corpus"), upstreams=("docs", "tokenizer"))
+
+
+@task(name="shard", task_run_name="shard-{corpus_field}", cache_key_fn=SHARD.cache_key, **CACHED)
+def shard(cfg: ShardConfig, corpus: CorpusConfig, docs: StageResult, tokenizer: StageResult, corpus_field: str,
+          ctx: TrackingContext) -> StageResult:
+    fp, out_dir = SHARD.locate({"cfg": cfg, "corpus": corpus, "docs": docs, "tokenizer": tokenizer, "ctx": ctx})
+    with stage_run(ctx, "shard", fp, {"data.shard": cfg, "val_fraction": corpus.val_fraction},
+                   {"lmpipe.corpus_field": corpus_field}) as run:
+        result = run_shard(cfg, corpus, docs, tokenizer, out_dir, fp, corpus_field=corpus_field)
+        run.log_result(result, ["manifest.json"])
+    return result
+
+
+PRETRAIN = StageSpec("pretrain", configs=("model_cfg", "cfg"), upstreams=("shards", "tokenizer"))
+
+
+@task(name="pretrain", cache_key_fn=PRETRAIN.cache_key, **CACHED)
+def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, shards: StageResult, tokenizer: StageResult,
+             ctx: TrackingContext) -> StageResult:
+    fp, out_dir = PRETRAIN.locate({"model_cfg": model_cfg, "cfg": cfg, "shards": shards, "tokenizer": tokenizer,
+                                   "ctx": ctx})
+    with stage_run(ctx, "pretrain", fp, {"model": model_cfg, "pretrain": cfg}) as run:
+        result = run_pretrain(model_cfg, cfg, shards, tokenizer, out_dir, fp, log_metrics=run.log_metrics,
+                              on_progress=PrefectProgress("pretrain"))
+        run.log_result(result, ["metrics.jsonl", "model"])
+    return result
+
+
+# sft_sha256: the SFT file's content, not just its path, decides the result.
+FINETUNE = StageSpec("finetune", configs=("model_cfg", "cfg", "sft_sha256"), upstreams=("base", "shards", "tokenizer"))
+
+
+@task(name="finetune", cache_key_fn=FINETUNE.cache_key, **CACHED)
+def finetune(model_cfg: ModelConfig, cfg: FinetuneConfig, base: StageResult | None, shards: StageResult | None,
+             tokenizer: StageResult, ctx: TrackingContext, sft_sha256: str | None = None) -> StageResult:
+    fp, out_dir = FINETUNE.locate({"model_cfg": model_cfg, "cfg": cfg, "sft_sha256": sft_sha256, "base": base,
+                                   "shards": shards, "tokenizer": tokenizer, "ctx": ctx})
+    init = Path(cfg.init_checkpoint) if cfg.init_checkpoint else base.path("model")
+    with stage_run(ctx, "finetune", fp, {"model": model_cfg, "finetune": cfg}, {"lmpipe.init": str(init)}) as run:
+        result = run_finetune(cfg, model_cfg, init, shards, tokenizer, out_dir, fp, log_metrics=run.log_metrics,
+                              on_progress=PrefectProgress("finetune"))
+        run.log_result(result, ["metrics.jsonl", "model"])
+    return result
+
+
+EVALUATE = StageSpec("evaluate", configs=("cfg",), upstreams=("models", "corpora", "tokenizer"))
+
+
+@task(name="evaluate", cache_key_fn=EVALUATE.cache_key, **CACHED)
+def evaluate(cfg: EvalConfig, models: dict[str, StageResult], corpora: dict[str, StageResult],
+             tokenizer: StageResult, ctx: TrackingContext) -> StageResult:
+    fp, out_dir = EVALUATE.locate({"cfg": cfg, "models": models, "corpora": corpora, "tokenizer": tokenizer,
+                                   "ctx": ctx})
+    with stage_run(ctx, "evaluate", fp, {"eval": cfg}) as run:
+        checkpoints = {name: stage.path("model") for name, stage in models.items()}
+        result = run_evaluate(cfg, checkpoints, corpora, tokenizer, out_dir, fp)
+        run.log_result(result, ["report.json", "report.md", "samples.json"])
+    create_markdown_artifact(markdown=result.meta["markdown"], key="evaluation-report",
+                             description="Held-out loss, perplexity and bits per byte; samples")
+    return result
+
+
+REGISTER = StageSpec("register", configs=("cfg",), upstreams=("finetuned", "tokenizer", "report"),
+                     keyed_on_tracking_store=True)
+
+
+@task(name="register", cache_key_fn=REGISTER.cache_key, **CACHED)
+def register(cfg: TrackingConfig, finetuned: StageResult, tokenizer: StageResult, report: StageResult,
+             ctx: TrackingContext) -> StageResult:
+    fp, out_dir = REGISTER.locate({"cfg": cfg, "finetuned": finetuned, "tokenizer": tokenizer, "report": report,
+                                   "ctx": ctx})
+    with stage_run(ctx, "register", fp, {"tracking": cfg}) as run:
+        run.log_metrics({k: v for k, v in report.metrics.items() if k.startswith("finetuned.")})
+        result = run_register(cfg, ctx, run, finetuned, tokenizer, out_dir, fp)
+    get_run_logger().info("registered %s version %s as @%s", cfg.registered_model, result.meta["version"], cfg.alias)
+    return result
+
+
+def _key(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return "".join(c if c.isalnum() else "-" for c in text.lower())

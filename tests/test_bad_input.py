@@ -1,0 +1,97 @@
+"""Every bad input fails the flow early, names the field or file, marks both runs failed, and
+leaves nothing a later run would trust."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import DATA, tiny_config
+from tests.test_pipeline_flow import _untrusted_outputs
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens here once the socket closes
+
+
+def _run_failing(cfg):
+    from flows.pipeline import pipeline
+
+    state = pipeline(config=cfg, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception) as err:
+        state.result()
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path(cfg.workdir).resolve() / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("lmpipe")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.status == "FAILED"
+    assert all(r.info.status in ("FINISHED", "FAILED") for r in runs)  # none left RUNNING
+    assert _untrusted_outputs(Path(cfg.workdir)) == []
+    return str(err.value), runs
+
+
+def test_missing_file_fails_before_any_stage(tmp_path):
+    message, runs = _run_failing(tiny_config(tmp_path, f"data.finetune.sources=[{{uri: '{tmp_path}/nope.txt'}}]"))
+    assert "data.finetune.sources[0]" in message and "nope.txt" in message
+    assert len(runs) == 1  # the parent only: preflight stopped it before the first stage
+
+
+def test_unreachable_url_is_retried_then_fails(tmp_path):
+    url = f"http://127.0.0.1:{_closed_port()}/corpus.txt"
+    message, runs = _run_failing(tiny_config(tmp_path, f"data.pretrain.sources=[{{uri: '{url}'}}]",
+                                             "data.download_retries=1", "data.download_retry_delay_s=0"))
+    assert url in message
+    downloads = [r for r in runs if r.info.run_name == "download"]
+    assert [r.info.status for r in downloads] == ["FAILED", "FAILED"]  # the first try and one retry
+
+
+def test_checksum_mismatch(tmp_path):
+    wrong = "0" * 64
+    message, _ = _run_failing(tiny_config(
+        tmp_path, f"data.pretrain.sources=[{{uri: '{DATA / 'wikitext2-valid.txt'}', sha256: '{wrong}'}}]"))
+    assert "data.pretrain.sources[0]" in message and wrong in message
+    assert "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8" in message
+
+
+def test_corpus_empty_after_cleaning(tmp_path):
+    message, _ = _run_failing(tiny_config(tmp_path, "data.clean.min_chars=100000000"))
+    assert "data.pretrain" in message and "data.clean.min_chars" in message
+
+
+def test_bytes_that_are_not_utf8(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 50)
+    message, _ = _run_failing(tiny_config(tmp_path, f"data.pretrain.sources=[{{uri: '{bad}'}}]"))
+    assert "data.pretrain.sources[0].uri" in message and "latin1.txt" in message
+    assert "not valid UTF-8: byte 0xe9 at offset 3" in message
+
+
+def test_context_longer_than_validation_split(tmp_path):
+    message, runs = _run_failing(tiny_config(tmp_path, "model.block_size=200000"))
+    assert "model.block_size" in message and "200000" in message
+    assert {r.info.run_name: r.info.status for r in runs}["pretrain"] == "FAILED"
+
+
+def test_finetune_checkpoint_that_does_not_match_the_model(tmp_path):
+    from lmpipe.checkpoint import save_checkpoint  # a real checkpoint of another architecture
+    from lmpipe.config import ModelConfig
+    from lmpipe.model import GPT, GPTConfig
+
+    other = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32)
+    model = GPT(GPTConfig.from_config(other, vocab_size=512))
+    import torch
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = save_checkpoint(tmp_path / "ckpts", 0, model, opt,
+                           {"tokenizer_fingerprint": "x"})
+    message, runs = _run_failing(tiny_config(tmp_path / "w", f"finetune.init_checkpoint={ckpt}"))
+    assert "finetune.init_checkpoint" in message
+    assert "model.n_layer: checkpoint has 1, config has 2" in message
+    assert len(runs) == 1

@@ -1,0 +1,166 @@
+"""The whole flow on the tiny config, under the session's Prefect harness and a real MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from lmpipe.stage import RESULT_FILE
+from tests.conftest import tiny_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+STAGES = ["download/wikitext2", "clean/wikitext2", "train_tokenizer", "shard/wikitext2",
+          "download/tinyshakespeare", "clean/tinyshakespeare", "shard/tinyshakespeare",
+          "pretrain", "finetune", "evaluate", "register"]
+MODEL_STAGES = {"pretrain", "finetune", "evaluate", "register"}
+
+
+def _runs(uri: str) -> tuple[list, list]:
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("lmpipe")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def _untrusted_outputs(workdir: Path) -> list[Path]:
+    """Stage directories a later run would trust although they are incomplete (must be none)."""
+    bad = []
+    for stage_root in workdir.iterdir():
+        if not stage_root.is_dir() or stage_root.name in ("prefect", "mlartifacts"):
+            continue
+        for d in stage_root.iterdir():
+            if d.is_dir() and not d.name.endswith(".partial") and not (d / RESULT_FILE).is_file():
+                bad.append(d)
+    return bad
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    from flows.pipeline import pipeline
+
+    workdir = tmp_path_factory.mktemp("pipeline")
+    cfg = tiny_config(workdir)
+    summary = pipeline(config=cfg)
+    return cfg, summary
+
+
+def test_every_stage_runs_and_is_tracked(first_run):
+    cfg, summary = first_run
+    assert [s["label"] for s in summary["stages"]] == STAGES
+    assert {s["status"] for s in summary["stages"]} == {"ran"}
+
+    parents, children = _runs(summary["tracking_uri"])
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert parent.info.run_id == summary["mlflow_run_id"]
+    assert parent.data.params["model.n_layer"] == "2"
+    assert parent.data.tags["prefect.flow_run_id"]
+    assert len(parent.data.tags["lmpipe.git_commit"]) in (40, len("unknown"))
+    assert sorted(r.info.run_name for r in children) == sorted(
+        ["download", "download", "clean", "clean", "train_tokenizer", "shard", "shard",
+         "pretrain", "finetune", "evaluate", "register"])
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    by_name = {r.info.run_name: r for r in children}
+
+    # Every stage's run carries the fingerprint that names its output directory.
+    for stage in summary["stages"]:
+        assert Path(stage["out_dir"]).name == stage["fingerprint"]
+    assert by_name["pretrain"].data.params["pretrain.max_steps"] == "30"
+    assert by_name["train_tokenizer"].data.params["tokenizer.vocab_size"] == "512"
+
+    # Training metrics are logged with their step, every log_interval steps.
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    history = client.get_metric_history(by_name["pretrain"].info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [5, 10, 15, 20, 25, 30]
+    val = client.get_metric_history(by_name["pretrain"].info.run_id, "val/loss")
+    assert sorted(m.step for m in val) == [15, 30]
+
+    artifacts = {a.path for a in client.list_artifacts(by_name["evaluate"].info.run_id)}
+    assert {"report.json", "report.md", "samples.json"} <= artifacts
+    assert "tokenizer.json" in {a.path for a in client.list_artifacts(by_name["train_tokenizer"].info.run_id)}
+    assert "manifest.json" in {a.path for a in client.list_artifacts(by_name["shard"].info.run_id)}
+
+    # The parent run holds every stage's summary metrics, so runs compare in the MLflow UI.
+    assert "evaluate.finetuned.tinyshakespeare.bits_per_byte" in parent.data.metrics
+    assert parent.data.tags["lmpipe.stage.pretrain"].startswith("ran ")
+
+
+def test_finetuning_helps_on_its_own_domain(first_run):
+    _, summary = first_run
+    ev = summary["metrics"]["evaluate"]
+    assert ev["finetuned.tinyshakespeare.loss"] < ev["base.tinyshakespeare.loss"]
+    assert ev["finetuned.tinyshakespeare.perplexity"] == pytest.approx(
+        2.718281828459045 ** ev["finetuned.tinyshakespeare.loss"], rel=1e-9)
+
+
+def test_registered_model_serves_text(first_run):
+    cfg, summary = first_run
+    reg = summary["registered"]
+    assert reg["name"] == "lmpipe-gpt" and reg["version"] == "1" and reg["alias"] == "candidate"
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    assert str(client.get_model_version_by_alias("lmpipe-gpt", "candidate").version) == "1"
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    served = mlflow.pyfunc.load_model("models:/lmpipe-gpt@candidate")
+    out = served.predict(["ROMEO:", "The"], params={"max_new_tokens": 5, "seed": 3})
+    assert len(out) == 2 and all(isinstance(s, str) for s in out)
+    assert out == served.predict(["ROMEO:", "The"], params={"max_new_tokens": 5, "seed": 3})
+
+
+def test_rerun_reuses_every_stage_and_a_model_change_reruns_only_training(first_run):
+    from flows.pipeline import pipeline
+
+    cfg, first = first_run
+    again = pipeline(config=cfg)
+    assert [s["status"] for s in again["stages"]] == ["cached"] * len(STAGES)
+    assert [s["fingerprint"] for s in again["stages"]] == [s["fingerprint"] for s in first["stages"]]
+    assert again["metrics"] == first["metrics"]
+
+    changed = pipeline(config=cfg.model_copy(update={"model": cfg.model.model_copy(update={"n_embd": 48})}))
+    status = {s["label"]: s["status"] for s in changed["stages"]}
+    assert status == {label: ("ran" if label in MODEL_STAGES else "cached") for label in STAGES}
+    assert changed["registered"]["version"] == "2"
+
+    parents, children = _runs(first["tracking_uri"])
+    assert len(parents) == 3 and {p.info.status for p in parents} == {"FINISHED"}
+    assert len(children) == len(STAGES) + len(MODEL_STAGES)  # cached stages open no run of their own
+    assert _untrusted_outputs(Path(cfg.workdir)) == []
+
+
+def test_deleted_outputs_are_rebuilt_even_when_prefect_remembers_them(first_run):
+    import shutil
+
+    from flows.pipeline import prepare_data
+
+    cfg, first = first_run
+    tok_dir = Path(next(s["out_dir"] for s in first["stages"] if s["label"] == "train_tokenizer"))
+    before = (tok_dir / "tokenizer.json").read_bytes()
+    shutil.rmtree(tok_dir)
+    summary = prepare_data(config=cfg)
+    status = {s["label"]: s["status"] for s in summary["stages"]}
+    assert status["train_tokenizer"] == "ran"
+    assert status["download/wikitext2"] == "cached"
+    assert (tok_dir / "tokenizer.json").read_bytes() == before
+
+
+def test_same_config_gives_byte_identical_tokenizer_and_shards(tmp_path):
+    from flows.pipeline import prepare_data
+
+    outputs = []
+    for name in ("a", "b"):
+        summary = prepare_data(config=tiny_config(tmp_path / name))
+        files = {}
+        for s in summary["stages"]:
+            if s["label"] in ("train_tokenizer", "shard/wikitext2", "shard/tinyshakespeare"):
+                out = Path(s["out_dir"])
+                files.update({f"{s['label']}/{p.name}": p.read_bytes() for p in sorted(out.iterdir())
+                              if p.suffix in (".json", ".bin") and p.name != RESULT_FILE})
+        outputs.append(files)
+    assert any(k.endswith(".bin") for k in outputs[0]) and any(k.endswith("tokenizer.json") for k in outputs[0])
+    assert outputs[0] == outputs[1]

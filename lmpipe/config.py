@@ -209,8 +209,8 @@ class FinetuneConfig(TrainConfig):
 
 
 class EvalConfig(Section):
-    eval_tokens: int = Field(65_536, ge=1, description="Held-out tokens scored per model and corpus.")
-    batch_size: int = Field(16, ge=1)
+    eval_tokens: int = Field(32_768, ge=1, description="Held-out tokens scored per model and corpus.")
+    batch_size: int = Field(32, ge=1)
     prompts: list[str] = Field(default_factory=lambda: ["ROMEO:", "The history of"])
     max_new_tokens: int = Field(48, ge=0)
     temperature: float = Field(0.8, gt=0.0)

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from lmpipe.config import CorpusConfig, ShardConfig
-from lmpipe.stage import BuildOutput, StageResult, run_stage, sha256_file, write_json_atomic
+from lmpipe.stage import BuildOutput, StageResult, read_versioned_json, run_stage, sha256_file, write_json_atomic
 from lmpipe.tokenizer import (
     DOCUMENTS_FILE,
     META_FILE,
@@ -208,16 +208,8 @@ def read_shard(path: str | Path) -> np.memmap:
 
 def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
     """Read a shard directory's ``manifest.json``, checking its format version."""
-    path = Path(shard_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"shard manifest {str(path)!r} does not exist (did the shard stage finish?)")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format_version") != MANIFEST_FORMAT_VERSION:
-        raise ValueError(
-            f"shard manifest {str(path)!r} has format_version {manifest.get('format_version')!r}, "
-            f"this code reads {MANIFEST_FORMAT_VERSION}; re-run the shard stage"
-        )
-    return manifest
+    return read_versioned_json(Path(shard_dir) / MANIFEST_FILE, MANIFEST_FORMAT_VERSION, "shard manifest",
+                               "re-run the shard stage")
 
 
 class TokenSplit:

@@ -68,6 +68,18 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_versioned_json(path: Path, version: int, what: str, remedy: str) -> dict[str, Any]:
+    """Read a stage's JSON metadata file, refusing a missing file or another format version."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist ({remedy})")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("format_version") != version:
+        raise ValueError(f"{what} {str(path)!r} has format_version {data.get('format_version')!r}, "
+                         f"this code reads {version}; {remedy}")
+    return data
+
+
 def stage_dir(workdir: str | Path, stage: str, fingerprint: str) -> Path:
     return Path(workdir) / stage / fingerprint
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmpipe.config import TokenizerConfig
-from lmpipe.stage import BuildOutput, StageResult, run_stage, sha256_file, write_json_atomic
+from lmpipe.stage import BuildOutput, StageResult, read_versioned_json, run_stage, sha256_file, write_json_atomic
 
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "tokenizer_meta.json"
@@ -101,16 +101,7 @@ def tokenizer_fingerprint(path: str | Path) -> str:
 
 def read_tokenizer_meta(path: str | Path) -> dict[str, Any]:
     """Read ``tokenizer_meta.json``, checking its format version."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer metadata {str(path)!r} does not exist")
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    if meta.get("format_version") != META_FORMAT_VERSION:
-        raise ValueError(
-            f"tokenizer metadata {str(path)!r} has format_version {meta.get('format_version')!r}, "
-            f"this code reads {META_FORMAT_VERSION}; retrain the tokenizer"
-        )
-    return meta
+    return read_versioned_json(Path(path), META_FORMAT_VERSION, "tokenizer metadata", "retrain the tokenizer")
 
 
 def token_byte_lengths(tok: Tokenizer) -> np.ndarray:

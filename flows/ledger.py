@@ -72,7 +72,8 @@ def tracked_flow(config: PipelineConfig, flow_name: str) -> Iterator[tuple[Track
         tags["prefect.flow_run_id"] = str(flow_run.id)
         tags["prefect.flow_run_url"] = str(flow_run.ui_url or "")
     ctx = open_pipeline_run(config.tracking, config.workdir, run_name=f"{flow_name}-{flow_run.name or 'local'}",
-                            params=config.model_dump(mode="json"), tags=tags)
+                            params=config.model_dump(mode="json"), tags=tags,
+                            flow_run_id=str(flow_run.id) if flow_run.id else None)
     ledger = Ledger()
     try:
         yield ctx, ledger

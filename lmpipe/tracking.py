@@ -12,6 +12,7 @@ import json
 import math
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +38,7 @@ class TrackingContext(BaseModel):
     experiment_id: str
     parent_run_id: str
     workdir: str
+    flow_run_id: str | None = None  # the orchestrator's run id, tagged on every stage's run
 
 
 def resolve_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
@@ -78,7 +80,7 @@ def _client(uri: str) -> MlflowClient:
 
 
 def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, params: dict[str, Any],
-                      tags: dict[str, str]) -> TrackingContext:
+                      tags: dict[str, str], flow_run_id: str | None = None) -> TrackingContext:
     """Create the experiment if needed (artifacts under the work directory) and start the parent run."""
     uri = resolve_uri(cfg, workdir)
     Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -93,7 +95,7 @@ def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, p
         exp_id = exp.experiment_id
     run = client.create_run(exp_id, run_name=run_name, tags={"lmpipe.git_commit": git_commit(), **tags})
     ctx = TrackingContext(uri=uri, experiment_id=exp_id, parent_run_id=run.info.run_id,
-                          workdir=str(Path(workdir).resolve()))
+                          workdir=str(Path(workdir).resolve()), flow_run_id=flow_run_id)
     _log_params(client, ctx.parent_run_id, params)
     return ctx
 
@@ -140,6 +142,7 @@ class StageRun:
             self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A file, or a directory's contents, under artifact_path."""
         path = Path(path)
         if path.is_dir():
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
@@ -156,8 +159,11 @@ class StageRun:
         self.set_tags({"lmpipe.out_dir": result.out_dir, "lmpipe.reused_output": result.meta.get("reused", False)})
         self.client.log_dict(self.run_id, result.files, "stage_files.json")
         for name in artifacts:
-            if result.path(name).exists():
-                self.log_artifact(result.path(name), None if "/" not in name else str(Path(name).parent))
+            path = result.path(name)
+            if path.is_dir():  # e.g. model/ -> the run's model/ folder
+                self.log_artifact(path, name)
+            elif path.is_file():
+                self.log_artifact(path, str(Path(name).parent) if "/" in name else None)
 
 
 @contextmanager
@@ -169,7 +175,8 @@ def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[s
         ctx.experiment_id,
         run_name=stage,
         tags={PARENT_TAG: ctx.parent_run_id, "lmpipe.stage": stage, "lmpipe.fingerprint": fingerprint,
-              "lmpipe.git_commit": git_commit(), **(tags or {})},
+              "lmpipe.git_commit": git_commit(),
+              **({"prefect.flow_run_id": ctx.flow_run_id} if ctx.flow_run_id else {}), **(tags or {})},
     )
     sr = StageRun(ctx, run.info.run_id)
     sr.log_params(params)
@@ -228,7 +235,10 @@ def register_model(ctx: TrackingContext, run: StageRun, cfg: TrackingConfig, che
                                 params={"max_new_tokens": 32, "temperature": 0.8, "top_k": 40, "seed": 0})
     # The fluent API is needed for log_model; opening the stage's own child run in this thread is
     # safe (it is not the parent, and this stage ends with it).
-    with mlflow.start_run(run_id=run.run_id):
+    with mlflow.start_run(run_id=run.run_id), warnings.catch_warnings():
+        # predict has no type hints on purpose (see GPTTextGenerator); MLflow's advice to add them would
+        # drop the params schema.
+        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=GPTTextGenerator(),

@@ -90,6 +90,14 @@ def test_deploy_and_run_through_a_worker(tmp_path):
         prefect("work-pool", "create", "lmpipe-local", "--type", "process")
         deployed = prefect("deploy", "--all")
         assert "lmpipe-pipeline/nightly" in deployed and "lmpipe-data/data" in deployed
+        # The UI renders the run form from this schema: the typed config, with the demo as defaults.
+        with urllib.request.urlopen(f"{api}/deployments/name/lmpipe-pipeline/nightly", timeout=10) as r:
+            deployment = json.load(r)
+        schema = deployment["parameter_openapi_schema"]
+        assert schema["properties"]["config"]["$ref"].endswith("/PipelineConfig")
+        assert {"data", "tokenizer", "model", "pretrain", "finetune", "eval", "tracking"} <= set(
+            schema["definitions"]["PipelineConfig"]["properties"])
+        assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
 
         cfg = tiny_config(tmp_path / "work")
         params = json.dumps({"config": cfg.model_dump(mode="json")})

@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from lmpipe.stage import RESULT_FILE
-from tests.conftest import tiny_config
+from tests.conftest import DATA, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -67,6 +67,8 @@ def test_every_stage_runs_and_is_tracked(first_run):
          "pretrain", "finetune", "evaluate", "register"])
     assert {r.info.status for r in children} == {"FINISHED"}
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    assert {r.data.tags["prefect.flow_run_id"] for r in children} == {parent.data.tags["prefect.flow_run_id"]}
+    assert {r.data.tags["lmpipe.git_commit"] for r in children} == {parent.data.tags["lmpipe.git_commit"]}
     by_name = {r.info.run_name: r for r in children}
 
     # Every stage's run carries the fingerprint that names its output directory.
@@ -86,6 +88,8 @@ def test_every_stage_runs_and_is_tracked(first_run):
     assert {"report.json", "report.md", "samples.json"} <= artifacts
     assert "tokenizer.json" in {a.path for a in client.list_artifacts(by_name["train_tokenizer"].info.run_id)}
     assert "manifest.json" in {a.path for a in client.list_artifacts(by_name["shard"].info.run_id)}
+    assert {a.path for a in client.list_artifacts(by_name["finetune"].info.run_id, "model")} == {
+        "model/model.safetensors", "model/state.json"}
 
     # The parent run holds every stage's summary metrics, so runs compare in the MLflow UI.
     assert "evaluate.finetuned.tinyshakespeare.bits_per_byte" in parent.data.metrics
@@ -164,3 +168,25 @@ def test_same_config_gives_byte_identical_tokenizer_and_shards(tmp_path):
         outputs.append(files)
     assert any(k.endswith(".bin") for k in outputs[0]) and any(k.endswith("tokenizer.json") for k in outputs[0])
     assert outputs[0] == outputs[1]
+
+
+def test_sft_finetuning_through_the_flow(tmp_path):
+    """mode=sft: prompt/response JSONL instead of the fine-tuning corpus; editing the file re-runs it."""
+    import json
+
+    from flows.pipeline import pipeline
+
+    lines = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8").splitlines()
+    pairs = [(a, b) for a, b in zip(lines[0::2], lines[1::2]) if a.strip() and b.strip()][:400]
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": a + "\n", "response": b}) + "\n" for a, b in pairs), encoding="utf-8")
+    cfg = tiny_config(tmp_path / "w", "finetune.mode=sft", f"finetune.sft_path={sft}")
+    summary = pipeline(config=cfg)
+    stages = {s["label"]: s for s in summary["stages"]}
+    assert stages["finetune"]["status"] == "ran"
+    assert summary["registered"]["version"] == "1"
+
+    with sft.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"prompt": "Q\n", "response": "A"}) + "\n")
+    again = {s["label"]: s["status"] for s in pipeline(config=cfg)["stages"]}
+    assert again["pretrain"] == "cached" and again["finetune"] == "ran" and again["evaluate"] == "ran"

@@ -50,8 +50,8 @@ def format_summary(summary: dict, seconds: float) -> str:
     if evaluation:
         lines += ["", f"{'model':<12}{'corpus':<20}{'loss':>8}{'ppl':>10}{'bits/byte':>11}"]
         for key in sorted(k for k in evaluation if k.endswith(".loss")):
-            model, corpus, _ = key.split(".")
-            stem = f"{model}.{corpus}"
+            stem = key.removesuffix(".loss")
+            model, corpus = stem.split(".", 1)  # model names have no dots; corpus names may
             lines.append(f"{model:<12}{corpus:<20}{evaluation[stem + '.loss']:>8.3f}"
                          f"{evaluation[stem + '.perplexity']:>10.1f}{evaluation[stem + '.bits_per_byte']:>11.3f}")
     reg = summary.get("registered")

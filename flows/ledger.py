@@ -22,7 +22,7 @@ class StageOutcome:
     stage: str
     label: str
     fingerprint: str
-    status: str  # "ran" or "cached"
+    status: str  # "ran", "cached" (Prefect's cache) or "reused" (ran, found its finished files on disk)
     seconds: float
     out_dir: str
 
@@ -44,11 +44,11 @@ class Ledger:
             state = stage_task.with_options(refresh_cache=True)(**params, return_state=True)
             result, cached = state.result(), False
         label = label or result.stage
-        self.outcomes.append(StageOutcome(result.stage, label, result.fingerprint, "cached" if cached else "ran",
+        status = "cached" if cached else "reused" if result.meta.get("reused") else "ran"
+        self.outcomes.append(StageOutcome(result.stage, label, result.fingerprint, status,
                                           time.perf_counter() - start, result.out_dir))
         self.results[label] = result
-        get_run_logger().info("%-26s %-6s %6.1fs  %s", label, "cached" if cached else "ran",
-                              self.outcomes[-1].seconds, result.out_dir)
+        get_run_logger().info("%-26s %-6s %6.1fs  %s", label, status, self.outcomes[-1].seconds, result.out_dir)
         return result
 
     def summary(self, ctx: TrackingContext) -> dict[str, Any]:
@@ -75,11 +75,12 @@ def tracked_flow(config: PipelineConfig, flow_name: str) -> Iterator[tuple[Track
                             params=config.model_dump(mode="json"), tags=tags,
                             flow_run_id=str(flow_run.id) if flow_run.id else None)
     ledger = Ledger()
+    status = "FAILED"
     try:
         yield ctx, ledger
-    except BaseException:
-        set_parent_summary(ctx, ledger.results, [o.__dict__ for o in ledger.outcomes])
-        close_run(ctx, ctx.parent_run_id, "FAILED")
-        raise
-    set_parent_summary(ctx, ledger.results, [o.__dict__ for o in ledger.outcomes])
-    close_run(ctx, ctx.parent_run_id, "FINISHED")
+        status = "FINISHED"
+    finally:
+        try:
+            set_parent_summary(ctx, ledger.results, [o.__dict__ for o in ledger.outcomes])
+        finally:
+            close_run(ctx, ctx.parent_run_id, status)

@@ -14,7 +14,8 @@ from prefect import flow
 
 from flows.ledger import Ledger, tracked_flow
 from lmpipe.config import CorpusConfig, PipelineConfig
-from lmpipe.preflight import check_inputs
+from lmpipe.download import local_source_digests
+from lmpipe.preflight import check_context_fits, check_inputs
 from lmpipe.stage import StageResult, sha256_file
 from lmpipe.tracking import TrackingContext
 from tasks.stages import clean, download, evaluate, finetune, pretrain, register, shard, train_tokenizer
@@ -25,7 +26,8 @@ def _documents(config: PipelineConfig, corpus: CorpusConfig, field: str, ctx: Tr
     delay = config.data.download_retry_delay_s
     fetch = download.with_options(retries=config.data.download_retries,
                                   retry_delay_seconds=[delay * 5**i for i in range(config.data.download_retries)] or 0)
-    docs = ledger.run(fetch, f"download/{corpus.name}", corpus=corpus, field=field, ctx=ctx)
+    docs = ledger.run(fetch, f"download/{corpus.name}", corpus=corpus, field=field, ctx=ctx,
+                      local_sha256=local_source_digests(corpus))
     return ledger.run(clean, f"clean/{corpus.name}", cfg=config.data.clean, docs=docs, corpus_field=field, ctx=ctx)
 
 
@@ -54,6 +56,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     with tracked_flow(config, "pipeline") as (ctx, ledger):
         check_inputs(config)
         tokenizer, corpora = _prepare(config, ctx, ledger)
+        check_context_fits(config, corpora)
         pre_shards = corpora[config.data.pretrain.name]
         ft_shards = corpora.get(config.data.finetune.name) if config.data.finetune else None
         base = ledger.run(pretrain, model_cfg=config.model, cfg=config.pretrain, shards=pre_shards,

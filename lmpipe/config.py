@@ -109,6 +109,12 @@ class DataConfig(Section):
         2.0, ge=0.0, description="First retry delay; each next one is 5x longer (with jitter)."
     )
 
+    @model_validator(mode="after")
+    def _distinct_names(self) -> DataConfig:
+        if self.finetune is not None and self.finetune.name == self.pretrain.name:
+            raise ValueError(f"finetune.name {self.finetune.name!r} is also pretrain.name: corpora need distinct names")
+        return self
+
 
 class TokenizerConfig(Section):
     # special_tokens comes first so vocab_size's check can see it.

@@ -130,6 +130,18 @@ def check_sources(corpus: CorpusConfig, field: str) -> None:
             )
 
 
+def local_source_digests(corpus: CorpusConfig) -> list[str | None]:
+    """sha256 of each local source file (None for URLs and Hub ids, which name their content
+    themselves or through their own sha256 field): part of the download stage's fingerprint."""
+    digests: list[str | None] = []
+    for i, source in enumerate(corpus.sources):
+        if _source_kind(source.uri) in ("path", "file"):
+            digests.append(sha256_file(_local_path(source.uri, f"sources[{i}]")))
+        else:
+            digests.append(None)
+    return digests
+
+
 # ---------------------------------------------------------------------------
 # fetching
 

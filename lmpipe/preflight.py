@@ -7,6 +7,8 @@ from pathlib import Path
 from lmpipe.checkpoint import ARCH_FIELDS, CheckpointMismatchError, read_state
 from lmpipe.config import PipelineConfig
 from lmpipe.download import check_sources
+from lmpipe.shards import read_manifest
+from lmpipe.stage import StageResult
 
 
 def check_inputs(config: PipelineConfig, *, training: bool = True) -> None:
@@ -21,6 +23,19 @@ def check_inputs(config: PipelineConfig, *, training: bool = True) -> None:
         raise FileNotFoundError(f"finetune.sft_path: file {ft.sft_path!r} does not exist")
     if ft.init_checkpoint:
         check_init_checkpoint(config)
+
+
+def check_context_fits(config: PipelineConfig, corpora: dict[str, StageResult]) -> None:
+    """Every corpus's splits must hold more than one context window; checked once the shards exist,
+    before any training, so fine-tuning cannot fail on it after pretraining has run."""
+    need = config.model.block_size + 1
+    for name, shards in corpora.items():
+        for split, info in read_manifest(shards.out_dir)["splits"].items():
+            if info["tokens"] < need:
+                raise ValueError(
+                    f"model.block_size={config.model.block_size} is longer than the {split} split of corpus "
+                    f"{name!r} ({info['tokens']} tokens); lower model.block_size or give the split more text"
+                )
 
 
 def check_init_checkpoint(config: PipelineConfig) -> None:

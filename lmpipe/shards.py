@@ -13,8 +13,9 @@ may continue into the next file and is counted in the file where it ends.
 ``manifest.json`` lists every file with its sha256 and counts, and the
 tokenizer fingerprint the tokens belong to.
 
-Documents go to train or val by a hash of their id, so the split does not move
-when documents are added, removed or reordered.
+Documents go to train or val by a hash of their id, so the split does not depend
+on processing order or batch sizes. (Ids are positions within a source, so
+inserting a document in the middle of a file does move later ones.)
 """
 
 from __future__ import annotations

@@ -93,7 +93,9 @@ def load_completed(out_dir: Path) -> StageResult | None:
     f = Path(out_dir) / RESULT_FILE
     if not f.is_file():
         return None
-    return StageResult.model_validate_json(f.read_text(encoding="utf-8"))
+    result = StageResult.model_validate_json(f.read_text(encoding="utf-8"))
+    # The directory may have moved with its project since it was built: trust where it is now.
+    return result.model_copy(update={"out_dir": str(Path(out_dir))})
 
 
 def run_stage(

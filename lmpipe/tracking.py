@@ -96,7 +96,11 @@ def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, p
     run = client.create_run(exp_id, run_name=run_name, tags={"lmpipe.git_commit": git_commit(), **tags})
     ctx = TrackingContext(uri=uri, experiment_id=exp_id, parent_run_id=run.info.run_id,
                           workdir=str(Path(workdir).resolve()), flow_run_id=flow_run_id)
-    _log_params(client, ctx.parent_run_id, params)
+    try:
+        _log_params(client, ctx.parent_run_id, params)
+    except BaseException:
+        client.set_terminated(ctx.parent_run_id, status="FAILED")
+        raise
     return ctx
 
 
@@ -179,8 +183,8 @@ def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[s
               **({"prefect.flow_run_id": ctx.flow_run_id} if ctx.flow_run_id else {}), **(tags or {})},
     )
     sr = StageRun(ctx, run.info.run_id)
-    sr.log_params(params)
     try:
+        sr.log_params(params)
         yield sr
     except BaseException:
         sr.flush()

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from lmpipe.fingerprint import stage_fingerprint
 from lmpipe.stage import StageResult, stage_dir
 from lmpipe.tracking import TrackingContext
@@ -26,9 +28,13 @@ class StageSpec:
     configs: tuple[str, ...]  # parameter names holding config sections
     upstreams: tuple[str, ...] = ()  # parameter names holding upstream StageResults (or None)
     keyed_on_tracking_store: bool = False  # the stage's output lives in the MLflow store itself
+    # Fields of a config parameter that cannot change the stage's output (logging cadence, thread
+    # count, batch sizes of a deterministic encoder...): changing them must not re-run the stage.
+    ignore: tuple[tuple[str, frozenset[str]], ...] = ()
 
     def fingerprint(self, parameters: dict[str, Any]) -> str:
-        configs = {name: parameters[name] for name in self.configs}
+        ignored = dict(self.ignore)
+        configs = {name: _without(parameters[name], ignored.get(name, frozenset())) for name in self.configs}
         if self.keyed_on_tracking_store:
             configs["tracking_uri"] = parameters["ctx"].uri
         ups: list[str] = []
@@ -49,3 +55,9 @@ class StageSpec:
     def cache_key(self, _context: Any, parameters: dict[str, Any]) -> str:
         workdir = hashlib.sha256(str(parameters["ctx"].workdir).encode()).hexdigest()[:8]
         return f"lmpipe-{self.stage}-{self.fingerprint(parameters)}-{workdir}"
+
+
+def _without(value: Any, fields: frozenset[str]) -> Any:
+    if fields and isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude=set(fields))
+    return value

@@ -35,13 +35,16 @@ def _transient_only(_task: Any, _task_run: Any, state: Any) -> bool:
     return isinstance(state.result(raise_on_failure=False), TransientDownloadError)
 
 
-DOWNLOAD = StageSpec("download", configs=("corpus",))
+# local_sha256: the content of local source files, so editing a corpus in place re-runs the data stages.
+DOWNLOAD = StageSpec("download", configs=("corpus", "local_sha256"),
+                     ignore=(("corpus", frozenset({"val_fraction"})),))
 
 
 @task(name="download", task_run_name="download-{field}", cache_key_fn=DOWNLOAD.cache_key, retries=3,
       retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5, retry_condition_fn=_transient_only, **CACHED)
-def download(corpus: CorpusConfig, field: str, ctx: TrackingContext) -> StageResult:
-    fp, out_dir = DOWNLOAD.locate({"corpus": corpus, "ctx": ctx})
+def download(corpus: CorpusConfig, field: str, ctx: TrackingContext,
+             local_sha256: list[str | None] | None = None) -> StageResult:
+    fp, out_dir = DOWNLOAD.locate({"corpus": corpus, "local_sha256": local_sha256, "ctx": ctx})
     with stage_run(ctx, "download", fp, {field: corpus}, {"lmpipe.corpus": corpus.name}) as run:
         result = run_download(corpus, out_dir, fp, field=field)
         run.log_result(result, ["sources.json"])
@@ -58,9 +61,10 @@ def clean(cfg: CleanConfig, docs: StageResult, corpus_field: str, ctx: TrackingC
         result = run_clean(cfg, docs, out_dir, fp, corpus_field=corpus_field)
         run.log_result(result, ["clean_report.json"])
     rows = result.meta["report"]
-    run.client.log_table(run.run_id, {k: [r[k] for r in rows] for k in rows[0]}, "clean_report_table.json")
-    create_table_artifact(table=rows, key=f"clean-{_key(corpus_field)}",
-                          description=f"Cleaning of {corpus_field}: documents and bytes per step")
+    if rows:  # no rows when every cleaning step is switched off
+        run.client.log_table(run.run_id, {k: [r[k] for r in rows] for k in rows[0]}, "clean_report_table.json")
+        create_table_artifact(table=rows, key=f"clean-{_key(corpus_field)}",
+                              description=f"Cleaning of {corpus_field}: documents and bytes per step")
     return result
 
 
@@ -76,7 +80,8 @@ def train_tokenizer(cfg: TokenizerConfig, docs: StageResult, ctx: TrackingContex
     return result
 
 
-SHARD = StageSpec("shard", configs=("cfg", "corpus"), upstreams=("docs", "tokenizer"))
+SHARD = StageSpec("shard", configs=("cfg", "corpus"), upstreams=("docs", "tokenizer"),
+                  ignore=(("cfg", frozenset({"encode_batch_size"})),))
 
 
 @task(name="shard", task_run_name="shard-{corpus_field}", cache_key_fn=SHARD.cache_key, **CACHED)
@@ -90,7 +95,9 @@ def shard(cfg: ShardConfig, corpus: CorpusConfig, docs: StageResult, tokenizer: 
     return result
 
 
-PRETRAIN = StageSpec("pretrain", configs=("model_cfg", "cfg"), upstreams=("shards", "tokenizer"))
+NOT_IN_WEIGHTS = frozenset({"eval_interval", "log_interval", "checkpoint_interval", "threads"})
+PRETRAIN = StageSpec("pretrain", configs=("model_cfg", "cfg"), upstreams=("shards", "tokenizer"),
+                     ignore=(("cfg", NOT_IN_WEIGHTS),))
 
 
 @task(name="pretrain", cache_key_fn=PRETRAIN.cache_key, **CACHED)
@@ -106,7 +113,8 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, shards: StageResult, toke
 
 
 # sft_sha256: the SFT file's content, not just its path, decides the result.
-FINETUNE = StageSpec("finetune", configs=("model_cfg", "cfg", "sft_sha256"), upstreams=("base", "shards", "tokenizer"))
+FINETUNE = StageSpec("finetune", configs=("model_cfg", "cfg", "sft_sha256"), upstreams=("base", "shards", "tokenizer"),
+                     ignore=(("cfg", NOT_IN_WEIGHTS),))
 
 
 @task(name="finetune", cache_key_fn=FINETUNE.cache_key, **CACHED)

@@ -76,8 +76,17 @@ def test_bytes_that_are_not_utf8(tmp_path):
 
 def test_context_longer_than_validation_split(tmp_path):
     message, runs = _run_failing(tiny_config(tmp_path, "model.block_size=200000"))
-    assert "model.block_size" in message and "200000" in message
-    assert {r.info.run_name: r.info.status for r in runs}["pretrain"] == "FAILED"
+    assert "model.block_size=200000 is longer than the val split of corpus 'wikitext2' (67352 tokens)" in message
+    assert "pretrain" not in {r.info.run_name for r in runs}  # found once the shards exist, before training
+
+
+def test_context_longer_than_the_finetune_validation_split_fails_before_pretraining(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("\n\n".join(f"Speech {i}." for i in range(20)), encoding="utf-8")
+    message, runs = _run_failing(tiny_config(tmp_path / "w", f"data.finetune.sources=[{{uri: '{short}', doc_boundary: blank_line}}]",
+                                             "data.finetune.val_fraction=0.1"))
+    assert "model.block_size=32 is longer than the val split of corpus 'tinyshakespeare'" in message, message
+    assert "pretrain" not in {r.info.run_name for r in runs}
 
 
 def test_finetune_checkpoint_that_does_not_match_the_model(tmp_path):

@@ -68,3 +68,9 @@ def test_fingerprint_depends_on_config_and_upstream_only():
     assert fp != stage_fingerprint("pretrain", {"model": a.model, "cfg": a.pretrain}, ["up2"])
     # Data stages do not see the model section at all.
     assert stage_fingerprint("train_tokenizer", a.tokenizer, ["d"]) == stage_fingerprint("train_tokenizer", b.tokenizer, ["d"])
+
+
+def test_corpora_need_distinct_names():
+    with pytest.raises(ConfigError, match="data: Value error, finetune.name 'wikitext2' is also pretrain.name|"
+                                          "finetune.name 'wikitext2' is also pretrain.name"):
+        load_config(None, ["data.finetune.name=wikitext2"])

@@ -44,6 +44,19 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"prefect server at {url} not healthy after {timeout} s")
 
 
+def _wait_scheduled_runs(api: str, deployment_id: str, timeout: float) -> int:
+    body = json.dumps({"flow_runs": {"deployment_id": {"any_": [deployment_id]},
+                                     "state": {"type": {"any_": ["SCHEDULED"]}}}}).encode()
+    deadline = time.monotonic() + timeout
+    while True:
+        req = urllib.request.Request(f"{api}/flow_runs/count", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            count = json.load(r)
+        if count or time.monotonic() > deadline:
+            return count
+        time.sleep(2)
+
+
 def _stop(proc: subprocess.Popen) -> None:
     """Stop a process started in its own session, with everything it started."""
     if proc.poll() is None:
@@ -98,6 +111,9 @@ def test_deploy_and_run_through_a_worker(tmp_path):
         assert {"data", "tokenizer", "model", "pretrain", "finetune", "eval", "tracking"} <= set(
             schema["definitions"]["PipelineConfig"]["properties"])
         assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+        # The server's scheduler turns the cron schedule into upcoming runs (it failed silently with
+        # SQLAlchemy 2.1, hence the pin).
+        assert _wait_scheduled_runs(api, deployment["id"], timeout=60) > 0
 
         cfg = tiny_config(tmp_path / "work")
         params = json.dumps({"config": cfg.model_dump(mode="json")})

@@ -190,3 +190,34 @@ def test_sft_finetuning_through_the_flow(tmp_path):
         f.write(json.dumps({"prompt": "Q\n", "response": "A"}) + "\n")
     again = {s["label"]: s["status"] for s in pipeline(config=cfg)["stages"]}
     assert again["pretrain"] == "cached" and again["finetune"] == "ran" and again["evaluate"] == "ran"
+
+
+def test_settings_that_cannot_change_outputs_rerun_nothing(first_run):
+    from flows.pipeline import pipeline
+
+    cfg, _ = first_run
+    quiet = cfg.model_copy(deep=True)
+    quiet.pretrain.log_interval = 10
+    quiet.pretrain.threads = 1
+    quiet.data.shard.encode_batch_size = 7
+    assert {s["status"] for s in pipeline(config=quiet)["stages"]} == {"cached"}
+
+    resplit = cfg.model_copy(deep=True)
+    resplit.data.pretrain.val_fraction = 0.2
+    status = {s["label"]: s["status"] for s in pipeline(config=resplit)["stages"]}
+    assert status["download/wikitext2"] == status["clean/wikitext2"] == status["train_tokenizer"] == "cached"
+    assert status["shard/wikitext2"] == "ran" and status["pretrain"] == "ran"
+
+
+def test_editing_a_local_corpus_in_place_reruns_the_data_stages(tmp_path):
+    from flows.pipeline import prepare_data
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes((DATA / "tinyshakespeare.txt").read_bytes())
+    cfg = tiny_config(tmp_path / "w", f"data.finetune.sources=[{{uri: '{corpus}', doc_boundary: blank_line}}]")
+    prepare_data(config=cfg)
+    with corpus.open("a", encoding="utf-8") as f:
+        f.write("\n\nFIRST CITIZEN:\nOne speech more.\n")
+    status = {s["label"]: s["status"] for s in prepare_data(config=cfg)["stages"]}
+    assert status["download/tinyshakespeare"] == "ran" and status["shard/tinyshakespeare"] == "ran"
+    assert status["download/wikitext2"] == "cached" and status["train_tokenizer"] == "cached"

@@ -50,6 +50,11 @@ def _prepare(config: PipelineConfig, ctx: TrackingContext, ledger: Ledger) -> tu
     return tokenizer, corpora
 
 
+def _digest(path: str | None, name: str = "") -> str | None:
+    """sha256 of a file the config points at (a checkpoint: of its weights), for the fingerprint."""
+    return sha256_file(Path(path) / name) if path else None
+
+
 @flow(name="lmpipe-pipeline", log_prints=True, validate_parameters=True)
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     """Corpus to registered model: data, tokenizer, shards, pretraining, fine-tuning, evaluation, registry."""
@@ -63,7 +68,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
                           tokenizer=tokenizer, ctx=ctx)
         tuned = ledger.run(finetune, model_cfg=config.model, cfg=config.finetune, base=base,
                            shards=ft_shards if config.finetune.mode == "continue" else None,
-                           sft_sha256=sha256_file(Path(config.finetune.sft_path)) if config.finetune.sft_path else None,
+                           sft_sha256=_digest(config.finetune.sft_path),
+                           init_sha256=_digest(config.finetune.init_checkpoint, "model.safetensors"),
                            tokenizer=tokenizer, ctx=ctx)
         report = ledger.run(evaluate, cfg=config.eval, models={"base": base, "finetuned": tuned}, corpora=corpora,
                             tokenizer=tokenizer, ctx=ctx)

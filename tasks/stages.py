@@ -112,16 +112,20 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, shards: StageResult, toke
     return result
 
 
-# sft_sha256: the SFT file's content, not just its path, decides the result.
-FINETUNE = StageSpec("finetune", configs=("model_cfg", "cfg", "sft_sha256"), upstreams=("base", "shards", "tokenizer"),
+# sft_sha256 / init_sha256: the content of the SFT file and of an explicit starting checkpoint,
+# not just their paths, decide the result.
+FINETUNE = StageSpec("finetune", configs=("model_cfg", "cfg", "sft_sha256", "init_sha256"),
+                     upstreams=("base", "shards", "tokenizer"),
                      ignore=(("cfg", NOT_IN_WEIGHTS),))
 
 
 @task(name="finetune", cache_key_fn=FINETUNE.cache_key, **CACHED)
 def finetune(model_cfg: ModelConfig, cfg: FinetuneConfig, base: StageResult | None, shards: StageResult | None,
-             tokenizer: StageResult, ctx: TrackingContext, sft_sha256: str | None = None) -> StageResult:
-    fp, out_dir = FINETUNE.locate({"model_cfg": model_cfg, "cfg": cfg, "sft_sha256": sft_sha256, "base": base,
-                                   "shards": shards, "tokenizer": tokenizer, "ctx": ctx})
+             tokenizer: StageResult, ctx: TrackingContext, sft_sha256: str | None = None,
+             init_sha256: str | None = None) -> StageResult:
+    fp, out_dir = FINETUNE.locate({"model_cfg": model_cfg, "cfg": cfg, "sft_sha256": sft_sha256,
+                                   "init_sha256": init_sha256, "base": base, "shards": shards,
+                                   "tokenizer": tokenizer, "ctx": ctx})
     init = Path(cfg.init_checkpoint) if cfg.init_checkpoint else base.path("model")
     with stage_run(ctx, "finetune", fp, {"model": model_cfg, "finetune": cfg}, {"lmpipe.init": str(init)}) as run:
         result = run_finetune(cfg, model_cfg, init, shards, tokenizer, out_dir, fp, log_metrics=run.log_metrics,

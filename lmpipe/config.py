@@ -186,6 +186,9 @@ class TrainConfig(Section):
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None keeps torch's default.")
+    peak_flops: float | None = Field(
+        None, gt=0.0, description="Device peak FLOP/s for MFU; None: known GPUs' dense bf16 peak, else no MFU."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

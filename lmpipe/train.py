@@ -58,7 +58,8 @@ MODEL_DIR = "model"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # Settings that do not change which steps are taken; all other training settings
 # must match a checkpoint to resume from it.
-_NOT_TRAJECTORY = {"eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "device", "threads"}
+_NOT_TRAJECTORY = {"eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "device", "threads",
+                   "peak_flops"}
 
 
 class TokenSource(Protocol):
@@ -275,7 +276,7 @@ def train(
     rows = _truncate_metrics(metrics_path, start)
 
     params, flops_per_token = model.num_params(), model.flops_per_token()
-    peak = peak_flops(device)
+    peak = cfg.peak_flops or peak_flops(device)
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * T
     val_offsets = eval_offsets(val_src.num_tokens, T, cfg.eval_batches * cfg.batch_size)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, never clip

@@ -95,7 +95,7 @@ def shard(cfg: ShardConfig, corpus: CorpusConfig, docs: StageResult, tokenizer: 
     return result
 
 
-NOT_IN_WEIGHTS = frozenset({"eval_interval", "log_interval", "checkpoint_interval", "threads"})
+NOT_IN_WEIGHTS = frozenset({"eval_interval", "log_interval", "checkpoint_interval", "threads", "peak_flops"})
 PRETRAIN = StageSpec("pretrain", configs=("model_cfg", "cfg"), upstreams=("shards", "tokenizer"),
                      ignore=(("cfg", NOT_IN_WEIGHTS),))
 

@@ -195,6 +195,13 @@ def test_logs_once_per_interval_and_reports_progress(tmp_path: Path) -> None:
     assert progress == [(5, 12), (10, 12), (12, 12)]
 
 
+def test_mfu_is_logged_against_a_configured_peak(tmp_path: Path) -> None:
+    calls: list[dict[str, float]] = []
+    summary = run(tmp_path, config(peak_flops=1e12), log_metrics=lambda m, s: calls.append(m))
+    for m in calls:
+        assert m["train/mfu"] == pytest.approx(summary.flops_per_token * m["train/tokens_per_sec"] / 1e12, rel=1e-12)
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -237,6 +237,13 @@ def latest_checkpoint(root: Path) -> Path | None:
     return None
 
 
+def architecture_diffs(state: dict[str, Any], model_cfg: ModelConfig) -> list[str]:
+    """'model.<field>: checkpoint has X, config has Y' for every architecture field that differs."""
+    saved = state.get("model") or {}
+    return [f"model.{name}: checkpoint has {saved.get(name)!r}, config has {getattr(model_cfg, name)!r}"
+            for name in ARCH_FIELDS if saved.get(name) != getattr(model_cfg, name)]
+
+
 def check_compatible(
     state: dict[str, Any],
     model_cfg: ModelConfig,
@@ -255,10 +262,7 @@ def check_compatible(
     diffs: list[str] = []
     if state.get("format_version") != FORMAT_VERSION:
         diffs.append(f"format_version: checkpoint has {state.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-    saved_model = state.get("model") or {}
-    for name in ARCH_FIELDS:
-        if saved_model.get(name) != getattr(model_cfg, name):
-            diffs.append(f"model.{name}: checkpoint has {saved_model.get(name)!r}, config has {getattr(model_cfg, name)!r}")
+    diffs += architecture_diffs(state, model_cfg)
     if state.get("vocab_size") != vocab_size:
         diffs.append(f"vocab_size: checkpoint has {state.get('vocab_size')!r}, tokenizer has {vocab_size!r}")
     if state.get("tokenizer_fingerprint") != tokenizer_fingerprint:

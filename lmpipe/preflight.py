@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmpipe.checkpoint import ARCH_FIELDS, CheckpointMismatchError, read_state
+from lmpipe.checkpoint import CheckpointMismatchError, architecture_diffs, read_state
 from lmpipe.config import PipelineConfig
 from lmpipe.download import check_sources
 from lmpipe.shards import read_manifest
@@ -48,9 +48,7 @@ def check_init_checkpoint(config: PipelineConfig) -> None:
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"finetune.init_checkpoint: {str(path)!r} is not a checkpoint directory "
                                 "(no state.json)")
-    saved = read_state(path).get("model") or {}
-    diffs = [f"model.{k}: checkpoint has {saved.get(k)!r}, config has {getattr(config.model, k)!r}"
-             for k in ARCH_FIELDS if saved.get(k) != getattr(config.model, k)]
+    diffs = architecture_diffs(read_state(path), config.model)
     if diffs:
         raise CheckpointMismatchError(
             f"finetune.init_checkpoint {str(path)!r} does not match the model config:\n  " + "\n  ".join(diffs))

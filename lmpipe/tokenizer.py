@@ -29,12 +29,12 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmpipe.config import TokenizerConfig
+from lmpipe.download import DOCUMENTS_FILE
 from lmpipe.stage import BuildOutput, StageResult, read_versioned_json, run_stage, sha256_file, write_json_atomic
 
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "tokenizer_meta.json"
 META_FORMAT_VERSION = 1
-DOCUMENTS_FILE = "documents.parquet"
 READ_BATCH_DOCS = 256  # documents per parquet read when no caller-specific batch size applies
 
 

@@ -153,9 +153,6 @@ class StageRun:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
-
     def log_result(self, result: StageResult, artifacts: list[str] = ()) -> None:
         """The stage's summary metrics, its file hashes as an artifact, and the named output files."""
         self.log_metrics(result.metrics, step=0)
@@ -229,7 +226,7 @@ class GPTTextGenerator(mlflow.pyfunc.PythonModel):
         return [s["completion"] for s in samples]
 
 
-def register_model(ctx: TrackingContext, run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path,
+def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path,
                    tokenizer_json: Path, pip_requirements: list[str]) -> dict[str, Any]:
     """Log the model as a pyfunc in the stage's run, register a new version and point the alias at it."""
     from mlflow.models import infer_signature
@@ -278,7 +275,7 @@ def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finet
     from lmpipe.stage import BuildOutput, run_stage, write_json_atomic
 
     def build(tmp: Path) -> BuildOutput:
-        info = register_model(ctx, run, cfg, finetuned.path("model"), tokenizer.path("tokenizer.json"),
+        info = register_model(run, cfg, finetuned.path("model"), tokenizer.path("tokenizer.json"),
                               served_requirements())
         write_json_atomic(tmp / "registration.json", {**info, "tracking_uri": ctx.uri})
         return BuildOutput(metrics={"version": float(info["version"])}, meta=info)

@@ -28,7 +28,7 @@ def test_overrides_are_typed_and_reach_nested_sections():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("tokenizer.vocab_size=200", "tokenizer.vocab_size: 200 is too small: the byte alphabet (256) plus 1"),
+        ("tokenizer.vocab_size=200", "tokenizer.vocab_size: 200 is too small: the byte alphabet (256) plus 5"),
         ("model.n_embd=30", "model.n_embd: 30 must be divisible by n_head=4"),
         ("pretrain.max_steps=0", "pretrain.max_steps: Input should be greater than or equal to 1 (got 0)"),
         ("pretrain.max_stepz=10", "pretrain.max_stepz: unknown field (got 10)"),

@@ -1,32 +1,62 @@
-"""Clean stage: a plain list of named steps over the downloaded documents.
+"""Clean stage: a plain list of named steps, run chunk by chunk, then de-duplicated over the whole corpus.
 
 Transforms rewrite each document's text; filters decide which documents to
-keep. Steps that the config turns off are not in the list at all, so the
-printed pipeline and the report show exactly what ran::
+keep; the last two steps (exact and MinHash de-duplication) need the whole
+corpus and run in the reducer. Steps that the config turns off are not in the
+list at all, so the printed pipeline and the report show exactly what ran::
 
     >>> [step.name for step in build_steps(CleanConfig(max_chars=1000))]
     ['normalize_unicode', 'strip_control', 'normalize_whitespace', 'min_chars', 'max_chars', 'dedup']
 
-The stage writes ``documents.parquet`` (same columns as the download, input
-order kept) and ``clean_report.json`` with documents and UTF-8 bytes in and
-out of every step.
+Two stages, so chunks can be cleaned in parallel (one Prefect task each):
+
+- ``run_clean_chunk``: one download chunk through the per-document steps, into
+  ``kept.parquet``, ``removed.parquet``, ``stats.json`` and the signatures the
+  de-duplication needs (``exact.npy``, ``minhash.npy``);
+- ``run_clean``: the reducer. It finds duplicates from the signatures alone
+  (lmpipe.dedup), then streams the chunks once more into the final document
+  set (``documents/part-NNNNNN.parquet`` + ``documents.json``, chunk i from
+  download chunk i), ``removed.parquet`` (every dropped document with its step
+  and reason) and ``clean_report.json`` (documents and UTF-8 bytes in and out
+  of every step, and sample removals).
+
+Output depends only on the chunks' content and their order in the list, never
+on which process built them or when.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import unicodedata
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from lmpipe import dedup, docset, filters
 from lmpipe.config import CleanConfig
-from lmpipe.download import DOCUMENTS_FILE, read_documents, write_documents
-from lmpipe.stage import BuildOutput, StageResult, run_stage, write_json_atomic
+from lmpipe.stage import BuildOutput, StageResult, read_versioned_json, run_stage, sha256_file, write_json_atomic
 
 REPORT_FILE = "clean_report.json"
+REMOVED_FILE = "removed.parquet"
+KEPT_FILE = "kept.parquet"
+STATS_FILE = "stats.json"
+EXACT_FILE = "exact.npy"
+MINHASH_FILE = "minhash.npy"
+STATS_FORMAT_VERSION = 1
 CLEAN_FIELD = "data.clean"  # where PipelineConfig keeps CleanConfig
+BATCH_DOCS = 1024  # documents per batch through the steps: bounds memory besides the chunk's survivors
+EXCERPT_CHARS = 300
+
+REMOVED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("step", pa.string()),
+                            ("reason", pa.string()), ("bytes", pa.int64()), ("excerpt", pa.string())])
+ROW_KEYS = ("docs_in", "docs_out", "bytes_in", "bytes_out")
 
 # Unicode category Cc is exactly C0 (U+0000-U+001F), DEL and C1 (U+007F-U+009F).
 # \n separates lines and \t is layout, so both stay; \r is turned into \n first.
@@ -46,18 +76,26 @@ class Transform:
 
 @dataclass(frozen=True)
 class Filter:
-    """Answers "keep this document?" for each document, in order.
+    """Judges one document: returns its (possibly rewritten) text and None to keep it, or a reason to drop it.
 
-    It sees the whole list rather than one document so that a stateful filter
-    (dedup remembers what it has seen) stays a plain function.
+    The reason starts with the step's name ("min_chars: 0 chars < 1") so it reads on its own in
+    removed.parquet.
     """
 
     name: str
-    keep: Callable[[list[str]], list[bool]]
-    field: str  # the CleanConfig field that controls it, for error messages
+    fn: Callable[[str], tuple[str, str | None]]
+    field: str  # the CleanConfig field (or section) that controls it, for error messages
 
 
-Step = Transform | Filter
+@dataclass(frozen=True)
+class Dedup:
+    """A step over the whole corpus, run by the reducer from the chunks' signatures."""
+
+    name: str
+    field: str
+
+
+Step = Transform | Filter | Dedup
 
 
 def strip_control(text: str) -> str:
@@ -70,63 +108,186 @@ def normalize_whitespace(text: str) -> str:
     return BLANK_LINE_RUN.sub("\n\n", TRAILING_BLANKS.sub("", text)).strip()
 
 
-def dedup_mask(texts: list[str]) -> list[bool]:
-    """True for the first occurrence of each exact text (compared by sha256)."""
-    seen: set[bytes] = set()
-    keep = []
-    for t in texts:
-        h = hashlib.sha256(t.encode("utf-8")).digest()
-        keep.append(h not in seen)
-        seen.add(h)
-    return keep
+@dataclass(frozen=True)
+class MinChars:
+    """Drop documents shorter than ``limit`` characters (a class, not a lambda, so steps pickle)."""
+
+    limit: int
+
+    def __call__(self, text: str) -> tuple[str, str | None]:
+        return text, None if len(text) >= self.limit else f"min_chars: {len(text)} chars < {self.limit}"
+
+
+@dataclass(frozen=True)
+class MaxChars:
+    """Drop documents longer than ``limit`` characters."""
+
+    limit: int
+
+    def __call__(self, text: str) -> tuple[str, str | None]:
+        return text, None if len(text) <= self.limit else f"max_chars: {len(text)} chars > {self.limit}"
+
+
+@dataclass(frozen=True)
+class NormalizeUnicode:
+    form: str
+
+    def __call__(self, text: str) -> str:
+        return unicodedata.normalize(self.form, text)
 
 
 def build_steps(cfg: CleanConfig) -> list[Step]:
-    """The steps ``cfg`` turns on, in the order they run: transforms, then filters."""
+    """The steps ``cfg`` turns on, in the order they run.
+
+    Transforms first, then filters, then PII masking (last, so filters judge the text as written),
+    then the corpus-wide de-duplication.
+    """
     steps: list[Step] = []
+    if cfg.fix_text:
+        steps.append(Transform("fix_text", filters.fix_text))
     if cfg.normalization != "none":
-        form = cfg.normalization
-        steps.append(Transform("normalize_unicode", lambda t: unicodedata.normalize(form, t)))
+        steps.append(Transform("normalize_unicode", NormalizeUnicode(cfg.normalization)))
     if cfg.strip_control:
         steps.append(Transform("strip_control", strip_control))
+    if cfg.gutenberg_boilerplate:
+        steps.append(Transform("gutenberg_boilerplate", filters.strip_gutenberg))
     if cfg.normalize_whitespace:
         steps.append(Transform("normalize_whitespace", normalize_whitespace))
     if cfg.min_chars > 0:
-        lo = cfg.min_chars
-        steps.append(Filter("min_chars", lambda texts: [len(t) >= lo for t in texts], "min_chars"))
+        steps.append(Filter("min_chars", MinChars(cfg.min_chars), "min_chars"))
     if cfg.max_chars is not None:
-        hi = cfg.max_chars
-        steps.append(Filter("max_chars", lambda texts: [len(t) <= hi for t in texts], "max_chars"))
+        steps.append(Filter("max_chars", MaxChars(cfg.max_chars), "max_chars"))
+    sections: list[tuple[str, Any, Callable[[Any], Callable[[str], tuple[str, str | None]]]]] = [
+        ("language", cfg.language, filters.LanguageFilter),
+        ("gopher_repetition", cfg.gopher_repetition, filters.GopherRepetition),
+        ("gopher_quality", cfg.gopher_quality, filters.GopherQuality),
+        ("c4", cfg.c4, filters.C4Filter),
+    ]
+    steps += [Filter(name, make(section), name) for name, section, make in sections if section.enabled]
+    if cfg.pii.enabled:
+        steps.append(Transform("pii", filters.PIIMasker(cfg.pii)))
     if cfg.dedup:
-        steps.append(Filter("dedup", dedup_mask, "dedup"))
+        steps.append(Dedup("dedup", "dedup"))
+    if cfg.minhash.enabled:
+        steps.append(Dedup("minhash", "minhash"))
     return steps
 
 
-def _utf8_bytes(texts: list[str]) -> int:
-    return sum(len(t.encode("utf-8")) for t in texts)
+def _byte_lengths(texts: list[str]) -> list[int]:
+    # isascii() is O(1) on CPython's compact strings, and most text is ASCII: skip the encode.
+    return [len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts]
 
 
-def apply_steps(steps: list[Step], ids: list[str], texts: list[str], sources: list[str]
-                ) -> tuple[list[str], list[str], list[str], list[dict]]:
-    """Run the steps in order; return the surviving columns and one report row per step."""
-    rows = []
-    bytes_in = _utf8_bytes(texts)
-    for step in steps:
-        docs_in = len(texts)
-        if isinstance(step, Transform):
-            texts = [step.fn(t) for t in texts]
-        else:
-            keep = step.keep(texts)
-            ids, texts, sources = [[x for x, k in zip(col, keep) if k] for col in (ids, texts, sources)]
-        bytes_out = _utf8_bytes(texts)
-        rows.append({"step": step.name, "docs_in": docs_in, "docs_out": len(texts),
-                     "bytes_in": bytes_in, "bytes_out": bytes_out})
-        bytes_in = bytes_out
-    return ids, texts, sources, rows
+def _row(name: str) -> dict[str, Any]:
+    return {"step": name, "docs_in": 0, "docs_out": 0, "bytes_in": 0, "bytes_out": 0}
+
+
+@dataclass
+class _ChunkState:
+    """What one chunk's pass through the per-document steps gathers."""
+
+    steps: list[Transform | Filter]
+    samples_per_step: int
+    rows: list[dict[str, Any]] = field(init=False)
+    kept: dict[str, list] = field(default_factory=lambda: {"id": [], "text": [], "source": []})
+    removed: dict[str, list] = field(default_factory=lambda: {k: [] for k in REMOVED_SCHEMA.names})
+    samples: dict[str, list[dict[str, str]]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows = [_row(s.name) for s in self.steps]
+        self.samples = {s.name: [] for s in self.steps if isinstance(s, Filter)}
+
+    def remove(self, step: str, doc_id: str, source: str, reason: str, nbytes: int, text: str) -> None:
+        excerpt = text[:EXCERPT_CHARS]
+        for key, value in zip(REMOVED_SCHEMA.names, (doc_id, source, step, reason, nbytes, excerpt)):
+            self.removed[key].append(value)
+        if len(self.samples[step]) < self.samples_per_step:
+            self.samples[step].append({"id": doc_id, "reason": reason, "excerpt": excerpt})
+
+    def add_batch(self, ids: list[str], texts: list[str], sources: list[str], nbytes: list[int]) -> None:
+        """Run one batch through every step; survivors join ``kept`` in input order."""
+        for step, row in zip(self.steps, self.rows):
+            row["docs_in"] += len(texts)
+            row["bytes_in"] += sum(nbytes)
+            if isinstance(step, Transform):
+                new = [step.fn(t) for t in texts]
+                # Most steps return the very same object when nothing changed: no need to measure it again.
+                nbytes = [n if a is b else len(a.encode("utf-8")) for a, b, n in zip(new, texts, nbytes)]
+                texts = new
+            else:
+                ids, texts, sources, nbytes = self._filter(step, ids, texts, sources, nbytes)
+            row["docs_out"] += len(texts)
+            row["bytes_out"] += sum(nbytes)
+        for key, values in (("id", ids), ("text", texts), ("source", sources)):
+            self.kept[key].extend(values)
+
+    def _filter(self, step: Filter, ids: list[str], texts: list[str], sources: list[str], nbytes: list[int]
+                ) -> tuple[list[str], list[str], list[str], list[int]]:
+        out: tuple[list, list, list, list] = ([], [], [], [])
+        for doc_id, text, source, n in zip(ids, texts, sources, nbytes):
+            new, reason = step.fn(text)
+            if reason is not None:
+                self.remove(step.name, doc_id, source, reason, n, text)
+                continue
+            for col, value in zip(out, (doc_id, new, source, n if new is text else len(new.encode("utf-8")))):
+                col.append(value)
+        return out
+
+
+def _totals(rows: list[dict[str, Any]], docs_in: int, bytes_in: int) -> dict[str, int]:
+    last = rows[-1] if rows else {"docs_out": docs_in, "bytes_out": bytes_in}
+    return {"docs_in": docs_in, "docs_out": last["docs_out"], "bytes_in": bytes_in, "bytes_out": last["bytes_out"]}
+
+
+def _metrics(totals: dict[str, int], rows: list[dict[str, Any]]) -> dict[str, float]:
+    metrics = {k: float(v) for k, v in totals.items()}
+    for r in rows:
+        metrics[f"{r['step']}.docs_removed"] = float(r["docs_in"] - r["docs_out"])
+        metrics[f"{r['step']}.bytes_removed"] = float(r["bytes_in"] - r["bytes_out"])
+    return metrics
+
+
+def run_clean_chunk(cfg: CleanConfig, chunk_file: str | Path, out_dir: str | Path, fingerprint: str
+                    ) -> StageResult:
+    """Stage "clean_chunk": one download chunk through the per-document steps, plus its dedup signatures.
+
+    Writes kept.parquet (survivors, input order), removed.parquet (id, source, step, reason, bytes,
+    excerpt), exact.npy (uint64 per survivor), minhash.npy (uint32 [survivors, permutations], when
+    enabled) and stats.json (per-step rows and the first ``cfg.report_samples`` removals per step).
+    """
+    chunk_file = Path(chunk_file)
+    steps = [s for s in build_steps(cfg) if not isinstance(s, Dedup)]
+
+    def build(tmp: Path) -> BuildOutput:
+        state = _ChunkState(steps, cfg.report_samples)
+        docs_in = bytes_in = 0
+        for batch in docset.iter_document_batches(chunk_file, BATCH_DOCS, columns=docset.DOCUMENT_COLUMNS):
+            docs_in += len(batch["id"])
+            bytes_in += sum(batch["nbytes"])
+            state.add_batch(batch["id"], batch["text"], batch["source"], batch["nbytes"])
+        kept = state.kept
+        docset.write_documents(tmp / KEPT_FILE, kept["id"], kept["text"], kept["source"])
+        pq.write_table(pa.table(state.removed, schema=REMOVED_SCHEMA), tmp / REMOVED_FILE,
+                       row_group_size=docset.ROW_GROUP_ROWS)
+        np.save(tmp / EXACT_FILE, dedup.exact_hashes(kept["text"]))
+        if cfg.minhash.enabled:
+            mh = cfg.minhash
+            np.save(tmp / MINHASH_FILE, dedup.minhash_signatures(kept["text"], mh.ngram, mh.permutations, mh.seed))
+        totals = _totals(state.rows, docs_in, bytes_in)
+        write_json_atomic(tmp / STATS_FILE, {"format_version": STATS_FORMAT_VERSION, "chunk": chunk_file.name,
+                                             "steps": state.rows, "samples": state.samples, "totals": totals})
+        return BuildOutput(metrics={k: float(v) for k, v in totals.items()}, meta={"chunk": chunk_file.name})
+
+    return run_stage("clean_chunk", fingerprint, out_dir, build)
 
 
 class EmptyCorpusError(ValueError):
     """Cleaning removed every document."""
+
+
+def _now(cfg: CleanConfig, name: str) -> str:
+    value = getattr(cfg, name)
+    return "enabled" if isinstance(value, BaseModel) else repr(value)
 
 
 def _empty_message(corpus_field: str, clean_field: str, steps: list[Step], rows: list[dict],
@@ -135,36 +296,217 @@ def _empty_message(corpus_field: str, clean_field: str, steps: list[Step], rows:
         return f"{corpus_field}: the download produced no documents; check {corpus_field}.sources"
     removed = ", ".join(f"{r['step']} {r['docs_in'] - r['docs_out']}" for r in rows if r["docs_in"] != r["docs_out"])
     culprits = [s for s, r in zip(steps, rows) if isinstance(s, Filter) and r["docs_in"] != r["docs_out"]]
-    hints = " or ".join(f"{clean_field}.{s.field} (now {getattr(cfg, s.field)!r})" for s in culprits)
+    hints = " or ".join(f"{clean_field}.{s.field} (now {_now(cfg, s.field)})" for s in culprits)
     return (
         f"{corpus_field}: no document survived cleaning ({docs_in} in; removed per step: {removed}). "
         f"Relax {hints}, or check that {corpus_field}.sources hold the text you expect."
     )
 
 
-def run_clean(cfg: CleanConfig, docs: StageResult, out_dir: str | Path, fingerprint: str, *,
-              corpus_field: str, clean_field: str = CLEAN_FIELD) -> StageResult:
-    """Clean the documents of a download stage into ``documents.parquet`` and ``clean_report.json``.
+def _read_stats(chunk: StageResult) -> dict[str, Any]:
+    if chunk.stage != "clean_chunk":
+        raise ValueError(f"run_clean takes clean_chunk results, got a {chunk.stage!r} result ({chunk.out_dir})")
+    return read_versioned_json(chunk.path(STATS_FILE), STATS_FORMAT_VERSION, "clean chunk stats",
+                               "re-run the clean_chunk task")
 
-    corpus_field: the corpus's config path (e.g. "data.pretrain"), for error messages.
+
+def _sum_chunk_rows(steps: list[Step], stats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = [_row(s.name) for s in steps if not isinstance(s, Dedup)]
+    for st in stats:
+        if [r["step"] for r in st["steps"]] != [r["step"] for r in rows]:
+            raise ValueError(f"clean chunk {st['chunk']!r} ran steps {[r['step'] for r in st['steps']]}, this "
+                             f"config runs {[r['step'] for r in rows]}: re-run its clean_chunk task")
+        for row, chunk_row in zip(rows, st["steps"]):
+            for key in ROW_KEYS:
+                row[key] += chunk_row[key]
+    return rows
+
+
+@dataclass
+class _Duplicates:
+    """Per corpus ordinal of a per-document survivor: which dedup step removed it, and in favour of whom."""
+
+    step: np.ndarray  # int8: -1 kept, else the index into the list of Dedup steps
+    keeper: np.ndarray  # int64: the ordinal of the document kept instead
+    similarity: np.ndarray  # float64: estimated Jaccard similarity to the keeper (minhash only)
+
+
+def _find_duplicates(cfg: CleanConfig, dedup_steps: list[Dedup], chunks: list[StageResult]) -> _Duplicates:
+    """Exact duplicates first, then near duplicates among what is left; the earliest document always stays."""
+    hashes = [np.load(c.path(EXACT_FILE)) for c in chunks]
+    n = sum(len(h) for h in hashes)
+    found = _Duplicates(np.full(n, -1, np.int8), np.arange(n, dtype=np.int64), np.ones(n))
+    for index, step in enumerate(dedup_steps):
+        active = found.step < 0
+        if step.name == "dedup":
+            keeper = dedup.first_occurrence(np.concatenate(hashes) if hashes else np.zeros(0, np.uint64))
+        else:
+            store = dedup.SignatureStore([_load_minhash(c) for c in chunks])
+            if len(store) != n:
+                raise ValueError("clean chunks' minhash.npy and exact.npy disagree: re-run the clean_chunk tasks")
+            bands, rows = dedup.optimal_bands(cfg.minhash.threshold, cfg.minhash.permutations)
+            keeper = dedup.near_duplicates(store, active, cfg.minhash.threshold, bands, rows)
+        removed = active & (keeper != np.arange(n))
+        found.step[removed] = index
+        found.keeper[removed] = keeper[removed]
+        if step.name == "minhash" and removed.any():
+            found.similarity[removed] = store.similarity(keeper[removed], np.flatnonzero(removed))
+    return found
+
+
+def _load_minhash(chunk: StageResult) -> np.ndarray:
+    path = chunk.path(MINHASH_FILE)
+    if not path.is_file():
+        raise ValueError(f"clean chunk {chunk.meta.get('chunk')!r} has no {MINHASH_FILE}: it was cleaned with "
+                         f"minhash off; re-run its clean_chunk task with this config")
+    return np.load(path, mmap_mode="r")
+
+
+class _DedupRemovals:
+    """Writes the dedup steps' removals, one temporary parquet per step, as the chunks stream past.
+
+    A keeper always comes before its duplicates, so remembering the ids of the keepers seen so far
+    is enough to name them. Rows are appended as they come, so no removal list is held whole.
+    """
+
+    def __init__(self, tmp: Path, steps: list[Dedup], found: _Duplicates, samples: dict[str, list],
+                 report_samples: int) -> None:
+        self.steps, self.found, self.samples, self.report_samples = steps, found, samples, report_samples
+        self.paths = [tmp / f".{s.name}-removed.parquet" for s in steps]
+        self.writers = [pq.ParquetWriter(path, REMOVED_SCHEMA) for path in self.paths]
+        self.bytes = [0] * len(steps)
+        self.keepers = np.unique(found.keeper[found.step >= 0])
+        self.keeper_ids: dict[int, str] = {}
+
+    def add_chunk(self, table: pa.Table, start: int) -> None:
+        """Record the removals among one chunk's documents, whose first corpus ordinal is ``start``."""
+        end = start + table.num_rows
+        here = self.keepers[(self.keepers >= start) & (self.keepers < end)]
+        self.keeper_ids.update(zip(here.tolist(), table.column("id").take(here - start).to_pylist()))
+        step = self.found.step[start:end]
+        for index in range(len(self.steps)):
+            rows = np.flatnonzero(step == index)
+            if len(rows):
+                self._write(index, table.take(rows), rows + start)
+
+    def _write(self, index: int, gone: pa.Table, ordinals: np.ndarray) -> None:
+        step, found = self.steps[index], self.found
+        reasons = [_dedup_reason(step, self.keeper_ids[int(found.keeper[o])], float(found.similarity[o]))
+                   for o in ordinals]
+        nbytes = pc.binary_length(gone.column("text"))
+        excerpts = pc.utf8_slice_codeunits(gone.column("text"), 0, EXCERPT_CHARS)  # code points, despite the name
+        self.writers[index].write_table(
+            pa.table([gone.column("id"), gone.column("source"), pa.array([step.name] * len(reasons)),
+                      pa.array(reasons), pc.cast(nbytes, pa.int64()), excerpts], schema=REMOVED_SCHEMA),
+            row_group_size=docset.ROW_GROUP_ROWS)
+        self.bytes[index] += pc.sum(nbytes).as_py()
+        room = max(0, self.report_samples - len(self.samples[step.name]))
+        self.samples[step.name] += [{"id": d, "reason": r, "excerpt": e} for d, r, e in zip(
+            gone.column("id").to_pylist()[:room], reasons[:room], excerpts.to_pylist()[:room])]
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+def _write_final_chunks(chunks: list[StageResult], found: _Duplicates, removals: _DedupRemovals, tmp: Path
+                        ) -> list[dict[str, Any]]:
+    """Stream each chunk's survivors once more: its dedup removals, then its final part (skipped if empty).
+
+    Part i comes from download chunk i, so a document's chunk number never changes. Returns the index entries.
+    """
+    entries = []
+    start = 0
+    for i, chunk in enumerate(chunks):
+        table = docset.read_documents(chunk.path(KEPT_FILE))
+        removals.add_chunk(table, start)
+        survivors = table.filter(pa.array(found.step[start:start + table.num_rows] < 0))
+        start += table.num_rows
+        if survivors.num_rows:
+            name = docset.chunk_name(i)
+            docset.write_documents(tmp / name, *(survivors.column(c).to_pylist() for c in docset.DOCUMENT_COLUMNS))
+            entries.append({"file": name, "documents": survivors.num_rows,
+                            "bytes": pc.sum(pc.binary_length(survivors.column("text"))).as_py(),
+                            "sha256": sha256_file(tmp / name)})
+    return entries
+
+
+def _dedup_reason(step: Dedup, keeper_id: str, similarity: float) -> str:
+    if step.name == "dedup":
+        return f"dedup: same text as {keeper_id}"
+    return f"minhash: ~{similarity:.2f} similar to {keeper_id}"
+
+
+def _removed_tables(chunks: list[StageResult], extra: list[Path]) -> Iterator[pa.Table]:
+    for chunk in chunks:
+        yield pq.read_table(chunk.path(REMOVED_FILE))
+    for path in extra:
+        yield pq.read_table(path)
+
+
+def run_clean(cfg: CleanConfig, chunks: list[StageResult], out_dir: str | Path, fingerprint: str, *,
+              corpus_field: str, clean_field: str = CLEAN_FIELD) -> StageResult:
+    """Stage "clean": de-duplicate the cleaned chunks across the corpus and publish the final document set.
+
+    chunks: the clean_chunk results in corpus order (download chunk 0, 1, ...).
+    corpus_field / clean_field: config paths (e.g. "data.pretrain", "data.clean") for error messages.
     """
     steps = build_steps(cfg)
+    dedup_steps = [s for s in steps if isinstance(s, Dedup)]
 
     def build(tmp: Path) -> BuildOutput:
-        table = read_documents(docs.path(DOCUMENTS_FILE))
-        ids, texts, sources = (table.column(c).to_pylist() for c in ("id", "text", "source"))
-        docs_in, bytes_in = len(texts), _utf8_bytes(texts)
-        ids, texts, sources, rows = apply_steps(steps, ids, texts, sources)
-        if not texts:
+        stats = [_read_stats(c) for c in chunks]
+        rows = _sum_chunk_rows(steps, stats)
+        docs_in = sum(st["totals"]["docs_in"] for st in stats)
+        bytes_in = sum(st["totals"]["bytes_in"] for st in stats)
+        survivors = _totals(rows, docs_in, bytes_in)
+        if survivors["docs_out"] == 0:
             raise EmptyCorpusError(_empty_message(corpus_field, clean_field, steps, rows, cfg, docs_in))
 
-        totals = {"docs_in": docs_in, "docs_out": len(texts), "bytes_in": bytes_in, "bytes_out": _utf8_bytes(texts)}
-        write_documents(tmp / DOCUMENTS_FILE, ids, texts, sources)
-        write_json_atomic(tmp / REPORT_FILE, {"corpus_field": corpus_field, "steps": rows, "totals": totals})
-        metrics = {k: float(v) for k, v in totals.items()}
-        for r in rows:
-            metrics[f"{r['step']}.docs_removed"] = float(r["docs_in"] - r["docs_out"])
-            metrics[f"{r['step']}.bytes_removed"] = float(r["bytes_in"] - r["bytes_out"])
-        return BuildOutput(metrics=metrics, meta={"report": rows})
+        samples = {s.name: [] for s in steps if not isinstance(s, Transform)}
+        for st in stats:
+            for name, examples in st["samples"].items():
+                samples[name] += examples[:cfg.report_samples - len(samples[name])]
+        found = _find_duplicates(cfg, dedup_steps, chunks)
+        removals = _DedupRemovals(tmp, dedup_steps, found, samples, cfg.report_samples)
+        try:
+            entries = _write_final_chunks(chunks, found, removals, tmp)
+        finally:
+            removals.close()
+        docs, nbytes = survivors["docs_out"], survivors["bytes_out"]
+        for index, step in enumerate(dedup_steps):
+            gone = int(np.count_nonzero(found.step == index))
+            rows.append({"step": step.name, "docs_in": docs, "docs_out": docs - gone,
+                         "bytes_in": nbytes, "bytes_out": nbytes - removals.bytes[index]})
+            docs, nbytes = docs - gone, nbytes - removals.bytes[index]
+
+        with pq.ParquetWriter(tmp / REMOVED_FILE, REMOVED_SCHEMA) as writer:
+            for table in _removed_tables(chunks, removals.paths):
+                if table.num_rows:
+                    writer.write_table(table, row_group_size=docset.ROW_GROUP_ROWS)
+        for path in removals.paths:
+            path.unlink()
+        docset.write_index(tmp, entries)
+        totals = _totals(rows, docs_in, bytes_in)
+        write_json_atomic(tmp / REPORT_FILE, {"corpus_field": corpus_field, "steps": rows, "totals": totals,
+                                              "samples": samples})
+        return BuildOutput(metrics=_metrics(totals, rows),
+                           meta={"report": rows, "samples": samples, "chunks": [e["file"] for e in entries]})
 
     return run_stage("clean", fingerprint, out_dir, build)
+
+
+def why_removed(workdir: str | Path, doc_id: str) -> list[dict[str, Any]]:
+    """Every finished clean stage under ``workdir`` that removed ``doc_id``: which step, why, and an excerpt.
+
+    One row per clean stage directory (a corpus cleaned with several configs has several), so
+    "why was this document dropped?" is answered from the files alone, without MLflow or Prefect.
+    """
+    rows: list[dict[str, Any]] = []
+    for path in sorted(Path(workdir).glob(f"clean/*/{REMOVED_FILE}")):
+        if not (path.parent / "stage_result.json").is_file():
+            continue  # an unfinished stage
+        table = pq.read_table(path, filters=[("id", "=", doc_id)])
+        for row in table.to_pylist():
+            rows.append({"clean_dir": str(path.parent), **row})
+    return rows

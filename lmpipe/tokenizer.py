@@ -1,8 +1,9 @@
-"""Byte-level BPE tokenizer: train it on the cleaned documents, save it, load it back.
+"""Byte-level BPE tokenizer: train it on (a sample of) the cleaned documents, save it, load it back.
 
-The tokenizer is GPT-2 style: text is split by the GPT-2 regex, every byte is
-mapped to one printable character (the "bytes-to-unicode" table) and BPE merges
-are learned over those characters. Any string round-trips::
+The tokenizer is GPT-2 style: text is split by a regex (GPT-2's, or GPT-4's
+cl100k pattern with ``tokenizer.pretokenizer: gpt4``), every byte is mapped to
+one printable character (the "bytes-to-unicode" table) and BPE merges are
+learned over those characters. Any string round-trips::
 
     >>> tok = load_tokenizer(result.path("tokenizer.json"))
     >>> ids = tok.encode("Héllo 🌍", add_special_tokens=False).ids
@@ -13,63 +14,83 @@ Training is deterministic: the trainer's word counts are sums (order-free) and
 ties between equally frequent merges are broken by the pair's token ids, so the
 same documents and config give a byte-identical ``tokenizer.json`` whatever the
 thread count (checked with RAYON_NUM_THREADS=1, 2, 16 and 64).
+
+On a large corpus ``tokenizer.sample_bytes`` trains on a deterministic sample:
+a document is in it iff a salted hash of its id falls below
+``sample_bytes / corpus bytes``, so the sample does not depend on chunking,
+order or machine, and a larger budget only adds documents.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
+import pyarrow as pa
 import pyarrow.parquet as pq
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmpipe.config import TokenizerConfig
-from lmpipe.download import DOCUMENTS_FILE
+from lmpipe.docset import iter_document_batches, read_index
 from lmpipe.stage import BuildOutput, StageResult, read_versioned_json, run_stage, sha256_file, write_json_atomic
 
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "tokenizer_meta.json"
 META_FORMAT_VERSION = 1
 READ_BATCH_DOCS = 256  # documents per parquet read when no caller-specific batch size applies
+# GPT-4's (cl100k_base) split: case-insensitive contractions, letters with at most one leading non-letter,
+# digits in groups of 1-3, punctuation runs with their trailing newlines, whitespace.
+GPT4_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Salt of the tokenizer sample's hash. Without it the sample would be the documents with the smallest
+# split hash, i.e. mostly the validation split (lmpipe.shards.is_validation uses the unsalted hash).
+SAMPLE_SALT = "tokenizer-sample\0"
+_SCRATCH_SAMPLE = ".sample.parquet"  # the sampled texts, re-read for the compression stats, removed before publish
 
 
-def iter_document_batches(
-    path: Path, batch_size: int, columns: Sequence[str] = ("text",)
-) -> Iterator[dict[str, list]]:
-    """Yield the documents of a ``documents.parquet`` as column dicts of up to batch_size rows, in file order.
+def id_fraction(doc_id: str, salt: str = "") -> float:
+    """The first 8 bytes of sha256(salt + id) as a number in [0, 1).
 
-    Reading in batches keeps memory flat however large the corpus; the shard
-    stage uses the same reader.
+    Stable across runs, machines and Python versions (unlike ``hash()``) and
+    independent of document order: the basis of every per-document random choice.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"documents file {str(path)!r} does not exist (did the clean stage finish?)")
-    pf = pq.ParquetFile(path)
-    missing = [c for c in columns if c not in pf.schema_arrow.names]
-    if missing:
-        raise ValueError(f"documents file {str(path)!r} lacks column(s) {missing}; it has {pf.schema_arrow.names}")
-    for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns)):
-        out: dict[str, list] = {c: batch.column(c).to_pylist() for c in columns}
-        # UTF-8 byte length of each text, computed by Arrow without re-encoding in Python.
-        if "text" in columns:
-            out["nbytes"] = pc.binary_length(batch.column("text")).to_pylist()
-        yield out
+    h = int.from_bytes(hashlib.sha256((salt + doc_id).encode("utf-8")).digest()[:8], "big")
+    return h / 2**64
 
 
-def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
+def in_sample(doc_id: str, fraction: float) -> bool:
+    """True if the document belongs to the tokenizer's training sample of the given fraction."""
+    return id_fraction(doc_id, SAMPLE_SALT) < fraction
+
+
+def make_pre_tokenizer(kind: str) -> pre_tokenizers.PreTokenizer:
+    """The split before BPE. Both end in ByteLevel without prefix space, so decode(encode(x)) == x exactly."""
+    if kind == "gpt2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if kind == "gpt4":
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(GPT4_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    raise ValueError(f"tokenizer.pretokenizer {kind!r} is unknown; use 'gpt2' or 'gpt4'")
+
+
+def train_tokenizer(texts: Iterable[str] | Iterable[list[str]], cfg: TokenizerConfig) -> Tokenizer:
     """Train a byte-level BPE tokenizer; special tokens get ids 0..k-1 in config order.
 
-    The vocabulary may come out smaller than cfg.vocab_size when the corpus has
-    too few pairs occurring at least cfg.min_frequency times.
+    ``texts`` may be strings or batches (lists) of strings; it is consumed once,
+    as a stream. The vocabulary may come out smaller than cfg.vocab_size when
+    the corpus has too few pairs occurring at least cfg.min_frequency times.
     """
     tok = Tokenizer(models.BPE())
     # No prefix space: " word" and "word" stay different tokens, and decode(encode(x)) == x exactly.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = make_pre_tokenizer(cfg.pretokenizer)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
@@ -136,40 +157,96 @@ def eot_id(tok: Tokenizer, eot_token: str) -> int:
     return i
 
 
+def sample_fraction(cfg: TokenizerConfig, corpus_bytes: int) -> float:
+    """Share of documents the tokenizer trains on: about sample_bytes of the corpus, at most all of it."""
+    if cfg.sample_bytes is None or corpus_bytes <= cfg.sample_bytes:
+        return 1.0
+    return cfg.sample_bytes / corpus_bytes
+
+
+def _sample_batches(docs_dir: Path, fraction: float, scratch: Path | None, counts: dict[str, int]
+                    ) -> Iterator[list[str]]:
+    """The sampled texts in corpus order, in batches, counted into ``counts``.
+
+    With a scratch path the batches are also written there, so the compression
+    pass reads only the sample instead of the whole corpus a second time.
+    """
+    writer: pq.ParquetWriter | None = None
+    try:
+        for batch in iter_document_batches(docs_dir, READ_BATCH_DOCS, ("id", "text")):
+            texts, nbytes = batch["text"], batch["nbytes"]
+            if fraction < 1.0:
+                keep = [i for i, doc_id in enumerate(batch["id"]) if in_sample(doc_id, fraction)]
+                texts, nbytes = [texts[i] for i in keep], [nbytes[i] for i in keep]
+            if not texts:
+                continue
+            counts["documents"] += len(texts)
+            counts["bytes"] += sum(nbytes)
+            if scratch is not None:
+                table = pa.table({"text": pa.array(texts, pa.string())})
+                writer = writer or pq.ParquetWriter(scratch, table.schema)
+                writer.write_table(table)
+            yield texts
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def count_tokens(tok: Tokenizer, texts_source: Path) -> int:
+    """Tokens the tokenizer makes of every text in a document set or parquet file (text column).
+
+    Literal special-token text counts as plain text, as it does in the shards.
+    """
+    tok.encode_special_tokens = True
+    try:
+        return sum(
+            sum(len(e) for e in tok.encode_batch_fast(batch["text"], add_special_tokens=False))
+            for batch in iter_document_batches(texts_source, READ_BATCH_DOCS)
+        )
+    finally:
+        tok.encode_special_tokens = False
+
+
 def run_train_tokenizer(
     cfg: TokenizerConfig, docs: StageResult, out_dir: str | Path, fingerprint: str
 ) -> StageResult:
-    """Stage: train the tokenizer on the cleaned documents; write tokenizer.json and tokenizer_meta.json."""
-    docs_path = docs.path(DOCUMENTS_FILE)
+    """Stage: train the tokenizer on (a sample of) the cleaned document set; write tokenizer.json and
+    tokenizer_meta.json.
 
-    def texts() -> Iterator[list[str]]:
-        # Batches of strings, in file order: train_from_iterator accepts either.
-        for batch in iter_document_batches(docs_path, READ_BATCH_DOCS):
-            yield batch["text"]
+    The corpus is read once, as a stream: the trainer keeps only word counts, and
+    the compression stats are computed on the same sample (re-read from a scratch
+    copy), so the stage stays cheap on a corpus far larger than the sample.
+    """
+    docs_dir = Path(docs.out_dir)
 
     def build(tmp: Path) -> BuildOutput:
+        index = read_index(docs_dir)
+        fraction = sample_fraction(cfg, index["bytes"])
+        scratch = tmp / _SCRATCH_SAMPLE if fraction < 1.0 else None
+        counts = {"documents": 0, "bytes": 0}
         start = time.perf_counter()
-        tok = train_tokenizer(texts(), cfg)
+        batches = _sample_batches(docs_dir, fraction, scratch, counts)
+        tok = train_tokenizer(batches, cfg)
+        batches.close()  # flushes the scratch file, should the trainer have stopped early
         train_seconds = time.perf_counter() - start
+        if counts["documents"] == 0:
+            if index["documents"] == 0:
+                raise ValueError(f"document set {str(docs_dir)!r} holds no documents to train the tokenizer on")
+            raise ValueError(
+                f"tokenizer.sample_bytes={cfg.sample_bytes} selects none of the {index['documents']} documents "
+                f"({index['bytes']} bytes) in {str(docs_dir)!r}; raise it"
+            )
         tok_path = tmp / TOKENIZER_FILE
         tok.save(str(tok_path))
-
-        # Compression on the training documents; literal special-token text counts as plain text here,
-        # as it does in the shards.
-        tok.encode_special_tokens = True
-        n_docs = n_bytes = n_tokens = 0
-        for batch in iter_document_batches(docs_path, READ_BATCH_DOCS):
-            encodings = tok.encode_batch(batch["text"], add_special_tokens=False)
-            n_tokens += sum(len(e.ids) for e in encodings)
-            n_bytes += sum(batch["nbytes"])
-            n_docs += len(encodings)
-        if n_docs == 0:
-            raise ValueError(f"documents file {str(docs_path)!r} holds no documents to train the tokenizer on")
+        n_tokens = count_tokens(tok, scratch or docs_dir)
+        if scratch is not None:
+            scratch.unlink()
 
         vocab_size = tok.get_vocab_size()
         meta = {
             "format_version": META_FORMAT_VERSION,
             "type": "byte_level_bpe",
+            "pretokenizer": cfg.pretokenizer,
             "vocab_size": vocab_size,
             "requested_vocab_size": cfg.vocab_size,
             # A tiny corpus runs out of pairs seen min_frequency times before reaching vocab_size.
@@ -179,18 +256,26 @@ def run_train_tokenizer(
             "eot_token": cfg.eot_token,
             "eot_id": eot_id(tok, cfg.eot_token),
             "tokenizer_sha256": sha256_file(tok_path),
-            "training_documents": n_docs,
-            "training_bytes": n_bytes,
+            "corpus_documents": index["documents"],
+            "corpus_bytes": index["bytes"],
+            "requested_sample_bytes": cfg.sample_bytes,
+            "sample_fraction": fraction,
+            # The sample the tokenizer was trained and measured on (the whole corpus without sample_bytes).
+            "training_documents": counts["documents"],
+            "training_bytes": counts["bytes"],
             "training_tokens": n_tokens,
         }
         write_json_atomic(tmp / META_FILE, meta)
         metrics = {
             "vocab_size": float(vocab_size),
             "vocab_shortfall": float(cfg.vocab_size - vocab_size),
-            "bytes_per_token": n_bytes / max(n_tokens, 1),
+            "bytes_per_token": counts["bytes"] / max(n_tokens, 1),
+            "sample_fraction": fraction,
+            "training_bytes": float(counts["bytes"]),
             "train_seconds": train_seconds,
         }
-        summary = {k: meta[k] for k in ("vocab_size", "requested_vocab_size", "eot_id", "tokenizer_sha256")}
+        summary = {k: meta[k] for k in ("vocab_size", "requested_vocab_size", "eot_id", "tokenizer_sha256",
+                                        "pretokenizer")}
         return BuildOutput(metrics=metrics, meta=summary)
 
     return run_stage("train_tokenizer", fingerprint, out_dir, build)

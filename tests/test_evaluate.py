@@ -10,19 +10,20 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from lmpipe.checkpoint import load_model, save_checkpoint
 from lmpipe.config import CorpusConfig, EvalConfig, ShardConfig, SourceConfig, TokenizerConfig
+from lmpipe.docset import ChunkWriter
 from lmpipe.evaluate import TokenizerMismatchError, evaluate_loss, generate_samples, run_evaluate
 from lmpipe.model import GPT, GPTConfig
-from lmpipe.shards import TokenSplit, run_shard
+from lmpipe.shards import TokenSplit
 from lmpipe.stage import StageResult
 from lmpipe.tokenizer import load_tokenizer, run_train_tokenizer, token_byte_lengths, tokenizer_fingerprint
+from tests.conftest import DATA
+from tests.test_shards import encode_and_shard
 
-DATA = Path(__file__).resolve().parents[1] / "data"
 VOCAB = 260
 BLOCK = 8
 
@@ -137,40 +138,34 @@ def test_bad_inputs_fail_clearly(tokens, token_bytes):
 # ---------------------------------------------------------------- real data: tokenizer, shards, checkpoints
 
 
-def write_documents(out_dir: Path, path: Path, n_chars: int, source: str) -> StageResult:
-    """documents.parquet from the start of a real corpus, one document per blank-line block."""
+def blocks(path: Path, n_chars: int) -> list[str]:
+    """The start of a real corpus, one document per blank-line block."""
     text = path.read_text(encoding="utf-8")[:n_chars]
-    blocks = [b.strip() for b in re.split(r"\n\s*\n", text) if b.strip()]
-    out_dir.mkdir(parents=True)
-    pd.DataFrame(
-        {"id": [f"{source}-{i:05d}" for i in range(len(blocks))], "text": blocks, "source": source}
-    ).to_parquet(out_dir / "documents.parquet", index=False)
-    return StageResult(stage="clean", fingerprint=source, out_dir=str(out_dir))
+    return [b.strip() for b in re.split(r"\n\s*\n", text) if b.strip()]
+
+
+def write_documents(out_dir: Path, parts: list[tuple[str, list[str]]]) -> StageResult:
+    """A document set (several chunks) of (source, blocks) parts, ids <source>-00000, ..."""
+    with ChunkWriter(out_dir, chunk_bytes=16_384) as w:
+        for source, texts in parts:
+            w.add_many([f"{source}-{i:05d}" for i in range(len(texts))], texts, [source] * len(texts))
+    return StageResult(stage="clean", fingerprint="docs", out_dir=str(out_dir))
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Tokenizer, two sharded corpora and two checkpoints, built once for the module."""
     root = tmp_path_factory.mktemp("eval")
-    wiki = write_documents(root / "docs-wiki", DATA / "wikitext2-valid.txt", 60_000, "wikitext2")
-    shakes = write_documents(root / "docs-shakes", DATA / "tinyshakespeare.txt", 40_000, "tinyshakespeare")
-    both = root / "docs-both"
-    both.mkdir()
-    pd.concat([pd.read_parquet(d.path("documents.parquet")) for d in (wiki, shakes)]).to_parquet(
-        both / "documents.parquet", index=False
-    )
-    tok = run_train_tokenizer(
-        TokenizerConfig(vocab_size=400),
-        StageResult(stage="clean", fingerprint="both", out_dir=str(both)),
-        root / "tok", "tokfp",
-    )
+    parts = {"wikitext2": blocks(DATA / "wikitext2-valid.txt", 60_000),
+             "tinyshakespeare": blocks(DATA / "tinyshakespeare.txt", 40_000)}
+    both = write_documents(root / "docs-both", list(parts.items()))
+    tok = run_train_tokenizer(TokenizerConfig(vocab_size=400), both, root / "tok", "tokfp")
     corpora = {}
-    for name, docs in (("wikitext2", wiki), ("tinyshakespeare", shakes)):
+    for name, texts in parts.items():
+        docs = write_documents(root / f"docs-{name}", [(name, texts)])
         corpus = CorpusConfig(name=name, sources=[SourceConfig(uri="unused.txt")], val_fraction=0.2)
-        corpora[name] = run_shard(
-            ShardConfig(shard_tokens=1024), corpus, docs, tok, root / f"shards-{name}", f"fp-{name}",
-            corpus_field=f"data.{name}",
-        )
+        corpora[name] = encode_and_shard(ShardConfig(shard_tokens=1024), corpus, docs, tok, root / f"shards-{name}",
+                                         corpus_field=f"data.{name}", fingerprint=f"fp-{name}")
     tok_fp = tokenizer_fingerprint(tok.path("tokenizer.json"))
     vocab = load_tokenizer(tok.path("tokenizer.json")).get_vocab_size()
     models = {}

@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -17,6 +15,7 @@ from lmpipe.sft import SFTExample, SFTFormatError, build_sft_data, encode_exampl
 from lmpipe.stage import StageResult
 from lmpipe.tokenizer import load_tokenizer, run_train_tokenizer, tokenizer_fingerprint
 from lmpipe.train import ArraySource, get_batch, run_finetune, train
+from tests.test_tokenizer import write_documents
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 LINES = [ln for ln in (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8").splitlines() if ln.strip()][:400]
@@ -27,10 +26,7 @@ MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> StageResult:
     """A real byte-level BPE (vocabulary 300) trained on the first lines of Tiny Shakespeare."""
     root = tmp_path_factory.mktemp("sft")
-    (root / "docs").mkdir()
-    table = pa.table({"id": [f"l{i}" for i in range(len(LINES))], "text": LINES, "source": ["t"] * len(LINES)})
-    pq.write_table(table, root / "docs" / "documents.parquet")
-    docs = StageResult(stage="clean", fingerprint="docs", out_dir=str(root / "docs"))
+    docs = write_documents(root / "docs", LINES, ids=[f"l{i}" for i in range(len(LINES))])
     return run_train_tokenizer(TokenizerConfig(vocab_size=300), docs, root / "tok", "tok")
 
 

@@ -13,8 +13,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -29,7 +27,6 @@ from lmpipe.checkpoint import (
 )
 from lmpipe.config import CorpusConfig, FinetuneConfig, ModelConfig, ShardConfig, SourceConfig, TokenizerConfig, TrainConfig
 from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
-from lmpipe.shards import run_shard
 from lmpipe.stage import StageResult, partial_dir
 from lmpipe.tokenizer import run_train_tokenizer
 from lmpipe.train import (
@@ -43,6 +40,8 @@ from lmpipe.train import (
     run_pretrain,
     train,
 )
+from tests.test_shards import encode_and_shard
+from tests.test_tokenizer import write_documents
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 _BYTES = np.frombuffer((DATA / "tinyshakespeare.txt").read_bytes(), dtype=np.uint8).astype(np.int64)
@@ -328,12 +327,7 @@ def _documents(out: Path) -> StageResult:
     """Tiny Shakespeare's first ~120 KB as documents cut at blank lines."""
     text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:120_000]
     docs = [d for d in text.split("\n\n") if d.strip()]
-    out.mkdir(parents=True)
-    pq.write_table(
-        pa.table({"id": [f"d{i:05d}" for i in range(len(docs))], "text": docs, "source": ["t"] * len(docs)}),
-        out / "documents.parquet",
-    )
-    return StageResult(stage="clean", fingerprint="docs", out_dir=str(out))
+    return write_documents(out, docs, ids=[f"d{i:05d}" for i in range(len(docs))])
 
 
 @pytest.fixture(scope="module")
@@ -343,8 +337,8 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> tuple[StageResult, Stage
     tok = run_train_tokenizer(TokenizerConfig(vocab_size=512), docs, root / "tok", "tok")
     corpus = CorpusConfig(name="shakespeare", sources=[SourceConfig(uri="unused")], val_fraction=0.1)
     # Small shards, so training windows cross shard boundaries.
-    shards = run_shard(ShardConfig(shard_tokens=4096), corpus, docs, tok, root / "shards", "shards",
-                       corpus_field="data.finetune")
+    shards = encode_and_shard(ShardConfig(shard_tokens=4096), corpus, docs, tok, root / "shards",
+                              corpus_field="data.finetune")
     return tok, shards
 
 

@@ -4,6 +4,7 @@
     lmpipe run --config configs/tiny.yaml pretrain.max_steps=200
     lmpipe data --config configs/demo.yaml       # the data stages only
     lmpipe config --config configs/demo.yaml     # print the resolved config
+    lmpipe why wikitext2/0/17                    # which cleaning step removed a document, and why
 """
 
 from __future__ import annotations
@@ -27,7 +28,25 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", "-c", help="YAML preset (default: the built-in demo)")
         p.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides")
+    p = sub.add_parser("why", help="say which cleaning step removed a document, and why")
+    p.add_argument("doc_id", help="the document's id, e.g. wikitext2/0/17")
+    p.add_argument("--workdir", default=PipelineConfig().workdir, help="the run's work directory")
     return parser
+
+
+def explain_removal(workdir: str, doc_id: str) -> tuple[str, int]:
+    """The `why` command's text and exit status (0 when the document was removed somewhere)."""
+    from lmpipe.clean import why_removed
+
+    rows = why_removed(workdir, doc_id)
+    if not rows:
+        return (f"{doc_id}: not removed by any finished clean stage under {workdir} "
+                "(kept, or not in these corpora: ids are <corpus>/<source index>/<n or id>)"), 1
+    lines = []
+    for r in rows:
+        lines += [f"{doc_id}: removed by {r['step']} in {r['clean_dir']}", f"  reason:  {r['reason']}",
+                  f"  source:  {r['source']} ({r['bytes']} bytes)", f"  excerpt: {r['excerpt'][:200]!r}"]
+    return "\n".join(lines), 0
 
 
 def _prefect_environment(config: PipelineConfig) -> None:
@@ -74,6 +93,10 @@ def format_summary(summary: dict, seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "why":
+        text, status = explain_removal(args.workdir, args.doc_id)
+        print(text)
+        return status
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:

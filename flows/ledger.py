@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger
+from prefect import get_run_logger, unmapped
 from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner
 
-from lmpipe.config import PipelineConfig
+from flows.runners import chunk_runner
+from lmpipe.config import PipelineConfig, RunnerConfig
 from lmpipe.stage import StageResult, load_completed
 from lmpipe.tracking import TrackingContext, close_run, open_pipeline_run, set_parent_summary
 
@@ -33,23 +35,57 @@ class Ledger:
 
     outcomes: list[StageOutcome] = field(default_factory=list)
     results: dict[str, StageResult] = field(default_factory=dict)
+    runner_cfg: RunnerConfig = field(default_factory=RunnerConfig)
+    _stack: ExitStack = field(default_factory=ExitStack)
+    _runner: TaskRunner | None = None
 
     def run(self, stage_task: Any, label: str | None = None, **params: Any) -> StageResult:
         start = time.perf_counter()
-        state = stage_task(**params, return_state=True)
-        result: StageResult = state.result()  # raises the stage's error: the flow fails with it
-        cached = state.name == "Cached"
-        if cached and load_completed(Path(result.out_dir)) is None:
-            # The cache remembers a result whose files are gone (workdir cleaned): compute it again.
-            state = stage_task.with_options(refresh_cache=True)(**params, return_state=True)
-            result, cached = state.result(), False
+        result, status = _settle(stage_task, stage_task(**params, return_state=True), params)
         label = label or result.stage
-        status = "cached" if cached else "reused" if result.meta.get("reused") else "ran"
         self.outcomes.append(StageOutcome(result.stage, label, result.fingerprint, status,
                                           time.perf_counter() - start, result.out_dir))
         self.results[label] = result
         get_run_logger().info("%-26s %-6s %6.1fs  %s", label, status, self.outcomes[-1].seconds, result.out_dir)
         return result
+
+    def map(self, chunk_task: Any, label: str, chunks: Sequence[str], **params: Any) -> list[StageResult]:
+        """Run ``chunk_task`` once per chunk on the chunk runner; results in chunk order.
+
+        Every chunk runs to its end before the first failure (if any) fails the stage, so a resumed run
+        only does the chunks that are missing: the others come from Prefect's cache or their finished
+        directories.
+        """
+        start = time.perf_counter()
+        futures = self._chunk_runner().map(chunk_task, {"chunk": list(chunks),
+                                                        **{k: unmapped(v) for k, v in params.items()}})
+        futures.wait()
+        results: list[StageResult] = []
+        counts = {"ran": 0, "cached": 0, "reused": 0}
+        for chunk, future in zip(chunks, futures):
+            result, status = _settle(chunk_task, future.state, {"chunk": chunk, **params})
+            counts[status] += 1
+            results.append(result)
+        seen = [k for k, v in counts.items() if v]
+        # One word when every chunk fared the same, like a single stage; else the mix, e.g. "1 ran, 5 cached".
+        status = seen[0] if len(seen) == 1 else ", ".join(f"{counts[k]} {k}" for k in seen)
+        seconds = time.perf_counter() - start
+        chunks_done = f"{len(results)} chunk{'' if len(results) == 1 else 's'}"
+        self.outcomes.append(StageOutcome(chunk_task.name, label, chunks_done, status, seconds,
+                                          str(Path(results[0].out_dir).parent) if results else ""))
+        get_run_logger().info("%-26s %-6s %6.1fs  %d chunks on %s", label, status, seconds, len(results),
+                              self.runner_cfg.kind)
+        return results
+
+    def _chunk_runner(self) -> TaskRunner:
+        if self._runner is None:
+            self._runner = self._stack.enter_context(chunk_runner(self.runner_cfg))
+        return self._runner
+
+    def close(self) -> None:
+        """Shut the chunk runner down (a Dask cluster's processes with it)."""
+        self._stack.close()
+        self._runner = None
 
     def summary(self, ctx: TrackingContext) -> dict[str, Any]:
         """What the run produced and where: returned by the flow and printed by the CLI."""
@@ -64,6 +100,20 @@ class Ledger:
         }
 
 
+def _settle(stage_task: Any, state: Any, params: dict[str, Any]) -> tuple[StageResult, str]:
+    """A finished task's result and whether it "ran", was "cached" by Prefect or "reused" from disk.
+
+    Raises the task's error, so the flow fails with it. A cache entry whose files are gone (the work
+    directory was cleaned) is computed again.
+    """
+    result: StageResult = state.result()
+    cached = state.name == "Cached"
+    if cached and load_completed(Path(result.out_dir)) is None:
+        state = stage_task.with_options(refresh_cache=True)(**params, return_state=True)
+        result, cached = state.result(), False
+    return result, "cached" if cached else "reused" if result.meta.get("reused") else "ran"
+
+
 @contextmanager
 def tracked_flow(config: PipelineConfig, flow_name: str) -> Iterator[tuple[TrackingContext, Ledger]]:
     """The flow's MLflow parent run: FINISHED if the flow body succeeds, FAILED if it raises."""
@@ -74,13 +124,14 @@ def tracked_flow(config: PipelineConfig, flow_name: str) -> Iterator[tuple[Track
     ctx = open_pipeline_run(config.tracking, config.workdir, run_name=f"{flow_name}-{flow_run.name or 'local'}",
                             params=config.model_dump(mode="json"), tags=tags,
                             flow_run_id=str(flow_run.id) if flow_run.id else None)
-    ledger = Ledger()
+    ledger = Ledger(runner_cfg=config.data.runner)
     status = "FAILED"
     try:
         yield ctx, ledger
         status = "FINISHED"
     finally:
         try:
+            ledger.close()
             set_parent_summary(ctx, ledger.results, [o.__dict__ for o in ledger.outcomes])
         finally:
             close_run(ctx, ctx.parent_run_id, status)

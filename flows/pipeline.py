@@ -2,8 +2,10 @@
 
     download -> clean -> train_tokenizer -> shard -> pretrain -> finetune -> evaluate -> register
 
-The fine-tuning corpus goes through its own download/clean/shard with the
-tokenizer trained on the pretraining corpus.
+Cleaning and sharding are map/reduce: one clean_chunk (encode_chunk) task per
+chunk of documents on the ``data.runner`` task runner, then one clean (shard)
+task that combines them in chunk order. The fine-tuning corpus goes through its
+own download/clean/shard with the tokenizer trained on the pretraining corpus.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from lmpipe.download import local_source_digests
 from lmpipe.preflight import check_context_fits, check_inputs
 from lmpipe.stage import StageResult, sha256_file
 from lmpipe.tracking import TrackingContext
-from tasks.stages import clean, download, evaluate, finetune, pretrain, register, shard, train_tokenizer
+from tasks.stages import (clean, clean_chunk, download, encode_chunk, evaluate, finetune, pretrain, register, shard,
+                          train_tokenizer)
 
 
 def _documents(config: PipelineConfig, corpus: CorpusConfig, field: str, ctx: TrackingContext,
@@ -26,15 +29,22 @@ def _documents(config: PipelineConfig, corpus: CorpusConfig, field: str, ctx: Tr
     delay = config.data.download_retry_delay_s
     fetch = download.with_options(retries=config.data.download_retries,
                                   retry_delay_seconds=[delay * 5**i for i in range(config.data.download_retries)] or 0)
-    docs = ledger.run(fetch, f"download/{corpus.name}", corpus=corpus, field=field, ctx=ctx,
-                      local_sha256=local_source_digests(corpus))
-    return ledger.run(clean, f"clean/{corpus.name}", cfg=config.data.clean, docs=docs, corpus_field=field, ctx=ctx)
+    digests = local_source_digests(corpus, cache_file=Path(ctx.workdir) / "downloads" / "digests.json")
+    docs = ledger.run(fetch, f"download/{corpus.name}", corpus=corpus, field=field,
+                      chunk_bytes=config.data.chunk_bytes, strict=config.data.strict, ctx=ctx, local_sha256=digests)
+    cfg, clean_field = (corpus.clean, f"{field}.clean") if corpus.clean else (config.data.clean, "data.clean")
+    chunks = ledger.map(clean_chunk, f"clean_chunk/{corpus.name}", docs.meta["chunks"], cfg=cfg, docs=docs, ctx=ctx)
+    return ledger.run(clean, f"clean/{corpus.name}", cfg=cfg, docs=docs, chunks=chunks, corpus_field=field,
+                      clean_field=clean_field, ctx=ctx)
 
 
 def _shards(config: PipelineConfig, corpus: CorpusConfig, field: str, docs: StageResult, tokenizer: StageResult,
             ctx: TrackingContext, ledger: Ledger) -> StageResult:
+    encoded = ledger.map(encode_chunk, f"encode_chunk/{corpus.name}", docs.meta["chunks"], docs=docs,
+                         tokenizer=tokenizer, val_fraction=corpus.val_fraction,
+                         encode_batch_size=config.data.shard.encode_batch_size, ctx=ctx)
     return ledger.run(shard, f"shard/{corpus.name}", cfg=config.data.shard, corpus=corpus, docs=docs,
-                      tokenizer=tokenizer, corpus_field=field, ctx=ctx)
+                      encoded=encoded, tokenizer=tokenizer, corpus_field=field, ctx=ctx)
 
 
 def _prepare(config: PipelineConfig, ctx: TrackingContext, ledger: Ledger) -> tuple[StageResult, dict[str, StageResult]]:

@@ -18,15 +18,19 @@ from pydantic import BaseModel
 
 # Which library modules decide each stage's output. Editing one re-runs that stage.
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "download": ("lmpipe.download",),
-    "clean": ("lmpipe.clean",),
-    "train_tokenizer": ("lmpipe.tokenizer",),
+    "download": ("lmpipe.download", "lmpipe.docset"),
+    "clean_chunk": ("lmpipe.clean", "lmpipe.filters", "lmpipe.dedup", "lmpipe.docset"),
+    "clean": ("lmpipe.clean", "lmpipe.dedup", "lmpipe.docset"),
+    "train_tokenizer": ("lmpipe.tokenizer", "lmpipe.docset"),
+    "encode_chunk": ("lmpipe.shards", "lmpipe.tokenizer", "lmpipe.docset"),
     "shard": ("lmpipe.shards", "lmpipe.tokenizer"),
     "pretrain": ("lmpipe.model", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.shards"),
     "finetune": ("lmpipe.model", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.shards", "lmpipe.sft"),
     "evaluate": ("lmpipe.model", "lmpipe.evaluate", "lmpipe.checkpoint", "lmpipe.shards", "lmpipe.tokenizer"),
     "register": ("lmpipe.tracking",),
 }
+# Every stage publishes through lmpipe.stage, so its code is part of every stage's version.
+COMMON_MODULES = ("lmpipe.stage",)
 
 FINGERPRINT_CHARS = 16
 
@@ -35,7 +39,7 @@ FINGERPRINT_CHARS = 16
 def code_version(stage: str) -> str:
     """sha256 over the source files of the stage's modules (short)."""
     h = hashlib.sha256()
-    for name in STAGE_MODULES[stage]:
+    for name in (*STAGE_MODULES[stage], *COMMON_MODULES):
         spec = importlib.util.find_spec(name)
         if spec is None or spec.origin is None:
             raise RuntimeError(f"stage {stage!r}: module {name} not found")

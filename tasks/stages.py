@@ -14,12 +14,12 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from lmpipe.clean import run_clean
+from lmpipe.clean import run_clean, run_clean_chunk
 from lmpipe.config import (CleanConfig, CorpusConfig, EvalConfig, FinetuneConfig, ModelConfig, ShardConfig,
                            TokenizerConfig, TrackingConfig, TrainConfig)
 from lmpipe.download import TransientDownloadError, run_download
 from lmpipe.evaluate import run_evaluate
-from lmpipe.shards import run_shard
+from lmpipe.shards import run_encode_chunk, run_shard
 from lmpipe.stage import StageResult
 from lmpipe.tokenizer import run_train_tokenizer
 from lmpipe.tracking import TrackingContext, run_register, stage_run
@@ -36,35 +36,66 @@ def _transient_only(_task: Any, _task_run: Any, state: Any) -> bool:
 
 
 # local_sha256: the content of local source files, so editing a corpus in place re-runs the data stages.
-DOWNLOAD = StageSpec("download", configs=("corpus", "local_sha256"),
-                     ignore=(("corpus", frozenset({"val_fraction"})),))
+# val_fraction and the corpus's own cleaning do not change what is read.
+DOWNLOAD = StageSpec("download", configs=("corpus", "local_sha256", "chunk_bytes", "strict"),
+                     ignore=(("corpus", frozenset({"val_fraction", "clean"})),))
 
 
 @task(name="download", task_run_name="download-{field}", cache_key_fn=DOWNLOAD.cache_key, retries=3,
       retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5, retry_condition_fn=_transient_only, **CACHED)
-def download(corpus: CorpusConfig, field: str, ctx: TrackingContext,
+def download(corpus: CorpusConfig, field: str, chunk_bytes: int, strict: bool, ctx: TrackingContext,
              local_sha256: list[str | None] | None = None) -> StageResult:
-    fp, out_dir = DOWNLOAD.locate({"corpus": corpus, "local_sha256": local_sha256, "ctx": ctx})
-    with stage_run(ctx, "download", fp, {field: corpus}, {"lmpipe.corpus": corpus.name}) as run:
-        result = run_download(corpus, out_dir, fp, field=field)
-        run.log_result(result, ["sources.json"])
+    fp, out_dir = DOWNLOAD.locate({"corpus": corpus, "local_sha256": local_sha256, "chunk_bytes": chunk_bytes,
+                                   "strict": strict, "ctx": ctx})
+    with stage_run(ctx, "download", fp, {field: corpus, "data.chunk_bytes": chunk_bytes, "data.strict": strict},
+                   {"lmpipe.corpus": corpus.name}) as run:
+        result = run_download(corpus, out_dir, fp, field=field, chunk_bytes=chunk_bytes, strict=strict,
+                              download_dir=Path(ctx.workdir) / "downloads")
+        run.log_result(result, ["sources.json", "read_report.json"])
+    issues = result.meta.get("read_issues") or {}
+    if any(issues.values()):
+        get_run_logger().warning("%s: skipped bad records %s (see read_report.json)", field, issues)
+        create_table_artifact(table=[{"issue": k, "records": v} for k, v in sorted(issues.items()) if v],
+                              key=f"read-issues-{_key(field)}",
+                              description=f"Bad records skipped while reading {field} (data.strict=false)")
     return result
 
 
+# One task per chunk of the downloaded documents; no MLflow run of its own (the clean stage's run reports
+# the totals), so thousands of chunks do not mean thousands of runs.
+CLEAN_CHUNK = StageSpec("clean_chunk", configs=("cfg", "chunk"), upstreams=("docs",))
+
+
+@task(name="clean_chunk", task_run_name="clean-{chunk}", cache_key_fn=CLEAN_CHUNK.cache_key, **CACHED)
+def clean_chunk(cfg: CleanConfig, docs: StageResult, chunk: str, ctx: TrackingContext) -> StageResult:
+    fp, out_dir = CLEAN_CHUNK.locate({"cfg": cfg, "docs": docs, "chunk": chunk, "ctx": ctx})
+    return run_clean_chunk(cfg, docs.path(chunk), out_dir, fp)
+
+
+# The chunks are a function of (cfg, docs), so they are not part of the fingerprint.
 CLEAN = StageSpec("clean", configs=("cfg",), upstreams=("docs",))
 
 
 @task(name="clean", task_run_name="clean-{corpus_field}", cache_key_fn=CLEAN.cache_key, **CACHED)
-def clean(cfg: CleanConfig, docs: StageResult, corpus_field: str, ctx: TrackingContext) -> StageResult:
+def clean(cfg: CleanConfig, docs: StageResult, chunks: list[StageResult], corpus_field: str, clean_field: str,
+          ctx: TrackingContext) -> StageResult:
     fp, out_dir = CLEAN.locate({"cfg": cfg, "docs": docs, "ctx": ctx})
-    with stage_run(ctx, "clean", fp, {"data.clean": cfg}, {"lmpipe.corpus_field": corpus_field}) as run:
-        result = run_clean(cfg, docs, out_dir, fp, corpus_field=corpus_field)
-        run.log_result(result, ["clean_report.json"])
-    rows = result.meta["report"]
-    if rows:  # no rows when every cleaning step is switched off
-        run.client.log_table(run.run_id, {k: [r[k] for r in rows] for k in rows[0]}, "clean_report_table.json")
-        create_table_artifact(table=rows, key=f"clean-{_key(corpus_field)}",
-                              description=f"Cleaning of {corpus_field}: documents and bytes per step")
+    with stage_run(ctx, "clean", fp, {clean_field: cfg}, {"lmpipe.corpus_field": corpus_field}) as run:
+        result = run_clean(cfg, chunks, out_dir, fp, corpus_field=corpus_field, clean_field=clean_field)
+        run.log_result(result, ["clean_report.json", "removed.parquet"])
+        rows = result.meta["report"]
+        samples = [{"step": step, **example} for step, examples in result.meta["samples"].items()
+                   for example in examples]
+        if rows:  # no rows when every cleaning step is switched off
+            run.client.log_table(run.run_id, {k: [r[k] for r in rows] for k in rows[0]}, "clean_report_table.json")
+            create_table_artifact(table=rows, key=f"clean-{_key(corpus_field)}",
+                                  description=f"Cleaning of {corpus_field}: documents and bytes per step")
+        if samples:
+            run.client.log_table(run.run_id, {k: [r[k] for r in samples] for k in samples[0]},
+                                 "removed_samples_table.json")
+            create_table_artifact(table=samples, key=f"removed-{_key(corpus_field)}",
+                                  description=f"Examples of documents removed from {corpus_field}, with the reason "
+                                              "(every removal is in the stage's removed.parquet)")
     return result
 
 
@@ -80,17 +111,29 @@ def train_tokenizer(cfg: TokenizerConfig, docs: StageResult, ctx: TrackingContex
     return result
 
 
+# encode_batch_size changes how fast, never what: the encoder is deterministic.
+ENCODE_CHUNK = StageSpec("encode_chunk", configs=("chunk", "val_fraction"), upstreams=("docs", "tokenizer"))
+
+
+@task(name="encode_chunk", task_run_name="encode-{chunk}", cache_key_fn=ENCODE_CHUNK.cache_key, **CACHED)
+def encode_chunk(docs: StageResult, chunk: str, tokenizer: StageResult, val_fraction: float, encode_batch_size: int,
+                 ctx: TrackingContext) -> StageResult:
+    fp, out_dir = ENCODE_CHUNK.locate({"chunk": chunk, "val_fraction": val_fraction, "docs": docs,
+                                       "tokenizer": tokenizer, "ctx": ctx})
+    return run_encode_chunk(docs.path(chunk), tokenizer, val_fraction, encode_batch_size, out_dir, fp)
+
+
 SHARD = StageSpec("shard", configs=("cfg", "corpus"), upstreams=("docs", "tokenizer"),
-                  ignore=(("cfg", frozenset({"encode_batch_size"})),))
+                  ignore=(("cfg", frozenset({"encode_batch_size"})), ("corpus", frozenset({"clean"}))))
 
 
 @task(name="shard", task_run_name="shard-{corpus_field}", cache_key_fn=SHARD.cache_key, **CACHED)
-def shard(cfg: ShardConfig, corpus: CorpusConfig, docs: StageResult, tokenizer: StageResult, corpus_field: str,
-          ctx: TrackingContext) -> StageResult:
+def shard(cfg: ShardConfig, corpus: CorpusConfig, docs: StageResult, encoded: list[StageResult],
+          tokenizer: StageResult, corpus_field: str, ctx: TrackingContext) -> StageResult:
     fp, out_dir = SHARD.locate({"cfg": cfg, "corpus": corpus, "docs": docs, "tokenizer": tokenizer, "ctx": ctx})
     with stage_run(ctx, "shard", fp, {"data.shard": cfg, "val_fraction": corpus.val_fraction},
                    {"lmpipe.corpus_field": corpus_field}) as run:
-        result = run_shard(cfg, corpus, docs, tokenizer, out_dir, fp, corpus_field=corpus_field)
+        result = run_shard(cfg, corpus, encoded, tokenizer, out_dir, fp, corpus_field=corpus_field)
         run.log_result(result, ["manifest.json"])
     return result
 

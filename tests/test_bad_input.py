@@ -66,17 +66,50 @@ def test_corpus_empty_after_cleaning(tmp_path):
     assert "data.pretrain" in message and "data.clean.min_chars" in message
 
 
-def test_bytes_that_are_not_utf8(tmp_path):
+def test_bytes_that_are_not_utf8_fail_in_strict_mode(tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 50)
-    message, _ = _run_failing(tiny_config(tmp_path, f"data.pretrain.sources=[{{uri: '{bad}'}}]"))
+    message, _ = _run_failing(tiny_config(tmp_path, f"data.pretrain.sources=[{{uri: '{bad}'}}]", "data.strict=true"))
     assert "data.pretrain.sources[0].uri" in message and "latin1.txt" in message
     assert "not valid UTF-8: byte 0xe9 at offset 3" in message
+    assert "set data.strict=false to skip bad records" in message
+
+
+def test_bad_records_are_counted_and_skipped_without_stopping_the_run(tmp_path):
+    """Lenient mode (the default): a glob of files, some broken in every way, gives the good documents."""
+    import gzip
+    import json
+
+    from flows.pipeline import prepare_data
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    good = [json.dumps({"text": f"Document {i}. " + (DATA / "tinyshakespeare.txt").read_text()[i * 3000:(i + 1) * 3000]})
+            for i in range(60)]
+    (corpus / "a.jsonl").write_text("\n".join(good[:30]) + "\n{not json\n" + json.dumps({"txt": "x"}) + "\n",
+                                    encoding="utf-8")
+    (corpus / "b.jsonl").write_bytes(b'{"text": "caf\xe9"}\n' + "\n".join(good[30:]).encode() + b"\n")
+    (corpus / "c.jsonl").write_bytes(b"")
+    (corpus / "d.jsonl").write_bytes(b"\x00\x01binary\x00" * 100)
+    packed = gzip.compress("\n".join(good).encode())
+    (corpus / "e.jsonl.gz").write_bytes(packed[: len(packed) // 2])  # cut off mid-stream
+    cfg = tiny_config(tmp_path / "w", f"data.pretrain.sources=[{{uri: '{corpus}/*.jsonl*'}}]")
+    summary = prepare_data(config=cfg)
+    download = summary["metrics"]["download/wikitext2"]
+    assert {k: v for k, v in download.items() if k.startswith("bad_records")} == {
+        "bad_records": 6.0, "bad_records.bad_json": 1.0, "bad_records.missing_field": 1.0,
+        "bad_records.invalid_utf8": 1.0, "bad_records.empty_file": 1.0, "bad_records.binary_file": 1.0,
+        "bad_records.truncated": 1.0}
+    # Every good line of a.jsonl and b.jsonl, and the lines of the cut gzip file before the cut.
+    assert 60 < download["documents"] < 120
+    report = json.loads((Path(summary["stages"][0]["out_dir"]) / "read_report.json").read_text())
+    assert {e["kind"] for e in report["examples"]} == {"bad_json", "missing_field", "invalid_utf8", "empty_file",
+                                                        "binary_file", "truncated"}
 
 
 def test_context_longer_than_validation_split(tmp_path):
     message, runs = _run_failing(tiny_config(tmp_path, "model.block_size=200000"))
-    assert "model.block_size=200000 is longer than the val split of corpus 'wikitext2' (67352 tokens)" in message
+    assert "model.block_size=200000 is longer than the val split of corpus 'wikitext2' (67552 tokens)" in message
     assert "pretrain" not in {r.info.run_name for r in runs}  # found once the shards exist, before training
 
 

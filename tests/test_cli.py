@@ -14,7 +14,7 @@ def test_config_command_prints_the_resolved_config(capsys):
 def test_bad_config_exits_2_naming_the_field_before_prefect_starts(capsys):
     assert main(["run", "tokenizer.vocab_size=200"]) == 2
     err = capsys.readouterr().err
-    assert "tokenizer.vocab_size: 200 is too small" in err and "needs at least 257" in err
+    assert "tokenizer.vocab_size: 200 is too small" in err and "needs at least 261" in err
 
 
 def test_summary_table_lists_stages_evaluation_and_where_to_look():

@@ -13,9 +13,12 @@ from tests.conftest import DATA, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
-STAGES = ["download/wikitext2", "clean/wikitext2", "train_tokenizer", "shard/wikitext2",
-          "download/tinyshakespeare", "clean/tinyshakespeare", "shard/tinyshakespeare",
+STAGES = ["download/wikitext2", "clean_chunk/wikitext2", "clean/wikitext2", "train_tokenizer",
+          "encode_chunk/wikitext2", "shard/wikitext2",
+          "download/tinyshakespeare", "clean_chunk/tinyshakespeare", "clean/tinyshakespeare",
+          "encode_chunk/tinyshakespeare", "shard/tinyshakespeare",
           "pretrain", "finetune", "evaluate", "register"]
+CHUNK_STAGES = {label for label in STAGES if label.split("/")[0] in ("clean_chunk", "encode_chunk")}
 MODEL_STAGES = {"pretrain", "finetune", "evaluate", "register"}
 
 
@@ -71,9 +74,13 @@ def test_every_stage_runs_and_is_tracked(first_run):
     assert {r.data.tags["lmpipe.git_commit"] for r in children} == {parent.data.tags["lmpipe.git_commit"]}
     by_name = {r.info.run_name: r for r in children}
 
-    # Every stage's run carries the fingerprint that names its output directory.
+    # Every stage's run carries the fingerprint that names its output directory; chunk tasks report how many
+    # chunks they did (the demo's corpora fit in one chunk each) and where their directories are.
     for stage in summary["stages"]:
-        assert Path(stage["out_dir"]).name == stage["fingerprint"]
+        if stage["label"] in CHUNK_STAGES:
+            assert stage["fingerprint"] == "1 chunk" and Path(stage["out_dir"]).name == stage["stage"]
+        else:
+            assert Path(stage["out_dir"]).name == stage["fingerprint"]
     assert by_name["pretrain"].data.params["pretrain.max_steps"] == "30"
     assert by_name["train_tokenizer"].data.params["tokenizer.vocab_size"] == "512"
 
@@ -88,6 +95,10 @@ def test_every_stage_runs_and_is_tracked(first_run):
     assert {"report.json", "report.md", "samples.json"} <= artifacts
     assert "tokenizer.json" in {a.path for a in client.list_artifacts(by_name["train_tokenizer"].info.run_id)}
     assert "manifest.json" in {a.path for a in client.list_artifacts(by_name["shard"].info.run_id)}
+    clean_runs = [r for r in children if r.info.run_name == "clean"]
+    for run in clean_runs:  # the report, every removed document with its reason, and the per-step table
+        assert {"clean_report.json", "removed.parquet", "clean_report_table.json"} <= {
+            a.path for a in client.list_artifacts(run.info.run_id)}
     assert {a.path for a in client.list_artifacts(by_name["finetune"].info.run_id, "model")} == {
         "model/model.safetensors", "model/state.json"}
 
@@ -133,7 +144,8 @@ def test_rerun_reuses_every_stage_and_a_model_change_reruns_only_training(first_
 
     parents, children = _runs(first["tracking_uri"])
     assert len(parents) == 3 and {p.info.status for p in parents} == {"FINISHED"}
-    assert len(children) == len(STAGES) + len(MODEL_STAGES)  # cached stages open no run of their own
+    # Cached stages open no run of their own, and chunk tasks none at all.
+    assert len(children) == len(STAGES) - len(CHUNK_STAGES) + len(MODEL_STAGES)
     assert _untrusted_outputs(Path(cfg.workdir)) == []
 
 

@@ -60,6 +60,9 @@ def first_occurrence(keys: np.ndarray) -> np.ndarray:
     return first
 
 
+MINHASH_BLOCK_DOCS = 256  # documents whose shingles are in memory at once
+
+
 def shingles(text: str, n: int) -> list[str]:
     """Word n-grams of the lower-cased, punctuation-stripped text; a text of fewer than n words is one shingle."""
     words = PUNCTUATION.sub("", text.lower()).split()
@@ -74,10 +77,13 @@ def minhash_signatures(texts: Sequence[str], ngram: int, permutations: int, seed
     rensa hashes tokens with a fixed seeded hash (not Python's salted ``hash``), so a signature is the
     same in every process.
     """
-    if not texts:
-        return np.zeros((0, permutations), dtype=np.uint32)
-    matrix = rensa.RMinHash.digest_matrix_from_token_sets([shingles(t, ngram) for t in texts], permutations, seed)
-    return np.array(matrix.to_rows(), dtype=np.uint32).reshape(len(texts), permutations)
+    out = np.zeros((len(texts), permutations), dtype=np.uint32)
+    # A block at a time: the shingle strings of a whole 64 MiB chunk would take ~1 GB.
+    for lo in range(0, len(texts), MINHASH_BLOCK_DOCS):
+        block = texts[lo:lo + MINHASH_BLOCK_DOCS]
+        matrix = rensa.RMinHash.digest_matrix_from_token_sets([shingles(t, ngram) for t in block], permutations, seed)
+        out[lo:lo + len(block)] = np.array(matrix.to_rows(), dtype=np.uint32).reshape(len(block), permutations)
+    return out
 
 
 def _collision_integrals(threshold: float, bands: int, rows: int, nodes: np.ndarray, weights: np.ndarray

@@ -15,6 +15,7 @@ import pytest
 import rensa
 
 from lmpipe.dedup import (
+    MINHASH_BLOCK_DOCS,
     SignatureStore,
     band_keys,
     cluster_roots,
@@ -80,6 +81,15 @@ def test_signatures_are_rensa_rminhash_of_the_shingles():
         m.update(shingles(text, 3))
         assert row.tolist() == m.digest()
     assert minhash_signatures([], ngram=3, permutations=16, seed=7).shape == (0, 16)
+
+
+def test_signatures_of_many_documents_are_computed_block_by_block_with_the_same_result():
+    texts = [" ".join(random_doc(random.Random(n), 30)) for n in range(MINHASH_BLOCK_DOCS * 2 + 3)]
+    got = minhash_signatures(texts, ngram=5, permutations=8, seed=3)
+    for i in (0, MINHASH_BLOCK_DOCS - 1, MINHASH_BLOCK_DOCS, len(texts) - 1):  # block edges
+        m = rensa.RMinHash(num_perm=8, seed=3)
+        m.update(shingles(texts[i], 5))
+        assert got[i].tolist() == m.digest()
 
 
 def test_signatures_are_the_same_in_another_process():

@@ -29,3 +29,24 @@ def test_summary_table_lists_stages_evaluation_and_where_to_look():
     assert "base        wiki                   2.000       7.4      1.250" in text
     assert "registered model: models:/m@candidate (version 3)" in text
     assert "mlflow ui --backend-store-uri sqlite:///w/mlflow.db" in text
+
+
+def test_why_names_the_step_and_reason_that_removed_a_document(tmp_path, capsys):
+    from lmpipe.clean import run_clean, run_clean_chunk
+    from lmpipe.config import CleanConfig
+    from lmpipe.docset import ChunkWriter, chunk_paths
+
+    with ChunkWriter(tmp_path / "download", chunk_bytes=1 << 20) as w:
+        w.add_many(["c/0/0", "c/0/1", "c/0/2"], ["A long enough first document.", "x", "A long enough first document."],
+                   ["a.txt"] * 3)
+    cfg = CleanConfig(min_chars=2)
+    chunk = run_clean_chunk(cfg, chunk_paths(tmp_path / "download")[0], tmp_path / "w" / "clean_chunk" / "k", "k")
+    run_clean(cfg, [chunk], tmp_path / "w" / "clean" / "f", "f", corpus_field="data.pretrain")
+
+    assert main(["why", "c/0/1", "--workdir", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out
+    assert "c/0/1: removed by min_chars" in out and "reason:  min_chars: 1 chars < 2" in out
+    assert main(["why", "c/0/2", "--workdir", str(tmp_path / "w")]) == 0
+    assert "reason:  dedup: same text as c/0/0" in capsys.readouterr().out
+    assert main(["why", "c/0/0", "--workdir", str(tmp_path / "w")]) == 1
+    assert "c/0/0: not removed by any finished clean stage" in capsys.readouterr().out

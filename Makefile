@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test clean-work
+.PHONY: install run test bench clean-work
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The data benchmarks (bench/): cleaning against datatrove, sharding against the bare tokenizers encoder,
+# peak memory on a 2 GB synthetic corpus. datatrove is the cleaning baseline only, so it is installed here.
+BENCH_MEMORY_GB ?= 2
+bench: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check "datatrove==0.10.1" "spacy==3.8.18"
+	$(BIN)/python -m bench.clean
+	$(BIN)/python -m bench.shard
+	$(BIN)/python -m bench.memory --gigabytes $(BENCH_MEMORY_GB)
 
 clean-work:
 	rm -rf .lmpipe

@@ -61,10 +61,11 @@ def _prefect_environment(config: PipelineConfig) -> None:
 
 
 def format_summary(summary: dict, seconds: float) -> str:
-    lines = ["", f"{'stage':<28}{'status':<8}{'seconds':>9}  output", "-" * 78]
+    width = max([28, *(len(s["label"]) + 3 for s in summary["stages"])])  # corpus names make labels long
+    lines = ["", f"{'stage':<{width}}{'status':<8}{'seconds':>9}  output", "-" * (width + 50)]
     for s in summary["stages"]:
-        lines.append(f"{s['label']:<28}{s['status']:<8}{s['seconds']:>9.1f}  {s['out_dir']}")
-    lines.append(f"{'total (incl. start-up)':<36}{seconds:>9.1f}")
+        lines.append(f"{s['label']:<{width}}{s['status']:<8}{s['seconds']:>9.1f}  {s['out_dir']}")
+    lines.append(f"{'total (incl. start-up)':<{width + 8}}{seconds:>9.1f}")
     evaluation = summary["metrics"].get("evaluate", {})
     if evaluation:
         lines += ["", f"{'model':<12}{'corpus':<20}{'loss':>8}{'ppl':>10}{'bits/byte':>11}"]

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -116,7 +117,17 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
 
-    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="lmpipe-bench-memory-"))
+    if args.workdir:
+        return measure(Path(args.workdir), args)
+    root = Path(tempfile.mkdtemp(prefix="lmpipe-bench-memory-"))
+    try:
+        return measure(root, args)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # gigabytes of corpus and outputs
+
+
+def measure(root: Path, args: argparse.Namespace) -> int:
+    """Generate the corpus under root (unless it is there), run the data flow, print the table."""
     corpus = root / "corpus"
     start = time.perf_counter()
     if not any(corpus.glob("*.jsonl.zst")):

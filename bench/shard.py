@@ -28,7 +28,8 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from lmpipe.config import CorpusConfig, ShardConfig, SourceConfig, TokenizerConfig
@@ -39,6 +40,11 @@ from lmpipe.tokenizer import load_tokenizer, run_train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TITLE = re.compile(r"^ = [^=].* = $", re.MULTILINE)
+
+
+def _encode(tokenizer: StageResult, val_fraction: float, batch: int, out: Path, ic: tuple[int, Path]) -> StageResult:
+    """One encode_chunk task (a top-level function, so a process pool can run it)."""
+    return run_encode_chunk(ic[1], tokenizer, val_fraction, batch, out / "encoded" / f"{ic[0]:06d}", f"e{ic[0]}")
 
 
 def corpus_documents(data: Path) -> list[tuple[str, str]]:
@@ -86,6 +92,8 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=40.0, help="MB of text (default 40)")
     parser.add_argument("--chunk-mb", type=float, default=4.0, help="MB per document-set chunk (default 4)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pool", choices=["threads", "processes"], default="threads",
+                        help="how chunks are encoded at once, like data.runner.kind")
     parser.add_argument("--workers", type=int, default=0, help="chunks encoded at once (default: one per core)")
     parser.add_argument("--batch", type=int, default=ShardConfig().encode_batch_size, help="documents per encode batch")
     parser.add_argument("--vocab-size", type=int, default=8192)
@@ -114,11 +122,10 @@ def main() -> None:
 
         def stage(attempt: int) -> int:
             out = root / f"run{attempt}"
-            with ThreadPoolExecutor(workers) as pool:
-                encoded = list(pool.map(
-                    lambda ic: run_encode_chunk(ic[1], tokenizer, corpus.val_fraction, shard_cfg.encode_batch_size,
-                                                out / "encoded" / f"{ic[0]:06d}", f"e{ic[0]}"),
-                    enumerate(chunks)))
+            pool_class = ProcessPoolExecutor if args.pool == "processes" else ThreadPoolExecutor
+            with pool_class(workers) as pool:
+                encode = partial(_encode, tokenizer, corpus.val_fraction, shard_cfg.encode_batch_size, out)
+                encoded = list(pool.map(encode, enumerate(chunks)))
             result = run_shard(shard_cfg, corpus, encoded, tokenizer, out / "shards", "bench", corpus_field="bench")
             shutil.rmtree(out / "encoded")
             m = result.metrics

@@ -173,11 +173,6 @@ def build_steps(cfg: CleanConfig) -> list[Step]:
     return steps
 
 
-def _byte_lengths(texts: list[str]) -> list[int]:
-    # isascii() is O(1) on CPython's compact strings, and most text is ASCII: skip the encode.
-    return [len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts]
-
-
 def _row(name: str) -> dict[str, Any]:
     return {"step": name, "docs_in": 0, "docs_out": 0, "bytes_in": 0, "bytes_out": 0}
 
@@ -212,7 +207,7 @@ class _ChunkState:
             if isinstance(step, Transform):
                 new = [step.fn(t) for t in texts]
                 # Most steps return the very same object when nothing changed: no need to measure it again.
-                nbytes = [n if a is b else len(a.encode("utf-8")) for a, b, n in zip(new, texts, nbytes)]
+                nbytes = [n if a is b else docset.utf8_len(a) for a, b, n in zip(new, texts, nbytes)]
                 texts = new
             else:
                 ids, texts, sources, nbytes = self._filter(step, ids, texts, sources, nbytes)
@@ -229,7 +224,7 @@ class _ChunkState:
             if reason is not None:
                 self.remove(step.name, doc_id, source, reason, n, text)
                 continue
-            for col, value in zip(out, (doc_id, new, source, n if new is text else len(new.encode("utf-8")))):
+            for col, value in zip(out, (doc_id, new, source, n if new is text else docset.utf8_len(new))):
                 col.append(value)
         return out
 

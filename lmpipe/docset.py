@@ -61,8 +61,10 @@ def read_documents(path: Path) -> pa.Table:
     return table
 
 
-def utf8_bytes(texts: Sequence[str]) -> int:
-    return sum(len(t.encode("utf-8")) for t in texts)
+def utf8_len(text: str) -> int:
+    """UTF-8 length of a text. isascii() is O(1) on CPython's compact strings and most text is ASCII,
+    so the encode is skipped for it."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 class ChunkWriter:
@@ -88,7 +90,7 @@ class ChunkWriter:
         self._ids.append(doc_id)
         self._texts.append(text)
         self._sources.append(source)
-        self._bytes += len(text.encode("utf-8")) if nbytes is None else nbytes
+        self._bytes += utf8_len(text) if nbytes is None else nbytes
         if self._bytes >= self.chunk_bytes:
             self.flush()
 

@@ -79,7 +79,7 @@ from typing import IO, Any
 import zstandard
 
 from lmpipe.config import CorpusConfig, SourceConfig
-from lmpipe.docset import ChunkWriter
+from lmpipe.docset import ChunkWriter, utf8_len
 from lmpipe.stage import BuildOutput, StageResult, read_versioned_json, run_stage, sha256_file, write_json_atomic
 
 SOURCES_FILE = "sources.json"
@@ -429,15 +429,6 @@ def _utf8_error(raw: bytes, err: UnicodeDecodeError, base: int) -> str:
     return f"not valid UTF-8: byte 0x{raw[err.start]:02x} at offset {base + err.start} ({err.reason})"
 
 
-def decode_utf8(raw: bytes, *, name: str, field: str) -> str:
-    """Strict UTF-8 (a leading byte-order mark is dropped); errors give the byte offset."""
-    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return raw[skip:].decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise SourceContentError(f"{field}.uri: {name} is {_utf8_error(raw[skip:], err, skip)}") from None
-
-
 def _lines(text: str) -> list[str]:
     """Lines with their line endings; ''.join(_lines(t)) == t."""
     return LINE.findall(text)
@@ -445,10 +436,6 @@ def _lines(text: str) -> list[str]:
 
 def _blank(s: str) -> bool:
     return not s.strip()
-
-
-def _utf8_len(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 @dataclass(slots=True)
@@ -751,7 +738,7 @@ class _SourceReader:
             doc_id = str(value)
         if _blank(text):
             return None
-        return _Doc(text, _utf8_len(text), doc_id)
+        return _Doc(text, utf8_len(text), doc_id)
 
     # -- formats -------------------------------------------------------------
 
@@ -760,7 +747,7 @@ class _SourceReader:
             if piece.error is not None:
                 self._issue("invalid_utf8", name, piece.error, line=piece.error_line)
             elif not _blank(piece.text):
-                yield _Doc(piece.text, _utf8_len(piece.text))
+                yield _Doc(piece.text, utf8_len(piece.text))
 
     def _jsonl_docs(self, lines: Iterable[_Line], name: str) -> Iterator[_Doc]:
         for line in lines:

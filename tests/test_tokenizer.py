@@ -48,7 +48,6 @@ def write_documents(out_dir: Path, texts: list[str], chunk_bytes: int = 1 << 30,
                     ids: list[str] | None = None) -> StageResult:
     """A clean-stage result: texts as a document set (ids doc-00000, ...), in chunks of about chunk_bytes."""
     ids = ids if ids is not None else [f"doc-{i:05d}" for i in range(len(texts))]
-    out_dir.mkdir(parents=True, exist_ok=True)  # ChunkWriter creates it only with its first chunk
     with ChunkWriter(out_dir, chunk_bytes) as w:
         w.add_many(ids, texts, ["test"] * len(texts))
     return StageResult(stage="clean", fingerprint="test", out_dir=str(out_dir))

@@ -298,10 +298,30 @@ class ModelConfig(Section):
         return v
 
 
+class DistributedConfig(Section):
+    """More than one process: ``torchrun`` on this node, one process per GPU (or CPU process with gloo)."""
+
+    nproc_per_node: int = Field(1, ge=1, description="Training processes; > 1 launches torchrun (DDP or FSDP).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="'ddp': a full replica per process; 'fsdp': FSDP2 fully_shard, for models that "
+                           "do not fit one GPU with DDP."
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="'auto': nccl on CUDA, gloo on CPU.")
+
+
 class TrainConfig(Section):
     max_steps: int = Field(600, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(16, ge=1, description="Sequences per micro-batch.")
-    grad_accum_steps: int = Field(1, ge=1)
+    batch_size: int | Literal["auto"] = Field(
+        16, description="Sequences per micro-batch per process; 'auto' (needs batch_tokens): the largest "
+                        "that fits the device."
+    )
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step (ignored when "
+                                                       "batch_tokens is set).")
+    batch_tokens: int | None = Field(
+        None, ge=1, description="Global batch in tokens per optimizer step; gradient accumulation steps are "
+                                "derived: batch_tokens / (batch_size x block_size x processes), which must be whole."
+    )
+    compile: bool | None = Field(None, description="torch.compile the model; None: on for CUDA, off elsewhere.")
     learning_rate: float = Field(2e-3, gt=0.0)
     min_lr: float = Field(2e-4, ge=0.0)
     warmup_steps: int = Field(30, ge=0)
@@ -319,12 +339,29 @@ class TrainConfig(Section):
     peak_flops: float | None = Field(
         None, gt=0.0, description="Device peak FLOP/s for MFU; None: known GPUs' dense bf16 peak, else no MFU."
     )
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.min_lr > self.learning_rate:
             raise ValueError(f"min_lr={self.min_lr} exceeds learning_rate={self.learning_rate}")
+        if self.batch_size == "auto" and self.batch_tokens is None:
+            raise ValueError("batch_size='auto' needs batch_tokens (the global batch the micro-batches add up to)")
         return self
+
+    def sequences_per_step(self, block_size: int) -> int:
+        """Global batch in sequences: what one optimizer step trains on, however it is split."""
+        if self.batch_tokens is not None:
+            return self.batch_tokens // block_size
+        assert isinstance(self.batch_size, int)
+        return self.batch_size * self.grad_accum_steps * self.distributed.nproc_per_node
 
 
 class FinetuneConfig(TrainConfig):
@@ -382,7 +419,30 @@ class PipelineConfig(Section):
     def _check(self) -> PipelineConfig:
         if self.finetune.mode == "continue" and self.data.finetune is None:
             raise ValueError("finetune.mode='continue' needs a data.finetune corpus")
+        for name in ("pretrain", "finetune"):
+            check_batch(getattr(self, name), self.model.block_size, name)
+        if self.finetune.distributed.nproc_per_node != 1:
+            raise ValueError(f"finetune.distributed.nproc_per_node={self.finetune.distributed.nproc_per_node}: "
+                             "only pretraining launches torchrun; fine-tuning runs in one process")
         return self
+
+
+def check_batch(cfg: TrainConfig, block_size: int, section: str) -> None:
+    """batch_tokens must split into whole micro-batches of every process; names the fields otherwise."""
+    if cfg.batch_tokens is None:
+        return
+    procs = cfg.distributed.nproc_per_node
+    if cfg.batch_tokens % block_size:
+        raise ValueError(f"{section}.batch_tokens={cfg.batch_tokens} is not a multiple of "
+                         f"model.block_size={block_size}")
+    sequences = cfg.batch_tokens // block_size
+    micro = 1 if cfg.batch_size == "auto" else cfg.batch_size
+    if sequences % (micro * procs):
+        raise ValueError(
+            f"{section}.batch_tokens={cfg.batch_tokens} is {sequences} sequences of model.block_size={block_size}, "
+            f"which does not split into whole micro-batches of {section}.batch_size={cfg.batch_size} on "
+            f"{section}.distributed.nproc_per_node={procs} processes"
+        )
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

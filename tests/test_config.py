@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmpipe.config import ConfigError, PipelineConfig, load_config
 from lmpipe.fingerprint import stage_fingerprint
@@ -74,3 +75,41 @@ def test_corpora_need_distinct_names():
     with pytest.raises(ConfigError, match="data: Value error, finetune.name 'wikitext2' is also pretrain.name|"
                                           "finetune.name 'wikitext2' is also pretrain.name"):
         load_config(None, ["data.finetune.name=wikitext2"])
+
+
+def test_gpt2_124m_preset_is_gpt2_small_with_a_half_million_token_batch():
+    from lmpipe.model import GPT, GPTConfig
+
+    cfg = load_config(REPO / "configs" / "gpt2-124m.yaml")
+    m = cfg.model
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (12, 12, 768, 1024)
+    assert cfg.tokenizer.vocab_size <= 65_536
+    assert cfg.pretrain.batch_tokens == 524_288 and cfg.pretrain.sequences_per_step(m.block_size) == 512
+    with torch.device("meta"):  # shapes only, no memory
+        params = GPT(GPTConfig.from_config(m, cfg.tokenizer.vocab_size)).num_params(non_embedding=False)
+    assert params == 124_475_904  # nanoGPT's GPT-2 small with the 50,304-token vocabulary
+    assert load_config(REPO / "configs" / "gpu-smoke.yaml").pretrain.batch_size == "auto"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["pretrain.batch_tokens=1000"], r"pretrain\.batch_tokens=1000 is not a multiple of model\.block_size=128"),
+        (["pretrain.batch_tokens=2048", "pretrain.batch_size=3"],
+         r"pretrain\.batch_tokens=2048 is 16 sequences .* pretrain\.batch_size=3 on "
+         r"pretrain\.distributed\.nproc_per_node=1 processes"),
+        (["pretrain.batch_size=auto"], r"pretrain: batch_size='auto' needs batch_tokens"),
+        (["pretrain.batch_size=0"], r"pretrain\.batch_size: must be >= 1 or 'auto'"),
+        (["finetune.distributed.nproc_per_node=2"], r"finetune\.distributed\.nproc_per_node=2: only pretraining"),
+    ],
+)
+def test_bad_batch_settings_name_the_fields(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_batch_tokens_sets_the_global_batch_whatever_the_split():
+    cfg = load_config(None, ["pretrain.batch_tokens=8192", "pretrain.batch_size=8",
+                             "pretrain.distributed.nproc_per_node=2"])
+    assert cfg.pretrain.sequences_per_step(128) == 64  # 8 per micro-batch x 4 accumulation x 2 processes
+    assert load_config(None).pretrain.sequences_per_step(128) == 16  # batch_size x grad_accum_steps

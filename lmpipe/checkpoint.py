@@ -3,9 +3,13 @@
 Layout of ``<root>/step-0000200/``::
 
     model.safetensors   weights (the tied output head is stored once, as the token embedding)
-    optimizer.pt        AdamW state, read back with torch.load(weights_only=True)
+    optimizer.pt        AdamW state keyed by parameter name, read back with torch.load(weights_only=True)
     state.json          written LAST: format version, step, model config, vocab size,
-                        tokenizer fingerprint, data position, RNG states, sha256 of the files
+                        tokenizer fingerprint, data position, every rank's RNG states, sha256 of the files
+
+Weights and optimizer state are the full, unsharded tensors whatever trained them
+(one process, DDP or FSDP2: ``capture`` gathers them through torch's distributed
+state-dict API), so a checkpoint resumes on any number of processes.
 
 A checkpoint is built in a hidden temporary directory and renamed into place, and
 ``latest_checkpoint`` trusts a directory only if its state.json parses and every
@@ -28,12 +32,20 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from lmpipe.config import ModelConfig
 from lmpipe.model import GPT, GPTConfig
 from lmpipe.stage import sha256_file, write_json_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name, RNG states per rank
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -78,8 +90,8 @@ def rng_state() -> dict[str, Any]:
         "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": _b64(torch.get_rng_state()),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = _b64(torch.cuda.get_rng_state())  # this process's device (one per rank)
     return state
 
 
@@ -89,19 +101,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(_unb64(state["torch"]))
-    # CUDA states come back only onto the same number of devices.
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_unb64(state["cuda"]))
 
 
 # ---------------------------------------------------------------- writing
 
 
-def _weights(model: GPT) -> dict[str, torch.Tensor]:
-    sd = model.state_dict()
-    if _TIED_KEY in sd and sd[_TIED_KEY].data_ptr() == sd[_TIED_TO].data_ptr():
-        del sd[_TIED_KEY]
-    return {k: v.detach().contiguous() for k, v in sd.items()}
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def capture(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Full CPU copies of the weights (tied head dropped) and of the optimizer state.
+
+    ``model`` may be a GPT, or one wrapped by DDP or sharded by FSDP2; under FSDP
+    this is a collective (every rank calls it) and ranks other than 0 get empty dicts.
+    """
+    sd = get_model_state_dict(model, options=_FULL)
+    sd.pop(_TIED_KEY, None)  # the GPT always ties its head to the token embedding
+    weights = {k: v.detach().contiguous() for k, v in sd.items()}
+    opt = get_optimizer_state_dict(model, optimizer, options=_FULL) if optimizer is not None else None
+    return weights, opt
 
 
 def _fsync(path: Path) -> None:
@@ -130,13 +150,23 @@ def _finish(tmp: Path, final: Path, state: dict[str, Any]) -> Path:
 def save_checkpoint(
     root: Path, step: int, model: GPT, optimizer: torch.optim.Optimizer, state: dict[str, Any], *, keep: int = 2
 ) -> Path:
+    """Checkpoint a single-process model: ``capture`` then ``write_checkpoint``."""
+    weights, opt = capture(model, optimizer)
+    return write_checkpoint(root, step, model.config, weights, opt, state, keep=keep)
+
+
+def write_checkpoint(
+    root: Path, step: int, config: GPTConfig, weights: dict[str, torch.Tensor], optimizer_state: dict | None,
+    state: dict[str, Any], *, rng: list[dict[str, Any]] | None = None, keep: int = 2,
+) -> Path:
     """Write ``root/step-{step:07d}`` atomically, then prune: keep the newest ``keep`` checkpoints.
 
     ``state`` holds the caller's fields (tokenizer_fingerprint, data position, train
-    config, ...); format_version, step, model config, vocab_size and RNG states are
-    added here. One writer per root is assumed: leftover temporary directories and
-    checkpoints of later steps are removed, since training resumes from the newest
-    valid checkpoint, so later ones were invalid or belong to an abandoned run.
+    config, ...); format_version, step, model config, vocab_size and the RNG states
+    (``rng``: one entry per rank; default this process's) are added here. One writer
+    per root is assumed: leftover temporary directories and checkpoints of later
+    steps are removed, since training resumes from the newest valid checkpoint, so
+    later ones were invalid or belong to an abandoned run.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -145,15 +175,16 @@ def save_checkpoint(
     final = step_dir(root, step)
     tmp = root / f".{final.name}.tmp"  # hidden, and never matches the step-N pattern
     tmp.mkdir()
-    save_file(_weights(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
     full = {
         **state,
         "format_version": FORMAT_VERSION,
         "step": step,
-        "model": asdict(model.config),
-        "vocab_size": model.config.vocab_size,
-        "rng": rng_state(),
+        "model": asdict(config),
+        "vocab_size": config.vocab_size,
+        "rng": rng if rng is not None else [rng_state()],
     }
     out = _finish(tmp, final, full)
     later = [d for d in _step_dirs(root) if _step_of(d) > step]
@@ -174,7 +205,8 @@ def export_model(ckpt_dir: Path, dest: Path) -> Path:
             shutil.rmtree(d)
     tmp.mkdir(parents=True)
     shutil.copyfile(Path(ckpt_dir) / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
-    return _finish(tmp, dest, {k: v for k, v in state.items() if k != "files"})
+    # No RNG states: they are training state, and Python's and NumPy's also move with other code in the process.
+    return _finish(tmp, dest, {k: v for k, v in state.items() if k not in ("files", "rng")})
 
 
 # ---------------------------------------------------------------- reading
@@ -280,39 +312,46 @@ def check_compatible(
         )
 
 
-def _load_weights(model: GPT, ckpt_dir: Path, device: torch.device | str) -> None:
-    sd = load_file(str(Path(ckpt_dir) / WEIGHTS_FILE), device=str(device))
+def _load_weights(model: nn.Module, ckpt_dir: Path) -> None:
+    """Full weights into a plain, DDP or FSDP2 model (each rank reads the file and keeps its shard)."""
+    sd = load_file(str(Path(ckpt_dir) / WEIGHTS_FILE), device="cpu")
     sd[_TIED_KEY] = sd[_TIED_TO]
-    model.load_state_dict(sd, strict=True)
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
 def load_model(ckpt_dir: Path, device: torch.device | str = "cpu") -> GPT:
     """Build the GPT a checkpoint describes and load its weights; returned in eval mode."""
     state = verify_checkpoint(ckpt_dir)
     model = GPT(GPTConfig(**state["model"]))
-    _load_weights(model, ckpt_dir, "cpu")
+    _load_weights(model, ckpt_dir)
     return model.to(device).eval()
 
 
 def load_checkpoint(
     ckpt_dir: Path,
-    model: GPT,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     *,
-    device: torch.device | str = "cpu",
     restore_rng: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, Any]:
-    """Restore weights into model (and optimizer state, RNG states); returns the checkpoint's state.
+    """Restore weights into model (and optimizer state, this rank's RNG states); returns the state.
 
-    The model must already have the checkpoint's architecture (see check_compatible).
+    The model must already have the checkpoint's architecture (see check_compatible)
+    and sit on its device; plain, DDP and FSDP2 models all take the full tensors.
+    RNG states come back only onto the same number of ranks; ``restore_rng`` reports
+    through the returned state's ``rng_restored`` whether they did.
     """
     state = verify_checkpoint(ckpt_dir)
-    _load_weights(model, ckpt_dir, device)
+    _load_weights(model, ckpt_dir)
     if optimizer is not None:
         opt_file = Path(ckpt_dir) / OPTIMIZER_FILE
         if not opt_file.is_file():
             raise CheckpointError(f"{ckpt_dir} holds no optimizer state (an exported model?)")
-        optimizer.load_state_dict(torch.load(opt_file, map_location=device, weights_only=True))
-    if restore_rng:
-        set_rng_state(state["rng"])
+        opt_state = torch.load(opt_file, map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
+    state["rng_restored"] = restore_rng and len(state.get("rng", [])) == world_size
+    if state["rng_restored"]:
+        set_rng_state(state["rng"][rank])
     return state

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -117,12 +118,23 @@ def _log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> No
 class StageRun:
     """A stage's nested MLflow run. Metrics are buffered and written in batches."""
 
-    def __init__(self, ctx: TrackingContext, run_id: str, flush_every: int = 200) -> None:
-        self.ctx = ctx
+    def __init__(self, uri: str, run_id: str, flush_every: int = 200) -> None:
+        self.uri = uri
         self.run_id = run_id
-        self.client = _client(ctx.uri)
+        self.client = _client(uri)
         self.flush_every = flush_every
         self._pending: list[Metric] = []
+
+    def env(self) -> dict[str, str]:
+        """Environment that lets another process (a torchrun worker) log into this run: ``from_env``."""
+        return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_RUN_ID": self.run_id}
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> StageRun | None:
+        """The run ``env`` handed over, or None when there is none (training without tracking)."""
+        if "MLFLOW_RUN_ID" not in environ or "MLFLOW_TRACKING_URI" not in environ:
+            return None
+        return cls(environ["MLFLOW_TRACKING_URI"], environ["MLFLOW_RUN_ID"])
 
     def log_params(self, params: dict[str, Any]) -> None:
         _log_params(self.client, self.run_id, params)
@@ -179,7 +191,7 @@ def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[s
               "lmpipe.git_commit": git_commit(),
               **({"prefect.flow_run_id": ctx.flow_run_id} if ctx.flow_run_id else {}), **(tags or {})},
     )
-    sr = StageRun(ctx, run.info.run_id)
+    sr = StageRun(ctx.uri, run.info.run_id)
     try:
         sr.log_params(params)
         yield sr

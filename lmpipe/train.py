@@ -1,16 +1,19 @@
 """Training: the loop (``train``) and the pretrain / finetune stages built on it.
 
-The loop is nanoGPT's: random windows of the token stream, AdamW with linear
-warmup and cosine decay, gradient accumulation and clipping, periodic
-validation and checkpoints. What it adds is exact resumption.
+The loop is nanoGPT's, made exact and fast: AdamW with linear warmup and cosine
+decay, gradient accumulation to a global batch, clipping, periodic validation and
+checkpoints; bf16 autocast, TF32, flash attention and ``torch.compile`` on CUDA; a
+loader thread that prepares the next micro-batches while the current step runs;
+one device sync per optimizer step; and DDP or FSDP2 when torchrun starts it
+(``lmpipe.distributed``).
 
-Exact resume. The batch of optimizer step ``s``, micro step ``m`` is drawn
-from ``np.random.default_rng([seed, s, m])``: a pure function of the step, not
-of a generator that has advanced through every earlier batch. So the data
-position *is* the step number, and a run resumed from the checkpoint of step
-``k`` (weights, optimizer moments, torch RNG for dropout) takes the very same
-steps ``k+1..N`` as a run that never stopped: on CPU the losses are bitwise
-equal, which ``tests/test_train.py`` asserts.
+Exact resume. The data order is a pure function of (seed, epoch)
+(``lmpipe.loader.WindowOrder``) and the sequences of optimizer step ``s`` are the
+``s``-th global batch of that order, so the data position *is* the step number.
+A run resumed from the checkpoint of step ``k`` (weights, optimizer moments, every
+rank's RNG states) takes the very same steps ``k+1..N`` as a run that never
+stopped: on CPU the losses are bitwise equal, across epoch boundaries too, which
+``tests/test_train.py`` asserts.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,16 +35,35 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from torch import nn
+
 from lmpipe.checkpoint import (
     STATE_FILE,
+    capture,
     check_compatible,
     export_model,
     latest_checkpoint,
     load_checkpoint,
     read_state,
-    save_checkpoint,
+    rng_state,
+    step_dir,
+    write_checkpoint,
 )
 from lmpipe.config import FinetuneConfig, ModelConfig, TrainConfig
+from lmpipe.distributed import (
+    SPEC_FILE,
+    SUMMARY_FILE,
+    DistContext,
+    barrier,
+    full_tensor,
+    gather_objects,
+    init_process_group,
+    launch,
+    mean_over_ranks,
+    set_grad_sync,
+    wrap_model,
+)
+from lmpipe.loader import BatchLoader, WindowOrder, position_state
 from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
 from lmpipe.sft import build_sft_data
 from lmpipe.shards import TokenSplit
@@ -57,9 +79,11 @@ MODEL_DIR = "model"
 # Dense bf16 peak FLOP/s (no sparsity) by device-name substring, for MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # Settings that do not change which steps are taken; all other training settings
-# must match a checkpoint to resume from it.
+# must match a checkpoint to resume from it. How a global batch is split (micro-batch,
+# accumulation, processes) is left out too: the global batch itself is compared.
 _NOT_TRAJECTORY = {"eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "device", "threads",
-                   "peak_flops"}
+                   "peak_flops", "batch_size", "grad_accum_steps", "batch_tokens", "compile", "distributed"}
+SINGLE = DistContext()
 
 
 class TokenSource(Protocol):
@@ -126,12 +150,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
-def batch_offsets(seed: int, step: int, micro: int, num_tokens: int, block_size: int, batch_size: int) -> np.ndarray:
-    """Start positions of one micro-batch's windows: a pure function of (seed, step, micro)."""
-    rng = np.random.default_rng([seed, step, micro])
-    return rng.integers(0, num_tokens - block_size, size=batch_size)  # a window is block_size + 1 tokens
-
-
 def eval_offsets(num_tokens: int, block_size: int, n: int) -> np.ndarray:
     """n window starts spread evenly over the split: the same validation windows every time."""
     last = num_tokens - (block_size + 1)
@@ -148,8 +166,6 @@ def get_batch(
     if mask is not None:
         m = torch.from_numpy(np.stack([mask.window(int(o), block_size + 1) for o in offsets]))[:, 1:]  # (B, T)
         y[m == 0] = IGNORE_INDEX
-    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
 
@@ -170,14 +186,14 @@ def check_split_lengths(block_size: int, train_src: TokenSource, val_src: TokenS
 
 @torch.no_grad()
 def evaluate_loss(
-    model: GPT, src: TokenSource, offsets: np.ndarray, batch_size: int, device: torch.device,
+    model: nn.Module, src: TokenSource, offsets: np.ndarray, batch_size: int, block_size: int, device: torch.device,
     autocast: contextlib.AbstractContextManager, mask: TokenSource | None = None,
 ) -> float:
     """Mean loss over fixed windows, in eval mode (no dropout, no RNG drawn)."""
     model.eval()
     losses = []
     for i in range(0, len(offsets), batch_size):
-        x, y = get_batch(src, offsets[i : i + batch_size], model.config.block_size, device, mask)
+        x, y = get_batch(src, offsets[i : i + batch_size], block_size, device, mask)
         with autocast:
             _, loss = model(x, y)
         losses.append(loss.float())
@@ -192,8 +208,68 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def _trajectory(cfg: TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_TRAJECTORY}
+def activation_bytes(config: GPTConfig, micro_batch: int) -> int:
+    """Estimated fp32 training memory of one micro-batch beyond the weights and optimizer.
+
+    Per layer s*b*h*(34 + 5*a*s/h) values (Korthikanti et al. 2022, "Reducing activation
+    recomputation", counted in 4-byte floats here), plus the logits, their fp32 copy
+    and gradient (3 * b*s*V). Used to pick 'auto' micro-batches where an out-of-memory
+    error cannot be caught (CPU).
+    """
+    s, b, h, a, L, V = config.block_size, micro_batch, config.n_embd, config.n_head, config.n_layer, config.vocab_size
+    return 4 * (L * s * b * h * (34 + 5 * a * s // h) + 3 * b * s * V)
+
+
+# A micro-batch must leave this share of the GPU free after a trial step: DDP's gradient buckets,
+# the optimizer state and compiled kernels' workspaces come on top of what the trial uses.
+CUDA_HEADROOM = 0.15
+
+
+def _fits_on_cuda(model: GPT, micro_batch: int, device: torch.device,
+                  autocast: contextlib.AbstractContextManager) -> bool:
+    """One forward and backward of a micro-batch of random tokens: does it fit, with headroom?"""
+    T = model.config.block_size
+    x = torch.randint(0, model.config.vocab_size, (micro_batch, T), device=device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with autocast:
+            _, loss = model(x, x)
+        loss.backward()
+        torch.cuda.synchronize(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        return torch.cuda.max_memory_allocated(device) <= (1 - CUDA_HEADROOM) * total
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        del x
+        torch.cuda.empty_cache()
+
+
+def find_micro_batch(model: GPT, per_rank: int, device: torch.device,
+                     autocast: contextlib.AbstractContextManager, available_bytes: int | None = None) -> int:
+    """The largest divisor of per_rank (sequences per step per process) that fits the device.
+
+    CUDA: tried for real, largest first, catching out-of-memory errors (before compile,
+    whose kernels need no more memory than eager ones). Elsewhere: the largest whose
+    ``activation_bytes`` fit in half the available memory (``available_bytes``, default
+    what psutil reports) after 16 bytes per parameter (weights, gradients, 2 moments).
+    """
+    divisors = [d for d in range(per_rank, 0, -1) if per_rank % d == 0]
+    if device.type == "cuda":
+        return next((d for d in divisors if _fits_on_cuda(model, d, device, autocast)), 1)
+    if available_bytes is None:
+        import psutil
+
+        available_bytes = psutil.virtual_memory().available
+    budget = available_bytes // 2 - 16 * model.num_params(non_embedding=False)
+    return next((d for d in divisors if activation_bytes(model.config, d) <= budget), 1)
+
+
+def _trajectory(cfg: TrainConfig, sequences_per_step: int) -> dict[str, Any]:
+    """The settings that decide which steps are taken: they must match a checkpoint to resume from it."""
+    kept = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_TRAJECTORY}
+    return kept | {"sequences_per_step": sequences_per_step}
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -228,6 +304,7 @@ def train(
     on_progress: OnProgress | None = None,
     stop_after: int | None = None,
     target_mask_src: tuple[TokenSource, TokenSource] | None = None,
+    dist_ctx: DistContext = SINGLE,
 ) -> TrainSummary:
     """Train a GPT on train_src for cfg.max_steps steps; checkpoints and metrics.jsonl go to work_dir.
 
@@ -236,9 +313,12 @@ def train(
     optimizer) or from a seeded random init. ``target_mask_src`` = (train, val) loss
     masks parallel to the sources: targets whose mask is 0 do not count (SFT prompts).
     ``stop_after=k`` checkpoints at step k and returns, as if interrupted there.
+    ``dist_ctx``: this process's place in a torchrun job (``lmpipe.distributed``);
+    only rank 0 writes files and calls the callbacks.
     """
     started = time.perf_counter()
     section = "finetune" if isinstance(cfg, FinetuneConfig) else "pretrain"  # for error messages
+    main = dist_ctx.is_main
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     T = model_cfg.block_size
@@ -247,47 +327,75 @@ def train(
     for name, src, mask in (("train", train_src, train_mask), ("val", val_src, val_mask)):
         if mask is not None and mask.num_tokens != src.num_tokens:
             raise ValueError(f"{name} loss mask has {mask.num_tokens} entries for {src.num_tokens} tokens")
+    order = WindowOrder(train_src.num_tokens, T, cfg.seed)
 
     device = resolve_device(cfg.device)
+    if dist_ctx.active:
+        device = init_process_group(dist_ctx, device, cfg.distributed.backend)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
     # bf16 autocast on CUDA only: CPU runs stay fp32 and bitwise reproducible.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
-    model = GPT(GPTConfig.from_config(model_cfg, vocab_size)).to(device)
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    raw = GPT(GPTConfig.from_config(model_cfg, vocab_size)).to(device)
+    sequences_per_step = cfg.sequences_per_step(T)
+    per_rank = sequences_per_step // dist_ctx.world_size
+    if cfg.batch_size == "auto":
+        micro = find_micro_batch(raw, per_rank, device, autocast)
+        micro = min(gather_objects(micro, dist_ctx))  # every rank must take the same micro-batch
+    else:
+        micro = cfg.batch_size
+    accum = per_rank // micro
+    model = wrap_model(raw, dist_ctx, device)
+    if cfg.compile if cfg.compile is not None else device.type == "cuda":
+        raw.compile()  # in place: state_dict keys stay those of the plain model
+    optimizer = raw.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
 
     ckpt_root = work_dir / CHECKPOINTS_DIR
     metrics_path = work_dir / METRICS_FILE
     last_ckpt = latest_checkpoint(ckpt_root)
     start = 0
+    trajectory = _trajectory(cfg, sequences_per_step)
     if last_ckpt is not None:
         check_compatible(read_state(last_ckpt), model_cfg, vocab_size, tokenizer_fingerprint,
-                         field=f"resume from {work_dir}", train_cfg=_trajectory(cfg))
-        start = load_checkpoint(last_ckpt, model, optimizer, device=device)["step"]
-    elif init_from is not None:
-        check_compatible(read_state(init_from), model_cfg, vocab_size, tokenizer_fingerprint, field="init_from")
-        load_checkpoint(init_from, model, None, device=device, restore_rng=False)
-    rows = _truncate_metrics(metrics_path, start)
+                         field=f"resume from {work_dir}", train_cfg=trajectory)
+        state = load_checkpoint(last_ckpt, model, optimizer, rank=dist_ctx.rank, world_size=dist_ctx.world_size)
+        start = state["step"]
+        if not state["rng_restored"]:  # resumed on another number of processes: reseed deterministically
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, dist_ctx.rank, start]).generate_state(1)[0]))
+    else:
+        if init_from is not None:
+            check_compatible(read_state(init_from), model_cfg, vocab_size, tokenizer_fingerprint, field="init_from")
+            load_checkpoint(init_from, model, None, restore_rng=False)
+        torch.manual_seed(cfg.seed + dist_ctx.rank)  # dropout masks differ between ranks
+    rows = _truncate_metrics(metrics_path, start) if main else []
 
-    params, flops_per_token = model.num_params(), model.flops_per_token()
+    params, flops_per_token = raw.num_params(), raw.flops_per_token()
     peak = cfg.peak_flops or peak_flops(device)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * T
-    val_offsets = eval_offsets(val_src.num_tokens, T, cfg.eval_batches * cfg.batch_size)
+    tokens_per_step = sequences_per_step * T
+    val_offsets = eval_offsets(val_src.num_tokens, T, cfg.eval_batches * micro)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, never clip
 
     def save(step: int) -> Path:
-        state = {
-            "tokenizer_fingerprint": tokenizer_fingerprint,
-            "data": {"seed": cfg.seed, "next_step": step, "tokens_seen": step * tokens_per_step},
-            "train": cfg.model_dump(mode="json"),
-        }
-        return save_checkpoint(ckpt_root, step, model, optimizer, state)
+        weights, opt_state = capture(model, optimizer)  # a collective under FSDP: every rank takes part
+        rngs = gather_objects(rng_state(), dist_ctx)
+        path = step_dir(ckpt_root, step)
+        if main:
+            state = {
+                "tokenizer_fingerprint": tokenizer_fingerprint,
+                "data": {"seed": cfg.seed, "next_step": step, "tokens_seen": step * tokens_per_step}
+                        | position_state(order, step, sequences_per_step),
+                "train": cfg.model_dump(mode="json") | {"sequences_per_step": sequences_per_step},
+                "micro_batch": micro, "grad_accum_steps": accum, "world_size": dist_ctx.world_size,
+            }
+            path = write_checkpoint(ckpt_root, step, raw.config, weights, opt_state, state, rng=rngs)
+        barrier(dist_ctx)  # no rank runs ahead of a checkpoint that may still fail
+        return path
 
     # Per-step values stay on the device until a flush: reading them is a GPU sync.
     pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (step, lr, loss, grad_norm)
@@ -302,22 +410,26 @@ def train(
         losses = torch.stack([p[2] for p in pending]).tolist()
         last_grad_norm = pending[-1][3].item()
         new_rows = [{"step": s, "loss": loss, "lr": lr} for (s, lr, _, _), loss in zip(pending, losses)]
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in new_rows)
+        if main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in new_rows)
         rows.extend(new_rows)
         interval_losses.extend(losses)
         pending.clear()
 
+    loader = BatchLoader(train_src, order, T, micro_batch=micro, accum_steps=accum, device=device,
+                         start_step=start, rank=dist_ctx.rank, world_size=dist_ctx.world_size, mask=train_mask)
     model.train()
     train_seconds = 0.0  # time in steps only, for tokens/s
     interval_seconds, interval_tokens = 0.0, 0
     val_loss: float | None = None
-    with tqdm(total=cfg.max_steps, initial=start, desc=section, unit="step", file=sys.stderr,
-              mininterval=1.0, dynamic_ncols=True) as bar:
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=section, unit="step", file=sys.stderr, mininterval=1.0,
+               dynamic_ncols=True, disable=dist_ctx.active)  # torchrun workers print plain lines instead
+    try:
         for step in range(start, cfg.max_steps):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
-            loss, grad_norm = _step(model, optimizer, lr, step, cfg, train_src, train_mask, max_norm, device, autocast)
+            loss, grad_norm = _step(model, optimizer, lr, loader, accum, max_norm, autocast, dist_ctx)
             # The one sync per optimizer step (never per micro step): the update must be
             # skipped, not undone, when the loss or gradients are not finite.
             if not torch.isfinite(loss + grad_norm).item():
@@ -353,54 +465,59 @@ def train(
                     "train/tokens_per_sec": tok_s,
                 }
                 if peak is not None:
-                    logged["train/mfu"] = flops_per_token * tok_s / peak
+                    logged["train/mfu"] = flops_per_token * tok_s / (peak * dist_ctx.world_size)
                 bar.set_postfix(loss=f"{logged['train/loss']:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                if dist_ctx.active and main:
+                    print(f"{section} step {done}/{cfg.max_steps} loss {logged['train/loss']:.4f} "
+                          f"tokens/s {tok_s:,.0f}", flush=True)
                 interval_losses.clear()
                 interval_seconds, interval_tokens = 0.0, 0
             if done % cfg.eval_interval == 0 or is_last:
-                val_loss = evaluate_loss(model, val_src, val_offsets, cfg.batch_size, device, autocast, val_mask)
+                val_loss = evaluate_loss(model, val_src, val_offsets, micro, T, device, autocast, val_mask)
                 logged["val/loss"] = val_loss
             if is_ckpt:  # before the callbacks: a failing tracker must not cost the checkpoint
                 last_ckpt = save(done)
-            if logged and log_metrics is not None:
+            if main and logged and log_metrics is not None:
                 log_metrics(logged, done)
-            if is_log and on_progress is not None:
+            if main and is_log and on_progress is not None:
                 on_progress(done, cfg.max_steps)
             if done == stop_after and not is_last:
                 return _summary(cfg, rows, done, None, tokens_per_step, train_seconds, started, params,
                                 flops_per_token, device, last_ckpt, start)
+    finally:
+        loader.close()
+        bar.close()
 
     if last_ckpt is None:  # cannot happen: the last step always checkpoints
         raise RuntimeError("training finished without a checkpoint")
     if val_loss is None:  # resumed from the final checkpoint: nothing left to train
-        val_loss = evaluate_loss(model, val_src, val_offsets, cfg.batch_size, device, autocast, val_mask)
+        val_loss = evaluate_loss(model, val_src, val_offsets, micro, T, device, autocast, val_mask)
     return _summary(cfg, rows, cfg.max_steps, val_loss, tokens_per_step, train_seconds, started, params,
                     flops_per_token, device, last_ckpt, start)
 
 
 def _step(
-    model: GPT, optimizer: torch.optim.Optimizer, lr: float, step: int, cfg: TrainConfig,
-    src: TokenSource, mask: TokenSource | None, max_norm: float, device: torch.device,
-    autocast: contextlib.AbstractContextManager,
+    model: nn.Module, optimizer: torch.optim.Optimizer, lr: float, loader: BatchLoader, accum: int,
+    max_norm: float, autocast: contextlib.AbstractContextManager, dist_ctx: DistContext,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over the step's micro-batches; returns (mean loss, grad norm), on the device.
 
-    Leaves the (clipped) gradients in place: the caller decides whether to apply them.
+    Gradients are all-reduced once, on the last micro-batch. Leaves the (clipped)
+    gradients in place: the caller decides whether to apply them.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    block_size = model.config.block_size
-    loss_sum = torch.zeros((), device=device)
-    for micro in range(cfg.grad_accum_steps):
-        offsets = batch_offsets(cfg.seed, step, micro, src.num_tokens, block_size, cfg.batch_size)
-        x, y = get_batch(src, offsets, block_size, device, mask)
+    loss_sum: torch.Tensor | None = None
+    for micro in range(accum):
+        set_grad_sync(model, micro == accum - 1)
+        x, y = loader.next()
         with autocast:
             _, loss = model(x, y)
-        loss = loss / cfg.grad_accum_steps  # the gradients then sum to the mean over micro-batches
-        loss_sum += loss.detach()
+        loss = loss / accum  # the gradients then sum to the mean over micro-batches
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return loss_sum, grad_norm.detach()
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    return mean_over_ranks(loss_sum, dist_ctx), grad_norm.detach()
 
 
 def _summary(cfg: TrainConfig, rows: list[dict[str, Any]], steps: int, val_loss: float | None,
@@ -420,6 +537,11 @@ def _summary(cfg: TrainConfig, rows: list[dict[str, Any]], steps: int, val_loss:
         checkpoint=ckpt,
         resumed_from=start,
     )
+
+
+def summary_json(summary: TrainSummary) -> dict[str, Any]:
+    """A TrainSummary as JSON values (what a torchrun worker hands back to the launcher)."""
+    return asdict(summary) | {"checkpoint": str(summary.checkpoint)}
 
 
 # ---------------------------------------------------------------- stages
@@ -444,6 +566,8 @@ def _publish(tmp: Path, summary: TrainSummary) -> BuildOutput:
     """Leave model/ (the final checkpoint without optimizer state) and metrics.jsonl; drop the history."""
     export_model(summary.checkpoint, tmp / MODEL_DIR)
     shutil.rmtree(tmp / CHECKPOINTS_DIR, ignore_errors=True)
+    for name in (SPEC_FILE, SUMMARY_FILE):  # a torchrun run's hand-over files
+        (tmp / name).unlink(missing_ok=True)
     return BuildOutput(
         metrics={
             "final_train_loss": summary.final_train_loss,
@@ -472,18 +596,32 @@ def run_pretrain(
     *,
     log_metrics: LogMetrics | None = None,
     on_progress: OnProgress | None = None,
+    on_log: Callable[[str], None] = print,
+    tracking_env: Mapping[str, str] | None = None,
 ) -> StageResult:
     """Stage: pretrain from scratch on the shards; publishes model/ and metrics.jsonl.
 
     An interrupted run leaves its checkpoints in the stage's .partial directory and
-    the next call with the same fingerprint resumes from them.
+    the next call with the same fingerprint resumes from them. With
+    ``distributed.nproc_per_node > 1`` the loop runs under torchrun: its processes'
+    lines go to ``on_log`` and rank 0 logs metrics into the run ``tracking_env`` names
+    (``StageRun.env``) instead of through ``log_metrics``.
     """
 
     def build(tmp: Path) -> BuildOutput:
         _, tok_fp, vocab_size = _tokenizer_info(tokenizer)
         train_src, val_src = _open_splits(shards, tok_fp, "data.pretrain")
-        summary = train(model_cfg, train_cfg, vocab_size, train_src, val_src, tmp,
-                        tokenizer_fingerprint=tok_fp, log_metrics=log_metrics, on_progress=on_progress)
+        nproc = train_cfg.distributed.nproc_per_node
+        if nproc == 1:
+            summary = train(model_cfg, train_cfg, vocab_size, train_src, val_src, tmp,
+                            tokenizer_fingerprint=tok_fp, log_metrics=log_metrics, on_progress=on_progress)
+        else:
+            check_split_lengths(model_cfg.block_size, train_src, val_src)  # before starting any process
+            spec = {"model": model_cfg.model_dump(mode="json"), "train": train_cfg.model_dump(mode="json"),
+                    "vocab_size": vocab_size, "shards": str(shards.out_dir), "tokenizer_fingerprint": tok_fp,
+                    "work_dir": str(tmp)}
+            result = launch(spec, tmp, nproc, on_line=on_log, on_progress=on_progress, env=tracking_env)
+            summary = TrainSummary(**(result | {"checkpoint": Path(result["checkpoint"])}))
         return _publish(tmp, summary)
 
     return run_stage("pretrain", fingerprint, out_dir, build, keep_partial=True)

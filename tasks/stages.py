@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from lmpipe.clean import run_clean, run_clean_chunk
 from lmpipe.config import (CleanConfig, CorpusConfig, EvalConfig, FinetuneConfig, ModelConfig, ShardConfig,
                            TokenizerConfig, TrackingConfig, TrainConfig)
+from lmpipe.distributed import DistributedTrainingError
 from lmpipe.download import TransientDownloadError, run_download
 from lmpipe.evaluate import run_evaluate
 from lmpipe.shards import run_encode_chunk, run_shard
@@ -33,6 +34,12 @@ CACHED = dict(persist_result=True)
 def _transient_only(_task: Any, _task_run: Any, state: Any) -> bool:
     """Retry network hiccups, not a 404 or a checksum mismatch."""
     return isinstance(state.result(raise_on_failure=False), TransientDownloadError)
+
+
+def _rank_lost(_task: Any, _task_run: Any, state: Any) -> bool:
+    """Retry a torchrun job whose process died (it resumes from its last checkpoint), not bad settings."""
+    err = state.result(raise_on_failure=False)
+    return isinstance(err, DistributedTrainingError) and err.retryable
 
 
 # local_sha256: the content of local source files, so editing a corpus in place re-runs the data stages.
@@ -143,14 +150,16 @@ PRETRAIN = StageSpec("pretrain", configs=("model_cfg", "cfg"), upstreams=("shard
                      ignore=(("cfg", NOT_IN_WEIGHTS),))
 
 
-@task(name="pretrain", cache_key_fn=PRETRAIN.cache_key, **CACHED)
+@task(name="pretrain", cache_key_fn=PRETRAIN.cache_key, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=_rank_lost, **CACHED)
 def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, shards: StageResult, tokenizer: StageResult,
              ctx: TrackingContext) -> StageResult:
     fp, out_dir = PRETRAIN.locate({"model_cfg": model_cfg, "cfg": cfg, "shards": shards, "tokenizer": tokenizer,
                                    "ctx": ctx})
     with stage_run(ctx, "pretrain", fp, {"model": model_cfg, "pretrain": cfg}) as run:
         result = run_pretrain(model_cfg, cfg, shards, tokenizer, out_dir, fp, log_metrics=run.log_metrics,
-                              on_progress=PrefectProgress("pretrain"))
+                              on_progress=PrefectProgress("pretrain"), on_log=get_run_logger().info,
+                              tracking_env=run.env())
         run.log_result(result, ["metrics.jsonl", "model"])
     return result
 

@@ -7,6 +7,7 @@ The stage tests at the end run the real tokenizer and shard stages first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -32,7 +33,8 @@ from lmpipe.tokenizer import run_train_tokenizer
 from lmpipe.train import (
     ArraySource,
     TrainingDivergedError,
-    batch_offsets,
+    activation_bytes,
+    find_micro_batch,
     eval_offsets,
     get_batch,
     lr_at,
@@ -85,16 +87,6 @@ def test_lr_schedule_warmup_then_cosine_to_min_lr() -> None:
     assert lr_at(100, cfg) == pytest.approx(1e-4)
     decay = [lr_at(s, cfg) for s in range(10, 100)]
     assert all(a > b for a, b in zip(decay, decay[1:]))
-
-
-def test_batches_are_a_pure_function_of_seed_step_micro() -> None:
-    a = batch_offsets(1, 7, 0, TRAIN.num_tokens, 32, 4)
-    assert np.array_equal(a, batch_offsets(1, 7, 0, TRAIN.num_tokens, 32, 4))
-    assert not np.array_equal(a, batch_offsets(1, 7, 1, TRAIN.num_tokens, 32, 4))
-    assert not np.array_equal(a, batch_offsets(1, 8, 0, TRAIN.num_tokens, 32, 4))
-    # Every window of block_size + 1 fits, and the last possible start is reachable.
-    starts = batch_offsets(0, 0, 0, 40, 32, 2000)
-    assert starts.min() == 0 and starts.max() == 40 - 33
 
 
 def test_eval_windows_span_the_split() -> None:
@@ -165,6 +157,55 @@ def test_resume_is_exact(tmp_path: Path, accum: int) -> None:
     w_full = load_file(full.checkpoint / "model.safetensors")
     w_res = load_file(last.checkpoint / "model.safetensors")
     assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+
+
+def test_resume_across_epoch_boundaries_twice_is_exact(tmp_path: Path) -> None:
+    small = ArraySource(_BYTES[:2_000])  # 62 windows of 32 + 1 tokens: an epoch is under 8 steps of 8
+    cfg = config(batch_size=8)
+
+    def go(work: Path, **kw: object):
+        return train(DROPOUT_MODEL, cfg, 256, small, VAL, work, tokenizer_fingerprint=FP, **kw)
+
+    full = go(tmp_path / "full")
+    work = tmp_path / "resumed"
+    go(work, stop_after=7)
+    assert read_state(work / "checkpoints" / "step-0000007")["data"] == {
+        "seed": 1337, "next_step": 7, "tokens_seen": 7 * 8 * 32, "epoch": 0, "index": 56, "sequences_seen": 56}
+    go(work, stop_after=9)  # epoch 1 began inside step 8
+    assert read_state(work / "checkpoints" / "step-0000009")["data"]["epoch"] == 1
+    last = go(work)
+    assert last.resumed_from == 9 and read_state(last.checkpoint)["data"]["epoch"] == 1
+    assert metrics_text(work) == metrics_text(tmp_path / "full")
+    assert last.final_val_loss == full.final_val_loss
+
+
+def test_auto_micro_batch_is_the_largest_divisor_that_fits() -> None:
+    model = GPT(GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    weights = 16 * model.num_params(non_embedding=False)
+    cpu = torch.device("cpu")
+    per_seq = activation_bytes(model.config, 1)
+    assert activation_bytes(model.config, 6) == 6 * per_seq
+    # Half the memory is the budget: room for 5 sequences -> 4, the largest divisor of 12 that fits.
+    assert find_micro_batch(model, 12, cpu, contextlib.nullcontext(), 2 * (weights + 5 * per_seq)) == 4
+    assert find_micro_batch(model, 12, cpu, contextlib.nullcontext(), 2 * (weights + 12 * per_seq)) == 12
+    assert find_micro_batch(model, 12, cpu, contextlib.nullcontext(), 0) == 1
+
+
+def test_batch_tokens_with_auto_micro_batch_trains_the_same_global_batch(tmp_path: Path) -> None:
+    auto = run(tmp_path / "auto", config(batch_size="auto", batch_tokens=8 * 32))
+    fixed = run(tmp_path / "fixed", config(batch_size=8))
+    assert auto.tokens_seen == fixed.tokens_seen == 12 * 8 * 32
+    assert losses(tmp_path / "auto") == pytest.approx(losses(tmp_path / "fixed"), rel=1e-5)
+
+
+def test_compile_switch_trains_the_same_model(tmp_path: Path) -> None:
+    """torch.compile (on by default on CUDA only) is switchable; on CPU it runs inductor's C++ kernels (~30 s)."""
+    compiled = run(tmp_path / "compiled", config(compile=True, max_steps=4))
+    eager = run(tmp_path / "eager", config(compile=False, max_steps=4))
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
+    assert compiled.final_val_loss == pytest.approx(eager.final_val_loss, rel=1e-5)
+    # Compiled in place: the checkpoint has the plain model's names, loadable without compile.
+    assert load_file(compiled.checkpoint / "model.safetensors").keys() == load_file(eager.checkpoint / "model.safetensors").keys()
 
 
 def test_resume_at_the_end_trains_nothing(tmp_path: Path) -> None:
@@ -273,8 +314,10 @@ def test_checkpoint_round_trip_keeps_tied_weights(tmp_path: Path) -> None:
     assert state["step"] == 3 and state["vocab_size"] == 256 and state["tokenizer_fingerprint"] == FP
     assert state["model"] == {"vocab_size": 256, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32,
                               "dropout": 0.0, "bias": True}
-    assert state["data"] == {"seed": 1337, "next_step": 3, "tokens_seen": 3 * 4 * 32}
-    assert set(state["rng"]) >= {"python", "numpy", "torch"}
+    # 12 sequences of the 6,249 windows of 32 + 1 tokens in epoch 0
+    assert state["data"] == {"seed": 1337, "next_step": 3, "tokens_seen": 3 * 4 * 32, "epoch": 0, "index": 12,
+                             "sequences_seen": 12}
+    assert len(state["rng"]) == 1 and set(state["rng"][0]) >= {"python", "numpy", "torch"}  # one per rank
     assert set(state["files"]) == {"model.safetensors", "optimizer.pt"}
 
 

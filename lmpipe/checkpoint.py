@@ -240,11 +240,12 @@ def read_state(ckpt_dir: Path) -> dict[str, Any]:
 
 
 def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
-    """read_state, then check the format version and every file's sha256; raises CheckpointError."""
+    """read_state, then check the format version (CheckpointMismatchError) and every file's sha256 (CheckpointError)."""
     state = read_state(ckpt_dir)
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{state['state_file']}: format_version is {state.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+    if state.get("format_version") != FORMAT_VERSION:  # complete, but not ours to read: refused, never skipped
+        raise CheckpointMismatchError(
+            f"{state['state_file']}: format_version is {state.get('format_version')!r}, this code reads "
+            f"{FORMAT_VERSION}; resume or fine-tune with the lmpipe version that wrote it, or start afresh"
         )
     files = state.get("files")
     if not isinstance(files, dict) or WEIGHTS_FILE not in files:

@@ -292,6 +292,19 @@ def test_init_from_mismatched_model_names_the_field(tmp_path: Path) -> None:
         train(MODEL, config(), 256, TRAIN, VAL, tmp_path / "ft2", tokenizer_fingerprint="other", init_from=base.checkpoint)
 
 
+def test_a_checkpoint_of_another_format_version_is_refused_not_skipped(tmp_path: Path) -> None:
+    run(tmp_path / "run", config(), stop_after=3)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000003"
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps(state | {"format_version": 1}))
+    msg = r"step-0000003/state\.json: format_version is 1, this code reads 2"
+    with pytest.raises(CheckpointMismatchError, match=msg):  # resuming: not silently started afresh
+        run(tmp_path / "run", config())
+    with pytest.raises(CheckpointMismatchError, match=r"init_from: .*\n  format_version: checkpoint has 1, this code reads 2"):
+        run(tmp_path / "ft", config(), init_from=ckpt)
+    assert latest_checkpoint(tmp_path / "ft" / "checkpoints") is None
+
+
 def test_init_from_loads_weights_only(tmp_path: Path) -> None:
     base = run(tmp_path / "base", config(max_steps=6))
     steps: list[float] = []

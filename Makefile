@@ -26,11 +26,15 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The data benchmarks (bench/): cleaning against datatrove, sharding against the bare tokenizers encoder,
-# peak memory on a 2 GB synthetic corpus. datatrove is the cleaning baseline only, so it is installed here.
+# The benchmarks (bench/): cleaning against datatrove, sharding against the bare tokenizers encoder,
+# peak memory on a 2 GB synthetic corpus, the training loop against a bare loop (BENCH_TRAIN_CONFIG: the
+# demo on CPU; configs/gpt2-124m.yaml with --compile both on a GPU). datatrove is the cleaning baseline
+# only, so it is installed here.
 BENCH_MEMORY_GB ?= 2
+BENCH_TRAIN_CONFIG ?= configs/demo.yaml
 bench: $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check "datatrove==0.10.1" "spacy==3.8.18"
+	$(BIN)/python -m bench.train --config $(BENCH_TRAIN_CONFIG)
 	$(BIN)/python -m bench.clean
 	$(BIN)/python -m bench.shard
 	$(BIN)/python -m bench.memory --gigabytes $(BENCH_MEMORY_GB)

@@ -201,6 +201,11 @@ def evaluate_loss(
     return torch.stack(losses).mean().item()
 
 
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA only: CPU runs stay fp32 and bitwise reproducible."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -339,8 +344,7 @@ def train(
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
-    # bf16 autocast on CUDA only: CPU runs stay fp32 and bitwise reproducible.
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_for(device)
 
     raw = GPT(GPTConfig.from_config(model_cfg, vocab_size)).to(device)
     sequences_per_step = cfg.sequences_per_step(T)

@@ -24,6 +24,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,9 @@ class DistributedTrainingError(RuntimeError):
     def __init__(self, message: str, retryable: bool) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+    def __reduce__(self) -> tuple[type, tuple[str, bool]]:  # Prefect persists failed states: keep it picklable
+        return type(self), (str(self), self.retryable)
 
 
 # A rank failing with one of these would fail again on a retry.
@@ -88,7 +92,9 @@ def init_process_group(ctx: DistContext, device: torch.device, backend: str) -> 
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        # A long timeout: the other ranks wait at a barrier while rank 0 writes and hashes a checkpoint.
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                                timeout=timedelta(minutes=60))
     return device
 
 
@@ -179,19 +185,23 @@ def launch(spec: dict[str, Any], work_dir: Path, nproc: int, *, on_line: Callabl
                  os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
     tail: deque[str] = deque(maxlen=40)
     errors: list[str] = []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                          env=child_env) as proc:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                          bufsize=1, env=child_env) as proc:
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
-            if line.startswith(PROGRESS_PREFIX) and on_progress is not None:
-                done, total = line[len(PROGRESS_PREFIX):].split("/")
-                on_progress(int(done), int(total))
-                continue
-            if line.startswith(ERROR_PREFIX):
-                errors.append(line[len(ERROR_PREFIX):])
-            tail.append(line)
-            on_line(line)
+        try:
+            for raw in proc.stdout:
+                line = raw.rstrip("\n")
+                if line.startswith(PROGRESS_PREFIX) and on_progress is not None:
+                    done, total = line[len(PROGRESS_PREFIX):].split("/")
+                    on_progress(int(done), int(total))
+                    continue
+                if line.startswith(ERROR_PREFIX):
+                    errors.append(line[len(ERROR_PREFIX):])
+                tail.append(line)
+                on_line(line)
+        except BaseException:  # a callback failed or the task was cancelled: do not leave training running
+            proc.terminate()
+            raise
         code = proc.wait()
     summary_path = work_dir / SUMMARY_FILE
     if code != 0 or not summary_path.is_file():
@@ -247,7 +257,10 @@ def _worker(spec_path: Path) -> None:
         raise
     finally:
         if run is not None:
-            run.flush()
+            try:
+                run.flush()
+            except Exception as err:  # noqa: BLE001 - never hide the training error behind a tracking one
+                print(f"could not send the last metrics to MLflow: {err}", flush=True)
         shutdown()
 
 

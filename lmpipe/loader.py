@@ -43,8 +43,8 @@ _POLL_S = 0.05  # how often a blocked thread looks at the stop flag
 _CACHED_EPOCHS = 2  # the epoch being read and the one before (a step may straddle the boundary)
 
 
-class _Source(Protocol):
-    """What the loader reads: ``lmpipe.train.TokenSource`` (not imported here, train imports this module)."""
+class TokenSource(Protocol):
+    """A token sequence training can read windows of (``lmpipe.shards.TokenSplit``, ``lmpipe.train.ArraySource``)."""
 
     num_tokens: int
 
@@ -139,9 +139,9 @@ class BatchLoader:
     """One rank's micro-batches in training order, prepared ahead by a background thread."""
 
     def __init__(
-        self, src: _Source, order: WindowOrder, block_size: int, *, micro_batch: int, accum_steps: int,
+        self, src: TokenSource, order: WindowOrder, block_size: int, *, micro_batch: int, accum_steps: int,
         device: torch.device, start_step: int = 0, rank: int = 0, world_size: int = 1,
-        mask: _Source | None = None, prefetch: int = 4,
+        mask: TokenSource | None = None, prefetch: int = 4,
     ) -> None:
         if block_size != order.block_size:
             raise ValueError(f"block_size={block_size} but the window order was cut for {order.block_size}")
@@ -162,6 +162,10 @@ class BatchLoader:
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
         self.device = device
         self._cuda = device.type == "cuda"
+        # A new thread starts on GPU 0: without this, its first CUDA call would create a context there in
+        # every rank of a multi-GPU run.
+        self._device_index = (device.index if device.index is not None else torch.cuda.current_device()) \
+            if self._cuda else None
         self._queue: queue.Queue[tuple[int, torch.Tensor, torch.Tensor] | _Failure] = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -185,6 +189,8 @@ class BatchLoader:
 
     def _produce(self) -> None:
         try:
+            if self._cuda:
+                torch.cuda.set_device(self._device_index)
             step = self.start_step
             while not self._stop.is_set():
                 for micro in range(self.accum_steps):

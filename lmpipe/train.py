@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ from lmpipe.checkpoint import (
     step_dir,
     write_checkpoint,
 )
-from lmpipe.config import FinetuneConfig, ModelConfig, TrainConfig
+from lmpipe.config import FinetuneConfig, ModelConfig, TrainConfig, check_batch
 from lmpipe.distributed import (
     SPEC_FILE,
     SUMMARY_FILE,
@@ -63,7 +63,7 @@ from lmpipe.distributed import (
     set_grad_sync,
     wrap_model,
 )
-from lmpipe.loader import BatchLoader, WindowOrder, position_state
+from lmpipe.loader import BatchLoader, TokenSource, WindowOrder, position_state
 from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
 from lmpipe.sft import build_sft_data
 from lmpipe.shards import TokenSplit
@@ -77,21 +77,14 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 # Dense bf16 peak FLOP/s (no sparsity) by device-name substring, for MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# First match wins: the PCIe H100 before the SXM one.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 # Settings that do not change which steps are taken; all other training settings
 # must match a checkpoint to resume from it. How a global batch is split (micro-batch,
 # accumulation, processes) is left out too: the global batch itself is compared.
 _NOT_TRAJECTORY = {"eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "device", "threads",
                    "peak_flops", "batch_size", "grad_accum_steps", "batch_tokens", "compile", "distributed"}
 SINGLE = DistContext()
-
-
-class TokenSource(Protocol):
-    """A token sequence training can read windows of (``lmpipe.shards.TokenSplit``, ``ArraySource``)."""
-
-    num_tokens: int
-
-    def window(self, start: int, length: int) -> np.ndarray: ...
 
 
 class ArraySource:
@@ -232,9 +225,14 @@ CUDA_HEADROOM = 0.15
 
 def _fits_on_cuda(model: GPT, micro_batch: int, device: torch.device,
                   autocast: contextlib.AbstractContextManager) -> bool:
-    """One forward and backward of a micro-batch of random tokens: does it fit, with headroom?"""
+    """One forward and backward of a micro-batch of random tokens: does it fit, with headroom?
+
+    The trial allocates no optimizer state and no DDP buckets: 12 bytes per parameter
+    (AdamW's two fp32 moments, one gradient bucket) are added to its peak.
+    """
     T = model.config.block_size
     x = torch.randint(0, model.config.vocab_size, (micro_batch, T), device=device)
+    loss: torch.Tensor | None = None
     torch.cuda.reset_peak_memory_stats(device)
     try:
         with autocast:
@@ -242,10 +240,16 @@ def _fits_on_cuda(model: GPT, micro_batch: int, device: torch.device,
         loss.backward()
         torch.cuda.synchronize(device)
         total = torch.cuda.get_device_properties(device).total_memory
-        return torch.cuda.max_memory_allocated(device) <= (1 - CUDA_HEADROOM) * total
+        need = torch.cuda.max_memory_allocated(device) + 12 * model.num_params(non_embedding=False)
+        return need <= (1 - CUDA_HEADROOM) * total
     except torch.OutOfMemoryError:
         return False
+    except RuntimeError as err:  # cuBLAS / cuDNN workspaces report running out differently
+        if "out of memory" in str(err) or "ALLOC_FAILED" in str(err):
+            return False
+        raise
     finally:
+        loss = None  # drop the graph before emptying the cache
         model.zero_grad(set_to_none=True)
         del x
         torch.cuda.empty_cache()
@@ -327,6 +331,7 @@ def train(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     T = model_cfg.block_size
+    check_batch(cfg, T, section)
     check_split_lengths(T, train_src, val_src)
     train_mask, val_mask = target_mask_src or (None, None)
     for name, src, mask in (("train", train_src, train_mask), ("val", val_src, val_mask)):
@@ -337,6 +342,9 @@ def train(
     device = resolve_device(cfg.device)
     if dist_ctx.active:
         device = init_process_group(dist_ctx, device, cfg.distributed.backend)
+    elif device.type == "cuda":  # make it current: RNG states and the loader thread follow the current device
+        torch.cuda.set_device(device)
+        device = torch.device("cuda", torch.cuda.current_device())
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
@@ -346,28 +354,36 @@ def train(
         torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
     autocast = autocast_for(device)
 
-    raw = GPT(GPTConfig.from_config(model_cfg, vocab_size)).to(device)
-    sequences_per_step = cfg.sequences_per_step(T)
-    per_rank = sequences_per_step // dist_ctx.world_size
-    if cfg.batch_size == "auto":
-        micro = find_micro_batch(raw, per_rank, device, autocast)
-        micro = min(gather_objects(micro, dist_ctx))  # every rank must take the same micro-batch
-    else:
-        micro = cfg.batch_size
-    accum = per_rank // micro
-    model = wrap_model(raw, dist_ctx, device)
-    if cfg.compile if cfg.compile is not None else device.type == "cuda":
-        raw.compile()  # in place: state_dict keys stay those of the plain model
-    optimizer = raw.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
-
     ckpt_root = work_dir / CHECKPOINTS_DIR
     metrics_path = work_dir / METRICS_FILE
     last_ckpt = latest_checkpoint(ckpt_root)
-    start = 0
+    sequences_per_step = cfg.sequences_per_step(T)
+    per_rank = sequences_per_step // dist_ctx.world_size
     trajectory = _trajectory(cfg, sequences_per_step)
     if last_ckpt is not None:
         check_compatible(read_state(last_ckpt), model_cfg, vocab_size, tokenizer_fingerprint,
                          field=f"resume from {work_dir}", train_cfg=trajectory)
+
+    raw = GPT(GPTConfig.from_config(model_cfg, vocab_size)).to(device)
+    if cfg.batch_size != "auto":
+        micro = cfg.batch_size
+    elif last_ckpt is not None and per_rank % read_state(last_ckpt).get("micro_batch", 0) == 0:
+        micro = read_state(last_ckpt)["micro_batch"]  # the resumed run's split: the same float sums, val windows
+    else:
+        micro = find_micro_batch(raw, per_rank, device, autocast)
+        micro = min(gather_objects(micro, dist_ctx))  # every rank must take the same micro-batch
+    accum = per_rank // micro
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    if use_compile and dist_ctx.strategy == "fsdp" and dist_ctx.active:
+        for block in raw.transformer.h:  # per block, before sharding: FSDP's hooks stay outside the graphs
+            block.compile()
+    model = wrap_model(raw, dist_ctx, device)
+    if use_compile and not (dist_ctx.strategy == "fsdp" and dist_ctx.active):
+        raw.compile()  # in place: state_dict keys stay those of the plain model
+    optimizer = raw.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+
+    start = 0
+    if last_ckpt is not None:
         state = load_checkpoint(last_ckpt, model, optimizer, rank=dist_ctx.rank, world_size=dist_ctx.world_size)
         start = state["step"]
         if not state["rng_restored"]:  # resumed on another number of processes: reseed deterministically
@@ -403,22 +419,24 @@ def train(
 
     # Per-step values stay on the device until a flush: reading them is a GPU sync.
     pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (step, lr, loss, grad_norm)
-    interval_losses: list[float] = []  # since the last log_metrics call
-    last_grad_norm = math.nan
+    # Since the last log_metrics call; after a resume mid-interval, the interval's earlier steps.
+    interval_losses = [r["loss"] for r in rows if r["step"] > start - start % cfg.log_interval]
+    last_grad_norm = rows[-1].get("grad_norm", math.nan) if rows else math.nan
 
     def flush() -> None:
         """Write pending steps to metrics.jsonl (one device sync for all of them)."""
         nonlocal last_grad_norm
         if not pending:
             return
-        losses = torch.stack([p[2] for p in pending]).tolist()
-        last_grad_norm = pending[-1][3].item()
-        new_rows = [{"step": s, "loss": loss, "lr": lr} for (s, lr, _, _), loss in zip(pending, losses)]
+        values = torch.stack([torch.stack([p[2].float(), p[3].float()]) for p in pending]).tolist()  # (n, 2)
+        last_grad_norm = values[-1][1]
+        new_rows = [{"step": s, "loss": loss, "lr": lr, "grad_norm": norm}
+                    for (s, lr, _, _), (loss, norm) in zip(pending, values)]
         if main:
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in new_rows)
         rows.extend(new_rows)
-        interval_losses.extend(losses)
+        interval_losses.extend(row["loss"] for row in new_rows)
         pending.clear()
 
     loader = BatchLoader(train_src, order, T, micro_batch=micro, accum_steps=accum, device=device,
@@ -621,6 +639,9 @@ def run_pretrain(
                             tokenizer_fingerprint=tok_fp, log_metrics=log_metrics, on_progress=on_progress)
         else:
             check_split_lengths(model_cfg.block_size, train_src, val_src)  # before starting any process
+            if resolve_device(train_cfg.device).type == "cuda" and nproc > torch.cuda.device_count():
+                raise ValueError(f"pretrain.distributed.nproc_per_node={nproc}, but only "
+                                 f"{torch.cuda.device_count()} CUDA devices are visible")
             spec = {"model": model_cfg.model_dump(mode="json"), "train": train_cfg.model_dump(mode="json"),
                     "vocab_size": vocab_size, "shards": str(shards.out_dir), "tokenizer_fingerprint": tok_fp,
                     "work_dir": str(tmp)}

@@ -61,3 +61,25 @@ def tiny_config(workdir: Path, *overrides: str) -> PipelineConfig:
             *overrides,
         ],
     )
+
+
+@pytest.fixture(scope="session")
+def stages(tmp_path_factory: pytest.TempPathFactory):
+    """(tokenizer, shards) stage results of Tiny Shakespeare's first ~120 KB, for the training tests.
+
+    Vocabulary 512 and 4,096-token shards, so training windows cross shard boundaries.
+    """
+    from lmpipe.config import CorpusConfig, ShardConfig, SourceConfig, TokenizerConfig
+    from lmpipe.tokenizer import run_train_tokenizer
+    from tests.test_shards import encode_and_shard
+    from tests.test_tokenizer import write_documents
+
+    root = tmp_path_factory.mktemp("stages")
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:120_000]
+    texts = [d for d in text.split("\n\n") if d.strip()]
+    docs = write_documents(root / "docs", texts, ids=[f"d{i:05d}" for i in range(len(texts))])
+    tok = run_train_tokenizer(TokenizerConfig(vocab_size=512), docs, root / "tok", "tok")
+    corpus = CorpusConfig(name="shakespeare", sources=[SourceConfig(uri="unused")], val_fraction=0.1)
+    shards = encode_and_shard(ShardConfig(shard_tokens=4096), corpus, docs, tok, root / "shards",
+                              corpus_field="data.finetune")
+    return tok, shards

@@ -24,7 +24,7 @@ from lmpipe.distributed import DistributedTrainingError, launch
 from lmpipe.stage import RESULT_FILE
 from lmpipe.train import run_pretrain
 from tests.conftest import tiny_config
-from tests.test_train import STAGE_MODEL, config, stages  # noqa: F401  (stages is a fixture)
+from tests.test_train import STAGE_MODEL, config
 
 
 def two_procs(strategy: str = "ddp", **overrides: object):
@@ -125,7 +125,7 @@ def test_pipeline_runs_torchrun_and_a_killed_rank_is_retried_from_its_checkpoint
     from flows.pipeline import pipeline
 
     cfg = tiny_config(tmp_path, "pretrain.distributed.nproc_per_node=2", "pretrain.max_steps=300",
-                      "pretrain.checkpoint_interval=20", "pretrain.log_interval=20", "pretrain.eval_interval=300",
+                      "pretrain.checkpoint_interval=20", "pretrain.log_interval=5", "pretrain.eval_interval=300",
                       "finetune.max_steps=2")
     stop, killed = threading.Event(), []
     task_logger = logging.getLogger("prefect.task_runs")  # the suite logs WARNING and up (conftest)

@@ -26,10 +26,9 @@ from lmpipe.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from lmpipe.config import CorpusConfig, FinetuneConfig, ModelConfig, ShardConfig, SourceConfig, TokenizerConfig, TrainConfig
+from lmpipe.config import FinetuneConfig, ModelConfig, TrainConfig
 from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
-from lmpipe.stage import StageResult, partial_dir
-from lmpipe.tokenizer import run_train_tokenizer
+from lmpipe.stage import partial_dir
 from lmpipe.train import (
     ArraySource,
     TrainingDivergedError,
@@ -42,8 +41,6 @@ from lmpipe.train import (
     run_pretrain,
     train,
 )
-from tests.test_shards import encode_and_shard
-from tests.test_tokenizer import write_documents
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 _BYTES = np.frombuffer((DATA / "tinyshakespeare.txt").read_bytes(), dtype=np.uint8).astype(np.int64)
@@ -136,19 +133,26 @@ def test_two_fresh_runs_are_identical(tmp_path: Path) -> None:
 @pytest.mark.parametrize("accum", [1, 2])
 def test_resume_is_exact(tmp_path: Path, accum: int) -> None:
     cfg = config(grad_accum_steps=accum)
-    full = run(tmp_path / "full", cfg, DROPOUT_MODEL)
+    logged_full: dict[int, dict[str, float]] = {}
+    full = run(tmp_path / "full", cfg, DROPOUT_MODEL, log_metrics=lambda m, s: logged_full.update({s: m}))
 
     work = tmp_path / "resumed"
-    first = run(work, cfg, DROPOUT_MODEL, stop_after=4)
+    logged: dict[int, dict[str, float]] = {}
+    first = run(work, cfg, DROPOUT_MODEL, stop_after=4, log_metrics=lambda m, s: logged.update({s: m}))
     assert first.steps == 4 and first.final_val_loss is None
     assert [p.name for p in (work / "checkpoints").iterdir()] == ["step-0000004"]
-    second = run(work, cfg, DROPOUT_MODEL, stop_after=9)
+    second = run(work, cfg, DROPOUT_MODEL, stop_after=9, log_metrics=lambda m, s: logged.update({s: m}))
     assert second.resumed_from == 4
     # A crash after metrics were written but before the next checkpoint leaves extra rows.
     with open(work / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": 10, "loss": 9.9, "lr": 0.0}) + "\n")
-    last = run(work, cfg, DROPOUT_MODEL)
+        f.write(json.dumps({"step": 10, "loss": 9.9, "lr": 0.0, "grad_norm": 0.0}) + "\n")
+    last = run(work, cfg, DROPOUT_MODEL, log_metrics=lambda m, s: logged.update({s: m}))
     assert last.resumed_from == 9
+    # Resumed inside a log interval (steps 1-5, 6-10): the logged means and gradient norms still cover
+    # the whole interval, as in the run that never stopped.
+    for step in (5, 10, 12):
+        for key in ("train/loss", "train/grad_norm", "train/lr"):
+            assert logged[step][key] == logged_full[step][key], (step, key)
 
     assert len(losses(work)) == 12
     assert metrics_text(work) == metrics_text(tmp_path / "full")  # bitwise equal losses
@@ -377,25 +381,6 @@ def test_save_checkpoint_replaces_a_leftover_temp_dir(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- stages
-
-
-def _documents(out: Path) -> StageResult:
-    """Tiny Shakespeare's first ~120 KB as documents cut at blank lines."""
-    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:120_000]
-    docs = [d for d in text.split("\n\n") if d.strip()]
-    return write_documents(out, docs, ids=[f"d{i:05d}" for i in range(len(docs))])
-
-
-@pytest.fixture(scope="module")
-def stages(tmp_path_factory: pytest.TempPathFactory) -> tuple[StageResult, StageResult]:
-    root = tmp_path_factory.mktemp("stages")
-    docs = _documents(root / "docs")
-    tok = run_train_tokenizer(TokenizerConfig(vocab_size=512), docs, root / "tok", "tok")
-    corpus = CorpusConfig(name="shakespeare", sources=[SourceConfig(uri="unused")], val_fraction=0.1)
-    # Small shards, so training windows cross shard boundaries.
-    shards = encode_and_shard(ShardConfig(shard_tokens=4096), corpus, docs, tok, root / "shards",
-                              corpus_field="data.finetune")
-    return tok, shards
 
 
 STAGE_MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)

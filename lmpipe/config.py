@@ -303,8 +303,8 @@ class DistributedConfig(Section):
 
     nproc_per_node: int = Field(1, ge=1, description="Training processes; > 1 launches torchrun (DDP or FSDP).")
     strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="'ddp': a full replica per process; 'fsdp': FSDP2 fully_shard, for models that "
-                           "do not fit one GPU with DDP."
+        "ddp", description="'ddp': a full replica per process; 'fsdp': FSDP2 fully_shard, for models whose "
+                           "training state does not fit one GPU (their fp32 weights must)."
     )
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="'auto': nccl on CUDA, gloo on CPU.")
 

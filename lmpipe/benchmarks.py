@@ -1,0 +1,434 @@
+"""Multiple-choice benchmarks scored by log-likelihood, the way lm-evaluation-harness scores them.
+
+Each example is a context and a few candidate continuations; the model "answers"
+with the choice it finds most likely. Two accuracies are reported, as in the
+harness's ``multiple_choice`` tasks:
+
+- ``acc``: argmax over choices of log P(" " + choice | context), summed over the
+  continuation's tokens;
+- ``acc_norm``: argmax of that sum divided by ``len(choice)``, the choice's length
+  in *characters* (Python ``len`` of the choice string, without the " " delimiter).
+  That is the harness's unit (its ``process_results`` divides by the Python length
+  of each choice string), not bytes and not tokens; it offsets the bias
+  of ``acc`` towards short choices, which have fewer tokens to lose probability on.
+
+Three JSONL shapes are read, one example per line, with the harness's prompts:
+
+- HellaSwag: ``activity_label``, ``ctx_a`` + ``ctx_b`` (or ``ctx``), ``endings``, ``label``.
+  Context ``"{activity_label}: {ctx_a} {ctx_b.capitalize()}"``, choices the endings,
+  both passed through the harness's WikiHow clean-up (:func:`hellaswag_preprocess`).
+- ARC: ``question``, ``choices: {"text": [...], "label": [...]}``, ``answerKey``.
+  Context ``"Question: {question}\\nAnswer:"``; the gold index is
+  ``choices.label.index(answerKey)`` (letters "A".."E" or digits "1".."5").
+- PIQA: ``goal``, ``sol1``, ``sol2``, ``label``. Context ``"Question: {goal}\\nAnswer:"``.
+
+    >>> examples, bad = load_benchmark(Path("arc_easy.jsonl"), "arc", limit=500)
+    >>> r = score_mc(model, tok, examples, device="cuda", eot_id=eot)
+    >>> r.acc, r.acc_norm, r.n
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from lmpipe.model import IGNORE_INDEX
+
+BenchmarkKind = Literal["hellaswag", "arc", "piqa"]
+TARGET_DELIMITER = " "  # the harness's default target_delimiter, put between context and choice
+MAX_REPORTED_BAD = 5  # bad lines quoted in a BadLineReport (all of them are counted)
+
+
+class BenchmarkFormatError(ValueError):
+    """A line of a benchmark file is not valid JSON, lacks a field, or has a field of the wrong shape.
+
+    ``line`` is 1-based (0 for the file as a whole); ``field`` is None when the line as a whole is bad
+    (not JSON, not an object).
+    """
+
+    def __init__(self, path: Path, line: int, field: str | None, problem: str) -> None:
+        self.path, self.line, self.field, self.problem = path, line, field, problem
+        where = f"{path}:{line}" if line else str(path)  # line 0: the file as a whole
+        super().__init__(f"{where}: {problem}" if field is None else f"{where}: field {field!r}: {problem}")
+
+
+class _FieldError(Exception):
+    """Raised by the per-shape parsers; load_benchmark adds the file and line."""
+
+    def __init__(self, field: str | None, problem: str) -> None:
+        super().__init__(problem)
+        self.field, self.problem = field, problem
+
+
+@dataclass(frozen=True)
+class MCExample:
+    """One question: the context, its candidate continuations, and the index of the right one."""
+
+    context: str
+    choices: list[str]
+    label: int
+
+    def __post_init__(self) -> None:
+        # acc_norm divides by len(choice): an empty choice would divide by zero.
+        if len(self.choices) < 2 or not all(isinstance(c, str) and c for c in self.choices):
+            raise ValueError(f"an example needs at least 2 non-empty choices, got {self.choices!r}")
+        if not 0 <= self.label < len(self.choices):
+            raise ValueError(f"label {self.label} is outside 0..{len(self.choices) - 1}")
+
+
+@dataclass
+class BadLineReport:
+    """Lines skipped by ``load_benchmark(skip_bad=True)``: how many, and the first few (line, message)."""
+
+    count: int = 0
+    first: list[tuple[int, str]] = field(default_factory=list)
+
+    def add(self, err: BenchmarkFormatError) -> None:
+        self.count += 1
+        if len(self.first) < MAX_REPORTED_BAD:
+            self.first.append((err.line, str(err)))
+
+
+@dataclass(frozen=True)
+class MCPrediction:
+    """Per-example outcome: summed log-likelihood of each choice and the two argmaxes."""
+
+    label: int
+    loglikelihoods: list[float]
+    pred: int  # argmax of loglikelihoods
+    pred_norm: int  # argmax of loglikelihoods / len(choice) in characters
+
+
+@dataclass(frozen=True)
+class MCResult:
+    acc: float
+    acc_norm: float
+    n: int
+    predictions: list[MCPrediction]
+    truncated: int  # (example, choice) pairs whose context lost tokens on the left to fit block_size
+
+
+# -- readers -------------------------------------------------------------------
+
+
+def hellaswag_preprocess(text: str) -> str:
+    """The harness's HellaSwag clean-up, step for step, so contexts and choices match its own.
+
+    The WikiHow half of HellaSwag carries markup such as ``[header]``, ``[title]``
+    and ``[step]``: " [title]" becomes ". ", every other bracketed run is
+    removed, and then each double space becomes one (a single pass, as the harness
+    does: a triple space leaves a double). The strip comes first, so a removed
+    leading "[step]" leaves a leading space behind, as it does in the harness.
+    """
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _str(obj: dict[str, Any], key: str) -> str:
+    if key not in obj:
+        raise _FieldError(key, f"missing (keys: {sorted(obj)})")
+    if not isinstance(obj[key], str):
+        raise _FieldError(key, f"must be a string, got {type(obj[key]).__name__}")
+    return obj[key]
+
+
+def _str_list(value: Any, name: str) -> list[str]:
+    if not isinstance(value, list):
+        raise _FieldError(name, f"must be a list of strings, got {type(value).__name__}")
+    for i, v in enumerate(value):
+        if not isinstance(v, str):
+            raise _FieldError(f"{name}[{i}]", f"must be a string, got {type(v).__name__}")
+    return value
+
+
+def _nonempty_choices(choices: list[str], name: str) -> list[str]:
+    if len(choices) < 2:
+        raise _FieldError(name, f"needs at least 2 choices, got {len(choices)}")
+    for i, c in enumerate(choices):
+        if not c:
+            raise _FieldError(f"{name}[{i}]", "is empty (acc_norm divides by the choice's length)")
+    return choices
+
+
+def _int_label(obj: dict[str, Any], key: str, n_choices: int) -> int:
+    """An int, or a string of digits (HellaSwag stores "0".."3"), inside 0..n_choices-1."""
+    if key not in obj:
+        raise _FieldError(key, f"missing (keys: {sorted(obj)})")
+    value = obj[key]
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]+\s*", value):
+        label = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        label = value
+    else:
+        raise _FieldError(key, f"must be an integer or a string of digits, got {value!r}")
+    if not 0 <= label < n_choices:
+        raise _FieldError(key, f"{label} is out of range for {n_choices} choices (0..{n_choices - 1})")
+    return label
+
+
+def _parse_hellaswag(obj: dict[str, Any]) -> MCExample:
+    """As the harness: ``ctx_a + " " + ctx_b.capitalize()``, the activity label in front, all preprocessed.
+
+    ``str.capitalize`` also lowercases the rest of ctx_b ("the DJ" -> "The dj");
+    kept for parity. Files with only ``ctx`` use it as is.
+    """
+    if "ctx_a" in obj and "ctx_b" in obj:
+        ctx = _str(obj, "ctx_a") + " " + _str(obj, "ctx_b").capitalize()
+    elif "ctx" in obj:
+        ctx = _str(obj, "ctx")
+    else:
+        raise _FieldError("ctx", f"missing: need 'ctx', or 'ctx_a' and 'ctx_b' (keys: {sorted(obj)})")
+    if "activity_label" in obj:
+        ctx = _str(obj, "activity_label") + ": " + ctx
+    if "endings" not in obj:
+        raise _FieldError("endings", f"missing (keys: {sorted(obj)})")
+    choices = [hellaswag_preprocess(e) for e in _str_list(obj["endings"], "endings")]
+    choices = _nonempty_choices(choices, "endings")
+    return MCExample(hellaswag_preprocess(ctx), choices, _int_label(obj, "label", len(choices)))
+
+
+def _parse_arc(obj: dict[str, Any]) -> MCExample:
+    question = _str(obj, "question")
+    choices_obj = obj.get("choices")
+    if not isinstance(choices_obj, dict):
+        problem = "missing" if "choices" not in obj else f"must be an object, got {type(choices_obj).__name__}"
+        raise _FieldError("choices", f"{problem} (expected {{'text': [...], 'label': [...]}})")
+    for key in ("text", "label"):
+        if key not in choices_obj:
+            raise _FieldError(f"choices.{key}", f"missing (keys: {sorted(choices_obj)})")
+    texts = _nonempty_choices(_str_list(choices_obj["text"], "choices.text"), "choices.text")
+    labels = _str_list(choices_obj["label"], "choices.label")
+    if len(labels) != len(texts):
+        raise _FieldError("choices.label", f"has {len(labels)} labels for {len(texts)} choices.text")
+    key = _str(obj, "answerKey")
+    if key not in labels:
+        raise _FieldError("answerKey", f"{key!r} is not one of choices.label {labels}")
+    return MCExample(f"Question: {question}\nAnswer:", texts, labels.index(key))
+
+
+def _parse_piqa(obj: dict[str, Any]) -> MCExample:
+    goal = _str(obj, "goal")
+    choices = _nonempty_choices([_str(obj, "sol1"), _str(obj, "sol2")], "sol1/sol2")
+    return MCExample(f"Question: {goal}\nAnswer:", choices, _int_label(obj, "label", 2))
+
+
+_PARSERS: dict[str, Callable[[dict[str, Any]], MCExample]] = {
+    "hellaswag": _parse_hellaswag,
+    "arc": _parse_arc,
+    "piqa": _parse_piqa,
+}
+
+
+def load_benchmark(
+    path: Path, kind: BenchmarkKind, *, limit: int | None = None, skip_bad: bool = False
+) -> tuple[list[MCExample], BadLineReport]:
+    """Read a benchmark JSONL file of one shape; blank lines are skipped.
+
+    A bad line (not UTF-8, not JSON, not an object, a field missing or of the
+    wrong type, a label outside the choices) raises BenchmarkFormatError naming
+    the file, the 1-based line and the field; with ``skip_bad`` it is counted in
+    the report and skipped instead. ``limit`` stops after that many good examples.
+    """
+    if kind not in _PARSERS:
+        raise ValueError(f"benchmark kind {kind!r} is unknown; use one of {sorted(_PARSERS)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark file {str(path)!r} does not exist")
+    parse = _PARSERS[kind]
+    examples: list[MCExample] = []
+    report = BadLineReport()
+    with open(path, "rb") as f:  # bytes, so one undecodable line is one bad line, not a failed file
+        for lineno, raw in enumerate(f, start=1):
+            if limit is not None and len(examples) >= limit:
+                break
+            try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise _FieldError(None, f"not valid UTF-8 (byte {err.start})") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise _FieldError(None, f"not valid JSON ({err.msg} at column {err.colno})") from None
+                if not isinstance(obj, dict):
+                    raise _FieldError(None, f"expected a JSON object, got {type(obj).__name__}")
+                examples.append(parse(obj))
+            except _FieldError as fe:
+                err = BenchmarkFormatError(path, lineno, fe.field, fe.problem)
+                if not skip_bad:
+                    raise err from None
+                report.add(err)
+    if not examples:
+        detail = f"; {report.count} bad line(s) skipped, first: {report.first[0][1]}" if report.count else ""
+        raise BenchmarkFormatError(path, 0, None, f"holds no {kind} examples{detail}")
+    return examples, report
+
+
+# -- scoring -------------------------------------------------------------------
+
+
+def encode_continuations(
+    tok: Tokenizer, context: str, continuations: Sequence[str], *, eot_id: int
+) -> tuple[list[int], list[list[int]]]:
+    """Token ids of the context and of each continuation, split as the harness splits them.
+
+    As the harness's ``_encode_pair``: whitespace at the end of the context is
+    moved to the front of the continuation (a BPE tokenizer attaches a space to
+    the word after it), then ``context + continuation`` is encoded whole and the
+    continuation is the tail after the context's own encoding, so its tokens are
+    those the model would see in running text. The harness takes that tail
+    without checking; here it is taken only when the context's encoding really
+    is a prefix of the whole. Otherwise a BPE merge crosses the boundary, the
+    tail would not spell the continuation, and the continuation is encoded on
+    its own instead (with byte-level BPE and the " " delimiter this does not
+    happen in practice: a pre-token never spans "x" + " y").
+
+    An empty context becomes ``[eot_id]`` ("a document begins"), as the harness
+    puts its prefix token there. Literal special-token text in a benchmark
+    is encoded as plain text.
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuations = [context[-n_spaces:] + c for c in continuations]
+        context = context[:-n_spaces]
+    previous = tok.encode_special_tokens
+    tok.encode_special_tokens = True
+    try:
+        if not context:
+            conts = [e.ids for e in tok.encode_batch(list(continuations), add_special_tokens=False)]
+            return [eot_id], conts
+        ctx_ids = tok.encode(context, add_special_tokens=False).ids
+        wholes = tok.encode_batch([context + c for c in continuations], add_special_tokens=False)
+        conts = []
+        for cont, whole in zip(continuations, wholes):
+            ids = whole.ids
+            if ids[: len(ctx_ids)] == ctx_ids:
+                conts.append(ids[len(ctx_ids) :])
+            else:
+                conts.append(tok.encode(cont, add_special_tokens=False).ids)
+        return ctx_ids, conts
+    finally:
+        tok.encode_special_tokens = previous
+
+
+@dataclass(frozen=True)
+class _Request:
+    example: int
+    choice: int
+    inp: list[int]  # the model's input: (context + continuation)[-(block_size + 1):][:-1]
+    cont: list[int]  # the continuation's tokens, predicted by the last len(cont) input positions
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """Index of the first maximum (np.argmax's tie rule, as the harness)."""
+    return int(np.argmax(np.asarray(values, dtype=np.float64)))
+
+
+def score_mc(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    examples: Sequence[MCExample],
+    *,
+    device: str | torch.device,
+    batch_size: int = 16,
+    eot_id: int,
+) -> MCResult:
+    """acc and acc_norm of a GPT (``lmpipe.model.GPT`` interface) on multiple-choice examples.
+
+    Every (example, choice) pair is one request: the continuation " " + choice
+    tokenized by :func:`encode_continuations`, its log-likelihood the sum of
+    log_softmax(logits) of its tokens. A context too long for the model keeps
+    its rightmost tokens: the input is the last ``block_size + 1`` tokens of
+    context + continuation without the final one (the harness's left
+    truncation); a continuation longer than ``block_size`` tokens cannot be
+    scored and raises ValueError naming the example.
+
+    Requests are sorted longest first and batched, padded on the right with
+    ``eot_id``; causal attention keeps padding from affecting earlier positions,
+    and only the continuation positions are gathered, in float32. acc_norm
+    divides by the choice's length in characters, as the harness does (see the
+    module docstring). The model is left in the train/eval mode it came in.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not examples:
+        raise ValueError("no examples to score")
+    block = model.config.block_size
+    requests: list[_Request] = []
+    truncated = 0
+    for i, ex in enumerate(examples):
+        ctx_ids, conts = encode_continuations(
+            tokenizer, ex.context, [TARGET_DELIMITER + c for c in ex.choices], eot_id=eot_id
+        )
+        for j, cont in enumerate(conts):
+            if not cont or len(cont) > block:
+                raise ValueError(
+                    f"example {i} choice {j} ({ex.choices[j][:60]!r}): the continuation is {len(cont)} tokens; "
+                    f"scoring needs 1..{block} (model block_size) so that context precedes it"
+                )
+            seq = ctx_ids + cont
+            truncated += len(seq) > block + 1
+            requests.append(_Request(i, j, seq[-(block + 1) :][:-1], cont))
+
+    was_training = model.training
+    model.eval()
+    lls = [[0.0] * len(ex.choices) for ex in examples]
+    # Longest first: batches of similar lengths waste little compute on padding.
+    order = sorted(range(len(requests)), key=lambda r: -len(requests[r].inp))
+    try:
+        with torch.no_grad():
+            for b in range(0, len(order), batch_size):
+                batch = [requests[r] for r in order[b : b + batch_size]]
+                T = len(batch[0].inp)
+                x = np.full((len(batch), T), eot_id, dtype=np.int64)  # (B, T), right-padded
+                want = np.zeros((len(batch), T), dtype=bool)  # positions that predict a continuation token
+                target = np.zeros((len(batch), T), dtype=np.int64)  # the token each such position predicts
+                for row, req in enumerate(batch):
+                    n = len(req.inp)
+                    x[row, :n] = req.inp
+                    # Position t predicts token t + 1, so the last len(cont) positions predict the continuation.
+                    want[row, n - len(req.cont) : n] = True
+                    target[row, n - len(req.cont) : n] = req.cont
+                xt = torch.from_numpy(x).to(device)
+                # Targets make the model return logits at every position; all ignored, the loss is unused.
+                logits, _ = model(xt, torch.full_like(xt, IGNORE_INDEX))  # (B, T, V)
+                want_t = torch.from_numpy(want).to(device)
+                picked = logits[want_t].float()  # (M, V), M = continuation tokens in the batch, row-major
+                logp = F.log_softmax(picked, dim=-1)  # (M, V)
+                tgt = torch.from_numpy(target[want]).to(device)  # (M,)
+                tok_lp = logp.gather(1, tgt.unsqueeze(1)).squeeze(1)  # (M,)
+                rows = want_t.nonzero()[:, 0]  # (M,) batch row of each scored token
+                sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
+                sums.index_add_(0, rows, tok_lp.double())  # (B,)
+                for req, s in zip(batch, sums.tolist()):
+                    lls[req.example][req.choice] = s
+    finally:
+        model.train(was_training)
+
+    predictions = []
+    for ex, ll in zip(examples, lls):
+        norm = [v / len(c) for v, c in zip(ll, ex.choices)]
+        predictions.append(MCPrediction(ex.label, ll, _argmax(ll), _argmax(norm)))
+    n = len(predictions)
+    return MCResult(
+        acc=sum(p.pred == p.label for p in predictions) / n,
+        acc_norm=sum(p.pred_norm == p.label for p in predictions) / n,
+        n=n,
+        predictions=predictions,
+        truncated=truncated,
+    )

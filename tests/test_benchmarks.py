@@ -1,0 +1,376 @@
+"""Multiple-choice benchmarks: the three readers, their errors, and log-likelihood scoring.
+
+Scoring is checked against a plain reference: one full forward pass per
+(example, choice), log_softmax over every position, the continuation's
+log-probabilities summed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from lmpipe.benchmarks import (
+    BenchmarkFormatError,
+    MCExample,
+    encode_continuations,
+    hellaswag_preprocess,
+    load_benchmark,
+    score_mc,
+)
+from lmpipe.config import EOT
+from lmpipe.model import GPT, GPTConfig
+from lmpipe.tokenizer import eot_id, load_tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures" / "mc"
+
+
+# -- readers -------------------------------------------------------------------
+
+
+def test_hellaswag_reader_applies_the_harness_prompt_and_preprocess() -> None:
+    examples, bad = load_benchmark(FIXTURES / "hellaswag.jsonl", "hellaswag")
+    assert bad.count == 0 and bad.first == []
+    assert [e.context for e in examples] == [
+        "Roof shingle removal: A man is sitting on a roof. He",
+        "Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. The lady",
+        "Home and Garden: How to grow basil indoors. Choose a sunny window.",
+        "The chef cracks two eggs into a bowl. She",
+        "Playing congas: A DJ stands behind a table of drums. The dj",  # str.capitalize, as the harness
+        "Sharpening knives: A man holds a knife against a whetstone. He",
+    ]
+    assert [e.label for e in examples] == [3, 3, 0, 0, 1, 0]
+    assert examples[0].choices == [
+        "is using wrap to wrap a pair of skis.",
+        "is ripping level tiles off.",
+        "is holding a rubik's cube.",
+        "starts pulling up roofing on a roof.",
+    ]
+    assert examples[2].choices == [
+        "Basil needs six hours of light a day. Turn the pot every few days so the plant grows evenly.",
+        " Water it with salt water every morning.",  # stripped before "[step]" went: its space stays
+        "Plant the basil in a glass of milk.",
+        "Keep the pot in a dark cupboard until it flowers.",
+    ]
+    assert examples[3].choices == [
+        "whisks them with a fork until smooth.",
+        "throws the bowl out of the window.",
+        "paints the eggs blue and green.",
+    ]
+
+
+def test_hellaswag_preprocess_step_by_step() -> None:
+    assert hellaswag_preprocess("  a [title] b [header] c  ") == "a. b c"
+    # One pass of "  " -> " ": a triple space (left by a removed tag) becomes a double, as in the harness.
+    assert hellaswag_preprocess("x [step]  y") == "x  y"
+
+
+def test_arc_reader_maps_letter_and_digit_answer_keys() -> None:
+    examples, bad = load_benchmark(FIXTURES / "arc.jsonl", "arc")
+    assert bad.count == 0
+    assert examples[0] == MCExample(
+        "Question: An astronomer observes that a planet rotates faster after a meteorite impact. "
+        "Which is the most likely effect of this increase in rotation?\nAnswer:",
+        ["Planetary density will decrease.", "Planetary years will become longer.",
+         "Planetary days will become shorter.", "Planetary gravity will become stronger."],
+        2,
+    )
+    assert examples[1] == MCExample(
+        "Question: Which object is the best conductor of electricity?\nAnswer:",
+        ["a wax crayon", "a plastic spoon", "a rubber eraser", "an iron nail"],
+        3,
+    )
+    assert [len(e.choices) for e in examples] == [4, 4, 3, 5, 4, 4]
+    assert [e.label for e in examples] == [2, 3, 1, 1, 1, 0]
+
+
+def test_piqa_reader() -> None:
+    examples, bad = load_benchmark(FIXTURES / "piqa.jsonl", "piqa")
+    assert bad.count == 0
+    assert examples[1] == MCExample(
+        "Question: To keep bread fresh longer,\nAnswer:",
+        ["store it in a sealed bag in a cool, dry place.", "store it in an open bowl next to the stove."],
+        0,
+    )
+    assert [e.label for e in examples] == [0, 0, 1, 0, 1, 0]
+    assert all(e.context.startswith("Question: ") and e.context.endswith("\nAnswer:") for e in examples)
+
+
+def test_limit_stops_after_that_many_examples() -> None:
+    examples, _ = load_benchmark(FIXTURES / "hellaswag.jsonl", "hellaswag", limit=5)
+    assert [e.context.split(":")[0] for e in examples] == [
+        "Roof shingle removal", "Clean and jerk", "Home and Garden", "The chef cracks two eggs into a bowl. She",
+        "Playing congas",
+    ]
+
+
+GOOD = {
+    "hellaswag": {"ctx": "A dog sees a ball. It", "endings": ["runs after it.", "reads a book."], "label": 0},
+    "arc": {"question": "What is ice?", "choices": {"text": ["solid water", "gas"], "label": ["A", "B"]},
+            "answerKey": "A"},
+    "piqa": {"goal": "To open a door,", "sol1": "turn the handle.", "sol2": "eat the handle.", "label": 0},
+}
+
+
+@pytest.mark.parametrize(
+    "kind, line, field, fragment",
+    [
+        ("hellaswag", '{"ctx": "x", "endings": ["a", "b"], "label": 0', None, "not valid JSON"),
+        ("hellaswag", '{"ctx": "x", "label": 0}', "endings", "missing"),
+        ("hellaswag", '{"endings": ["a", "b"], "label": 0}', "ctx", "missing"),
+        ("hellaswag", '{"ctx": "x", "endings": ["a", "b"], "label": 2}', "label", "2 is out of range for 2 choices"),
+        ("hellaswag", '{"ctx": "x", "endings": ["a", "b"], "label": ""}', "label", "must be an integer"),
+        ("hellaswag", '{"ctx": "x", "endings": ["a", "b"], "label": "\\u00b2"}', "label", "must be an integer"),
+        ("hellaswag", '{"ctx": "x", "endings": ["a", 3], "label": 0}', "endings[1]", "must be a string"),
+        ("hellaswag", '{"ctx": "x", "endings": ["a", "[step]"], "label": 0}', "endings[1]", "is empty"),
+        ("arc", '{"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "E"}',
+         "answerKey", "'E' is not one of choices.label ['A', 'B']"),
+        ("arc", '{"question": "q", "choices": {"text": ["a", "b"]}, "answerKey": "A"}', "choices.label", "missing"),
+        ("arc", '{"question": "q", "choices": {"text": ["a", "b"], "label": ["A"]}, "answerKey": "A"}',
+         "choices.label", "has 1 labels for 2 choices.text"),
+        ("arc", "[1, 2]", None, "expected a JSON object, got list"),
+        ("piqa", '{"goal": "g", "sol1": "a", "label": 0}', "sol2", "missing"),
+        ("piqa", '{"goal": "g", "sol1": "a", "sol2": "b", "label": 2}', "label", "2 is out of range"),
+        ("piqa", '{"goal": "g", "sol1": "a", "sol2": "b", "label": true}', "label", "must be an integer"),
+    ],
+)
+def test_bad_line_names_file_line_and_field(tmp_path: Path, kind: str, line: str, field: str | None,
+                                           fragment: str) -> None:
+    path = tmp_path / f"{kind}.jsonl"
+    path.write_text(json.dumps(GOOD[kind]) + "\n" + line + "\n" + json.dumps(GOOD[kind]) + "\n", encoding="utf-8")
+    with pytest.raises(BenchmarkFormatError) as info:
+        load_benchmark(path, kind)  # type: ignore[arg-type]
+    err = info.value
+    assert (err.line, err.field) == (2, field)
+    assert str(err).startswith(f"{path}:2: ")
+    assert fragment in str(err)
+    if field is not None:
+        assert f"field {field!r}" in str(err)
+    # The same file with skip_bad: the two good lines, one bad counted.
+    examples, bad = load_benchmark(path, kind, skip_bad=True)  # type: ignore[arg-type]
+    assert len(examples) == 2
+    assert bad.count == 1 and bad.first == [(2, str(err))]
+
+
+@pytest.mark.parametrize(
+    "name, kind, good, bad_lines, first_field",
+    [
+        ("hellaswag_bad.jsonl", "hellaswag", 2, [2, 3, 5, 7], None),
+        ("arc_bad.jsonl", "arc", 2, [2, 3, 4, 5], "answerKey"),
+        ("piqa_bad.jsonl", "piqa", 2, [2, 3, 4], "sol2"),
+    ],
+)
+def test_skip_bad_counts_and_skips_bad_lines(name: str, kind: str, good: int, bad_lines: list[int],
+                                             first_field: str | None) -> None:
+    with pytest.raises(BenchmarkFormatError) as info:
+        load_benchmark(FIXTURES / name, kind)  # type: ignore[arg-type]
+    assert (info.value.line, info.value.field) == (bad_lines[0], first_field)
+    examples, bad = load_benchmark(FIXTURES / name, kind, skip_bad=True)  # type: ignore[arg-type]
+    assert len(examples) == good
+    assert bad.count == len(bad_lines)
+    assert [line for line, _ in bad.first] == bad_lines
+    assert all(msg.startswith(f"{FIXTURES / name}:{line}: ") for line, msg in bad.first)
+
+
+def test_bad_report_keeps_the_first_five_and_counts_all(tmp_path: Path) -> None:
+    path = tmp_path / "piqa.jsonl"
+    lines = ["not json"] * 7 + [json.dumps(GOOD["piqa"])]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    examples, bad = load_benchmark(path, "piqa", skip_bad=True)
+    assert len(examples) == 1
+    assert bad.count == 7
+    assert [line for line, _ in bad.first] == [1, 2, 3, 4, 5]
+
+
+def test_undecodable_line_is_one_bad_line(tmp_path: Path) -> None:
+    path = tmp_path / "piqa.jsonl"
+    path.write_bytes(json.dumps(GOOD["piqa"]).encode() + b"\n\xff\xfe\n" + json.dumps(GOOD["piqa"]).encode() + b"\n")
+    with pytest.raises(BenchmarkFormatError, match=r":2: not valid UTF-8"):
+        load_benchmark(path, "piqa")
+    examples, bad = load_benchmark(path, "piqa", skip_bad=True)
+    assert (len(examples), bad.count) == (2, 1)
+
+
+def test_file_without_examples_and_bad_arguments(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(BenchmarkFormatError, match=f"^{re.escape(str(empty))}: holds no arc examples$"):
+        load_benchmark(empty, "arc")
+    all_bad = tmp_path / "bad.jsonl"
+    all_bad.write_text("{\n", encoding="utf-8")
+    with pytest.raises(BenchmarkFormatError, match=r"holds no piqa examples; 1 bad line\(s\) skipped"):
+        load_benchmark(all_bad, "piqa", skip_bad=True)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_benchmark(tmp_path / "missing.jsonl", "piqa")
+    with pytest.raises(ValueError, match="kind 'mmlu' is unknown"):
+        load_benchmark(empty, "mmlu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        load_benchmark(empty, "arc", limit=0)
+
+
+# -- tokenization of (context, continuation) -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok(stages) -> Tokenizer:
+    tokenizer_result, _ = stages
+    return load_tokenizer(tokenizer_result.path("tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def eot(tok: Tokenizer) -> int:
+    return eot_id(tok, EOT)
+
+
+def _ids(tok: Tokenizer, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def test_continuation_is_the_tail_of_the_joint_encoding(tok: Tokenizer, eot: int) -> None:
+    context = "Question: Who shall be king?\nAnswer:"
+    ctx, conts = encode_continuations(tok, context, [" the king", " my lord and master"], eot_id=eot)
+    assert ctx == _ids(tok, context)
+    assert ctx + conts[0] == _ids(tok, context + " the king")
+    assert ctx + conts[1] == _ids(tok, context + " my lord and master")
+
+
+def test_trailing_context_whitespace_moves_to_the_continuation(tok: Tokenizer, eot: int) -> None:
+    ctx, conts = encode_continuations(tok, "Answer:  ", ["king"], eot_id=eot)
+    assert ctx == _ids(tok, "Answer:")
+    assert ctx + conts[0] == _ids(tok, "Answer:  king")
+
+
+def test_merge_across_the_boundary_falls_back_to_a_separate_encoding(tok: Tokenizer, eot: int) -> None:
+    whole, head = _ids(tok, "the"), _ids(tok, "th")
+    assert whole[: len(head)] != head  # premise: BPE merges "th" + "e" into one token
+    ctx, conts = encode_continuations(tok, "th", ["e"], eot_id=eot)
+    assert (ctx, conts) == (head, [_ids(tok, "e")])
+
+
+def test_empty_context_is_eot_and_special_text_is_plain(tok: Tokenizer, eot: int) -> None:
+    assert encode_continuations(tok, "", [" king"], eot_id=eot) == ([eot], [_ids(tok, " king")])
+    ctx, conts = encode_continuations(tok, f"a {EOT} b", [f" {EOT}"], eot_id=eot)
+    assert eot not in ctx and eot not in conts[0]
+
+
+# -- scoring -------------------------------------------------------------------
+
+
+def tiny_gpt(vocab_size: int, block_size: int = 192) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
+    # Larger embeddings than the 0.02 init, so the choices' log-likelihoods differ clearly.
+    torch.nn.init.normal_(model.transformer.wte.weight, std=0.1)
+    return model
+
+
+def reference_loglik(model: GPT, tok: Tokenizer, context: str, choice: str) -> float:
+    """One forward per choice: log P(" " + choice | context) from the full log_softmax."""
+    ctx = _ids(tok, context)
+    whole = _ids(tok, context + " " + choice)
+    assert whole[: len(ctx)] == ctx
+    cont = whole[len(ctx):]
+    seq = (ctx + cont)[-(model.config.block_size + 1):]  # left truncation
+    x = torch.tensor([seq[:-1]])
+    with torch.no_grad():
+        logits, _ = model(x, torch.zeros_like(x))  # (1, T, V)
+    logp = F.log_softmax(logits[0].float(), dim=-1)  # (T, V), float32 as score_mc
+    T = len(seq) - 1
+    return sum(float(logp[T - len(cont) + k, t]) for k, t in enumerate(cont))
+
+
+@pytest.mark.parametrize("kind", ["hellaswag", "arc", "piqa"])
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_score_matches_unbatched_reference(tok: Tokenizer, eot: int, kind: str, batch_size: int) -> None:
+    examples, _ = load_benchmark(FIXTURES / f"{kind}.jsonl", kind)  # type: ignore[arg-type]
+    model = tiny_gpt(tok.get_vocab_size())
+    model.train()
+    result = score_mc(model, tok, examples, device="cpu", batch_size=batch_size, eot_id=eot)
+    assert model.training  # the mode it came in
+    assert result.n == len(examples) and result.truncated == 0
+    model.eval()
+    for ex, p in zip(examples, result.predictions):
+        ref = [reference_loglik(model, tok, ex.context, c) for c in ex.choices]
+        assert p.loglikelihoods == pytest.approx(ref, abs=1e-5, rel=0)
+        assert p.label == ex.label
+        assert p.pred == int(np.argmax(p.loglikelihoods))
+        assert p.pred_norm == int(np.argmax([ll / len(c) for ll, c in zip(p.loglikelihoods, ex.choices)]))
+    assert result.acc == sum(p.pred == p.label for p in result.predictions) / len(examples)
+    assert result.acc_norm == sum(p.pred_norm == p.label for p in result.predictions) / len(examples)
+
+
+def test_acc_and_acc_norm_differ_on_a_uniform_model(tok: Tokenizer, eot: int) -> None:
+    """Zero output weights: every token costs log V, so a choice costs (its token count) * log V.
+
+    The short choice of rare letters has the higher total (fewer tokens) but the
+    lower log-likelihood per character, so acc picks it and acc_norm the long one.
+    """
+    model = tiny_gpt(tok.get_vocab_size())
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # tied with wte: logits are all zero
+    short, long = "qz", "and the king of the world"
+    ex = MCExample("Question: Who comes?\nAnswer:", [short, long], label=1)
+    _, (n_short, n_long) = encode_continuations(tok, ex.context, [" " + short, " " + long], eot_id=eot)
+    assert len(n_short) < len(n_long)  # premise: higher total for the short choice
+    assert len(n_long) / len(long) < len(n_short) / len(short)  # premise: higher per character for the long
+    result = score_mc(model, tok, [ex], device="cpu", eot_id=eot)
+    log_v = math.log(tok.get_vocab_size())
+    p = result.predictions[0]
+    assert p.loglikelihoods == pytest.approx([-len(n_short) * log_v, -len(n_long) * log_v], abs=1e-5, rel=0)
+    assert (p.pred, p.pred_norm) == (0, 1)
+    assert (result.acc, result.acc_norm) == (0.0, 1.0)
+
+
+def test_long_context_keeps_its_rightmost_tokens(tok: Tokenizer, eot: int) -> None:
+    block = 16
+    model = tiny_gpt(tok.get_vocab_size(), block_size=block).eval()
+    tail = " The king is dead, long live the king, and all his lords and ladies too. Then"
+    assert len(_ids(tok, tail)) > block  # premise: the window lies inside the shared tail
+    choices = ["he speaks.", "she weeps and goes."]
+    examples = [
+        MCExample("O Romeo, Romeo, wherefore art thou Romeo? Deny thy father and refuse thy name." + tail,
+                  choices, 0),
+        MCExample("Now is the winter of our discontent made glorious summer by this sun of York." + tail,
+                  choices, 1),
+        MCExample("Then", choices, 0),  # short: not truncated
+    ]
+    result = score_mc(model, tok, examples, device="cpu", batch_size=4, eot_id=eot)
+    assert result.truncated == 4
+    a, b, c = (p.loglikelihoods for p in result.predictions)
+    assert a == pytest.approx(b, abs=1e-5, rel=0)  # only the window counts, and it is the same
+    for ex, p in zip(examples, result.predictions):
+        ref = [reference_loglik(model, tok, ex.context, ch) for ch in ex.choices]
+        assert p.loglikelihoods == pytest.approx(ref, abs=1e-5, rel=0)
+    assert c != pytest.approx(a, abs=1e-3)
+
+
+def test_too_long_continuation_names_the_example(tok: Tokenizer, eot: int) -> None:
+    model = tiny_gpt(tok.get_vocab_size(), block_size=16)
+    long_choice = "and then the king and the queen and all the lords went to the castle by the sea"
+    assert len(_ids(tok, " " + long_choice)) > 16  # premise
+    examples = [
+        MCExample("Question: Who?\nAnswer:", ["the king", "the queen"], 0),
+        MCExample("Question: What then?\nAnswer:", ["nothing", "the end", long_choice], 0),
+    ]
+    with pytest.raises(ValueError, match=r"example 1 choice 2 \('and then the king.*scoring needs 1\.\.16"):
+        score_mc(model, tok, examples, device="cpu", eot_id=eot)
+
+
+def test_example_validation_and_arguments(tok: Tokenizer, eot: int) -> None:
+    with pytest.raises(ValueError, match="label 2 is outside 0..1"):
+        MCExample("c", ["a", "b"], 2)
+    with pytest.raises(ValueError, match="at least 2 non-empty choices"):
+        MCExample("c", ["a", ""], 0)
+    model = tiny_gpt(tok.get_vocab_size())
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        score_mc(model, tok, [MCExample("c", ["a", "b"], 0)], device="cpu", batch_size=0, eot_id=eot)
+    with pytest.raises(ValueError, match="no examples"):
+        score_mc(model, tok, [], device="cpu", eot_id=eot)

@@ -82,6 +82,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
                            init_sha256=_digest(config.finetune.init_checkpoint, "model.safetensors"),
                            tokenizer=tokenizer, ctx=ctx)
         report = ledger.run(evaluate, cfg=config.eval, models={"base": base, "finetuned": tuned}, corpora=corpora,
+                            benchmark_sha256={b.name: _digest(b.path) for b in config.eval.benchmarks} or None,
                             tokenizer=tokenizer, ctx=ctx)
         ledger.run(register, cfg=config.tracking, finetuned=tuned, tokenizer=tokenizer, report=report, ctx=ctx)
     return ledger.summary(ctx)

@@ -384,6 +384,16 @@ class FinetuneConfig(TrainConfig):
         return self
 
 
+class BenchmarkConfig(Section):
+    """A multiple-choice benchmark scored by log-likelihood (acc and acc_norm, as lm-evaluation-harness)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Name in the report and the metric keys.")
+    kind: Literal["hellaswag", "arc", "piqa"] = Field(description="The JSONL shape (the dataset's own fields).")
+    path: str = Field(description="Local JSONL file.")
+    limit: int | None = Field(None, ge=1, description="Score only the first N examples.")
+    skip_bad: bool = Field(False, description="Skip and count malformed lines instead of failing on the first.")
+
+
 class EvalConfig(Section):
     eval_tokens: int = Field(32_768, ge=1, description="Held-out tokens scored per model and corpus.")
     batch_size: int = Field(32, ge=1)
@@ -392,6 +402,16 @@ class EvalConfig(Section):
     temperature: float = Field(0.8, gt=0.0)
     top_k: int | None = Field(40, ge=1)
     seed: int = 1234
+    benchmarks: list[BenchmarkConfig] = Field(default_factory=list,
+                                              description="Multiple-choice benchmarks every model is scored on.")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _unique_names(cls, v: list[BenchmarkConfig]) -> list[BenchmarkConfig]:
+        names = [b.name for b in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"benchmark names must be unique, got {names}")
+        return v
 
 
 class TrackingConfig(Section):

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from lmpipe.benchmarks import load_benchmark, score_mc
 from lmpipe.checkpoint import load_model, read_state
 from lmpipe.config import EvalConfig
 from lmpipe.shards import MANIFEST_FILE, TokenSplit, read_manifest
@@ -172,8 +173,10 @@ def render_markdown(
     samples: dict[str, list[dict[str, str]]],
     *,
     eval_tokens: int,
+    choice: list[dict[str, Any]] = (),
 ) -> str:
-    """The report as markdown: one row per model, loss / ppl / bpb per corpus, a delta row, samples."""
+    """The report as markdown: one row per model, loss / ppl / bpb per corpus, a delta row, the
+    multiple-choice benchmarks (acc / acc_norm, with their delta row), samples."""
     models = list(dict.fromkeys(r["model"] for r in results))
     corpora = list(dict.fromkeys(r["corpus"] for r in results))
     by = {(r["model"], r["corpus"]): r for r in results}
@@ -205,6 +208,24 @@ def render_markdown(
                 a, b = by.get((FINETUNED, c)), by.get((BASE, c))
                 cells.append("" if a is None or b is None else ("{:+" + fmt[m][2:]).format(a[m] - b[m]))
         lines.append("| " + " | ".join([f"Δ {FINETUNED} − {BASE}"] + cells) + " |")
+
+    if choice:
+        benches = list(dict.fromkeys(r["benchmark"] for r in choice))
+        mc = {(r["model"], r["benchmark"]): r for r in choice}
+        lines += ["", "Multiple choice, by log-likelihood (acc_norm: per character of the choice, as "
+                  "lm-evaluation-harness). Higher is better.", ""]
+        header = ["model"] + [f"{_fmt_cell(b)} {m}" for b in benches for m in ("acc", "acc_norm")]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" + "---:|" * (len(header) - 1))
+        for model in dict.fromkeys(r["model"] for r in choice):
+            cells = ["" if (model, b) not in mc else f"{mc[model, b][m]:.4f}" for b in benches
+                     for m in ("acc", "acc_norm")]
+            lines.append("| " + " | ".join([_fmt_cell(model)] + cells) + " |")
+        if all((m, b) in mc for m in (BASE, FINETUNED) for b in benches):
+            cells = [f"{mc[FINETUNED, b][m] - mc[BASE, b][m]:+.4f}" for b in benches for m in ("acc", "acc_norm")]
+            lines.append("| " + " | ".join([f"Δ {FINETUNED} − {BASE}"] + cells) + " |")
+        lines += [""] + [f"- {b}: {mc[next(iter(mc))[0], b]['n']} examples ({mc[next(iter(mc))[0], b]['kind']})"
+                         for b in benches]
 
     lines += ["", "Tokens and bytes scored:", ""]
     for r in results:
@@ -247,6 +268,15 @@ def run_evaluate(
                 f"(sha256 {tok_fp}); re-shard the corpus with this tokenizer"
             )
         manifests[name] = manifest
+    benchmarks = {}  # parsed now: a bad file fails before any model is loaded
+    for i, bench in enumerate(cfg.benchmarks):
+        try:
+            benchmarks[bench.name] = (bench, *load_benchmark(Path(bench.path), bench.kind, limit=bench.limit,
+                                                              skip_bad=bench.skip_bad))
+        except OSError as err:
+            raise FileNotFoundError(f"eval.benchmarks.{i} ({bench.name}): {err}") from err
+        except ValueError as err:
+            raise ValueError(f"eval.benchmarks.{i} ({bench.name}): {err}") from err
     states = {}
     for name, ckpt in models.items():
         if not Path(ckpt).is_dir():
@@ -266,7 +296,7 @@ def run_evaluate(
         start_id = next(iter(manifests.values()))["eot_id"]
         splits = {name: TokenSplit(Path(shards.out_dir), "val") for name, shards in corpora.items()}
 
-        results, samples, model_info = [], {}, {}
+        results, samples, model_info, choice = [], {}, {}, []
         for model_name, ckpt in models.items():
             model = load_model(Path(ckpt), device=device)
             model_info[model_name] = {
@@ -281,6 +311,11 @@ def run_evaluate(
                 except ValueError as err:
                     raise ValueError(f"evaluating model {model_name!r} on corpus {corpus_name!r} (val split): {err}") from err
                 results.append({"model": model_name, "corpus": corpus_name, **r})
+            for bench_name, (bench, examples, bad) in benchmarks.items():
+                mc = score_mc(model, tok, examples, device=device, batch_size=cfg.batch_size, eot_id=start_id)
+                choice.append({"model": model_name, "benchmark": bench_name, "kind": bench.kind, "n": mc.n,
+                               "acc": mc.acc, "acc_norm": mc.acc_norm, "skipped_lines": bad.count,
+                               "truncated_choices": mc.truncated})
             samples[model_name] = generate_samples(
                 model, tok, cfg.prompts,
                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
@@ -296,10 +331,11 @@ def run_evaluate(
             }
             for name, split in splits.items()
         }
-        markdown = render_markdown(results, samples, eval_tokens=cfg.eval_tokens)
+        markdown = render_markdown(results, samples, eval_tokens=cfg.eval_tokens, choice=choice)
         write_json_atomic(
             tmp / "report.json",
-            {"models": model_info, "corpora": corpus_info, "results": results, "samples": samples},
+            {"models": model_info, "corpora": corpus_info, "results": results, "multiple_choice": choice,
+             "samples": samples},
         )
         write_json_atomic(
             tmp / "samples.json",
@@ -310,6 +346,7 @@ def run_evaluate(
         )
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
         metrics = {f"{r['model']}.{r['corpus']}.{m}": float(r[m]) for r in results for m in METRICS}
+        metrics |= {f"{r['model']}.{r['benchmark']}.{m}": float(r[m]) for r in choice for m in ("acc", "acc_norm")}
         return BuildOutput(metrics=metrics, meta={"markdown": markdown, "device": device})
 
     return run_stage("evaluate", fingerprint, out_dir, build)

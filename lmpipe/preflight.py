@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmpipe.benchmarks import load_benchmark
 from lmpipe.checkpoint import CheckpointMismatchError, architecture_diffs, read_state
 from lmpipe.config import PipelineConfig
 from lmpipe.download import check_sources
@@ -18,6 +19,10 @@ def check_inputs(config: PipelineConfig, *, training: bool = True) -> None:
         check_sources(config.data.finetune, "data.finetune")
     if not training:
         return
+    for i, bench in enumerate(config.eval.benchmarks):
+        if not Path(bench.path).is_file():
+            raise FileNotFoundError(f"eval.benchmarks.{i}.path: file {bench.path!r} does not exist")
+        load_benchmark(Path(bench.path), bench.kind, limit=bench.limit, skip_bad=bench.skip_bad)  # format errors now
     ft = config.finetune
     if ft.mode == "sft" and not Path(ft.sft_path).is_file():
         raise FileNotFoundError(f"finetune.sft_path: file {ft.sft_path!r} does not exist")

@@ -186,20 +186,23 @@ def finetune(model_cfg: ModelConfig, cfg: FinetuneConfig, base: StageResult | No
     return result
 
 
-EVALUATE = StageSpec("evaluate", configs=("cfg",), upstreams=("models", "corpora", "tokenizer"))
+# benchmark_sha256: the content of the benchmark files, not just their paths, decides the report.
+EVALUATE = StageSpec("evaluate", configs=("cfg", "benchmark_sha256"), upstreams=("models", "corpora", "tokenizer"))
 
 
 @task(name="evaluate", cache_key_fn=EVALUATE.cache_key, **CACHED)
 def evaluate(cfg: EvalConfig, models: dict[str, StageResult], corpora: dict[str, StageResult],
-             tokenizer: StageResult, ctx: TrackingContext) -> StageResult:
-    fp, out_dir = EVALUATE.locate({"cfg": cfg, "models": models, "corpora": corpora, "tokenizer": tokenizer,
-                                   "ctx": ctx})
+             tokenizer: StageResult, ctx: TrackingContext, benchmark_sha256: dict[str, str] | None = None,
+             ) -> StageResult:
+    fp, out_dir = EVALUATE.locate({"cfg": cfg, "benchmark_sha256": benchmark_sha256, "models": models,
+                                   "corpora": corpora, "tokenizer": tokenizer, "ctx": ctx})
     with stage_run(ctx, "evaluate", fp, {"eval": cfg}) as run:
         checkpoints = {name: stage.path("model") for name, stage in models.items()}
         result = run_evaluate(cfg, checkpoints, corpora, tokenizer, out_dir, fp)
         run.log_result(result, ["report.json", "report.md", "samples.json"])
     create_markdown_artifact(markdown=result.meta["markdown"], key="evaluation-report",
-                             description="Held-out loss, perplexity and bits per byte; samples")
+                             description="Held-out loss, perplexity and bits per byte; "
+                                         "multiple-choice benchmarks; samples")
     return result
 
 

@@ -217,7 +217,8 @@ def test_run_evaluate_end_to_end(pipeline, tmp_path):
     assert set(result.metrics) == {f"{m}.{c}.{k}" for m, c in names for k in ("loss", "perplexity", "bits_per_byte")}
     assert set(result.files) == {"report.json", "report.md", "samples.json"}
     report = json.loads(result.path("report.json").read_text())
-    assert set(report) == {"models", "corpora", "results", "samples"}
+    assert set(report) == {"models", "corpora", "results", "multiple_choice", "samples"}
+    assert report["multiple_choice"] == [] and "Multiple choice" not in result.meta["markdown"]
     assert [(r["model"], r["corpus"]) for r in report["results"]] == names
 
     token_bytes = token_byte_lengths(load_tokenizer(tok.path("tokenizer.json")))
@@ -295,3 +296,64 @@ def test_checkpoint_from_another_tokenizer_is_refused(pipeline, tmp_path):
     models = {"base": pipeline["models"]["base"], "stranger": ckpt}
     with pytest.raises(TokenizerMismatchError, match="model 'stranger': .*state.json was trained with tokenizer '0000"):
         run_evaluate(EVAL, models, pipeline["corpora"], pipeline["tokenizer"], tmp_path / "e", "fp")
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mc"
+
+
+def test_multiple_choice_benchmarks_are_scored_for_every_model(pipeline, tmp_path):
+    from lmpipe.benchmarks import load_benchmark, score_mc
+    from lmpipe.config import BenchmarkConfig
+
+    benches = [BenchmarkConfig(name="arc-mini", kind="arc", path=str(FIXTURES / "arc.jsonl")),
+               BenchmarkConfig(name="piqa-mini", kind="piqa", path=str(FIXTURES / "piqa.jsonl"), limit=4)]
+    cfg = EVAL.model_copy(update={"benchmarks": benches, "max_new_tokens": 0})
+    tok_fp = tokenizer_fingerprint(pipeline["tokenizer"].path("tokenizer.json"))
+    models = {}
+    for i, name in enumerate(("base", "finetuned")):  # a context long enough for the benchmarks' choices
+        torch.manual_seed(20 + i)
+        model = GPT(GPTConfig(vocab_size=load_tokenizer(pipeline["tokenizer"].path("tokenizer.json")).get_vocab_size(),
+                              block_size=256, n_layer=2, n_head=2, n_embd=16))
+        models[name] = save_checkpoint(tmp_path / f"ckpt-{name}", 0, model, torch.optim.AdamW(model.parameters()),
+                                       {"tokenizer_fingerprint": tok_fp})
+    result = run_evaluate(cfg, models, pipeline["corpora"], pipeline["tokenizer"], tmp_path / "e", "fp")
+    report = json.loads(result.path("report.json").read_text())
+    assert [(r["model"], r["benchmark"], r["n"]) for r in report["multiple_choice"]] == [
+        ("base", "arc-mini", 6), ("base", "piqa-mini", 4), ("finetuned", "arc-mini", 6), ("finetuned", "piqa-mini", 4)]
+    tok = load_tokenizer(pipeline["tokenizer"].path("tokenizer.json"))
+    eot = json.loads(Path(pipeline["corpora"]["wikitext2"].out_dir, "manifest.json").read_text())["eot_id"]
+    for r in report["multiple_choice"]:
+        bench = next(b for b in benches if b.name == r["benchmark"])
+        examples, _ = load_benchmark(Path(bench.path), bench.kind, limit=bench.limit)
+        direct = score_mc(load_model(models[r["model"]]), tok, examples, device="cpu", eot_id=eot)
+        assert (r["acc"], r["acc_norm"]) == (direct.acc, direct.acc_norm)
+        for m in ("acc", "acc_norm"):
+            assert result.metrics[f"{r['model']}.{r['benchmark']}.{m}"] == r[m]
+    lines = result.meta["markdown"].splitlines()
+    assert "| model | arc-mini acc | arc-mini acc_norm | piqa-mini acc | piqa-mini acc_norm |" in lines
+    by = {(r["model"], r["benchmark"]): r for r in report["multiple_choice"]}
+    delta = next(line for line in lines if line.startswith("| Δ finetuned − base |") and line.count("|") == 6)
+    assert delta.split(" | ")[1] == f"{by['finetuned', 'arc-mini']['acc'] - by['base', 'arc-mini']['acc']:+.4f}"
+
+
+def test_a_bad_benchmark_file_fails_before_any_model_is_loaded(pipeline, tmp_path):
+    from lmpipe.config import BenchmarkConfig
+
+    bad = BenchmarkConfig(name="bad", kind="hellaswag", path=str(FIXTURES / "hellaswag_bad.jsonl"))
+    cfg = EVAL.model_copy(update={"benchmarks": [bad]})
+    with pytest.raises(ValueError, match=r"eval\.benchmarks\.0 \(bad\): .*hellaswag_bad\.jsonl:\d+: "):
+        run_evaluate(cfg, pipeline["models"], pipeline["corpora"], pipeline["tokenizer"], tmp_path / "e", "fp")
+    assert not (tmp_path / "e").exists() and not (tmp_path / "e.partial").exists()
+
+
+def test_preflight_checks_benchmark_files_before_any_stage(tmp_path):
+    from lmpipe.config import load_config
+    from lmpipe.preflight import check_inputs
+
+    missing = load_config(None, [f"eval.benchmarks=[{{name: b, kind: arc, path: '{tmp_path / 'nope.jsonl'}'}}]"])
+    with pytest.raises(FileNotFoundError, match=r"eval\.benchmarks\.0\.path: file '.*nope\.jsonl' does not exist"):
+        check_inputs(missing)
+    bad = load_config(None, [f"eval.benchmarks=[{{name: b, kind: piqa, path: '{FIXTURES / 'piqa_bad.jsonl'}'}}]"])
+    with pytest.raises(ValueError, match=r"piqa_bad\.jsonl:\d+: "):
+        check_inputs(bad)
+    check_inputs(load_config(None, [f"eval.benchmarks=[{{name: b, kind: piqa, path: '{FIXTURES / 'piqa.jsonl'}'}}]"]))

@@ -5,6 +5,13 @@
     lmpipe data --config configs/demo.yaml       # the data stages only
     lmpipe config --config configs/demo.yaml     # print the resolved config
     lmpipe why wikitext2/0/17                    # which cleaning step removed a document, and why
+
+A trained model, given as a checkpoint directory or an MLflow model URI
+(``models:/lmpipe-gpt@candidate``):
+
+    lmpipe generate models:/lmpipe-gpt@candidate -p "ROMEO:" --temperature 0.8 --top-k 40
+    lmpipe evaluate .lmpipe/finetune/<fp>/model --benchmark piqa=piqa-valid.jsonl
+    lmpipe export models:/lmpipe-gpt@candidate hf-model/   # Hugging Face transformers format
 """
 
 from __future__ import annotations
@@ -31,6 +38,30 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("why", help="say which cleaning step removed a document, and why")
     p.add_argument("doc_id", help="the document's id, e.g. wikitext2/0/17")
     p.add_argument("--workdir", default=PipelineConfig().workdir, help="the run's work directory")
+
+    def model_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("model", help="checkpoint directory, or MLflow model URI (models:/<name>@<alias>)")
+        p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: found by the checkpoint's "
+                                                      "tokenizer fingerprint under --workdir)")
+        p.add_argument("--workdir", type=Path, default=Path(PipelineConfig().workdir), help="the run's work directory")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the work directory's store)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
+        return p
+
+    p = model_command("generate", "continue prompts with a trained model")
+    p.add_argument("--prompt", "-p", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p = model_command("evaluate", "score a trained model on multiple-choice benchmarks")
+    p.add_argument("--benchmark", "-b", action="append", required=True, metavar="KIND=PATH",
+                   help="hellaswag|arc|piqa=local JSONL file (repeat for several)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N examples of each")
+    p.add_argument("--batch-size", type=int, default=16)
+    p = model_command("export", "write a trained model in the Hugging Face transformers format")
+    p.add_argument("dest", type=Path, help="the directory to create")
     return parser
 
 
@@ -92,12 +123,72 @@ def format_summary(summary: dict, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def model_command(args: argparse.Namespace) -> str:
+    """generate / evaluate / export: resolve the model, do the work, return what to print."""
+    import tempfile
+
+    from lmpipe.handoff import resolve_model
+
+    tracking_uri = args.tracking_uri or f"sqlite:///{(args.workdir.resolve() / 'mlflow.db').as_posix()}"
+    with tempfile.TemporaryDirectory(prefix="lmpipe-model-") as tmp:
+        files = resolve_model(args.model, workdir=args.workdir, tokenizer=args.tokenizer,
+                              tracking_uri=tracking_uri, download_dir=Path(tmp))
+        if args.command == "export":
+            from lmpipe.export import export_hf
+            from lmpipe.tokenizer import META_FILE
+
+            if not (files.tokenizer_dir / META_FILE).is_file():
+                raise FileNotFoundError(f"model {args.model!r} comes without {META_FILE} (registered before lmpipe "
+                                        "logged it): export its checkpoint directory with --tokenizer instead")
+
+            dest = export_hf(files.checkpoint, files.tokenizer_dir, args.dest)
+            return (f"exported {args.model} to {dest}\n"
+                    f"  transformers: AutoModelForCausalLM.from_pretrained({str(dest)!r})\n"
+                    f"  lm-evaluation-harness: lm_eval --model hf --model_args pretrained={dest} --tasks hellaswag")
+
+        from lmpipe.checkpoint import load_model
+        from lmpipe.tokenizer import load_tokenizer
+
+        model = load_model(files.checkpoint, device=args.device)
+        tok = load_tokenizer(files.tokenizer)
+        if args.command == "generate":
+            from lmpipe.evaluate import generate_samples
+
+            samples = generate_samples(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
+                                       temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                                       device=args.device)
+            return "\n\n".join(s["prompt"] + s["completion"] for s in samples)
+
+        from lmpipe.benchmarks import load_benchmark, score_mc
+        from lmpipe.config import EOT
+        from lmpipe.tokenizer import META_FILE, eot_id, read_tokenizer_meta
+
+        meta = files.tokenizer_dir / META_FILE
+        eot = eot_id(tok, read_tokenizer_meta(meta)["eot_token"] if meta.is_file() else EOT)
+        rows = [f"{'benchmark':<40} {'n':>6} {'acc':>8} {'acc_norm':>8}"]
+        for spec in args.benchmark:
+            kind, sep, path = spec.partition("=")
+            if not sep or kind not in ("hellaswag", "arc", "piqa"):
+                raise ValueError(f"--benchmark {spec!r}: expected KIND=PATH with KIND hellaswag, arc or piqa")
+            examples, bad = load_benchmark(Path(path), kind, limit=args.limit)  # type: ignore[arg-type]
+            r = score_mc(model, tok, examples, device=args.device, batch_size=args.batch_size, eot_id=eot)
+            rows.append(f"{kind + ' ' + Path(path).name:<40} {r.n:>6} {r.acc:>8.4f} {r.acc_norm:>8.4f}")
+        return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "why":
         text, status = explain_removal(args.workdir, args.doc_id)
         print(text)
         return status
+    if args.command in ("generate", "evaluate", "export"):
+        try:
+            print(model_command(args))
+        except (OSError, ValueError) as err:
+            print(f"lmpipe {args.command}: {err}", file=sys.stderr)
+            return 1
+        return 0
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from pydantic import BaseModel
 
 from lmpipe.config import TrackingConfig
+from lmpipe.tokenizer import META_FILE, TOKENIZER_FILE
 from lmpipe.stage import StageResult
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -239,8 +241,12 @@ class GPTTextGenerator(mlflow.pyfunc.PythonModel):
 
 
 def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path,
-                   tokenizer_json: Path, pip_requirements: list[str]) -> dict[str, Any]:
-    """Log the model as a pyfunc in the stage's run, register a new version and point the alias at it."""
+                   tokenizer_dir: Path, pip_requirements: list[str]) -> dict[str, Any]:
+    """Log the model as a pyfunc in the stage's run, register a new version and point the alias at it.
+
+    The artifacts are the checkpoint directory, tokenizer.json (what serving loads)
+    and tokenizer_meta.json (what ``lmpipe export`` needs for the special tokens).
+    """
     from mlflow.models import infer_signature
 
     library_dir = Path(__file__).resolve().parent
@@ -255,7 +261,8 @@ def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path,
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=GPTTextGenerator(),
-            artifacts={"checkpoint": str(checkpoint_dir), "tokenizer": str(tokenizer_json)},
+            artifacts={"checkpoint": str(checkpoint_dir), "tokenizer": str(tokenizer_dir / TOKENIZER_FILE),
+                       "tokenizer_meta": str(tokenizer_dir / META_FILE)},
             code_paths=[str(library_dir)],
             pip_requirements=pip_requirements,
             signature=signature,
@@ -273,6 +280,29 @@ def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path,
     }
 
 
+def download_model_files(model_uri: str, tracking_uri: str | None, dest: Path) -> tuple[Path, Path]:
+    """A logged or registered model's checkpoint directory and tokenizer directory, downloaded into dest."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)  # not a default registry in cwd
+    try:
+        source = model_uri
+        if model_uri.startswith("models:/"):
+            name, sep, alias = model_uri[len("models:/"):].partition("@")
+            if sep:
+                version = client.get_model_version_by_alias(name, alias).version
+            else:
+                name, _, version = name.rpartition("/")
+            source = client.get_model_version_download_uri(name, version)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest),
+                                                         tracking_uri=tracking_uri))
+    except mlflow.exceptions.MlflowException as err:
+        raise FileNotFoundError(f"model {model_uri!r} could not be found in {tracking_uri}: {err.message}") from None
+    artifacts = yaml.safe_load((local / "MLmodel").read_text(encoding="utf-8"))["flavors"]["python_function"]
+    paths = {name: local / entry["path"] for name, entry in artifacts.get("artifacts", {}).items()}
+    if "checkpoint" not in paths or "tokenizer" not in paths:
+        raise ValueError(f"model {model_uri!r} is not an lmpipe model (its artifacts are {sorted(paths)})")
+    return paths["checkpoint"], paths["tokenizer"].parent
+
+
 def served_requirements() -> list[str]:
     """Exact versions of what the served model imports, so MLflow need not infer them (~8 s a call)."""
     from importlib.metadata import version
@@ -287,8 +317,7 @@ def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finet
     from lmpipe.stage import BuildOutput, run_stage, write_json_atomic
 
     def build(tmp: Path) -> BuildOutput:
-        info = register_model(run, cfg, finetuned.path("model"), tokenizer.path("tokenizer.json"),
-                              served_requirements())
+        info = register_model(run, cfg, finetuned.path("model"), Path(tokenizer.out_dir), served_requirements())
         write_json_atomic(tmp / "registration.json", {**info, "tracking_uri": ctx.uri})
         return BuildOutput(metrics={"version": float(info["version"])}, meta=info)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -126,6 +127,53 @@ def test_registered_model_serves_text(first_run):
     out = served.predict(["ROMEO:", "The"], params={"max_new_tokens": 5, "seed": 3})
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
     assert out == served.predict(["ROMEO:", "The"], params={"max_new_tokens": 5, "seed": 3})
+
+
+def test_model_commands_take_a_registry_uri_or_a_checkpoint_directory(first_run, tmp_path, capsys):
+    from flows.cli import main
+    from lmpipe.checkpoint import load_model
+    from lmpipe.evaluate import generate_samples
+    from lmpipe.tokenizer import load_tokenizer
+
+    cfg, summary = first_run
+    workdir = ["--workdir", cfg.workdir]
+    finetuned = next(s["out_dir"] for s in summary["stages"] if s["label"] == "finetune")
+    tokenizer = next(s["out_dir"] for s in summary["stages"] if s["label"] == "train_tokenizer")
+
+    # generate: the registered model (downloaded from the registry) and its checkpoint directory
+    # (tokenizer found by fingerprint) give exactly what generate_samples gives.
+    args = ["-p", "ROMEO:", "--max-new-tokens", "6", "--top-k", "5", "--seed", "2"]
+    assert main(["generate", "models:/lmpipe-gpt@candidate", *workdir, *args]) == 0
+    from_registry = capsys.readouterr().out
+    assert main(["generate", str(Path(finetuned) / "model"), *workdir, *args]) == 0
+    assert capsys.readouterr().out == from_registry
+    [sample] = generate_samples(load_model(Path(finetuned) / "model"), load_tokenizer(Path(tokenizer) / "tokenizer.json"),
+                                ["ROMEO:"], max_new_tokens=6, temperature=0.8, top_k=5, seed=2, device="cpu")
+    assert from_registry == "ROMEO:" + sample["completion"] + "\n"
+
+    # evaluate: acc / acc_norm per benchmark file
+    bench = tmp_path / "short-piqa.jsonl"  # choices short enough for the tiny model's 32-token context
+    bench.write_text("".join(json.dumps({"goal": g, "sol1": a, "sol2": b, "label": 0}) + "\n" for g, a, b in
+                             [("Open a jar", "twist the lid", "eat the lid"), ("Dry hands", "use a towel", "use water"),
+                              ("Light a room", "turn on a lamp", "close the door"), ("Cut bread", "a knife", "a spoon")]))
+    assert main(["evaluate", "models:/lmpipe-gpt/1", *workdir, "-b", f"piqa={bench}", "--limit", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["benchmark", "n", "acc", "acc_norm"]
+    assert out[1].split()[:3] == ["piqa", "short-piqa.jsonl", "3"]
+
+    # export: a transformers directory from the registry
+    assert main(["export", "models:/lmpipe-gpt@candidate", *workdir, str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
+    assert f"lm_eval --model hf --model_args pretrained={tmp_path / 'hf'}" in capsys.readouterr().out
+
+    # bad names exit 1 with the reason, and nothing is created in the working directory
+    assert main(["generate", "models:/nope@x", *workdir, "-p", "x"]) == 1
+    assert "model 'models:/nope@x' could not be found" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path), *workdir, "-p", "x"]) == 1
+    assert "is neither a checkpoint directory" in capsys.readouterr().err
+    assert main(["evaluate", str(Path(finetuned) / "model"), "--workdir", str(tmp_path), "-b", f"piqa={bench}"]) == 1
+    assert "pass --tokenizer DIR" in capsys.readouterr().err
+    assert not Path("mlflow.db").exists()
 
 
 def test_rerun_reuses_every_stage_and_a_model_change_reruns_only_training(first_run):

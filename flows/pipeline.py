@@ -84,7 +84,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         report = ledger.run(evaluate, cfg=config.eval, models={"base": base, "finetuned": tuned}, corpora=corpora,
                             benchmark_sha256={b.name: _digest(b.path) for b in config.eval.benchmarks} or None,
                             tokenizer=tokenizer, ctx=ctx)
-        ledger.run(register, cfg=config.tracking, finetuned=tuned, tokenizer=tokenizer, report=report, ctx=ctx)
+        ledger.run(register, cfg=config.tracking, finetuned=tuned, tokenizer=tokenizer, report=report, ctx=ctx,
+                   metric=config.champion_metric())
     return ledger.summary(ctx)
 
 

@@ -420,6 +420,17 @@ class TrackingConfig(Section):
     registered_model: str = "lmpipe-gpt"
     alias: str = Field("candidate", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
                        description="Registry alias moved to each new version ('latest' is reserved by MLflow).")
+    champion_alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
+                                description="Alias the promotion gate moves to a new version that beats the "
+                                            "current champion on promote_metric.")
+    promote_metric: str | None = Field(
+        None,
+        description="Evaluation metric of the fine-tuned model the gate compares (finetuned.<corpus>.loss|"
+                    "perplexity|bits_per_byte or finetuned.<benchmark>.acc|acc_norm); None: bits per byte on "
+                    "the fine-tuning corpus (tokenizer-independent).",
+    )
+    promote_mode: Literal["min", "max"] = Field("min", description="'min': lower is better (loss, bits per "
+                                                                    "byte); 'max': higher is better (accuracy).")
 
 
 class PipelineConfig(Section):
@@ -441,10 +452,25 @@ class PipelineConfig(Section):
             raise ValueError("finetune.mode='continue' needs a data.finetune corpus")
         for name in ("pretrain", "finetune"):
             check_batch(getattr(self, name), self.model.block_size, name)
+        metric = self.tracking.promote_metric
+        if metric is not None and metric not in self.promotable_metrics():
+            raise ValueError(f"tracking.promote_metric={metric!r} is not a metric the evaluation reports; "
+                             f"choose one of {sorted(self.promotable_metrics())}")
         if self.finetune.distributed.nproc_per_node != 1:
             raise ValueError(f"finetune.distributed.nproc_per_node={self.finetune.distributed.nproc_per_node}: "
                              "only pretraining launches torchrun; fine-tuning runs in one process")
         return self
+
+    def champion_metric(self) -> str:
+        """The metric the promotion gate compares: tracking.promote_metric or its default."""
+        corpus = (self.data.finetune or self.data.pretrain).name
+        return self.tracking.promote_metric or f"finetuned.{corpus}.bits_per_byte"
+
+    def promotable_metrics(self) -> set[str]:
+        """The fine-tuned model's evaluation metrics, by name (what tracking.promote_metric may be)."""
+        corpora = [c.name for c in (self.data.pretrain, self.data.finetune) if c is not None]
+        held_out = {f"finetuned.{c}.{m}" for c in corpora for m in ("loss", "perplexity", "bits_per_byte")}
+        return held_out | {f"finetuned.{b.name}.{m}" for b in self.eval.benchmarks for m in ("acc", "acc_norm")}
 
 
 def check_batch(cfg: TrainConfig, block_size: int, section: str) -> None:

@@ -280,6 +280,47 @@ def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path,
     }
 
 
+METRIC_TAG = "lmpipe.metric."  # + metric name: the version's evaluation figure, for later gates
+DECISION_TAG = "lmpipe.promotion"
+
+
+def promote_if_better(client: MlflowClient, name: str, version: str, metric: str, value: float, *,
+                      mode: str, alias: str) -> dict[str, Any]:
+    """The promotion gate: point ``alias`` at ``version`` only if it beats the version the alias holds.
+
+    The new version is tagged with its figure; the decision (promoted or kept, both
+    figures, why) is tagged on it and returned. A champion without a figure for this
+    metric (promoted under another metric) is replaced: there is nothing to compare.
+    A non-finite figure is never promoted.
+    """
+    value = float(value)
+    client.set_model_version_tag(name, version, METRIC_TAG + metric, repr(value))
+    try:
+        champion = client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        champion = None
+    best = None if champion is None else champion.tags.get(METRIC_TAG + metric)
+    if not math.isfinite(value):
+        promoted, reason = False, f"{metric} is {value}, not a finite figure"
+    elif champion is None:
+        promoted, reason = True, f"no @{alias} yet"
+    elif best is None:
+        promoted, reason = True, f"@{alias} (version {champion.version}) has no {metric} to compare"
+    else:
+        promoted = value < float(best) if mode == "min" else value > float(best)
+        op = ("<" if promoted else ">=") if mode == "min" else (">" if promoted else "<=")
+        reason = f"{metric} {value:.6g} {op} {float(best):.6g} of version {champion.version} ({mode} wins)"
+    if promoted:
+        client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, DECISION_TAG, f"{'promoted' if promoted else 'not promoted'}: {reason}")
+    return {
+        "metric": metric, "mode": mode, "alias": alias, "value": value,
+        "champion_version": None if champion is None else str(champion.version),
+        "champion_value": None if best is None else float(best),
+        "promoted": promoted, "reason": reason,
+    }
+
+
 def download_model_files(model_uri: str, tracking_uri: str | None, dest: Path) -> tuple[Path, Path]:
     """A logged or registered model's checkpoint directory and tokenizer directory, downloaded into dest."""
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)  # not a default registry in cwd
@@ -312,14 +353,24 @@ def served_requirements() -> list[str]:
 
 
 def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finetuned: StageResult,
-                 tokenizer: StageResult, out_dir: Path, fingerprint: str) -> StageResult:
-    """The register stage: the fine-tuned model logged, registered and aliased; the outcome on disk."""
+                 tokenizer: StageResult, out_dir: Path, fingerprint: str, *, metric: str,
+                 evaluation: dict[str, float]) -> StageResult:
+    """The register stage: the fine-tuned model logged, registered and aliased, the promotion gate
+    applied to ``evaluation[metric]``; the outcome on disk and on the stage's run."""
     from lmpipe.stage import BuildOutput, run_stage, write_json_atomic
+
+    if metric not in evaluation:
+        raise ValueError(f"tracking.promote_metric={metric!r} is not in the evaluation ({sorted(evaluation)})")
 
     def build(tmp: Path) -> BuildOutput:
         info = register_model(run, cfg, finetuned.path("model"), Path(tokenizer.out_dir), served_requirements())
+        info["promotion"] = promote_if_better(run.client, cfg.registered_model, info["version"], metric,
+                                              evaluation[metric], mode=cfg.promote_mode, alias=cfg.champion_alias)
+        run.set_tags({DECISION_TAG: info["promotion"]["reason"],
+                      DECISION_TAG + ".promoted": info["promotion"]["promoted"]})
         write_json_atomic(tmp / "registration.json", {**info, "tracking_uri": ctx.uri})
-        return BuildOutput(metrics={"version": float(info["version"])}, meta=info)
+        return BuildOutput(metrics={"version": float(info["version"]),
+                                    "promoted": float(info["promotion"]["promoted"])}, meta=info)
 
     return run_stage("register", fingerprint, out_dir, build)
 

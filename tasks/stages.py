@@ -206,19 +206,28 @@ def evaluate(cfg: EvalConfig, models: dict[str, StageResult], corpora: dict[str,
     return result
 
 
-REGISTER = StageSpec("register", configs=("cfg",), upstreams=("finetuned", "tokenizer", "report"),
+REGISTER = StageSpec("register", configs=("cfg", "metric"), upstreams=("finetuned", "tokenizer", "report"),
                      keyed_on_tracking_store=True)
 
 
 @task(name="register", cache_key_fn=REGISTER.cache_key, **CACHED)
 def register(cfg: TrackingConfig, finetuned: StageResult, tokenizer: StageResult, report: StageResult,
-             ctx: TrackingContext) -> StageResult:
-    fp, out_dir = REGISTER.locate({"cfg": cfg, "finetuned": finetuned, "tokenizer": tokenizer, "report": report,
-                                   "ctx": ctx})
-    with stage_run(ctx, "register", fp, {"tracking": cfg}) as run:
+             ctx: TrackingContext, metric: str) -> StageResult:
+    fp, out_dir = REGISTER.locate({"cfg": cfg, "metric": metric, "finetuned": finetuned, "tokenizer": tokenizer,
+                                   "report": report, "ctx": ctx})
+    with stage_run(ctx, "register", fp, {"tracking": cfg, "promote_metric": metric}) as run:
         run.log_metrics({k: v for k, v in report.metrics.items() if k.startswith("finetuned.")})
-        result = run_register(cfg, ctx, run, finetuned, tokenizer, out_dir, fp)
-    get_run_logger().info("registered %s version %s as @%s", cfg.registered_model, result.meta["version"], cfg.alias)
+        result = run_register(cfg, ctx, run, finetuned, tokenizer, out_dir, fp, metric=metric,
+                              evaluation=report.metrics)
+    decision = result.meta["promotion"]
+    get_run_logger().info("registered %s version %s as @%s; %s", cfg.registered_model, result.meta["version"],
+                          cfg.alias, ("promoted to @" if decision["promoted"] else "not promoted to @")
+                          + f"{decision['alias']}: {decision['reason']}")
+    create_markdown_artifact(
+        key="promotion", description="The champion gate's decision",
+        markdown=f"# {cfg.registered_model} version {result.meta['version']}\n\n"
+                 f"**{'Promoted to' if decision['promoted'] else 'Not promoted to'} @{decision['alias']}**: "
+                 f"{decision['reason']}\n")
     return result
 
 

@@ -101,6 +101,9 @@ def test_gpt2_124m_preset_is_gpt2_small_with_a_half_million_token_batch():
         (["pretrain.batch_size=auto"], r"pretrain: batch_size='auto' needs batch_tokens"),
         (["pretrain.batch_size=0"], r"pretrain\.batch_size: must be >= 1 or 'auto'"),
         (["finetune.distributed.nproc_per_node=2"], r"finetune\.distributed\.nproc_per_node=2: only pretraining"),
+        (["tracking.promote_metric=finetuned.nope.loss"],
+         r"tracking\.promote_metric='finetuned\.nope\.loss' is not a metric the evaluation reports; choose one of "
+         r"\['finetuned\.tinyshakespeare\.bits_per_byte', "),
     ],
 )
 def test_bad_batch_settings_name_the_fields(overrides, message):
@@ -113,3 +116,9 @@ def test_batch_tokens_sets_the_global_batch_whatever_the_split():
                              "pretrain.distributed.nproc_per_node=2"])
     assert cfg.pretrain.sequences_per_step(128) == 64  # 8 per micro-batch x 4 accumulation x 2 processes
     assert load_config(None).pretrain.sequences_per_step(128) == 16  # batch_size x grad_accum_steps
+
+
+def test_the_champion_metric_defaults_to_bits_per_byte_on_the_finetuning_corpus():
+    assert load_config(None).champion_metric() == "finetuned.tinyshakespeare.bits_per_byte"
+    cfg = load_config(None, ["tracking.promote_metric=finetuned.wikitext2.loss"])
+    assert cfg.champion_metric() == "finetuned.wikitext2.loss"

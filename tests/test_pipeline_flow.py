@@ -122,6 +122,13 @@ def test_registered_model_serves_text(first_run):
     assert reg["name"] == "lmpipe-gpt" and reg["version"] == "1" and reg["alias"] == "candidate"
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
     assert str(client.get_model_version_by_alias("lmpipe-gpt", "candidate").version) == "1"
+    # The first version is the champion: there was none to beat. The decision is on the version and the stage.
+    assert reg["promotion"] == {"metric": "finetuned.tinyshakespeare.bits_per_byte", "mode": "min",
+                                "alias": "champion", "value": summary["metrics"]["evaluate"][reg["promotion"]["metric"]],
+                                "champion_version": None, "champion_value": None, "promoted": True,
+                                "reason": "no @champion yet"}
+    assert str(client.get_model_version_by_alias("lmpipe-gpt", "champion").version) == "1"
+    assert client.get_model_version("lmpipe-gpt", "1").tags["lmpipe.promotion"] == "promoted: no @champion yet"
     mlflow.set_tracking_uri(summary["tracking_uri"])
     served = mlflow.pyfunc.load_model("models:/lmpipe-gpt@candidate")
     out = served.predict(["ROMEO:", "The"], params={"max_new_tokens": 5, "seed": 3})
@@ -281,3 +288,31 @@ def test_editing_a_local_corpus_in_place_reruns_the_data_stages(tmp_path):
     status = {s["label"]: s["status"] for s in prepare_data(config=cfg)["stages"]}
     assert status["download/tinyshakespeare"] == "ran" and status["shard/tinyshakespeare"] == "ran"
     assert status["download/wikitext2"] == "cached" and status["train_tokenizer"] == "cached"
+
+
+def test_promotion_gate_moves_champion_only_to_a_better_model(tmp_path):
+    from lmpipe.tracking import DECISION_TAG, METRIC_TAG, promote_if_better
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                          registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model("m")
+    versions = [str(client.create_model_version("m", source=str(tmp_path)).version) for _ in range(5)]
+    metric = "finetuned.shakespeare.bits_per_byte"
+
+    def gate(i: int, value: float, mode: str = "min") -> dict:
+        return promote_if_better(client, "m", versions[i], metric, value, mode=mode, alias="champion")
+
+    first = gate(0, 2.5)
+    assert first["promoted"] and first["reason"] == "no @champion yet"
+    worse = gate(1, 2.6)
+    assert not worse["promoted"] and worse["champion_version"] == versions[0] and worse["champion_value"] == 2.5
+    assert worse["reason"] == f"{metric} 2.6 >= 2.5 of version {versions[0]} (min wins)"
+    assert str(client.get_model_version_by_alias("m", "champion").version) == versions[0]
+    assert gate(2, float("nan"))["promoted"] is False  # never a non-finite figure
+    better = gate(3, 2.4)
+    assert better["promoted"] and str(client.get_model_version_by_alias("m", "champion").version) == versions[3]
+    # Each version records its figure and the decision.
+    tags = client.get_model_version("m", versions[1]).tags
+    assert tags[METRIC_TAG + metric] == "2.6" and tags[DECISION_TAG].startswith("not promoted: ")
+    # 'max' for accuracies: higher wins.
+    assert not gate(4, 2.3, mode="max")["promoted"]

@@ -339,6 +339,11 @@ class TrainConfig(Section):
     peak_flops: float | None = Field(
         None, gt=0.0, description="Device peak FLOP/s for MFU; None: known GPUs' dense bf16 peak, else no MFU."
     )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations without a better val loss; the best "
+                                "checkpoint, not the last, becomes the stage's model. None: train max_steps."
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0.0, description="Improvement a val loss needs to count.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("batch_size")

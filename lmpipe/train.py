@@ -75,6 +75,7 @@ OnProgress = Callable[[int, int], None]
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"  # early stopping: the checkpoint of the lowest val loss so far (weights only)
 MODEL_DIR = "model"
 # Dense bf16 peak FLOP/s (no sparsity) by device-name substring, for MFU.
 # First match wins: the PCIe H100 before the SXM one.
@@ -115,8 +116,11 @@ class TrainSummary:
     params: int
     flops_per_token: int
     device: str
-    checkpoint: Path  # the last checkpoint written or resumed from
+    checkpoint: Path  # what goes forward: the last checkpoint, or with early stopping the best one
     resumed_from: int  # step this call started from (0: a fresh start)
+    best_step: int | None = None  # early stopping: the step of the lowest val loss
+    best_val_loss: float | None = None
+    stopped_early: bool = False
 
 
 # ---------------------------------------------------------------- pieces of the loop
@@ -383,9 +387,12 @@ def train(
     optimizer = raw.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
 
     start = 0
+    # Early stopping's record; a resumed run continues it (and a run that stopped early stays stopped).
+    best: dict[str, Any] = {"best_val_loss": None, "best_step": None, "stopped": False}
     if last_ckpt is not None:
         state = load_checkpoint(last_ckpt, model, optimizer, rank=dist_ctx.rank, world_size=dist_ctx.world_size)
         start = state["step"]
+        best = state.get("early_stopping", best)
         if not state["rng_restored"]:  # resumed on another number of processes: reseed deterministically
             torch.manual_seed(int(np.random.SeedSequence([cfg.seed, dist_ctx.rank, start]).generate_state(1)[0]))
     else:
@@ -412,10 +419,28 @@ def train(
                         | position_state(order, step, sequences_per_step),
                 "train": cfg.model_dump(mode="json") | {"sequences_per_step": sequences_per_step},
                 "micro_batch": micro, "grad_accum_steps": accum, "world_size": dist_ctx.world_size,
+                "early_stopping": dict(best),
             }
             path = write_checkpoint(ckpt_root, step, raw.config, weights, opt_state, state, rng=rngs)
         barrier(dist_ctx)  # no rank runs ahead of a checkpoint that may still fail
         return path
+
+    def save_best(step: int, val: float) -> None:
+        """Keep the weights of the best val loss so far (one checkpoint, no optimizer state)."""
+        weights, _ = capture(model, None)
+        if main:
+            write_checkpoint(work_dir / BEST_DIR, step, raw.config, weights, None,
+                             {"tokenizer_fingerprint": tokenizer_fingerprint, "val_loss": val,
+                              "train": cfg.model_dump(mode="json")}, keep=1)
+        barrier(dist_ctx)
+
+    def finish(steps: int, val: float | None) -> TrainSummary:
+        forward = last_ckpt
+        if cfg.early_stopping_patience is not None and best["best_step"] is not None:
+            forward = step_dir(work_dir / BEST_DIR, best["best_step"])
+        assert forward is not None
+        return _summary(cfg, rows, steps, val, tokens_per_step, train_seconds, started, params, flops_per_token,
+                        device, forward, start, best)
 
     # Per-step values stay on the device until a flush: reading them is a GPU sync.
     pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (step, lr, loss, grad_norm)
@@ -448,7 +473,7 @@ def train(
     bar = tqdm(total=cfg.max_steps, initial=start, desc=section, unit="step", file=sys.stderr, mininterval=1.0,
                dynamic_ncols=True, disable=dist_ctx.active)  # torchrun workers print plain lines instead
     try:
-        for step in range(start, cfg.max_steps):
+        for step in range(start, cfg.max_steps if not best["stopped"] else start):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             loss, grad_norm = _step(model, optimizer, lr, loader, accum, max_norm, autocast, dist_ctx)
@@ -497,15 +522,24 @@ def train(
             if done % cfg.eval_interval == 0 or is_last:
                 val_loss = evaluate_loss(model, val_src, val_offsets, micro, T, device, autocast, val_mask)
                 logged["val/loss"] = val_loss
+                if cfg.early_stopping_patience is not None:
+                    if best["best_val_loss"] is None or val_loss < best["best_val_loss"] - cfg.early_stopping_min_delta:
+                        best.update(best_val_loss=val_loss, best_step=done)
+                        save_best(done, val_loss)
+                    elif (done - best["best_step"]) // cfg.eval_interval >= cfg.early_stopping_patience:
+                        best["stopped"] = True
+                        is_ckpt = True  # the stop is final: a resume must not train on
+                        logged["train/stopped_early"] = 1.0
             if is_ckpt:  # before the callbacks: a failing tracker must not cost the checkpoint
                 last_ckpt = save(done)
             if main and logged and log_metrics is not None:
                 log_metrics(logged, done)
             if main and is_log and on_progress is not None:
                 on_progress(done, cfg.max_steps)
+            if best["stopped"]:
+                return finish(done, val_loss)
             if done == stop_after and not is_last:
-                return _summary(cfg, rows, done, None, tokens_per_step, train_seconds, started, params,
-                                flops_per_token, device, last_ckpt, start)
+                return finish(done, None)
     finally:
         loader.close()
         bar.close()
@@ -514,8 +548,7 @@ def train(
         raise RuntimeError("training finished without a checkpoint")
     if val_loss is None:  # resumed from the final checkpoint: nothing left to train
         val_loss = evaluate_loss(model, val_src, val_offsets, micro, T, device, autocast, val_mask)
-    return _summary(cfg, rows, cfg.max_steps, val_loss, tokens_per_step, train_seconds, started, params,
-                    flops_per_token, device, last_ckpt, start)
+    return finish(start if best["stopped"] else cfg.max_steps, val_loss)
 
 
 def _step(
@@ -544,7 +577,8 @@ def _step(
 
 def _summary(cfg: TrainConfig, rows: list[dict[str, Any]], steps: int, val_loss: float | None,
              tokens_per_step: int, train_seconds: float, started: float, params: int,
-             flops_per_token: int, device: torch.device, ckpt: Path, start: int) -> TrainSummary:
+             flops_per_token: int, device: torch.device, ckpt: Path, start: int,
+             best: dict[str, Any]) -> TrainSummary:
     tail = [r["loss"] for r in rows[-cfg.log_interval :]] or [math.nan]  # nan: metrics.jsonl was removed
     return TrainSummary(
         steps=steps,
@@ -558,6 +592,9 @@ def _summary(cfg: TrainConfig, rows: list[dict[str, Any]], steps: int, val_loss:
         device=str(device),
         checkpoint=ckpt,
         resumed_from=start,
+        best_step=best["best_step"],
+        best_val_loss=best["best_val_loss"],
+        stopped_early=best["stopped"],
     )
 
 
@@ -585,9 +622,11 @@ def _open_splits(shards: StageResult, tok_fingerprint: str, field: str) -> tuple
 
 
 def _publish(tmp: Path, summary: TrainSummary) -> BuildOutput:
-    """Leave model/ (the final checkpoint without optimizer state) and metrics.jsonl; drop the history."""
+    """Leave model/ (the checkpoint that goes forward, without optimizer state) and metrics.jsonl; drop
+    the history."""
     export_model(summary.checkpoint, tmp / MODEL_DIR)
     shutil.rmtree(tmp / CHECKPOINTS_DIR, ignore_errors=True)
+    shutil.rmtree(tmp / BEST_DIR, ignore_errors=True)
     for name in (SPEC_FILE, SUMMARY_FILE):  # a torchrun run's hand-over files
         (tmp / name).unlink(missing_ok=True)
     return BuildOutput(
@@ -604,6 +643,9 @@ def _publish(tmp: Path, summary: TrainSummary) -> BuildOutput:
             "flops_per_token": summary.flops_per_token,
             "tokens_seen": summary.tokens_seen,
             "resumed_from_step": summary.resumed_from,
+            "model_step": read_state(tmp / MODEL_DIR)["step"],
+            **({"best_step": summary.best_step, "best_val_loss": summary.best_val_loss,
+                "stopped_early": summary.stopped_early} if summary.best_step is not None else {}),
         },
     )
 

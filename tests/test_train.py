@@ -427,3 +427,34 @@ def test_run_finetune_continue_and_mismatch(tmp_path: Path, stages) -> None:
         run_finetune(ft_cfg, wider, base.path("model"), shards, tok, tmp_path / "ft2", "fp")
     with pytest.raises(FileNotFoundError, match="finetune.init_checkpoint"):
         run_finetune(ft_cfg, STAGE_MODEL, tmp_path / "nope", shards, tok, tmp_path / "ft3", "fp")
+
+
+def test_early_stopping_keeps_the_best_checkpoint_and_stays_stopped(tmp_path: Path) -> None:
+    # A learning rate that makes the val loss climb after a few steps, validated every step.
+    cfg = config(max_steps=40, learning_rate=5e-2, min_lr=5e-2, warmup_steps=0, eval_interval=1,
+                 early_stopping_patience=3, checkpoint_interval=100)
+    vals: dict[int, float] = {}
+    summary = run(tmp_path, cfg, log_metrics=lambda m, s: vals.update({s: m["val/loss"]}) if "val/loss" in m else None)
+    assert summary.stopped_early and summary.steps < 40
+    best = min(vals, key=vals.get)  # the first step of the lowest val loss
+    assert summary.best_step == best and summary.best_val_loss == vals[best]
+    assert summary.steps == best + 3  # three validations without improvement
+    assert summary.checkpoint == tmp_path / "best" / f"step-{best:07d}"
+    assert read_state(summary.checkpoint)["val_loss"] == vals[best]
+    # The weights that go forward are the best step's, not the last.
+    assert not torch.equal(load_file(summary.checkpoint / "model.safetensors")["transformer.wte.weight"],
+                           load_file(latest_checkpoint(tmp_path / "checkpoints") / "model.safetensors")
+                           ["transformer.wte.weight"])
+    # Running again (a retry, a resume) does not train on past the stop.
+    again = run(tmp_path, cfg)
+    assert again.stopped_early and again.steps == summary.steps and again.checkpoint == summary.checkpoint
+    assert len(losses(tmp_path)) == summary.steps
+
+
+def test_early_stopping_resumes_its_record(tmp_path: Path) -> None:
+    cfg = config(max_steps=40, learning_rate=5e-2, min_lr=5e-2, warmup_steps=0, eval_interval=1,
+                 early_stopping_patience=3, checkpoint_interval=100)
+    full = run(tmp_path / "full", cfg)
+    run(tmp_path / "resumed", cfg, stop_after=full.best_step + 1)  # interrupted after the best, before the stop
+    resumed = run(tmp_path / "resumed", cfg)
+    assert (resumed.steps, resumed.best_step, resumed.best_val_loss) == (full.steps, full.best_step, full.best_val_loss)

@@ -242,6 +242,35 @@ def render_markdown(
     return "\n".join(lines) + "\n"
 
 
+LOSS_CURVES = "loss_curves.png"
+
+
+def plot_loss_curves(curves: dict[str, Path], dest: Path) -> None:
+    """Training loss per step of each training stage (its metrics.jsonl), one panel each, as a PNG.
+
+    The fine-tuning steps are its own (they start at 1). Rows without a loss (none
+    today) are skipped. Written with matplotlib's Agg backend, no display needed.
+    """
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for ax, (name, path) in zip(axes[0], curves.items()):
+        rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], linewidth=1)
+        ax.set_title(f"{name}: training loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=100, metadata={"Software": None})  # no version stamp: same data, same bytes
+    plt.close(fig)
+
+
 def run_evaluate(
     cfg: EvalConfig,
     models: dict[str, Path],
@@ -249,8 +278,12 @@ def run_evaluate(
     tokenizer: StageResult,
     out_dir: Path,
     fingerprint: str,
+    curves: dict[str, Path] | None = None,
 ) -> StageResult:
-    """Score every model on every corpus's val split and sample from each; write the report."""
+    """Score every model on every corpus's val split and sample from each; write the report.
+
+    ``curves`` (stage name -> metrics.jsonl) adds a plot of the training losses.
+    """
     if not models:
         raise ValueError("run_evaluate: no models to evaluate (models is empty)")
     if not corpora:
@@ -344,6 +377,9 @@ def run_evaluate(
                 "top_k": cfg.top_k, "seed": cfg.seed, "samples": samples,
             },
         )
+        if curves:
+            plot_loss_curves(curves, tmp / LOSS_CURVES)
+            markdown += f"\n![training loss]({LOSS_CURVES})\n"
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
         metrics = {f"{r['model']}.{r['corpus']}.{m}": float(r[m]) for r in results for m in METRICS}
         metrics |= {f"{r['model']}.{r['benchmark']}.{m}": float(r[m]) for r in choice for m in ("acc", "acc_norm")}

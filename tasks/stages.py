@@ -19,7 +19,7 @@ from lmpipe.config import (CleanConfig, CorpusConfig, EvalConfig, FinetuneConfig
                            TokenizerConfig, TrackingConfig, TrainConfig)
 from lmpipe.distributed import DistributedTrainingError
 from lmpipe.download import TransientDownloadError, run_download
-from lmpipe.evaluate import run_evaluate
+from lmpipe.evaluate import LOSS_CURVES, run_evaluate
 from lmpipe.shards import run_encode_chunk, run_shard
 from lmpipe.stage import StageResult
 from lmpipe.tokenizer import run_train_tokenizer
@@ -198,8 +198,9 @@ def evaluate(cfg: EvalConfig, models: dict[str, StageResult], corpora: dict[str,
                                    "corpora": corpora, "tokenizer": tokenizer, "ctx": ctx})
     with stage_run(ctx, "evaluate", fp, {"eval": cfg}) as run:
         checkpoints = {name: stage.path("model") for name, stage in models.items()}
-        result = run_evaluate(cfg, checkpoints, corpora, tokenizer, out_dir, fp)
-        run.log_result(result, ["report.json", "report.md", "samples.json"])
+        curves = {stage.stage: stage.path("metrics.jsonl") for stage in models.values()}
+        result = run_evaluate(cfg, checkpoints, corpora, tokenizer, out_dir, fp, curves=curves)
+        run.log_result(result, ["report.json", "report.md", "samples.json", LOSS_CURVES])
     create_markdown_artifact(markdown=result.meta["markdown"], key="evaluation-report",
                              description="Held-out loss, perplexity and bits per byte; "
                                          "multiple-choice benchmarks; samples")

@@ -211,11 +211,18 @@ EVAL = EvalConfig(eval_tokens=300, batch_size=4, prompts=["ROMEO:", "The history
 
 def test_run_evaluate_end_to_end(pipeline, tmp_path):
     corpora, models, tok = pipeline["corpora"], pipeline["models"], pipeline["tokenizer"]
-    result = run_evaluate(EVAL, models, corpora, tok, tmp_path / "eval", "evalfp")
+    curves = {}
+    for name, n in (("pretrain", 30), ("finetune", 10)):
+        curves[name] = tmp_path / f"{name}.jsonl"
+        curves[name].write_text("".join(json.dumps({"step": i, "loss": 5.0 / i, "lr": 1e-3}) + "\n"
+                                        for i in range(1, n + 1)))
+    result = run_evaluate(EVAL, models, corpora, tok, tmp_path / "eval", "evalfp", curves=curves)
 
     names = [(m, c) for m in ("base", "finetuned") for c in ("wikitext2", "tinyshakespeare")]
     assert set(result.metrics) == {f"{m}.{c}.{k}" for m, c in names for k in ("loss", "perplexity", "bits_per_byte")}
-    assert set(result.files) == {"report.json", "report.md", "samples.json"}
+    assert set(result.files) == {"report.json", "report.md", "samples.json", "loss_curves.png"}
+    assert result.path("loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![training loss](loss_curves.png)" in result.meta["markdown"]
     report = json.loads(result.path("report.json").read_text())
     assert set(report) == {"models", "corpora", "results", "multiple_choice", "samples"}
     assert report["multiple_choice"] == [] and "Multiple choice" not in result.meta["markdown"]
@@ -259,7 +266,7 @@ def test_run_evaluate_end_to_end(pipeline, tmp_path):
     assert "## Samples" in lines and "### finetuned" in lines
 
     # Deterministic: a second run elsewhere writes byte-identical reports.
-    again = run_evaluate(EVAL, models, corpora, tok, tmp_path / "eval2", "evalfp")
+    again = run_evaluate(EVAL, models, corpora, tok, tmp_path / "eval2", "evalfp", curves=curves)
     assert again.files == result.files
 
 

@@ -375,9 +375,22 @@ class FinetuneConfig(TrainConfig):
     min_lr: float = Field(6e-5, ge=0.0)
     warmup_steps: int = Field(10, ge=0)
     mode: Literal["continue", "sft"] = Field(
-        "continue", description="'continue': train on data.finetune; 'sft': prompt/response JSONL."
+        "continue", description="'continue': train on data.finetune; 'sft': the chat examples of sft_path."
     )
-    sft_path: str | None = Field(None, description="JSONL with 'prompt' and 'response' per line (mode sft).")
+    sft_path: str | None = Field(
+        None, description="JSONL of SFT examples (mode sft), one per line in any of the shapes {prompt, completion}, "
+                          "{prompt, response}, Alpaca {instruction, input (optional), output} or {messages: [{role: "
+                          "system|user|assistant, content}, ...]}; rendered with the chat template on the "
+                          "tokenizer's reserved tokens, the loss only on the assistant's replies.")
+    sft_layout: Literal["padded", "packed"] = Field(
+        "padded", description="'padded': each example fills one model.block_size window (end-of-text padding, no "
+                              "loss), so no example attends to another; 'packed': examples back to back, cheaper "
+                              "for examples much shorter than the context, but a window may span two examples, "
+                              "which then attend to each other.")
+    sft_skip_long: bool = Field(False, description="Skip and count SFT examples longer than model.block_size tokens "
+                                                   "instead of failing on the first.")
+    sft_skip_bad: bool = Field(False, description="Skip and count malformed SFT lines instead of failing on the "
+                                                  "first.")
     init_checkpoint: str | None = Field(
         None, description="Checkpoint directory to start from; default: this pipeline's pretrained model."
     )

@@ -8,6 +8,7 @@ from lmpipe.benchmarks import load_benchmark
 from lmpipe.checkpoint import CheckpointMismatchError, architecture_diffs, read_state
 from lmpipe.config import PipelineConfig
 from lmpipe.download import check_sources
+from lmpipe.sft import read_sft_jsonl
 from lmpipe.shards import read_manifest
 from lmpipe.stage import StageResult
 
@@ -24,8 +25,10 @@ def check_inputs(config: PipelineConfig, *, training: bool = True) -> None:
             raise FileNotFoundError(f"eval.benchmarks.{i}.path: file {bench.path!r} does not exist")
         load_benchmark(Path(bench.path), bench.kind, limit=bench.limit, skip_bad=bench.skip_bad)  # format errors now
     ft = config.finetune
-    if ft.mode == "sft" and not Path(ft.sft_path).is_file():
-        raise FileNotFoundError(f"finetune.sft_path: file {ft.sft_path!r} does not exist")
+    if ft.mode == "sft":
+        if not Path(ft.sft_path).is_file():
+            raise FileNotFoundError(f"finetune.sft_path: file {ft.sft_path!r} does not exist")
+        read_sft_jsonl(Path(ft.sft_path), skip_bad=ft.sft_skip_bad)  # format errors now; lengths need the tokenizer
     if ft.init_checkpoint:
         check_init_checkpoint(config)
 

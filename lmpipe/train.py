@@ -318,6 +318,7 @@ def train(
     stop_after: int | None = None,
     target_mask_src: tuple[TokenSource, TokenSource] | None = None,
     dist_ctx: DistContext = SINGLE,
+    aligned_val: bool = False,
 ) -> TrainSummary:
     """Train a GPT on train_src for cfg.max_steps steps; checkpoints and metrics.jsonl go to work_dir.
 
@@ -327,7 +328,8 @@ def train(
     masks parallel to the sources: targets whose mask is 0 do not count (SFT prompts).
     ``stop_after=k`` checkpoints at step k and returns, as if interrupted there.
     ``dist_ctx``: this process's place in a torchrun job (``lmpipe.distributed``);
-    only rank 0 writes files and calls the callbacks.
+    only rank 0 writes files and calls the callbacks. ``aligned_val``: validation
+    windows start at multiples of block_size (SFT's padded layout: one example each).
     """
     started = time.perf_counter()
     section = "finetune" if isinstance(cfg, FinetuneConfig) else "pretrain"  # for error messages
@@ -406,6 +408,8 @@ def train(
     peak = cfg.peak_flops or peak_flops(device)
     tokens_per_step = sequences_per_step * T
     val_offsets = eval_offsets(val_src.num_tokens, T, cfg.eval_batches * micro)
+    if aligned_val:
+        val_offsets = np.unique(val_offsets // T * T)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure the norm, never clip
 
     def save(step: int) -> Path:
@@ -709,7 +713,9 @@ def run_finetune(
     """Stage: continue training ``init``'s weights (fresh optimizer and schedule).
 
     mode "continue": on the fine-tuning corpus's shards. mode "sft": on
-    ft_cfg.sft_path's prompt/response pairs, with the loss on responses only.
+    ft_cfg.sft_path's examples in the chat template (``lmpipe.sft``), with the
+    loss on the assistant's replies only; in the padded layout every training and
+    validation window is exactly one example.
     """
 
     def build(tmp: Path) -> BuildOutput:
@@ -727,13 +733,15 @@ def run_finetune(
         else:
             tok = load_tokenizer(tok_path)
             eot = eot_id(tok, read_tokenizer_meta(tokenizer.path(META_FILE))["eot_token"])
-            data = build_sft_data(Path(ft_cfg.sft_path), tok, eot, field="finetune.sft_path")
+            data = build_sft_data(Path(ft_cfg.sft_path), tok, eot, model_cfg.block_size, layout=ft_cfg.sft_layout,
+                                  skip_long=ft_cfg.sft_skip_long, skip_bad=ft_cfg.sft_skip_bad,
+                                  field="finetune.sft_path")
             train_src, val_src = ArraySource(data.train_tokens), ArraySource(data.val_tokens)
             masks = (ArraySource(data.train_mask), ArraySource(data.val_mask))
-            meta = {"sft_train_examples": data.train_examples, "sft_val_examples": data.val_examples}
+            meta = data.meta()
         summary = train(model_cfg, ft_cfg, vocab_size, train_src, val_src, tmp, tokenizer_fingerprint=tok_fp,
                         init_from=init_dir, log_metrics=log_metrics, on_progress=on_progress,
-                        target_mask_src=masks)
+                        target_mask_src=masks, aligned_val=masks is not None and ft_cfg.sft_layout == "padded")
         out = _publish(tmp, summary)
         out.meta |= meta | {"init_checkpoint": str(init_dir)}
         return out

@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p = model_command("evaluate", "score a trained model on multiple-choice benchmarks")
     p.add_argument("--benchmark", "-b", action="append", required=True, metavar="KIND=PATH",
@@ -155,7 +156,8 @@ def model_command(args: argparse.Namespace) -> str:
             from lmpipe.evaluate import generate_samples
 
             samples = generate_samples(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
-                                       temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                       seed=args.seed,
                                        device=args.device)
             return "\n\n".join(s["prompt"] + s["completion"] for s in samples)
 

@@ -417,8 +417,10 @@ class EvalConfig(Section):
     batch_size: int = Field(32, ge=1)
     prompts: list[str] = Field(default_factory=lambda: ["ROMEO:", "The history of"])
     max_new_tokens: int = Field(48, ge=0)
-    temperature: float = Field(0.8, gt=0.0)
+    temperature: float = Field(0.8, ge=0.0, description="0: greedy (the most likely token).")
     top_k: int | None = Field(40, ge=1)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling: the smallest set of tokens "
+                                                                   "whose probabilities add up to top_p.")
     seed: int = 1234
     benchmarks: list[BenchmarkConfig] = Field(default_factory=list,
                                               description="Multiple-choice benchmarks every model is scored on.")

@@ -132,6 +132,7 @@ def generate_samples(
     temperature: float,
     top_k: int | None,
     seed: int,
+    top_p: float | None = None,
     device: str | torch.device,
     start_id: int | None = None,
 ) -> list[dict[str, str]]:
@@ -153,7 +154,8 @@ def generate_samples(
         gen = torch.Generator(device=device).manual_seed(seed)
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         with torch.inference_mode():
-            out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+            out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 generator=gen)
         new = out[0, len(ids) :].tolist()
         # Decode prompt and continuation together so a character split across the
         # boundary comes out whole; fall back to the new tokens alone otherwise.
@@ -351,7 +353,7 @@ def run_evaluate(
                                "truncated_choices": mc.truncated})
             samples[model_name] = generate_samples(
                 model, tok, cfg.prompts,
-                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                 seed=cfg.seed, device=device, start_id=start_id,
             )
             del model
@@ -374,7 +376,7 @@ def run_evaluate(
             tmp / "samples.json",
             {
                 "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                "top_k": cfg.top_k, "seed": cfg.seed, "samples": samples,
+                "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed, "samples": samples,
             },
         )
         if curves:

@@ -9,6 +9,9 @@ and an output head that shares its weight with the token embedding.
     >>> logits, loss = model(torch.zeros(1, 8, dtype=torch.long))
     >>> logits.shape            # without targets only the last position is projected
     torch.Size([1, 1, 256])
+
+Generation encodes the prompt once and then one token per step, keeping every
+layer's keys and values in a ``KVCache`` (see ``GPT.generate``).
 """
 
 from __future__ import annotations
@@ -61,8 +64,49 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
-class CausalSelfAttention(nn.Module):
+class KVCache:
+    """Keys and values of every layer for the tokens encoded so far, for incremental decoding.
+
+    A decoding step then computes q, k, v for its new token only and attends
+    over the stored ones, instead of re-encoding the whole sequence. Buffers
+    hold ``block_size`` positions (the most the position embeddings allow) and
+    are allocated on first use with the batch size, dtype and device of the
+    keys, so one cache serves fp32 and autocast alike; a step writes in place
+    rather than concatenating, which would copy the whole cache every token.
+
+    Keys carry their absolute position (the position embedding is added before
+    the first layer), so a full cache cannot slide: ``reset`` and re-encode the
+    last ``block_size`` tokens instead.
+    """
+
     def __init__(self, config: GPTConfig) -> None:
+        self.max_len = config.block_size
+        self.length = 0  # positions filled, the same in every layer
+        self.k: list[torch.Tensor | None] = [None] * config.n_layer  # each (B, nh, max_len, hs)
+        self.v: list[torch.Tensor | None] = [None] * config.n_layer  # each (B, nh, max_len, hs)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store layer's k, v (B, nh, T, hs) after the cached positions; return all of them (B, nh, length + T, hs).
+
+        ``length`` is advanced by the model once every layer has appended.
+        """
+        buf_k, buf_v = self.k[layer], self.v[layer]
+        if buf_k is None or buf_v is None:
+            B, nh, _, hs = k.shape
+            buf_k = self.k[layer] = k.new_empty(B, nh, self.max_len, hs)
+            buf_v = self.v[layer] = v.new_empty(B, nh, self.max_len, hs)
+        end = self.length + k.size(2)
+        buf_k[:, :, self.length : end] = k
+        buf_v[:, :, self.length : end] = v
+        return buf_k[:, :, :end], buf_v[:, :, :end]
+
+    def reset(self) -> None:
+        """Forget the cached tokens; the buffers are kept for the next prefill."""
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int = 0) -> None:
         super().__init__()
         assert config.n_embd % config.n_head == 0
         # query, key and value projections for all heads in one matmul
@@ -72,18 +116,39 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.layer_idx = layer_idx  # this layer's slot in a KVCache
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C).
+
+        With kv_cache, x continues the cached tokens: its k, v are appended and
+        its queries attend over the cached keys as well as its own.
+        """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        # Fused kernel (flash attention on GPU); is_causal masks out future positions.
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )  # (B, nh, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if kv_cache is None:
+            # Training and uncached inference. Fused kernel (flash attention on GPU);
+            # is_causal masks out future positions.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+        else:
+            start = kv_cache.length
+            k, v = kv_cache.append(self.layer_idx, k, v)  # (B, nh, S, hs), S = start + T
+            if T == 1:
+                # One query (a decoding step) may see every key: no mask.
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            elif start == 0:
+                # Prefill: keys are exactly the T new ones, so the plain causal mask fits.
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            else:
+                # Several tokens after a non-empty cache: is_causal would align the mask's
+                # top-left corner, so query i (absolute position start + i) gets an explicit one.
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)  # (T, S)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -103,15 +168,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm: the residual stream itself is never normalized, which keeps deep stacks trainable."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -125,7 +190,7 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
                 ln_f=LayerNorm(config.n_embd, bias=config.bias),
             )
         )
@@ -174,23 +239,33 @@ class GPT(nn.Module):
         return 6 * N + 12 * L * H * Q * T
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits, loss).
 
         With targets (B, T) (IGNORE_INDEX where a position does not count): logits
         (B, T, V) and the mean cross-entropy over the counted positions. Without:
         logits (B, 1, V) for the last position only (all generation needs) and None.
+
+        With kv_cache, idx continues the tokens the cache holds: its positions
+        start at ``kv_cache.length``, its keys and values are appended, and the
+        logits are those the full sequence would give at these positions.
         """
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} exceeds model.block_size={self.config.block_size}")
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        start = 0 if kv_cache is None else kv_cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of length {start + T} exceeds model.block_size={self.config.block_size}"
+                + (f" ({start} cached + {T} new)" if start else "")
+            )
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,) absolute positions
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
         x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T  # every layer has appended its k, v for these T positions
         x = self.transformer.ln_f(x)  # (B, T, C)
 
         if targets is None:
@@ -198,7 +273,7 @@ class GPT(nn.Module):
             return logits, None
         logits = self.lm_head(x)  # (B, T, V)
         flat_logits = logits.view(-1, logits.size(-1)).float()  # (B*T, V); fp32 for a stable softmax
-        flat_targets = targets.view(-1)  # (B*T,)
+        flat_targets = targets.reshape(-1)  # (B*T,); reshape: targets may be a strided slice
         # Sum / count instead of reduction="mean": a batch whose targets are all masked
         # (possible with long SFT prompts) gives loss 0 instead of 0/0 = NaN.
         loss_sum = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -226,24 +301,84 @@ class GPT(nn.Module):
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        eos_id: int | None = None,
     ) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T); returns (B, T + max_new_tokens).
+        """Append up to max_new_tokens tokens to idx (B, T); returns (B, T + n), n <= max_new_tokens.
 
-        Pass a seeded ``torch.Generator`` (on the model's device) for reproducible samples.
+        Each step divides the last position's logits by ``temperature`` (0: greedy,
+        argmax, no sampling), keeps the ``top_k`` most likely tokens and of those
+        the nucleus (``top_p``, see ``filter_logits``), and samples with
+        ``torch.multinomial``; pass a seeded ``torch.Generator`` (on the model's
+        device) for reproducible samples. With ``eos_id`` a row that produced it
+        is finished: its later positions are ``eos_id``, and generation stops
+        early (n < max_new_tokens) once every row is finished.
+
+        use_cache encodes the prompt once and then only the new token per step
+        (``KVCache``); the tokens equal those without it. Position embeddings
+        exist for block_size positions only, so once the sequence is longer the
+        model sees its last block_size tokens, and since cached keys carry their
+        absolute positions the cache cannot slide: from then on every step
+        rebuilds it from that window (as costly as use_cache=False).
         Call ``model.eval()`` first unless dropout during sampling is wanted.
         """
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        _check_filter_args(top_k, top_p)
+        block_size = self.config.block_size
+        cache = KVCache(self.config) if use_cache else None
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device) if eos_id is not None else None  # (B,)
         for _ in range(max_new_tokens):
-            # The model has position embeddings only for block_size positions.
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size :]
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :].float() / temperature  # (B, V)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k)
-                logits[logits < v[:, [-1]]] = -float("inf")
-            probs = F.softmax(logits, dim=-1)  # (B, V)
-            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            if cache is not None and 0 < cache.length < block_size:
+                logits, _ = self(idx[:, -1:], kv_cache=cache)  # only the newest token, at position cache.length
+            else:
+                # First step, no cache, or a full window: (re-)encode the last block_size tokens.
+                if cache is not None:
+                    cache.reset()
+                logits, _ = self(idx[:, -block_size:], kv_cache=cache)
+            logits = logits[:, -1, :].float()  # (B, V)
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)  # (B, V)
+                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            if done is not None:
+                idx_next = idx_next.masked_fill(done[:, None], eos_id)  # finished rows pad with eos
+                done |= idx_next[:, 0] == eos_id
             idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
+            if done is not None and bool(done.all()):
+                break
         return idx
+
+
+def _check_filter_args(top_k: int | None, top_p: float | None) -> None:
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Logits (..., V) with the tokens outside the top-k and the nucleus set to -inf; the input is left as is.
+
+    top_k keeps the k largest logits (ties with the k-th are kept too). top_p
+    (nucleus sampling, Holtzman et al. 2019) then keeps the smallest set of the
+    most likely tokens whose probability adds up to at least top_p, which is
+    never empty. top_k=None and top_p=None or 1.0 return the logits unchanged.
+    """
+    _check_filter_args(top_k, top_p)
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # (..., V)
+        probs = F.softmax(sorted_logits, dim=-1)  # (..., V)
+        # A token stays if the more likely ones before it have not reached top_p yet;
+        # the most likely has nothing before it (0 < top_p), so one token always stays.
+        before = F.pad(torch.cumsum(probs, dim=-1)[..., :-1], (1, 0))  # (..., V): exclusive prefix sums
+        drop_sorted = before >= top_p  # (..., V), in sorted order
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # (..., V), back in vocabulary order
+        logits = logits.masked_fill(drop, -float("inf"))
+    return logits

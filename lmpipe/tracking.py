@@ -220,7 +220,7 @@ class GPTTextGenerator(mlflow.pyfunc.PythonModel):
         self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
 
     # No type hints on predict: MLflow would infer a signature from them that has no params schema
-    # and then ignore max_new_tokens/temperature/top_k/seed. The explicit signature declares them.
+    # and then ignore max_new_tokens/temperature/top_k/top_p/seed. The explicit signature declares them.
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         """list[str] (or a one-column DataFrame) of prompts -> list[str] of completions."""
         from lmpipe.evaluate import generate_samples
@@ -234,6 +234,7 @@ class GPTTextGenerator(mlflow.pyfunc.PythonModel):
             max_new_tokens=int(params.get("max_new_tokens", 32)),
             temperature=float(params.get("temperature", 0.8)),
             top_k=int(params["top_k"]) if params.get("top_k") else None,
+            top_p=float(params["top_p"]) if params.get("top_p") else None,
             seed=int(params.get("seed", 0)),
             device="cpu",
         )
@@ -251,7 +252,8 @@ def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path,
 
     library_dir = Path(__file__).resolve().parent
     signature = infer_signature(["ROMEO:"], ["a completion"],
-                                params={"max_new_tokens": 32, "temperature": 0.8, "top_k": 40, "seed": 0})
+                                params={"max_new_tokens": 32, "temperature": 0.8, "top_k": 40, "top_p": 1.0,
+                                        "seed": 0})
     # The fluent API is needed for log_model; opening the stage's own child run in this thread is
     # safe (it is not the parent, and this stage ends with it).
     with mlflow.start_run(run_id=run.run_id), warnings.catch_warnings():

@@ -364,3 +364,12 @@ def test_preflight_checks_benchmark_files_before_any_stage(tmp_path):
     with pytest.raises(ValueError, match=r"piqa_bad\.jsonl:\d+: "):
         check_inputs(bad)
     check_inputs(load_config(None, [f"eval.benchmarks=[{{name: b, kind: piqa, path: '{FIXTURES / 'piqa.jsonl'}'}}]"]))
+
+
+def test_a_tiny_top_p_samples_the_greedy_continuation(pipeline):
+    tok = load_tokenizer(pipeline["tokenizer"].path("tokenizer.json"))
+    model = tiny_gpt(seed=3, vocab_size=tok.get_vocab_size())
+    kw = dict(max_new_tokens=12, top_k=None, device="cpu")
+    nucleus = generate_samples(model, tok, ["ROMEO:"], temperature=1.0, top_p=1e-9, seed=1, **kw)
+    assert nucleus == generate_samples(model, tok, ["ROMEO:"], temperature=0.0, seed=2, **kw)  # only the top token
+    assert nucleus != generate_samples(model, tok, ["ROMEO:"], temperature=1.0, top_p=1.0, seed=1, **kw)

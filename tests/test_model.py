@@ -1,4 +1,4 @@
-"""The GPT: shapes, initial loss, weight tying, causality, parameter and FLOP counts, sampling."""
+"""The GPT: shapes, initial loss, weight tying, causality, parameter and FLOP counts, KV cache, sampling."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmpipe.config import ModelConfig
-from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
+from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig, KVCache, filter_logits
 
 TINY = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -142,3 +142,132 @@ def test_generate_is_reproducible_with_a_seeded_generator(model: GPT) -> None:
 def test_generate_crops_context_to_block_size(model: GPT) -> None:
     out = model.generate(torch.zeros(2, 16, dtype=torch.long), 5, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 21)
+
+
+def test_cached_steps_give_the_full_forwards_logits(model: GPT) -> None:
+    idx = torch.randint(0, 256, (2, 16))
+    cache = KVCache(TINY)
+    logits, _ = model(idx[:, :7], kv_cache=cache)  # prefill
+    assert cache.length == 7 and cache.k[0].shape == (2, 2, 16, 16)
+    torch.testing.assert_close(logits, model(idx[:, :7])[0], atol=1e-5, rtol=0)
+    for t in range(7, 16):  # one token at absolute position t
+        step, _ = model(idx[:, t : t + 1], kv_cache=cache)  # (2, 1, V)
+        full, _ = model(idx[:, : t + 1])  # (2, 1, V): last position of the whole sequence
+        torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
+    assert cache.length == 16
+    with pytest.raises(ValueError, match=r"length 17 exceeds model.block_size=16 \(16 cached \+ 1 new\)"):
+        model(idx[:, :1], kv_cache=cache)
+
+
+def test_cached_chunk_after_prefill_gives_the_full_forwards_logits(model: GPT) -> None:
+    # Several tokens after a non-empty cache: the causal mask must be offset by the cached length.
+    idx = torch.randint(0, 256, (2, 12))
+    full, _ = model(idx, idx)  # (2, 12, V)
+    cache = KVCache(TINY)
+    model(idx[:, :5], kv_cache=cache)
+    chunk, _ = model(idx[:, 5:], idx[:, 5:].contiguous(), kv_cache=cache)  # (2, 7, V)
+    torch.testing.assert_close(chunk, full[:, 5:], atol=1e-5, rtol=0)
+    cache.reset()  # the buffers are reused for a new sequence from position 0
+    again, _ = model(idx[:, :9], idx[:, :9].contiguous(), kv_cache=cache)
+    torch.testing.assert_close(again, full[:, :9], atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def sharp() -> GPT:
+    """Weights far from init, so that greedy decoding does not repeat one token forever."""
+    torch.manual_seed(0)
+    m = GPT(TINY).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.1)
+    return m
+
+
+@pytest.mark.parametrize("prompt_len", [3, 15, 16, 20])  # short, one step to a full window, full, longer
+def test_cached_generation_equals_uncached(sharp: GPT, prompt_len: int) -> None:
+    # 24 new tokens run past block_size=16, where the cache is rebuilt from the last 16 tokens each step.
+    model = sharp
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 256, (2, prompt_len))
+    for kw in ({"temperature": 0.0}, {"temperature": 0.9}, {"temperature": 1.2, "top_k": 50, "top_p": 0.9}):
+        out = {
+            use_cache: model.generate(prompt, 24, generator=torch.Generator().manual_seed(3), use_cache=use_cache, **kw)
+            for use_cache in (True, False)
+        }
+        assert out[True].shape == (2, prompt_len + 24) and torch.equal(out[True][:, :prompt_len], prompt)
+        assert out[True].tolist() == out[False].tolist(), kw
+        assert len(set(out[True][:, prompt_len:].flatten().tolist())) > (1 if kw["temperature"] == 0 else 10)
+
+
+def test_temperature_zero_is_greedy(model: GPT) -> None:
+    prompt = torch.randint(0, 256, (2, 4))
+    expected = prompt
+    for _ in range(10):
+        logits, _ = model(expected)  # (2, 1, V)
+        expected = torch.cat([expected, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    for kw in ({}, {"top_k": 3, "top_p": 0.5}):
+        out = model.generate(prompt, 10, temperature=0.0, generator=torch.Generator().manual_seed(5), **kw)
+        assert out.tolist() == expected.tolist()
+
+
+def test_eos_finishes_rows_and_stops_when_all_are_done(model: GPT) -> None:
+    prompt = torch.randint(0, 256, (2, 4))
+
+    def sample(p: torch.Tensor, **kw: object) -> torch.Tensor:
+        return model.generate(p, 12, temperature=1.5, generator=torch.Generator().manual_seed(11), **kw)
+
+    ref = sample(prompt)[:, 4:]  # (2, 12) new tokens without eos
+    eos = ref[0, 5].item()  # row 0 produces it at step 5 (first time, as the check below requires)
+    assert eos not in ref[0, :5].tolist() and eos not in ref[1].tolist()
+    out = sample(prompt, eos_id=eos)
+    # Row 0 is finished after step 5 and padded with eos; row 1 never produces it and runs on.
+    # Sampling draws for every row each step, so row 1's draws are the same as without eos.
+    assert out.shape == (2, 16)
+    assert out[0, 4:].tolist() == ref[0, :6].tolist() + [eos] * 6
+    assert out[1, 4:].tolist() == ref[1].tolist()
+    # A batch whose every row is finished stops early (a batch of one draws differently from one of two).
+    ref = sample(prompt[:1])[0, 4:]  # (12,)
+    eos = ref[3].item()
+    assert eos not in ref[:3].tolist()
+    assert sample(prompt[:1], eos_id=eos).tolist() == [prompt[0].tolist() + ref[:4].tolist()]
+
+
+def test_filter_logits_keeps_the_nucleus() -> None:
+    # Probabilities 0.5, 0.25, 0.125, 0.09375, 0.03125 (cumulative 0.5, 0.75, 0.875, 0.96875, 1),
+    # in a different vocabulary order per row.
+    probs = torch.tensor([[0.03125, 0.5, 0.125, 0.09375, 0.25], [0.25, 0.09375, 0.5, 0.125, 0.03125]])
+    logits = probs.log()
+    for top_p, n_kept in ((0.3, 1), (0.5, 1), (0.7, 2), (0.8, 3), (0.9, 4), (0.97, 5)):
+        kept = filter_logits(logits, top_p=top_p).isfinite()
+        expected = probs >= sorted(probs[0].tolist(), reverse=True)[n_kept - 1]
+        assert kept.tolist() == expected.tolist(), top_p
+    # top_k first, then the nucleus of what is left: of 0.5, 0.25 (renormalised 2/3, 1/3) top_p=0.6 keeps one.
+    assert filter_logits(logits, top_k=2, top_p=0.6).isfinite().sum(-1).tolist() == [1, 1]
+    assert filter_logits(logits, top_k=2, top_p=0.7).isfinite().tolist() == (probs >= 0.25).tolist()
+    # The most likely token is always kept, however small top_p.
+    assert filter_logits(logits, top_p=1e-9).isfinite().tolist() == (probs == 0.5).tolist()
+
+
+def test_filter_logits_top_k_and_identity() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0, -1.0]])
+    kept = filter_logits(logits, top_k=2)
+    assert kept[0, [1, 3]].tolist() == [3.0, 3.0] and kept.isinf().sum().item() == 3
+    assert filter_logits(logits, top_k=3).isfinite().tolist() == [[False, True, True, True, False]]
+    assert logits.isfinite().all()  # the input is not modified
+    for kw in ({}, {"top_p": 1.0}, {"top_k": 5, "top_p": 1.0}, {"top_k": 99}):
+        assert torch.equal(filter_logits(logits, **kw), logits), kw
+
+
+def test_bad_sampling_arguments_raise_naming_them(model: GPT) -> None:
+    prompt = torch.tensor([[1, 2]])
+    for kw, name in (
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"temperature": 0.0, "top_p": -1.0}, "top_p"),  # checked even when greedy ignores it
+    ):
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            model.generate(prompt, 2, **kw)
+    with pytest.raises(ValueError, match="^top_p must be in"):
+        filter_logits(torch.zeros(1, 4), top_p=2.0)

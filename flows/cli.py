@@ -130,10 +130,9 @@ def model_command(args: argparse.Namespace) -> str:
 
     from lmpipe.handoff import resolve_model
 
-    tracking_uri = args.tracking_uri or f"sqlite:///{(args.workdir.resolve() / 'mlflow.db').as_posix()}"
     with tempfile.TemporaryDirectory(prefix="lmpipe-model-") as tmp:
         files = resolve_model(args.model, workdir=args.workdir, tokenizer=args.tokenizer,
-                              tracking_uri=tracking_uri, download_dir=Path(tmp))
+                              tracking_uri=args.tracking_uri, download_dir=Path(tmp))
         if args.command == "export":
             from lmpipe.export import export_hf
             from lmpipe.tokenizer import META_FILE

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 from lmpipe.benchmarks import load_benchmark, score_mc
 from lmpipe.checkpoint import load_model, read_state
 from lmpipe.config import EvalConfig
+from lmpipe.loader import TokenSource
 from lmpipe.shards import MANIFEST_FILE, TokenSplit, read_manifest
 from lmpipe.stage import BuildOutput, StageResult, run_stage, write_json_atomic
 from lmpipe.tokenizer import TOKENIZER_FILE, load_tokenizer, token_byte_lengths, tokenizer_fingerprint
@@ -42,17 +43,9 @@ class TokenizerMismatchError(ValueError):
     """A corpus was tokenized with a different tokenizer than the one evaluation decodes with."""
 
 
-class TokenWindows(Protocol):
-    """What evaluate_loss needs from a split (lmpipe.shards.TokenSplit has it)."""
-
-    num_tokens: int
-
-    def window(self, start: int, length: int) -> np.ndarray: ...
-
-
 def evaluate_loss(
     model: torch.nn.Module,
-    split: TokenWindows,
+    split: TokenSource,
     token_bytes: np.ndarray,
     *,
     eval_tokens: int,

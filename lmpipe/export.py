@@ -28,10 +28,9 @@ from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrain
 
 from lmpipe.checkpoint import load_model, read_state
 from lmpipe.evaluate import TokenizerMismatchError
-from lmpipe.model import GPT
+from lmpipe.model import GPT, LN_EPS
 from lmpipe.tokenizer import META_FILE, TOKENIZER_FILE, read_tokenizer_meta, tokenizer_fingerprint
 
-LN_EPS = 1e-5  # lmpipe.model.LayerNorm's epsilon
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _TIED_HEAD = "lm_head.weight"  # stored once, as transformer.wte.weight (tie_word_embeddings)
 

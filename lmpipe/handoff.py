@@ -54,6 +54,11 @@ def resolve_model(ref: str, *, workdir: Path, tokenizer: Path | None = None, tra
 
         if download_dir is None:
             raise ValueError(f"model {ref!r}: a registry URI needs a download directory")
+        if tracking_uri is None:  # the work directory's own store, as the pipeline uses it
+            from lmpipe.config import TrackingConfig
+            from lmpipe.tracking import resolve_uri
+
+            tracking_uri = resolve_uri(TrackingConfig(), workdir)
         checkpoint, tokenizer_dir = download_model_files(ref, tracking_uri, download_dir)
         files = ModelFiles(checkpoint, tokenizer_dir)
     else:

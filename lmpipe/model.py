@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from lmpipe.config import ModelConfig
 
+LN_EPS = 1e-5  # LayerNorm epsilon (GPT-2's; the transformers export states it)
 IGNORE_INDEX = -1  # target value whose position does not count towards the loss (masked prompts)
 
 
@@ -61,7 +62,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, LN_EPS)
 
 
 class KVCache:

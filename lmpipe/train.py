@@ -366,15 +366,18 @@ def train(
     sequences_per_step = cfg.sequences_per_step(T)
     per_rank = sequences_per_step // dist_ctx.world_size
     trajectory = _trajectory(cfg, sequences_per_step)
+    resumed_micro = None
     if last_ckpt is not None:
-        check_compatible(read_state(last_ckpt), model_cfg, vocab_size, tokenizer_fingerprint,
+        resume_state = read_state(last_ckpt)
+        check_compatible(resume_state, model_cfg, vocab_size, tokenizer_fingerprint,
                          field=f"resume from {work_dir}", train_cfg=trajectory)
+        resumed_micro = resume_state.get("micro_batch")
 
     raw = GPT(GPTConfig.from_config(model_cfg, vocab_size)).to(device)
     if cfg.batch_size != "auto":
         micro = cfg.batch_size
-    elif last_ckpt is not None and per_rank % read_state(last_ckpt).get("micro_batch", 0) == 0:
-        micro = read_state(last_ckpt)["micro_batch"]  # the resumed run's split: the same float sums, val windows
+    elif resumed_micro and per_rank % resumed_micro == 0:
+        micro = resumed_micro  # the resumed run's split: the same float sums, val windows
     else:
         micro = find_micro_batch(raw, per_rank, device, autocast)
         micro = min(gather_objects(micro, dist_ctx))  # every rank must take the same micro-batch

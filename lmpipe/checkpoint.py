@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lmpipe.config import ModelConfig
+from lmpipe.lora import merge_state
 from lmpipe.model import GPT, GPTConfig
 from lmpipe.stage import sha256_file, write_json_atomic
 
@@ -195,7 +196,11 @@ def write_checkpoint(
 
 
 def export_model(ckpt_dir: Path, dest: Path) -> Path:
-    """Copy a checkpoint without its optimizer state: what inference and fine-tuning need."""
+    """Copy a checkpoint without its optimizer state: what inference and fine-tuning need.
+
+    A LoRA checkpoint (``lmpipe.lora``) is exported with its adapters merged into the
+    base weights, so every reader of a model directory sees a plain GPT.
+    """
     state = read_state(ckpt_dir)
     state.pop("state_file")
     dest = Path(dest)
@@ -204,7 +209,12 @@ def export_model(ckpt_dir: Path, dest: Path) -> Path:
         if d.exists():
             shutil.rmtree(d)
     tmp.mkdir(parents=True)
-    shutil.copyfile(Path(ckpt_dir) / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
+    if "lora" in state:  # a LoRA run's checkpoint: the exported model is the plain GPT with the updates merged
+        weights = merge_state(load_file(str(Path(ckpt_dir) / WEIGHTS_FILE)), state["lora"]["scale"])
+        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        state["lora"] = state["lora"] | {"merged": True}
+    else:
+        shutil.copyfile(Path(ckpt_dir) / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
     # No RNG states: they are training state, and Python's and NumPy's also move with other code in the process.
     return _finish(tmp, dest, {k: v for k, v in state.items() if k not in ("files", "rng")})
 

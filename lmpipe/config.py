@@ -369,6 +369,21 @@ class TrainConfig(Section):
         return self.batch_size * self.grad_accum_steps * self.distributed.nproc_per_node
 
 
+class LoraConfig(Section):
+    """LoRA adapters (lmpipe.lora): the base weights stay frozen, low-rank updates of the targeted layers learn."""
+
+    r: int = Field(8, ge=1, description="Rank of each update.")
+    alpha: float = Field(16.0, gt=0.0, description="The update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["c_attn", "c_proj", "c_fc"], min_length=1,
+        description="Linear layers to adapt, by name or name suffix (c_attn, c_proj, c_fc, attn.c_proj, "
+                    "transformer.h.0.mlp.c_fc) or 'all-linear'.")
+    save_adapter: bool = Field(False, description="Also publish adapter/: only the adapter weights, in peft's "
+                                                  "format for the transformers export. The merged weights are "
+                                                  "always published (model/), for evaluation and serving.")
+
+
 class FinetuneConfig(TrainConfig):
     max_steps: int = Field(200, ge=1)
     learning_rate: float = Field(6e-4, gt=0.0)
@@ -394,6 +409,8 @@ class FinetuneConfig(TrainConfig):
     init_checkpoint: str | None = Field(
         None, description="Checkpoint directory to start from; default: this pipeline's pretrained model."
     )
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of every weight; None: full "
+                                                      "fine-tuning.")
 
     @model_validator(mode="after")
     def _check_mode(self) -> FinetuneConfig:

@@ -8,6 +8,7 @@ from lmpipe.benchmarks import load_benchmark
 from lmpipe.checkpoint import CheckpointMismatchError, architecture_diffs, read_state
 from lmpipe.config import PipelineConfig
 from lmpipe.download import check_sources
+from lmpipe.lora import check_targets
 from lmpipe.sft import read_sft_jsonl
 from lmpipe.shards import read_manifest
 from lmpipe.stage import StageResult
@@ -31,6 +32,8 @@ def check_inputs(config: PipelineConfig, *, training: bool = True) -> None:
         read_sft_jsonl(Path(ft.sft_path), skip_bad=ft.sft_skip_bad)  # format errors now; lengths need the tokenizer
     if ft.init_checkpoint:
         check_init_checkpoint(config)
+    if ft.lora is not None:
+        check_targets(config.model, ft.lora)  # a target no layer has: named now
 
 
 def check_context_fits(config: PipelineConfig, corpora: dict[str, StageResult]) -> None:

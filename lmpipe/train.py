@@ -33,12 +33,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from torch import nn
 
 from lmpipe.checkpoint import (
     STATE_FILE,
+    WEIGHTS_FILE,
     capture,
     check_compatible,
     export_model,
@@ -49,7 +51,7 @@ from lmpipe.checkpoint import (
     step_dir,
     write_checkpoint,
 )
-from lmpipe.config import FinetuneConfig, ModelConfig, TrainConfig, check_batch
+from lmpipe.config import FinetuneConfig, LoraConfig, ModelConfig, TrainConfig, check_batch
 from lmpipe.distributed import (
     SPEC_FILE,
     SUMMARY_FILE,
@@ -64,6 +66,7 @@ from lmpipe.distributed import (
     wrap_model,
 )
 from lmpipe.loader import BatchLoader, TokenSource, WindowOrder, position_state
+from lmpipe.lora import apply_lora, write_peft_adapter
 from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
 from lmpipe.sft import build_sft_data
 from lmpipe.shards import TokenSplit
@@ -77,6 +80,7 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"  # early stopping: the checkpoint of the lowest val loss so far (weights only)
 MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"  # LoRA with save_adapter: the adapter weights alone (peft format)
 # Dense bf16 peak FLOP/s (no sparsity) by device-name substring, for MFU.
 # First match wins: the PCIe H100 before the SXM one.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -374,6 +378,15 @@ def train(
         resumed_micro = resume_state.get("micro_batch")
 
     raw = GPT(GPTConfig.from_config(model_cfg, vocab_size)).to(device)
+    lora_cfg = getattr(cfg, "lora", None)
+    lora_state: dict[str, Any] = {}
+    if lora_cfg is not None:  # the base weights first, then the adapters on them (a resume overwrites both)
+        if last_ckpt is None and init_from is not None:
+            check_compatible(read_state(init_from), model_cfg, vocab_size, tokenizer_fingerprint, field="init_from")
+            load_checkpoint(init_from, raw, None, restore_rng=False)
+        targets = apply_lora(raw, lora_cfg)
+        lora_state = {"lora": lora_cfg.model_dump(mode="json") | {"targets": targets,
+                                                                   "scale": lora_cfg.alpha / lora_cfg.r}}
     if cfg.batch_size != "auto":
         micro = cfg.batch_size
     elif resumed_micro and per_rank % resumed_micro == 0:
@@ -401,7 +414,7 @@ def train(
         if not state["rng_restored"]:  # resumed on another number of processes: reseed deterministically
             torch.manual_seed(int(np.random.SeedSequence([cfg.seed, dist_ctx.rank, start]).generate_state(1)[0]))
     else:
-        if init_from is not None:
+        if init_from is not None and lora_cfg is None:
             check_compatible(read_state(init_from), model_cfg, vocab_size, tokenizer_fingerprint, field="init_from")
             load_checkpoint(init_from, model, None, restore_rng=False)
         torch.manual_seed(cfg.seed + dist_ctx.rank)  # dropout masks differ between ranks
@@ -427,7 +440,7 @@ def train(
                 "train": cfg.model_dump(mode="json") | {"sequences_per_step": sequences_per_step},
                 "micro_batch": micro, "grad_accum_steps": accum, "world_size": dist_ctx.world_size,
                 "early_stopping": dict(best),
-            }
+            } | lora_state
             path = write_checkpoint(ckpt_root, step, raw.config, weights, opt_state, state, rng=rngs)
         barrier(dist_ctx)  # no rank runs ahead of a checkpoint that may still fail
         return path
@@ -438,7 +451,7 @@ def train(
         if main:
             write_checkpoint(work_dir / BEST_DIR, step, raw.config, weights, None,
                              {"tokenizer_fingerprint": tokenizer_fingerprint, "val_loss": val,
-                              "train": cfg.model_dump(mode="json")}, keep=1)
+                              "train": cfg.model_dump(mode="json")} | lora_state, keep=1)
         barrier(dist_ctx)
 
     def finish(steps: int, val: float | None) -> TrainSummary:
@@ -657,6 +670,18 @@ def _publish(tmp: Path, summary: TrainSummary) -> BuildOutput:
     )
 
 
+def _lora_meta(ckpt: Path, adapter_dir: Path | None) -> dict[str, Any]:
+    """What the adapters changed (and, with ``adapter_dir``, the adapter alone written there in peft's format)."""
+    state = read_state(ckpt)
+    weights = load_file(str(ckpt / WEIGHTS_FILE))
+    lora = LoraConfig.model_validate({k: v for k, v in state["lora"].items() if k not in ("targets", "scale")})
+    if adapter_dir is not None:
+        write_peft_adapter(weights, lora, state["lora"]["targets"], adapter_dir)
+    adapter = sum(v.numel() for k, v in weights.items() if ".lora_" in k)
+    return {"lora_targets": len(state["lora"]["targets"]), "lora_params": adapter,
+            "lora_params_share": adapter / sum(v.numel() for v in weights.values())}
+
+
 def run_pretrain(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -745,7 +770,9 @@ def run_finetune(
         summary = train(model_cfg, ft_cfg, vocab_size, train_src, val_src, tmp, tokenizer_fingerprint=tok_fp,
                         init_from=init_dir, log_metrics=log_metrics, on_progress=on_progress,
                         target_mask_src=masks, aligned_val=masks is not None and ft_cfg.sft_layout == "padded")
-        out = _publish(tmp, summary)
+        if ft_cfg.lora is not None:
+            meta |= _lora_meta(summary.checkpoint, tmp / ADAPTER_DIR if ft_cfg.lora.save_adapter else None)
+        out = _publish(tmp, summary)  # model/: the adapters merged into the base weights
         out.meta |= meta | {"init_checkpoint": str(init_dir)}
         return out
 

@@ -182,7 +182,7 @@ def finetune(model_cfg: ModelConfig, cfg: FinetuneConfig, base: StageResult | No
     with stage_run(ctx, "finetune", fp, {"model": model_cfg, "finetune": cfg}, {"lmpipe.init": str(init)}) as run:
         result = run_finetune(cfg, model_cfg, init, shards, tokenizer, out_dir, fp, log_metrics=run.log_metrics,
                               on_progress=PrefectProgress("finetune"))
-        run.log_result(result, ["metrics.jsonl", "model"])
+        run.log_result(result, ["metrics.jsonl", "model", "adapter"])  # adapter/: LoRA with save_adapter
     return result
 
 

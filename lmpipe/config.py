@@ -400,8 +400,9 @@ class FinetuneConfig(TrainConfig):
     sft_layout: Literal["padded", "packed"] = Field(
         "padded", description="'padded': each example fills one model.block_size window (end-of-text padding, no "
                               "loss), so no example attends to another; 'packed': examples back to back, cheaper "
-                              "for examples much shorter than the context, but a window may span two examples, "
-                              "which then attend to each other.")
+                              "for examples much shorter than the context; a window may span several examples, "
+                              "but each attends only within itself (block-diagonal causal mask split at the "
+                              "end-of-text tokens) with positions restarting at its start, as at inference.")
     sft_skip_long: bool = Field(False, description="Skip and count SFT examples longer than model.block_size tokens "
                                                    "instead of failing on the first.")
     sft_skip_bad: bool = Field(False, description="Skip and count malformed SFT lines instead of failing on the "

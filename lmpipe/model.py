@@ -12,6 +12,12 @@ and an output head that shares its weight with the token embedding.
 
 Generation encodes the prompt once and then one token per step, keeping every
 layer's keys and values in a ``KVCache`` (see ``GPT.generate``).
+
+Packed sequences: ``model(idx, targets, doc_sep=eot)`` treats every
+``doc_sep`` token as the end of a document, so each position attends only to
+earlier positions of its own document and position embeddings restart at 0
+where a document starts (``packed_attention``): several short examples in one
+row are each seen exactly as if run alone.
 """
 
 from __future__ import annotations
@@ -119,11 +125,15 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.layer_idx = layer_idx  # this layer's slot in a KVCache
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C).
 
         With kv_cache, x continues the cached tokens: its k, v are appended and
-        its queries attend over the cached keys as well as its own.
+        its queries attend over the cached keys as well as its own. attn_mask
+        (B, 1, T, T) bool, True = may attend, replaces the causal mask (packed
+        documents, see ``packed_attention``); not combined with kv_cache.
         """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
@@ -132,7 +142,11 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         dropout_p = self.dropout if self.training else 0.0
-        if kv_cache is None:
+        if attn_mask is not None:
+            # Packed documents: block-diagonal causal. An explicit mask rules out the flash
+            # kernel (the memory-efficient one runs instead), so only this path pays for it.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)  # (B, nh, T, hs)
+        elif kv_cache is None:
             # Training and uncached inference. Fused kernel (flash attention on GPU);
             # is_causal masks out future positions.
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
@@ -176,8 +190,10 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, attn_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -240,7 +256,12 @@ class GPT(nn.Module):
         return 6 * N + 12 * L * H * Q * T
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache: KVCache | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        doc_sep: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits, loss).
 
@@ -251,20 +272,32 @@ class GPT(nn.Module):
         With kv_cache, idx continues the tokens the cache holds: its positions
         start at ``kv_cache.length``, its keys and values are appended, and the
         logits are those the full sequence would give at these positions.
+
+        With doc_sep (a token id, e.g. end-of-text), each row is a pack of
+        documents, each ending with doc_sep: a position attends only within its
+        own document and its position embedding counts from that document's
+        start (``packed_attention``), so every document gets the logits it would
+        get alone. doc_sep=None is the plain causal path (flash attention).
         """
         B, T = idx.size()
+        if doc_sep is not None and kv_cache is not None:
+            raise ValueError("doc_sep (packed documents) cannot be combined with kv_cache (incremental decoding)")
         start = 0 if kv_cache is None else kv_cache.length
         if start + T > self.config.block_size:
             raise ValueError(
                 f"sequence of length {start + T} exceeds model.block_size={self.config.block_size}"
                 + (f" ({start} cached + {T} new)" if start else "")
             )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,) absolute positions
+        attn_mask = None
+        if doc_sep is None:
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,) absolute positions
+        else:
+            attn_mask, pos = packed_attention(idx, doc_sep)  # (B, 1, T, T), (B, T) positions within the document
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
+        pos_emb = self.transformer.wpe(pos)  # (T, C) broadcast over the batch, or (B, T, C)
         x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, kv_cache)
+            x = block(x, kv_cache, attn_mask)
         if kv_cache is not None:
             kv_cache.length += T  # every layer has appended its k, v for these T positions
         x = self.transformer.ln_f(x)  # (B, T, C)
@@ -352,6 +385,28 @@ class GPT(nn.Module):
             if done is not None and bool(done.all()):
                 break
         return idx
+
+
+def packed_attention(idx: torch.Tensor, doc_sep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mask and positions of rows idx (B, T) that pack documents ending with ``doc_sep``.
+
+    The separator closes its own document, so the document of position t is the
+    number of separators strictly before t (an exclusive cumsum); a row need not
+    start or end at a document boundary (a window cut from a packed stream).
+    Returns ``mask`` (B, 1, T, T) bool, True where query t may attend key s: same
+    document and s <= t (block-diagonal causal; the diagonal is always True, so
+    no softmax row is empty), and ``pos`` (B, T): t minus its document's first
+    position, i.e. the number of earlier positions t may attend. Tensor ops
+    only, no loop over positions, so torch.compile traces it as one graph.
+    """
+    T = idx.size(1)
+    is_sep = (idx == doc_sep).long()  # (B, T)
+    doc = torch.cumsum(is_sep, dim=1) - is_sep  # (B, T): separators strictly before t
+    t = torch.arange(T, device=idx.device)
+    causal = t[:, None] >= t[None, :]  # (T, T): query row, key column
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal  # (B, T, T)
+    pos = mask.sum(dim=-1) - 1  # (B, T): keys of the same document up to and including t, less t itself
+    return mask[:, None], pos
 
 
 def _check_filter_args(top_k: int | None, top_p: float | None) -> None:

@@ -40,8 +40,17 @@ one more pad token ends the stream, so the stream is ``n * block_size + 1``
 tokens, the loader's epoch shift is 0 and every window is one example plus the
 first token of the next (a masked target): no example attends to another.
 "packed": examples back to back, no padding; cheaper when examples are much
-shorter than the context, but a window then spans examples that attend to each
-other. In both layouts an example longer than ``block_size`` is an error (or
+shorter than the context. A window then spans several examples, but training
+and validation pass the end-of-text id as ``doc_sep`` to ``GPT.forward``: every
+example ends with exactly one end-of-text (the template's), so the examples are
+recovered from the tokens alone (an end-of-text closes its own example) and
+each position attends only within its own example, with position embeddings
+restarting at 0 where the example starts. An example wholly inside a window is
+thus seen exactly as alone, as at inference; the last one may be cut by the
+window's end (its prefix is still exact). The first may be the tail of an
+example cut by the window's start, seen without its beginning and at positions
+from 0. Targets never cross examples: the target of an end-of-text is the next
+example's first token, a role token (mask 0). In both layouts an example longer than ``block_size`` is an error (or
 skipped and counted), since its reply would lose the start of its context.
 Every ``VAL_EVERY``-th example is held out for validation.
 """

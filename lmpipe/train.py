@@ -188,15 +188,15 @@ def check_split_lengths(block_size: int, train_src: TokenSource, val_src: TokenS
 @torch.no_grad()
 def evaluate_loss(
     model: nn.Module, src: TokenSource, offsets: np.ndarray, batch_size: int, block_size: int, device: torch.device,
-    autocast: contextlib.AbstractContextManager, mask: TokenSource | None = None,
+    autocast: contextlib.AbstractContextManager, mask: TokenSource | None = None, doc_sep: int | None = None,
 ) -> float:
-    """Mean loss over fixed windows, in eval mode (no dropout, no RNG drawn)."""
+    """Mean loss over fixed windows, in eval mode (no dropout, no RNG drawn); doc_sep as in ``train``."""
     model.eval()
     losses = []
     for i in range(0, len(offsets), batch_size):
         x, y = get_batch(src, offsets[i : i + batch_size], block_size, device, mask)
         with autocast:
-            _, loss = model(x, y)
+            _, loss = model(x, y, doc_sep=doc_sep)
         losses.append(loss.float())
     model.train()
     return torch.stack(losses).mean().item()
@@ -323,6 +323,7 @@ def train(
     target_mask_src: tuple[TokenSource, TokenSource] | None = None,
     dist_ctx: DistContext = SINGLE,
     aligned_val: bool = False,
+    doc_sep: int | None = None,
 ) -> TrainSummary:
     """Train a GPT on train_src for cfg.max_steps steps; checkpoints and metrics.jsonl go to work_dir.
 
@@ -334,6 +335,9 @@ def train(
     ``dist_ctx``: this process's place in a torchrun job (``lmpipe.distributed``);
     only rank 0 writes files and calls the callbacks. ``aligned_val``: validation
     windows start at multiples of block_size (SFT's padded layout: one example each).
+    ``doc_sep``: the token that ends every packed example (SFT's packed layout, the
+    end-of-text id); training and validation windows then attend only within each
+    example, with positions restarting at its start (``GPT.forward``).
     """
     started = time.perf_counter()
     section = "finetune" if isinstance(cfg, FinetuneConfig) else "pretrain"  # for error messages
@@ -496,7 +500,7 @@ def train(
         for step in range(start, cfg.max_steps if not best["stopped"] else start):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
-            loss, grad_norm = _step(model, optimizer, lr, loader, accum, max_norm, autocast, dist_ctx)
+            loss, grad_norm = _step(model, optimizer, lr, loader, accum, max_norm, autocast, dist_ctx, doc_sep)
             # The one sync per optimizer step (never per micro step): the update must be
             # skipped, not undone, when the loss or gradients are not finite.
             if not torch.isfinite(loss + grad_norm).item():
@@ -540,7 +544,7 @@ def train(
                 interval_losses.clear()
                 interval_seconds, interval_tokens = 0.0, 0
             if done % cfg.eval_interval == 0 or is_last:
-                val_loss = evaluate_loss(model, val_src, val_offsets, micro, T, device, autocast, val_mask)
+                val_loss = evaluate_loss(model, val_src, val_offsets, micro, T, device, autocast, val_mask, doc_sep)
                 logged["val/loss"] = val_loss
                 if cfg.early_stopping_patience is not None:
                     if best["best_val_loss"] is None or val_loss < best["best_val_loss"] - cfg.early_stopping_min_delta:
@@ -567,13 +571,14 @@ def train(
     if last_ckpt is None:  # cannot happen: the last step always checkpoints
         raise RuntimeError("training finished without a checkpoint")
     if val_loss is None:  # resumed from the final checkpoint: nothing left to train
-        val_loss = evaluate_loss(model, val_src, val_offsets, micro, T, device, autocast, val_mask)
+        val_loss = evaluate_loss(model, val_src, val_offsets, micro, T, device, autocast, val_mask, doc_sep)
     return finish(start if best["stopped"] else cfg.max_steps, val_loss)
 
 
 def _step(
     model: nn.Module, optimizer: torch.optim.Optimizer, lr: float, loader: BatchLoader, accum: int,
     max_norm: float, autocast: contextlib.AbstractContextManager, dist_ctx: DistContext,
+    doc_sep: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over the step's micro-batches; returns (mean loss, grad norm), on the device.
 
@@ -587,7 +592,7 @@ def _step(
         set_grad_sync(model, micro == accum - 1)
         x, y = loader.next()
         with autocast:
-            _, loss = model(x, y)
+            _, loss = model(x, y, doc_sep=doc_sep)
         loss = loss / accum  # the gradients then sum to the mean over micro-batches
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         loss.backward()
@@ -743,7 +748,8 @@ def run_finetune(
     mode "continue": on the fine-tuning corpus's shards. mode "sft": on
     ft_cfg.sft_path's examples in the chat template (``lmpipe.sft``), with the
     loss on the assistant's replies only; in the padded layout every training and
-    validation window is exactly one example.
+    validation window is exactly one example, in the packed layout the examples
+    of a window do not attend to each other (``doc_sep`` = end-of-text).
     """
 
     def build(tmp: Path) -> BuildOutput:
@@ -769,7 +775,8 @@ def run_finetune(
             meta = data.meta()
         summary = train(model_cfg, ft_cfg, vocab_size, train_src, val_src, tmp, tokenizer_fingerprint=tok_fp,
                         init_from=init_dir, log_metrics=log_metrics, on_progress=on_progress,
-                        target_mask_src=masks, aligned_val=masks is not None and ft_cfg.sft_layout == "padded")
+                        target_mask_src=masks, aligned_val=masks is not None and ft_cfg.sft_layout == "padded",
+                        doc_sep=eot if ft_cfg.mode == "sft" and ft_cfg.sft_layout == "packed" else None)
         if ft_cfg.lora is not None:
             meta |= _lora_meta(summary.checkpoint, tmp / ADAPTER_DIR if ft_cfg.lora.save_adapter else None)
         out = _publish(tmp, summary)  # model/: the adapters merged into the base weights

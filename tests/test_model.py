@@ -1,4 +1,5 @@
-"""The GPT: shapes, initial loss, weight tying, causality, parameter and FLOP counts, KV cache, sampling."""
+"""The GPT: shapes, initial loss, weight tying, causality, parameter and FLOP counts, KV cache, sampling,
+packed documents."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from lmpipe.config import ModelConfig
-from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig, KVCache, filter_logits
+from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig, KVCache, filter_logits, packed_attention
 
 TINY = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -271,3 +272,96 @@ def test_bad_sampling_arguments_raise_naming_them(model: GPT) -> None:
             model.generate(prompt, 2, **kw)
     with pytest.raises(ValueError, match="^top_p must be in"):
         filter_logits(torch.zeros(1, 4), top_p=2.0)
+
+
+# ---------------------------------------------------------------- packed documents (doc_sep)
+
+SEP = 0  # the separator token of these tests; documents draw their other tokens from 1..255
+
+
+def _doc(n: int) -> torch.Tensor:
+    """A document of n tokens: n - 1 random non-separators, then the separator that closes it."""
+    return torch.cat((torch.randint(1, 256, (n - 1,)), torch.tensor([SEP])))
+
+
+def test_packed_attention_segments_and_positions() -> None:
+    # The separator belongs to the document it closes; the row may end mid-document.
+    idx = torch.tensor([[5, 0, 7, 8, 0, 9], [0, 0, 3, 4, 5, 6]])
+    mask, pos = packed_attention(idx, SEP)
+    assert pos.tolist() == [[0, 1, 0, 1, 2, 0], [0, 0, 0, 1, 2, 3]]
+    assert mask.shape == (2, 1, 6, 6) and mask.dtype == torch.bool
+    assert mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ]
+    assert mask[1, 0, 1].int().tolist() == [0, 1, 0, 0, 0, 0] and mask[1, 0, 5].int().tolist() == [0, 0, 1, 1, 1, 1]
+
+
+def test_packed_documents_get_the_logits_they_get_alone(model: GPT) -> None:
+    docs = [_doc(4), _doc(6), _doc(5)]
+    orders = [(0, 1, 2), (2, 0, 1)]  # two rows, so each document sits at different offsets
+    rows = torch.stack([torch.cat([docs[i] for i in order]) for order in orders])  # (2, 15)
+    packed, _ = model(rows, rows, doc_sep=SEP)  # (2, 15, V)
+    alone = [model(d[None], d[None], doc_sep=SEP)[0][0] for d in docs]
+    plain = [model(d[None], d[None])[0][0] for d in docs]  # one document: the same as the causal path
+    for r, order in enumerate(orders):
+        start = 0
+        for i in order:
+            n = len(docs[i])
+            torch.testing.assert_close(packed[r, start : start + n], alone[i], atol=1e-5, rtol=0)
+            torch.testing.assert_close(packed[r, start : start + n], plain[i], atol=1e-5, rtol=0)
+            start += n
+    # Without doc_sep the later documents see the earlier ones and other positions: different logits.
+    unpacked, _ = model(rows, rows)
+    assert not torch.allclose(unpacked[0, 4:10], alone[1], atol=1e-3)
+
+
+def test_doc_sep_without_separators_is_the_causal_forward(model: GPT) -> None:
+    idx = torch.randint(1, 256, (3, 16))
+    causal, causal_loss = model(idx, idx)
+    packed, packed_loss = model(idx, idx, doc_sep=SEP)
+    torch.testing.assert_close(packed, causal, atol=1e-6, rtol=0)
+    torch.testing.assert_close(packed_loss, causal_loss, atol=1e-6, rtol=0)
+    last, _ = model(idx, doc_sep=SEP)  # without targets: the last position only, as on the causal path
+    torch.testing.assert_close(last[:, 0], causal[:, -1], atol=1e-6, rtol=0)
+
+
+def test_no_gradient_and_no_influence_across_packed_documents(model: GPT) -> None:
+    first, second = _doc(7), _doc(9)
+    row = torch.cat((first, second))[None]  # (1, 16)
+    targets = row.clone()
+    targets[:, :7] = IGNORE_INDEX  # the loss of the second document only
+    embeddings: list[torch.Tensor] = []
+
+    def keep(_module: torch.nn.Module, _inputs: object, out: torch.Tensor) -> None:
+        out.retain_grad()
+        embeddings.append(out)
+
+    hook = model.transformer.wte.register_forward_hook(keep)
+    try:
+        for doc_sep in (SEP, None):
+            _, loss = model(row, targets, doc_sep=doc_sep)
+            loss.backward()
+    finally:
+        hook.remove()
+    packed_grad, causal_grad = (e.grad[0] for e in embeddings)  # (16, C) each
+    assert torch.count_nonzero(packed_grad[:7]) == 0  # exactly: the first document's tokens do not matter
+    assert bool((packed_grad[7:] != 0).all())
+    assert bool((causal_grad[:7] != 0).any())  # the check would see a leak: the causal path has one
+
+    # Changing every token of the first document but its separator leaves the second's logits as they were.
+    changed = row.clone()
+    changed[0, :6] = changed[0, :6] % 255 + 1
+    a, _ = model(row, row, doc_sep=SEP)
+    b, _ = model(changed, changed, doc_sep=SEP)
+    torch.testing.assert_close(a[:, 7:], b[:, 7:], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[:, :7], b[:, :7])
+
+
+def test_doc_sep_with_kv_cache_is_refused(model: GPT) -> None:
+    with pytest.raises(ValueError, match="doc_sep .* cannot be combined with kv_cache"):
+        model(torch.ones(1, 4, dtype=torch.long), doc_sep=SEP, kv_cache=KVCache(TINY))

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models
 from lmpipe.checkpoint import read_state
 from lmpipe.config import CHAT_TOKENS, EOT, FinetuneConfig, ModelConfig, TrainConfig
 from lmpipe.loader import WindowOrder
-from lmpipe.model import IGNORE_INDEX
+from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
 from lmpipe.sft import (
     END_TOKEN,
     MAX_REPORTED,
@@ -296,6 +296,32 @@ def test_packed_layout_is_the_examples_back_to_back(tmp_path: Path, tok: Tokeniz
     assert data.train_tokens.dtype == data.train_mask.dtype == np.int64 and data.meta()["sft_layout"] == "packed"
 
 
+def test_packed_window_sees_each_example_as_alone(tmp_path: Path, tok: Tokenizer) -> None:
+    # Example 0 has the end-of-text text in its prompt: it stays text, so every example still ends with
+    # exactly one end-of-text id and the examples can be told apart by the tokens alone.
+    lines = [json.dumps({"prompt": f"Say {EOT} twice", "completion": "No."}), *varied_examples(19)]
+    data = build_sft_data(write_jsonl(tmp_path / "d.jsonl", lines), tok, EOT_ID, 32, layout="packed")
+    ends = np.flatnonzero(data.train_tokens == EOT_ID)
+    assert len(ends) == data.train_examples == 18 and ends[-1] == len(data.train_tokens) - 1
+    starts = [0, *(ends[:-1] + 1).tolist()]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_config(MODEL, tok.get_vocab_size())).eval()
+    offsets = np.array([0, starts[3] + 2, starts[7]])  # windows from an example's start and from inside one
+    x, _ = get_batch(ArraySource(data.train_tokens), offsets, 32, torch.device("cpu"))
+    packed, _ = model(x, x, doc_sep=EOT_ID)  # (3, 32, V)
+    whole = cut = 0
+    for row, o in enumerate(offsets.tolist()):
+        for s, e in zip(starts, ends.tolist()):  # example [s, e]
+            if s < o or s >= o + 32:
+                continue
+            n = min(e + 1, o + 32) - s  # the example's tokens in this window; fewer when the window cuts it
+            example = torch.from_numpy(data.train_tokens[s : e + 1])[None]
+            alone, _ = model(example, example)  # on its own, from position 0, plain causal attention
+            torch.testing.assert_close(packed[row, s - o : s - o + n], alone[0, :n], atol=1e-5, rtol=0)
+            whole, cut = whole + (n == e + 1 - s), cut + (n < e + 1 - s)
+    assert whole >= 3 and cut >= 1
+
+
 def test_layout_stream_pads_to_block_size() -> None:
     tokens, mask = layout_stream([([7, 8, 9], [0, 1, 1]), ([5, 6], [0, 1])], "padded", 4, 0)
     assert tokens.tolist() == [7, 8, 9, 0, 5, 6, 0, 0, 0] and mask.tolist() == [0, 1, 1, 0, 0, 1, 0, 0, 0]
@@ -343,8 +369,8 @@ def test_training_targets_are_ignored_exactly_on_masked_tokens(tmp_path: Path, t
 # ---------------------------------------------------------------- the finetune stage in sft mode
 
 
-def test_run_finetune_sft_messages_padded_learns_the_replies(tmp_path: Path, tokenizer: StageResult,
-                                                             tok: Tokenizer) -> None:
+def _base_and_chats(tmp_path: Path, tokenizer: StageResult, tok: Tokenizer) -> tuple[Path, FinetuneConfig]:
+    """A 2-step pretrained base checkpoint and an SFT config on 60 chats whose replies are all the same."""
     fp = tokenizer_fingerprint(tokenizer.path("tokenizer.json"))
     stream = np.array(enc(tok, "\n".join(LINES)), dtype=np.int64)
     base = train(MODEL, TrainConfig(max_steps=2, batch_size=4, eval_batches=1, device="cpu"), tok.get_vocab_size(),
@@ -357,8 +383,15 @@ def test_run_finetune_sft_messages_padded_learns_the_replies(tmp_path: Path, tok
     sft = write_jsonl(tmp_path / "d.jsonl", chats)
     cfg = FinetuneConfig(mode="sft", sft_path=str(sft), max_steps=40, batch_size=8, learning_rate=1e-2, min_lr=1e-3,
                          warmup_steps=3, eval_interval=40, eval_batches=1, log_interval=10, device="cpu")
+    return base.checkpoint, cfg
+
+
+def test_run_finetune_sft_messages_padded_learns_the_replies(tmp_path: Path, tokenizer: StageResult,
+                                                             tok: Tokenizer) -> None:
+    base_ckpt, cfg = _base_and_chats(tmp_path, tokenizer, tok)
+    chats = (tmp_path / "d.jsonl").read_text(encoding="utf-8").splitlines()
     assert cfg.sft_layout == "padded"
-    result = run_finetune(cfg, MODEL, base.checkpoint, None, tokenizer, tmp_path / "ft", "fp")
+    result = run_finetune(cfg, MODEL, base_ckpt, None, tokenizer, tmp_path / "ft", "fp")
     assert result.meta["sft_train_examples"] == 54 and result.meta["sft_val_examples"] == 6
     assert (result.meta["sft_layout"], result.meta["sft_skipped_bad"], result.meta["sft_skipped_long"]) == (
         "padded", 0, 0)
@@ -370,14 +403,36 @@ def test_run_finetune_sft_messages_padded_learns_the_replies(tmp_path: Path, tok
     bad = write_jsonl(tmp_path / "bad.jsonl", [*chats[:3], "{oops"])
     cfg_bad = cfg.model_copy(update={"sft_path": str(bad)})
     with pytest.raises(SFTFormatError, match=r"finetune\.sft_path: .*bad\.jsonl:4: not valid JSON"):
-        run_finetune(cfg_bad, MODEL, base.checkpoint, None, tokenizer, tmp_path / "ft-bad", "fp")
+        run_finetune(cfg_bad, MODEL, base_ckpt, None, tokenizer, tmp_path / "ft-bad", "fp")
 
     long_chat = json.dumps({"prompt": LINES[0], "completion": LINES[1] + LINES[2]})
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [*chats[:20], "{oops", long_chat, *chats[20:40]])
     cfg_skip = cfg.model_copy(update={"sft_path": str(mixed), "sft_skip_bad": True, "sft_skip_long": True,
                                       "max_steps": 1, "sft_layout": "packed"})
-    skipped = run_finetune(cfg_skip, MODEL, base.checkpoint, None, tokenizer, tmp_path / "ft-skip", "fp")
+    skipped = run_finetune(cfg_skip, MODEL, base_ckpt, None, tokenizer, tmp_path / "ft-skip", "fp")
     assert {k: skipped.meta[k] for k in ("sft_layout", "sft_skipped_bad", "sft_skipped_bad_lines", "sft_skipped_long",
                                          "sft_skipped_long_lines", "sft_train_examples", "sft_val_examples")} == {
         "sft_layout": "packed", "sft_skipped_bad": 1, "sft_skipped_bad_lines": [21], "sft_skipped_long": 1,
         "sft_skipped_long_lines": [22], "sft_train_examples": 36, "sft_val_examples": 4}
+
+
+def test_run_finetune_sft_packed_attends_within_examples_and_learns(
+    tmp_path: Path, tokenizer: StageResult, tok: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base_ckpt, cfg = _base_and_chats(tmp_path, tokenizer, tok)
+    calls: list[tuple[bool, int | None]] = []  # (training, doc_sep) of every forward
+    forward = GPT.forward
+
+    def spy(self: GPT, idx: torch.Tensor, targets: torch.Tensor | None = None, **kw: object) -> object:
+        calls.append((self.training, kw.get("doc_sep")))  # type: ignore[arg-type]
+        return forward(self, idx, targets, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(GPT, "forward", spy)
+    result = run_finetune(cfg.model_copy(update={"sft_layout": "packed"}), MODEL, base_ckpt, None, tokenizer,
+                          tmp_path / "ft", "fp")
+    assert result.meta["sft_layout"] == "packed" and result.metrics["steps"] == 40
+    # 40 steps of one micro-batch each, then one validation batch (eval_batches=1), all with the end-of-text id.
+    assert calls == [(True, EOT_ID)] * 40 + [(False, EOT_ID)]
+    rows = [json.loads(r) for r in result.path("metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    # Observed: 6.25 at step 1 -> 0.14 (val), as the padded layout learns them.
+    assert rows[0]["loss"] > 4.0 and result.metrics["final_val_loss"] < 0.5

@@ -261,8 +261,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, mo
     forward = GPT.forward
     calls = {"n": 0}
 
-    def poisoned(self: GPT, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        logits, loss = forward(self, idx, targets)
+    def poisoned(self: GPT, idx: torch.Tensor, targets: torch.Tensor | None = None, **kw):
+        logits, loss = forward(self, idx, targets, **kw)
         if self.training:
             calls["n"] += 1
             if calls["n"] == 3:  # the third training step's loss

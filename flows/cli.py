@@ -106,9 +106,17 @@ def format_summary(summary: dict, seconds: float) -> str:
             model, corpus = stem.split(".", 1)  # model names have no dots; corpus names may
             lines.append(f"{model:<12}{corpus:<20}{evaluation[stem + '.loss']:>8.3f}"
                          f"{evaluation[stem + '.perplexity']:>10.1f}{evaluation[stem + '.bits_per_byte']:>11.3f}")
+    classifier = summary["metrics"].get("classify")
+    if classifier:
+        lines += ["", f"classifier: accuracy {classifier['accuracy']:.3f}, macro-F1 {classifier['macro_f1']:.3f} "
+                      "on the held-out examples"]
     reg = summary.get("registered")
     if reg:
         lines += ["", f"registered model: {reg['model_uri']} (version {reg['version']})"]
+        decision = reg.get("promotion")
+        if decision:
+            lines.append(f"champion gate:    {'promoted to' if decision['promoted'] else 'not promoted to'} "
+                         f"@{decision['alias']}: {decision['reason']}")
     uri = summary["tracking_uri"]
     lines += [
         "",

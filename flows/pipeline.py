@@ -1,6 +1,7 @@
 """The Prefect flows. They read like the DAG in the architecture:
 
     download -> clean -> train_tokenizer -> shard -> pretrain -> finetune -> evaluate -> register
+                                                    pretrain -> classify (when configured)
 
 Cleaning and sharding are map/reduce: one clean_chunk (encode_chunk) task per
 chunk of documents on the ``data.runner`` task runner, then one clean (shard)
@@ -20,8 +21,8 @@ from lmpipe.download import local_source_digests
 from lmpipe.preflight import check_context_fits, check_inputs
 from lmpipe.stage import StageResult, sha256_file
 from lmpipe.tracking import TrackingContext
-from tasks.stages import (clean, clean_chunk, download, encode_chunk, evaluate, finetune, pretrain, register, shard,
-                          train_tokenizer)
+from tasks.stages import (classify, clean, clean_chunk, download, encode_chunk, evaluate, finetune, pretrain,
+                          register, shard, train_tokenizer)
 
 
 def _documents(config: PipelineConfig, corpus: CorpusConfig, field: str, ctx: TrackingContext,
@@ -81,6 +82,10 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
                            sft_sha256=_digest(config.finetune.sft_path),
                            init_sha256=_digest(config.finetune.init_checkpoint, "model.safetensors"),
                            tokenizer=tokenizer, ctx=ctx)
+        if config.classify is not None:
+            ledger.run(classify, model_cfg=config.model, cfg=config.classify, base=base, tokenizer=tokenizer, ctx=ctx,
+                       data_sha256=_digest(config.classify.path),
+                       init_sha256=_digest(config.classify.init_checkpoint, "model.safetensors"))
         report = ledger.run(evaluate, cfg=config.eval, models={"base": base, "finetuned": tuned}, corpora=corpora,
                             benchmark_sha256={b.name: _digest(b.path) for b in config.eval.benchmarks} or None,
                             tokenizer=tokenizer, ctx=ctx)

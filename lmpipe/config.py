@@ -420,6 +420,56 @@ class FinetuneConfig(TrainConfig):
         return self
 
 
+class ClassifyConfig(Section):
+    """Sequence classification fine-tuning, GPT-1 style (lmpipe.classify): the hidden state of the last token
+    (an end-of-text "extract" token appended to each text) goes through a linear head."""
+
+    path: str = Field(description="Labelled examples: a CSV file with a header row (.csv) or JSONL, one object a "
+                                  "line (.jsonl or .json); the format follows the suffix.")
+    text_field: str = Field("text", min_length=1, description="Column / key holding the text.")
+    label_field: str = Field("label", min_length=1, description="Column / key holding the label (a string; JSON "
+                                                                "integers are read as their decimal string).")
+    labels: list[str] | None = Field(
+        None, description="The classes, in the head's output order. None: the sorted set of labels of the "
+                          "training split. Given: a line with another label is an error (or skipped with skip_bad).")
+    val_every: int = Field(5, ge=2, description="Every val_every-th example (in file order) is held out for "
+                                                "validation, at least one.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Examples per step.")
+    learning_rate: float = Field(5e-4, gt=0.0)
+    min_lr: float = Field(5e-5, ge=0.0, description="Where the cosine decay ends, at max_steps.")
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW decay of matrices (not of biases and gains).")
+    grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 disables clipping.")
+    head_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the pooled hidden state (GPT-1: 0.1).")
+    lm_loss_weight: float = Field(0.0, ge=0.0, description="GPT-1's auxiliary language-modelling loss on the texts, "
+                                                           "added with this weight; 0 trains the classifier alone.")
+    eval_interval: int = Field(50, ge=1, description="Steps between validations (and after the last step).")
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    skip_bad: bool = Field(False, description="Skip and count malformed lines (and labels outside `labels`) "
+                                              "instead of failing on the first.")
+    skip_long: bool = Field(False, description="Skip and count texts longer than model.block_size tokens (with "
+                                               "the extract token); default: keep their LAST tokens (the ones "
+                                               "the classifying token sees) and count them as truncated.")
+    init_checkpoint: str | None = Field(
+        None, description="Checkpoint directory of the body to start from; default: this pipeline's pretrained "
+                          "model (GPT-1: pretrain, then fine-tune on the task).")
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassifyConfig:
+        if Path(self.path).suffix.lower() not in (".csv", ".jsonl", ".json"):
+            raise ValueError(f"path {self.path!r} must end in .csv, .jsonl or .json (the format follows the suffix)")
+        if self.text_field == self.label_field:
+            raise ValueError(f"text_field and label_field are both {self.text_field!r}")
+        if self.labels is not None:
+            if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels) or not all(self.labels):
+                raise ValueError(f"labels must be at least 2 distinct non-empty strings, got {self.labels}")
+        if self.min_lr > self.learning_rate:
+            raise ValueError(f"min_lr={self.min_lr} exceeds learning_rate={self.learning_rate}")
+        return self
+
+
 class BenchmarkConfig(Section):
     """A multiple-choice benchmark scored by log-likelihood (acc and acc_norm, as lm-evaluation-harness)."""
 
@@ -481,6 +531,8 @@ class PipelineConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    classify: ClassifyConfig | None = Field(None, description="A sequence classifier fine-tuned from the "
+                                                               "pretrained model; None: no classify stage.")
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

@@ -25,8 +25,10 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "encode_chunk": ("lmpipe.shards", "lmpipe.tokenizer", "lmpipe.docset"),
     "shard": ("lmpipe.shards", "lmpipe.tokenizer"),
     "pretrain": ("lmpipe.model", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.shards"),
-    "finetune": ("lmpipe.model", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.shards", "lmpipe.sft"),
-    "evaluate": ("lmpipe.model", "lmpipe.evaluate", "lmpipe.checkpoint", "lmpipe.shards", "lmpipe.tokenizer"),
+    "finetune": ("lmpipe.model", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.shards", "lmpipe.sft", "lmpipe.lora"),
+    "classify": ("lmpipe.model", "lmpipe.classify", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.tokenizer"),
+    "evaluate": ("lmpipe.model", "lmpipe.evaluate", "lmpipe.checkpoint", "lmpipe.shards", "lmpipe.tokenizer",
+                 "lmpipe.benchmarks"),
     "register": ("lmpipe.tracking",),
 }
 # Every stage publishes through lmpipe.stage, so its code is part of every stage's version.

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lmpipe.benchmarks import load_benchmark
 from lmpipe.checkpoint import CheckpointMismatchError, architecture_diffs, read_state
+from lmpipe.classify import read_examples
 from lmpipe.config import PipelineConfig
 from lmpipe.download import check_sources
 from lmpipe.lora import check_targets
@@ -34,6 +35,14 @@ def check_inputs(config: PipelineConfig, *, training: bool = True) -> None:
         check_init_checkpoint(config)
     if ft.lora is not None:
         check_targets(config.model, ft.lora)  # a target no layer has: named now
+    if config.classify is not None:
+        clf = config.classify
+        # format errors and unknown labels now; lengths need the tokenizer
+        read_examples(clf.path, text_field=clf.text_field, label_field=clf.label_field, labels=clf.labels,
+                      skip_bad=clf.skip_bad)
+        if clf.init_checkpoint and not (Path(clf.init_checkpoint) / "state.json").is_file():
+            raise FileNotFoundError(f"classify.init_checkpoint: {clf.init_checkpoint!r} is not a checkpoint directory "
+                                    "(no state.json)")
 
 
 def check_context_fits(config: PipelineConfig, corpora: dict[str, StageResult]) -> None:

@@ -14,9 +14,10 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from lmpipe.classify import PREDICTIONS_FILE, run_classify
 from lmpipe.clean import run_clean, run_clean_chunk
-from lmpipe.config import (CleanConfig, CorpusConfig, EvalConfig, FinetuneConfig, ModelConfig, ShardConfig,
-                           TokenizerConfig, TrackingConfig, TrainConfig)
+from lmpipe.config import (ClassifyConfig, CleanConfig, CorpusConfig, EvalConfig, FinetuneConfig, ModelConfig,
+                           ShardConfig, TokenizerConfig, TrackingConfig, TrainConfig)
 from lmpipe.distributed import DistributedTrainingError
 from lmpipe.download import TransientDownloadError, run_download
 from lmpipe.evaluate import LOSS_CURVES, run_evaluate
@@ -183,6 +184,26 @@ def finetune(model_cfg: ModelConfig, cfg: FinetuneConfig, base: StageResult | No
         result = run_finetune(cfg, model_cfg, init, shards, tokenizer, out_dir, fp, log_metrics=run.log_metrics,
                               on_progress=PrefectProgress("finetune"))
         run.log_result(result, ["metrics.jsonl", "model", "adapter"])  # adapter/: LoRA with save_adapter
+    return result
+
+
+# data_sha256 / init_sha256: the labelled file's content and an explicit starting checkpoint's weights.
+CLASSIFY = StageSpec("classify", configs=("model_cfg", "cfg", "data_sha256", "init_sha256"),
+                     upstreams=("base", "tokenizer"), ignore=(("cfg", frozenset({"eval_interval"})),))
+
+
+@task(name="classify", cache_key_fn=CLASSIFY.cache_key, **CACHED)
+def classify(model_cfg: ModelConfig, cfg: ClassifyConfig, base: StageResult, tokenizer: StageResult,
+             ctx: TrackingContext, data_sha256: str, init_sha256: str | None = None) -> StageResult:
+    fp, out_dir = CLASSIFY.locate({"model_cfg": model_cfg, "cfg": cfg, "data_sha256": data_sha256,
+                                   "init_sha256": init_sha256, "base": base, "tokenizer": tokenizer, "ctx": ctx})
+    init = Path(cfg.init_checkpoint) if cfg.init_checkpoint else base.path("model")
+    with stage_run(ctx, "classify", fp, {"model": model_cfg, "classify": cfg}, {"lmpipe.init": str(init)}) as run:
+        result = run_classify(cfg, model_cfg, init, tokenizer, out_dir, fp, log_metrics=run.log_metrics,
+                              on_progress=PrefectProgress("classify"))
+        run.log_result(result, ["metrics.jsonl", "model", PREDICTIONS_FILE])
+    get_run_logger().info("classifier: accuracy %.4f, macro-F1 %.4f on %d held-out examples",
+                          result.metrics["accuracy"], result.metrics["macro_f1"], result.meta["val_examples"])
     return result
 
 

@@ -29,6 +29,21 @@ def test_summary_table_lists_stages_evaluation_and_where_to_look():
     assert "base        wiki                   2.000       7.4      1.250" in text
     assert "registered model: models:/m@candidate (version 3)" in text
     assert "mlflow ui --backend-store-uri sqlite:///w/mlflow.db" in text
+    assert "classifier" not in text and "champion gate" not in text
+
+
+def test_summary_names_the_classifier_scores_and_the_champion_decision():
+    summary = {
+        "stages": [], "metrics": {"classify": {"accuracy": 0.975, "macro_f1": 0.97494}},
+        "registered": {"model_uri": "models:/m@candidate", "version": "4",
+                       "promotion": {"promoted": False, "alias": "champion",
+                                     "reason": "finetuned.wiki.bits_per_byte 1.3 is not better than 1.25 (version 3)"}},
+        "tracking_uri": "sqlite:///w/mlflow.db", "workdir": "w", "mlflow_run_id": "r1",
+    }
+    text = format_summary(summary, 1.0)
+    assert "classifier: accuracy 0.975, macro-F1 0.975 on the held-out examples" in text
+    assert ("champion gate:    not promoted to @champion: finetuned.wiki.bits_per_byte 1.3 is not better than 1.25 "
+            "(version 3)") in text
 
 
 def test_why_names_the_step_and_reason_that_removed_a_document(tmp_path, capsys):

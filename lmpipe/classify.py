@@ -71,9 +71,10 @@ from lmpipe.benchmarks import BadLineReport, BenchmarkFormatError
 from lmpipe.checkpoint import STATE_FILE, check_compatible, load_checkpoint, read_state
 from lmpipe.config import ClassifyConfig, ModelConfig, TrainConfig
 from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
+from lmpipe.sft import split_indices
 from lmpipe.stage import BuildOutput, StageResult, read_versioned_json, run_stage, write_json_atomic
 from lmpipe.tokenizer import META_FILE, eot_id, load_tokenizer, read_tokenizer_meta, tokenizer_fingerprint
-from lmpipe.train import TrainingDivergedError, _tokenizer_info, autocast_for, lr_at, resolve_device
+from lmpipe.train import TrainingDivergedError, tokenizer_info, autocast_for, lr_at, resolve_device
 
 LogMetrics = Callable[[dict[str, float], int], None]
 OnProgress = Callable[[int, int], None]
@@ -298,15 +299,6 @@ def read_examples(
 # ---------------------------------------------------------------- data of a run
 
 
-def split_examples(n: int, val_every: int) -> tuple[list[int], list[int]]:
-    """(train, val) indices: every val_every-th example is val, and at least one (the last)."""
-    if n < 2:
-        raise ValueError(f"classification needs at least 2 examples (one to train on, one to validate), got {n}")
-    val = [i for i in range(n) if i % val_every == val_every - 1] or [n - 1]
-    held = set(val)
-    return [i for i in range(n) if i not in held], val
-
-
 def encode_texts(
     tok: Tokenizer, texts: Sequence[str], extract_id: int, block_size: int
 ) -> tuple[list[list[int]], list[bool]]:
@@ -331,7 +323,7 @@ def build_classify_data(cfg: ClassifyConfig, tok: Tokenizer, extract_id: int, bl
     examples, report = read_examples(path, text_field=cfg.text_field, label_field=cfg.label_field,
                                      labels=cfg.labels, skip_bad=cfg.skip_bad)
     try:
-        train_idx, val_idx = split_examples(len(examples), cfg.val_every)
+        train_idx, val_idx = split_indices(len(examples), cfg.val_every, "classification")
     except ValueError as err:
         raise ClassifyFormatError(path, 0, None, str(err)) from None
     train_ex, val_ex = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
@@ -675,7 +667,7 @@ def run_classify(
     """
 
     def build(tmp: Path) -> BuildOutput:
-        tok_path, tok_fp, vocab_size = _tokenizer_info(tokenizer)
+        tok_path, tok_fp, vocab_size = tokenizer_info(tokenizer)
         tok = load_tokenizer(tok_path)
         extract = eot_id(tok, read_tokenizer_meta(tokenizer.path(META_FILE))["eot_token"])
         data = build_classify_data(cfg, tok, extract, model_cfg.block_size)

@@ -331,11 +331,13 @@ def layout_stream(
 # -- the data of a fine-tuning run ---------------------------------------------
 
 
-def split_indices(n: int) -> tuple[list[int], list[int]]:
-    """(train, val) example indices: every VAL_EVERY-th example is val, and at least one (the last)."""
+def split_indices(n: int, every: int = VAL_EVERY, what: str = "SFT") -> tuple[list[int], list[int]]:
+    """(train, val) example indices: every ``every``-th example is val, and at least one (the last).
+
+    The held-out split of SFT and of classification data (``what`` names it in the error)."""
     if n < 2:
-        raise ValueError(f"SFT needs at least 2 examples (one to train on, one to validate), got {n}")
-    val = [i for i in range(n) if i % VAL_EVERY == VAL_EVERY - 1] or [n - 1]
+        raise ValueError(f"{what} needs at least 2 examples (one to train on, one to validate), got {n}")
+    val = [i for i in range(n) if i % every == every - 1] or [n - 1]
     held = set(val)
     return [i for i in range(n) if i not in held], val
 

@@ -631,7 +631,8 @@ def summary_json(summary: TrainSummary) -> dict[str, Any]:
 # ---------------------------------------------------------------- stages
 
 
-def _tokenizer_info(tokenizer: StageResult) -> tuple[Path, str, int]:
+def tokenizer_info(tokenizer: StageResult) -> tuple[Path, str, int]:
+    """(tokenizer.json path, its fingerprint, vocabulary size) of a tokenizer stage."""
     tok_path = tokenizer.path(TOKENIZER_FILE)
     return tok_path, tokenizer_fingerprint(tok_path), load_tokenizer(tok_path).get_vocab_size()
 
@@ -710,7 +711,7 @@ def run_pretrain(
     """
 
     def build(tmp: Path) -> BuildOutput:
-        _, tok_fp, vocab_size = _tokenizer_info(tokenizer)
+        _, tok_fp, vocab_size = tokenizer_info(tokenizer)
         train_src, val_src = _open_splits(shards, tok_fp, "data.pretrain")
         nproc = train_cfg.distributed.nproc_per_node
         if nproc == 1:
@@ -753,7 +754,7 @@ def run_finetune(
     """
 
     def build(tmp: Path) -> BuildOutput:
-        tok_path, tok_fp, vocab_size = _tokenizer_info(tokenizer)
+        tok_path, tok_fp, vocab_size = tokenizer_info(tokenizer)
         init_dir = Path(init)
         if not (init_dir / STATE_FILE).is_file():
             raise FileNotFoundError(f"finetune.init_checkpoint: {str(init_dir)!r} is not a checkpoint directory (no {STATE_FILE})")

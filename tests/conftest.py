@@ -83,3 +83,19 @@ def stages(tmp_path_factory: pytest.TempPathFactory):
     shards = encode_and_shard(ShardConfig(shard_tokens=4096), corpus, docs, tok, root / "shards",
                               corpus_field="data.finetune")
     return tok, shards
+
+
+@pytest.fixture(scope="session")
+def tokenizer(stages):
+    """The tokenizer stage of ``stages``: byte-level BPE, vocabulary 512, default special tokens (ids 0..4).
+    Test modules with a tokenizer of their own define a fixture of this name, which takes precedence."""
+    return stages[0]
+
+
+@pytest.fixture(scope="session")
+def tok(tokenizer):
+    """``tokenizer`` loaded (a tokenizers.Tokenizer)."""
+    from lmpipe.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer.path("tokenizer.json"))
+

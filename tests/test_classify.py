@@ -37,13 +37,13 @@ from lmpipe.classify import (
     predict,
     read_examples,
     run_classify,
-    split_examples,
 )
 from lmpipe.checkpoint import CheckpointMismatchError, load_checkpoint
 from lmpipe.config import ClassifyConfig, ModelConfig, TrainConfig
 from lmpipe.model import IGNORE_INDEX, GPTConfig
+from lmpipe.sft import split_indices
 from lmpipe.stage import StageResult
-from lmpipe.tokenizer import load_tokenizer, tokenizer_fingerprint
+from lmpipe.tokenizer import tokenizer_fingerprint
 from lmpipe.train import ArraySource, train
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "classify"
@@ -51,17 +51,6 @@ CSV_FILE, JSONL_FILE = FIXTURES / "corpus.csv", FIXTURES / "corpus.jsonl"
 DATA = Path(__file__).resolve().parents[1] / "data"
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
 EOT_ID = 0  # the default tokenizer.special_tokens put <|endoftext|> first
-
-
-@pytest.fixture(scope="module")
-def tokenizer(stages: tuple[StageResult, StageResult]) -> StageResult:
-    """The session's byte-level BPE (vocabulary 512) on Tiny Shakespeare."""
-    return stages[0]
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer: StageResult) -> Tokenizer:
-    return load_tokenizer(tokenizer.path("tokenizer.json"))
 
 
 @pytest.fixture(scope="module")
@@ -210,10 +199,10 @@ def test_skip_bad_counts_and_reports_the_bad_lines(tmp_path: Path) -> None:
 
 
 def test_split_every_kth_example_at_least_one() -> None:
-    assert split_examples(10, 5) == ([0, 1, 2, 3, 5, 6, 7, 8], [4, 9])
-    assert split_examples(3, 5) == ([0, 1], [2])
+    assert split_indices(10, 5) == ([0, 1, 2, 3, 5, 6, 7, 8], [4, 9])
+    assert split_indices(3, 5) == ([0, 1], [2])
     with pytest.raises(ValueError, match="at least 2 examples"):
-        split_examples(1, 5)
+        split_indices(1, 5)
 
 
 def test_encoding_appends_the_extract_token_and_keeps_the_last_tokens(tok: Tokenizer) -> None:

@@ -63,9 +63,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, stag
 
 def _spec(stages, work: Path, **train: object) -> dict:
     tok, shards = stages
-    from lmpipe.train import _tokenizer_info
+    from lmpipe.train import tokenizer_info
 
-    _, tok_fp, vocab = _tokenizer_info(tok)
+    _, tok_fp, vocab = tokenizer_info(tok)
     return {"model": STAGE_MODEL.model_dump(mode="json"), "train": two_procs(**train).model_dump(mode="json"),
             "vocab_size": vocab, "shards": str(shards.out_dir), "tokenizer_fingerprint": tok_fp,
             "work_dir": str(work)}

@@ -136,11 +136,6 @@ def test_preflight_names_a_missing_target_before_any_stage(tmp_path: Path) -> No
 
 
 @pytest.fixture(scope="module")
-def tokenizer(stages: tuple[StageResult, StageResult]) -> StageResult:
-    return stages[0]
-
-
-@pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory, tokenizer: StageResult) -> tuple[Path, ArraySource, ArraySource]:
     """(pretrained checkpoint, train tokens, val tokens) of the test model on Tiny Shakespeare lines."""
     tok = load_tokenizer(tokenizer.path("tokenizer.json"))

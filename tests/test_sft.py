@@ -31,7 +31,7 @@ from lmpipe.sft import (
     split_indices,
 )
 from lmpipe.stage import StageResult
-from lmpipe.tokenizer import load_tokenizer, tokenizer_fingerprint
+from lmpipe.tokenizer import tokenizer_fingerprint
 from lmpipe.train import ArraySource, get_batch, run_finetune, train
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -39,17 +39,6 @@ LINES = [ln for ln in (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)
 # The default tokenizer.special_tokens, [EOT, *CHAT_TOKENS], take ids 0..4 in this order.
 EOT_ID, SYS, USR, ASST, END = 0, 1, 2, 3, 4
-
-
-@pytest.fixture(scope="module")
-def tokenizer(stages: tuple[StageResult, StageResult]) -> StageResult:
-    """The session's byte-level BPE (vocabulary 512, default special tokens) on Tiny Shakespeare."""
-    return stages[0]
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer: StageResult) -> Tokenizer:
-    return load_tokenizer(tokenizer.path("tokenizer.json"))
 
 
 def enc(tok: Tokenizer, text: str) -> list[int]:

@@ -16,11 +16,12 @@ from pathlib import Path
 from prefect import flow
 
 from flows.ledger import Ledger, tracked_flow
+from lmpipe.benchmarks import resolve_benchmarks
 from lmpipe.config import CorpusConfig, PipelineConfig
 from lmpipe.download import local_source_digests
 from lmpipe.preflight import check_context_fits, check_inputs
 from lmpipe.stage import StageResult, sha256_file
-from lmpipe.tracking import TrackingContext
+from lmpipe.tracking import TrackingContext, champion_metrics
 from tasks.stages import (classify, clean, clean_chunk, download, encode_chunk, evaluate, finetune, pretrain,
                           register, shard, train_tokenizer)
 
@@ -82,13 +83,20 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
                            sft_sha256=_digest(config.finetune.sft_path),
                            init_sha256=_digest(config.finetune.init_checkpoint, "model.safetensors"),
                            tokenizer=tokenizer, ctx=ctx)
+        classifier = None
         if config.classify is not None:
-            ledger.run(classify, model_cfg=config.model, cfg=config.classify, base=base, tokenizer=tokenizer, ctx=ctx,
-                       data_sha256=_digest(config.classify.path),
-                       init_sha256=_digest(config.classify.init_checkpoint, "model.safetensors"))
+            classifier = ledger.run(classify, model_cfg=config.model, cfg=config.classify, base=base,
+                                    tokenizer=tokenizer, ctx=ctx, data_sha256=_digest(config.classify.path),
+                                    init_sha256=_digest(config.classify.init_checkpoint, "model.safetensors"))
+        # The files to score (Hub downloads or local fallbacks) and the champion to compare with, both
+        # decided now so that they are part of the evaluation's fingerprint.
+        bench_files = resolve_benchmarks(config.eval.benchmarks, Path(ctx.workdir) / "benchmarks")
+        reference = champion_metrics(ctx.uri, config.tracking.registered_model, config.tracking.champion_alias,
+                                     finetune=tuned.fingerprint)
         report = ledger.run(evaluate, cfg=config.eval, models={"base": base, "finetuned": tuned}, corpora=corpora,
-                            benchmark_sha256={b.name: _digest(b.path) for b in config.eval.benchmarks} or None,
-                            tokenizer=tokenizer, ctx=ctx)
+                            benchmark_sha256={n: _digest(str(p)) for n, p in bench_files.items()} or None,
+                            benchmark_files={n: str(p) for n, p in bench_files.items()} or None,
+                            reference=reference, classifier=classifier, tokenizer=tokenizer, ctx=ctx)
         ledger.run(register, cfg=config.tracking, finetuned=tuned, tokenizer=tokenizer, report=report, ctx=ctx,
                    metric=config.champion_metric())
     return ledger.summary(ctx)

@@ -25,13 +25,32 @@ Three JSONL shapes are read, one example per line, with the harness's prompts:
     >>> examples, bad = load_benchmark(Path("arc_easy.jsonl"), "arc", limit=500)
     >>> r = score_mc(model, tok, examples, device="cuda", eot_id=eot)
     >>> r.acc, r.acc_norm, r.n
+
+The Hub datasets of these benchmarks (``Rowan/hellaswag``, ``allenai/ai2_arc`` with
+config ``ARC-Easy``/``ARC-Challenge``, a Parquet copy of PIQA such as ``baber/piqa``)
+have exactly these fields, so :func:`resolve_benchmark` writes their rows as JSONL
+and the same reader scores them. Which file is scored, in order:
+
+1. ``hub`` set, ``revision`` given and its JSONL already cached: that file (a
+   pinned revision never changes, so no network is needed);
+2. ``hub`` set and the Hub reachable (neither ``HF_HUB_OFFLINE`` nor
+   ``HF_DATASETS_OFFLINE`` set): the split downloaded with ``datasets.load_dataset``
+   into ``<cache_dir>/<name>-<dataset>-<config>-<split>@<revision>.jsonl``;
+3. offline, or the download failed with an ``OSError`` (a connection error, a
+   dataset or revision the Hub does not have): ``path``, with a warning naming the
+   benchmark and the reason; without ``path``, an error naming both sources.
+
+``hub`` unset: ``path``. The flow fingerprints the evaluation by the resolved
+file's sha256, so a moved branch re-scores and a pinned sha does not.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from lmpipe.config import BenchmarkConfig
 from lmpipe.model import IGNORE_INDEX
 
 BenchmarkKind = Literal["hellaswag", "arc", "piqa"]
@@ -277,6 +297,98 @@ def load_benchmark(
         detail = f"; {report.count} bad line(s) skipped, first: {report.first[0][1]}" if report.count else ""
         raise BenchmarkFormatError(path, 0, None, f"holds no {kind} examples{detail}")
     return examples, report
+
+
+# -- sources: the Hub or a local file ------------------------------------------
+
+# The split lm-evaluation-harness scores per kind: HellaSwag's and PIQA's test labels are hidden, ARC's are not.
+HUB_SPLITS: dict[str, str] = {"hellaswag": "validation", "arc": "test", "piqa": "validation"}
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+class BenchmarkSourceWarning(UserWarning):
+    """A benchmark with a Hub source is scored from its local file instead (offline, or the download failed)."""
+
+
+class BenchmarkSourceError(FileNotFoundError):
+    """Neither of a benchmark's sources (the Hub, the local file) can be read."""
+
+
+def hub_offline(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The variable that switches the Hub off (huggingface_hub's truthy spellings), or None when online."""
+    for name in OFFLINE_VARIABLES:
+        if environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return name
+    return None
+
+
+def hub_cache_file(bench: BenchmarkConfig, cache_dir: Path) -> Path:
+    """Where a Hub benchmark's rows go: one file per (dataset, config, split, revision), under the benchmark's name.
+
+    A missing revision is spelled ``@main`` (the Hub's default branch); that file is
+    downloaded again on every online run, as the branch may have moved.
+    """
+    assert bench.hub is not None
+    parts = [bench.name, bench.hub.replace("/", "--"), bench.hub_config or "default",
+             bench.split or HUB_SPLITS[bench.kind]]
+    safe = "-".join(re.sub(r"[^A-Za-z0-9_.-]", "_", p) for p in parts)
+    return Path(cache_dir) / f"{safe}@{re.sub(r'[^A-Za-z0-9_.-]', '_', bench.revision or 'main')}.jsonl"
+
+
+def _download_rows(bench: BenchmarkConfig, dest: Path) -> None:
+    """The split's rows as JSONL, one object a line, written to a temporary file and renamed into place."""
+    import datasets  # here, not at import: scoring local files needs no datasets
+
+    split = bench.split or HUB_SPLITS[bench.kind]
+    ds = datasets.load_dataset(bench.hub, bench.hub_config, split=split, revision=bench.revision)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in ds:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, dest)  # a reader sees the whole split or none of it
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def resolve_benchmark(bench: BenchmarkConfig, cache_dir: Path, *, where: str = "") -> Path:
+    """The JSONL file to score for ``bench``, downloading it from the Hub first when that is the source.
+
+    The order (see the module docstring): a cached pinned revision, the Hub when
+    reachable, then ``path`` with a :class:`BenchmarkSourceWarning`. ``where`` (e.g.
+    "eval.benchmarks.0") prefixes messages. Raises BenchmarkSourceError when no
+    source can be read; the file's format is checked later, by load_benchmark.
+    """
+    label = f"{where} ({bench.name})" if where else f"benchmark {bench.name!r}"
+    if bench.hub is None:
+        if bench.path is None or not Path(bench.path).is_file():
+            raise BenchmarkSourceError(f"{label}: path {bench.path!r} is not a file")
+        return Path(bench.path)
+    hub = f"hub {bench.hub!r}" + (f" ({bench.hub_config})" if bench.hub_config else "")
+    cached = hub_cache_file(bench, cache_dir)
+    if bench.revision is not None and cached.is_file():
+        return cached
+    offline = hub_offline()
+    if offline:
+        reason = f"{offline} is set"
+    else:
+        try:
+            _download_rows(bench, cached)
+            return cached
+        except OSError as err:  # ConnectionError, timeouts, huggingface_hub's offline and not-found errors
+            reason = f"the download failed: {type(err).__name__}: {err}"
+    if bench.path is not None and Path(bench.path).is_file():
+        warnings.warn(f"{label}: scoring the local file {bench.path!r} instead of {hub}: {reason}",
+                      BenchmarkSourceWarning, stacklevel=2)
+        return Path(bench.path)
+    local = "no path is set" if bench.path is None else f"path {bench.path!r} is not a file"
+    raise BenchmarkSourceError(f"{label}: no source to score: {hub} cannot be read ({reason}) and {local}")
+
+
+def resolve_benchmarks(benchmarks: Sequence[BenchmarkConfig], cache_dir: Path) -> dict[str, Path]:
+    """Benchmark name -> the file to score, for every benchmark of ``eval.benchmarks``, in order."""
+    return {b.name: resolve_benchmark(b, cache_dir, where=f"eval.benchmarks.{i}") for i, b in enumerate(benchmarks)}
 
 
 # -- scoring -------------------------------------------------------------------

@@ -475,9 +475,27 @@ class BenchmarkConfig(Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Name in the report and the metric keys.")
     kind: Literal["hellaswag", "arc", "piqa"] = Field(description="The JSONL shape (the dataset's own fields).")
-    path: str = Field(description="Local JSONL file.")
+    path: str | None = Field(None, description="Local JSONL file: scored when hub is unset, and the fallback when "
+                                               "the Hub cannot be reached.")
+    hub: str | None = Field(None, description="Hugging Face dataset id (e.g. 'Rowan/hellaswag', 'allenai/ai2_arc', "
+                                              "'baber/piqa'), downloaded when online into a JSONL cache.")
+    hub_config: str | None = Field(None, description="The dataset's configuration, e.g. 'ARC-Challenge'.")
+    split: str | None = Field(None, description="Hub split; None: the one lm-evaluation-harness scores "
+                                                "(hellaswag and piqa: validation, arc: test).")
+    revision: str | None = Field(None, description="Hub revision; a commit sha pins the data (recommended: a "
+                                                   "branch moves, and its download is refreshed on every run).")
     limit: int | None = Field(None, ge=1, description="Score only the first N examples.")
     skip_bad: bool = Field(False, description="Skip and count malformed lines instead of failing on the first.")
+
+    @model_validator(mode="after")
+    def _a_source(self) -> BenchmarkConfig:
+        # Either source alone is enough; both: the Hub when reachable, the file otherwise.
+        if self.path is None and self.hub is None:
+            raise ValueError(f"benchmark {self.name!r} needs a source: set path (a local JSONL file), "
+                             "hub (a Hugging Face dataset id), or both")
+        if self.hub is None and (self.hub_config or self.split or self.revision):
+            raise ValueError(f"benchmark {self.name!r}: hub_config, split and revision apply to hub, which is unset")
+        return self
 
 
 class EvalConfig(Section):

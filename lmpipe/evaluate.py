@@ -35,8 +35,12 @@ from lmpipe.stage import BuildOutput, StageResult, run_stage, write_json_atomic
 from lmpipe.tokenizer import TOKENIZER_FILE, load_tokenizer, token_byte_lengths, tokenizer_fingerprint
 
 METRICS = ("loss", "perplexity", "bits_per_byte")
+MC_METRICS = ("acc", "acc_norm")
 # The delta row of the report compares these two model names when both are evaluated.
 BASE, FINETUNED = "base", "finetuned"
+# How much was scored, logged beside the figures (finetuned.<corpus>.tokens, finetuned.<benchmark>.n) so that a
+# later report compares with a registered model's figures only where they were scored on as much.
+SCORED = {"held_out": "tokens", "multiple_choice": "n"}
 
 
 class TokenizerMismatchError(ValueError):
@@ -163,16 +167,80 @@ def _fmt_cell(name: str) -> str:
     return name.replace("|", "\\|")
 
 
+def compare_with_reference(
+    results: list[dict[str, Any]], choice: Sequence[dict[str, Any]], reference: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One row per figure of the fine-tuned model that the reference (an earlier registered model) also has.
+
+    ``reference["metrics"]`` are the ``finetuned.*`` metrics logged when that model
+    was registered. A figure is ``comparable`` only when the reference logged the
+    same amount scored (held-out tokens, benchmark examples) as this evaluation; a
+    figure that is not gets no delta: a different token budget or benchmark limit
+    moves the numbers by itself. Registrations from before these amounts were logged
+    have none, so none of their figures compare.
+    """
+    ref = reference["metrics"]
+    rows = []
+    for kind, group, names, key in (("held_out", results, METRICS, "corpus"),
+                                    ("multiple_choice", choice, MC_METRICS, "benchmark")):
+        for r in group:
+            if r["model"] != FINETUNED:
+                continue
+            scored = r[SCORED[kind]]
+            ref_scored = ref.get(f"{FINETUNED}.{r[key]}.{SCORED[kind]}")
+            comparable = ref_scored is not None and float(ref_scored) == float(scored)
+            for m in names:
+                metric = f"{FINETUNED}.{r[key]}.{m}"
+                if metric not in ref:
+                    continue
+                rows.append({"metric": metric, "kind": kind, "name": r[key], "stat": m, FINETUNED: float(r[m]),
+                             "reference": float(ref[metric]),
+                             "delta": float(r[m]) - float(ref[metric]) if comparable else None,
+                             "comparable": comparable, "scored": scored,
+                             "reference_scored": None if ref_scored is None else int(ref_scored)})
+    return rows
+
+
+def reference_label(reference: dict[str, Any]) -> str:
+    """How the report names the earlier registered model: ``champion v3``."""
+    return f"{reference['alias']} v{reference['version']}"
+
+
 def render_markdown(
     results: list[dict[str, Any]],
     samples: dict[str, list[dict[str, str]]],
     *,
     eval_tokens: int,
     choice: list[dict[str, Any]] = (),
+    reference: dict[str, Any] | None = None,
+    classification: dict[str, Any] | None = None,
 ) -> str:
     """The report as markdown: one row per model, loss / ppl / bpb per corpus, a delta row, the
-    multiple-choice benchmarks (acc / acc_norm, with their delta row), samples."""
+    multiple-choice benchmarks (acc / acc_norm, with their delta row), samples.
+
+    ``reference`` (an earlier registered model, see ``lmpipe.tracking.champion_metrics``)
+    adds two rows to each table: its figures as logged at its registration and the
+    fine-tuned model's delta to them (:func:`compare_with_reference`); a figure scored
+    on another amount is marked † and has no delta. Without one, a line says so.
+    ``classification`` (the classify stage's scores, :func:`classification_summary`)
+    adds its accuracy, macro-F1 and per-class F1.
+    """
     models = list(dict.fromkeys(r["model"] for r in results))
+    compared = {row["metric"]: row for row in compare_with_reference(results, choice, reference)} if reference else {}
+    label = reference_label(reference) if reference else ""
+
+    def reference_rows(names: list[str], stats: Sequence[str], fmts: dict[str, str]) -> list[str]:
+        """The reference's row and the delta row of one table, or nothing when it shares no figure with it."""
+        cells = [compared.get(f"{FINETUNED}.{n}.{m}") for n in names for m in stats]
+        if not any(cells):
+            return []
+        fmt_of = [fmts[m] for _ in names for m in stats]
+        values = ["" if c is None else fmt.format(c["reference"]) + ("" if c["comparable"] else " †")
+                  for c, fmt in zip(cells, fmt_of)]
+        deltas = ["" if c is None or c["delta"] is None else ("{:+" + fmt[2:]).format(c["delta"])
+                  for c, fmt in zip(cells, fmt_of)]
+        return ["| " + " | ".join([_fmt_cell(label)] + values) + " |",
+                "| " + " | ".join([f"Δ {FINETUNED} − {_fmt_cell(label)}"] + deltas) + " |"]
     corpora = list(dict.fromkeys(r["corpus"] for r in results))
     by = {(r["model"], r["corpus"]): r for r in results}
     fmt = {"loss": "{:.4f}", "perplexity": "{:.2f}", "bits_per_byte": "{:.4f}"}
@@ -203,6 +271,7 @@ def render_markdown(
                 a, b = by.get((FINETUNED, c)), by.get((BASE, c))
                 cells.append("" if a is None or b is None else ("{:+" + fmt[m][2:]).format(a[m] - b[m]))
         lines.append("| " + " | ".join([f"Δ {FINETUNED} − {BASE}"] + cells) + " |")
+    lines += reference_rows(corpora, METRICS, fmt)
 
     if choice:
         benches = list(dict.fromkeys(r["benchmark"] for r in choice))
@@ -219,8 +288,35 @@ def render_markdown(
         if all((m, b) in mc for m in (BASE, FINETUNED) for b in benches):
             cells = [f"{mc[FINETUNED, b][m] - mc[BASE, b][m]:+.4f}" for b in benches for m in ("acc", "acc_norm")]
             lines.append("| " + " | ".join([f"Δ {FINETUNED} − {BASE}"] + cells) + " |")
+        lines += reference_rows(benches, MC_METRICS, {m: "{:.4f}" for m in MC_METRICS})
         lines += [""] + [f"- {b}: {mc[next(iter(mc))[0], b]['n']} examples ({mc[next(iter(mc))[0], b]['kind']})"
                          for b in benches]
+
+    lines.append("")
+    if reference is None:
+        lines.append("No earlier registered model to compare with: there was no champion when this model was first "
+                     "evaluated.")
+    else:
+        lines.append(f"{label}: version {reference['version']} of {reference['name']}, @{reference['alias']} when "
+                     f"this model was first evaluated. Its figures are those logged at its registration (run "
+                     f"{reference['run_id']}): they compare only under the same evaluation settings and data. "
+                     "† marks a figure scored on another amount than here, which gets no delta"
+                     + (":" if any(not c["comparable"] for c in compared.values()) else "."))
+        unit = {"held_out": "tokens", "multiple_choice": "examples"}
+        marked = {(c["name"], c["kind"]): c for c in compared.values() if not c["comparable"]}
+        for (name, kind), c in marked.items():
+            then = "none logged" if c["reference_scored"] is None else f"{c['reference_scored']:,}"
+            lines.append(f"- {name}: {then} {unit[kind]} then, {c['scored']:,} here")
+        if not compared:
+            lines.append(f"- {label} has no figure for any corpus or benchmark evaluated here.")
+
+    if classification is not None:
+        c = classification
+        lines += ["", "## Sequence classification", "",
+                  f"The classify stage's classifier on its {c['val_examples']} held-out examples "
+                  f"({c['train_examples']} trained on): accuracy **{c['accuracy']:.4f}**, macro-F1 "
+                  f"**{c['macro_f1']:.4f}**.", "", "| class | F1 |", "|---|---:|"]
+        lines += [f"| {_fmt_cell(label)} | {f1:.4f} |" for label, f1 in c["per_class_f1"].items()]
 
     lines += ["", "Tokens and bytes scored:", ""]
     for r in results:
@@ -238,6 +334,13 @@ def render_markdown(
 
 
 LOSS_CURVES = "loss_curves.png"
+
+
+def classification_summary(result: StageResult) -> dict[str, Any]:
+    """What the report shows of a classify stage's result (``lmpipe.classify.run_classify``)."""
+    return {"accuracy": result.metrics["accuracy"], "macro_f1": result.metrics["macro_f1"],
+            "per_class_f1": result.meta["per_class_f1"], "val_examples": result.meta["val_examples"],
+            "train_examples": result.meta["train_examples"], "fingerprint": result.fingerprint}
 
 
 def plot_loss_curves(curves: dict[str, Path], dest: Path) -> None:
@@ -274,10 +377,18 @@ def run_evaluate(
     out_dir: Path,
     fingerprint: str,
     curves: dict[str, Path] | None = None,
+    benchmark_files: dict[str, Path] | None = None,
+    reference: dict[str, Any] | None = None,
+    classification: dict[str, Any] | None = None,
 ) -> StageResult:
     """Score every model on every corpus's val split and sample from each; write the report.
 
     ``curves`` (stage name -> metrics.jsonl) adds a plot of the training losses.
+    ``benchmark_files`` (benchmark name -> JSONL) is what ``lmpipe.benchmarks.resolve_benchmarks``
+    chose to score (a Hub download or the local file); a benchmark not in it is read
+    from its ``path``. ``reference``: an earlier registered model to compare with
+    (see :func:`render_markdown`). ``classification``: the classify stage's scores, reported
+    alongside (:func:`classification_summary`).
     """
     if not models:
         raise ValueError("run_evaluate: no models to evaluate (models is empty)")
@@ -298,8 +409,12 @@ def run_evaluate(
         manifests[name] = manifest
     benchmarks = {}  # parsed now: a bad file fails before any model is loaded
     for i, bench in enumerate(cfg.benchmarks):
+        source = (benchmark_files or {}).get(bench.name, bench.path)
+        if source is None:
+            raise ValueError(f"eval.benchmarks.{i} ({bench.name}): no file to score: it has no path and its Hub "
+                             "download was not resolved (lmpipe.benchmarks.resolve_benchmarks)")
         try:
-            benchmarks[bench.name] = (bench, *load_benchmark(Path(bench.path), bench.kind, limit=bench.limit,
+            benchmarks[bench.name] = (bench, *load_benchmark(Path(source), bench.kind, limit=bench.limit,
                                                               skip_bad=bench.skip_bad))
         except OSError as err:
             raise FileNotFoundError(f"eval.benchmarks.{i} ({bench.name}): {err}") from err
@@ -359,11 +474,13 @@ def run_evaluate(
             }
             for name, split in splits.items()
         }
-        markdown = render_markdown(results, samples, eval_tokens=cfg.eval_tokens, choice=choice)
+        markdown = render_markdown(results, samples, eval_tokens=cfg.eval_tokens, choice=choice, reference=reference,
+                                   classification=classification)
         write_json_atomic(
             tmp / "report.json",
             {"models": model_info, "corpora": corpus_info, "results": results, "multiple_choice": choice,
-             "samples": samples},
+             "samples": samples, "reference": reference, "classification": classification,
+             "compared_with_reference": compare_with_reference(results, choice, reference) if reference else []},
         )
         write_json_atomic(
             tmp / "samples.json",
@@ -376,8 +493,12 @@ def run_evaluate(
             plot_loss_curves(curves, tmp / LOSS_CURVES)
             markdown += f"\n![training loss]({LOSS_CURVES})\n"
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
-        metrics = {f"{r['model']}.{r['corpus']}.{m}": float(r[m]) for r in results for m in METRICS}
-        metrics |= {f"{r['model']}.{r['benchmark']}.{m}": float(r[m]) for r in choice for m in ("acc", "acc_norm")}
+        metrics = {f"{r['model']}.{r['corpus']}.{m}": float(r[m])
+                   for r in results for m in (*METRICS, SCORED["held_out"])}
+        metrics |= {f"{r['model']}.{r['benchmark']}.{m}": float(r[m])
+                    for r in choice for m in (*MC_METRICS, SCORED["multiple_choice"])}
+        if classification is not None:
+            metrics |= {f"classifier.{m}": float(classification[m]) for m in ("accuracy", "macro_f1")}
         return BuildOutput(metrics=metrics, meta={"markdown": markdown, "device": device})
 
     return run_stage("evaluate", fingerprint, out_dir, build)

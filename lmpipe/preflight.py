@@ -23,7 +23,9 @@ def check_inputs(config: PipelineConfig, *, training: bool = True) -> None:
     if not training:
         return
     for i, bench in enumerate(config.eval.benchmarks):
-        if not Path(bench.path).is_file():
+        if bench.path is None:  # Hub only: fetched (and checked) just before the evaluate stage
+            continue
+        if not Path(bench.path).is_file():  # a local file, or the fallback of a Hub benchmark
             raise FileNotFoundError(f"eval.benchmarks.{i}.path: file {bench.path!r} does not exist")
         load_benchmark(Path(bench.path), bench.kind, limit=bench.limit, skip_bad=bench.skip_bad)  # format errors now
     ft = config.finetune

@@ -284,6 +284,49 @@ def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path,
 
 METRIC_TAG = "lmpipe.metric."  # + metric name: the version's evaluation figure, for later gates
 DECISION_TAG = "lmpipe.promotion"
+FINETUNE_TAG = "lmpipe.finetune_fingerprint"  # the fine-tune stage a version came from
+CHAMPION_BEFORE_TAG = "lmpipe.champion_before"  # the version the gate compared it with ("none": there was none)
+EVAL_PREFIX = "finetuned."  # the evaluation metrics the register stage logs in the version's run
+
+
+def _alias_holder(client: MlflowClient, name: str, alias: str) -> Any | None:
+    """The model version ``alias`` points at, or None (no such alias, or no such registered model)."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def champion_metrics(uri: str, name: str, alias: str, *, finetune: str | None = None) -> dict[str, Any] | None:
+    """The registered model an evaluation compares with, and the ``finetuned.*`` metrics logged with it.
+
+    That is the version ``name@alias`` points at, except for a fine-tuned model
+    (``finetune``: its fine-tune stage's fingerprint) that is registered already: then
+    the version that held the alias when it was first registered, as the gate
+    recorded it (None if there was none). So a model is never compared with itself,
+    and re-running a registered model's config gives its evaluation the same
+    reference as before: the report stays cached and nothing is registered twice.
+    The metrics are those the register stage logged in the run that registered the
+    reference (its ``run_id``): the figures of that model's own evaluation.
+
+    Returns ``{"name", "alias", "version", "run_id", "metrics"}``, or None.
+    """
+    client = _client(uri)
+    version = _alias_holder(client, name, alias)
+    if finetune is not None:
+        same = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get(FINETUNE_TAG) == finetune
+                and CHAMPION_BEFORE_TAG in v.tags]
+        if same:
+            before = min(same, key=lambda v: int(v.version)).tags[CHAMPION_BEFORE_TAG]
+            try:
+                version = None if before == "none" else client.get_model_version(name, before)
+            except mlflow.exceptions.MlflowException:  # deleted since
+                version = None
+    if version is None:
+        return None
+    metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
+    return {"name": name, "alias": alias, "version": str(version.version), "run_id": version.run_id,
+            "metrics": {k: float(v) for k, v in sorted(metrics.items()) if k.startswith(EVAL_PREFIX)}}
 
 
 def promote_if_better(client: MlflowClient, name: str, version: str, metric: str, value: float, *,
@@ -297,10 +340,7 @@ def promote_if_better(client: MlflowClient, name: str, version: str, metric: str
     """
     value = float(value)
     client.set_model_version_tag(name, version, METRIC_TAG + metric, repr(value))
-    try:
-        champion = client.get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException:
-        champion = None
+    champion = _alias_holder(client, name, alias)
     best = None if champion is None else champion.tags.get(METRIC_TAG + metric)
     if not math.isfinite(value):
         promoted, reason = False, f"{metric} is {value}, not a finite figure"
@@ -368,6 +408,10 @@ def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finet
         info = register_model(run, cfg, finetuned.path("model"), Path(tokenizer.out_dir), served_requirements())
         info["promotion"] = promote_if_better(run.client, cfg.registered_model, info["version"], metric,
                                               evaluation[metric], mode=cfg.promote_mode, alias=cfg.champion_alias)
+        # Where the version came from and what it was up against: champion_metrics finds its reference again.
+        run.client.set_model_version_tag(cfg.registered_model, info["version"], FINETUNE_TAG, finetuned.fingerprint)
+        run.client.set_model_version_tag(cfg.registered_model, info["version"], CHAMPION_BEFORE_TAG,
+                                         info["promotion"]["champion_version"] or "none")
         run.set_tags({DECISION_TAG: info["promotion"]["reason"],
                       DECISION_TAG + ".promoted": info["promotion"]["promoted"]})
         write_json_atomic(tmp / "registration.json", {**info, "tracking_uri": ctx.uri})

@@ -20,7 +20,7 @@ from lmpipe.config import (ClassifyConfig, CleanConfig, CorpusConfig, EvalConfig
                            ShardConfig, TokenizerConfig, TrackingConfig, TrainConfig)
 from lmpipe.distributed import DistributedTrainingError
 from lmpipe.download import TransientDownloadError, run_download
-from lmpipe.evaluate import LOSS_CURVES, run_evaluate
+from lmpipe.evaluate import LOSS_CURVES, classification_summary, run_evaluate
 from lmpipe.shards import run_encode_chunk, run_shard
 from lmpipe.stage import StageResult
 from lmpipe.tokenizer import run_train_tokenizer
@@ -207,24 +207,33 @@ def classify(model_cfg: ModelConfig, cfg: ClassifyConfig, base: StageResult, tok
     return result
 
 
-# benchmark_sha256: the content of the benchmark files, not just their paths, decides the report.
-EVALUATE = StageSpec("evaluate", configs=("cfg", "benchmark_sha256"), upstreams=("models", "corpora", "tokenizer"))
+# benchmark_sha256: the content of the benchmark files actually scored (a Hub download or the local file), not
+# just their paths, decides the report; benchmark_files only says where they are. reference: the earlier registered
+# model the report compares with, so a new champion re-renders the report.
+EVALUATE = StageSpec("evaluate", configs=("cfg", "benchmark_sha256", "reference"),
+                     upstreams=("models", "corpora", "tokenizer", "classifier"))
 
 
 @task(name="evaluate", cache_key_fn=EVALUATE.cache_key, **CACHED)
 def evaluate(cfg: EvalConfig, models: dict[str, StageResult], corpora: dict[str, StageResult],
              tokenizer: StageResult, ctx: TrackingContext, benchmark_sha256: dict[str, str] | None = None,
-             ) -> StageResult:
-    fp, out_dir = EVALUATE.locate({"cfg": cfg, "benchmark_sha256": benchmark_sha256, "models": models,
-                                   "corpora": corpora, "tokenizer": tokenizer, "ctx": ctx})
-    with stage_run(ctx, "evaluate", fp, {"eval": cfg}) as run:
+             benchmark_files: dict[str, str] | None = None, reference: dict[str, Any] | None = None,
+             classifier: StageResult | None = None) -> StageResult:
+    fp, out_dir = EVALUATE.locate({"cfg": cfg, "benchmark_sha256": benchmark_sha256, "reference": reference,
+                                   "models": models, "corpora": corpora, "tokenizer": tokenizer,
+                                   "classifier": classifier, "ctx": ctx})
+    tags = {"lmpipe.reference": f"{reference['name']}/{reference['version']}"} if reference else None
+    with stage_run(ctx, "evaluate", fp, {"eval": cfg}, tags) as run:
         checkpoints = {name: stage.path("model") for name, stage in models.items()}
         curves = {stage.stage: stage.path("metrics.jsonl") for stage in models.values()}
-        result = run_evaluate(cfg, checkpoints, corpora, tokenizer, out_dir, fp, curves=curves)
+        result = run_evaluate(cfg, checkpoints, corpora, tokenizer, out_dir, fp, curves=curves,
+                              benchmark_files={k: Path(v) for k, v in (benchmark_files or {}).items()},
+                              reference=reference,
+                              classification=classification_summary(classifier) if classifier else None)
         run.log_result(result, ["report.json", "report.md", "samples.json", LOSS_CURVES])
     create_markdown_artifact(markdown=result.meta["markdown"], key="evaluation-report",
                              description="Held-out loss, perplexity and bits per byte; "
-                                         "multiple-choice benchmarks; samples")
+                                         "multiple-choice benchmarks; samples; deltas to the champion")
     return result
 
 

@@ -374,3 +374,160 @@ def test_example_validation_and_arguments(tok: Tokenizer, eot: int) -> None:
         score_mc(model, tok, [MCExample("c", ["a", "b"], 0)], device="cpu", batch_size=0, eot_id=eot)
     with pytest.raises(ValueError, match="no examples"):
         score_mc(model, tok, [], device="cpu", eot_id=eot)
+
+
+# -- sources: the Hub (mocked at datasets.load_dataset) or the local file -------------------------------------------
+
+
+class FakeHub:
+    """Stands in for ``datasets.load_dataset``: records each call, returns the given rows as a Dataset
+    (or raises ``error``)."""
+
+    def __init__(self, rows: list[dict] | None = None, error: Exception | None = None) -> None:
+        self.rows, self.error, self.calls = rows, error, []
+
+    def __call__(self, path, name=None, *, split, revision=None, **kwargs):
+        import datasets
+
+        self.calls.append((path, name, split, revision))
+        if self.error is not None:
+            raise self.error
+        return datasets.Dataset.from_list(self.rows)
+
+
+def _fixture_rows(kind: str, n: int = 3) -> list[dict]:
+    """The local fixture's first rows, typed as on the Hub (Rowan/hellaswag's labels are strings)."""
+    rows = [json.loads(line) for line in (FIXTURES / f"{kind}.jsonl").read_text(encoding="utf-8").splitlines()[:n]]
+    return [{**r, "label": str(r["label"])} if kind == "hellaswag" else r for r in rows]
+
+
+@pytest.fixture
+def online(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def _hub(monkeypatch: pytest.MonkeyPatch, hub: FakeHub) -> FakeHub:
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    return hub
+
+
+@pytest.mark.parametrize("kind, dataset, config, split", [
+    ("hellaswag", "Rowan/hellaswag", None, "validation"),
+    ("arc", "allenai/ai2_arc", "ARC-Challenge", "test"),
+    ("piqa", "baber/piqa", None, "validation"),
+])
+def test_hub_rows_are_cached_as_jsonl_and_read_like_the_local_files(tmp_path: Path, online: pytest.MonkeyPatch,
+                                                                    kind: str, dataset: str, config: str | None,
+                                                                    split: str) -> None:
+    from lmpipe.benchmarks import resolve_benchmark
+    from lmpipe.config import BenchmarkConfig
+
+    hub = _hub(online, FakeHub(_fixture_rows(kind)))
+    bench = BenchmarkConfig(name=f"{kind}-hub", kind=kind, hub=dataset, hub_config=config, revision="0a1b2c")
+    path = resolve_benchmark(bench, tmp_path / "cache")
+    assert hub.calls == [(dataset, config, split, "0a1b2c")]
+    name = f"{kind}-hub-{dataset.replace('/', '--')}-{config or 'default'}-{split}@0a1b2c.jsonl"
+    assert path == tmp_path / "cache" / name
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # the temporary file is gone
+    # The file holds exactly the rows the Hub gave, one JSON object a line, in order...
+    import datasets
+
+    expected = [json.dumps(row, ensure_ascii=False) for row in datasets.Dataset.from_list(_fixture_rows(kind))]
+    assert path.read_text(encoding="utf-8").splitlines() == expected
+    # ...and those rows have the local files' fields: the same examples come out.
+    assert load_benchmark(path, kind)[0] == load_benchmark(FIXTURES / f"{kind}.jsonl", kind, limit=3)[0]
+
+
+def test_a_pinned_revision_is_read_from_the_cache_and_a_branch_is_downloaded_again(
+        tmp_path: Path, online: pytest.MonkeyPatch) -> None:
+    from lmpipe.benchmarks import resolve_benchmark
+    from lmpipe.config import BenchmarkConfig
+
+    hub = _hub(online, FakeHub(_fixture_rows("piqa")))
+    pinned = BenchmarkConfig(name="p", kind="piqa", hub="baber/piqa", revision="abc")
+    first = resolve_benchmark(pinned, tmp_path)
+    hub.error = ConnectionError("no network")  # not asked again: the sha's rows cannot have changed
+    assert resolve_benchmark(pinned, tmp_path) == first and len(hub.calls) == 1
+
+    hub.error = None
+    branch = BenchmarkConfig(name="p", kind="piqa", hub="baber/piqa")
+    assert resolve_benchmark(branch, tmp_path).name == "p-baber--piqa-default-validation@main.jsonl"
+    hub.rows = _fixture_rows("piqa", 2)  # the branch moved: the next run scores the new rows
+    assert len(resolve_benchmark(branch, tmp_path).read_text().splitlines()) == 2
+    assert hub.calls[1:] == [("baber/piqa", None, "validation", None)] * 2
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_offline_falls_back_to_the_local_file_with_a_warning(tmp_path: Path, online: pytest.MonkeyPatch,
+                                                             variable: str) -> None:
+    from lmpipe.benchmarks import BenchmarkSourceWarning, resolve_benchmarks
+    from lmpipe.config import BenchmarkConfig
+
+    hub = _hub(online, FakeHub(_fixture_rows("arc")))
+    online.setenv(variable, "1")
+    local = str(FIXTURES / "arc.jsonl")
+    benches = [BenchmarkConfig(name="piqa", kind="piqa", path=str(FIXTURES / "piqa.jsonl")),
+               BenchmarkConfig(name="arc-c", kind="arc", hub="allenai/ai2_arc", hub_config="ARC-Challenge", path=local)]
+    with pytest.warns(BenchmarkSourceWarning) as caught:
+        files = resolve_benchmarks(benches, tmp_path)
+    assert files == {"piqa": FIXTURES / "piqa.jsonl", "arc-c": Path(local)}
+    assert [str(w.message) for w in caught] == [
+        f"eval.benchmarks.1 (arc-c): scoring the local file {local!r} instead of hub 'allenai/ai2_arc' "
+        f"(ARC-Challenge): {variable} is set"]
+    assert hub.calls == [] and not any(tmp_path.iterdir())
+
+
+def test_a_network_error_falls_back_to_the_local_file_and_leaves_no_partial_cache(
+        tmp_path: Path, online: pytest.MonkeyPatch) -> None:
+    from lmpipe.benchmarks import BenchmarkSourceWarning, resolve_benchmark
+    from lmpipe.config import BenchmarkConfig
+
+    local = str(FIXTURES / "hellaswag.jsonl")
+    bench = BenchmarkConfig(name="hs", kind="hellaswag", hub="Rowan/hellaswag", path=local)
+    _hub(online, FakeHub(error=ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub")))
+    with pytest.warns(BenchmarkSourceWarning, match=re.escape(
+            f"benchmark 'hs': scoring the local file {local!r} instead of hub 'Rowan/hellaswag': the download "
+            "failed: ConnectionError: Couldn't reach 'Rowan/hellaswag' on the Hub")):
+        assert resolve_benchmark(bench, tmp_path / "cache") == Path(local)
+
+    class Broken:  # the connection drops halfway through the rows
+        def __iter__(self):
+            yield {"ctx": "x", "endings": ["a", "b"], "label": 0}
+            raise TimeoutError("read timed out")
+
+    _hub(online, lambda *a, **k: Broken())
+    with pytest.warns(BenchmarkSourceWarning, match="the download failed: TimeoutError: read timed out"):
+        assert resolve_benchmark(bench, tmp_path / "cache") == Path(local)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_no_source_to_score_names_the_benchmark_and_both_sources(tmp_path: Path, online: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from lmpipe.benchmarks import BenchmarkSourceError, resolve_benchmark, resolve_benchmarks
+    from lmpipe.config import BenchmarkConfig
+
+    online.setenv("HF_HUB_OFFLINE", "true")
+    hub_only = BenchmarkConfig(name="hs", kind="hellaswag", hub="Rowan/hellaswag")
+    with pytest.raises(BenchmarkSourceError) as err:
+        resolve_benchmarks([hub_only], tmp_path)
+    assert str(err.value) == ("eval.benchmarks.0 (hs): no source to score: hub 'Rowan/hellaswag' cannot be read "
+                              "(HF_HUB_OFFLINE is set) and no path is set")
+    gone = BenchmarkConfig(name="hs", kind="hellaswag", hub="Rowan/hellaswag", path=str(tmp_path / "gone.jsonl"))
+    with pytest.raises(BenchmarkSourceError,
+                       match=re.escape(f"and path {str(tmp_path / 'gone.jsonl')!r} is not a file")):
+        resolve_benchmark(gone, tmp_path)
+    local_only = BenchmarkConfig(name="l", kind="piqa", path=str(tmp_path / "gone.jsonl"))
+    with pytest.raises(BenchmarkSourceError, match=re.escape(f"benchmark 'l': path {str(tmp_path / 'gone.jsonl')!r} "
+                                                             "is not a file")):
+        resolve_benchmark(local_only, tmp_path)
+
+    with pytest.raises(ValidationError, match=re.escape("benchmark 'x' needs a source: set path (a local JSONL file), "
+                                                        "hub (a Hugging Face dataset id), or both")):
+        BenchmarkConfig(name="x", kind="arc")
+    with pytest.raises(ValidationError, match="hub_config, split and revision apply to hub, which is unset"):
+        BenchmarkConfig(name="x", kind="arc", path="a.jsonl", hub_config="ARC-Easy")

@@ -219,12 +219,17 @@ def test_run_evaluate_end_to_end(pipeline, tmp_path):
     result = run_evaluate(EVAL, models, corpora, tok, tmp_path / "eval", "evalfp", curves=curves)
 
     names = [(m, c) for m in ("base", "finetuned") for c in ("wikitext2", "tinyshakespeare")]
-    assert set(result.metrics) == {f"{m}.{c}.{k}" for m, c in names for k in ("loss", "perplexity", "bits_per_byte")}
+    # The figures, and how many tokens each was scored on (what a later report checks before comparing).
+    assert set(result.metrics) == {f"{m}.{c}.{k}" for m, c in names
+                                   for k in ("loss", "perplexity", "bits_per_byte", "tokens")}
     assert set(result.files) == {"report.json", "report.md", "samples.json", "loss_curves.png"}
     assert result.path("loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![training loss](loss_curves.png)" in result.meta["markdown"]
     report = json.loads(result.path("report.json").read_text())
-    assert set(report) == {"models", "corpora", "results", "multiple_choice", "samples"}
+    assert set(report) == {"models", "corpora", "results", "multiple_choice", "samples", "reference",
+                           "compared_with_reference", "classification"}
+    assert report["classification"] is None and "Sequence classification" not in result.meta["markdown"]
+    assert report["reference"] is None and report["compared_with_reference"] == []
     assert report["multiple_choice"] == [] and "Multiple choice" not in result.meta["markdown"]
     assert [(r["model"], r["corpus"]) for r in report["results"]] == names
 
@@ -264,6 +269,8 @@ def test_run_evaluate_end_to_end(pipeline, tmp_path):
     first = report["samples"]["base"][0]
     assert "> " + (first["prompt"] + first["completion"]).split("\n")[0] in lines
     assert "## Samples" in lines and "### finetuned" in lines
+    assert ("No earlier registered model to compare with: there was no champion when this model was first "
+            "evaluated.") in lines
 
     # Deterministic: a second run elsewhere writes byte-identical reports.
     again = run_evaluate(EVAL, models, corpora, tok, tmp_path / "eval2", "evalfp", curves=curves)
@@ -312,8 +319,10 @@ def test_multiple_choice_benchmarks_are_scored_for_every_model(pipeline, tmp_pat
     from lmpipe.benchmarks import load_benchmark, score_mc
     from lmpipe.config import BenchmarkConfig
 
-    benches = [BenchmarkConfig(name="arc-mini", kind="arc", path=str(FIXTURES / "arc.jsonl")),
+    # arc-mini comes from the Hub: the flow resolves it (lmpipe.benchmarks.resolve_benchmarks) to a file.
+    benches = [BenchmarkConfig(name="arc-mini", kind="arc", hub="allenai/ai2_arc", hub_config="ARC-Easy"),
                BenchmarkConfig(name="piqa-mini", kind="piqa", path=str(FIXTURES / "piqa.jsonl"), limit=4)]
+    files = {"arc-mini": FIXTURES / "arc.jsonl"}
     cfg = EVAL.model_copy(update={"benchmarks": benches, "max_new_tokens": 0})
     tok_fp = tokenizer_fingerprint(pipeline["tokenizer"].path("tokenizer.json"))
     models = {}
@@ -323,15 +332,23 @@ def test_multiple_choice_benchmarks_are_scored_for_every_model(pipeline, tmp_pat
                               block_size=256, n_layer=2, n_head=2, n_embd=16))
         models[name] = save_checkpoint(tmp_path / f"ckpt-{name}", 0, model, torch.optim.AdamW(model.parameters()),
                                        {"tokenizer_fingerprint": tok_fp})
-    result = run_evaluate(cfg, models, pipeline["corpora"], pipeline["tokenizer"], tmp_path / "e", "fp")
+    with pytest.raises(ValueError, match=re.escape("eval.benchmarks.0 (arc-mini): no file to score: it has no path "
+                                                   "and its Hub download was not resolved")):
+        run_evaluate(cfg, models, pipeline["corpora"], pipeline["tokenizer"], tmp_path / "e", "fp")
+    reference = {"name": "lmpipe-gpt", "alias": "champion", "version": "7", "run_id": "abc",
+                 "metrics": {"finetuned.arc-mini.acc": 0.125, "finetuned.arc-mini.n": 6.0,
+                             "finetuned.piqa-mini.acc_norm": 0.5, "finetuned.piqa-mini.n": 3.0}}
+    result = run_evaluate(cfg, models, pipeline["corpora"], pipeline["tokenizer"], tmp_path / "e", "fp",
+                          benchmark_files=files, reference=reference)
     report = json.loads(result.path("report.json").read_text())
+    assert report["reference"] == reference
     assert [(r["model"], r["benchmark"], r["n"]) for r in report["multiple_choice"]] == [
         ("base", "arc-mini", 6), ("base", "piqa-mini", 4), ("finetuned", "arc-mini", 6), ("finetuned", "piqa-mini", 4)]
     tok = load_tokenizer(pipeline["tokenizer"].path("tokenizer.json"))
     eot = json.loads(Path(pipeline["corpora"]["wikitext2"].out_dir, "manifest.json").read_text())["eot_id"]
     for r in report["multiple_choice"]:
         bench = next(b for b in benches if b.name == r["benchmark"])
-        examples, _ = load_benchmark(Path(bench.path), bench.kind, limit=bench.limit)
+        examples, _ = load_benchmark(files.get(bench.name, bench.path), bench.kind, limit=bench.limit)
         direct = score_mc(load_model(models[r["model"]]), tok, examples, device="cpu", eot_id=eot)
         assert (r["acc"], r["acc_norm"]) == (direct.acc, direct.acc_norm)
         for m in ("acc", "acc_norm"):
@@ -341,6 +358,20 @@ def test_multiple_choice_benchmarks_are_scored_for_every_model(pipeline, tmp_pat
     by = {(r["model"], r["benchmark"]): r for r in report["multiple_choice"]}
     delta = next(line for line in lines if line.startswith("| Δ finetuned − base |") and line.count("|") == 6)
     assert delta.split(" | ")[1] == f"{by['finetuned', 'arc-mini']['acc'] - by['base', 'arc-mini']['acc']:+.4f}"
+    # The champion's figures: arc-mini's acc on the same 6 examples gets a delta; piqa-mini was scored on 3
+    # examples then and 4 now, so its acc_norm is marked and gets none.
+    ft_arc, ft_piqa = by["finetuned", "arc-mini"], by["finetuned", "piqa-mini"]
+    assert "| champion v7 | 0.1250 |  |  | 0.5000 † |" in lines
+    assert f"| Δ finetuned − champion v7 | {ft_arc['acc'] - 0.125:+.4f} |  |  |  |" in lines
+    assert "- piqa-mini: 3 examples then, 4 here" in lines
+    assert report["compared_with_reference"] == [
+        {"metric": "finetuned.arc-mini.acc", "kind": "multiple_choice", "name": "arc-mini", "stat": "acc",
+         "finetuned": ft_arc["acc"], "reference": 0.125, "delta": ft_arc["acc"] - 0.125, "comparable": True,
+         "scored": 6, "reference_scored": 6},
+        {"metric": "finetuned.piqa-mini.acc_norm", "kind": "multiple_choice", "name": "piqa-mini", "stat": "acc_norm",
+         "finetuned": ft_piqa["acc_norm"], "reference": 0.5, "delta": None, "comparable": False,
+         "scored": 4, "reference_scored": 3}]
+    assert result.metrics["finetuned.arc-mini.n"] == 6.0 and result.metrics["base.piqa-mini.n"] == 4.0
 
 
 def test_a_bad_benchmark_file_fails_before_any_model_is_loaded(pipeline, tmp_path):
@@ -364,6 +395,12 @@ def test_preflight_checks_benchmark_files_before_any_stage(tmp_path):
     with pytest.raises(ValueError, match=r"piqa_bad\.jsonl:\d+: "):
         check_inputs(bad)
     check_inputs(load_config(None, [f"eval.benchmarks=[{{name: b, kind: piqa, path: '{FIXTURES / 'piqa.jsonl'}'}}]"]))
+    # A Hub-only benchmark is fetched just before evaluation; a Hub benchmark's fallback file must exist.
+    check_inputs(load_config(None, ["eval.benchmarks=[{name: b, kind: arc, hub: allenai/ai2_arc, "
+                                    "hub_config: ARC-Easy}]"]))
+    with pytest.raises(FileNotFoundError, match=r"eval\.benchmarks\.0\.path: file '.*nope\.jsonl' does not exist"):
+        check_inputs(load_config(None, ["eval.benchmarks=[{name: b, kind: arc, hub: allenai/ai2_arc, "
+                                        f"hub_config: ARC-Easy, path: '{tmp_path / 'nope.jsonl'}'}}]"]))
 
 
 def test_a_tiny_top_p_samples_the_greedy_continuation(pipeline):
@@ -373,3 +410,77 @@ def test_a_tiny_top_p_samples_the_greedy_continuation(pipeline):
     nucleus = generate_samples(model, tok, ["ROMEO:"], temperature=1.0, top_p=1e-9, seed=1, **kw)
     assert nucleus == generate_samples(model, tok, ["ROMEO:"], temperature=0.0, seed=2, **kw)  # only the top token
     assert nucleus != generate_samples(model, tok, ["ROMEO:"], temperature=1.0, top_p=1.0, seed=1, **kw)
+
+
+# ---------------------------------------------------------------- the report against an earlier registered model
+
+
+def _report_rows() -> tuple[list[dict], list[dict]]:
+    def row(model: str, corpus: str, loss: float, ppl: float, bpb: float) -> dict:
+        return {"model": model, "corpus": corpus, "loss": loss, "perplexity": ppl, "bits_per_byte": bpb,
+                "tokens": 300, "bytes": 1000}
+
+    results = [row("base", "shake", 2.0, 7.25, 1.5), row("base", "wiki", 3.0, 20.0, 2.0),
+               row("finetuned", "shake", 1.5, 4.5, 1.25), row("finetuned", "wiki", 2.5, 12.0, 1.75)]
+    choice = [{"model": m, "benchmark": "piqa", "kind": "piqa", "n": 4, "acc": a, "acc_norm": an}
+              for m, a, an in (("base", 0.5, 0.25), ("finetuned", 0.75, 0.5))]
+    return results, choice
+
+
+def test_report_shows_the_champion_and_the_deltas_to_it():
+    from lmpipe.evaluate import render_markdown
+
+    results, choice = _report_rows()
+    # wiki was scored on 200 tokens at the champion's registration and 300 here: marked, no delta.
+    reference = {"name": "lmpipe-gpt", "alias": "champion", "version": "3", "run_id": "r1", "metrics": {
+        "finetuned.shake.loss": 1.75, "finetuned.shake.perplexity": 5.75, "finetuned.shake.bits_per_byte": 1.375,
+        "finetuned.shake.tokens": 300.0, "finetuned.wiki.loss": 2.25, "finetuned.wiki.perplexity": 9.5,
+        "finetuned.wiki.bits_per_byte": 1.5, "finetuned.wiki.tokens": 200.0,
+        "finetuned.piqa.acc": 0.5, "finetuned.piqa.acc_norm": 0.5, "finetuned.piqa.n": 4.0}}
+    lines = render_markdown(results, {}, eval_tokens=300, choice=choice, reference=reference).splitlines()
+    held_out = lines[lines.index("| model | shake loss | shake ppl | shake bpb | wiki loss | wiki ppl | wiki bpb |"):]
+    assert held_out[2:7] == [
+        "| base | 2.0000 | 7.25 | 1.5000 | 3.0000 | 20.00 | 2.0000 |",
+        "| finetuned | 1.5000 | 4.50 | 1.2500 | 2.5000 | 12.00 | 1.7500 |",
+        "| Δ finetuned − base | -0.5000 | -2.75 | -0.2500 | -0.5000 | -8.00 | -0.2500 |",
+        "| champion v3 | 1.7500 | 5.75 | 1.3750 | 2.2500 † | 9.50 † | 1.5000 † |",
+        "| Δ finetuned − champion v3 | -0.2500 | -1.25 | -0.1250 |  |  |  |",
+    ]
+    mc = lines[lines.index("| model | piqa acc | piqa acc_norm |"):]
+    assert mc[2:7] == [
+        "| base | 0.5000 | 0.2500 |",
+        "| finetuned | 0.7500 | 0.5000 |",
+        "| Δ finetuned − base | +0.2500 | +0.2500 |",
+        "| champion v3 | 0.5000 | 0.5000 |",
+        "| Δ finetuned − champion v3 | +0.2500 | +0.0000 |",
+    ]
+    note = lines.index("- wiki: 200 tokens then, 300 here")
+    assert lines[note - 1] == (
+        "champion v3: version 3 of lmpipe-gpt, @champion when this model was first evaluated. Its figures are those "
+        "logged at its registration (run r1): they compare only under the same evaluation settings and data. † marks "
+        "a figure scored on another amount than here, which gets no delta:")
+    assert not any(line.startswith("No earlier registered model") for line in lines)
+
+    # A champion registered before the amounts were logged: its figures are shown, none compared.
+    old = {**reference, "metrics": {k: v for k, v in reference["metrics"].items() if not k.endswith((".tokens", ".n"))}}
+    lines = render_markdown(results, {}, eval_tokens=300, choice=choice, reference=old).splitlines()
+    assert "| Δ finetuned − champion v3 |  |  |  |  |  |  |" in lines
+    first = lines.index("- shake: none logged tokens then, 300 here")
+    assert lines[first + 1 : first + 3] == ["- wiki: none logged tokens then, 300 here",
+                                            "- piqa: none logged examples then, 4 here"]
+
+    # A champion that shares no corpus or benchmark with this evaluation: one line says so, no rows.
+    other = {**reference, "metrics": {"finetuned.other.loss": 1.0, "finetuned.other.tokens": 300.0}}
+    lines = render_markdown(results, {}, eval_tokens=300, choice=choice, reference=other).splitlines()
+    assert "- champion v3 has no figure for any corpus or benchmark evaluated here." in lines
+    assert not any(line.startswith("| champion v3") for line in lines)
+
+
+def test_report_without_a_champion_says_so_in_one_line():
+    from lmpipe.evaluate import render_markdown
+
+    results, choice = _report_rows()
+    lines = render_markdown(results, {}, eval_tokens=300, choice=choice).splitlines()
+    assert [line for line in lines if "champion" in line] == [
+        "No earlier registered model to compare with: there was no champion when this model was first evaluated."
+    ]

@@ -105,6 +105,10 @@ def test_every_stage_runs_and_is_tracked(first_run):
 
     # The parent run holds every stage's summary metrics, so runs compare in the MLflow UI.
     assert "evaluate.finetuned.tinyshakespeare.bits_per_byte" in parent.data.metrics
+    # Nothing was registered before this run: the report says so.
+    report = Path(next(s["out_dir"] for s in summary["stages"] if s["label"] == "evaluate")) / "report.md"
+    assert ("No earlier registered model to compare with: there was no champion when this model was first "
+            "evaluated.") in report.read_text(encoding="utf-8").splitlines()
     assert parent.data.tags["lmpipe.stage.pretrain"].startswith("ran ")
 
 
@@ -129,6 +133,9 @@ def test_registered_model_serves_text(first_run):
                                 "reason": "no @champion yet"}
     assert str(client.get_model_version_by_alias("lmpipe-gpt", "champion").version) == "1"
     assert client.get_model_version("lmpipe-gpt", "1").tags["lmpipe.promotion"] == "promoted: no @champion yet"
+    finetuned = next(s["fingerprint"] for s in summary["stages"] if s["label"] == "finetune")
+    assert client.get_model_version("lmpipe-gpt", "1").tags["lmpipe.finetune_fingerprint"] == finetuned
+    assert client.get_model_version("lmpipe-gpt", "1").tags["lmpipe.champion_before"] == "none"
     mlflow.set_tracking_uri(summary["tracking_uri"])
     served = mlflow.pyfunc.load_model("models:/lmpipe-gpt@candidate")
     out = served.predict(["ROMEO:", "The"], params={"max_new_tokens": 5, "seed": 3})
@@ -187,6 +194,8 @@ def test_rerun_reuses_every_stage_and_a_model_change_reruns_only_training(first_
     from flows.pipeline import pipeline
 
     cfg, first = first_run
+    # Version 1, registered by the first run, is the champion now. It is this very model, registered when there
+    # was no champion: its report keeps no reference, the evaluation's inputs are unchanged, all is cached.
     again = pipeline(config=cfg)
     assert [s["status"] for s in again["stages"]] == ["cached"] * len(STAGES)
     assert [s["fingerprint"] for s in again["stages"]] == [s["fingerprint"] for s in first["stages"]]
@@ -196,6 +205,21 @@ def test_rerun_reuses_every_stage_and_a_model_change_reruns_only_training(first_
     status = {s["label"]: s["status"] for s in changed["stages"]}
     assert status == {label: ("ran" if label in MODEL_STAGES else "cached") for label in STAGES}
     assert changed["registered"]["version"] == "2"
+    # The new model's report compares it with the champion, version 1, by the figures its registration logged.
+    out = Path(next(s["out_dir"] for s in changed["stages"] if s["label"] == "evaluate"))
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    was, now = first["metrics"]["evaluate"], changed["metrics"]["evaluate"]
+    assert {k: report["reference"][k] for k in ("name", "alias", "version")} == {
+        "name": "lmpipe-gpt", "alias": "champion", "version": "1"}
+    assert report["reference"]["metrics"] == {k: v for k, v in was.items() if k.startswith("finetuned.")}
+    bpb = "finetuned.tinyshakespeare.bits_per_byte"
+    row = next(r for r in report["compared_with_reference"] if r["metric"] == bpb)
+    assert row["comparable"] and row["delta"] == now[bpb] - was[bpb]
+    lines = (out / "report.md").read_text(encoding="utf-8").splitlines()
+    # Columns: wikitext2 then tinyshakespeare, loss / ppl / bpb each; the last cell is tinyshakespeare's bpb.
+    assert next(line for line in lines if line.startswith("| champion v1 |")).split(" | ")[-1] == f"{was[bpb]:.4f} |"
+    delta = next(line for line in lines if line.startswith("| Δ finetuned − champion v1 |"))
+    assert delta.split(" | ")[-1] == f"{now[bpb] - was[bpb]:+.4f} |"
 
     parents, children = _runs(first["tracking_uri"])
     assert len(parents) == 3 and {p.info.status for p in parents} == {"FINISHED"}
@@ -237,8 +261,9 @@ def test_same_config_gives_byte_identical_tokenizer_and_shards(tmp_path):
     assert outputs[0] == outputs[1]
 
 
-def test_sft_finetuning_through_the_flow(tmp_path):
-    """mode=sft: prompt/response JSONL instead of the fine-tuning corpus; editing the file re-runs it."""
+def test_sft_finetuning_and_classification_through_the_flow(tmp_path):
+    """mode=sft: prompt/response JSONL instead of the fine-tuning corpus; editing the file re-runs it. A classify
+    stage beside it: its scores are in the evaluation report, and it does not depend on the fine-tuning."""
     import json
 
     from flows.pipeline import pipeline
@@ -248,21 +273,33 @@ def test_sft_finetuning_through_the_flow(tmp_path):
     sft = tmp_path / "sft.jsonl"
     sft.write_text("".join(json.dumps({"prompt": a + "\n", "response": b}) + "\n" for a, b in pairs), encoding="utf-8")
     # Most of these pairs do not fit the tiny model's 32-token context: those are skipped and counted.
-    cfg = tiny_config(tmp_path / "w", "finetune.mode=sft", f"finetune.sft_path={sft}", "finetune.sft_skip_long=true")
+    labelled = Path(__file__).parent / "fixtures" / "classify" / "corpus.csv"
+    cfg = tiny_config(tmp_path / "w", "finetune.mode=sft", f"finetune.sft_path={sft}", "finetune.sft_skip_long=true",
+                      f"classify={{path: '{labelled}', max_steps: 20, eval_interval: 10}}")
     summary = pipeline(config=cfg)
     stages = {s["label"]: s for s in summary["stages"]}
-    assert stages["finetune"]["status"] == "ran"
+    assert [s["label"] for s in summary["stages"]][-4:] == ["finetune", "classify", "evaluate", "register"]
+    assert stages["finetune"]["status"] == stages["classify"]["status"] == "ran"
     assert summary["registered"]["version"] == "1"
+    clf, ev = summary["metrics"]["classify"], summary["metrics"]["evaluate"]
+    assert (ev["classifier.accuracy"], ev["classifier.macro_f1"]) == (clf["accuracy"], clf["macro_f1"])
+    report = (Path(stages["evaluate"]["out_dir"]) / "report.md").read_text(encoding="utf-8")
+    assert (f"The classify stage's classifier on its 40 held-out examples (160 trained on): accuracy "
+            f"**{clf['accuracy']:.4f}**, macro-F1 **{clf['macro_f1']:.4f}**.") in report
+    assert "| shakespeare |" in report and "| wikitext |" in report
 
     with sft.open("a", encoding="utf-8") as f:
         f.write(json.dumps({"prompt": "Q\n", "response": "A"}) + "\n")
     again = {s["label"]: s["status"] for s in pipeline(config=cfg)["stages"]}
     assert again["pretrain"] == "cached" and again["finetune"] == "ran" and again["evaluate"] == "ran"
+    assert again["classify"] == "cached"
 
 
 def test_settings_that_cannot_change_outputs_rerun_nothing(first_run):
     from flows.pipeline import pipeline
 
+    # Whichever version is the champion now (the n_embd=48 model may have taken it), the first model's
+    # evaluation keeps the reference it had: nothing re-runs, nothing is registered again.
     cfg, _ = first_run
     quiet = cfg.model_copy(deep=True)
     quiet.pretrain.log_interval = 10
@@ -317,3 +354,41 @@ def test_promotion_gate_moves_champion_only_to_a_better_model(tmp_path):
     assert tags[METRIC_TAG + metric] == "2.6" and tags[DECISION_TAG].startswith("not promoted: ")
     # 'max' for accuracies: higher wins.
     assert not gate(4, 2.3, mode="max")["promoted"]
+
+
+def test_champion_metrics_are_those_logged_in_its_registration_run(tmp_path):
+    from lmpipe.tracking import CHAMPION_BEFORE_TAG, FINETUNE_TAG, champion_metrics
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert champion_metrics(uri, "m", "champion") is None  # no such model
+    client.create_registered_model("m")
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
+
+    def register(bpb: float, finetune: str, before: str) -> tuple[str, str]:
+        """A version as the register stage leaves it: its figures in its run, where it came from, what it faced."""
+        run = client.create_run(exp).info.run_id
+        client.log_metric(run, "finetuned.shake.bits_per_byte", bpb)
+        client.log_metric(run, "finetuned.shake.tokens", 300)
+        client.log_metric(run, "version", 1)  # not an evaluation figure: left out
+        version = str(client.create_model_version("m", source=str(tmp_path), run_id=run).version)
+        client.set_model_version_tag("m", version, FINETUNE_TAG, finetune)
+        client.set_model_version_tag("m", version, CHAMPION_BEFORE_TAG, before)
+        return version, run
+
+    v1, run1 = register(1.25, "ft1", "none")
+    assert champion_metrics(uri, "m", "champion") is None  # no alias yet
+    client.set_registered_model_alias("m", "champion", v1)
+    one = {"name": "m", "alias": "champion", "version": v1, "run_id": run1,
+           "metrics": {"finetuned.shake.bits_per_byte": 1.25, "finetuned.shake.tokens": 300.0}}
+    assert champion_metrics(uri, "m", "champion") == one
+    assert champion_metrics(uri, "m", "champion", finetune="ft2") == one  # a new model faces the champion
+    # ft1 itself was registered when there was no champion: it is not compared with itself.
+    assert champion_metrics(uri, "m", "champion", finetune="ft1") is None
+
+    v2, _ = register(1.0, "ft2", v1)
+    client.set_registered_model_alias("m", "champion", v2)
+    assert champion_metrics(uri, "m", "champion")["version"] == v2
+    # Once registered, a model keeps the reference it was first evaluated against, whoever is champion now.
+    assert champion_metrics(uri, "m", "champion", finetune="ft2") == one
+    assert champion_metrics(uri, "m", "champion", finetune="ft1") is None

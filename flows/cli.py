@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="prompt in the chat template, reply up to <|end|> (default: on for chat SFT models)")
     p = model_command("evaluate", "score a trained model on multiple-choice benchmarks")
     p.add_argument("--benchmark", "-b", action="append", required=True, metavar="KIND=PATH",
                    help="hellaswag|arc|piqa=local JSONL file (repeat for several)")
@@ -160,12 +162,13 @@ def model_command(args: argparse.Namespace) -> str:
         model = load_model(files.checkpoint, device=args.device)
         tok = load_tokenizer(files.tokenizer)
         if args.command == "generate":
-            from lmpipe.evaluate import generate_samples
+            from lmpipe.checkpoint import read_state
+            from lmpipe.evaluate import generate_samples, is_chat_model
 
+            chat = args.chat if args.chat is not None else is_chat_model(read_state(files.checkpoint))
             samples = generate_samples(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
                                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                       seed=args.seed,
-                                       device=args.device)
+                                       seed=args.seed, device=args.device, chat=chat)
             return "\n\n".join(s["prompt"] + s["completion"] for s in samples)
 
         from lmpipe.benchmarks import load_benchmark, score_mc

@@ -30,6 +30,7 @@ from lmpipe.benchmarks import load_benchmark, score_mc
 from lmpipe.checkpoint import load_model, read_state
 from lmpipe.config import EvalConfig
 from lmpipe.loader import TokenSource
+from lmpipe.sft import END_TOKEN, Message, render_chat
 from lmpipe.shards import MANIFEST_FILE, TokenSplit, read_manifest
 from lmpipe.stage import BuildOutput, StageResult, run_stage, write_json_atomic
 from lmpipe.tokenizer import TOKENIZER_FILE, load_tokenizer, token_byte_lengths, tokenizer_fingerprint
@@ -132,18 +133,26 @@ def generate_samples(
     top_p: float | None = None,
     device: str | torch.device,
     start_id: int | None = None,
+    chat: bool = False,
 ) -> list[dict[str, str]]:
     """Continue each prompt; returns ``[{"prompt", "completion"}, ...]`` in prompt order.
 
     Each prompt gets its own generator seeded with ``seed``, so a sample does
     not depend on which prompts came before it. A prompt that encodes to no
     tokens (the empty string) starts from ``start_id`` (the end-of-text token:
-    "a new document begins"). Leaves the model in eval mode.
+    "a new document begins"). ``chat``: each prompt is a user turn in the chat
+    template (``lmpipe.sft``) followed by the open assistant turn, and the reply
+    ends at its ``<|end|>`` token (not part of the completion): how an SFT model
+    is prompted. Leaves the model in eval mode.
     """
     model.eval()
     samples = []
+    end_id = tokenizer.token_to_id(END_TOKEN) if chat else None
+    if chat and end_id is None:
+        raise ValueError(f"chat generation needs the chat template's {END_TOKEN} token, which the tokenizer lacks")
     for i, prompt in enumerate(prompts):
-        ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+        text = render_chat([Message("user", prompt)], add_generation_prompt=True) if chat else prompt
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
         if not ids:
             if start_id is None:
                 raise ValueError(f"eval.prompts[{i}] = {prompt!r} encodes to no tokens and no start_id was given")
@@ -152,8 +161,10 @@ def generate_samples(
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         with torch.inference_mode():
             out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 generator=gen)
+                                 generator=gen, eos_id=end_id)
         new = out[0, len(ids) :].tolist()
+        if end_id is not None and end_id in new:
+            new = new[: new.index(end_id)]
         # Decode prompt and continuation together so a character split across the
         # boundary comes out whole; fall back to the new tokens alone otherwise.
         full = tokenizer.decode(ids + new, skip_special_tokens=False)
@@ -333,6 +344,11 @@ def render_markdown(
     return "\n".join(lines) + "\n"
 
 
+def is_chat_model(state: dict[str, Any]) -> bool:
+    """Was the checkpoint (its state.json) fine-tuned on chat SFT data? Then it is prompted in the chat template."""
+    return state.get("train", {}).get("mode") == "sft"
+
+
 LOSS_CURVES = "loss_curves.png"
 
 
@@ -462,7 +478,7 @@ def run_evaluate(
             samples[model_name] = generate_samples(
                 model, tok, cfg.prompts,
                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                seed=cfg.seed, device=device, start_id=start_id,
+                seed=cfg.seed, device=device, start_id=start_id, chat=is_chat_model(states[model_name]),
             )
             del model
 

@@ -29,7 +29,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "classify": ("lmpipe.model", "lmpipe.classify", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.tokenizer",
                  "lmpipe.sft"),
     "evaluate": ("lmpipe.model", "lmpipe.evaluate", "lmpipe.checkpoint", "lmpipe.shards", "lmpipe.tokenizer",
-                 "lmpipe.benchmarks"),
+                 "lmpipe.benchmarks", "lmpipe.sft"),
     "register": ("lmpipe.tracking",),
 }
 # Every stage publishes through lmpipe.stage, so its code is part of every stage's version.

@@ -210,13 +210,20 @@ def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[s
 
 
 class GPTTextGenerator(mlflow.pyfunc.PythonModel):
-    """Serves a checkpoint as text generation: a list of prompts in, a list of completions out."""
+    """Serves a checkpoint as text generation: a list of prompts in, a list of completions out.
+
+    A chat SFT model takes each prompt as a user turn in its chat template and
+    returns the assistant's reply (``lmpipe.evaluate.generate_samples``'s chat mode).
+    """
 
     def load_context(self, context: Any) -> None:
-        from lmpipe.checkpoint import load_model
+        from lmpipe.checkpoint import load_model, read_state
+        from lmpipe.evaluate import is_chat_model
         from lmpipe.tokenizer import load_tokenizer
 
-        self.model = load_model(Path(context.artifacts["checkpoint"]), device="cpu")
+        checkpoint = Path(context.artifacts["checkpoint"])
+        self.model = load_model(checkpoint, device="cpu")
+        self.chat = is_chat_model(read_state(checkpoint))
         self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
 
     # No type hints on predict: MLflow would infer a signature from them that has no params schema
@@ -237,6 +244,7 @@ class GPTTextGenerator(mlflow.pyfunc.PythonModel):
             top_p=float(params["top_p"]) if params.get("top_p") else None,
             seed=int(params.get("seed", 0)),
             device="cpu",
+            chat=getattr(self, "chat", False),
         )
         return [s["completion"] for s in samples]
 

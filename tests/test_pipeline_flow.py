@@ -164,6 +164,11 @@ def test_model_commands_take_a_registry_uri_or_a_checkpoint_directory(first_run,
     [sample] = generate_samples(load_model(Path(finetuned) / "model"), load_tokenizer(Path(tokenizer) / "tokenizer.json"),
                                 ["ROMEO:"], max_new_tokens=6, temperature=0.8, top_k=5, seed=2, device="cpu")
     assert from_registry == "ROMEO:" + sample["completion"] + "\n"
+    # --chat: the prompt as a user turn of the chat template (default only for chat SFT models)
+    assert main(["generate", str(Path(finetuned) / "model"), *workdir, *args, "--chat"]) == 0
+    [chat] = generate_samples(load_model(Path(finetuned) / "model"), load_tokenizer(Path(tokenizer) / "tokenizer.json"),
+                              ["ROMEO:"], max_new_tokens=6, temperature=0.8, top_k=5, seed=2, device="cpu", chat=True)
+    assert capsys.readouterr().out == "ROMEO:" + chat["completion"] + "\n"
 
     # evaluate: acc / acc_norm per benchmark file
     bench = tmp_path / "short-piqa.jsonl"  # choices short enough for the tiny model's 32-token context
@@ -287,6 +292,21 @@ def test_sft_finetuning_and_classification_through_the_flow(tmp_path):
     assert (f"The classify stage's classifier on its 40 held-out examples (160 trained on): accuracy "
             f"**{clf['accuracy']:.4f}**, macro-F1 **{clf['macro_f1']:.4f}**.") in report
     assert "| shakespeare |" in report and "| wikitext |" in report
+    # The served SFT model answers in its chat template, exactly as generate_samples' chat mode.
+    from lmpipe.checkpoint import load_model
+    from lmpipe.evaluate import generate_samples
+    from lmpipe.tokenizer import load_tokenizer
+
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    served = mlflow.pyfunc.load_model("models:/lmpipe-gpt@candidate")
+    tok = load_tokenizer(Path(stages["train_tokenizer"]["out_dir"]) / "tokenizer.json")
+    # The served defaults (the signature's params): temperature 0.8, top_k 40, top_p 1.0.
+    want = generate_samples(load_model(Path(stages["finetune"]["out_dir"]) / "model"), tok, ["ROMEO:"],
+                            max_new_tokens=6, temperature=0.8, top_k=40, top_p=1.0, seed=3, device="cpu", chat=True)
+    assert served.predict(["ROMEO:"], params={"max_new_tokens": 6, "seed": 3}) == [want[0]["completion"]]
+    assert want[0]["completion"] != generate_samples(
+        load_model(Path(stages["finetune"]["out_dir"]) / "model"), tok, ["ROMEO:"], max_new_tokens=6,
+        temperature=0.8, top_k=40, top_p=1.0, seed=3, device="cpu")[0]["completion"]
 
     with sft.open("a", encoding="utf-8") as f:
         f.write(json.dumps({"prompt": "Q\n", "response": "A"}) + "\n")

@@ -11,8 +11,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models
 
-from lmpipe.checkpoint import read_state
+from lmpipe.checkpoint import load_model, read_state
 from lmpipe.config import CHAT_TOKENS, EOT, FinetuneConfig, ModelConfig, TrainConfig
+from lmpipe.evaluate import generate_samples, is_chat_model
 from lmpipe.loader import WindowOrder
 from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
 from lmpipe.sft import (
@@ -388,6 +389,12 @@ def test_run_finetune_sft_messages_padded_learns_the_replies(tmp_path: Path, tok
     rows = [json.loads(r) for r in result.path("metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     # Observed: 6.27 at step 1 -> 0.13 (val, replies only); counting the user turns would keep it near their entropy.
     assert rows[0]["loss"] > 4.0 and result.metrics["final_val_loss"] < 0.5
+    # Prompted in its chat template, the model gives the learned reply and stops at its <|end|>.
+    model = load_model(result.path("model"))
+    assert is_chat_model(read_state(result.path("model")))
+    samples = generate_samples(model, tok, [LINES[100][:16], "Who are you?"], max_new_tokens=12, temperature=0.0,
+                               top_k=None, seed=0, device="cpu", chat=True)
+    assert [s["completion"] for s in samples] == ["Amen.", "Amen."]
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [*chats[:3], "{oops"])
     cfg_bad = cfg.model_copy(update={"sft_path": str(bad)})

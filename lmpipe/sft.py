@@ -48,10 +48,12 @@ each position attends only within its own example, with position embeddings
 restarting at 0 where the example starts. An example wholly inside a window is
 thus seen exactly as alone, as at inference; the last one may be cut by the
 window's end (its prefix is still exact). The first may be the tail of an
-example cut by the window's start, seen without its beginning and at positions
-from 0. Targets never cross examples: the target of an end-of-text is the next
-example's first token, a role token (mask 0). In both layouts an example longer than ``block_size`` is an error (or
-skipped and counted), since its reply would lose the start of its context.
+example cut by the window's start: it would be seen without its beginning, so
+its targets do not count (``lmpipe.train.CutExampleMask``). Targets never cross
+examples: the target of an end-of-text is the next example's first token, a
+role token (mask 0). In both layouts an example longer than ``block_size`` is
+an error (or skipped and counted), since its reply would lose the start of its
+context.
 Every ``VAL_EVERY``-th example is held out for validation.
 """
 

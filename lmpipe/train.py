@@ -105,6 +105,29 @@ class ArraySource:
         return self.tokens[start : start + length].copy()
 
 
+class CutExampleMask:
+    """Loss mask of packed examples: a window that starts inside an example does not train on its rest.
+
+    With a block-diagonal mask (``doc_sep``) the rest of an example cut by the
+    window's start would be seen without its beginning (an SFT reply without its
+    prompt) at positions from 0; its targets are masked here, through the first
+    ``sep`` of the window. A window starting at the stream's start or right after a
+    ``sep`` is whole. Wraps the given mask (None: every target counts otherwise).
+    """
+
+    def __init__(self, tokens: TokenSource, mask: TokenSource | None, sep: int) -> None:
+        self.tokens, self.mask, self.sep = tokens, mask, sep
+        self.num_tokens = tokens.num_tokens
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        m = (self.mask.window(start, length) if self.mask is not None
+             else np.ones(length, dtype=np.int64)).copy()
+        if start > 0 and self.tokens.window(start - 1, 1)[0] != self.sep:
+            ends = np.flatnonzero(self.tokens.window(start, length) == self.sep)
+            m[: ends[0] + 1 if len(ends) else length] = 0
+        return m
+
+
 class TrainingDivergedError(RuntimeError):
     """The loss or the gradient norm became NaN or infinite; the update was not applied."""
 
@@ -337,7 +360,8 @@ def train(
     windows start at multiples of block_size (SFT's padded layout: one example each).
     ``doc_sep``: the token that ends every packed example (SFT's packed layout, the
     end-of-text id); training and validation windows then attend only within each
-    example, with positions restarting at its start (``GPT.forward``).
+    example, with positions restarting at its start (``GPT.forward``), and the loss
+    masks skip the remainder of an example a window starts inside (``CutExampleMask``).
     """
     started = time.perf_counter()
     section = "finetune" if isinstance(cfg, FinetuneConfig) else "pretrain"  # for error messages
@@ -351,6 +375,9 @@ def train(
     for name, src, mask in (("train", train_src, train_mask), ("val", val_src, val_mask)):
         if mask is not None and mask.num_tokens != src.num_tokens:
             raise ValueError(f"{name} loss mask has {mask.num_tokens} entries for {src.num_tokens} tokens")
+    if doc_sep is not None:
+        train_mask, val_mask = (CutExampleMask(src, mask, doc_sep)
+                                for src, mask in ((train_src, train_mask), (val_src, val_mask)))
     order = WindowOrder(train_src.num_tokens, T, cfg.seed)
 
     device = resolve_device(cfg.device)

@@ -432,3 +432,19 @@ def test_run_finetune_sft_packed_attends_within_examples_and_learns(
     rows = [json.loads(r) for r in result.path("metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     # Observed: 6.25 at step 1 -> 0.14 (val), as the padded layout learns them.
     assert rows[0]["loss"] > 4.0 and result.metrics["final_val_loss"] < 0.5
+
+
+def test_a_packed_window_starting_inside_an_example_does_not_train_on_its_rest() -> None:
+    from lmpipe.train import CutExampleMask
+
+    tokens = ArraySource(np.array([5, 6, 0, 7, 8, 9, 0, 3, 4, 0]))  # examples [5 6 0] [7 8 9 0] [3 4 0], sep 0
+    base = ArraySource(np.array([0, 1, 1, 0, 1, 1, 1, 0, 1, 1]))
+    cut = CutExampleMask(tokens, base, sep=0)
+    assert cut.num_tokens == 10
+    assert cut.window(0, 5).tolist() == [0, 1, 1, 0, 1]  # the stream's start: whole
+    assert cut.window(3, 5).tolist() == [0, 1, 1, 1, 0]  # right after a separator: whole
+    assert cut.window(4, 5).tolist() == [0, 0, 0, 0, 1]  # inside [7 8 9 0]: through its separator masked
+    assert cut.window(8, 2).tolist() == [0, 0]
+    assert CutExampleMask(tokens, None, sep=0).window(4, 2).tolist() == [0, 0]  # no separator: all of it
+    assert CutExampleMask(tokens, None, sep=0).window(3, 3).tolist() == [1, 1, 1]
+    assert base.window(4, 5).tolist() == [1, 1, 1, 0, 1]  # the wrapped mask is not modified

@@ -65,7 +65,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p = model_command("export", "write a trained model in the Hugging Face transformers format")
     p.add_argument("dest", type=Path, help="the directory to create")
+    p = sub.add_parser("make-cloze", help="a HellaSwag-shaped next-line benchmark from the documents a source "
+                                          "read with max_bytes leaves unread (lmpipe.cloze)")
+    p.add_argument("file", type=Path, help="the corpus text file")
+    p.add_argument("--max-bytes", type=int, required=True, help="the source's max_bytes: items come from the "
+                                                                "documents after it")
+    p.add_argument("--boundary", default="blank_line", help="the source's doc_boundary (default blank_line)")
+    p.add_argument("--items", type=int, default=200)
+    p.add_argument("--endings", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
     return parser
+
+
+def make_cloze_command(args: argparse.Namespace) -> str:
+    from lmpipe.cloze import held_out_documents, make_cloze, write_cloze
+
+    first, docs = held_out_documents(args.file.read_text(encoding="utf-8"), args.boundary, args.max_bytes)
+    items = make_cloze(docs[first:], n_items=args.items, n_endings=args.endings, seed=args.seed, first_index=first)
+    write_cloze(items, args.out)
+    return (f"{args.out}: {len(items)} items of {args.endings} endings from documents {first}..{len(docs) - 1} "
+            f"of {args.file.name} (the ones a source with max_bytes={args.max_bytes} does not read)")
 
 
 def explain_removal(workdir: str, doc_id: str) -> tuple[str, int]:
@@ -108,6 +128,12 @@ def format_summary(summary: dict, seconds: float) -> str:
             model, corpus = stem.split(".", 1)  # model names have no dots; corpus names may
             lines.append(f"{model:<12}{corpus:<20}{evaluation[stem + '.loss']:>8.3f}"
                          f"{evaluation[stem + '.perplexity']:>10.1f}{evaluation[stem + '.bits_per_byte']:>11.3f}")
+    choice = sorted(k.removesuffix(".acc_norm") for k in evaluation if k.endswith(".acc_norm"))
+    if choice:
+        lines += ["", f"{'model':<12}{'benchmark':<20}{'acc':>8}{'acc_norm':>10}"]
+        for stem in choice:
+            model, bench = stem.split(".", 1)
+            lines.append(f"{model:<12}{bench:<20}{evaluation[stem + '.acc']:>8.3f}{evaluation[stem + '.acc_norm']:>10.3f}")
     classifier = summary["metrics"].get("classify")
     if classifier:
         lines += ["", f"classifier: accuracy {classifier['accuracy']:.3f}, macro-F1 {classifier['macro_f1']:.3f} "
@@ -194,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         text, status = explain_removal(args.workdir, args.doc_id)
         print(text)
         return status
+    if args.command == "make-cloze":
+        try:
+            print(make_cloze_command(args))
+        except (OSError, ValueError) as err:
+            print(f"lmpipe make-cloze: {err}", file=sys.stderr)
+            return 1
+        return 0
     if args.command in ("generate", "evaluate", "export"):
         try:
             print(model_command(args))

@@ -23,6 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 EOT = "<|endoftext|>"
 
 
+# The demo reads Tiny Shakespeare up to here (max_bytes); its benchmark is made from the rest:
+# lmpipe make-cloze data/tinyshakespeare.txt --max-bytes 990909 --out data/benchmarks/shakespeare-cloze.jsonl
+DEMO_HELD_OUT_AT = 990_909
+
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field and the value."""
 
@@ -211,7 +216,8 @@ class DataConfig(Section):
         default_factory=lambda: CorpusConfig(
             name="tinyshakespeare",
             sources=[
-                SourceConfig(uri="data/tinyshakespeare.txt", doc_boundary="blank_line",
+                # The last ~10% of the speeches are never read: the held-out cloze benchmark comes from them.
+                SourceConfig(uri="data/tinyshakespeare.txt", doc_boundary="blank_line", max_bytes=DEMO_HELD_OUT_AT,
                              sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
             ],
         )
@@ -508,8 +514,11 @@ class EvalConfig(Section):
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling: the smallest set of tokens "
                                                                    "whose probabilities add up to top_p.")
     seed: int = 1234
-    benchmarks: list[BenchmarkConfig] = Field(default_factory=list,
-                                              description="Multiple-choice benchmarks every model is scored on.")
+    benchmarks: list[BenchmarkConfig] = Field(
+        default_factory=lambda: [BenchmarkConfig(name="shakespeare_cloze", kind="hellaswag",
+                                                 path="data/benchmarks/shakespeare-cloze.jsonl")],
+        description="Multiple-choice benchmarks every model is scored on (the demo: next lines of the Tiny "
+                    "Shakespeare speeches its fine-tuning corpus leaves unread, data/README.md).")
 
     @field_validator("benchmarks")
     @classmethod

@@ -103,7 +103,8 @@ def test_gpt2_124m_preset_is_gpt2_small_with_a_half_million_token_batch():
         (["finetune.distributed.nproc_per_node=2"], r"finetune\.distributed\.nproc_per_node=2: only pretraining"),
         (["tracking.promote_metric=finetuned.nope.loss"],
          r"tracking\.promote_metric='finetuned\.nope\.loss' is not a metric the evaluation reports; choose one of "
-         r"\['finetuned\.tinyshakespeare\.bits_per_byte', "),
+         r"\['finetuned\.shakespeare_cloze\.acc', 'finetuned\.shakespeare_cloze\.acc_norm', "
+         r"'finetuned\.tinyshakespeare\.bits_per_byte', "),
     ],
 )
 def test_bad_batch_settings_name_the_fields(overrides, message):

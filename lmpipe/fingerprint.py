@@ -27,7 +27,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "pretrain": ("lmpipe.model", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.shards"),
     "finetune": ("lmpipe.model", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.shards", "lmpipe.sft", "lmpipe.lora"),
     "classify": ("lmpipe.model", "lmpipe.classify", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.tokenizer",
-                 "lmpipe.sft"),
+                 "lmpipe.sft", "lmpipe.benchmarks"),
     "evaluate": ("lmpipe.model", "lmpipe.evaluate", "lmpipe.checkpoint", "lmpipe.shards", "lmpipe.tokenizer",
                  "lmpipe.benchmarks", "lmpipe.sft"),
     "register": ("lmpipe.tracking",),

@@ -256,6 +256,9 @@ def _worker(spec_path: Path) -> None:
               flush=True)
         raise
     finally:
+        # torchrun's SIGTERM may come while the error unwinds: it must not cut the last metrics' flush short
+        # (torchrun waits before it sends SIGKILL).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if run is not None:
             try:
                 run.flush()

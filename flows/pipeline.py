@@ -72,6 +72,9 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     """Corpus to registered model: data, tokenizer, shards, pretraining, fine-tuning, evaluation, registry."""
     with tracked_flow(config, "pipeline") as (ctx, ledger):
         check_inputs(config)
+        # The benchmark files to score (Hub downloads or local fallbacks), fetched and format-checked before any
+        # stage runs; their content is part of the evaluation's fingerprint.
+        bench_files = resolve_benchmarks(config.eval.benchmarks, Path(ctx.workdir) / "benchmarks")
         tokenizer, corpora = _prepare(config, ctx, ledger)
         check_context_fits(config, corpora)
         pre_shards = corpora[config.data.pretrain.name]
@@ -83,20 +86,17 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
                            sft_sha256=_digest(config.finetune.sft_path),
                            init_sha256=_digest(config.finetune.init_checkpoint, "model.safetensors"),
                            tokenizer=tokenizer, ctx=ctx)
-        classifier = None
         if config.classify is not None:
-            classifier = ledger.run(classify, model_cfg=config.model, cfg=config.classify, base=base,
-                                    tokenizer=tokenizer, ctx=ctx, data_sha256=_digest(config.classify.path),
-                                    init_sha256=_digest(config.classify.init_checkpoint, "model.safetensors"))
-        # The files to score (Hub downloads or local fallbacks) and the champion to compare with, both
-        # decided now so that they are part of the evaluation's fingerprint.
-        bench_files = resolve_benchmarks(config.eval.benchmarks, Path(ctx.workdir) / "benchmarks")
+            ledger.run(classify, model_cfg=config.model, cfg=config.classify, base=base, tokenizer=tokenizer,
+                       ctx=ctx, data_sha256=_digest(config.classify.path),
+                       init_sha256=_digest(config.classify.init_checkpoint, "model.safetensors"))
+        # The champion to compare with, decided now so that it is part of the evaluation's fingerprint.
         reference = champion_metrics(ctx.uri, config.tracking.registered_model, config.tracking.champion_alias,
                                      finetune=tuned.fingerprint)
         report = ledger.run(evaluate, cfg=config.eval, models={"base": base, "finetuned": tuned}, corpora=corpora,
                             benchmark_sha256={n: _digest(str(p)) for n, p in bench_files.items()} or None,
                             benchmark_files={n: str(p) for n, p in bench_files.items()} or None,
-                            reference=reference, classifier=classifier, tokenizer=tokenizer, ctx=ctx)
+                            reference=reference, tokenizer=tokenizer, ctx=ctx)
         ledger.run(register, cfg=config.tracking, finetuned=tuned, tokenizer=tokenizer, report=report, ctx=ctx,
                    metric=config.champion_metric())
     return ledger.summary(ctx)

@@ -54,6 +54,7 @@ import io
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,6 +71,7 @@ from torch import nn
 from lmpipe.benchmarks import BadLineReport, BenchmarkFormatError
 from lmpipe.checkpoint import STATE_FILE, check_compatible, load_checkpoint, read_state
 from lmpipe.config import ClassifyConfig, ModelConfig, TrainConfig
+from lmpipe.evaluate import markdown_cell
 from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
 from lmpipe.sft import split_indices
 from lmpipe.stage import BuildOutput, StageResult, read_versioned_json, run_stage, write_json_atomic
@@ -85,6 +87,7 @@ WEIGHTS_FILE = "classifier.safetensors"
 CONFIG_FILE = "classifier.json"
 METRICS_FILE = "metrics.jsonl"
 PREDICTIONS_FILE = "predictions.jsonl"
+REPORT_FILE = "report.md"
 PATH_FIELD = "classify.path"
 EVAL_BATCH_SIZE = 32  # evaluation's and predict's batches: the same padding, so the same logits
 MAX_REPORTED = 5  # line numbers of skipped / truncated examples kept in the stage's meta
@@ -645,6 +648,25 @@ def load_classifier(
 # ---------------------------------------------------------------- the stage
 
 
+def render_report(metrics: ClassMetrics, gold: Sequence[str], predicted: Sequence[str], *, train_examples: int,
+                  path: str | Path) -> str:
+    """The classify stage's report: accuracy, macro-F1, per-class F1 and the confusion matrix of the held-out
+    examples (rows: the true label, columns: the predicted one), as markdown."""
+    classes = list(dict.fromkeys([*metrics.per_class_f1, *gold, *predicted]))
+    counts = Counter(zip(gold, predicted))
+    lines = ["# Sequence classification", "",
+             f"`{path}`: {len(gold)} held-out examples ({train_examples} trained on). "
+             f"Accuracy **{metrics.accuracy:.4f}**, macro-F1 **{metrics.macro_f1:.4f}**.", "",
+             "| class | F1 | support |", "|---|---:|---:|"]
+    support = Counter(gold)
+    lines += [f"| {markdown_cell(c)} | {metrics.per_class_f1.get(c, 0.0):.4f} | {support[c]} |" for c in classes]
+    lines += ["", "Confusion matrix (rows: true label, columns: predicted):", "",
+              "| true \\ predicted | " + " | ".join(markdown_cell(c) for c in classes) + " |",
+              "|---|" + "---:|" * len(classes)]
+    lines += [f"| {markdown_cell(t)} | " + " | ".join(str(counts[(t, p)]) for p in classes) + " |" for t in classes]
+    return "\n".join(lines) + "\n"
+
+
 def run_classify(
     cfg: ClassifyConfig,
     model_cfg: ModelConfig,
@@ -692,6 +714,9 @@ def run_classify(
             for example, predicted in zip(data.val.examples, result.predicted):
                 f.write(json.dumps({"line": example.line, "text": example.text, "label": example.label,
                                     "predicted": predicted}) + "\n")
+        markdown = render_report(result.metrics, [e.label for e in data.val.examples], result.predicted,
+                                 train_examples=len(data.train), path=cfg.path)
+        (tmp / REPORT_FILE).write_text(markdown, encoding="utf-8")
         return BuildOutput(
             metrics={
                 "accuracy": result.metrics.accuracy,
@@ -702,7 +727,7 @@ def run_classify(
                 "seconds": result.seconds,
             },
             meta=data.meta() | {"per_class_f1": result.metrics.per_class_f1, "device": str(device),
-                                "init_checkpoint": str(init_dir)},
+                                "init_checkpoint": str(init_dir), "markdown": markdown},
         )
 
     return run_stage("classify", fingerprint, out_dir, build)

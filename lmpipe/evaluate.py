@@ -174,8 +174,9 @@ def generate_samples(
     return samples
 
 
-def _fmt_cell(name: str) -> str:
-    return name.replace("|", "\\|")
+def markdown_cell(text: str) -> str:
+    """Text for a markdown table cell: a literal | would end the cell."""
+    return text.replace("|", "\\|")
 
 
 def compare_with_reference(
@@ -224,7 +225,6 @@ def render_markdown(
     eval_tokens: int,
     choice: list[dict[str, Any]] = (),
     reference: dict[str, Any] | None = None,
-    classification: dict[str, Any] | None = None,
 ) -> str:
     """The report as markdown: one row per model, loss / ppl / bpb per corpus, a delta row, the
     multiple-choice benchmarks (acc / acc_norm, with their delta row), samples.
@@ -233,8 +233,6 @@ def render_markdown(
     adds two rows to each table: its figures as logged at its registration and the
     fine-tuned model's delta to them (:func:`compare_with_reference`); a figure scored
     on another amount is marked † and has no delta. Without one, a line says so.
-    ``classification`` (the classify stage's scores, :func:`classification_summary`)
-    adds its accuracy, macro-F1 and per-class F1.
     """
     models = list(dict.fromkeys(r["model"] for r in results))
     compared = {row["metric"]: row for row in compare_with_reference(results, choice, reference)} if reference else {}
@@ -250,8 +248,8 @@ def render_markdown(
                   for c, fmt in zip(cells, fmt_of)]
         deltas = ["" if c is None or c["delta"] is None else ("{:+" + fmt[2:]).format(c["delta"])
                   for c, fmt in zip(cells, fmt_of)]
-        return ["| " + " | ".join([_fmt_cell(label)] + values) + " |",
-                "| " + " | ".join([f"Δ {FINETUNED} − {_fmt_cell(label)}"] + deltas) + " |"]
+        return ["| " + " | ".join([markdown_cell(label)] + values) + " |",
+                "| " + " | ".join([f"Δ {FINETUNED} − {markdown_cell(label)}"] + deltas) + " |"]
     corpora = list(dict.fromkeys(r["corpus"] for r in results))
     by = {(r["model"], r["corpus"]): r for r in results}
     fmt = {"loss": "{:.4f}", "perplexity": "{:.2f}", "bits_per_byte": "{:.4f}"}
@@ -264,7 +262,7 @@ def render_markdown(
         "loss in nats per token, bpb = bits per UTF-8 byte (comparable across tokenizers). Lower is better.",
         "",
     ]
-    header = ["model"] + [f"{_fmt_cell(c)} {short[m]}" for c in corpora for m in METRICS]
+    header = ["model"] + [f"{markdown_cell(c)} {short[m]}" for c in corpora for m in METRICS]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" + "---:|" * (len(header) - 1))
 
@@ -274,7 +272,7 @@ def render_markdown(
 
     for model in models:
         cells = [cell(model, c, m) for c in corpora for m in METRICS]
-        lines.append("| " + " | ".join([_fmt_cell(model)] + cells) + " |")
+        lines.append("| " + " | ".join([markdown_cell(model)] + cells) + " |")
     if BASE in models and FINETUNED in models:
         cells = []
         for c in corpora:
@@ -289,13 +287,13 @@ def render_markdown(
         mc = {(r["model"], r["benchmark"]): r for r in choice}
         lines += ["", "Multiple choice, by log-likelihood (acc_norm: per character of the choice, as "
                   "lm-evaluation-harness). Higher is better.", ""]
-        header = ["model"] + [f"{_fmt_cell(b)} {m}" for b in benches for m in ("acc", "acc_norm")]
+        header = ["model"] + [f"{markdown_cell(b)} {m}" for b in benches for m in ("acc", "acc_norm")]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" + "---:|" * (len(header) - 1))
         for model in dict.fromkeys(r["model"] for r in choice):
             cells = ["" if (model, b) not in mc else f"{mc[model, b][m]:.4f}" for b in benches
                      for m in ("acc", "acc_norm")]
-            lines.append("| " + " | ".join([_fmt_cell(model)] + cells) + " |")
+            lines.append("| " + " | ".join([markdown_cell(model)] + cells) + " |")
         if all((m, b) in mc for m in (BASE, FINETUNED) for b in benches):
             cells = [f"{mc[FINETUNED, b][m] - mc[BASE, b][m]:+.4f}" for b in benches for m in ("acc", "acc_norm")]
             lines.append("| " + " | ".join([f"Δ {FINETUNED} − {BASE}"] + cells) + " |")
@@ -321,14 +319,6 @@ def render_markdown(
         if not compared:
             lines.append(f"- {label} has no figure for any corpus or benchmark evaluated here.")
 
-    if classification is not None:
-        c = classification
-        lines += ["", "## Sequence classification", "",
-                  f"The classify stage's classifier on its {c['val_examples']} held-out examples "
-                  f"({c['train_examples']} trained on): accuracy **{c['accuracy']:.4f}**, macro-F1 "
-                  f"**{c['macro_f1']:.4f}**.", "", "| class | F1 |", "|---|---:|"]
-        lines += [f"| {_fmt_cell(label)} | {f1:.4f} |" for label, f1 in c["per_class_f1"].items()]
-
     lines += ["", "Tokens and bytes scored:", ""]
     for r in results:
         lines.append(f"- {r['model']} on {r['corpus']}: {r['tokens']:,} tokens, {r['bytes']:,} bytes")
@@ -350,13 +340,6 @@ def is_chat_model(state: dict[str, Any]) -> bool:
 
 
 LOSS_CURVES = "loss_curves.png"
-
-
-def classification_summary(result: StageResult) -> dict[str, Any]:
-    """What the report shows of a classify stage's result (``lmpipe.classify.run_classify``)."""
-    return {"accuracy": result.metrics["accuracy"], "macro_f1": result.metrics["macro_f1"],
-            "per_class_f1": result.meta["per_class_f1"], "val_examples": result.meta["val_examples"],
-            "train_examples": result.meta["train_examples"], "fingerprint": result.fingerprint}
 
 
 def plot_loss_curves(curves: dict[str, Path], dest: Path) -> None:
@@ -395,7 +378,6 @@ def run_evaluate(
     curves: dict[str, Path] | None = None,
     benchmark_files: dict[str, Path] | None = None,
     reference: dict[str, Any] | None = None,
-    classification: dict[str, Any] | None = None,
 ) -> StageResult:
     """Score every model on every corpus's val split and sample from each; write the report.
 
@@ -403,8 +385,7 @@ def run_evaluate(
     ``benchmark_files`` (benchmark name -> JSONL) is what ``lmpipe.benchmarks.resolve_benchmarks``
     chose to score (a Hub download or the local file); a benchmark not in it is read
     from its ``path``. ``reference``: an earlier registered model to compare with
-    (see :func:`render_markdown`). ``classification``: the classify stage's scores, reported
-    alongside (:func:`classification_summary`).
+    (see :func:`render_markdown`).
     """
     if not models:
         raise ValueError("run_evaluate: no models to evaluate (models is empty)")
@@ -490,12 +471,11 @@ def run_evaluate(
             }
             for name, split in splits.items()
         }
-        markdown = render_markdown(results, samples, eval_tokens=cfg.eval_tokens, choice=choice, reference=reference,
-                                   classification=classification)
+        markdown = render_markdown(results, samples, eval_tokens=cfg.eval_tokens, choice=choice, reference=reference)
         write_json_atomic(
             tmp / "report.json",
             {"models": model_info, "corpora": corpus_info, "results": results, "multiple_choice": choice,
-             "samples": samples, "reference": reference, "classification": classification,
+             "samples": samples, "reference": reference,
              "compared_with_reference": compare_with_reference(results, choice, reference) if reference else []},
         )
         write_json_atomic(
@@ -513,8 +493,6 @@ def run_evaluate(
                    for r in results for m in (*METRICS, SCORED["held_out"])}
         metrics |= {f"{r['model']}.{r['benchmark']}.{m}": float(r[m])
                     for r in choice for m in (*MC_METRICS, SCORED["multiple_choice"])}
-        if classification is not None:
-            metrics |= {f"classifier.{m}": float(classification[m]) for m in ("accuracy", "macro_f1")}
         return BuildOutput(metrics=metrics, meta={"markdown": markdown, "device": device})
 
     return run_stage("evaluate", fingerprint, out_dir, build)

@@ -14,13 +14,13 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from lmpipe.classify import PREDICTIONS_FILE, run_classify
+from lmpipe.classify import PREDICTIONS_FILE, REPORT_FILE, run_classify
 from lmpipe.clean import run_clean, run_clean_chunk
 from lmpipe.config import (ClassifyConfig, CleanConfig, CorpusConfig, EvalConfig, FinetuneConfig, ModelConfig,
                            ShardConfig, TokenizerConfig, TrackingConfig, TrainConfig)
 from lmpipe.distributed import DistributedTrainingError
 from lmpipe.download import TransientDownloadError, run_download
-from lmpipe.evaluate import LOSS_CURVES, classification_summary, run_evaluate
+from lmpipe.evaluate import LOSS_CURVES, run_evaluate
 from lmpipe.shards import run_encode_chunk, run_shard
 from lmpipe.stage import StageResult
 from lmpipe.tokenizer import run_train_tokenizer
@@ -201,35 +201,36 @@ def classify(model_cfg: ModelConfig, cfg: ClassifyConfig, base: StageResult, tok
     with stage_run(ctx, "classify", fp, {"model": model_cfg, "classify": cfg}, {"lmpipe.init": str(init)}) as run:
         result = run_classify(cfg, model_cfg, init, tokenizer, out_dir, fp, log_metrics=run.log_metrics,
                               on_progress=PrefectProgress("classify"))
-        run.log_result(result, ["metrics.jsonl", "model", PREDICTIONS_FILE])
+        run.log_result(result, ["metrics.jsonl", "model", PREDICTIONS_FILE, REPORT_FILE])
     get_run_logger().info("classifier: accuracy %.4f, macro-F1 %.4f on %d held-out examples",
                           result.metrics["accuracy"], result.metrics["macro_f1"], result.meta["val_examples"])
+    create_markdown_artifact(markdown=result.meta["markdown"], key="classification-report",
+                             description="The classifier's accuracy, macro-F1, per-class F1 and confusion matrix")
     return result
 
 
 # benchmark_sha256: the content of the benchmark files actually scored (a Hub download or the local file), not
 # just their paths, decides the report; benchmark_files only says where they are. reference: the earlier registered
-# model the report compares with, so a new champion re-renders the report.
+# model the report compares with, so a new champion re-renders the report. The classifier is not an input: it
+# has its own report, so changing only classify neither re-scores nor re-registers the language model.
 EVALUATE = StageSpec("evaluate", configs=("cfg", "benchmark_sha256", "reference"),
-                     upstreams=("models", "corpora", "tokenizer", "classifier"))
+                     upstreams=("models", "corpora", "tokenizer"))
 
 
 @task(name="evaluate", cache_key_fn=EVALUATE.cache_key, **CACHED)
 def evaluate(cfg: EvalConfig, models: dict[str, StageResult], corpora: dict[str, StageResult],
              tokenizer: StageResult, ctx: TrackingContext, benchmark_sha256: dict[str, str] | None = None,
-             benchmark_files: dict[str, str] | None = None, reference: dict[str, Any] | None = None,
-             classifier: StageResult | None = None) -> StageResult:
+             benchmark_files: dict[str, str] | None = None, reference: dict[str, Any] | None = None
+             ) -> StageResult:
     fp, out_dir = EVALUATE.locate({"cfg": cfg, "benchmark_sha256": benchmark_sha256, "reference": reference,
-                                   "models": models, "corpora": corpora, "tokenizer": tokenizer,
-                                   "classifier": classifier, "ctx": ctx})
+                                   "models": models, "corpora": corpora, "tokenizer": tokenizer, "ctx": ctx})
     tags = {"lmpipe.reference": f"{reference['name']}/{reference['version']}"} if reference else None
     with stage_run(ctx, "evaluate", fp, {"eval": cfg}, tags) as run:
         checkpoints = {name: stage.path("model") for name, stage in models.items()}
         curves = {stage.stage: stage.path("metrics.jsonl") for stage in models.values()}
         result = run_evaluate(cfg, checkpoints, corpora, tokenizer, out_dir, fp, curves=curves,
                               benchmark_files={k: Path(v) for k, v in (benchmark_files or {}).items()},
-                              reference=reference,
-                              classification=classification_summary(classifier) if classifier else None)
+                              reference=reference)
         run.log_result(result, ["report.json", "report.md", "samples.json", LOSS_CURVES])
     create_markdown_artifact(markdown=result.meta["markdown"], key="evaluation-report",
                              description="Held-out loss, perplexity and bits per byte; "

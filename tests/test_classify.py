@@ -22,6 +22,7 @@ from lmpipe.classify import (
     METRICS_FILE,
     MODEL_DIR,
     PREDICTIONS_FILE,
+    REPORT_FILE,
     WEIGHTS_FILE,
     ClassifyFormatError,
     GPTClassifier,
@@ -36,6 +37,7 @@ from lmpipe.classify import (
     load_classifier,
     predict,
     read_examples,
+    render_report,
     run_classify,
 )
 from lmpipe.checkpoint import CheckpointMismatchError, load_checkpoint
@@ -91,6 +93,20 @@ def test_accuracy_and_macro_f1_on_a_hand_example() -> None:
     assert classification_metrics(["y", "y"], ["y", "y"]).per_class_f1 == {"y": 1.0}
     swapped = classification_metrics(["x", "y"], ["y", "x"])
     assert (swapped.accuracy, swapped.macro_f1) == (0.0, 0.0)
+
+
+def test_report_shows_scores_per_class_f1_support_and_the_confusion_matrix() -> None:
+    gold = ["a", "a", "b", "b", "c|d"]
+    pred = ["a", "b", "b", "b", "a"]
+    text = render_report(classification_metrics(gold, pred), gold, pred, train_examples=20, path="x.csv")
+    assert text.splitlines() == [
+        "# Sequence classification", "",
+        "`x.csv`: 5 held-out examples (20 trained on). Accuracy **0.6000**, macro-F1 **0.4333**.", "",
+        "| class | F1 | support |", "|---|---:|---:|",
+        "| a | 0.5000 | 2 |", "| b | 0.8000 | 2 |", "| c\\|d | 0.0000 | 1 |", "",
+        "Confusion matrix (rows: true label, columns: predicted):", "",
+        "| true \\ predicted | a | b | c\\|d |", "|---|---:|---:|---:|",
+        "| a | 1 | 1 | 0 |", "| b | 0 | 2 | 0 |", "| c\\|d | 1 | 0 | 0 |"]
 
 
 def test_metrics_refuse_mismatched_or_empty_input() -> None:
@@ -327,7 +343,8 @@ def test_run_classify_publishes_and_predict_round_trips(tmp_path: Path, base: Pa
                           log_metrics=lambda m, s: logged.append((m, s)),
                           on_progress=lambda d, t: progress.append((d, t)))
     assert set(result.files) == {f"{MODEL_DIR}/{WEIGHTS_FILE}", f"{MODEL_DIR}/{CONFIG_FILE}", METRICS_FILE,
-                                 PREDICTIONS_FILE}
+                                 PREDICTIONS_FILE, REPORT_FILE}
+    assert result.path(REPORT_FILE).read_text(encoding="utf-8") == result.meta["markdown"]
     assert [s for _, s in logged] == [30, 60] and progress == [(30, 60), (60, 60)]
     # Observed: accuracy 0.975 (39 of 40), macro-F1 0.9749; chance is 0.5. The " ." ending WikiText's
     # tokenization is a cue a 20-step body can pick up from 160 examples.

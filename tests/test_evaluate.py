@@ -229,8 +229,7 @@ def test_run_evaluate_end_to_end(pipeline, tmp_path):
     assert "![training loss](loss_curves.png)" in result.meta["markdown"]
     report = json.loads(result.path("report.json").read_text())
     assert set(report) == {"models", "corpora", "results", "multiple_choice", "samples", "reference",
-                           "compared_with_reference", "classification"}
-    assert report["classification"] is None and "Sequence classification" not in result.meta["markdown"]
+                           "compared_with_reference"}
     assert report["reference"] is None and report["compared_with_reference"] == []
     assert report["multiple_choice"] == [] and "Multiple choice" not in result.meta["markdown"]
     assert [(r["model"], r["corpus"]) for r in report["results"]] == names

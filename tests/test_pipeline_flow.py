@@ -268,7 +268,8 @@ def test_same_config_gives_byte_identical_tokenizer_and_shards(tmp_path):
 
 def test_sft_finetuning_and_classification_through_the_flow(tmp_path):
     """mode=sft: prompt/response JSONL instead of the fine-tuning corpus; editing the file re-runs it. A classify
-    stage beside it: its scores are in the evaluation report, and it does not depend on the fine-tuning."""
+    stage beside it, with its own report: it neither depends on the fine-tuning nor feeds the language model's
+    evaluation and registration."""
     import json
 
     from flows.pipeline import pipeline
@@ -286,11 +287,11 @@ def test_sft_finetuning_and_classification_through_the_flow(tmp_path):
     assert [s["label"] for s in summary["stages"]][-4:] == ["finetune", "classify", "evaluate", "register"]
     assert stages["finetune"]["status"] == stages["classify"]["status"] == "ran"
     assert summary["registered"]["version"] == "1"
-    clf, ev = summary["metrics"]["classify"], summary["metrics"]["evaluate"]
-    assert (ev["classifier.accuracy"], ev["classifier.macro_f1"]) == (clf["accuracy"], clf["macro_f1"])
-    report = (Path(stages["evaluate"]["out_dir"]) / "report.md").read_text(encoding="utf-8")
-    assert (f"The classify stage's classifier on its 40 held-out examples (160 trained on): accuracy "
-            f"**{clf['accuracy']:.4f}**, macro-F1 **{clf['macro_f1']:.4f}**.") in report
+    clf = summary["metrics"]["classify"]
+    assert not any(k.startswith("classifier") for k in summary["metrics"]["evaluate"])
+    report = (Path(stages["classify"]["out_dir"]) / "report.md").read_text(encoding="utf-8")
+    assert (f"`{labelled}`: 40 held-out examples (160 trained on). Accuracy **{clf['accuracy']:.4f}**, "
+            f"macro-F1 **{clf['macro_f1']:.4f}**.") in report
     assert "| shakespeare |" in report and "| wikitext |" in report
     # The served SFT model answers in its chat template, exactly as generate_samples' chat mode.
     from lmpipe.checkpoint import load_model
@@ -313,6 +314,13 @@ def test_sft_finetuning_and_classification_through_the_flow(tmp_path):
     again = {s["label"]: s["status"] for s in pipeline(config=cfg)["stages"]}
     assert again["pretrain"] == "cached" and again["finetune"] == "ran" and again["evaluate"] == "ran"
     assert again["classify"] == "cached"
+    # A classify-only change trains a new classifier and leaves the language model's report and version alone.
+    cfg = tiny_config(tmp_path / "w", "finetune.mode=sft", f"finetune.sft_path={sft}", "finetune.sft_skip_long=true",
+                      f"classify={{path: '{labelled}', max_steps: 21, eval_interval: 10}}")
+    third = pipeline(config=cfg)
+    statuses = {s["label"]: s["status"] for s in third["stages"]}
+    assert statuses == {label: "ran" if label == "classify" else "cached" for label in statuses}
+    assert third["registered"]["version"] == "2"  # the SFT edit above registered version 2; nothing new here
 
 
 def test_settings_that_cannot_change_outputs_rerun_nothing(first_run):

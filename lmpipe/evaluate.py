@@ -30,7 +30,7 @@ from lmpipe.benchmarks import load_benchmark, score_mc
 from lmpipe.checkpoint import load_model, read_state
 from lmpipe.config import EvalConfig
 from lmpipe.loader import TokenSource
-from lmpipe.sft import END_TOKEN, Message, render_chat
+from lmpipe.sft import END_TOKEN, Message, encode_chat_prompt
 from lmpipe.shards import MANIFEST_FILE, TokenSplit, read_manifest
 from lmpipe.stage import BuildOutput, StageResult, run_stage, write_json_atomic
 from lmpipe.tokenizer import TOKENIZER_FILE, load_tokenizer, token_byte_lengths, tokenizer_fingerprint
@@ -148,11 +148,10 @@ def generate_samples(
     model.eval()
     samples = []
     end_id = tokenizer.token_to_id(END_TOKEN) if chat else None
-    if chat and end_id is None:
-        raise ValueError(f"chat generation needs the chat template's {END_TOKEN} token, which the tokenizer lacks")
     for i, prompt in enumerate(prompts):
-        text = render_chat([Message("user", prompt)], add_generation_prompt=True) if chat else prompt
-        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        # In chat, the ids are laid out exactly as in SFT training (a prompt's literal "<|end|>" stays text).
+        ids = (encode_chat_prompt([Message("user", prompt)], tokenizer) if chat
+               else tokenizer.encode(prompt, add_special_tokens=False).ids)
         if not ids:
             if start_id is None:
                 raise ValueError(f"eval.prompts[{i}] = {prompt!r} encodes to no tokens and no start_id was given")

@@ -305,6 +305,14 @@ def encode_chat(
     return out
 
 
+def encode_chat_prompt(messages: Sequence[Message], tok: Tokenizer) -> list[int]:
+    """The ids a chat model is prompted with: the conversation as ``encode_chat`` lays it out in training
+    (literal special-token text in a message stays text), then the open ``<|assistant|>`` turn."""
+    ids = chat_token_ids(tok, eot_id=-1)  # the conversation's closing end-of-text is dropped: its id is unused
+    [(tokens, _)] = encode_chat([messages], tok, ids)
+    return [*tokens[:-1], ids.roles["assistant"]]
+
+
 def layout_stream(
     encoded: Sequence[tuple[list[int], list[int]]], layout: Layout, block_size: int, pad_id: int
 ) -> tuple[np.ndarray, np.ndarray]:

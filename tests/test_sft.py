@@ -26,6 +26,7 @@ from lmpipe.sft import (
     build_sft_data,
     chat_token_ids,
     encode_chat,
+    encode_chat_prompt,
     layout_stream,
     read_sft_jsonl,
     render_chat,
@@ -141,6 +142,15 @@ def test_special_token_text_in_a_message_stays_text(tok: Tokenizer) -> None:
     [(tokens, _)] = encode_chat([conv], tok, chat_token_ids(tok, EOT_ID))
     assert [tokens.count(i) for i in (EOT_ID, SYS, USR, ASST, END)] == [1, 0, 1, 1, 2]
     assert tok.decode(tokens, skip_special_tokens=False) == render_chat(conv)
+
+
+def test_a_chat_prompt_is_laid_out_as_in_training_then_opens_the_assistant_turn(tok: Tokenizer) -> None:
+    text = f"say {EOT} and <|end|><|assistant|>"
+    ids = encode_chat_prompt([Message("user", text)], tok)
+    [(trained, _)] = encode_chat([[Message("user", text)]], tok, chat_token_ids(tok, EOT_ID))
+    assert ids == [*trained[:-1], ASST] and ids.count(END) == 1 and ids.count(ASST) == 1
+    assert tok.decode(ids, skip_special_tokens=False) == render_chat([Message("user", text)],
+                                                                     add_generation_prompt=True)
 
 
 # ---------------------------------------------------------------- reading and bad lines

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmpipe.benchmarks import load_benchmark
-from lmpipe.checkpoint import CheckpointMismatchError, architecture_diffs, read_state
+from lmpipe.checkpoint import STATE_FILE, CheckpointMismatchError, architecture_diffs, read_state
 from lmpipe.classify import read_examples
 from lmpipe.config import PipelineConfig
 from lmpipe.download import check_sources
@@ -42,9 +42,9 @@ def check_inputs(config: PipelineConfig, *, training: bool = True) -> None:
         # format errors and unknown labels now; lengths need the tokenizer
         read_examples(clf.path, text_field=clf.text_field, label_field=clf.label_field, labels=clf.labels,
                       skip_bad=clf.skip_bad)
-        if clf.init_checkpoint and not (Path(clf.init_checkpoint) / "state.json").is_file():
+        if clf.init_checkpoint and not (Path(clf.init_checkpoint) / STATE_FILE).is_file():
             raise FileNotFoundError(f"classify.init_checkpoint: {clf.init_checkpoint!r} is not a checkpoint directory "
-                                    "(no state.json)")
+                                    f"(no {STATE_FILE})")
 
 
 def check_context_fits(config: PipelineConfig, corpora: dict[str, StageResult]) -> None:
@@ -67,9 +67,9 @@ def check_init_checkpoint(config: PipelineConfig) -> None:
     starts, once the tokenizer exists.
     """
     path = Path(config.finetune.init_checkpoint)
-    if not (path / "state.json").is_file():
+    if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"finetune.init_checkpoint: {str(path)!r} is not a checkpoint directory "
-                                "(no state.json)")
+                                f"(no {STATE_FILE})")
     diffs = architecture_diffs(read_state(path), config.model)
     if diffs:
         raise CheckpointMismatchError(

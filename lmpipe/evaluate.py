@@ -492,6 +492,7 @@ def run_evaluate(
                    for r in results for m in (*METRICS, SCORED["held_out"])}
         metrics |= {f"{r['model']}.{r['benchmark']}.{m}": float(r[m])
                     for r in choice for m in (*MC_METRICS, SCORED["multiple_choice"])}
-        return BuildOutput(metrics=metrics, meta={"markdown": markdown, "device": device})
+        return BuildOutput(metrics=metrics, meta={"markdown": markdown, "device": device, "held_out": results,
+                                                  "multiple_choice": choice})
 
     return run_stage("evaluate", fingerprint, out_dir, build)

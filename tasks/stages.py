@@ -24,7 +24,7 @@ from lmpipe.evaluate import LOSS_CURVES, run_evaluate
 from lmpipe.shards import run_encode_chunk, run_shard
 from lmpipe.stage import StageResult
 from lmpipe.tokenizer import run_train_tokenizer
-from lmpipe.tracking import TrackingContext, run_register, stage_run
+from lmpipe.tracking import StageRun, TrackingContext, run_register, stage_run
 from lmpipe.train import run_finetune, run_pretrain
 from tasks.caching import StageSpec
 from tasks.progress import PrefectProgress
@@ -94,16 +94,11 @@ def clean(cfg: CleanConfig, docs: StageResult, chunks: list[StageResult], corpus
         rows = result.meta["report"]
         samples = [{"step": step, **example} for step, examples in result.meta["samples"].items()
                    for example in examples]
-        if rows:  # no rows when every cleaning step is switched off
-            run.client.log_table(run.run_id, {k: [r[k] for r in rows] for k in rows[0]}, "clean_report_table.json")
-            create_table_artifact(table=rows, key=f"clean-{_key(corpus_field)}",
-                                  description=f"Cleaning of {corpus_field}: documents and bytes per step")
-        if samples:
-            run.client.log_table(run.run_id, {k: [r[k] for r in samples] for k in samples[0]},
-                                 "removed_samples_table.json")
-            create_table_artifact(table=samples, key=f"removed-{_key(corpus_field)}",
-                                  description=f"Examples of documents removed from {corpus_field}, with the reason "
-                                              "(every removal is in the stage's removed.parquet)")
+        _publish_table(run, rows, "clean_report_table.json", f"clean-{_key(corpus_field)}",
+                       f"Cleaning of {corpus_field}: documents and bytes per step")
+        _publish_table(run, samples, "removed_samples_table.json", f"removed-{_key(corpus_field)}",
+                       f"Examples of documents removed from {corpus_field}, with the reason "
+                       "(every removal is in the stage's removed.parquet)")
     return result
 
 
@@ -232,6 +227,10 @@ def evaluate(cfg: EvalConfig, models: dict[str, StageResult], corpora: dict[str,
                               benchmark_files={k: Path(v) for k, v in (benchmark_files or {}).items()},
                               reference=reference)
         run.log_result(result, ["report.json", "report.md", "samples.json", LOSS_CURVES])
+        _publish_table(run, result.meta["held_out"], "held_out_table.json", "evaluation-held-out",
+                       "Held-out loss, perplexity and bits per byte of each model on each corpus")
+        _publish_table(run, result.meta["multiple_choice"], "benchmarks_table.json", "evaluation-benchmarks",
+                       "Multiple-choice benchmarks: acc and acc_norm of each model")
     create_markdown_artifact(markdown=result.meta["markdown"], key="evaluation-report",
                              description="Held-out loss, perplexity and bits per byte; "
                                          "multiple-choice benchmarks; samples; deltas to the champion")
@@ -261,6 +260,14 @@ def register(cfg: TrackingConfig, finetuned: StageResult, tokenizer: StageResult
                  f"**{'Promoted to' if decision['promoted'] else 'Not promoted to'} @{decision['alias']}**: "
                  f"{decision['reason']}\n")
     return result
+
+
+def _publish_table(run: StageRun, rows: list[dict[str, Any]], artifact_file: str, key: str, description: str) -> None:
+    """Rows as an MLflow table artifact (the MLflow UI shows and compares them across runs) and a Prefect
+    table artifact; nothing when there are no rows (e.g. every cleaning step switched off, no benchmarks)."""
+    if rows:
+        run.client.log_table(run.run_id, {k: [r.get(k) for r in rows] for k in rows[0]}, artifact_file)
+        create_table_artifact(table=rows, key=key, description=description)
 
 
 def _key(text: str) -> str:

@@ -93,7 +93,15 @@ def test_every_stage_runs_and_is_tracked(first_run):
     assert sorted(m.step for m in val) == [15, 30]
 
     artifacts = {a.path for a in client.list_artifacts(by_name["evaluate"].info.run_id)}
-    assert {"report.json", "report.md", "samples.json"} <= artifacts
+    assert {"report.json", "report.md", "samples.json", "held_out_table.json"} <= artifacts
+    assert "benchmarks_table.json" not in artifacts  # the tiny config scores no benchmark
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    table = mlflow.artifacts.load_dict(f"runs:/{by_name['evaluate'].info.run_id}/held_out_table.json")
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [(r["model"], r["corpus"]) for r in rows] == [
+        (m, c) for m in ("base", "finetuned") for c in ("wikitext2", "tinyshakespeare")]
+    bpb = summary["metrics"]["evaluate"]["finetuned.tinyshakespeare.bits_per_byte"]
+    assert rows[3]["bits_per_byte"] == round(bpb, 10)  # MLflow writes tables with pandas' to_json: 10 decimals
     assert "tokenizer.json" in {a.path for a in client.list_artifacts(by_name["train_tokenizer"].info.run_id)}
     assert "manifest.json" in {a.path for a in client.list_artifacts(by_name["shard"].info.run_id)}
     clean_runs = [r for r in children if r.info.run_name == "clean"]

@@ -31,17 +31,28 @@ config ``ARC-Easy``/``ARC-Challenge``, a Parquet copy of PIQA such as ``baber/pi
 have exactly these fields, so :func:`resolve_benchmark` writes their rows as JSONL
 and the same reader scores them. Which file is scored, in order:
 
-1. ``hub`` set, ``revision`` given and its JSONL already cached: that file (a
-   pinned revision never changes, so no network is needed);
+1. ``hub`` set, ``revision`` a full 40-hex commit sha and its JSONL already
+   cached: that file, without the network (a commit's rows never change);
 2. ``hub`` set and the Hub reachable (neither ``HF_HUB_OFFLINE`` nor
    ``HF_DATASETS_OFFLINE`` set): the split downloaded with ``datasets.load_dataset``
-   into ``<cache_dir>/<name>-<dataset>-<config>-<split>@<revision>.jsonl``;
+   into ``<cache_dir>/<name>-<dataset>-<config>-<split>@<revision>.jsonl``, written to
+   a temporary file and renamed into place, so no run ever trusts a half-written
+   one. A branch or tag name (``main``, ``v1.0``, ``refs/convert/parquet``; no
+   revision is ``main``) can move, so its file is downloaded again on every online run;
 3. offline, or the download failed with an ``OSError`` (a connection error, a
-   dataset or revision the Hub does not have): ``path``, with a warning naming the
-   benchmark and the reason; without ``path``, an error naming both sources.
+   timeout, a dataset or revision the Hub does not have): that cached file of an
+   earlier run, with a warning naming the benchmark and saying it may be stale;
+4. no such file: ``path``, with a warning naming the benchmark and the reason;
+   without ``path``, an error naming both sources.
 
-``hub`` unset: ``path``. The flow fingerprints the evaluation by the resolved
-file's sha256, so a moved branch re-scores and a pinned sha does not.
+Any other failure of the download (``datasets`` raises ValueError for a split or
+config the dataset lacks) is a mistake in the config, not a missing network: it
+raises :class:`BenchmarkHubError` naming the benchmark, its Hub coordinates and
+the field to fix, with no fallback. ``hub`` unset: ``path``. Whatever the source,
+the resolved file is then read once with :func:`load_benchmark`, so a malformed
+download fails before any training, naming the benchmark, file and line. The flow
+fingerprints the evaluation by the resolved file's sha256, so a moved branch
+re-scores and a pinned sha does not.
 """
 
 from __future__ import annotations
@@ -50,7 +61,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -75,10 +86,11 @@ class BenchmarkFormatError(ValueError):
     (not JSON, not an object).
     """
 
-    def __init__(self, path: Path, line: int, field: str | None, problem: str) -> None:
+    def __init__(self, path: Path, line: int, field: str | None, problem: str, *, where: str = "") -> None:
         self.path, self.line, self.field, self.problem = path, line, field, problem
-        where = f"{path}:{line}" if line else str(path)  # line 0: the file as a whole
-        super().__init__(f"{where}: {problem}" if field is None else f"{where}: field {field!r}: {problem}")
+        at = f"{path}:{line}" if line else str(path)  # line 0: the file as a whole
+        message = f"{at}: {problem}" if field is None else f"{at}: field {field!r}: {problem}"
+        super().__init__(f"{where}: {message}" if where else message)  # where: the config entry, if known
 
 
 class _FieldError(Exception):
@@ -250,6 +262,33 @@ _PARSERS: dict[str, Callable[[dict[str, Any]], MCExample]] = {
 }
 
 
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(line, object) per non-blank line of a JSONL file, or (line, problem) for a malformed one.
+
+    The one JSONL loop of the benchmark and classification readers (lmpipe.classify),
+    so both report a bad line alike: lines are 1-based; a line that is not UTF-8,
+    not JSON or not an object yields the problem as a string and reading goes on,
+    so a caller can skip and count it. The file is read as bytes, so one
+    undecodable line is one bad line, not a failed file; the line's end is
+    stripped before parsing, so a JSON error's column is that of the line itself.
+    """
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield lineno, f"not valid UTF-8 (byte {err.start})"
+                continue
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as err:
+                yield lineno, f"not valid JSON ({err.msg} at column {err.colno})"
+                continue
+            yield lineno, obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
+
+
 def load_benchmark(
     path: Path, kind: BenchmarkKind, *, limit: int | None = None, skip_bad: bool = False
 ) -> tuple[list[MCExample], BadLineReport]:
@@ -260,6 +299,14 @@ def load_benchmark(
     the file, the 1-based line and the field; with ``skip_bad`` it is counted in
     the report and skipped instead. ``limit`` stops after that many good examples.
     """
+    examples, _, report = _read_benchmark(path, kind, limit=limit, skip_bad=skip_bad)
+    return examples, report
+
+
+def _read_benchmark(
+    path: Path, kind: BenchmarkKind, *, limit: int | None, skip_bad: bool
+) -> tuple[list[MCExample], list[int], BadLineReport]:
+    """load_benchmark, plus each example's 1-based line (for errors found later, e.g. by check_benchmarks_fit)."""
     if kind not in _PARSERS:
         raise ValueError(f"benchmark kind {kind!r} is unknown; use one of {sorted(_PARSERS)}")
     if limit is not None and limit < 1:
@@ -269,34 +316,25 @@ def load_benchmark(
         raise FileNotFoundError(f"benchmark file {str(path)!r} does not exist")
     parse = _PARSERS[kind]
     examples: list[MCExample] = []
+    lines: list[int] = []
     report = BadLineReport()
-    with open(path, "rb") as f:  # bytes, so one undecodable line is one bad line, not a failed file
-        for lineno, raw in enumerate(f, start=1):
-            if limit is not None and len(examples) >= limit:
-                break
-            try:
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise _FieldError(None, f"not valid UTF-8 (byte {err.start})") from None
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise _FieldError(None, f"not valid JSON ({err.msg} at column {err.colno})") from None
-                if not isinstance(obj, dict):
-                    raise _FieldError(None, f"expected a JSON object, got {type(obj).__name__}")
-                examples.append(parse(obj))
-            except _FieldError as fe:
-                err = BenchmarkFormatError(path, lineno, fe.field, fe.problem)
-                if not skip_bad:
-                    raise err from None
-                report.add(err)
+    for lineno, record in jsonl_records(path):
+        if limit is not None and len(examples) >= limit:
+            break
+        try:
+            if isinstance(record, str):
+                raise _FieldError(None, record)
+            examples.append(parse(record))
+            lines.append(lineno)
+        except _FieldError as fe:
+            err = BenchmarkFormatError(path, lineno, fe.field, fe.problem)
+            if not skip_bad:
+                raise err from None
+            report.add(err)
     if not examples:
         detail = f"; {report.count} bad line(s) skipped, first: {report.first[0][1]}" if report.count else ""
         raise BenchmarkFormatError(path, 0, None, f"holds no {kind} examples{detail}")
-    return examples, report
+    return examples, lines, report
 
 
 # -- sources: the Hub or a local file ------------------------------------------
@@ -306,12 +344,23 @@ HUB_SPLITS: dict[str, str] = {"hellaswag": "validation", "arc": "test", "piqa": 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")  # a Hub commit: the one revision whose rows cannot change
+
+
 class BenchmarkSourceWarning(UserWarning):
-    """A benchmark with a Hub source is scored from its local file instead (offline, or the download failed)."""
+    """A benchmark with a Hub source is scored from a possibly stale cache or its local file instead."""
 
 
 class BenchmarkSourceError(FileNotFoundError):
     """Neither of a benchmark's sources (the Hub, the local file) can be read."""
+
+
+class BenchmarkHubError(ValueError):
+    """The Hub was reached but refused the benchmark's coordinates (a split or config the dataset lacks).
+
+    A mistake in the config rather than a missing network, so it is not covered
+    up by falling back to the local file.
+    """
 
 
 def hub_offline(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -322,11 +371,17 @@ def hub_offline(environ: Mapping[str, str] = os.environ) -> str | None:
     return None
 
 
+def is_commit_sha(revision: str | None) -> bool:
+    """True for a full 40-hex commit sha; a branch or tag name (or None: ``main``) can move."""
+    return revision is not None and COMMIT_SHA.fullmatch(revision) is not None
+
+
 def hub_cache_file(bench: BenchmarkConfig, cache_dir: Path) -> Path:
     """Where a Hub benchmark's rows go: one file per (dataset, config, split, revision), under the benchmark's name.
 
-    A missing revision is spelled ``@main`` (the Hub's default branch); that file is
-    downloaded again on every online run, as the branch may have moved.
+    A missing revision is spelled ``@main`` (the Hub's default branch). Only a
+    file of a commit sha is trusted without the network; that of a branch or tag
+    is downloaded again on every online run and read only as an offline fallback.
     """
     assert bench.hub is not None
     parts = [bench.name, bench.hub.replace("/", "--"), bench.hub_config or "default",
@@ -352,22 +407,52 @@ def _download_rows(bench: BenchmarkConfig, dest: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _hub_error(bench: BenchmarkConfig, where: str, label: str, err: Exception) -> BenchmarkHubError:
+    """The download's non-network error, naming the benchmark, its Hub coordinates and the field to check."""
+    split = bench.split or HUB_SPLITS[bench.kind]
+    prefix = f"{where}." if where else ""
+    text = str(err).lower()
+    if "split" in text:  # datasets: "Bad split: x. Available splits: [...]", 'Unknown split "x"'
+        fix = f"check {prefix}split (unset: {HUB_SPLITS[bench.kind]!r}, the split lm-evaluation-harness scores)"
+    elif "config" in text:  # datasets: "BuilderConfig 'x' not found. Available: [...]"
+        fix = f"check {prefix}hub_config"
+    else:
+        fix = f"check {prefix}hub, {prefix}hub_config, {prefix}split and {prefix}revision"
+    return BenchmarkHubError(
+        f"{label}: the Hub refused hub {bench.hub!r} config {bench.hub_config!r} split {split!r} revision "
+        f"{bench.revision!r}: {type(err).__name__}: {err}; {fix}"
+    )
+
+
 def resolve_benchmark(bench: BenchmarkConfig, cache_dir: Path, *, where: str = "") -> Path:
     """The JSONL file to score for ``bench``, downloading it from the Hub first when that is the source.
 
-    The order (see the module docstring): a cached pinned revision, the Hub when
-    reachable, then ``path`` with a :class:`BenchmarkSourceWarning`. ``where`` (e.g.
-    "eval.benchmarks.0") prefixes messages. Raises BenchmarkSourceError when no
-    source can be read; the file's format is checked later, by load_benchmark.
+    The order (see the module docstring): a cached commit sha, the Hub when
+    reachable, then a cached branch or tag (possibly stale) and ``path``, each
+    with a :class:`BenchmarkSourceWarning`. ``where`` (e.g. "eval.benchmarks.0")
+    prefixes messages. Raises BenchmarkSourceError when no source can be read,
+    BenchmarkHubError when the Hub refuses the config's split or config, and
+    BenchmarkFormatError when the resolved file is malformed (checked here with
+    the benchmark's kind, limit and skip_bad, so before any training).
     """
     label = f"{where} ({bench.name})" if where else f"benchmark {bench.name!r}"
+    path = _resolve_source(bench, cache_dir, where, label)
+    try:
+        load_benchmark(path, bench.kind, limit=bench.limit, skip_bad=bench.skip_bad)
+    except BenchmarkFormatError as err:
+        raise BenchmarkFormatError(err.path, err.line, err.field, err.problem, where=label) from None
+    return path
+
+
+def _resolve_source(bench: BenchmarkConfig, cache_dir: Path, where: str, label: str) -> Path:
+    """resolve_benchmark's choice of file, before its format check."""
     if bench.hub is None:
         if bench.path is None or not Path(bench.path).is_file():
             raise BenchmarkSourceError(f"{label}: path {bench.path!r} is not a file")
         return Path(bench.path)
     hub = f"hub {bench.hub!r}" + (f" ({bench.hub_config})" if bench.hub_config else "")
     cached = hub_cache_file(bench, cache_dir)
-    if bench.revision is not None and cached.is_file():
+    if is_commit_sha(bench.revision) and cached.is_file():
         return cached
     offline = hub_offline()
     if offline:
@@ -378,9 +463,16 @@ def resolve_benchmark(bench: BenchmarkConfig, cache_dir: Path, *, where: str = "
             return cached
         except OSError as err:  # ConnectionError, timeouts, huggingface_hub's offline and not-found errors
             reason = f"the download failed: {type(err).__name__}: {err}"
+        except Exception as err:  # e.g. ValueError: a split or config the dataset lacks; fail, naming the field
+            raise _hub_error(bench, where, label, err) from err
+    if cached.is_file():  # only a branch or tag gets here: a commit's cached file was returned above
+        warnings.warn(f"{label}: scoring the cached file {str(cached)!r} of {hub}, which may be stale (revision "
+                      f"{bench.revision or 'main'!r} is a branch or tag and can move): {reason}",
+                      BenchmarkSourceWarning, stacklevel=3)
+        return cached
     if bench.path is not None and Path(bench.path).is_file():
         warnings.warn(f"{label}: scoring the local file {bench.path!r} instead of {hub}: {reason}",
-                      BenchmarkSourceWarning, stacklevel=2)
+                      BenchmarkSourceWarning, stacklevel=3)
         return Path(bench.path)
     local = "no path is set" if bench.path is None else f"path {bench.path!r} is not a file"
     raise BenchmarkSourceError(f"{label}: no source to score: {hub} cannot be read ({reason}) and {local}")
@@ -451,6 +543,75 @@ def _argmax(values: Sequence[float]) -> int:
     return int(np.argmax(np.asarray(values, dtype=np.float64)))
 
 
+def _requests(
+    tokenizer: Tokenizer, examples: Sequence[MCExample], block_size: int, eot_id: int, lines: Sequence[int] | None,
+    where: str,
+) -> tuple[list[_Request], int]:
+    """score_mc's requests and how many lost context tokens; ValueError for a continuation it cannot score.
+
+    Shared by score_mc and check_benchmarks_fit, so the check before training
+    rejects exactly what scoring would: a context is left-truncated to fit, but a
+    continuation (" " + choice) must fit ``block_size`` on its own. ``lines`` (the
+    examples' 1-based lines in their file) and ``where`` (the benchmark and its
+    file) only add to the message.
+    """
+    requests: list[_Request] = []
+    truncated = 0
+    for i, ex in enumerate(examples):
+        ctx_ids, conts = encode_continuations(
+            tokenizer, ex.context, [TARGET_DELIMITER + c for c in ex.choices], eot_id=eot_id
+        )
+        for j, cont in enumerate(conts):
+            if not cont or len(cont) > block_size:
+                at = f"line {lines[i]} (example {i})" if lines is not None else f"example {i}"
+                raise ValueError(
+                    f"{where + ': ' if where else ''}{at} choice {j} ({ex.choices[j][:60]!r}): the continuation is "
+                    f"{len(cont)} tokens; scoring needs 1..{block_size} (model block_size) so that context precedes it"
+                )
+            seq = ctx_ids + cont
+            truncated += len(seq) > block_size + 1
+            requests.append(_Request(i, j, seq[-(block_size + 1) :][:-1], cont))
+    return requests, truncated
+
+
+def benchmark_label(index: int, bench: BenchmarkConfig, source: str | Path | None = None) -> str:
+    """How messages name a benchmark: its config field and name, and the file scored when known.
+
+    E.g. "eval.benchmarks.0 (hs) file 'data/hs.jsonl'", for score_mc's ``where``.
+    """
+    label = f"eval.benchmarks.{index} ({bench.name})"
+    return label if source is None else f"{label} file {str(source)!r}"
+
+
+def check_benchmarks_fit(
+    benchmarks: Sequence[BenchmarkConfig], files: Mapping[str, Path], tokenizer: Tokenizer, block_size: int
+) -> None:
+    """Fail now, before any training, on a benchmark example that score_mc could not score with this block_size.
+
+    ``files`` is :func:`resolve_benchmarks`' result (a benchmark missing from it is
+    read from its ``path``). Each benchmark is read as evaluation reads it (its
+    limit, skip_bad) and encoded by the same code as score_mc. A long context is
+    no error (scoring keeps its rightmost tokens, as lm-evaluation-harness does);
+    a choice whose continuation alone exceeds ``block_size`` tokens is: the
+    ValueError names ``eval.benchmarks.<i>``, the benchmark, its file, the line,
+    the token count and block_size.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    for i, bench in enumerate(benchmarks):
+        label = benchmark_label(i, bench)
+        source = files.get(bench.name, bench.path)
+        if source is None:
+            raise ValueError(f"{label}: no file to check: it has no path and its Hub download was not resolved "
+                             "(lmpipe.benchmarks.resolve_benchmarks)")
+        try:
+            examples, lines, _ = _read_benchmark(Path(source), bench.kind, limit=bench.limit, skip_bad=bench.skip_bad)
+        except BenchmarkFormatError as err:
+            raise BenchmarkFormatError(err.path, err.line, err.field, err.problem, where=label) from None
+        # eot_id stands in for an empty context only; the continuations checked never contain it.
+        _requests(tokenizer, examples, block_size, 0, lines, benchmark_label(i, bench, source))
+
+
 def score_mc(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
@@ -459,6 +620,7 @@ def score_mc(
     device: str | torch.device,
     batch_size: int = 16,
     eot_id: int,
+    where: str = "",
 ) -> MCResult:
     """acc and acc_norm of a GPT (``lmpipe.model.GPT`` interface) on multiple-choice examples.
 
@@ -468,7 +630,9 @@ def score_mc(
     its rightmost tokens: the input is the last ``block_size + 1`` tokens of
     context + continuation without the final one (the harness's left
     truncation); a continuation longer than ``block_size`` tokens cannot be
-    scored and raises ValueError naming the example.
+    scored and raises ValueError naming the example (:func:`check_benchmarks_fit`
+    finds such examples before training). ``where`` (e.g. "eval.benchmarks.0 (hs)
+    file 'hs.jsonl'") prefixes every error, so it names the benchmark and its file.
 
     Requests are sorted longest first and batched, padded on the right with
     ``eot_id``; causal attention keeps padding from affecting earlier positions,
@@ -476,26 +640,12 @@ def score_mc(
     divides by the choice's length in characters, as the harness does (see the
     module docstring). The model is left in the train/eval mode it came in.
     """
+    prefix = f"{where}: " if where else ""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ValueError(f"{prefix}batch_size must be >= 1, got {batch_size}")
     if not examples:
-        raise ValueError("no examples to score")
-    block = model.config.block_size
-    requests: list[_Request] = []
-    truncated = 0
-    for i, ex in enumerate(examples):
-        ctx_ids, conts = encode_continuations(
-            tokenizer, ex.context, [TARGET_DELIMITER + c for c in ex.choices], eot_id=eot_id
-        )
-        for j, cont in enumerate(conts):
-            if not cont or len(cont) > block:
-                raise ValueError(
-                    f"example {i} choice {j} ({ex.choices[j][:60]!r}): the continuation is {len(cont)} tokens; "
-                    f"scoring needs 1..{block} (model block_size) so that context precedes it"
-                )
-            seq = ctx_ids + cont
-            truncated += len(seq) > block + 1
-            requests.append(_Request(i, j, seq[-(block + 1) :][:-1], cont))
+        raise ValueError(f"{prefix}no examples to score")
+    requests, truncated = _requests(tokenizer, examples, model.config.block_size, eot_id, None, where)
 
     was_training = model.training
     model.eval()

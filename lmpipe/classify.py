@@ -68,7 +68,7 @@ from safetensors.torch import save_model as save_safetensors_model
 from tokenizers import Tokenizer
 from torch import nn
 
-from lmpipe.benchmarks import BadLineReport, BenchmarkFormatError
+from lmpipe.benchmarks import BadLineReport, BenchmarkFormatError, jsonl_records
 from lmpipe.checkpoint import STATE_FILE, check_compatible, load_checkpoint, read_state
 from lmpipe.config import ClassifyConfig, ModelConfig, TrainConfig
 from lmpipe.evaluate import markdown_cell
@@ -230,25 +230,6 @@ def _csv_records(path: Path, text_field: str, label_field: str,
                                   config_field=config_field)
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    """(line, object) per non-blank JSONL line, or (line, problem) for a malformed one."""
-    with open(path, "rb") as f:  # bytes, so one undecodable line is one bad line, not a failed file
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield lineno, f"not valid UTF-8 (byte {err.start})"
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as err:
-                yield lineno, f"not valid JSON ({err.msg} at column {err.colno})"
-                continue
-            yield lineno, obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
-
-
 def read_examples(
     path: str | Path,
     *,
@@ -276,7 +257,7 @@ def read_examples(
     if suffix == ".csv":
         records: Iterator[tuple[int, Any]] = _csv_records(path, text_field, label_field, config_field)
     else:
-        records = _jsonl_records(path)
+        records = jsonl_records(path)
     for lineno, record in records:
         try:
             if isinstance(record, ClassifyFormatError):

@@ -43,12 +43,15 @@ def _rank(seed: int, *parts: object) -> int:
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big")
 
 
-def held_out_documents(text: str, boundary: str, max_bytes: int) -> tuple[int, list[str]]:
+def held_out_documents(text: str, boundary: str, max_bytes: int, *,
+                       source: str = "the text") -> tuple[int, list[str]]:
     """(index of the first unread document, all documents) of a text source read with ``max_bytes``.
 
     The same rule as the download stage: documents are taken while their UTF-8
     bytes add up to at most ``max_bytes``; reading stops at the first one that
-    would go over.
+    would go over. A ``max_bytes`` that reads every document leaves nothing held
+    out, which is a ValueError naming the option, its value and the size of
+    ``source`` (the file's name, for the message) rather than an empty benchmark.
     """
     docs = split_documents(text, boundary)
     total = 0
@@ -56,7 +59,9 @@ def held_out_documents(text: str, boundary: str, max_bytes: int) -> tuple[int, l
         total += utf8_len(doc)
         if total > max_bytes:
             return i, docs
-    return len(docs), docs
+    raise ValueError(f"--max-bytes {max_bytes} reads every document of {source} ({len(docs)} documents, {total} "
+                     f"bytes of its {utf8_len(text)}): none is left unread to make items from; give the max_bytes "
+                     f"of a source that stops before the end (below {total})")
 
 
 def make_cloze(documents: Sequence[str], *, n_items: int, n_endings: int = 4, seed: int = 0,

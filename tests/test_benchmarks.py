@@ -360,8 +360,65 @@ def test_too_long_continuation_names_the_example(tok: Tokenizer, eot: int) -> No
         MCExample("Question: Who?\nAnswer:", ["the king", "the queen"], 0),
         MCExample("Question: What then?\nAnswer:", ["nothing", "the end", long_choice], 0),
     ]
-    with pytest.raises(ValueError, match=r"example 1 choice 2 \('and then the king.*scoring needs 1\.\.16"):
+    with pytest.raises(ValueError, match=r"^example 1 choice 2 \('and then the king.*scoring needs 1\.\.16"):
         score_mc(model, tok, examples, device="cpu", eot_id=eot)
+    with pytest.raises(ValueError, match=r"^eval\.benchmarks\.3 \(arc\) file 'arc\.jsonl': example 1 choice 2 "):
+        score_mc(model, tok, examples, device="cpu", eot_id=eot, where="eval.benchmarks.3 (arc) file 'arc.jsonl'")
+
+
+def test_check_benchmarks_fit_rejects_exactly_what_score_mc_cannot_score(tmp_path: Path, tok: Tokenizer,
+                                                                         eot: int) -> None:
+    from lmpipe.benchmarks import check_benchmarks_fit
+    from lmpipe.config import BenchmarkConfig
+
+    long_ctx = "O Romeo, Romeo, wherefore art thou Romeo? Deny thy father and refuse thy name, and I will go."
+    long_choice = "and then the king and the queen and all the lords went to the castle by the sea"
+    rows = [{"goal": "Who?", "sol1": "the king", "sol2": "the queen", "label": 0},
+            {"goal": long_ctx, "sol1": "yes", "sol2": "no", "label": 1},
+            {"goal": "What then?", "sol1": "nothing", "sol2": long_choice, "label": 0}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join([json.dumps(rows[0]), "", *map(json.dumps, rows[1:])]) + "\n", encoding="utf-8")
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
+    examples, _ = load_benchmark(path, "piqa")
+    n_long = len(encode_continuations(tok, examples[2].context, [" " + long_choice], eot_id=eot)[1][0])
+    assert len(_ids(tok, examples[1].context)) > n_long  # premise: a context longer than block_size is no error
+    hub = BenchmarkConfig(name="hub-p", kind="piqa", hub="baber/piqa")
+    local = BenchmarkConfig(name="p", kind="piqa", path=str(path))
+    check_benchmarks_fit([hub, local], {"hub-p": path}, tok, n_long)  # fits exactly: scorable
+    check_benchmarks_fit([local.model_copy(update={"limit": 2})], {}, tok, n_long - 1)  # the long line is not read
+    message = (f"eval.benchmarks.1 (p) file {str(path)!r}: line 4 (example 2) choice 1 ({long_choice[:60]!r}): the "
+               f"continuation is {n_long} tokens; scoring needs 1..{n_long - 1} (model block_size) so that context "
+               "precedes it")
+    with pytest.raises(ValueError) as err:
+        check_benchmarks_fit([hub, local], {"hub-p": short}, tok, n_long - 1)
+    assert str(err.value) == message
+    # score_mc rejects the same example at the same block_size, naming the benchmark and file given as where.
+    model = tiny_gpt(tok.get_vocab_size(), block_size=n_long - 1)
+    with pytest.raises(ValueError) as err:
+        score_mc(model, tok, examples, device="cpu", eot_id=eot, where=f"eval.benchmarks.1 (p) file {str(path)!r}")
+    assert str(err.value) == message.replace("line 4 (example 2)", "example 2")
+    with pytest.raises(ValueError, match=r"^eval\.benchmarks\.0 \(x\): no file to check"):
+        check_benchmarks_fit([hub.model_copy(update={"name": "x"})], {}, tok, n_long)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{}\n", encoding="utf-8")
+    with pytest.raises(BenchmarkFormatError, match=re.escape(f"eval.benchmarks.0 (p): {bad}:1: field 'goal'")):
+        check_benchmarks_fit([local], {"p": bad}, tok, n_long)
+
+
+def test_benchmark_and_classification_readers_share_one_jsonl_loop(tmp_path: Path) -> None:
+    from lmpipe.classify import ClassifyFormatError, read_examples
+
+    path = tmp_path / "d.jsonl"
+    for line, problem in [('{"goal": "g"', "not valid JSON (Expecting ',' delimiter at column 13)"),
+                          ("[1]", "expected a JSON object, got list")]:
+        path.write_text(line + "\n", encoding="utf-8")
+        with pytest.raises(BenchmarkFormatError) as bench_err:
+            load_benchmark(path, "piqa")
+        with pytest.raises(ClassifyFormatError) as classify_err:
+            read_examples(path)
+        assert str(bench_err.value) == f"{path}:1: {problem}"
+        assert str(classify_err.value) == f"classify.path: {path}:1: {problem}"
 
 
 def test_example_validation_and_arguments(tok: Tokenizer, eot: int) -> None:
@@ -374,6 +431,8 @@ def test_example_validation_and_arguments(tok: Tokenizer, eot: int) -> None:
         score_mc(model, tok, [MCExample("c", ["a", "b"], 0)], device="cpu", batch_size=0, eot_id=eot)
     with pytest.raises(ValueError, match="no examples"):
         score_mc(model, tok, [], device="cpu", eot_id=eot)
+    with pytest.raises(ValueError, match=r"^benchmark 'b': no examples to score$"):
+        score_mc(model, tok, [], device="cpu", eot_id=eot, where="benchmark 'b'")
 
 
 # -- sources: the Hub (mocked at datasets.load_dataset) or the local file -------------------------------------------
@@ -442,14 +501,18 @@ def test_hub_rows_are_cached_as_jsonl_and_read_like_the_local_files(tmp_path: Pa
     assert load_benchmark(path, kind)[0] == load_benchmark(FIXTURES / f"{kind}.jsonl", kind, limit=3)[0]
 
 
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
 def test_a_pinned_revision_is_read_from_the_cache_and_a_branch_is_downloaded_again(
         tmp_path: Path, online: pytest.MonkeyPatch) -> None:
     from lmpipe.benchmarks import resolve_benchmark
     from lmpipe.config import BenchmarkConfig
 
     hub = _hub(online, FakeHub(_fixture_rows("piqa")))
-    pinned = BenchmarkConfig(name="p", kind="piqa", hub="baber/piqa", revision="abc")
+    pinned = BenchmarkConfig(name="p", kind="piqa", hub="baber/piqa", revision=SHA)
     first = resolve_benchmark(pinned, tmp_path)
+    assert first.name == f"p-baber--piqa-default-validation@{SHA}.jsonl"
     hub.error = ConnectionError("no network")  # not asked again: the sha's rows cannot have changed
     assert resolve_benchmark(pinned, tmp_path) == first and len(hub.calls) == 1
 
@@ -459,6 +522,96 @@ def test_a_pinned_revision_is_read_from_the_cache_and_a_branch_is_downloaded_aga
     hub.rows = _fixture_rows("piqa", 2)  # the branch moved: the next run scores the new rows
     assert len(resolve_benchmark(branch, tmp_path).read_text().splitlines()) == 2
     assert hub.calls[1:] == [("baber/piqa", None, "validation", None)] * 2
+
+
+@pytest.mark.parametrize("revision", ["v1.0", "main", "refs/convert/parquet", SHA[:12], SHA.upper()])
+def test_a_cached_branch_or_tag_is_downloaded_again_and_only_a_fallback(
+        tmp_path: Path, online: pytest.MonkeyPatch, revision: str) -> None:
+    from lmpipe.benchmarks import BenchmarkSourceWarning, hub_cache_file, resolve_benchmark
+    from lmpipe.config import BenchmarkConfig
+
+    hub = _hub(online, FakeHub(_fixture_rows("piqa", 2)))
+    local = str(FIXTURES / "piqa.jsonl")
+    bench = BenchmarkConfig(name="p", kind="piqa", hub="baber/piqa", revision=revision, path=local)
+    cached = hub_cache_file(bench, tmp_path)
+    assert resolve_benchmark(bench, tmp_path) == cached
+    hub.rows = _fixture_rows("piqa", 3)  # the tag was moved: the cache is not trusted, the Hub is asked again
+    assert resolve_benchmark(bench, tmp_path) == cached and len(cached.read_text().splitlines()) == 3
+    assert len(hub.calls) == 2
+    before = cached.read_bytes()
+
+    class Broken:  # the connection drops halfway through the rows: the cached file stays whole
+        def __iter__(self):
+            yield _fixture_rows("piqa", 1)[0]
+            raise TimeoutError("read timed out")
+
+    _hub(online, lambda *a, **k: Broken())
+    stale = (f"benchmark 'p': scoring the cached file {str(cached)!r} of hub 'baber/piqa', which may be stale "
+             f"(revision {revision!r} is a branch or tag and can move): ")
+    with pytest.warns(BenchmarkSourceWarning) as caught:
+        assert resolve_benchmark(bench, tmp_path) == cached  # the cache before path
+    assert [str(w.message) for w in caught] == [stale + "the download failed: TimeoutError: read timed out"]
+    assert cached.read_bytes() == before and sorted(tmp_path.iterdir()) == [cached]
+    online.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.warns(BenchmarkSourceWarning) as caught:
+        assert resolve_benchmark(bench, tmp_path) == cached
+    assert [str(w.message) for w in caught] == [stale + "HF_DATASETS_OFFLINE is set"]
+
+
+def test_a_split_or_config_the_hub_lacks_fails_naming_the_field(tmp_path: Path, online: pytest.MonkeyPatch) -> None:
+    from datasets.exceptions import DatasetNotFoundError
+
+    from lmpipe.benchmarks import BenchmarkHubError, BenchmarkSourceWarning, resolve_benchmarks
+    from lmpipe.config import BenchmarkConfig
+
+    local = str(FIXTURES / "arc.jsonl")
+    piqa = BenchmarkConfig(name="piqa", kind="piqa", path=str(FIXTURES / "piqa.jsonl"))
+    arc = BenchmarkConfig(name="arc-c", kind="arc", hub="allenai/ai2_arc", hub_config="ARC-Challenge", split="tset",
+                          revision="main", path=local)
+    _hub(online, FakeHub(error=ValueError("Bad split: tset. Available splits: ['train', 'validation', 'test']")))
+    with pytest.raises(BenchmarkHubError) as err:  # a config mistake: no fallback to path
+        resolve_benchmarks([piqa, arc], tmp_path)
+    assert isinstance(err.value, ValueError) and str(err.value) == (
+        "eval.benchmarks.1 (arc-c): the Hub refused hub 'allenai/ai2_arc' config 'ARC-Challenge' split 'tset' "
+        "revision 'main': ValueError: Bad split: tset. Available splits: ['train', 'validation', 'test']; "
+        "check eval.benchmarks.1.split (unset: 'test', the split lm-evaluation-harness scores)")
+    wrong_config = arc.model_copy(update={"hub_config": "ARC-Chalenge", "split": None, "revision": None})
+    _hub(online, FakeHub(error=ValueError("BuilderConfig 'ARC-Chalenge' not found. Available: ['ARC-Challenge']")))
+    with pytest.raises(BenchmarkHubError, match=re.escape(
+            "eval.benchmarks.0 (arc-c): the Hub refused hub 'allenai/ai2_arc' config 'ARC-Chalenge' split 'test' "
+            "revision None: ValueError: BuilderConfig 'ARC-Chalenge' not found. Available: ['ARC-Challenge']; "
+            "check eval.benchmarks.0.hub_config")):
+        resolve_benchmarks([wrong_config], tmp_path)
+    # A dataset or revision the Hub does not have is datasets' FileNotFoundError: the local file is scored.
+    _hub(online, FakeHub(error=DatasetNotFoundError("Revision 'main' doesn't exist for dataset 'allenai/ai2_arc'")))
+    with pytest.warns(BenchmarkSourceWarning, match="the download failed: DatasetNotFoundError: Revision 'main'"):
+        assert resolve_benchmarks([arc], tmp_path) == {"arc-c": Path(local)}
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_resolved_file_is_format_checked_naming_the_benchmark_and_line(
+        tmp_path: Path, online: pytest.MonkeyPatch) -> None:
+    from lmpipe.benchmarks import BenchmarkSourceError, hub_cache_file, resolve_benchmark, resolve_benchmarks
+    from lmpipe.config import BenchmarkConfig
+
+    rows = _fixture_rows("piqa", 3)
+    rows[1]["sol2"] = None  # a null on the Hub
+    _hub(online, FakeHub(rows))
+    bench = BenchmarkConfig(name="p", kind="piqa", hub="baber/piqa", revision=SHA)
+    cached = hub_cache_file(bench, tmp_path)
+    with pytest.raises(BenchmarkFormatError) as err:
+        resolve_benchmarks([bench], tmp_path)
+    assert (err.value.path, err.value.line, err.value.field) == (cached, 2, "sol2")
+    assert str(err.value) == f"eval.benchmarks.0 (p): {cached}:2: field 'sol2': must be a string, got NoneType"
+    assert resolve_benchmark(bench.model_copy(update={"skip_bad": True}), tmp_path) == cached
+    assert resolve_benchmark(bench.model_copy(update={"limit": 1}), tmp_path) == cached  # line 2 is never read
+    bad_local = tmp_path / "bad.jsonl"
+    bad_local.write_text("[1]\n", encoding="utf-8")
+    with pytest.raises(BenchmarkFormatError, match=re.escape(
+            f"benchmark 'l': {bad_local}:1: expected a JSON object, got list")):
+        resolve_benchmark(BenchmarkConfig(name="l", kind="piqa", path=str(bad_local)), tmp_path)
+    with pytest.raises(BenchmarkSourceError):  # a missing file is still a source error, not a format error
+        resolve_benchmark(BenchmarkConfig(name="l", kind="piqa", path=str(tmp_path / "gone.jsonl")), tmp_path)
 
 
 @pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])

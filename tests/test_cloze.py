@@ -64,6 +64,17 @@ def test_too_few_documents_is_an_error_naming_the_counts() -> None:
         make_cloze(docs, n_items=5, seed=0)
 
 
+def test_max_bytes_reading_every_document_names_the_option_its_value_and_the_size() -> None:
+    docs_bytes = len(TEXT.rstrip("\n")) - 4 * len("\n\n")  # five documents, without the blank lines between them
+    for max_bytes in (docs_bytes, 10**6):
+        with pytest.raises(ValueError) as err:
+            held_out_documents(TEXT, "blank_line", max_bytes, source="t.txt")
+        assert str(err.value) == (f"--max-bytes {max_bytes} reads every document of t.txt (5 documents, "
+                                  f"{docs_bytes} bytes of its {len(TEXT)}): none is left unread to make items from; "
+                                  f"give the max_bytes of a source that stops before the end (below {docs_bytes})")
+    assert held_out_documents(TEXT, "blank_line", docs_bytes - 1)[0] == 4  # one byte less: E is held out
+
+
 def test_held_out_documents_start_where_the_download_stage_stops(tmp_path: Path) -> None:
     corpus = PipelineConfig().data.finetune
     assert corpus.sources[0].max_bytes == DEMO_HELD_OUT_AT

@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
 def make_cloze_command(args: argparse.Namespace) -> str:
     from lmpipe.cloze import held_out_documents, make_cloze, write_cloze
 
-    first, docs = held_out_documents(args.file.read_text(encoding="utf-8"), args.boundary, args.max_bytes)
+    first, docs = held_out_documents(args.file.read_text(encoding="utf-8"), args.boundary, args.max_bytes,
+                                     source=str(args.file))
     items = make_cloze(docs[first:], n_items=args.items, n_endings=args.endings, seed=args.seed, first_index=first)
     write_cloze(items, args.out)
     return (f"{args.out}: {len(items)} items of {args.endings} endings from documents {first}..{len(docs) - 1} "
@@ -209,7 +210,8 @@ def model_command(args: argparse.Namespace) -> str:
             if not sep or kind not in ("hellaswag", "arc", "piqa"):
                 raise ValueError(f"--benchmark {spec!r}: expected KIND=PATH with KIND hellaswag, arc or piqa")
             examples, bad = load_benchmark(Path(path), kind, limit=args.limit)  # type: ignore[arg-type]
-            r = score_mc(model, tok, examples, device=args.device, batch_size=args.batch_size, eot_id=eot)
+            r = score_mc(model, tok, examples, device=args.device, batch_size=args.batch_size, eot_id=eot,
+                         where=f"--benchmark {spec!r}")
             rows.append(f"{kind + ' ' + Path(path).name:<40} {r.n:>6} {r.acc:>8.4f} {r.acc_norm:>8.4f}")
         return "\n".join(rows)
 

@@ -76,7 +76,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         # stage runs; their content is part of the evaluation's fingerprint.
         bench_files = resolve_benchmarks(config.eval.benchmarks, Path(ctx.workdir) / "benchmarks")
         tokenizer, corpora = _prepare(config, ctx, ledger)
-        check_context_fits(config, corpora)
+        check_context_fits(config, corpora, tokenizer, bench_files)
         pre_shards = corpora[config.data.pretrain.name]
         ft_shards = corpora.get(config.data.finetune.name) if config.data.finetune else None
         base = ledger.run(pretrain, model_cfg=config.model, cfg=config.pretrain, shards=pre_shards,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from lmpipe.benchmarks import load_benchmark, score_mc
+from lmpipe.benchmarks import benchmark_label, load_benchmark, score_mc
 from lmpipe.checkpoint import load_model, read_state
 from lmpipe.config import EvalConfig
 from lmpipe.loader import TokenSource
@@ -410,8 +410,9 @@ def run_evaluate(
             raise ValueError(f"eval.benchmarks.{i} ({bench.name}): no file to score: it has no path and its Hub "
                              "download was not resolved (lmpipe.benchmarks.resolve_benchmarks)")
         try:
-            benchmarks[bench.name] = (bench, *load_benchmark(Path(source), bench.kind, limit=bench.limit,
-                                                              skip_bad=bench.skip_bad))
+            benchmarks[bench.name] = (bench, benchmark_label(i, bench, source),
+                                      *load_benchmark(Path(source), bench.kind, limit=bench.limit,
+                                                      skip_bad=bench.skip_bad))
         except OSError as err:
             raise FileNotFoundError(f"eval.benchmarks.{i} ({bench.name}): {err}") from err
         except ValueError as err:
@@ -450,8 +451,9 @@ def run_evaluate(
                 except ValueError as err:
                     raise ValueError(f"evaluating model {model_name!r} on corpus {corpus_name!r} (val split): {err}") from err
                 results.append({"model": model_name, "corpus": corpus_name, **r})
-            for bench_name, (bench, examples, bad) in benchmarks.items():
-                mc = score_mc(model, tok, examples, device=device, batch_size=cfg.batch_size, eot_id=start_id)
+            for bench_name, (bench, label, examples, bad) in benchmarks.items():
+                mc = score_mc(model, tok, examples, device=device, batch_size=cfg.batch_size, eot_id=start_id,
+                              where=label)
                 choice.append({"model": model_name, "benchmark": bench_name, "kind": bench.kind, "n": mc.n,
                                "acc": mc.acc, "acc_norm": mc.acc_norm, "skipped_lines": bad.count,
                                "truncated_choices": mc.truncated})

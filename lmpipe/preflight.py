@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
-from lmpipe.benchmarks import load_benchmark
+from lmpipe.benchmarks import check_benchmarks_fit, load_benchmark
 from lmpipe.checkpoint import STATE_FILE, CheckpointMismatchError, architecture_diffs, read_state
 from lmpipe.classify import read_examples
 from lmpipe.config import PipelineConfig
@@ -13,6 +14,7 @@ from lmpipe.lora import check_targets
 from lmpipe.sft import read_sft_jsonl
 from lmpipe.shards import read_manifest
 from lmpipe.stage import StageResult
+from lmpipe.tokenizer import TOKENIZER_FILE, load_tokenizer
 
 
 def check_inputs(config: PipelineConfig, *, training: bool = True) -> None:
@@ -47,9 +49,13 @@ def check_inputs(config: PipelineConfig, *, training: bool = True) -> None:
                                     f"(no {STATE_FILE})")
 
 
-def check_context_fits(config: PipelineConfig, corpora: dict[str, StageResult]) -> None:
-    """Every corpus's splits must hold more than one context window; checked once the shards exist,
-    before any training, so fine-tuning cannot fail on it after pretraining has run."""
+def check_context_fits(config: PipelineConfig, corpora: dict[str, StageResult], tokenizer: StageResult,
+                       benchmark_files: Mapping[str, Path]) -> None:
+    """Checked once the tokenizer and shards exist, before any training, so that neither fine-tuning nor
+    evaluation can fail on them after pretraining has run: every corpus's splits hold more than one context
+    window, and every benchmark choice fits the context (``lmpipe.benchmarks.check_benchmarks_fit``)."""
+    check_benchmarks_fit(config.eval.benchmarks, benchmark_files, load_tokenizer(tokenizer.path(TOKENIZER_FILE)),
+                         config.model.block_size)
     need = config.model.block_size + 1
     for name, shards in corpora.items():
         for split, info in read_manifest(shards.out_dir)["splits"].items():

@@ -122,6 +122,21 @@ def test_context_longer_than_the_finetune_validation_split_fails_before_pretrain
     assert "pretrain" not in {r.info.run_name for r in runs}
 
 
+def test_a_benchmark_choice_longer_than_the_context_fails_before_pretraining(tmp_path):
+    import json
+
+    bench = tmp_path / "long.jsonl"
+    rows = [{"ctx": "To be, or not to be", "endings": ["that is the question.", "a cat."], "label": 0},
+            {"ctx": "Now is the winter", "endings": ["of our discontent.", " ".join(["glorious summer"] * 40)],
+             "label": 0}]
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    message, runs = _run_failing(tiny_config(
+        tmp_path / "w", f"eval.benchmarks=[{{name: long, kind: hellaswag, path: '{bench}'}}]"))
+    assert f"eval.benchmarks.0 (long) file '{bench}': line 2 (example 1) choice 1 ('glorious summer" in message
+    assert "scoring needs 1..32 (model block_size)" in message
+    assert "pretrain" not in {r.info.run_name for r in runs}  # found once the tokenizer exists, before training
+
+
 def test_finetune_checkpoint_that_does_not_match_the_model(tmp_path):
     from lmpipe.checkpoint import save_checkpoint  # a real checkpoint of another architecture
     from lmpipe.config import ModelConfig

@@ -73,6 +73,7 @@ from tokenizers import Tokenizer
 
 from lmpipe.config import BenchmarkConfig
 from lmpipe.model import IGNORE_INDEX
+from lmpipe.tokenizer import encode_ordinary
 
 BenchmarkKind = Literal["hellaswag", "arc", "piqa"]
 TARGET_DELIMITER = " "  # the harness's default target_delimiter, put between context and choice
@@ -510,24 +511,16 @@ def encode_continuations(
     if n_spaces:
         continuations = [context[-n_spaces:] + c for c in continuations]
         context = context[:-n_spaces]
-    previous = tok.encode_special_tokens
-    tok.encode_special_tokens = True
-    try:
-        if not context:
-            conts = [e.ids for e in tok.encode_batch(list(continuations), add_special_tokens=False)]
-            return [eot_id], conts
-        ctx_ids = tok.encode(context, add_special_tokens=False).ids
-        wholes = tok.encode_batch([context + c for c in continuations], add_special_tokens=False)
-        conts = []
-        for cont, whole in zip(continuations, wholes):
-            ids = whole.ids
-            if ids[: len(ctx_ids)] == ctx_ids:
-                conts.append(ids[len(ctx_ids) :])
-            else:
-                conts.append(tok.encode(cont, add_special_tokens=False).ids)
-        return ctx_ids, conts
-    finally:
-        tok.encode_special_tokens = previous
+    if not context:
+        return [eot_id], encode_ordinary(tok, continuations)
+    ctx_ids, *wholes = encode_ordinary(tok, [context, *(context + c for c in continuations)])
+    conts = []
+    for cont, ids in zip(continuations, wholes):
+        if ids[: len(ctx_ids)] == ctx_ids:
+            conts.append(ids[len(ctx_ids) :])
+        else:
+            conts.append(encode_ordinary(tok, [cont])[0])
+    return ctx_ids, conts
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ from lmpipe.evaluate import markdown_cell
 from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
 from lmpipe.sft import split_indices
 from lmpipe.stage import BuildOutput, StageResult, read_versioned_json, run_stage, write_json_atomic
-from lmpipe.tokenizer import META_FILE, eot_id, load_tokenizer, read_tokenizer_meta, tokenizer_fingerprint
+from lmpipe.tokenizer import META_FILE, encode_ordinary, eot_id, load_tokenizer, read_tokenizer_meta, tokenizer_fingerprint
 from lmpipe.train import TrainingDivergedError, tokenizer_info, autocast_for, lr_at, resolve_device
 
 LogMetrics = Callable[[dict[str, float], int], None]
@@ -291,13 +291,7 @@ def encode_texts(
     Literal special-token text inside a text stays text (as in the shards and SFT):
     only the appended id is the extract token.
     """
-    previous = tok.encode_special_tokens
-    tok.encode_special_tokens = True
-    try:
-        encoded = tok.encode_batch(list(texts), add_special_tokens=False)
-    finally:
-        tok.encode_special_tokens = previous
-    ids = [[*e.ids, extract_id] for e in encoded]
+    ids = [[*e, extract_id] for e in encode_ordinary(tok, texts)]
     return [x[-block_size:] for x in ids], [len(x) > block_size for x in ids]
 
 

@@ -70,6 +70,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lmpipe.config import CHAT_TOKENS, EOT
+from lmpipe.tokenizer import encode_ordinary
 
 VAL_EVERY = 10  # every 10th example is held out for validation
 MAX_REPORTED = 5  # line numbers of skipped examples kept for the stage's meta
@@ -284,18 +285,13 @@ def encode_chat(
     contents = [m.content for conv in conversations for m in conv]
     # Literal special-token text in a message stays text (as in the shards): only the
     # template's ids mark turns and the conversation's end.
-    previous = tok.encode_special_tokens
-    tok.encode_special_tokens = True
-    try:
-        encoded = iter(tok.encode_batch(contents, add_special_tokens=False))
-    finally:
-        tok.encode_special_tokens = previous
+    encoded = iter(encode_ordinary(tok, contents))
     out = []
     for conv in conversations:
         tokens: list[int] = []
         mask: list[int] = []
         for m in conv:
-            body = next(encoded).ids
+            body = next(encoded)
             learn = int(m.role == "assistant")
             tokens += [ids.roles[m.role], *body, ids.end]
             mask += [0] + [learn] * (len(body) + 1)

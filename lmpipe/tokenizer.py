@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,18 @@ def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
             raise ValueError(f"tokenizer has no token for id {i} below its vocab_size {n}")
         lengths[i] = len(piece)
     return lengths
+
+
+def encode_ordinary(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Each text's ids with literal special-token text ("<|endoftext|>", "<|end|>", ...) encoded as plain
+    text, as the shards encode documents (tiktoken's ``encode_ordinary``): only ids a caller adds mark a
+    document's end, a chat turn or a classifier's extract token."""
+    previous = tok.encode_special_tokens
+    tok.encode_special_tokens = True
+    try:
+        return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+    finally:
+        tok.encode_special_tokens = previous
 
 
 def eot_id(tok: Tokenizer, eot_token: str) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from lmpipe.config import ConfigError, PipelineConfig, load_config
+from lmpipe.config import ConfigError, EvalConfig, PipelineConfig, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,8 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="prompt in the chat template, reply up to <|end|> (default: on for chat SFT models)")
-    p = model_command("evaluate", "score a trained model on multiple-choice benchmarks")
-    p.add_argument("--benchmark", "-b", action="append", required=True, metavar="KIND=PATH",
+    p = model_command("evaluate", "score a trained model: held-out loss / perplexity / bits per byte on text "
+                                  "files, acc / acc_norm on multiple-choice benchmarks")
+    p.add_argument("--text", "-t", action="append", type=Path, default=[], metavar="FILE",
+                   help="a UTF-8 text file to score as one held-out document (repeat for several)")
+    p.add_argument("--eval-tokens", type=int, default=EvalConfig().eval_tokens,
+                   help="score at most this many tokens of each text (default: eval.eval_tokens)")
+    p.add_argument("--benchmark", "-b", action="append", default=[], metavar="KIND=PATH",
                    help="hellaswag|arc|piqa=local JSONL file (repeat for several)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples of each")
     p.add_argument("--batch-size", type=int, default=16)
@@ -167,6 +172,14 @@ def model_command(args: argparse.Namespace) -> str:
 
     from lmpipe.handoff import resolve_model
 
+    if args.command == "evaluate":  # bad arguments fail before the model is fetched
+        if not args.text and not args.benchmark:
+            raise ValueError("nothing to score: give --text FILE and/or --benchmark KIND=PATH")
+        for path in args.text:
+            if not path.is_file():
+                raise FileNotFoundError(f"--text {str(path)!r}: no such file")
+        if args.eval_tokens < 1:
+            raise ValueError(f"--eval-tokens must be >= 1, got {args.eval_tokens}")
     with tempfile.TemporaryDirectory(prefix="lmpipe-model-") as tmp:
         files = resolve_model(args.model, workdir=args.workdir, tokenizer=args.tokenizer,
                               tracking_uri=args.tracking_uri, download_dir=Path(tmp))
@@ -204,7 +217,18 @@ def model_command(args: argparse.Namespace) -> str:
 
         meta = files.tokenizer_dir / META_FILE
         eot = eot_id(tok, read_tokenizer_meta(meta)["eot_token"] if meta.is_file() else EOT)
-        rows = [f"{'benchmark':<40} {'n':>6} {'acc':>8} {'acc_norm':>8}"]
+        rows = []
+        if args.text:
+            from lmpipe.evaluate import score_text
+
+            rows.append(f"{'text':<40} {'tokens':>8} {'bytes':>10} {'loss':>8} {'ppl':>10} {'bits/byte':>9}")
+            for path in args.text:
+                r = score_text(model, tok, path.read_text(encoding="utf-8"), start_id=eot,
+                               eval_tokens=args.eval_tokens, batch_size=args.batch_size, device=args.device)
+                rows.append(f"{path.name:<40} {r['tokens']:>8,.0f} {r['bytes']:>10,.0f} {r['loss']:>8.4f} "
+                            f"{r['perplexity']:>10.2f} {r['bits_per_byte']:>9.4f}")
+        if args.benchmark:
+            rows.append(f"{'benchmark':<40} {'n':>6} {'acc':>8} {'acc_norm':>8}")
         for spec in args.benchmark:
             kind, sep, path = spec.partition("=")
             if not sep or kind not in ("hellaswag", "arc", "piqa"):

@@ -33,7 +33,9 @@ from lmpipe.loader import TokenSource
 from lmpipe.sft import END_TOKEN, Message, encode_chat_prompt
 from lmpipe.shards import MANIFEST_FILE, TokenSplit, read_manifest
 from lmpipe.stage import BuildOutput, StageResult, run_stage, write_json_atomic
-from lmpipe.tokenizer import TOKENIZER_FILE, load_tokenizer, token_byte_lengths, tokenizer_fingerprint
+from lmpipe.train import ArraySource
+from lmpipe.tokenizer import (TOKENIZER_FILE, encode_ordinary, load_tokenizer, token_byte_lengths,
+                              tokenizer_fingerprint)
 
 METRICS = ("loss", "perplexity", "bits_per_byte")
 MC_METRICS = ("acc", "acc_norm")
@@ -119,6 +121,31 @@ def evaluate_loss(
         "tokens": n_targets,
         "bytes": sum_bytes,
     }
+
+
+def score_text(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    text: str,
+    *,
+    start_id: int,
+    eval_tokens: int,
+    batch_size: int,
+    device: str | torch.device,
+) -> dict[str, float]:
+    """Held-out loss, perplexity and bits per byte on a text, as :func:`evaluate_loss` scores a val split.
+
+    The text is one document encoded as the shards encode one (literal special-token
+    text stays text), after ``start_id`` (the end-of-text token: "a document
+    begins"), so every one of its tokens is scored, up to ``eval_tokens``; with a
+    budget that covers the text, ``bytes`` is the text's UTF-8 length.
+    """
+    [ids] = encode_ordinary(tokenizer, [text])
+    if not ids:
+        raise ValueError("the text encodes to no tokens: nothing to score")
+    source = ArraySource(np.array([start_id, *ids], dtype=np.int64))
+    return evaluate_loss(model, source, token_byte_lengths(tokenizer), eval_tokens=eval_tokens,
+                         batch_size=batch_size, device=device)
 
 
 def generate_samples(

@@ -16,11 +16,12 @@ import torch
 from lmpipe.checkpoint import load_model, save_checkpoint
 from lmpipe.config import CorpusConfig, EvalConfig, ShardConfig, SourceConfig, TokenizerConfig
 from lmpipe.docset import ChunkWriter
-from lmpipe.evaluate import TokenizerMismatchError, evaluate_loss, generate_samples, run_evaluate
+from lmpipe.evaluate import TokenizerMismatchError, evaluate_loss, generate_samples, run_evaluate, score_text
 from lmpipe.model import GPT, GPTConfig
 from lmpipe.shards import TokenSplit
 from lmpipe.stage import StageResult
-from lmpipe.tokenizer import load_tokenizer, run_train_tokenizer, token_byte_lengths, tokenizer_fingerprint
+from lmpipe.tokenizer import (encode_ordinary, load_tokenizer, run_train_tokenizer, token_byte_lengths,
+                              tokenizer_fingerprint)
 from tests.conftest import DATA
 from tests.test_shards import encode_and_shard
 
@@ -136,6 +137,21 @@ def test_bad_inputs_fail_clearly(tokens, token_bytes):
 
 
 # ---------------------------------------------------------------- real data: tokenizer, shards, checkpoints
+
+
+def test_score_text_scores_every_byte_of_a_text_after_a_document_start(tok):
+    text = "To be, or not to be: <|endoftext|> that is the question.\n" * 3
+    model = tiny_gpt(seed=3, vocab_size=tok.get_vocab_size())
+    eot = tok.token_to_id("<|endoftext|>")
+    [ids] = encode_ordinary(tok, [text])
+    assert eot not in ids  # the literal special-token text stays text, as in the shards
+    r = score_text(model, tok, text, start_id=eot, eval_tokens=10_000, batch_size=4, device="cpu")
+    assert (r["tokens"], r["bytes"]) == (len(ids), len(text.encode("utf-8")))
+    assert r == evaluate_loss(model, ArraySplit(np.array([eot, *ids])), token_byte_lengths(tok), eval_tokens=10_000,
+                              batch_size=4, device="cpu")
+    assert score_text(model, tok, text, start_id=eot, eval_tokens=5, batch_size=4, device="cpu")["tokens"] == 5
+    with pytest.raises(ValueError, match="the text encodes to no tokens"):
+        score_text(model, tok, "", start_id=eot, eval_tokens=5, batch_size=4, device="cpu")
 
 
 def blocks(path: Path, n_chars: int) -> list[str]:

@@ -187,6 +187,20 @@ def test_model_commands_take_a_registry_uri_or_a_checkpoint_directory(first_run,
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["benchmark", "n", "acc", "acc_norm"]
     assert out[1].split()[:3] == ["piqa", "short-piqa.jsonl", "3"]
+    # --text: held-out loss / perplexity / bits per byte of a file, as lmpipe.evaluate.score_text gives them
+    from lmpipe.evaluate import score_text
+
+    speech = tmp_path / "speech.txt"
+    speech.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n", encoding="utf-8")
+    assert main(["evaluate", str(Path(finetuned) / "model"), *workdir, "-t", str(speech), "--eval-tokens", "9"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    r = score_text(load_model(Path(finetuned) / "model"), load_tokenizer(Path(tokenizer) / "tokenizer.json"),
+                   speech.read_text(encoding="utf-8"), start_id=0, eval_tokens=9, batch_size=16, device="cpu")
+    assert out[0].split() == ["text", "tokens", "bytes", "loss", "ppl", "bits/byte"]
+    assert out[1].split() == ["speech.txt", "9", f"{r['bytes']:,.0f}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}",
+                              f"{r['bits_per_byte']:.4f}"]
+    assert main(["evaluate", "models:/lmpipe-gpt/1", *workdir]) == 1
+    assert "nothing to score: give --text FILE and/or --benchmark KIND=PATH" in capsys.readouterr().err
 
     # export: a transformers directory from the registry
     assert main(["export", "models:/lmpipe-gpt@candidate", *workdir, str(tmp_path / "hf")]) == 0

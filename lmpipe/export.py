@@ -27,8 +27,9 @@ import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from lmpipe.checkpoint import load_model, read_state
-from lmpipe.evaluate import TokenizerMismatchError
+from lmpipe.evaluate import TokenizerMismatchError, is_chat_model
 from lmpipe.model import GPT, LN_EPS
+from lmpipe.sft import hf_chat_template
 from lmpipe.tokenizer import META_FILE, TOKENIZER_FILE, read_tokenizer_meta, tokenizer_fingerprint
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -176,6 +177,8 @@ def export_hf(checkpoint_dir: Path, tokenizer_dir: Path, dest: Path) -> Path:
             extra_special_tokens=extra,
             model_max_length=model.config.block_size,
         )
+        if is_chat_model(state):  # apply_chat_template (and serving engines) prompt it as its SFT did
+            tokenizer.chat_template = hf_chat_template()
         tokenizer.save_pretrained(tmp)
         card = _model_card(checkpoint_dir, state, tok_fp, model.config.block_size)
         (tmp / "README.md").write_text(card, encoding="utf-8")

@@ -264,6 +264,23 @@ def render_chat(messages: Sequence[Message], *, eot: str = EOT, add_generation_p
     return text + (ROLE_TOKENS["assistant"] if add_generation_prompt else eot)
 
 
+def hf_chat_template() -> str:
+    """:func:`render_chat` as a Jinja chat template (``chat_template`` in transformers' tokenizer_config.json):
+    ``tokenizer.apply_chat_template`` then renders a conversation exactly as our SFT did, ``eos_token``
+    being the end-of-text token and ``add_generation_prompt`` opening the assistant turn."""
+    roles = json.dumps(ROLE_TOKENS)
+    return (
+        f"{{% set roles = {roles} %}}"
+        "{% for message in messages %}"
+        "{% if message['role'] not in roles %}"
+        "{{ raise_exception('unknown role ' + message['role'] + ': expected system, user or assistant') }}"
+        "{% endif %}"
+        f"{{{{ roles[message['role']] + message['content'] + '{END_TOKEN}' }}}}"
+        "{% endfor %}"
+        f"{{% if add_generation_prompt %}}{{{{ '{ROLE_TOKENS['assistant']}' }}}}{{% else %}}{{{{ eos_token }}}}{{% endif %}}"
+    )
+
+
 def chat_token_ids(tok: Tokenizer, eot_id: int) -> ChatTokenIds:
     """The template's token ids; fails clearly when the tokenizer was trained without one of them."""
     ids: dict[str, int] = {}

@@ -18,6 +18,7 @@ from lmpipe.config import CHAT_TOKENS, EOT, TokenizerConfig
 from lmpipe.evaluate import TokenizerMismatchError
 from lmpipe.export import export_hf
 from lmpipe.model import GPT, GPTConfig
+from lmpipe.sft import Message, encode_chat_prompt, render_chat
 from lmpipe.stage import StageResult
 from lmpipe.tokenizer import load_tokenizer, run_train_tokenizer, tokenizer_fingerprint
 from tests.conftest import DATA
@@ -149,6 +150,25 @@ def test_tokenizer_matches_ours(exported) -> None:
     chat = f"<|user|>Who are you?<|end|><|assistant|>A king.<|end|>{EOT}"
     chat_ids = hf_tok.encode(chat, add_special_tokens=False)
     assert hf_tok.decode(chat_ids, skip_special_tokens=True) == "Who are you?A king."
+
+
+def test_a_chat_model_carries_its_chat_template(exported, tmp_path: Path) -> None:
+    """apply_chat_template renders and encodes a conversation as our SFT did; a base model has no template."""
+    model, tok, tok_stage, _, dest = exported
+    assert AutoTokenizer.from_pretrained(dest, local_files_only=True).chat_template is None
+    state = {"tokenizer_fingerprint": tokenizer_fingerprint(tok_stage.path("tokenizer.json")), "train": {"mode": "sft"}}
+    ckpt = save_checkpoint(tmp_path / "chat", 7, model, torch.optim.AdamW(model.parameters()), state)
+    hf_tok = AutoTokenizer.from_pretrained(export_hf(ckpt, Path(tok_stage.out_dir), tmp_path / "hf"),
+                                           local_files_only=True)
+    conv = [Message("system", "Be brief."), Message("user", "Who are you?"), Message("assistant", "A king.")]
+    as_dicts = [{"role": m.role, "content": m.content} for m in conv]
+    assert hf_tok.apply_chat_template(as_dicts, tokenize=False) == render_chat(conv)
+    assert hf_tok.apply_chat_template(as_dicts[:2], tokenize=False, add_generation_prompt=True) == render_chat(
+        conv[:2], add_generation_prompt=True)
+    ids = hf_tok.apply_chat_template(as_dicts[1:2], tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert list(ids) == encode_chat_prompt([conv[1]], tok)
+    with pytest.raises(Exception, match="unknown role tool"):
+        hf_tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 
 
 def test_export_replaces_an_existing_export(exported, tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lmpipe.config import ModelConfig
-from lmpipe.lora import merge_state
+from lmpipe.lora import LoraLinear, is_lora_state, merge_state
 from lmpipe.model import GPT, GPTConfig
 from lmpipe.stage import sha256_file, write_json_atomic
 
@@ -323,18 +323,34 @@ def check_compatible(
         )
 
 
-def _load_weights(model: nn.Module, ckpt_dir: Path) -> None:
-    """Full weights into a plain, DDP or FSDP2 model (each rank reads the file and keeps its shard)."""
+def _load_weights(model: nn.Module, ckpt_dir: Path, state: dict[str, Any]) -> None:
+    """Full weights into a plain, DDP or FSDP2 model (each rank reads the file and keeps its shard).
+
+    A LoRA run's own checkpoints (``checkpoints/step-*``, ``best/``) hold the frozen
+    base weights and the unmerged adapters. A model with LoRA layers (resuming that
+    run) takes them as they are; a plain GPT (inference, evaluation, a fine-tune
+    started from such a step) takes them merged with the scale the run recorded,
+    exactly as ``export_model`` would have written them.
+    """
     sd = load_file(str(Path(ckpt_dir) / WEIGHTS_FILE), device="cpu")
+    if is_lora_state(sd) and not any(isinstance(m, LoraLinear) for m in model.modules()):
+        lora = state.get("lora")
+        if not isinstance(lora, dict) or "scale" not in lora:
+            raise CheckpointError(f"{state.get('state_file', ckpt_dir)}: {WEIGHTS_FILE} holds LoRA adapters but "
+                                  "the state names no 'lora' entry with their 'scale', so they cannot be merged")
+        sd = merge_state(sd, float(lora["scale"]))
     sd[_TIED_KEY] = sd[_TIED_TO]
     set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
 def load_model(ckpt_dir: Path, device: torch.device | str = "cpu") -> GPT:
-    """Build the GPT a checkpoint describes and load its weights; returned in eval mode."""
+    """Build the GPT a checkpoint describes and load its weights; returned in eval mode.
+
+    Always a plain GPT: a LoRA checkpoint comes back with its adapters merged (``_load_weights``).
+    """
     state = verify_checkpoint(ckpt_dir)
     model = GPT(GPTConfig(**state["model"]))
-    _load_weights(model, ckpt_dir)
+    _load_weights(model, ckpt_dir, state)
     return model.to(device).eval()
 
 
@@ -350,12 +366,13 @@ def load_checkpoint(
     """Restore weights into model (and optimizer state, this rank's RNG states); returns the state.
 
     The model must already have the checkpoint's architecture (see check_compatible)
-    and sit on its device; plain, DDP and FSDP2 models all take the full tensors.
+    and sit on its device; plain, DDP and FSDP2 models all take the full tensors
+    (a LoRA checkpoint's merged into a model without LoRA layers, see ``_load_weights``).
     RNG states come back only onto the same number of ranks; ``restore_rng`` reports
     through the returned state's ``rng_restored`` whether they did.
     """
     state = verify_checkpoint(ckpt_dir)
-    _load_weights(model, ckpt_dir)
+    _load_weights(model, ckpt_dir, state)
     if optimizer is not None:
         opt_file = Path(ckpt_dir) / OPTIMIZER_FILE
         if not opt_file.is_file():

@@ -12,7 +12,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from lmpipe.checkpoint import load_model, read_state
+from lmpipe.checkpoint import export_model, load_checkpoint, load_model, read_state
 from lmpipe.config import FinetuneConfig, LoraConfig, ModelConfig, TrainConfig
 from lmpipe.export import export_hf
 from lmpipe.lora import (
@@ -184,6 +184,35 @@ def test_lora_finetune_changes_only_the_targets_and_is_reproducible_and_resumabl
         stored = trained.get(key) if key in trained else trained[key.replace(".weight", ".base.weight")
                                                                  .replace(".bias", ".base.bias")]
         assert torch.equal(stored, value), key
+
+
+def test_an_intermediate_lora_checkpoint_loads_as_the_merged_plain_model(
+        tmp_path: Path, tokenizer: StageResult, base: tuple[Path, ArraySource, ArraySource]) -> None:
+    ckpt, train_src, val_src = base
+    vocab = load_tokenizer(tokenizer.path("tokenizer.json")).get_vocab_size()
+    summary = train(MODEL, LORA_FT, vocab, train_src, val_src, tmp_path / "run",
+                    tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.path("tokenizer.json")), init_from=ckpt,
+                    stop_after=4)
+    step = summary.checkpoint
+    assert step == tmp_path / "run" / "checkpoints" / "step-0000004"
+    assert "lora" in read_state(step) and any(".lora_A." in k for k in load_file(str(step / "model.safetensors")))
+
+    # The LoRA model as the run holds it in memory: adapters on the base, the step's weights loaded.
+    in_memory = GPT(GPTConfig.from_config(MODEL, vocab))
+    apply_lora(in_memory, LORA_FT.lora)
+    load_checkpoint(step, in_memory, None, restore_rng=False)
+    loaded = load_model(step)  # what `lmpipe generate/evaluate --checkpoint <step dir>` build
+    assert set(loaded.state_dict()) == set(GPT(loaded.config).state_dict())  # a plain GPT
+    exported = load_model(export_model(step, tmp_path / "exported"))
+    x = torch.randint(0, vocab, (2, MODEL.block_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, _ = in_memory.eval()(x, x)
+        got, _ = loaded(x, x)
+        merged, _ = exported(x, x)
+        before, _ = load_model(ckpt)(x, x)
+    assert (got - want).abs().max().item() <= 1e-5
+    assert torch.equal(got, merged)  # one merge (lora.merge_state) for both readers
+    assert (want - before).abs().max().item() > 1e-3  # the adapters trained: the merge is not a no-op
 
 
 def test_run_finetune_publishes_merged_weights_and_a_peft_adapter(

@@ -251,10 +251,12 @@ class GPTTextGenerator(mlflow.pyfunc.PythonModel):
 
 def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path,
                    tokenizer_dir: Path, pip_requirements: list[str]) -> dict[str, Any]:
-    """Log the model as a pyfunc in the stage's run, register a new version and point the alias at it.
+    """Log the model as a pyfunc in the stage's run and register a new version; no alias is moved.
 
     The artifacts are the checkpoint directory, tokenizer.json (what serving loads)
     and tokenizer_meta.json (what ``lmpipe export`` needs for the special tokens).
+    ``cfg.alias`` (returned, with the URI it gives) is moved by ``run_register``, through
+    ``promote_if_better``, once the version carries every tag that describes it.
     """
     from mlflow.models import infer_signature
 
@@ -280,7 +282,6 @@ def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path,
             registered_model_name=cfg.registered_model,
         )
     version = str(info.registered_model_version)
-    run.client.set_registered_model_alias(cfg.registered_model, cfg.alias, version)
     return {
         "name": cfg.registered_model,
         "version": version,
@@ -338,17 +339,26 @@ def champion_metrics(uri: str, name: str, alias: str, *, finetune: str | None = 
 
 
 def promote_if_better(client: MlflowClient, name: str, version: str, metric: str, value: float, *,
-                      mode: str, alias: str) -> dict[str, Any]:
+                      mode: str, alias: str, tags: Mapping[str, str] | None = None,
+                      aliases: tuple[str, ...] = ()) -> dict[str, Any]:
     """The promotion gate: point ``alias`` at ``version`` only if it beats the version the alias holds.
 
-    The new version is tagged with its figure; the decision (promoted or kept, both
-    figures, why) is tagged on it and returned. A champion without a figure for this
-    metric (promoted under another metric) is replaced: there is nothing to compare.
-    A non-finite figure is never promoted.
+    The new version is tagged with ``tags`` (where it came from), its figure and the
+    version it was compared with (``CHAMPION_BEFORE_TAG``), then with the decision
+    (promoted or kept, both figures, why), which is also returned. Only then do aliases
+    move: ``aliases`` whatever the decision, ``alias`` if promoted. So a crash or a
+    registry error between the steps never leaves an alias on a version without the
+    tags that ``champion_metrics`` and the next gate read: the alias move is the last
+    state change. A champion without a figure for this metric (promoted under another
+    metric) is replaced: there is nothing to compare. A non-finite figure is never promoted.
     """
     value = float(value)
+    for key, tag in (tags or {}).items():
+        client.set_model_version_tag(name, version, key, tag)
     client.set_model_version_tag(name, version, METRIC_TAG + metric, repr(value))
     champion = _alias_holder(client, name, alias)
+    client.set_model_version_tag(name, version, CHAMPION_BEFORE_TAG,
+                                 "none" if champion is None else str(champion.version))
     best = None if champion is None else champion.tags.get(METRIC_TAG + metric)
     if not math.isfinite(value):
         promoted, reason = False, f"{metric} is {value}, not a finite figure"
@@ -360,9 +370,11 @@ def promote_if_better(client: MlflowClient, name: str, version: str, metric: str
         promoted = value < float(best) if mode == "min" else value > float(best)
         op = ("<" if promoted else ">=") if mode == "min" else (">" if promoted else "<=")
         reason = f"{metric} {value:.6g} {op} {float(best):.6g} of version {champion.version} ({mode} wins)"
+    client.set_model_version_tag(name, version, DECISION_TAG, f"{'promoted' if promoted else 'not promoted'}: {reason}")
+    for moved in aliases:
+        client.set_registered_model_alias(name, moved, version)
     if promoted:
         client.set_registered_model_alias(name, alias, version)
-    client.set_model_version_tag(name, version, DECISION_TAG, f"{'promoted' if promoted else 'not promoted'}: {reason}")
     return {
         "metric": metric, "mode": mode, "alias": alias, "value": value,
         "champion_version": None if champion is None else str(champion.version),
@@ -414,12 +426,11 @@ def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finet
 
     def build(tmp: Path) -> BuildOutput:
         info = register_model(run, cfg, finetuned.path("model"), Path(tokenizer.out_dir), served_requirements())
+        # Where the version came from (and, tagged by the gate, what it was up against): champion_metrics finds
+        # its reference again. Every tag is written before cfg.alias and the champion alias move.
         info["promotion"] = promote_if_better(run.client, cfg.registered_model, info["version"], metric,
-                                              evaluation[metric], mode=cfg.promote_mode, alias=cfg.champion_alias)
-        # Where the version came from and what it was up against: champion_metrics finds its reference again.
-        run.client.set_model_version_tag(cfg.registered_model, info["version"], FINETUNE_TAG, finetuned.fingerprint)
-        run.client.set_model_version_tag(cfg.registered_model, info["version"], CHAMPION_BEFORE_TAG,
-                                         info["promotion"]["champion_version"] or "none")
+                                              evaluation[metric], mode=cfg.promote_mode, alias=cfg.champion_alias,
+                                              tags={FINETUNE_TAG: finetuned.fingerprint}, aliases=(cfg.alias,))
         run.set_tags({DECISION_TAG: info["promotion"]["reason"],
                       DECISION_TAG + ".promoted": info["promotion"]["promoted"]})
         write_json_atomic(tmp / "registration.json", {**info, "tracking_uri": ctx.uri})

@@ -442,3 +442,71 @@ def test_champion_metrics_are_those_logged_in_its_registration_run(tmp_path):
     # Once registered, a model keeps the reference it was first evaluated against, whoever is champion now.
     assert champion_metrics(uri, "m", "champion", finetune="ft2") == one
     assert champion_metrics(uri, "m", "champion", finetune="ft1") is None
+
+
+def test_a_failed_champion_alias_move_leaves_the_version_fully_tagged(tmp_path, tokenizer, monkeypatch):
+    """The register stage tags the new version (origin, figure, reference, decision) before any alias moves."""
+    import torch
+
+    from lmpipe.checkpoint import export_model, save_checkpoint
+    from lmpipe.config import TrackingConfig
+    from lmpipe.model import GPT, GPTConfig
+    from lmpipe.stage import StageResult
+    from lmpipe.tokenizer import load_tokenizer
+    from lmpipe.tracking import (
+        CHAMPION_BEFORE_TAG,
+        DECISION_TAG,
+        FINETUNE_TAG,
+        METRIC_TAG,
+        StageRun,
+        TrackingContext,
+        champion_metrics,
+        promote_if_better,
+        run_register,
+    )
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp).info.run_id
+    run = StageRun(uri, client.create_run(exp).info.run_id)
+    ctx = TrackingContext(uri=uri, experiment_id=exp, parent_run_id=parent, workdir=str(tmp_path))
+    model = GPT(GPTConfig(vocab_size=load_tokenizer(tokenizer.path("tokenizer.json")).get_vocab_size(),
+                          block_size=16, n_layer=1, n_head=2, n_embd=16))
+    ckpt = save_checkpoint(tmp_path / "ckpts", 1, model, torch.optim.AdamW(model.parameters()),
+                           {"tokenizer_fingerprint": "tok"})
+    export_model(ckpt, tmp_path / "ft" / "model")
+    finetuned = StageResult(stage="finetune", fingerprint="ft-fp", out_dir=str(tmp_path / "ft"))
+    cfg = TrackingConfig(registered_model="m")
+    metric = "finetuned.shake.bits_per_byte"
+    real_move = run.client.set_registered_model_alias
+    moved = []
+
+    def move(name: str, alias: str, version: str) -> None:  # the registry fails on the champion alias only
+        if alias == cfg.champion_alias:
+            raise RuntimeError("registry down")
+        moved.append(alias)
+        real_move(name, alias, version)
+
+    monkeypatch.setattr(run.client, "set_registered_model_alias", move)
+    with pytest.raises(RuntimeError, match="registry down"):
+        run_register(cfg, ctx, run, finetuned, tokenizer, tmp_path / "register", "reg-fp", metric=metric,
+                     evaluation={metric: 2.5})
+    tags = client.get_model_version("m", "1").tags
+    assert tags[FINETUNE_TAG] == "ft-fp" and tags[METRIC_TAG + metric] == "2.5"
+    assert tags[CHAMPION_BEFORE_TAG] == "none" and tags[DECISION_TAG] == "promoted: no @champion yet"
+    assert moved == [cfg.alias]  # every tag first, then the aliases: the champion's move was the last step
+    assert champion_metrics(uri, "m", cfg.champion_alias, finetune="ft-fp") is None  # its reference is recorded
+    assert champion_metrics(uri, "m", cfg.champion_alias) is None  # and no alias points at it
+
+    # The gate alone, against a champion: the version records whom it beat although the alias stayed.
+    monkeypatch.undo()
+    v2, v3 = (str(client.create_model_version("m", source=str(tmp_path)).version) for _ in range(2))
+    promote_if_better(client, "m", v2, metric, 2.4, mode="min", alias="champion")
+    monkeypatch.setattr(client, "set_registered_model_alias", move)
+    with pytest.raises(RuntimeError, match="registry down"):
+        promote_if_better(client, "m", v3, metric, 2.0, mode="min", alias="champion", tags={FINETUNE_TAG: "ft3"})
+    tags = client.get_model_version("m", v3).tags
+    assert tags[FINETUNE_TAG] == "ft3" and tags[CHAMPION_BEFORE_TAG] == v2 and tags[METRIC_TAG + metric] == "2.0"
+    assert tags[DECISION_TAG] == f"promoted: {metric} 2 < 2.4 of version {v2} (min wins)"
+    assert str(client.get_model_version_by_alias("m", "champion").version) == v2

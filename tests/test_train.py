@@ -195,6 +195,21 @@ def test_auto_micro_batch_is_the_largest_divisor_that_fits() -> None:
     assert find_micro_batch(model, 12, cpu, contextlib.nullcontext(), 0) == 1
 
 
+def test_auto_micro_batch_of_a_packed_run_counts_the_attention_mask() -> None:
+    model = GPT(GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    weights = 16 * model.num_params(non_embedding=False)
+    cpu = torch.device("cpu")
+    per_seq = activation_bytes(model.config, 1)
+    # 4 * (L*s*h*(34 + 5*a*s/h) + 3*s*V) = 4 * (2*32*32*44 + 3*32*256)
+    assert per_seq == 458752
+    # + the (1, 1, s, s) bool mask and each layer's float copy of it: s*s*(4*L + 1) = 32*32*9
+    assert activation_bytes(model.config, 1, packed=True) == 458752 + 9216
+    assert activation_bytes(model.config, 6, packed=True) == 6 * (458752 + 9216)
+    budget = 2 * (weights + 12 * per_seq)  # exactly 12 unpacked sequences
+    assert find_micro_batch(model, 12, cpu, contextlib.nullcontext(), budget) == 12
+    assert find_micro_batch(model, 12, cpu, contextlib.nullcontext(), budget, doc_sep=0) == 6
+
+
 def test_batch_tokens_with_auto_micro_batch_trains_the_same_global_batch(tmp_path: Path) -> None:
     auto = run(tmp_path / "auto", config(batch_size="auto", batch_tokens=8 * 32))
     fixed = run(tmp_path / "fixed", config(batch_size=8))

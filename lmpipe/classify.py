@@ -71,10 +71,9 @@ from torch import nn
 from lmpipe.benchmarks import BadLineReport, BenchmarkFormatError, jsonl_records
 from lmpipe.checkpoint import STATE_FILE, check_compatible, load_checkpoint, read_state
 from lmpipe.config import ClassifyConfig, ModelConfig, TrainConfig
-from lmpipe.evaluate import markdown_cell
 from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
 from lmpipe.sft import split_indices
-from lmpipe.stage import BuildOutput, StageResult, read_versioned_json, run_stage, write_json_atomic
+from lmpipe.stage import BuildOutput, StageResult, markdown_cell, read_versioned_json, run_stage, write_json_atomic
 from lmpipe.tokenizer import META_FILE, encode_ordinary, eot_id, load_tokenizer, read_tokenizer_meta, tokenizer_fingerprint
 from lmpipe.train import TrainingDivergedError, tokenizer_info, autocast_for, lr_at, resolve_device
 

@@ -29,11 +29,10 @@ from tokenizers import Tokenizer
 from lmpipe.benchmarks import benchmark_label, load_benchmark, score_mc
 from lmpipe.checkpoint import load_model, read_state
 from lmpipe.config import EvalConfig
-from lmpipe.loader import TokenSource
+from lmpipe.loader import ArraySource, TokenSource
 from lmpipe.sft import END_TOKEN, Message, encode_chat_prompt
 from lmpipe.shards import MANIFEST_FILE, TokenSplit, read_manifest
-from lmpipe.stage import BuildOutput, StageResult, run_stage, write_json_atomic
-from lmpipe.train import ArraySource
+from lmpipe.stage import BuildOutput, StageResult, markdown_cell, run_stage, write_json_atomic
 from lmpipe.tokenizer import (TOKENIZER_FILE, encode_ordinary, load_tokenizer, token_byte_lengths,
                               tokenizer_fingerprint)
 
@@ -198,11 +197,6 @@ def generate_samples(
         completion = full[len(head) :] if full.startswith(head) else tokenizer.decode(new, skip_special_tokens=False)
         samples.append({"prompt": prompt, "completion": completion})
     return samples
-
-
-def markdown_cell(text: str) -> str:
-    """Text for a markdown table cell: a literal | would end the cell."""
-    return text.replace("|", "\\|")
 
 
 def compare_with_reference(

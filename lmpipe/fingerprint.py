@@ -24,13 +24,14 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "train_tokenizer": ("lmpipe.tokenizer", "lmpipe.docset"),
     "encode_chunk": ("lmpipe.shards", "lmpipe.tokenizer", "lmpipe.docset"),
     "shard": ("lmpipe.shards", "lmpipe.tokenizer"),
-    "pretrain": ("lmpipe.model", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.shards"),
+    "pretrain": ("lmpipe.model", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.shards", "lmpipe.loader"),
     "finetune": ("lmpipe.model", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.shards", "lmpipe.sft", "lmpipe.lora",
-                 "lmpipe.tokenizer"),
+                 "lmpipe.tokenizer", "lmpipe.loader"),
+    # lmpipe.lora: checkpoint loading merges a LoRA step's adapters (classify.init_checkpoint may be one).
     "classify": ("lmpipe.model", "lmpipe.classify", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.tokenizer",
-                 "lmpipe.sft", "lmpipe.benchmarks", "lmpipe.evaluate"),
+                 "lmpipe.sft", "lmpipe.benchmarks", "lmpipe.lora"),
     "evaluate": ("lmpipe.model", "lmpipe.evaluate", "lmpipe.checkpoint", "lmpipe.shards", "lmpipe.tokenizer",
-                 "lmpipe.benchmarks", "lmpipe.sft"),
+                 "lmpipe.benchmarks", "lmpipe.sft", "lmpipe.lora", "lmpipe.loader"),
     "register": ("lmpipe.tracking",),
 }
 # Every stage publishes through lmpipe.stage, so its code is part of every stage's version.

@@ -44,11 +44,24 @@ _CACHED_EPOCHS = 2  # the epoch being read and the one before (a step may stradd
 
 
 class TokenSource(Protocol):
-    """A token sequence training can read windows of (``lmpipe.shards.TokenSplit``, ``lmpipe.train.ArraySource``)."""
+    """A token sequence training can read windows of (``lmpipe.shards.TokenSplit``, ``ArraySource``)."""
 
     num_tokens: int
 
     def window(self, start: int, length: int) -> np.ndarray: ...
+
+
+class ArraySource:
+    """A token sequence held in memory: SFT streams, loss masks, a scored text file, tests."""
+
+    def __init__(self, tokens: np.ndarray) -> None:
+        self.tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        self.num_tokens = len(self.tokens)
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        if start < 0 or start + length > self.num_tokens:
+            raise IndexError(f"window start={start} length={length} is outside {self.num_tokens} tokens")
+        return self.tokens[start : start + length].copy()
 
 
 class WindowOrder:

@@ -139,3 +139,8 @@ def run_stage(
     write_json_atomic(tmp / RESULT_FILE, result.model_dump(mode="json"))
     os.replace(tmp, out_dir)
     return result
+
+
+def markdown_cell(text: str) -> str:
+    """Text for a cell of a stage report's markdown table: a literal | would end the cell."""
+    return text.replace("|", "\\|")

@@ -65,7 +65,7 @@ from lmpipe.distributed import (
     set_grad_sync,
     wrap_model,
 )
-from lmpipe.loader import BatchLoader, TokenSource, WindowOrder, position_state
+from lmpipe.loader import ArraySource, BatchLoader, TokenSource, WindowOrder, position_state
 from lmpipe.lora import apply_lora, write_peft_adapter
 from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
 from lmpipe.sft import build_sft_data
@@ -90,19 +90,6 @@ PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 
 _NOT_TRAJECTORY = {"eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "device", "threads",
                    "peak_flops", "batch_size", "grad_accum_steps", "batch_tokens", "compile", "distributed"}
 SINGLE = DistContext()
-
-
-class ArraySource:
-    """A token sequence held in memory: SFT streams, loss masks, tests."""
-
-    def __init__(self, tokens: np.ndarray) -> None:
-        self.tokens = np.ascontiguousarray(tokens, dtype=np.int64)
-        self.num_tokens = len(self.tokens)
-
-    def window(self, start: int, length: int) -> np.ndarray:
-        if start < 0 or start + length > self.num_tokens:
-            raise IndexError(f"window start={start} length={length} is outside {self.num_tokens} tokens")
-        return self.tokens[start : start + length].copy()
 
 
 class CutExampleMask:

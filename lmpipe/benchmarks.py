@@ -391,18 +391,33 @@ def hub_cache_file(bench: BenchmarkConfig, cache_dir: Path) -> Path:
     return Path(cache_dir) / f"{safe}@{re.sub(r'[^A-Za-z0-9_.-]', '_', bench.revision or 'main')}.jsonl"
 
 
-def _download_rows(bench: BenchmarkConfig, dest: Path) -> None:
+class _HubRefused(Exception):
+    """load_dataset failed other than by the network (its cause: e.g. ValueError for a split the dataset lacks)."""
+
+
+def _download_rows(bench: BenchmarkConfig, dest: Path, label: str = "") -> None:
     """The split's rows as JSONL, one object a line, written to a temporary file and renamed into place."""
     import datasets  # here, not at import: scoring local files needs no datasets
 
     split = bench.split or HUB_SPLITS[bench.kind]
-    ds = datasets.load_dataset(bench.hub, bench.hub_config, split=split, revision=bench.revision)
+    try:
+        ds = datasets.load_dataset(bench.hub, bench.hub_config, split=split, revision=bench.revision)
+    except OSError:  # the network, offline mode, a dataset or revision the Hub does not have: may fall back
+        raise
+    except Exception as err:
+        raise _HubRefused() from err
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            for row in ds:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            for i, row in enumerate(ds):
+                try:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                except TypeError as err:  # e.g. an image or bytes column: not a multiple-choice text benchmark
+                    bad = [k for k, v in row.items()
+                           if not isinstance(v, (str, int, float, bool, list, dict, type(None)))]
+                    raise BenchmarkHubError(f"{label}: row {i} of hub {bench.hub!r} split {split!r} has columns "
+                                            f"{bad} that are not JSON ({err})") from None
         os.replace(tmp, dest)  # a reader sees the whole split or none of it
     finally:
         tmp.unlink(missing_ok=True)
@@ -460,12 +475,13 @@ def _resolve_source(bench: BenchmarkConfig, cache_dir: Path, where: str, label: 
         reason = f"{offline} is set"
     else:
         try:
-            _download_rows(bench, cached)
+            _download_rows(bench, cached, label)
             return cached
         except OSError as err:  # ConnectionError, timeouts, huggingface_hub's offline and not-found errors
             reason = f"the download failed: {type(err).__name__}: {err}"
-        except Exception as err:  # e.g. ValueError: a split or config the dataset lacks; fail, naming the field
-            raise _hub_error(bench, where, label, err) from err
+        except _HubRefused as err:  # e.g. ValueError: a split or config the dataset lacks; fail, naming the field
+            cause = err.__cause__
+            raise _hub_error(bench, where, label, cause) from cause
     if cached.is_file():  # only a branch or tag gets here: a commit's cached file was returned above
         warnings.warn(f"{label}: scoring the cached file {str(cached)!r} of {hub}, which may be stale (revision "
                       f"{bench.revision or 'main'!r} is a branch or tag and can move): {reason}",

@@ -25,7 +25,7 @@ def check_inputs(config: PipelineConfig, *, training: bool = True) -> None:
     if not training:
         return
     for i, bench in enumerate(config.eval.benchmarks):
-        if bench.path is None:  # Hub only: fetched (and checked) just before the evaluate stage
+        if bench.path is None:  # Hub only: fetched and checked by resolve_benchmarks, right after these checks
             continue
         if not Path(bench.path).is_file():  # a local file, or the fallback of a Hub benchmark
             raise FileNotFoundError(f"eval.benchmarks.{i}.path: file {bench.path!r} does not exist")

@@ -589,6 +589,28 @@ def test_a_split_or_config_the_hub_lacks_fails_naming_the_field(tmp_path: Path, 
     assert not any(tmp_path.iterdir())
 
 
+def test_a_hub_split_that_is_not_json_fails_naming_the_row_and_column(tmp_path: Path, online: pytest.MonkeyPatch) -> None:
+    """A row json cannot write (an image or bytes column) is no multiple-choice text benchmark: named, nothing
+    half-written is left in the cache."""
+    import datetime
+
+    from lmpipe.benchmarks import BenchmarkHubError, resolve_benchmarks
+    from lmpipe.config import BenchmarkConfig
+
+    class Rows(FakeHub):
+        def __call__(self, *args, **kwargs):
+            return [{"goal": "g", "sol1": "a", "sol2": "b", "label": 0},
+                    {"goal": "g", "sol1": "a", "sol2": "b", "label": 0, "when": datetime.date(2020, 1, 1)}]
+
+    _hub(online, Rows())
+    bench = BenchmarkConfig(name="p", kind="piqa", hub="baber/piqa", revision=SHA)
+    with pytest.raises(BenchmarkHubError, match=re.escape(
+            "eval.benchmarks.0 (p): row 1 of hub 'baber/piqa' split 'validation' has columns ['when'] that are "
+            "not JSON (Object of type date is not JSON serializable)")):
+        resolve_benchmarks([bench], tmp_path)
+    assert not any(tmp_path.rglob("*.jsonl*"))
+
+
 def test_the_resolved_file_is_format_checked_naming_the_benchmark_and_line(
         tmp_path: Path, online: pytest.MonkeyPatch) -> None:
     from lmpipe.benchmarks import BenchmarkSourceError, hub_cache_file, resolve_benchmark, resolve_benchmarks

@@ -547,6 +547,14 @@ class TrackingConfig(Section):
     promote_mode: Literal["min", "max"] = Field("min", description="'min': lower is better (loss, bits per "
                                                                     "byte); 'max': higher is better (accuracy).")
 
+    @model_validator(mode="after")
+    def _two_aliases(self) -> TrackingConfig:
+        # alias moves to every new version; one name for both would hand the champion alias past the gate.
+        if self.alias == self.champion_alias:
+            raise ValueError(f"alias and champion_alias must differ (both {self.alias!r}): alias moves to every "
+                             "new version, champion_alias only to one that beats the champion")
+        return self
+
 
 class PipelineConfig(Section):
     """Everything one pipeline run needs. The defaults are the demo."""

@@ -105,6 +105,7 @@ def test_gpt2_124m_preset_is_gpt2_small_with_a_half_million_token_batch():
          r"tracking\.promote_metric='finetuned\.nope\.loss' is not a metric the evaluation reports; choose one of "
          r"\['finetuned\.shakespeare_cloze\.acc', 'finetuned\.shakespeare_cloze\.acc_norm', "
          r"'finetuned\.tinyshakespeare\.bits_per_byte', "),
+        (["tracking.alias=champion"], r"tracking: alias and champion_alias must differ \(both 'champion'\)"),
     ],
 )
 def test_bad_batch_settings_name_the_fields(overrides, message):

@@ -172,14 +172,32 @@ def model_command(args: argparse.Namespace) -> str:
 
     from lmpipe.handoff import resolve_model
 
-    if args.command == "evaluate":  # bad arguments fail before the model is fetched
+    texts: list[tuple[Path, str]] = []
+    benches: list[tuple[str, str, list]] = []  # (--benchmark spec, kind, examples)
+    if args.command == "evaluate":  # bad arguments and files fail before the model is fetched
+        from lmpipe.benchmarks import load_benchmark
+
         if not args.text and not args.benchmark:
             raise ValueError("nothing to score: give --text FILE and/or --benchmark KIND=PATH")
-        for path in args.text:
-            if not path.is_file():
-                raise FileNotFoundError(f"--text {str(path)!r}: no such file")
         if args.eval_tokens < 1:
             raise ValueError(f"--eval-tokens must be >= 1, got {args.eval_tokens}")
+        for path in args.text:
+            try:
+                texts.append((path, path.read_text(encoding="utf-8")))
+            except FileNotFoundError:
+                raise FileNotFoundError(f"--text {str(path)!r}: no such file") from None
+            except UnicodeDecodeError as err:
+                raise ValueError(f"--text {str(path)!r}: not UTF-8 text (byte {err.start})") from None
+        for spec in args.benchmark:
+            kind, sep, path = spec.partition("=")
+            if not sep or kind not in ("hellaswag", "arc", "piqa"):
+                raise ValueError(f"--benchmark {spec!r}: expected KIND=PATH with KIND hellaswag, arc or piqa")
+            try:
+                benches.append((spec, kind, load_benchmark(Path(path), kind, limit=args.limit)[0]))  # type: ignore
+            except OSError as err:
+                raise OSError(f"--benchmark {spec!r}: {err}") from None
+            except ValueError as err:  # a malformed line, named with its file and line
+                raise ValueError(f"--benchmark {spec!r}: {err}") from None
     with tempfile.TemporaryDirectory(prefix="lmpipe-model-") as tmp:
         files = resolve_model(args.model, workdir=args.workdir, tokenizer=args.tokenizer,
                               tracking_uri=args.tracking_uri, download_dir=Path(tmp))
@@ -211,32 +229,32 @@ def model_command(args: argparse.Namespace) -> str:
                                        seed=args.seed, device=args.device, chat=chat)
             return "\n\n".join(s["prompt"] + s["completion"] for s in samples)
 
-        from lmpipe.benchmarks import load_benchmark, score_mc
+        from lmpipe.benchmarks import score_mc
         from lmpipe.config import EOT
         from lmpipe.tokenizer import META_FILE, eot_id, read_tokenizer_meta
 
         meta = files.tokenizer_dir / META_FILE
         eot = eot_id(tok, read_tokenizer_meta(meta)["eot_token"] if meta.is_file() else EOT)
         rows = []
-        if args.text:
+        if texts:
             from lmpipe.evaluate import score_text
 
             rows.append(f"{'text':<40} {'tokens':>8} {'bytes':>10} {'loss':>8} {'ppl':>10} {'bits/byte':>9}")
-            for path in args.text:
-                r = score_text(model, tok, path.read_text(encoding="utf-8"), start_id=eot,
-                               eval_tokens=args.eval_tokens, batch_size=args.batch_size, device=args.device)
+            for path, text in texts:
+                try:
+                    r = score_text(model, tok, text, start_id=eot, eval_tokens=args.eval_tokens,
+                                   batch_size=args.batch_size, device=args.device)
+                except ValueError as err:
+                    raise ValueError(f"--text {str(path)!r}: {err}") from None
                 rows.append(f"{path.name:<40} {r['tokens']:>8,.0f} {r['bytes']:>10,.0f} {r['loss']:>8.4f} "
                             f"{r['perplexity']:>10.2f} {r['bits_per_byte']:>9.4f}")
-        if args.benchmark:
+        if benches:
             rows.append(f"{'benchmark':<40} {'n':>6} {'acc':>8} {'acc_norm':>8}")
-        for spec in args.benchmark:
-            kind, sep, path = spec.partition("=")
-            if not sep or kind not in ("hellaswag", "arc", "piqa"):
-                raise ValueError(f"--benchmark {spec!r}: expected KIND=PATH with KIND hellaswag, arc or piqa")
-            examples, bad = load_benchmark(Path(path), kind, limit=args.limit)  # type: ignore[arg-type]
+        for spec, kind, examples in benches:
             r = score_mc(model, tok, examples, device=args.device, batch_size=args.batch_size, eot_id=eot,
                          where=f"--benchmark {spec!r}")
-            rows.append(f"{kind + ' ' + Path(path).name:<40} {r.n:>6} {r.acc:>8.4f} {r.acc_norm:>8.4f}")
+            rows.append(f"{kind + ' ' + Path(spec.partition('=')[2]).name:<40} {r.n:>6} {r.acc:>8.4f} "
+                        f"{r.acc_norm:>8.4f}")
         return "\n".join(rows)
 
 

@@ -201,6 +201,15 @@ def test_model_commands_take_a_registry_uri_or_a_checkpoint_directory(first_run,
                               f"{r['bits_per_byte']:.4f}"]
     assert main(["evaluate", "models:/lmpipe-gpt/1", *workdir]) == 1
     assert "nothing to score: give --text FILE and/or --benchmark KIND=PATH" in capsys.readouterr().err
+    # Bad files fail before the model is looked up (this model does not exist)
+    bad = tmp_path / "bad-piqa.jsonl"
+    bad.write_text('{"goal": "g", "sol1": "a", "label": 0}\n', encoding="utf-8")
+    assert main(["evaluate", "models:/nope@x", *workdir, "-b", f"piqa={bad}"]) == 1
+    assert capsys.readouterr().err == (f"lmpipe evaluate: --benchmark 'piqa={bad}': {bad}:1: field 'sol2': missing "
+                                       "(keys: ['goal', 'label', 'sol1'])\n")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    assert main(["evaluate", "models:/nope@x", *workdir, "-t", str(tmp_path / "latin1.txt")]) == 1
+    assert capsys.readouterr().err == f"lmpipe evaluate: --text '{tmp_path / 'latin1.txt'}': not UTF-8 text (byte 3)\n"
 
     # export: a transformers directory from the registry
     assert main(["export", "models:/lmpipe-gpt@candidate", *workdir, str(tmp_path / "hf")]) == 0

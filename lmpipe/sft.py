@@ -267,7 +267,12 @@ def render_chat(messages: Sequence[Message], *, eot: str = EOT, add_generation_p
 def hf_chat_template() -> str:
     """:func:`render_chat` as a Jinja chat template (``chat_template`` in transformers' tokenizer_config.json):
     ``tokenizer.apply_chat_template`` then renders a conversation exactly as our SFT did, ``eos_token``
-    being the end-of-text token and ``add_generation_prompt`` opening the assistant turn."""
+    being the end-of-text token and ``add_generation_prompt`` opening the assistant turn.
+
+    One difference remains, in transformers rather than the template: a Hugging Face tokenizer encodes
+    special-token text typed inside a message ("<|end|>") as that special token, where
+    :func:`encode_chat` (and our serving) keeps it as text. Ids are equal for every message without such
+    text."""
     roles = json.dumps(ROLE_TOKENS)
     return (
         f"{{% set roles = {roles} %}}"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -145,16 +146,23 @@ def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
     return lengths
 
 
+@contextmanager
+def special_tokens_as_text(tok: Tokenizer) -> Iterator[Tokenizer]:
+    """Within the block, ``tok`` encodes literal special-token text as plain text; its setting is restored after."""
+    previous = tok.encode_special_tokens
+    tok.encode_special_tokens = True
+    try:
+        yield tok
+    finally:
+        tok.encode_special_tokens = previous
+
+
 def encode_ordinary(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Each text's ids with literal special-token text ("<|endoftext|>", "<|end|>", ...) encoded as plain
     text, as the shards encode documents (tiktoken's ``encode_ordinary``): only ids a caller adds mark a
     document's end, a chat turn or a classifier's extract token."""
-    previous = tok.encode_special_tokens
-    tok.encode_special_tokens = True
-    try:
+    with special_tokens_as_text(tok):
         return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
-    finally:
-        tok.encode_special_tokens = previous
 
 
 def eot_id(tok: Tokenizer, eot_token: str) -> int:
@@ -209,14 +217,11 @@ def count_tokens(tok: Tokenizer, texts_source: Path) -> int:
 
     Literal special-token text counts as plain text, as it does in the shards.
     """
-    tok.encode_special_tokens = True
-    try:
+    with special_tokens_as_text(tok):
         return sum(
             sum(len(e) for e in tok.encode_batch_fast(batch["text"], add_special_tokens=False))
             for batch in iter_document_batches(texts_source, READ_BATCH_DOCS)
         )
-    finally:
-        tok.encode_special_tokens = False
 
 
 def run_train_tokenizer(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from lmpipe.checkpoint import export_model, load_checkpoint, load_model, read_state
+from lmpipe.checkpoint import CheckpointError, export_model, load_checkpoint, load_model, read_state
 from lmpipe.config import FinetuneConfig, LoraConfig, ModelConfig, TrainConfig
 from lmpipe.export import export_hf
 from lmpipe.lora import (
@@ -213,6 +214,16 @@ def test_an_intermediate_lora_checkpoint_loads_as_the_merged_plain_model(
     assert (got - want).abs().max().item() <= 1e-5
     assert torch.equal(got, merged)  # one merge (lora.merge_state) for both readers
     assert (want - before).abs().max().item() > 1e-3  # the adapters trained: the merge is not a no-op
+
+    # Adapters whose state names no scale cannot be merged: said, naming the state file.
+    state_file = step / "state.json"
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    del state["lora"]
+    state_file.write_text(json.dumps(state), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{state_file}: model.safetensors holds LoRA adapters but the state names no 'lora' entry with their "
+            "'scale', so they cannot be merged")):
+        load_model(step)
 
 
 def test_run_finetune_publishes_merged_weights_and_a_peft_adapter(

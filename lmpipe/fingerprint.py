@@ -1,56 +1,100 @@
 """Stage fingerprints: one hash links the Prefect cache key, the MLflow tag and the files on disk.
 
 A fingerprint covers the stage's config section, its upstream fingerprints and
-its code version (a hash of the source of the modules the stage runs), so a
-change to any of them re-runs the stage and everything downstream, and nothing
-else.
+its code version (a hash of the source of the module the stage runs and of every
+lmpipe module that one imports), so a change to any of them re-runs the stage
+and everything downstream, and nothing else.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import json
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-# Which library modules decide each stage's output. Editing one re-runs that stage.
-STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "download": ("lmpipe.download", "lmpipe.docset"),
-    "clean_chunk": ("lmpipe.clean", "lmpipe.filters", "lmpipe.dedup", "lmpipe.docset"),
-    "clean": ("lmpipe.clean", "lmpipe.dedup", "lmpipe.docset"),
-    "train_tokenizer": ("lmpipe.tokenizer", "lmpipe.docset"),
-    "encode_chunk": ("lmpipe.shards", "lmpipe.tokenizer", "lmpipe.docset"),
-    "shard": ("lmpipe.shards", "lmpipe.tokenizer"),
-    "pretrain": ("lmpipe.model", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.shards", "lmpipe.loader"),
-    "finetune": ("lmpipe.model", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.shards", "lmpipe.sft", "lmpipe.lora",
-                 "lmpipe.tokenizer", "lmpipe.loader"),
-    # lmpipe.lora: checkpoint loading merges a LoRA step's adapters (classify.init_checkpoint may be one).
-    "classify": ("lmpipe.model", "lmpipe.classify", "lmpipe.train", "lmpipe.checkpoint", "lmpipe.tokenizer",
-                 "lmpipe.sft", "lmpipe.benchmarks", "lmpipe.lora"),
-    "evaluate": ("lmpipe.model", "lmpipe.evaluate", "lmpipe.checkpoint", "lmpipe.shards", "lmpipe.tokenizer",
-                 "lmpipe.benchmarks", "lmpipe.sft", "lmpipe.lora", "lmpipe.loader"),
-    "register": ("lmpipe.tracking",),
+# The module each stage runs. Its code version covers that module and every lmpipe module it
+# imports at module level, transitively, so a helper edited anywhere below a stage re-runs it.
+# Imports inside functions are not followed: they reach code that does not decide the stage's
+# output (distributed.py's rank 0 logging to MLflow, the served pyfunc model loading evaluate.py).
+STAGE_ENTRY: dict[str, str] = {
+    "download": "lmpipe.download",
+    "clean_chunk": "lmpipe.clean",
+    "clean": "lmpipe.clean",
+    "train_tokenizer": "lmpipe.tokenizer",
+    "encode_chunk": "lmpipe.shards",
+    "shard": "lmpipe.shards",
+    "pretrain": "lmpipe.train",
+    "finetune": "lmpipe.train",
+    "classify": "lmpipe.classify",
+    "evaluate": "lmpipe.evaluate",
+    "register": "lmpipe.tracking",
 }
-# Every stage publishes through lmpipe.stage, so its code is part of every stage's version.
-COMMON_MODULES = ("lmpipe.stage",)
+PACKAGE = "lmpipe"
 
 FINGERPRINT_CHARS = 16
 
 
+def _origin(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"module {name} not found")
+    return Path(spec.origin)
+
+
+def _is_module(name: str) -> bool:
+    """Whether ``name`` is a module, found without running it (``pkg.module.attribute`` is not)."""
+    parent = importlib.util.find_spec(name.rpartition(".")[0])  # imports only the parent's packages
+    return parent is not None and parent.submodule_search_locations is not None \
+        and importlib.util.find_spec(name) is not None
+
+
+def _module_imports(name: str, source: str, package: str) -> set[str]:
+    """Modules of ``package`` that ``source`` (module ``name``) imports in its top-level statements."""
+    found: set[str] = set()
+    for node in ast.parse(source, filename=name).body:
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:  # relative: resolve against the importing module's package
+                base = name.rsplit(".", node.level)[0]
+                mod = f"{base}.{mod}" if mod else base
+            found.add(mod)
+            found.update(f"{mod}.{a.name}" for a in node.names)  # `from pkg import module` names a module
+    return {m for m in found if m.startswith(package + ".") and _is_module(m)}
+
+
+def stage_modules(entry: str, package: str = PACKAGE) -> tuple[str, ...]:
+    """``entry`` and the modules of ``package`` it imports at module level, transitively, sorted."""
+    seen: set[str] = set()
+    todo = [entry]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo += sorted(_module_imports(name, _origin(name).read_text(encoding="utf-8"), package) - seen)
+    return tuple(sorted(seen))
+
+
+def source_hash(modules: tuple[str, ...]) -> str:
+    """sha256 over the names and source bytes of ``modules`` (short)."""
+    h = hashlib.sha256()
+    for name in modules:
+        h.update(name.encode() + b"\0" + _origin(name).read_bytes() + b"\0")
+    return h.hexdigest()[:FINGERPRINT_CHARS]
+
+
 @cache
 def code_version(stage: str) -> str:
-    """sha256 over the source files of the stage's modules (short)."""
-    h = hashlib.sha256()
-    for name in (*STAGE_MODULES[stage], *COMMON_MODULES):
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise RuntimeError(f"stage {stage!r}: module {name} not found")
-        with open(spec.origin, "rb") as f:
-            h.update(name.encode() + b"\0" + f.read() + b"\0")
-    return h.hexdigest()[:FINGERPRINT_CHARS]
+    """Hash of the source of every module that decides the stage's output."""
+    return source_hash(stage_modules(STAGE_ENTRY[stage]))
 
 
 def _plain(obj: Any) -> Any:

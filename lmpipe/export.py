@@ -138,16 +138,45 @@ Inputs longer than {block_size} tokens must be truncated: the model has no posit
 """
 
 
-def export_hf(checkpoint_dir: Path, tokenizer_dir: Path, dest: Path) -> Path:
+# What an export folder holds (transformers writes the chat template to its own file in newer versions).
+EXPORT_FILES = frozenset({"README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                          "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"})
+CARD_MARK = "(lmpipe export)"  # in the model card's title
+
+
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` holds an lmpipe export and nothing else (so replacing it loses nothing)."""
+    card = folder / "README.md"
+    return ({p.name for p in folder.iterdir()} <= EXPORT_FILES and card.is_file()
+            and CARD_MARK in card.read_text(encoding="utf-8", errors="replace")[:1000])
+
+
+def check_export_dest(dest: Path, sources: tuple[Path, ...], overwrite: bool) -> None:
+    """Refuse a destination whose replacement would destroy something: a file, a folder holding the model
+    being exported, or (unless ``overwrite``) a non-empty folder that is not an earlier export."""
+    if dest.exists() and not dest.is_dir():
+        raise FileExistsError(f"export destination {dest} is a file, not a folder")
+    for src in sources:
+        if src == dest or dest in src.parents:
+            raise ValueError(f"export destination {dest} holds {src}, which the export reads; choose another folder")
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite and not is_export(dest):
+        raise FileExistsError(f"export destination {dest} is not empty and is not an earlier lmpipe export; "
+                              "choose a new folder, or replace it with --force (overwrite=True)")
+
+
+def export_hf(checkpoint_dir: Path, tokenizer_dir: Path, dest: Path, *, overwrite: bool = False) -> Path:
     """Write ``dest``: config.json, generation_config.json, model.safetensors, tokenizer files, README.md.
 
     ``checkpoint_dir`` is one lmpipe checkpoint (model.safetensors + state.json),
     ``tokenizer_dir`` the tokenizer stage's directory (tokenizer.json +
     tokenizer_meta.json); the tokenizer must be the one the model was trained
-    with. Everything is checked before anything is written. An existing
-    ``dest`` is replaced only once the new export is complete. Returns ``dest``.
+    with. Everything is checked before anything is written. An earlier export at
+    ``dest`` (or, with ``overwrite``, any folder) is replaced only once the new
+    export is complete; any other non-empty ``dest`` is refused. Returns ``dest``.
     """
-    checkpoint_dir, tokenizer_dir, dest = Path(checkpoint_dir), Path(tokenizer_dir), Path(dest)
+    checkpoint_dir, tokenizer_dir = Path(checkpoint_dir).resolve(), Path(tokenizer_dir).resolve()
+    dest = Path(dest).resolve()
+    check_export_dest(dest, (checkpoint_dir, tokenizer_dir), overwrite)
     state = read_state(checkpoint_dir)
     tok_path = tokenizer_dir / TOKENIZER_FILE
     tok_fp = tokenizer_fingerprint(tok_path)
@@ -185,7 +214,12 @@ def export_hf(checkpoint_dir: Path, tokenizer_dir: Path, dest: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
+    if dest.exists():  # moved aside, not deleted, until the new export is in place
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(dest)
     return dest

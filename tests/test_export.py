@@ -176,15 +176,36 @@ def test_a_chat_model_carries_its_chat_template(exported, tmp_path: Path) -> Non
         hf_tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 
 
-def test_export_replaces_an_existing_export(exported, tmp_path: Path) -> None:
+def test_export_replaces_an_earlier_export_and_refuses_anything_else(exported, tmp_path: Path) -> None:
     _, _, tok, ckpt, dest = exported
     again = tmp_path / "hf"
-    again.mkdir()
-    (again / "stale.txt").write_text("old")
     assert export_hf(ckpt, Path(tok.out_dir), again) == again
-    assert not (again / "stale.txt").exists()
+    assert export_hf(ckpt, Path(tok.out_dir), again) == again  # an earlier export is replaced
     assert (again / "model.safetensors").read_bytes() == (dest / "model.safetensors").read_bytes()
-    assert (again / "config.json").read_text() == (dest / "config.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no .hf.tmp / .hf.old left
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=f"export destination {mine} is not empty and is not an earlier "
+                                              "lmpipe export; choose a new folder, or replace it with --force"):
+        export_hf(ckpt, Path(tok.out_dir), mine)
+    (again / "notes.txt").write_text("keep me too")  # an export with the user's own file in it is theirs
+    with pytest.raises(FileExistsError, match="is not an earlier lmpipe export"):
+        export_hf(ckpt, Path(tok.out_dir), again)
+    assert (mine / "notes.txt").read_text() == "keep me" and (again / "notes.txt").exists()
+    assert export_hf(ckpt, Path(tok.out_dir), mine, overwrite=True) == mine
+    assert not (mine / "notes.txt").exists() and (mine / "config.json").is_file()
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(FileExistsError, match=f"export destination {afile} is a file, not a folder"):
+        export_hf(ckpt, Path(tok.out_dir), afile)
+    # Never a folder that holds the model or tokenizer being exported, even when forced.
+    for holder in (ckpt, ckpt.parent, Path(tok.out_dir)):
+        with pytest.raises(ValueError, match=f"export destination {holder.resolve()} holds "):
+            export_hf(ckpt, Path(tok.out_dir), holder, overwrite=True)
+    assert (ckpt / "model.safetensors").is_file() and afile.read_text() == "x"
 
 
 def test_missing_checkpoint_names_the_path(exported, tmp_path: Path) -> None:

@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples of each")
     p.add_argument("--batch-size", type=int, default=16)
     p = model_command("export", "write a trained model in the Hugging Face transformers format")
-    p.add_argument("dest", type=Path, help="the directory to create")
+    p.add_argument("dest", type=Path, help="the folder to write: a new one, or an earlier export to replace")
+    p.add_argument("--force", action="store_true", help="replace dest even if it holds other files")
     p = sub.add_parser("make-cloze", help="a HellaSwag-shaped next-line benchmark from the documents a source "
                                           "read with max_bytes leaves unread (lmpipe.cloze)")
     p.add_argument("file", type=Path, help="the corpus text file")
@@ -209,7 +210,7 @@ def model_command(args: argparse.Namespace) -> str:
                 raise FileNotFoundError(f"model {args.model!r} comes without {META_FILE} (registered before lmpipe "
                                         "logged it): export its checkpoint directory with --tokenizer instead")
 
-            dest = export_hf(files.checkpoint, files.tokenizer_dir, args.dest)
+            dest = export_hf(files.checkpoint, files.tokenizer_dir, args.dest, overwrite=args.force)
             return (f"exported {args.model} to {dest}\n"
                     f"  transformers: AutoModelForCausalLM.from_pretrained({str(dest)!r})\n"
                     f"  lm-evaluation-harness: lm_eval --model hf --model_args pretrained={dest} --tasks hellaswag")

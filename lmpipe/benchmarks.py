@@ -61,7 +61,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from lmpipe.config import BenchmarkConfig
+from lmpipe.jsonl import jsonl_records
 from lmpipe.model import IGNORE_INDEX
 from lmpipe.tokenizer import encode_ordinary
 
@@ -261,33 +262,6 @@ _PARSERS: dict[str, Callable[[dict[str, Any]], MCExample]] = {
     "arc": _parse_arc,
     "piqa": _parse_piqa,
 }
-
-
-def jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    """(line, object) per non-blank line of a JSONL file, or (line, problem) for a malformed one.
-
-    The one JSONL loop of the benchmark and classification readers (lmpipe.classify),
-    so both report a bad line alike: lines are 1-based; a line that is not UTF-8,
-    not JSON or not an object yields the problem as a string and reading goes on,
-    so a caller can skip and count it. The file is read as bytes, so one
-    undecodable line is one bad line, not a failed file; the line's end is
-    stripped before parsing, so a JSON error's column is that of the line itself.
-    """
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield lineno, f"not valid UTF-8 (byte {err.start})"
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as err:
-                yield lineno, f"not valid JSON ({err.msg} at column {err.colno})"
-                continue
-            yield lineno, obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
 
 
 def load_benchmark(

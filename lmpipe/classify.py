@@ -68,9 +68,10 @@ from safetensors.torch import save_model as save_safetensors_model
 from tokenizers import Tokenizer
 from torch import nn
 
-from lmpipe.benchmarks import BadLineReport, BenchmarkFormatError, jsonl_records
+from lmpipe.benchmarks import BadLineReport, BenchmarkFormatError
 from lmpipe.checkpoint import STATE_FILE, check_compatible, load_checkpoint, read_state
 from lmpipe.config import ClassifyConfig, ModelConfig, TrainConfig
+from lmpipe.jsonl import jsonl_records
 from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
 from lmpipe.sft import split_indices
 from lmpipe.stage import BuildOutput, StageResult, markdown_cell, read_versioned_json, run_stage, write_json_atomic

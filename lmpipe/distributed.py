@@ -143,6 +143,15 @@ def mean_over_ranks(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return t / ctx.world_size
 
 
+def sum_over_ranks(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sum of t over all ranks; asynchronous on the device."""
+    if not ctx.active:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor (FSDP2's gradient norm) as a plain tensor; plain tensors unchanged."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t

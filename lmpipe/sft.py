@@ -39,19 +39,20 @@ is padded with end-of-text tokens (mask 0) to exactly ``block_size`` tokens and
 one more pad token ends the stream, so the stream is ``n * block_size + 1``
 tokens, the loader's epoch shift is 0 and every window is one example plus the
 first token of the next (a masked target): no example attends to another.
-"packed": examples back to back, no padding; cheaper when examples are much
-shorter than the context. A window then spans several examples, but training
-and validation pass the end-of-text id as ``doc_sep`` to ``GPT.forward``: every
-example ends with exactly one end-of-text (the template's), so the examples are
-recovered from the tokens alone (an end-of-text closes its own example) and
-each position attends only within its own example, with position embeddings
-restarting at 0 where the example starts. An example wholly inside a window is
-thus seen exactly as alone, as at inference; the last one may be cut by the
-window's end (its prefix is still exact). The first may be the tail of an
-example cut by the window's start: it would be seen without its beginning, so
-its targets do not count (``lmpipe.train.CutExampleMask``). Targets never cross
-examples: the target of an end-of-text is the next example's first token, a
-role token (mask 0). In both layouts an example longer than ``block_size`` is
+"packed": several examples share a window, so far fewer windows are needed when
+examples are much shorter than the context. They are bin-packed (best fit,
+longest first) into bins of at most ``block_size`` tokens, and each bin is then
+laid out like a padded example: windows are whole bins, so no example is ever
+cut by a window's edge and every target of every example is trained each epoch.
+Training and validation pass the end-of-text id as ``doc_sep`` to ``GPT.forward``:
+every example ends with exactly one end-of-text (the template's), so the
+examples are recovered from the tokens alone and each position attends only
+within its own example, with position embeddings restarting at 0 where the
+example starts: an example is seen exactly as alone, as at inference. Targets
+never cross examples: the target of an end-of-text is the next example's first
+token, a role token (mask 0), or a pad. ``SFTData.fill`` is the share of window
+tokens that are example tokens (1.0 would be no padding at all).
+In both layouts an example longer than ``block_size`` is
 an error (or skipped and counted), since its reply would lose the start of its
 context.
 Every ``VAL_EVERY``-th example is held out for validation.
@@ -59,6 +60,7 @@ Every ``VAL_EVERY``-th example is held out for validation.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -70,6 +72,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lmpipe.config import CHAT_TOKENS, EOT
+from lmpipe.jsonl import jsonl_records
 from lmpipe.tokenizer import encode_ordinary
 
 VAL_EVERY = 10  # every 10th example is held out for validation
@@ -135,6 +138,7 @@ class SFTData:
     skipped_bad_lines: list[int] = dataclasses.field(default_factory=list)  # the first MAX_REPORTED
     skipped_long: int = 0
     skipped_long_lines: list[int] = dataclasses.field(default_factory=list)  # the first MAX_REPORTED
+    fill: float = 1.0  # share of the training windows' tokens that are example tokens (the rest is padding)
 
     def meta(self) -> dict[str, Any]:
         """The stage-meta entries: example counts, layout and skipped lines."""
@@ -142,6 +146,7 @@ class SFTData:
             "sft_train_examples": self.train_examples,
             "sft_val_examples": self.val_examples,
             "sft_layout": self.layout,
+            "sft_fill": self.fill,
             "sft_skipped_bad": self.skipped_bad,
             "sft_skipped_bad_lines": self.skipped_bad_lines,
             "sft_skipped_long": self.skipped_long,
@@ -225,26 +230,17 @@ def read_sft_jsonl(
     examples: list[SFTExample] = []
     bad: list[int] = []
     first_error = ""
-    with open(path, "rb") as f:  # bytes, so one undecodable line is one bad line, not a failed file
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise _LineError(f"not valid UTF-8 (byte {err.start})") from None
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line.rstrip("\r\n"))  # so an error at the end has this line's column
-                except json.JSONDecodeError as err:
-                    raise _LineError(f"not valid JSON ({err.msg} at column {err.colno})") from None
-                examples.append(SFTExample(parse_example(obj), lineno))
-            except _LineError as err:
-                message = f"{field}: {path}:{lineno}: {err}"
-                if not skip_bad:
-                    raise SFTFormatError(message) from None
-                bad.append(lineno)
-                first_error = first_error or message
+    for lineno, record in jsonl_records(path, f"a JSON object of one of the formats {_FORMATS_HELP}"):
+        try:
+            if isinstance(record, str):
+                raise _LineError(record)
+            examples.append(SFTExample(parse_example(record), lineno))
+        except _LineError as err:
+            message = f"{field}: {path}:{lineno}: {err}"
+            if not skip_bad:
+                raise SFTFormatError(message) from None
+            bad.append(lineno)
+            first_error = first_error or message
     if not examples:
         detail = f"; {len(bad)} bad line(s) skipped, the first: {first_error}" if bad else ""
         raise SFTFormatError(f"{field}: SFT file {str(path)!r} holds no examples{detail}")
@@ -337,13 +333,13 @@ def layout_stream(
     """Lay encoded examples out as one (tokens, mask) stream, int64, for training's windows (module docstring).
 
     "padded": example i is tokens [i*block_size, (i+1)*block_size), pad_id / mask 0
-    after its own tokens, and one pad token ends the stream. "packed": back to back.
+    after its own tokens, and one pad token ends the stream. "packed": the same, with
+    bin i of ``pack_examples`` (its examples back to back) in place of example i.
     """
-    if layout == "packed":
-        tokens = np.array([t for ex_tokens, _ in encoded for t in ex_tokens], dtype=np.int64)
-        mask = np.array([m for _, ex_mask in encoded for m in ex_mask], dtype=np.int64)
-        return tokens, mask
-    if layout != "padded":
+    if layout == "packed":  # each bin of whole examples becomes one padded "example"
+        encoded = [([t for i in b for t in encoded[i][0]], [m for i in b for m in encoded[i][1]])
+                   for b in pack_examples([len(tokens) for tokens, _ in encoded], block_size)]
+    elif layout != "padded":
         raise ValueError(f"finetune.sft_layout must be 'padded' or 'packed', got {layout!r}")
     tokens = np.full(len(encoded) * block_size + 1, pad_id, dtype=np.int64)  # (n*T + 1,)
     mask = np.zeros_like(tokens)
@@ -354,6 +350,32 @@ def layout_stream(
         tokens[start : start + len(ex_tokens)] = ex_tokens
         mask[start : start + len(ex_mask)] = ex_mask
     return tokens, mask
+
+
+def pack_examples(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of the examples of each bin: best fit decreasing, bins of at most ``capacity`` tokens.
+
+    Longest first (ties by index), each into the fullest bin it still fits, else a
+    new bin; deterministic. Bins come in the order they were opened, their examples
+    in the order they were placed.
+    """
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens left, bin), sorted: the first that fits is the fullest
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"example {i} has {n} tokens, more than block_size={capacity}")
+        k = bisect.bisect_left(room, (n, -1))
+        if k == len(room):
+            bins.append([i])
+            left, b = capacity - n, len(bins) - 1
+        else:
+            free, b = room.pop(k)
+            bins[b].append(i)
+            left = free - n
+        if left > 0:
+            bisect.insort(room, (left, b))
+    return bins
 
 
 # -- the data of a fine-tuning run ---------------------------------------------
@@ -409,5 +431,6 @@ def build_sft_data(
         raise SFTFormatError(f"{field}: {path}: {err}{skipped}") from None
     train_tokens, train_mask = layout_stream([kept[i] for i in train_idx], layout, block_size, eot_id)
     val_tokens, val_mask = layout_stream([kept[i] for i in val_idx], layout, block_size, eot_id)
+    fill = sum(len(kept[i][0]) for i in train_idx) / (len(train_tokens) - 1)  # the stream is n * block_size + 1
     return SFTData(train_tokens, train_mask, val_tokens, val_mask, len(train_idx), len(val_idx), layout,
-                   len(bad), bad[:MAX_REPORTED], len(long_lines), long_lines[:MAX_REPORTED])
+                   len(bad), bad[:MAX_REPORTED], len(long_lines), long_lines[:MAX_REPORTED], round(fill, 4))

@@ -63,6 +63,7 @@ from lmpipe.distributed import (
     launch,
     mean_over_ranks,
     set_grad_sync,
+    sum_over_ranks,
     wrap_model,
 )
 from lmpipe.loader import ArraySource, BatchLoader, TokenSource, WindowOrder, position_state
@@ -173,7 +174,9 @@ def get_batch(
     """Inputs x and targets y (B, T); y is x shifted by one, IGNORE_INDEX where the mask is 0."""
     buf = torch.from_numpy(np.stack([src.window(int(o), block_size + 1) for o in offsets]))  # (B, T+1)
     x = buf[:, :-1].contiguous()  # (B, T)
-    y = buf[:, 1:].contiguous()  # (B, T)
+    # A copy, always: for one window the slice is already contiguous, so .contiguous() would return a
+    # view sharing memory with x, and masking y would write IGNORE_INDEX into the inputs.
+    y = buf[:, 1:].clone(memory_format=torch.contiguous_format)  # (B, T)
     if mask is not None:
         m = torch.from_numpy(np.stack([mask.window(int(o), block_size + 1) for o in offsets]))[:, 1:]  # (B, T)
         y[m == 0] = IGNORE_INDEX
@@ -200,16 +203,21 @@ def evaluate_loss(
     model: nn.Module, src: TokenSource, offsets: np.ndarray, batch_size: int, block_size: int, device: torch.device,
     autocast: contextlib.AbstractContextManager, mask: TokenSource | None = None, doc_sep: int | None = None,
 ) -> float:
-    """Mean loss over fixed windows, in eval mode (no dropout, no RNG drawn); doc_sep as in ``train``."""
+    """Mean loss per target token over fixed windows, in eval mode (no dropout, no RNG drawn); doc_sep as
+    in ``train``. Token-weighted, so the figure does not depend on ``batch_size`` (a short last batch, or
+    batches with more masked targets, count for what they hold)."""
     model.eval()
-    losses = []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
     for i in range(0, len(offsets), batch_size):
         x, y = get_batch(src, offsets[i : i + batch_size], block_size, device, mask)
         with autocast:
             _, loss = model(x, y, doc_sep=doc_sep)
-        losses.append(loss.float())
+        n = (y != IGNORE_INDEX).sum()
+        loss_sum += loss.double() * n
+        count += n
     model.train()
-    return torch.stack(losses).mean().item()
+    return (loss_sum / count.clamp(min=1)).item()
 
 
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
@@ -359,7 +367,7 @@ def train(
     ``stop_after=k`` checkpoints at step k and returns, as if interrupted there.
     ``dist_ctx``: this process's place in a torchrun job (``lmpipe.distributed``);
     only rank 0 writes files and calls the callbacks. ``aligned_val``: validation
-    windows start at multiples of block_size (SFT's padded layout: one example each).
+    windows start at multiples of block_size (SFT: one example, or one bin of packed examples, each).
     ``doc_sep``: the token that ends every packed example (SFT's packed layout, the
     end-of-text id); training and validation windows then attend only within each
     example, with positions restarting at its start (``GPT.forward``), and the loss
@@ -491,6 +499,7 @@ def train(
         forward = last_ckpt
         if cfg.early_stopping_patience is not None and best["best_step"] is not None:
             forward = step_dir(work_dir / BEST_DIR, best["best_step"])
+            val = best["best_val_loss"]  # the validation loss of the model that goes forward, not of the last step
         assert forward is not None
         return _summary(cfg, rows, steps, val, tokens_per_step, train_seconds, started, params, flops_per_token,
                         device, forward, start, best)
@@ -529,7 +538,8 @@ def train(
         for step in range(start, cfg.max_steps if not best["stopped"] else start):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
-            loss, grad_norm = _step(model, optimizer, lr, loader, accum, max_norm, autocast, dist_ctx, doc_sep)
+            loss, grad_norm = _step(model, optimizer, lr, loader, accum, max_norm, autocast, dist_ctx, doc_sep,
+                                    per_token=train_mask is not None)
             # The one sync per optimizer step (never per micro step): the update must be
             # skipped, not undone, when the loss or gradients are not finite.
             if not torch.isfinite(loss + grad_norm).item():
@@ -607,22 +617,36 @@ def train(
 def _step(
     model: nn.Module, optimizer: torch.optim.Optimizer, lr: float, loader: BatchLoader, accum: int,
     max_norm: float, autocast: contextlib.AbstractContextManager, dist_ctx: DistContext,
-    doc_sep: int | None = None,
+    doc_sep: int | None = None, per_token: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over the step's micro-batches; returns (mean loss, grad norm), on the device.
 
+    Without masked targets every micro-batch holds the same number of targets, and
+    the step's loss is the mean of the micro-batch means. With them (``per_token``:
+    SFT), micro-batches hold different numbers of targets, so each micro-batch's
+    loss is weighted by its share of the targets of the whole step on every rank:
+    the loss and the gradients are then the mean over the global batch's targets,
+    whatever micro_batch x accum_steps x ranks it is split into.
     Gradients are all-reduced once, on the last micro-batch. Leaves the (clipped)
     gradients in place: the caller decides whether to apply them.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
+    batches = [loader.next() for _ in range(accum)] if per_token else None
+    if batches is not None:
+        counts = [(y != IGNORE_INDEX).sum() for _, y in batches]
+        # DDP/FSDP average the ranks' gradients, hence world_size / (targets on all ranks)
+        scale = dist_ctx.world_size / sum_over_ranks(torch.stack(counts).sum(), dist_ctx).clamp(min=1)
     loss_sum: torch.Tensor | None = None
     for micro in range(accum):
         set_grad_sync(model, micro == accum - 1)
-        x, y = loader.next()
+        x, y = loader.next() if batches is None else batches[micro]
         with autocast:
             _, loss = model(x, y, doc_sep=doc_sep)
-        loss = loss / accum  # the gradients then sum to the mean over micro-batches
+        if batches is None:
+            loss = loss / accum  # the gradients then sum to the mean over micro-batches
+        else:
+            loss = loss * (counts[micro] * scale)  # this micro-batch's summed loss over the step's targets
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         loss.backward()
     grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
@@ -805,7 +829,7 @@ def run_finetune(
             meta = data.meta()
         summary = train(model_cfg, ft_cfg, vocab_size, train_src, val_src, tmp, tokenizer_fingerprint=tok_fp,
                         init_from=init_dir, log_metrics=log_metrics, on_progress=on_progress,
-                        target_mask_src=masks, aligned_val=masks is not None and ft_cfg.sft_layout == "padded",
+                        target_mask_src=masks, aligned_val=masks is not None,
                         doc_sep=eot if ft_cfg.mode == "sft" and ft_cfg.sft_layout == "packed" else None)
         if ft_cfg.lora is not None:
             meta |= _lora_meta(summary.checkpoint, tmp / ADAPTER_DIR if ft_cfg.lora.save_adapter else None)

@@ -12,9 +12,9 @@ def test_pretrain_code_covers_the_modules_training_runs():
     # distributed.py (the torchrun worker), sft.py (packed masks), docset.py (below shards.py) decide
     # what pretraining computes; evaluate.py and tracking.py are only reached inside functions.
     assert stage_modules(STAGE_ENTRY["pretrain"]) == (
-        "lmpipe.checkpoint", "lmpipe.config", "lmpipe.distributed", "lmpipe.docset", "lmpipe.loader",
-        "lmpipe.lora", "lmpipe.model", "lmpipe.sft", "lmpipe.shards", "lmpipe.stage", "lmpipe.tokenizer",
-        "lmpipe.train",
+        "lmpipe.checkpoint", "lmpipe.config", "lmpipe.distributed", "lmpipe.docset", "lmpipe.jsonl",
+        "lmpipe.loader", "lmpipe.lora", "lmpipe.model", "lmpipe.sft", "lmpipe.shards", "lmpipe.stage",
+        "lmpipe.tokenizer", "lmpipe.train",
     )
     assert stage_modules(STAGE_ENTRY["register"]) == (
         "lmpipe.config", "lmpipe.docset", "lmpipe.stage", "lmpipe.tokenizer", "lmpipe.tracking",

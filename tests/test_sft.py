@@ -28,6 +28,7 @@ from lmpipe.sft import (
     encode_chat,
     encode_chat_prompt,
     layout_stream,
+    pack_examples,
     read_sft_jsonl,
     render_chat,
     split_indices,
@@ -186,12 +187,21 @@ def test_reads_line_numbers_and_skips_blank_lines(tmp_path: Path) -> None:
         ('{"messages": [{"role": "assistant", "content": 1}]}', r"messages\[0\]: 'content' must be a string, got int"),
         ('{"messages": [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]}',
          r"'messages' has no 'assistant' turn: nothing to train on"),
+        # valid JSON, but not text: no tokenizer takes it
+        ('{"prompt": "a", "completion": "\\ud83d"}', r"a string holds a lone surrogate escape \(\\ud83d\), not text"),
     ],
 )
 def test_bad_line_names_file_and_line_number(tmp_path: Path, bad_line: str, message: str) -> None:
     f = write_jsonl(tmp_path / "d.jsonl", [*dialogue(2), bad_line, *dialogue(3)])
     with pytest.raises(SFTFormatError, match=rf"^finetune\.sft_path: {tmp_path}/d\.jsonl:3: {message}"):
         read_sft_jsonl(f)
+
+
+def test_a_byte_order_mark_before_the_first_line_is_not_part_of_it(tmp_path: Path) -> None:
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + "\n".join(dialogue(3)).encode())
+    examples, bad = read_sft_jsonl(f)
+    assert [e.line for e in examples] == [1, 2, 3] and bad == []
 
 
 def test_undecodable_line_names_its_line(tmp_path: Path) -> None:
@@ -284,16 +294,35 @@ def test_padded_layout_every_training_window_is_exactly_one_example(tmp_path: Pa
         assert y[row][y[row] != IGNORE_INDEX].tolist() == learned and y[row, -1] == IGNORE_INDEX
 
 
-def test_packed_layout_is_the_examples_back_to_back(tmp_path: Path, tok: Tokenizer) -> None:
+def test_pack_examples_is_best_fit_longest_first() -> None:
+    assert pack_examples([5, 3, 3, 2, 7, 1], 8) == [[4, 5], [0, 1], [2, 3]]
+    assert pack_examples([8, 8], 8) == [[0], [1]] and pack_examples([], 8) == []
+    with pytest.raises(ValueError, match="example 1 has 9 tokens, more than block_size=8"):
+        pack_examples([2, 9], 8)
+
+
+def test_packed_layout_puts_whole_examples_in_each_window(tmp_path: Path, tok: Tokenizer) -> None:
     f = write_jsonl(tmp_path / "d.jsonl", varied_examples(23))
     examples, _ = read_sft_jsonl(f)
     encoded = encode_chat([e.messages for e in examples], tok, chat_token_ids(tok, EOT_ID))
     data = build_sft_data(f, tok, EOT_ID, 64, layout="packed")
-    train_idx, val_idx = split_indices(23)
-    assert data.train_tokens.tolist() == [t for i in train_idx for t in encoded[i][0]]
-    assert data.train_mask.tolist() == [m for i in train_idx for m in encoded[i][1]]
-    assert data.val_tokens.tolist() == [t for i in val_idx for t in encoded[i][0]]
-    assert data.train_tokens.dtype == data.train_mask.dtype == np.int64 and data.meta()["sft_layout"] == "packed"
+    padded = build_sft_data(f, tok, EOT_ID, 64, layout="padded")
+    train_idx, _ = split_indices(23)
+    bins = pack_examples([len(encoded[i][0]) for i in train_idx], 64)
+    assert len(data.train_tokens) == len(bins) * 64 + 1 < len(padded.train_tokens)  # fewer windows than padded
+    seen = []
+    for k, b in enumerate(bins):  # window k is bin k: its examples back to back, then masked pads
+        tokens = [t for i in b for t in encoded[train_idx[i]][0]]
+        mask = [m for i in b for m in encoded[train_idx[i]][1]]
+        assert data.train_tokens[k * 64 : k * 64 + len(tokens)].tolist() == tokens
+        assert data.train_mask[k * 64 : (k + 1) * 64].tolist() == mask + [0] * (64 - len(mask))
+        assert (data.train_tokens[k * 64 + len(tokens) : (k + 1) * 64] == EOT_ID).all()
+        seen += [train_idx[i] for i in b]
+    assert sorted(seen) == train_idx  # every training example once, none cut
+    n_tokens = sum(len(encoded[i][0]) for i in train_idx)
+    assert data.fill == round(n_tokens / (len(bins) * 64), 4) > padded.fill == round(n_tokens / (len(train_idx) * 64), 4)
+    assert data.train_tokens.dtype == data.train_mask.dtype == np.int64
+    assert data.meta()["sft_layout"] == "packed" and data.meta()["sft_fill"] == data.fill
 
 
 def test_packed_window_sees_each_example_as_alone(tmp_path: Path, tok: Tokenizer) -> None:
@@ -301,25 +330,26 @@ def test_packed_window_sees_each_example_as_alone(tmp_path: Path, tok: Tokenizer
     # exactly one end-of-text id and the examples can be told apart by the tokens alone.
     lines = [json.dumps({"prompt": f"Say {EOT} twice", "completion": "No."}), *varied_examples(19)]
     data = build_sft_data(write_jsonl(tmp_path / "d.jsonl", lines), tok, EOT_ID, 32, layout="packed")
-    ends = np.flatnonzero(data.train_tokens == EOT_ID)
-    assert len(ends) == data.train_examples == 18 and ends[-1] == len(data.train_tokens) - 1
-    starts = [0, *(ends[:-1] + 1).tolist()]
+    order = WindowOrder(len(data.train_tokens), 32, seed=0)
+    offsets = order.epoch_starts(0)  # the windows training visits: every bin, whole
+    x, y = get_batch(ArraySource(data.train_tokens), offsets, 32, torch.device("cpu"), ArraySource(data.train_mask))
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_config(MODEL, tok.get_vocab_size())).eval()
-    offsets = np.array([0, starts[3] + 2, starts[7]])  # windows from an example's start and from inside one
-    x, _ = get_batch(ArraySource(data.train_tokens), offsets, 32, torch.device("cpu"))
-    packed, _ = model(x, x, doc_sep=EOT_ID)  # (3, 32, V)
-    whole = cut = 0
+    packed, _ = model(x, x, doc_sep=EOT_ID)  # (windows, 32, V)
+    whole, trained = 0, 0
     for row, o in enumerate(offsets.tolist()):
-        for s, e in zip(starts, ends.tolist()):  # example [s, e]
-            if s < o or s >= o + 32:
-                continue
-            n = min(e + 1, o + 32) - s  # the example's tokens in this window; fewer when the window cuts it
-            example = torch.from_numpy(data.train_tokens[s : e + 1])[None]
-            alone, _ = model(example, example)  # on its own, from position 0, plain causal attention
-            torch.testing.assert_close(packed[row, s - o : s - o + n], alone[0, :n], atol=1e-5, rtol=0)
-            whole, cut = whole + (n == e + 1 - s), cut + (n < e + 1 - s)
-    assert whole >= 3 and cut >= 1
+        window, mask = data.train_tokens[o : o + 32], data.train_mask[o : o + 33]
+        start = 0
+        for end in np.flatnonzero(window == EOT_ID).tolist():
+            example = torch.from_numpy(window[start : end + 1].copy())[None]
+            if mask[start + 1 : end + 1].any():  # an example, not a pad
+                alone, _ = model(example, example)  # on its own, from position 0, plain causal attention
+                torch.testing.assert_close(packed[row, start : end + 1], alone[0], atol=1e-5, rtol=0)
+                whole += 1
+            start = end + 1
+        trained += int((y[row] != IGNORE_INDEX).sum())
+    assert whole == data.train_examples == 18
+    assert trained == int(data.train_mask.sum())  # every supervised target of the epoch is trained
 
 
 def test_layout_stream_pads_to_block_size() -> None:

@@ -29,6 +29,7 @@ from lmpipe.checkpoint import (
 from lmpipe.config import FinetuneConfig, ModelConfig, TrainConfig
 from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
 from lmpipe.stage import partial_dir
+from lmpipe.distributed import DistContext
 from lmpipe.train import (
     ArraySource,
     TrainingDivergedError,
@@ -40,6 +41,7 @@ from lmpipe.train import (
     run_finetune,
     run_pretrain,
     train,
+    _step,
 )
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -98,6 +100,44 @@ def test_get_batch_shifts_targets_and_applies_mask() -> None:
     assert x.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert y.tolist() == [[-1, -1, 3, 4], [5, -1, -1, 8]]  # target t+1 counts iff mask[t+1] == 1
     assert IGNORE_INDEX == -1
+    # One window: masking the targets must not write into the inputs (y was a view of x's buffer).
+    x1, y1 = get_batch(src, np.array([0]), 4, torch.device("cpu"), mask)
+    assert x1.tolist() == [[0, 1, 2, 3]] and y1.tolist() == [[-1, -1, 3, 4]]
+
+
+class _Batches:
+    """A loader that hands out given (x, y) micro-batches in order."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches = list(batches)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batches.pop(0)
+
+
+def test_masked_step_is_the_mean_over_the_global_batch_however_it_is_split() -> None:
+    """SFT micro-batches hold different numbers of targets: 8 x 1, 2 x 4 and 1 x 8 give one loss and gradient."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randint(0, 64, (8, 16))
+    y = torch.randint(0, 64, (8, 16))
+    for row, kept in enumerate((16, 1, 3, 0, 9, 2, 16, 5)):  # targets counted per sequence, very uneven
+        y[row, kept:] = IGNORE_INDEX
+    flat = torch.cat([y[r][y[r] != IGNORE_INDEX] for r in range(8)])
+    results = []
+    for micro in (8, 2, 1):
+        model.zero_grad()
+        batches = [(x[i : i + micro], y[i : i + micro]) for i in range(0, 8, micro)]
+        loss, _ = _step(model, opt, 0.0, _Batches(batches), 8 // micro, 1e9, contextlib.nullcontext(),
+                        DistContext(), per_token=True)
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    full = torch.nn.functional.cross_entropy(model(x, y)[0].view(-1, 64), y.view(-1), ignore_index=IGNORE_INDEX)
+    assert flat.numel() == 52
+    for loss, grads in results:
+        assert loss == pytest.approx(full.item(), rel=1e-6)
+        for g, ref in zip(grads, results[0][1]):
+            torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------- training
@@ -454,6 +494,7 @@ def test_early_stopping_keeps_the_best_checkpoint_and_stays_stopped(tmp_path: Pa
     best = min(vals, key=vals.get)  # the first step of the lowest val loss
     assert summary.best_step == best and summary.best_val_loss == vals[best]
     assert summary.steps == best + 3  # three validations without improvement
+    assert summary.final_val_loss == vals[best] != vals[summary.steps]  # the published model's, not the last step's
     assert summary.checkpoint == tmp_path / "best" / f"step-{best:07d}"
     assert read_state(summary.checkpoint)["val_loss"] == vals[best]
     # The weights that go forward are the best step's, not the last.

@@ -437,7 +437,8 @@ class ClassifyConfig(Section):
                                                                 "integers are read as their decimal string).")
     labels: list[str] | None = Field(
         None, description="The classes, in the head's output order. None: the sorted set of labels of the "
-                          "training split. Given: a line with another label is an error (or skipped with skip_bad).")
+                          "training split. Given: a line with another label is an error (or skipped with skip_bad). "
+                          "Integers are taken as their decimal string, as in the data.")
     val_every: int = Field(5, ge=2, description="Every val_every-th example (in file order) is held out for "
                                                 "validation, at least one.")
     max_steps: int = Field(100, ge=1, description="Optimizer steps.")
@@ -461,6 +462,14 @@ class ClassifyConfig(Section):
     init_checkpoint: str | None = Field(
         None, description="Checkpoint directory of the body to start from; default: this pipeline's pretrained "
                           "model (GPT-1: pretrain, then fine-tune on the task).")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _integer_labels(cls, v: Any) -> Any:
+        """`labels: [0, 1]` in YAML means the labels a JSON file writes as 0 and 1 (read as "0" and "1")."""
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> ClassifyConfig:

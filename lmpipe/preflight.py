@@ -7,14 +7,14 @@ from pathlib import Path
 
 from lmpipe.benchmarks import check_benchmarks_fit, load_benchmark
 from lmpipe.checkpoint import STATE_FILE, CheckpointMismatchError, architecture_diffs, read_state
-from lmpipe.classify import read_examples
-from lmpipe.config import PipelineConfig
+from lmpipe.classify import build_classify_data, read_examples
+from lmpipe.config import CHAT_TOKENS, PipelineConfig
 from lmpipe.download import check_sources
 from lmpipe.lora import check_targets
-from lmpipe.sft import read_sft_jsonl
+from lmpipe.sft import build_sft_data, read_sft_jsonl
 from lmpipe.shards import read_manifest
 from lmpipe.stage import StageResult
-from lmpipe.tokenizer import TOKENIZER_FILE, load_tokenizer
+from lmpipe.tokenizer import META_FILE, TOKENIZER_FILE, eot_id, load_tokenizer, read_tokenizer_meta
 
 
 def check_inputs(config: PipelineConfig, *, training: bool = True) -> None:
@@ -32,6 +32,10 @@ def check_inputs(config: PipelineConfig, *, training: bool = True) -> None:
         load_benchmark(Path(bench.path), bench.kind, limit=bench.limit, skip_bad=bench.skip_bad)  # format errors now
     ft = config.finetune
     if ft.mode == "sft":
+        missing = [t for t in CHAT_TOKENS if t not in config.tokenizer.special_tokens]
+        if missing:
+            raise ValueError(f"tokenizer.special_tokens={config.tokenizer.special_tokens} lacks {missing}, which "
+                             f"finetune.mode='sft' renders its chat template with: keep all of {CHAT_TOKENS}")
         if not Path(ft.sft_path).is_file():
             raise FileNotFoundError(f"finetune.sft_path: file {ft.sft_path!r} does not exist")
         read_sft_jsonl(Path(ft.sft_path), skip_bad=ft.sft_skip_bad)  # format errors now; lengths need the tokenizer
@@ -53,9 +57,17 @@ def check_context_fits(config: PipelineConfig, corpora: dict[str, StageResult], 
                        benchmark_files: Mapping[str, Path]) -> None:
     """Checked once the tokenizer and shards exist, before any training, so that neither fine-tuning nor
     evaluation can fail on them after pretraining has run: every corpus's splits hold more than one context
-    window, and every benchmark choice fits the context (``lmpipe.benchmarks.check_benchmarks_fit``)."""
-    check_benchmarks_fit(config.eval.benchmarks, benchmark_files, load_tokenizer(tokenizer.path(TOKENIZER_FILE)),
-                         config.model.block_size)
+    window, every benchmark choice fits the context (``lmpipe.benchmarks.check_benchmarks_fit``), and the
+    SFT and classification files are prepared as their stages will prepare them (lengths, splits, labels)."""
+    tok = load_tokenizer(tokenizer.path(TOKENIZER_FILE))
+    check_benchmarks_fit(config.eval.benchmarks, benchmark_files, tok, config.model.block_size)
+    eot = eot_id(tok, read_tokenizer_meta(tokenizer.path(META_FILE))["eot_token"])
+    ft = config.finetune
+    if ft.mode == "sft":
+        build_sft_data(Path(ft.sft_path), tok, eot, config.model.block_size, layout=ft.sft_layout,
+                       skip_long=ft.sft_skip_long, skip_bad=ft.sft_skip_bad, field="finetune.sft_path")
+    if config.classify is not None:
+        build_classify_data(config.classify, tok, eot, config.model.block_size)
     need = config.model.block_size + 1
     for name, shards in corpora.items():
         for split, info in read_manifest(shards.out_dir)["splits"].items():

@@ -137,6 +137,37 @@ def test_a_benchmark_choice_longer_than_the_context_fails_before_pretraining(tmp
     assert "pretrain" not in {r.info.run_name for r in runs}  # found once the tokenizer exists, before training
 
 
+def test_an_sft_example_longer_than_the_context_fails_before_pretraining(tmp_path):
+    import json
+
+    chats = tmp_path / "chats.jsonl"
+    rows = [{"prompt": f"Question {i}?", "completion": "Short."} for i in range(12)]
+    rows[4]["completion"] = " ".join(["a long answer"] * 30)
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    message, runs = _run_failing(tiny_config(tmp_path / "w", "finetune.mode=sft", f"finetune.sft_path={chats}"))
+    assert f"finetune.sft_path: {chats}:5: the example is " in message and "model.block_size=32" in message
+    assert "pretrain" not in {r.info.run_name for r in runs}  # found once the tokenizer exists, before training
+
+
+def test_sft_without_the_chat_tokens_fails_before_any_stage(tmp_path):
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text('{"prompt": "Hi?", "completion": "Hello."}\n' * 12, encoding="utf-8")
+    message, runs = _run_failing(tiny_config(tmp_path / "w", "finetune.mode=sft", f"finetune.sft_path={chats}",
+                                             "tokenizer.special_tokens=['<|endoftext|>', '<|pad|>']"))
+    assert "tokenizer.special_tokens=['<|endoftext|>', '<|pad|>'] lacks ['<|system|>', '<|user|>', " in message
+    assert len(runs) == 1  # only the flow's own run: no stage started
+
+
+def test_a_classification_label_seen_only_in_the_held_out_split_fails_before_pretraining(tmp_path):
+    data = tmp_path / "cls.csv"
+    rows = [f"text {i},{'good' if i % 2 else 'bad'}" for i in range(20)]
+    rows[4] = "text 4,ugly"  # every fifth example is held out: line 6 (example 4) is a validation example
+    data.write_text("text,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    message, runs = _run_failing(tiny_config(tmp_path / "w", f"classify={{path: '{data}', max_steps: 2}}"))
+    assert "label 'ugly' does not occur in the training split" in message, message
+    assert "pretrain" not in {r.info.run_name for r in runs}
+
+
 def test_finetune_checkpoint_that_does_not_match_the_model(tmp_path):
     from lmpipe.checkpoint import save_checkpoint  # a real checkpoint of another architecture
     from lmpipe.config import ModelConfig

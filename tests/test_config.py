@@ -124,3 +124,10 @@ def test_the_champion_metric_defaults_to_bits_per_byte_on_the_finetuning_corpus(
     assert load_config(None).champion_metric() == "finetuned.tinyshakespeare.bits_per_byte"
     cfg = load_config(None, ["tracking.promote_metric=finetuned.wikitext2.loss"])
     assert cfg.champion_metric() == "finetuned.wikitext2.loss"
+
+
+def test_integer_classification_labels_are_their_decimal_strings_as_in_the_data():
+    cfg = load_config(None, ["classify={path: data.jsonl, labels: [0, 1, two]}"])
+    assert cfg.classify.labels == ["0", "1", "two"]
+    with pytest.raises(ConfigError, match="labels"):
+        load_config(None, ["classify={path: data.jsonl, labels: [true, false]}"])

@@ -26,6 +26,7 @@ import random
 import re
 import shutil
 from dataclasses import asdict
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -159,8 +160,10 @@ def save_checkpoint(
 def write_checkpoint(
     root: Path, step: int, config: GPTConfig, weights: dict[str, torch.Tensor], optimizer_state: dict | None,
     state: dict[str, Any], *, rng: list[dict[str, Any]] | None = None, keep: int = 2,
+    keep_steps: Collection[int | None] = (),
 ) -> Path:
-    """Write ``root/step-{step:07d}`` atomically, then prune: keep the newest ``keep`` checkpoints.
+    """Write ``root/step-{step:07d}`` atomically, then prune: keep the newest ``keep`` checkpoints
+    (and those of ``keep_steps``, which something else still refers to).
 
     ``state`` holds the caller's fields (tokenizer_fingerprint, data position, train
     config, ...); format_version, step, model config, vocab_size and the RNG states
@@ -191,8 +194,16 @@ def write_checkpoint(
     later = [d for d in _step_dirs(root) if _step_of(d) > step]
     kept_or_older = [d for d in _step_dirs(root) if _step_of(d) <= step]
     for d in later + kept_or_older[keep:]:
-        shutil.rmtree(d)
+        if _step_of(d) not in keep_steps:
+            shutil.rmtree(d)
     return out
+
+
+def prune_checkpoints(root: Path, keep_steps: Collection[int | None]) -> None:
+    """Remove the checkpoints under root but those of ``keep_steps``."""
+    for d in _step_dirs(root):
+        if _step_of(d) not in keep_steps:
+            shutil.rmtree(d)
 
 
 def export_model(ckpt_dir: Path, dest: Path) -> Path:

@@ -46,6 +46,7 @@ from lmpipe.checkpoint import (
     export_model,
     latest_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     read_state,
     rng_state,
     step_dir,
@@ -460,6 +461,9 @@ def train(
             load_checkpoint(init_from, model, None, restore_rng=False)
         torch.manual_seed(cfg.seed + dist_ctx.rank)  # dropout masks differ between ranks
     rows = _truncate_metrics(metrics_path, start) if main else []
+    # The best step the newest regular checkpoint records: its best/ checkpoint must outlive newer bests,
+    # since a resume replays from there and (on a GPU, not bit for bit) may not find the newer best again.
+    recorded_best: list[int | None] = [best["best_step"]]
 
     params, flops_per_token = raw.num_params(), raw.flops_per_token()
     peak = cfg.peak_flops or peak_flops(device)
@@ -484,6 +488,9 @@ def train(
             } | lora_state
             path = write_checkpoint(ckpt_root, step, raw.config, weights, opt_state, state, rng=rngs)
         barrier(dist_ctx)  # no rank runs ahead of a checkpoint that may still fail
+        recorded_best[0] = best["best_step"]
+        if main and recorded_best[0] is not None:  # older bests are now out of any resume's reach
+            prune_checkpoints(work_dir / BEST_DIR, recorded_best)
         return path
 
     def save_best(step: int, val: float) -> None:
@@ -492,7 +499,8 @@ def train(
         if main:
             write_checkpoint(work_dir / BEST_DIR, step, raw.config, weights, None,
                              {"tokenizer_fingerprint": tokenizer_fingerprint, "val_loss": val,
-                              "train": cfg.model_dump(mode="json")} | lora_state, keep=1)
+                              "train": cfg.model_dump(mode="json")} | lora_state, keep=1,
+                             keep_steps=recorded_best)  # a resume from the newest checkpoint returns to it
         barrier(dist_ctx)
 
     def finish(steps: int, val: float | None) -> TrainSummary:

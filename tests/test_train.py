@@ -507,6 +507,53 @@ def test_early_stopping_keeps_the_best_checkpoint_and_stays_stopped(tmp_path: Pa
     assert len(losses(tmp_path)) == summary.steps
 
 
+def test_a_resume_that_does_not_find_the_newer_best_again_publishes_the_recorded_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash after a new best but before the next regular checkpoint: the resume replays from that checkpoint,
+    and on a GPU (not bit for bit) the replay may not find the newer best again. The best checkpoint the regular
+    checkpoint records must still be there to publish."""
+    import lmpipe.train as train_mod
+
+    cfg = config(max_steps=40, learning_rate=5e-2, min_lr=5e-2, warmup_steps=0, eval_interval=1,
+                 early_stopping_patience=3, checkpoint_interval=100)
+    vals: dict[int, float] = {}
+    full = run(tmp_path / "full", cfg, log_metrics=lambda m, s: vals.update({s: m["val/loss"]}) if "val/loss" in m else None)
+    bests = [s for s in sorted(vals) if vals[s] < min([vals[t] for t in vals if t < s], default=math.inf)]
+    last, before = bests[-1], bests[-2]  # the final best, and the best before it
+    assert last == full.best_step
+
+    work = tmp_path / "crashed"
+    run(work, cfg, stop_after=before)  # a regular checkpoint that records `before` as the best
+    real_write = train_mod.write_checkpoint
+
+    def crash_at_last(root, step, *args, **kwargs):
+        if Path(root).name == "checkpoints" and step == last:
+            raise RuntimeError("killed")  # after save_best(last), before the regular checkpoint
+        return real_write(root, step, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "write_checkpoint", crash_at_last)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(work, cfg, stop_after=last)
+    monkeypatch.setattr(train_mod, "write_checkpoint", real_write)
+    assert sorted(p.name for p in (work / "best").iterdir()) == [f"step-{before:07d}", f"step-{last:07d}"]
+
+    real_eval = train_mod.evaluate_loss
+    calls = iter(range(before + 1, 10_000))  # the resumed run validates every step from before + 1
+
+    def replay_misses_the_newer_best(*args, **kwargs):
+        value = real_eval(*args, **kwargs)
+        return value + 10.0 if next(calls) >= last else value
+
+    monkeypatch.setattr(train_mod, "evaluate_loss", replay_misses_the_newer_best)
+    resumed = run(work, cfg)
+    assert resumed.stopped_early and resumed.best_step == before and resumed.steps == before + 3
+    assert resumed.checkpoint == work / "best" / f"step-{before:07d}" and resumed.checkpoint.is_dir()
+    assert resumed.final_val_loss == vals[before]
+    # The final regular checkpoint records `before`: the other best is out of any resume's reach, and gone.
+    assert [p.name for p in (work / "best").iterdir()] == [f"step-{before:07d}"]
+
+
 def test_early_stopping_resumes_its_record(tmp_path: Path) -> None:
     cfg = config(max_steps=40, learning_rate=5e-2, min_lr=5e-2, warmup_steps=0, eval_interval=1,
                  early_stopping_patience=3, checkpoint_interval=100)

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from lmpipe.config import ConfigError, EvalConfig, PipelineConfig, load_config
+from lmpipe.handoff import GENERATION_DEFAULTS, MODEL_URI_FORMS  # light: no torch, no MLflow
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def model_command(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("model", help="checkpoint directory, or MLflow model URI (models:/<name>@<alias>)")
+        p.add_argument("model", help=f"checkpoint directory, or MLflow model URI ({MODEL_URI_FORMS})")
         p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: found by the checkpoint's "
                                                       "tokenizer fingerprint under --workdir)")
         p.add_argument("--workdir", type=Path, default=Path(PipelineConfig().workdir), help="the run's work directory")
@@ -50,12 +51,18 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     p = model_command("generate", "continue prompts with a trained model")
-    p.add_argument("--prompt", "-p", action="append", required=True, help="a prompt (repeat for several)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", "-p", action="append", required=True,
+                   help='a prompt (repeat for several); "" starts from the end-of-text token (unconditional)')
+    # The served model's defaults too (lmpipe.handoff.GENERATION_DEFAULTS); both are checked by generation_params.
+    p.add_argument("--max-new-tokens", type=int, default=GENERATION_DEFAULTS["max_new_tokens"],
+                   help="at most this many tokens, >= 0 (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=GENERATION_DEFAULTS["temperature"],
+                   help=">= 0; 0: greedy (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=GENERATION_DEFAULTS["top_k"],
+                   help="sample from the k most likely tokens, >= 1 (default: all)")
+    p.add_argument("--top-p", type=float, default=GENERATION_DEFAULTS["top_p"],
+                   help="nucleus sampling, in (0, 1] (default: off)")
+    p.add_argument("--seed", type=int, default=GENERATION_DEFAULTS["seed"], help="(default %(default)s)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="prompt in the chat template, reply up to <|end|> (default: on for chat SFT models)")
     p = model_command("evaluate", "score a trained model: held-out loss / perplexity / bits per byte on text "
@@ -171,10 +178,16 @@ def model_command(args: argparse.Namespace) -> str:
     """generate / evaluate / export: resolve the model, do the work, return what to print."""
     import tempfile
 
-    from lmpipe.handoff import resolve_model
+    from lmpipe.handoff import check_device, end_of_text_id, generation_params, resolve_model
 
     texts: list[tuple[Path, str]] = []
     benches: list[tuple[str, str, list]] = []  # (--benchmark spec, kind, examples)
+    sampling = {}
+    if args.command in ("generate", "evaluate"):  # bad arguments fail before the model is fetched
+        check_device(args.device)
+    if args.command == "generate":  # the options checked as the served model checks its params
+        sampling = generation_params({key: getattr(args, key) for key in GENERATION_DEFAULTS},
+                                     name=lambda key: "--" + key.replace("_", "-"))
     if args.command == "evaluate":  # bad arguments and files fail before the model is fetched
         from lmpipe.benchmarks import load_benchmark
 
@@ -223,11 +236,11 @@ def model_command(args: argparse.Namespace) -> str:
         if args.command == "generate":
             from lmpipe.checkpoint import read_state
             from lmpipe.evaluate import generate_samples, is_chat_model
+            from lmpipe.tokenizer import META_FILE
 
             chat = args.chat if args.chat is not None else is_chat_model(read_state(files.checkpoint))
-            samples = generate_samples(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
-                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                       seed=args.seed, device=args.device, chat=chat)
+            samples = generate_samples(model, tok, args.prompt, **sampling, device=args.device, chat=chat,
+                                       start_id=end_of_text_id(tok, files.tokenizer_dir / META_FILE))
             return "\n\n".join(s["prompt"] + s["completion"] for s in samples)
 
         from lmpipe.benchmarks import score_mc

@@ -13,19 +13,20 @@ import math
 import os
 import subprocess
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from pydantic import BaseModel
 
 from lmpipe.config import TrackingConfig
+from lmpipe.handoff import GENERATION_DEFAULTS  # module level: the signature's defaults decide the register stage
 from lmpipe.tokenizer import META_FILE, TOKENIZER_FILE
 from lmpipe.stage import StageResult
 
@@ -214,39 +215,57 @@ class GPTTextGenerator(mlflow.pyfunc.PythonModel):
 
     A chat SFT model takes each prompt as a user turn in its chat template and
     returns the assistant's reply (``lmpipe.evaluate.generate_samples``'s chat mode).
+    The params are checked, and default, as ``lmpipe generate``'s options
+    (``lmpipe.handoff.generation_params``); an empty prompt generates from the
+    end-of-text token. The model runs on CUDA when the machine has it.
     """
 
     def load_context(self, context: Any) -> None:
+        import torch
+
         from lmpipe.checkpoint import load_model, read_state
         from lmpipe.evaluate import is_chat_model
+        from lmpipe.handoff import end_of_text_id
         from lmpipe.tokenizer import load_tokenizer
 
         checkpoint = Path(context.artifacts["checkpoint"])
-        self.model = load_model(checkpoint, device="cpu")
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_model(checkpoint, device=self.device)
         self.chat = is_chat_model(read_state(checkpoint))
         self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
+        meta = context.artifacts.get("tokenizer_meta")  # absent from models registered before it was logged
+        self.start_id = end_of_text_id(self.tokenizer, Path(meta) if meta else None)
 
-    # No type hints on predict: MLflow would infer a signature from them that has no params schema
-    # and then ignore max_new_tokens/temperature/top_k/top_p/seed. The explicit signature declares them.
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-        """list[str] (or a one-column DataFrame) of prompts -> list[str] of completions."""
+    # The type hint is one MLflow infers no signature from (it would replace the explicit one, which declares
+    # the params), and what the model gets once MLflow has checked the input against that signature. With no
+    # hint at all, MLflow warns "Add type hints to the `predict` method" whenever this class is defined.
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
+        """Prompts (a one-column DataFrame, or a list of strings when called directly) -> list[str] of completions."""
         from lmpipe.evaluate import generate_samples
+        from lmpipe.handoff import check_prompts, generation_params
 
-        if hasattr(model_input, "iloc"):  # a DataFrame from the scoring server
+        if hasattr(model_input, "iloc"):  # a DataFrame, as MLflow hands the input over
             model_input = model_input.iloc[:, 0].tolist()
-
-        params = params or {}
+        elif isinstance(model_input, str):
+            model_input = [model_input]
+        prompts = check_prompts(model_input)
         samples = generate_samples(
-            self.model, self.tokenizer, list(model_input),
-            max_new_tokens=int(params.get("max_new_tokens", 32)),
-            temperature=float(params.get("temperature", 0.8)),
-            top_k=int(params["top_k"]) if params.get("top_k") else None,
-            top_p=float(params["top_p"]) if params.get("top_p") else None,
-            seed=int(params.get("seed", 0)),
-            device="cpu",
+            self.model, self.tokenizer, prompts, **generation_params(params),
+            device=getattr(self, "device", "cpu"), start_id=getattr(self, "start_id", None),
             chat=getattr(self, "chat", False),
         )
         return [s["completion"] for s in samples]
+
+
+def served_signature() -> Any:
+    """The served model's signature: strings in and out, and the params of ``lmpipe generate`` with its defaults."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    types = {"max_new_tokens": "long", "temperature": "double", "top_k": "long", "top_p": "double", "seed": "long"}
+    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+                          params=ParamSchema([ParamSpec(key, types[key], default)
+                                              for key, default in GENERATION_DEFAULTS.items()]))
 
 
 def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path,
@@ -258,18 +277,10 @@ def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path,
     ``cfg.alias`` (returned, with the URI it gives) is moved by ``run_register``, through
     ``promote_if_better``, once the version carries every tag that describes it.
     """
-    from mlflow.models import infer_signature
-
     library_dir = Path(__file__).resolve().parent
-    signature = infer_signature(["ROMEO:"], ["a completion"],
-                                params={"max_new_tokens": 32, "temperature": 0.8, "top_k": 40, "top_p": 1.0,
-                                        "seed": 0})
     # The fluent API is needed for log_model; opening the stage's own child run in this thread is
     # safe (it is not the parent, and this stage ends with it).
-    with mlflow.start_run(run_id=run.run_id), warnings.catch_warnings():
-        # predict has no type hints on purpose (see GPTTextGenerator); MLflow's advice to add them would
-        # drop the params schema.
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+    with mlflow.start_run(run_id=run.run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=GPTTextGenerator(),
@@ -277,7 +288,7 @@ def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path,
                        "tokenizer_meta": str(tokenizer_dir / META_FILE)},
             code_paths=[str(library_dir)],
             pip_requirements=pip_requirements,
-            signature=signature,
+            signature=served_signature(),
             input_example=["ROMEO:"],
             registered_model_name=cfg.registered_model,
         )
@@ -338,38 +349,79 @@ def champion_metrics(uri: str, name: str, alias: str, *, finetune: str | None = 
             "metrics": {k: float(v) for k, v in sorted(metrics.items()) if k.startswith(EVAL_PREFIX)}}
 
 
+def _champion_figures(client: MlflowClient, champion: Any, keys: tuple[str, ...]) -> dict[str, float | None]:
+    """The champion version's figures for ``keys``: its ``METRIC_TAG`` tags (the gate writes them), else the
+    metrics of the run that registered it (the register stage logs every ``finetuned.*`` figure there, and
+    ``champion_metrics`` reads them for the report); None where neither has one."""
+    found: dict[str, float | None] = {key: None for key in keys}
+    for key in keys:
+        if champion.tags.get(METRIC_TAG + key) is not None:
+            found[key] = float(champion.tags[METRIC_TAG + key])
+    if any(v is None for v in found.values()) and champion.run_id:
+        try:
+            logged = client.get_run(champion.run_id).data.metrics
+        except mlflow.exceptions.MlflowException:  # the run was deleted since
+            logged = {}
+        for key in keys:
+            if found[key] is None and key in logged:
+                found[key] = float(logged[key])
+    return found
+
+
 def promote_if_better(client: MlflowClient, name: str, version: str, metric: str, value: float, *,
                       mode: str, alias: str, tags: Mapping[str, str] | None = None,
-                      aliases: tuple[str, ...] = ()) -> dict[str, Any]:
+                      aliases: tuple[str, ...] = (), scored: tuple[str, float] | None = None) -> dict[str, Any]:
     """The promotion gate: point ``alias`` at ``version`` only if it beats the version the alias holds.
 
-    The new version is tagged with ``tags`` (where it came from), its figure and the
-    version it was compared with (``CHAMPION_BEFORE_TAG``), then with the decision
-    (promoted or kept, both figures, why), which is also returned. Only then do aliases
-    move: ``aliases`` whatever the decision, ``alias`` if promoted. So a crash or a
-    registry error between the steps never leaves an alias on a version without the
-    tags that ``champion_metrics`` and the next gate read: the alias move is the last
-    state change. A champion without a figure for this metric (promoted under another
-    metric) is replaced: there is nothing to compare. A non-finite figure is never promoted.
+    The new version is tagged with ``tags`` (where it came from), its figure (and, with
+    ``scored``, how much it was scored on) and the version it was compared with
+    (``CHAMPION_BEFORE_TAG``), then with the decision (promoted or kept, both figures,
+    why), which is also returned. Only then do aliases move: ``aliases`` whatever the
+    decision, ``alias`` if promoted. So a crash or a registry error between the steps
+    never leaves an alias on a version without the tags that ``champion_metrics`` and
+    the next gate read: the alias move is the last state change.
+
+    The champion's figure is its ``lmpipe.metric.<metric>`` tag or, without one (it was
+    promoted under another metric), the figure logged in the run that registered it; a
+    champion with neither is replaced: there is nothing to compare. ``scored``
+    (``("finetuned.<corpus>.tokens" or "finetuned.<benchmark>.n", amount)``): the new
+    figure counts only against one scored on the same amount, as the evaluation report
+    compares them; otherwise the champion stays ("not comparable"), since a different
+    token budget or benchmark limit moves the figure by itself. A non-finite figure is
+    never promoted.
     """
     value = float(value)
     for key, tag in (tags or {}).items():
         client.set_model_version_tag(name, version, key, tag)
     client.set_model_version_tag(name, version, METRIC_TAG + metric, repr(value))
+    amount = None
+    if scored is not None:
+        amount = float(scored[1])
+        client.set_model_version_tag(name, version, METRIC_TAG + scored[0], f"{amount:g}")
     champion = _alias_holder(client, name, alias)
     client.set_model_version_tag(name, version, CHAMPION_BEFORE_TAG,
                                  "none" if champion is None else str(champion.version))
-    best = None if champion is None else champion.tags.get(METRIC_TAG + metric)
+    figures = {} if champion is None else _champion_figures(client, champion,
+                                                            (metric,) + ((scored[0],) if scored else ()))
+    best = figures.get(metric)
+    best_amount = figures.get(scored[0]) if scored else None
     if not math.isfinite(value):
         promoted, reason = False, f"{metric} is {value}, not a finite figure"
     elif champion is None:
         promoted, reason = True, f"no @{alias} yet"
     elif best is None:
-        promoted, reason = True, f"@{alias} (version {champion.version}) has no {metric} to compare"
+        promoted, reason = True, (f"@{alias} (version {champion.version}) has no {metric} to compare: neither a "
+                                  f"{METRIC_TAG}{metric} tag nor a figure logged in its registration run")
+    elif scored is not None and best_amount != amount:
+        unit = "examples" if scored[0].endswith(".n") else "tokens"
+        then = f"{best_amount:,.0f} {unit}" if best_amount is not None else f"an unlogged number of {unit}"
+        promoted, reason = False, (f"not comparable: {metric} {value:.6g} vs {best:.6g} of version "
+                                   f"{champion.version}, scored on {then} then, {amount:,.0f} now "
+                                   "(the champion is kept; evaluate both on as much to compare)")
     else:
-        promoted = value < float(best) if mode == "min" else value > float(best)
+        promoted = value < best if mode == "min" else value > best
         op = ("<" if promoted else ">=") if mode == "min" else (">" if promoted else "<=")
-        reason = f"{metric} {value:.6g} {op} {float(best):.6g} of version {champion.version} ({mode} wins)"
+        reason = f"{metric} {value:.6g} {op} {best:.6g} of version {champion.version} ({mode} wins)"
     client.set_model_version_tag(name, version, DECISION_TAG, f"{'promoted' if promoted else 'not promoted'}: {reason}")
     for moved in aliases:
         client.set_registered_model_alias(name, moved, version)
@@ -378,27 +430,76 @@ def promote_if_better(client: MlflowClient, name: str, version: str, metric: str
     return {
         "metric": metric, "mode": mode, "alias": alias, "value": value,
         "champion_version": None if champion is None else str(champion.version),
-        "champion_value": None if best is None else float(best),
+        "champion_value": best, "scored": amount, "champion_scored": best_amount,
         "promoted": promoted, "reason": reason,
     }
 
 
+def missing_store(tracking_uri: str | None) -> Path | None:
+    """The database file of a ``sqlite:`` tracking URI when it does not exist (opening it would create an
+    empty store), else None."""
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri[len("sqlite:///"):].split("?", 1)[0]  # sqlite:////abs/x.db or sqlite:///relative.db
+    if not path or path == ":memory:":
+        return None
+    return None if Path(path).is_file() else Path(path)
+
+
+def _model_location(client: MlflowClient, model_uri: str) -> str:
+    """Where the files of a model URI (``lmpipe.handoff.MODEL_URI_FORMS``) are, found through ``client``
+    alone: MLflow's own resolution of ``models:/`` and ``runs:/`` reads the process-wide registry URI."""
+    from lmpipe.handoff import MODEL_URI_FORMS
+
+    if model_uri.startswith("runs:/"):
+        run_id, _, path = model_uri[len("runs:/"):].partition("/")
+        path = path.strip("/")
+        if not run_id or not path:
+            raise ValueError(f"model {model_uri!r}: expected runs:/<run id>/<model name>; accepted: {MODEL_URI_FORMS}")
+        run = client.get_run(run_id)
+        # MLflow 3 logs a model as a LoggedModel of the run (its own artifact location), not in the run's artifacts.
+        logged = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                             filter_string=f"source_run_id = '{run_id}' AND name = '{path}'",
+                                             order_by=[{"field_name": "creation_timestamp", "ascending": False}])
+        return logged[0].artifact_location if logged else f"{run.info.artifact_uri.rstrip('/')}/{path}"
+    rest = model_uri[len("models:/"):].strip("/")
+    name, sep, alias = rest.partition("@")
+    if sep:
+        version = client.get_model_version_by_alias(name, alias).version
+    elif "/" in rest:
+        name, _, version = rest.rpartition("/")
+        if version == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise mlflow.exceptions.MlflowException(f"Registered model {name!r} has no versions")
+            version = str(max(int(v.version) for v in versions))
+    elif rest.startswith("m-"):  # a LoggedModel's id, as registration.json's logged_model_uri gives it
+        return client.get_logged_model(rest).artifact_location
+    else:
+        raise ValueError(f"model {model_uri!r} names no version: accepted forms are {MODEL_URI_FORMS}")
+    if not name:
+        raise ValueError(f"model {model_uri!r} names no model: accepted forms are {MODEL_URI_FORMS}")
+    return client.get_model_version_download_uri(name, version)
+
+
 def download_model_files(model_uri: str, tracking_uri: str | None, dest: Path) -> tuple[Path, Path]:
-    """A logged or registered model's checkpoint directory and tokenizer directory, downloaded into dest."""
+    """A logged or registered model's checkpoint directory and tokenizer directory, downloaded into dest.
+
+    ``model_uri``: one of ``lmpipe.handoff.MODEL_URI_FORMS``. A ``sqlite:`` store that does
+    not exist is an error (FileNotFoundError naming it), not an empty store created on the spot.
+    """
+    store = missing_store(tracking_uri)
+    if store is not None:
+        raise FileNotFoundError(f"model {model_uri!r}: the MLflow store {store} does not exist ({tracking_uri})")
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)  # not a default registry in cwd
     try:
-        source = model_uri
-        if model_uri.startswith("models:/"):
-            name, sep, alias = model_uri[len("models:/"):].partition("@")
-            if sep:
-                version = client.get_model_version_by_alias(name, alias).version
-            else:
-                name, _, version = name.rpartition("/")
-            source = client.get_model_version_download_uri(name, version)
+        source = _model_location(client, model_uri)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest),
                                                          tracking_uri=tracking_uri))
     except mlflow.exceptions.MlflowException as err:
         raise FileNotFoundError(f"model {model_uri!r} could not be found in {tracking_uri}: {err.message}") from None
+    if not (local / "MLmodel").is_file():
+        raise ValueError(f"model {model_uri!r} is not an MLflow model (no MLmodel file at {source})")
     artifacts = yaml.safe_load((local / "MLmodel").read_text(encoding="utf-8"))["flavors"]["python_function"]
     paths = {name: local / entry["path"] for name, entry in artifacts.get("artifacts", {}).items()}
     if "checkpoint" not in paths or "tokenizer" not in paths:
@@ -414,6 +515,16 @@ def served_requirements() -> list[str]:
             ("torch", "tokenizers", "safetensors", "numpy", "pydantic", "pyyaml", "pandas", "pyarrow")]
 
 
+def scored_key(metric: str) -> str | None:
+    """The metric that says how much ``metric`` was scored on: ``finetuned.<corpus>.tokens`` for a held-out
+    figure, ``finetuned.<benchmark>.n`` for a benchmark's (as the evaluate stage logs them); None otherwise."""
+    from lmpipe.evaluate import MC_METRICS, METRICS, SCORED
+
+    stem, _, stat = metric.rpartition(".")
+    kind = "held_out" if stat in METRICS else "multiple_choice" if stat in MC_METRICS else None
+    return f"{stem}.{SCORED[kind]}" if stem and kind else None
+
+
 def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finetuned: StageResult,
                  tokenizer: StageResult, out_dir: Path, fingerprint: str, *, metric: str,
                  evaluation: dict[str, float]) -> StageResult:
@@ -423,6 +534,9 @@ def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finet
 
     if metric not in evaluation:
         raise ValueError(f"tracking.promote_metric={metric!r} is not in the evaluation ({sorted(evaluation)})")
+    key = scored_key(metric)
+    # How much the figure was scored on, for the gate to compare it only with a figure scored on as much.
+    scored = (key, evaluation[key]) if key is not None and key in evaluation else None
 
     def build(tmp: Path) -> BuildOutput:
         info = register_model(run, cfg, finetuned.path("model"), Path(tokenizer.out_dir), served_requirements())
@@ -430,7 +544,8 @@ def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finet
         # its reference again. Every tag is written before cfg.alias and the champion alias move.
         info["promotion"] = promote_if_better(run.client, cfg.registered_model, info["version"], metric,
                                               evaluation[metric], mode=cfg.promote_mode, alias=cfg.champion_alias,
-                                              tags={FINETUNE_TAG: finetuned.fingerprint}, aliases=(cfg.alias,))
+                                              tags={FINETUNE_TAG: finetuned.fingerprint}, aliases=(cfg.alias,),
+                                              scored=scored)
         run.set_tags({DECISION_TAG: info["promotion"]["reason"],
                       DECISION_TAG + ".promoted": info["promotion"]["promoted"]})
         write_json_atomic(tmp / "registration.json", {**info, "tracking_uri": ctx.uri})

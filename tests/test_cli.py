@@ -67,3 +67,25 @@ def test_why_names_the_step_and_reason_that_removed_a_document(tmp_path, capsys)
     assert "reason:  dedup: same text as c/0/0" in capsys.readouterr().out
     assert main(["why", "c/0/0", "--workdir", str(tmp_path / "w")]) == 1
     assert "c/0/0: not removed by any finished clean stage" in capsys.readouterr().out
+
+
+def test_model_commands_check_options_and_device_before_fetching_the_model(tmp_path, capsys, monkeypatch):
+    import torch
+
+    base = ["generate", "models:/nope@x", "--workdir", str(tmp_path), "-p", "x"]  # never looked up
+    for option, message in [
+        (["--max-new-tokens", "-3"], "--max-new-tokens must be an integer >= 0, got -3"),
+        (["--top-p", "0"], "--top-p must be in (0, 1] (or left out: no nucleus filtering), got 0.0"),
+        (["--top-k", "0"], "--top-k must be an integer >= 1 (or left out: no top-k filtering), got 0"),
+        (["--temperature", "-1"], "--temperature must be a number >= 0 (0: greedy), got -1.0"),
+    ]:
+        assert main([*base, *option]) == 1
+        assert capsys.readouterr().err == f"lmpipe generate: {message}\n"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*base, "--device", "cuda"]) == 1
+    assert capsys.readouterr().err == (f"lmpipe generate: --device 'cuda': CUDA is not available on this machine "
+                                       f"(torch {torch.__version__}); use --device cpu\n")
+    assert main(["evaluate", "models:/nope@x", "--workdir", str(tmp_path), "-t", __file__, "--device", "gpu"]) == 1
+    assert capsys.readouterr().err == ("lmpipe evaluate: --device 'gpu' is not a device: expected cpu, cuda, "
+                                       "cuda:<index> or mps\n")
+    assert not (tmp_path / "mlflow.db").exists()

@@ -17,7 +17,7 @@ def test_pretrain_code_covers_the_modules_training_runs():
         "lmpipe.tokenizer", "lmpipe.train",
     )
     assert stage_modules(STAGE_ENTRY["register"]) == (
-        "lmpipe.config", "lmpipe.docset", "lmpipe.stage", "lmpipe.tokenizer", "lmpipe.tracking",
+        "lmpipe.config", "lmpipe.docset", "lmpipe.handoff", "lmpipe.stage", "lmpipe.tokenizer", "lmpipe.tracking",
     )
     assert code_version("pretrain") == code_version("finetune") != code_version("evaluate")
 

@@ -135,15 +135,20 @@ def test_registered_model_serves_text(first_run):
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
     assert str(client.get_model_version_by_alias("lmpipe-gpt", "candidate").version) == "1"
     # The first version is the champion: there was none to beat. The decision is on the version and the stage.
+    evaluation = summary["metrics"]["evaluate"]
     assert reg["promotion"] == {"metric": "finetuned.tinyshakespeare.bits_per_byte", "mode": "min",
-                                "alias": "champion", "value": summary["metrics"]["evaluate"][reg["promotion"]["metric"]],
-                                "champion_version": None, "champion_value": None, "promoted": True,
-                                "reason": "no @champion yet"}
+                                "alias": "champion", "value": evaluation[reg["promotion"]["metric"]],
+                                "champion_version": None, "champion_value": None,
+                                "scored": evaluation["finetuned.tinyshakespeare.tokens"], "champion_scored": None,
+                                "promoted": True, "reason": "no @champion yet"}
     assert str(client.get_model_version_by_alias("lmpipe-gpt", "champion").version) == "1"
     assert client.get_model_version("lmpipe-gpt", "1").tags["lmpipe.promotion"] == "promoted: no @champion yet"
     finetuned = next(s["fingerprint"] for s in summary["stages"] if s["label"] == "finetune")
     assert client.get_model_version("lmpipe-gpt", "1").tags["lmpipe.finetune_fingerprint"] == finetuned
     assert client.get_model_version("lmpipe-gpt", "1").tags["lmpipe.champion_before"] == "none"
+    # How much its figure was scored on, for the next gate to compare only like with like.
+    assert client.get_model_version("lmpipe-gpt", "1").tags["lmpipe.metric.finetuned.tinyshakespeare.tokens"] == \
+        f"{evaluation['finetuned.tinyshakespeare.tokens']:g}"
     mlflow.set_tracking_uri(summary["tracking_uri"])
     served = mlflow.pyfunc.load_model("models:/lmpipe-gpt@candidate")
     out = served.predict(["ROMEO:", "The"], params={"max_new_tokens": 5, "seed": 3})
@@ -413,6 +418,110 @@ def test_promotion_gate_moves_champion_only_to_a_better_model(tmp_path):
     assert tags[METRIC_TAG + metric] == "2.6" and tags[DECISION_TAG].startswith("not promoted: ")
     # 'max' for accuracies: higher wins.
     assert not gate(4, 2.3, mode="max")["promoted"]
+
+
+def test_promotion_gate_compares_only_figures_scored_on_as_much_data(tmp_path):
+    from lmpipe.tracking import DECISION_TAG, METRIC_TAG, promote_if_better
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("m")
+    versions = [str(client.create_model_version("m", source=str(tmp_path)).version) for _ in range(5)]
+    metric, key = "finetuned.shake.bits_per_byte", "finetuned.shake.tokens"
+
+    def gate(i: int, value: float, tokens: float | None) -> dict:
+        return promote_if_better(client, "m", versions[i], metric, value, mode="min", alias="champion",
+                                 scored=None if tokens is None else (key, tokens))
+
+    assert gate(0, 2.5, 2048)["promoted"]
+    assert client.get_model_version("m", versions[0]).tags[METRIC_TAG + key] == "2048"
+    # A better-looking figure on 32 tokens is not compared with one on 2,048: the champion stays.
+    fewer = gate(1, 2.0, 32)
+    reason = (f"not comparable: {metric} 2 vs 2.5 of version {versions[0]}, scored on 2,048 tokens then, 32 now "
+              "(the champion is kept; evaluate both on as much to compare)")
+    assert fewer == {"metric": metric, "mode": "min", "alias": "champion", "value": 2.0,
+                     "champion_version": versions[0], "champion_value": 2.5, "scored": 32.0,
+                     "champion_scored": 2048.0, "promoted": False, "reason": reason}
+    assert client.get_model_version("m", versions[1]).tags[DECISION_TAG] == "not promoted: " + reason
+    assert str(client.get_model_version_by_alias("m", "champion").version) == versions[0]
+    same = gate(2, 2.4, 2048)
+    assert same["promoted"] and same["reason"] == f"{metric} 2.4 < 2.5 of version {versions[0]} (min wins)"
+    # A champion whose amount was never logged (the gate was not told it) compares with nothing scored.
+    assert gate(3, 2.3, None)["promoted"]
+    legacy = gate(4, 1.0, 2048)
+    assert not legacy["promoted"] and legacy["reason"] == (
+        f"not comparable: {metric} 1 vs 2.3 of version {versions[3]}, scored on an unlogged number of tokens then, "
+        "2,048 now (the champion is kept; evaluate both on as much to compare)")
+
+
+def test_promotion_gate_reads_a_champion_figure_from_its_registration_run_when_untagged(tmp_path):
+    """A champion promoted under another tracking.promote_metric has no tag for this one: its registration run
+    logged every evaluation figure, which the gate compares with; only without one is the champion replaced."""
+    from lmpipe.tracking import promote_if_better
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("m")
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
+    metric, key = "finetuned.shake.bits_per_byte", "finetuned.shake.tokens"
+    run = client.create_run(exp).info.run_id
+    client.log_metric(run, metric, 2.5)
+    client.log_metric(run, key, 2048)
+    v1 = str(client.create_model_version("m", source=str(tmp_path), run_id=run).version)
+    assert promote_if_better(client, "m", v1, "finetuned.shake.loss", 1.7, mode="min", alias="champion")["promoted"]
+    v2, v3, v4 = (str(client.create_model_version("m", source=str(tmp_path)).version) for _ in range(3))
+
+    worse = promote_if_better(client, "m", v2, metric, 2.6, mode="min", alias="champion", scored=(key, 2048))
+    assert not worse["promoted"] and worse["champion_value"] == 2.5 and worse["champion_scored"] == 2048.0
+    assert worse["reason"] == f"{metric} 2.6 >= 2.5 of version {v1} (min wins)"
+    fewer = promote_if_better(client, "m", v2, metric, 2.0, mode="min", alias="champion", scored=(key, 64))
+    assert not fewer["promoted"] and fewer["reason"].startswith("not comparable: ")
+    better = promote_if_better(client, "m", v3, metric, 2.4, mode="min", alias="champion", scored=(key, 2048))
+    assert better["promoted"] and better["reason"] == f"{metric} 2.4 < 2.5 of version {v1} (min wins)"
+    # Without the tag and without a registration run (v3 has none), there is no figure: the champion is replaced.
+    client.delete_model_version_tag("m", v3, "lmpipe.metric." + metric)
+    none = promote_if_better(client, "m", v4, metric, 3.0, mode="min", alias="champion", scored=(key, 2048))
+    assert none["promoted"] and none["champion_value"] is None
+    assert none["reason"] == (f"@champion (version {v3}) has no {metric} to compare: neither a lmpipe.metric.{metric} "
+                              "tag nor a figure logged in its registration run")
+
+
+def test_register_stage_tells_the_gate_how_much_its_figure_was_scored_on(tmp_path, tokenizer):
+    import torch
+
+    from lmpipe.checkpoint import export_model, save_checkpoint
+    from lmpipe.config import TrackingConfig
+    from lmpipe.model import GPT, GPTConfig
+    from lmpipe.stage import StageResult
+    from lmpipe.tokenizer import load_tokenizer
+    from lmpipe.tracking import METRIC_TAG, StageRun, TrackingContext, promote_if_better, run_register
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
+    ctx = TrackingContext(uri=uri, experiment_id=exp, parent_run_id=client.create_run(exp).info.run_id,
+                          workdir=str(tmp_path))
+    model = GPT(GPTConfig(vocab_size=load_tokenizer(tokenizer.path("tokenizer.json")).get_vocab_size(),
+                          block_size=16, n_layer=1, n_head=2, n_embd=16))
+    ckpt = save_checkpoint(tmp_path / "ckpts", 1, model, torch.optim.AdamW(model.parameters()),
+                           {"tokenizer_fingerprint": "tok"})
+    export_model(ckpt, tmp_path / "ft" / "model")
+    cfg = TrackingConfig(registered_model="m", promote_mode="max")
+    metric, key = "finetuned.shake.acc_norm", "finetuned.shake.n"
+    client.create_registered_model("m")
+    v1 = str(client.create_model_version("m", source=str(tmp_path)).version)
+    promote_if_better(client, "m", v1, metric, 0.30, mode="max", alias=cfg.champion_alias, scored=(key, 200))
+
+    run = StageRun(uri, client.create_run(exp).info.run_id)
+    result = run_register(cfg, ctx, run,
+                          StageResult(stage="finetune", fingerprint="ft", out_dir=str(tmp_path / "ft")), tokenizer,
+                          tmp_path / "register", "reg-fp", metric=metric,
+                          evaluation={metric: 0.5, key: 16.0, "finetuned.shake.acc": 0.5})
+    decision = result.meta["promotion"]
+    assert decision["reason"] == (f"not comparable: {metric} 0.5 vs 0.3 of version {v1}, scored on 200 examples "
+                                  "then, 16 now (the champion is kept; evaluate both on as much to compare)")
+    assert not decision["promoted"] and decision["scored"] == 16.0 and decision["champion_scored"] == 200.0
+    assert client.get_model_version("m", result.meta["version"]).tags[METRIC_TAG + key] == "16"
 
 
 def test_champion_metrics_are_those_logged_in_its_registration_run(tmp_path):

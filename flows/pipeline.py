@@ -19,6 +19,7 @@ from flows.ledger import Ledger, tracked_flow
 from lmpipe.benchmarks import resolve_benchmarks
 from lmpipe.config import CorpusConfig, PipelineConfig
 from lmpipe.download import local_source_digests
+from lmpipe.evaluate import SFTHeldOut
 from lmpipe.preflight import check_context_fits, check_inputs
 from lmpipe.stage import StageResult, sha256_file
 from lmpipe.tracking import TrackingContext, champion_metrics
@@ -81,9 +82,10 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         ft_shards = corpora.get(config.data.finetune.name) if config.data.finetune else None
         base = ledger.run(pretrain, model_cfg=config.model, cfg=config.pretrain, shards=pre_shards,
                           tokenizer=tokenizer, ctx=ctx)
+        sft_sha256 = _digest(config.finetune.sft_path)
         tuned = ledger.run(finetune, model_cfg=config.model, cfg=config.finetune, base=base,
                            shards=ft_shards if config.finetune.mode == "continue" else None,
-                           sft_sha256=_digest(config.finetune.sft_path),
+                           sft_sha256=sft_sha256,
                            init_sha256=_digest(config.finetune.init_checkpoint, "model.safetensors"),
                            tokenizer=tokenizer, ctx=ctx)
         if config.classify is not None:
@@ -93,10 +95,13 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         # The champion to compare with, decided now so that it is part of the evaluation's fingerprint.
         reference = champion_metrics(ctx.uri, config.tracking.registered_model, config.tracking.champion_alias,
                                      finetune=tuned.fingerprint)
+        # After SFT, both models are also scored on its held-out examples (the champion gate's default metric).
+        sft = SFTHeldOut.of(config)
         report = ledger.run(evaluate, cfg=config.eval, models={"base": base, "finetuned": tuned}, corpora=corpora,
                             benchmark_sha256={n: _digest(str(p)) for n, p in bench_files.items()} or None,
                             benchmark_files={n: str(p) for n, p in bench_files.items()} or None,
-                            reference=reference, tokenizer=tokenizer, ctx=ctx)
+                            reference=reference, sft=sft, sft_sha256=sft_sha256 if sft else None,
+                            tokenizer=tokenizer, ctx=ctx)
         ledger.run(register, cfg=config.tracking, finetuned=tuned, tokenizer=tokenizer, report=report, ctx=ctx,
                    metric=config.champion_metric())
     return ledger.summary(ctx)

@@ -243,6 +243,11 @@ class DataConfig(Section):
 
 # Reserved for chat formats and fine-tuning (issue: SFT chat templates build on these).
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# Where the evaluate stage files its score of the fine-tuning run's held-out SFT examples (finetune.mode=sft), in
+# place of a corpus name: metrics finetuned.sft/val.loss|perplexity|bits_per_byte|tokens|examples, and a column
+# group of the report's held-out table. Corpus and benchmark names match [A-Za-z0-9_.-]+, so with its "/" it can
+# be neither (MLflow allows "/" in metric and tag names).
+SFT_HELD_OUT = "sft/val"
 
 
 class TokenizerConfig(Section):
@@ -550,8 +555,11 @@ class TrackingConfig(Section):
     promote_metric: str | None = Field(
         None,
         description="Evaluation metric of the fine-tuned model the gate compares (finetuned.<corpus>.loss|"
-                    "perplexity|bits_per_byte or finetuned.<benchmark>.acc|acc_norm); None: bits per byte on "
-                    "the fine-tuning corpus (tokenizer-independent).",
+                    "perplexity|bits_per_byte, finetuned.<benchmark>.acc|acc_norm or, with finetune.mode=sft, "
+                    "finetuned.sft/val.loss|perplexity|bits_per_byte: its held-out SFT examples, the assistant "
+                    "replies only). None: bits per byte (tokenizer-independent) on the fine-tuning corpus, or with "
+                    "finetune.mode=sft on the held-out SFT replies (finetuned.sft/val.bits_per_byte): the task SFT "
+                    "trains for, where data.finetune is a corpus SFT never trains on.",
     )
     promote_mode: Literal["min", "max"] = Field("min", description="'min': lower is better (loss, bits per "
                                                                     "byte); 'max': higher is better (accuracy).")
@@ -596,13 +604,19 @@ class PipelineConfig(Section):
         return self
 
     def champion_metric(self) -> str:
-        """The metric the promotion gate compares: tracking.promote_metric or its default."""
-        corpus = (self.data.finetune or self.data.pretrain).name
-        return self.tracking.promote_metric or f"finetuned.{corpus}.bits_per_byte"
+        """The metric the promotion gate compares: tracking.promote_metric or its default (bits per byte on
+        the held-out SFT examples with finetune.mode=sft, else on the fine-tuning corpus)."""
+        if self.tracking.promote_metric:
+            return self.tracking.promote_metric
+        if self.finetune.mode == "sft":
+            return f"finetuned.{SFT_HELD_OUT}.bits_per_byte"
+        return f"finetuned.{(self.data.finetune or self.data.pretrain).name}.bits_per_byte"
 
     def promotable_metrics(self) -> set[str]:
         """The fine-tuned model's evaluation metrics, by name (what tracking.promote_metric may be)."""
         corpora = [c.name for c in (self.data.pretrain, self.data.finetune) if c is not None]
+        if self.finetune.mode == "sft":  # the evaluate stage also scores the held-out SFT examples
+            corpora.append(SFT_HELD_OUT)
         held_out = {f"finetuned.{c}.{m}" for c in corpora for m in ("loss", "perplexity", "bits_per_byte")}
         return held_out | {f"finetuned.{b.name}.{m}" for b in self.eval.benchmarks for m in ("acc", "acc_norm")}
 

@@ -8,6 +8,11 @@ Bits per byte divides the summed loss by the UTF-8 bytes those tokens stand
 for, which makes it comparable across tokenizers: a tokenizer with longer
 tokens has a higher loss per token but not per byte.
 
+After SFT (``finetune.mode=sft``) every model is also scored on the fine-tuning
+run's held-out examples (:func:`score_sft`), under the name ``SFT_HELD_OUT``
+(``sft/val``) where a corpus name would be: only the assistant targets count, as
+in training, so the figures measure the task the model was fine-tuned for.
+
     >>> r = evaluate_loss(model, TokenSplit(shard_dir, "val"), token_byte_lengths(tok),
     ...                   eval_tokens=4096, batch_size=8, device="cpu")
     >>> sorted(r)
@@ -24,17 +29,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
 from lmpipe.benchmarks import benchmark_label, load_benchmark, score_mc
 from lmpipe.checkpoint import load_model, read_state
-from lmpipe.config import EvalConfig
+from lmpipe.config import SFT_HELD_OUT, EvalConfig, PipelineConfig
 from lmpipe.loader import ArraySource, TokenSource
-from lmpipe.sft import END_TOKEN, Message, encode_chat_prompt
+from lmpipe.model import IGNORE_INDEX
+from lmpipe.sft import END_TOKEN, VAL_EVERY, Layout, Message, SFTData, build_sft_data, encode_chat_prompt
 from lmpipe.shards import MANIFEST_FILE, TokenSplit, read_manifest
 from lmpipe.stage import BuildOutput, StageResult, markdown_cell, run_stage, write_json_atomic
-from lmpipe.tokenizer import (TOKENIZER_FILE, encode_ordinary, load_tokenizer, token_byte_lengths,
-                              tokenizer_fingerprint)
+from lmpipe.tokenizer import (META_FILE, TOKENIZER_FILE, encode_ordinary, eot_id, load_tokenizer,
+                              read_tokenizer_meta, token_byte_lengths, tokenizer_fingerprint)
 
 METRICS = ("loss", "perplexity", "bits_per_byte")
 MC_METRICS = ("acc", "acc_norm")
@@ -43,6 +50,28 @@ BASE, FINETUNED = "base", "finetuned"
 # How much was scored, logged beside the figures (finetuned.<corpus>.tokens, finetuned.<benchmark>.n) so that a
 # later report compares with a registered model's figures only where they were scored on as much.
 SCORED = {"held_out": "tokens", "multiple_choice": "n"}
+
+
+class SFTHeldOut(BaseModel):
+    """The fine-tuning run's SFT data settings: what the evaluate stage rebuilds its held-out examples from,
+    exactly as ``lmpipe.train.run_finetune`` split and laid them out (``lmpipe.sft.build_sft_data``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(description="finetune.sft_path")
+    layout: Layout = Field(description="finetune.sft_layout")
+    block_size: int = Field(ge=2, description="model.block_size: the windows the examples are laid out in")
+    skip_long: bool = Field(description="finetune.sft_skip_long")
+    skip_bad: bool = Field(description="finetune.sft_skip_bad")
+
+    @classmethod
+    def of(cls, config: PipelineConfig) -> SFTHeldOut | None:
+        """The SFT data of the config's fine-tuning run; None unless finetune.mode is "sft"."""
+        ft = config.finetune
+        if ft.mode != "sft":
+            return None
+        return cls(path=str(ft.sft_path), layout=ft.sft_layout, block_size=config.model.block_size,
+                   skip_long=ft.sft_skip_long, skip_bad=ft.sft_skip_bad)
 
 
 class TokenizerMismatchError(ValueError):
@@ -57,6 +86,8 @@ def evaluate_loss(
     eval_tokens: int,
     batch_size: int,
     device: str | torch.device,
+    mask: TokenSource | None = None,
+    doc_sep: int | None = None,
 ) -> dict[str, float]:
     """Score the first ``min(eval_tokens, split.num_tokens - 1)`` target tokens of a split.
 
@@ -64,8 +95,14 @@ def evaluate_loss(
     are the inputs, its last T the targets, so the next window starts where this
     one's targets ended and every token after the first is scored exactly once.
     The last window is cut short to stay inside the budget; in a batch it is
-    padded with ignored targets (-1), which causal attention keeps from
+    padded with ignored targets (IGNORE_INDEX), which causal attention keeps from
     affecting the real positions.
+
+    ``mask`` (one entry per token of the split, as SFT's loss masks): only the
+    targets whose entry is not 0 are scored, as training counts them; ``tokens``
+    and ``bytes`` are then those targets' (the budget still counts positions).
+    ``doc_sep``: given to the model, for windows that pack documents ending with
+    that token (each attends only within itself, ``GPT.forward``).
     """
     if eval_tokens < 1:
         raise ValueError(f"eval.eval_tokens must be >= 1, got {eval_tokens}")
@@ -73,22 +110,26 @@ def evaluate_loss(
         raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}")
     if split.num_tokens < 2:
         raise ValueError(f"the split has {split.num_tokens} token(s); scoring needs at least 2")
+    if mask is not None and mask.num_tokens != split.num_tokens:
+        raise ValueError(f"the loss mask has {mask.num_tokens} entries for the split's {split.num_tokens} tokens")
     block = model.config.block_size
     # The first token is only ever context: nothing predicts it.
     n_targets = min(eval_tokens, split.num_tokens - 1)
     starts = list(range(0, n_targets, block))
+    extra = {} if doc_sep is None else {"doc_sep": doc_sep}
 
     was_training = model.training
     model.eval()
     sum_nats = torch.zeros((), dtype=torch.float64, device=device)  # stays on device: no sync per batch
     sum_bytes = 0
+    n_scored = 0
     try:
         with torch.inference_mode():
             for b in range(0, len(starts), batch_size):
                 batch = starts[b : b + batch_size]
                 lengths = [min(block, n_targets - s) for s in batch]
                 x = np.zeros((len(batch), max(lengths)), dtype=np.int64)
-                y = np.full((len(batch), max(lengths)), -1, dtype=np.int64)
+                y = np.full((len(batch), max(lengths)), IGNORE_INDEX, dtype=np.int64)
                 for i, (s, n) in enumerate(zip(batch, lengths)):
                     w = split.window(s, n + 1)
                     if w.size and int(w.max()) >= len(token_bytes):
@@ -96,30 +137,68 @@ def evaluate_loss(
                             f"token id {int(w.max())} at position >= {s} is outside the tokenizer's "
                             f"vocabulary of {len(token_bytes)}: the shards and tokenizer do not match"
                         )
-                    x[i, :n], y[i, :n] = w[:-1], w[1:]
-                    sum_bytes += int(token_bytes[w[1:]].sum())
+                    targets = w[1:]
+                    if mask is not None:
+                        targets = np.where(mask.window(s + 1, n) != 0, targets, IGNORE_INDEX)
+                    x[i, :n], y[i, :n] = w[:-1], targets
+                    scored = targets[targets != IGNORE_INDEX]
+                    n_scored += len(scored)
+                    sum_bytes += int(token_bytes[scored].sum())
                 xt = torch.from_numpy(x).to(device)
                 yt = torch.from_numpy(y).to(device)
-                logits, _ = model(xt, yt)  # (B, T, V): all positions, since targets are given
+                logits, _ = model(xt, yt, **extra)  # (B, T, V): all positions, since targets are given
                 # Per-token losses in float32, summed in float64 so a long budget adds up exactly.
                 nats = F.cross_entropy(
-                    logits.float().flatten(0, 1), yt.flatten(), ignore_index=-1, reduction="none"
+                    logits.float().flatten(0, 1), yt.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
                 )  # (B*T,), 0 where ignored
                 sum_nats += nats.double().sum()
     finally:
         model.train(was_training)
 
     total = float(sum_nats.item())
+    if n_scored == 0:
+        raise ValueError(f"the loss mask leaves none of the {n_targets} targets to score")
     if sum_bytes == 0:
-        raise ValueError(f"the {n_targets} scored tokens stand for 0 bytes (only special tokens?)")
-    loss = total / n_targets
+        raise ValueError(f"the {n_scored} scored tokens stand for 0 bytes (only special tokens?)")
+    loss = total / n_scored
     return {
         "loss": loss,
         "perplexity": math.exp(loss),
         "bits_per_byte": total / math.log(2) / sum_bytes,
-        "tokens": n_targets,
+        "tokens": n_scored,
         "bytes": sum_bytes,
     }
+
+
+def score_sft(
+    model: torch.nn.Module,
+    data: SFTData,
+    token_bytes: np.ndarray,
+    *,
+    eot_id: int,
+    batch_size: int,
+    device: str | torch.device,
+) -> dict[str, float]:
+    """Held-out loss, perplexity and bits per byte on the val examples of SFT data, as fine-tuning counts them.
+
+    ``data`` is ``lmpipe.sft.build_sft_data``'s (the model's ``block_size``): its
+    val stream is scored whole, in the windows fine-tuning validates on (one
+    example, or one bin of packed examples, per ``block_size`` window; packed
+    windows with ``eot_id`` as ``doc_sep``, so each example attends only to
+    itself). Only the targets of ``val_mask`` count: each assistant reply, its
+    ``<|end|>`` and the closing end-of-text (the last two stand for 0 bytes).
+    ``tokens`` is the number of scored targets and ``examples`` of examples, so
+    both layouts give the same figures for the same examples.
+    """
+    block = model.config.block_size
+    n = len(data.val_tokens)
+    if (n - 1) % block:
+        raise ValueError(f"the SFT val stream has {n} tokens, not whole windows of the model's block_size={block} "
+                         "(plus one): it was laid out for another block_size")
+    r = evaluate_loss(model, ArraySource(data.val_tokens), token_bytes, eval_tokens=n - 1, batch_size=batch_size,
+                      device=device, mask=ArraySource(data.val_mask),
+                      doc_sep=eot_id if data.layout == "packed" else None)
+    return {**r, "examples": data.val_examples}
 
 
 def score_text(
@@ -282,6 +361,13 @@ def render_markdown(
         "loss in nats per token, bpb = bits per UTF-8 byte (comparable across tokenizers). Lower is better.",
         "",
     ]
+    if SFT_HELD_OUT in corpora:
+        lines[-1:-1] = [
+            "",
+            f"`{SFT_HELD_OUT}`: all the held-out examples of the fine-tuning run's finetune.sft_path (every "
+            f"{VAL_EVERY}th example it kept), in its windows; only the assistant's targets are scored (each reply, "
+            "its `<|end|>` and the closing end-of-text), as fine-tuning trains on them: the task itself.",
+        ]
     header = ["model"] + [f"{markdown_cell(c)} {short[m]}" for c in corpora for m in METRICS]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" + "---:|" * (len(header) - 1))
@@ -341,7 +427,10 @@ def render_markdown(
 
     lines += ["", "Tokens and bytes scored:", ""]
     for r in results:
-        lines.append(f"- {r['model']} on {r['corpus']}: {r['tokens']:,} tokens, {r['bytes']:,} bytes")
+        what = f"{r['tokens']:,} tokens"
+        if r["corpus"] == SFT_HELD_OUT:
+            what = f"{r['tokens']:,} assistant target tokens in {r['examples']:,} examples"
+        lines.append(f"- {r['model']} on {r['corpus']}: {what}, {r['bytes']:,} bytes")
 
     if any(samples.values()):
         lines += ["", "## Samples"]
@@ -398,6 +487,7 @@ def run_evaluate(
     curves: dict[str, Path] | None = None,
     benchmark_files: dict[str, Path] | None = None,
     reference: dict[str, Any] | None = None,
+    sft: SFTHeldOut | None = None,
 ) -> StageResult:
     """Score every model on every corpus's val split and sample from each; write the report.
 
@@ -405,7 +495,10 @@ def run_evaluate(
     ``benchmark_files`` (benchmark name -> JSONL) is what ``lmpipe.benchmarks.resolve_benchmarks``
     chose to score (a Hub download or the local file); a benchmark not in it is read
     from its ``path``. ``reference``: an earlier registered model to compare with
-    (see :func:`render_markdown`).
+    (see :func:`render_markdown`). ``sft``: the SFT data of the fine-tuning run, whose
+    held-out examples every model is also scored on (:func:`score_sft`), as the corpus
+    ``SFT_HELD_OUT`` of the results, metrics and report (plus ``<model>.sft/val.examples``);
+    the file is read and tokenized once per stage run, before any model is loaded.
     """
     if not models:
         raise ValueError("run_evaluate: no models to evaluate (models is empty)")
@@ -448,6 +541,13 @@ def run_evaluate(
                 f"model {name!r}: {state['state_file']} was trained with tokenizer "
                 f"{state.get('tokenizer_fingerprint')!r}, but evaluation uses {tok_path} (sha256 {tok_fp})"
             )
+        block = (state.get("model") or {}).get("block_size")
+        if sft is not None and block != sft.block_size:
+            raise ValueError(f"model {name!r}: {state['state_file']} has block_size {block!r}, but the held-out SFT "
+                             f"examples are laid out in windows of model.block_size={sft.block_size}, as fine-tuning "
+                             "trained on them")
+    if sft is not None and not Path(sft.path).is_file():
+        raise FileNotFoundError(f"finetune.sft_path: SFT file {sft.path!r} does not exist")
 
     def build(tmp: Path) -> BuildOutput:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -456,6 +556,11 @@ def run_evaluate(
         # Every corpus was checked to use this tokenizer, so they share one end-of-text id.
         start_id = next(iter(manifests.values()))["eot_id"]
         splits = {name: TokenSplit(Path(shards.out_dir), "val") for name, shards in corpora.items()}
+        sft_data, sft_eot = None, None
+        if sft is not None:  # read and tokenized once, for every model; the end-of-text id as fine-tuning finds it
+            sft_eot = eot_id(tok, read_tokenizer_meta(tokenizer.path(META_FILE))["eot_token"])
+            sft_data = build_sft_data(Path(sft.path), tok, sft_eot, sft.block_size, layout=sft.layout,
+                                      skip_long=sft.skip_long, skip_bad=sft.skip_bad, field="finetune.sft_path")
 
         results, samples, model_info, choice = [], {}, {}, []
         for model_name, ckpt in models.items():
@@ -472,6 +577,14 @@ def run_evaluate(
                 except ValueError as err:
                     raise ValueError(f"evaluating model {model_name!r} on corpus {corpus_name!r} (val split): {err}") from err
                 results.append({"model": model_name, "corpus": corpus_name, **r})
+            if sft_data is not None:
+                try:
+                    r = score_sft(model, sft_data, token_bytes, eot_id=sft_eot, batch_size=cfg.batch_size,
+                                  device=device)
+                except ValueError as err:
+                    raise ValueError(f"evaluating model {model_name!r} on the held-out SFT examples of "
+                                     f"{sft.path}: {err}") from err
+                results.append({"model": model_name, "corpus": SFT_HELD_OUT, **r})
             for bench_name, (bench, label, examples, bad) in benchmarks.items():
                 mc = score_mc(model, tok, examples, device=device, batch_size=cfg.batch_size, eot_id=start_id,
                               where=label)
@@ -493,11 +606,12 @@ def run_evaluate(
             }
             for name, split in splits.items()
         }
+        sft_info = None if sft_data is None else {**sft.model_dump(), **sft_data.meta()}
         markdown = render_markdown(results, samples, eval_tokens=cfg.eval_tokens, choice=choice, reference=reference)
         write_json_atomic(
             tmp / "report.json",
             {"models": model_info, "corpora": corpus_info, "results": results, "multiple_choice": choice,
-             "samples": samples, "reference": reference,
+             "samples": samples, "reference": reference, "sft": sft_info,
              "compared_with_reference": compare_with_reference(results, choice, reference) if reference else []},
         )
         write_json_atomic(
@@ -513,6 +627,8 @@ def run_evaluate(
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
         metrics = {f"{r['model']}.{r['corpus']}.{m}": float(r[m])
                    for r in results for m in (*METRICS, SCORED["held_out"])}
+        metrics |= {f"{r['model']}.{SFT_HELD_OUT}.examples": float(r["examples"])
+                    for r in results if r["corpus"] == SFT_HELD_OUT}
         metrics |= {f"{r['model']}.{r['benchmark']}.{m}": float(r[m])
                     for r in choice for m in (*MC_METRICS, SCORED["multiple_choice"])}
         return BuildOutput(metrics=metrics, meta={"markdown": markdown, "device": device, "held_out": results,

@@ -20,7 +20,7 @@ from lmpipe.config import (ClassifyConfig, CleanConfig, CorpusConfig, EvalConfig
                            ShardConfig, TokenizerConfig, TrackingConfig, TrainConfig)
 from lmpipe.distributed import DistributedTrainingError
 from lmpipe.download import TransientDownloadError, run_download
-from lmpipe.evaluate import LOSS_CURVES, run_evaluate
+from lmpipe.evaluate import LOSS_CURVES, SFTHeldOut, run_evaluate
 from lmpipe.shards import run_encode_chunk, run_shard
 from lmpipe.stage import StageResult
 from lmpipe.tokenizer import run_train_tokenizer
@@ -208,27 +208,31 @@ def classify(model_cfg: ModelConfig, cfg: ClassifyConfig, base: StageResult, tok
 # just their paths, decides the report; benchmark_files only says where they are. reference: the earlier registered
 # model the report compares with, so a new champion re-renders the report. The classifier is not an input: it
 # has its own report, so changing only classify neither re-scores nor re-registers the language model.
-EVALUATE = StageSpec("evaluate", configs=("cfg", "benchmark_sha256", "reference"),
+# sft / sft_sha256 (finetune.mode=sft): the SFT data whose held-out examples are scored too, and the file's content.
+# The fine-tuned model's fingerprint covers both already; the stage reads the file itself, so its own does too.
+EVALUATE = StageSpec("evaluate", configs=("cfg", "benchmark_sha256", "reference", "sft", "sft_sha256"),
                      upstreams=("models", "corpora", "tokenizer"))
 
 
 @task(name="evaluate", cache_key_fn=EVALUATE.cache_key, **CACHED)
 def evaluate(cfg: EvalConfig, models: dict[str, StageResult], corpora: dict[str, StageResult],
              tokenizer: StageResult, ctx: TrackingContext, benchmark_sha256: dict[str, str] | None = None,
-             benchmark_files: dict[str, str] | None = None, reference: dict[str, Any] | None = None
-             ) -> StageResult:
+             benchmark_files: dict[str, str] | None = None, reference: dict[str, Any] | None = None,
+             sft: SFTHeldOut | None = None, sft_sha256: str | None = None) -> StageResult:
     fp, out_dir = EVALUATE.locate({"cfg": cfg, "benchmark_sha256": benchmark_sha256, "reference": reference,
-                                   "models": models, "corpora": corpora, "tokenizer": tokenizer, "ctx": ctx})
+                                   "sft": sft, "sft_sha256": sft_sha256, "models": models, "corpora": corpora,
+                                   "tokenizer": tokenizer, "ctx": ctx})
     tags = {"lmpipe.reference": f"{reference['name']}/{reference['version']}"} if reference else None
-    with stage_run(ctx, "evaluate", fp, {"eval": cfg}, tags) as run:
+    with stage_run(ctx, "evaluate", fp, {"eval": cfg, **({"sft": sft} if sft is not None else {})}, tags) as run:
         checkpoints = {name: stage.path("model") for name, stage in models.items()}
         curves = {stage.stage: stage.path("metrics.jsonl") for stage in models.values()}
         result = run_evaluate(cfg, checkpoints, corpora, tokenizer, out_dir, fp, curves=curves,
                               benchmark_files={k: Path(v) for k, v in (benchmark_files or {}).items()},
-                              reference=reference)
+                              reference=reference, sft=sft)
         run.log_result(result, ["report.json", "report.md", "samples.json", LOSS_CURVES])
         _publish_table(run, result.meta["held_out"], "held_out_table.json", "evaluation-held-out",
-                       "Held-out loss, perplexity and bits per byte of each model on each corpus")
+                       "Held-out loss, perplexity and bits per byte of each model on each corpus"
+                       + (" and on the held-out SFT examples (sft/val)" if sft is not None else ""))
         _publish_table(run, result.meta["multiple_choice"], "benchmarks_table.json", "evaluation-benchmarks",
                        "Multiple-choice benchmarks: acc and acc_norm of each model")
     create_markdown_artifact(markdown=result.meta["markdown"], key="evaluation-report",

@@ -131,3 +131,19 @@ def test_integer_classification_labels_are_their_decimal_strings_as_in_the_data(
     assert cfg.classify.labels == ["0", "1", "two"]
     with pytest.raises(ConfigError, match="labels"):
         load_config(None, ["classify={path: data.jsonl, labels: [true, false]}"])
+
+
+def test_after_sft_the_champion_metric_defaults_to_bits_per_byte_on_the_held_out_sft_examples():
+    sft = ["finetune.mode=sft", "finetune.sft_path=chat.jsonl"]
+    cfg = load_config(None, sft)
+    assert cfg.champion_metric() == "finetuned.sft/val.bits_per_byte"
+    assert cfg.promotable_metrics() - load_config(None).promotable_metrics() == {
+        "finetuned.sft/val.loss", "finetuned.sft/val.perplexity", "finetuned.sft/val.bits_per_byte"}
+    # An explicit choice still wins, a corpus's included.
+    cfg = load_config(None, [*sft, "tracking.promote_metric=finetuned.tinyshakespeare.bits_per_byte"])
+    assert cfg.champion_metric() == "finetuned.tinyshakespeare.bits_per_byte"
+    assert load_config(None, [*sft, "tracking.promote_metric=finetuned.sft/val.loss"]).champion_metric() == \
+        "finetuned.sft/val.loss"
+    # Without SFT there is no such figure to promote on.
+    with pytest.raises(ConfigError, match=r"tracking.promote_metric='finetuned.sft/val.loss' is not a metric"):
+        load_config(None, ["tracking.promote_metric=finetuned.sft/val.loss"])

@@ -245,8 +245,9 @@ def test_run_evaluate_end_to_end(pipeline, tmp_path):
     assert "![training loss](loss_curves.png)" in result.meta["markdown"]
     report = json.loads(result.path("report.json").read_text())
     assert set(report) == {"models", "corpora", "results", "multiple_choice", "samples", "reference",
-                           "compared_with_reference"}
+                           "compared_with_reference", "sft"}
     assert report["reference"] is None and report["compared_with_reference"] == []
+    assert report["sft"] is None and "sft/val" not in result.meta["markdown"]  # not an SFT run
     assert report["multiple_choice"] == [] and "Multiple choice" not in result.meta["markdown"]
     assert [(r["model"], r["corpus"]) for r in report["results"]] == names
 
@@ -501,3 +502,188 @@ def test_report_without_a_champion_says_so_in_one_line():
     assert [line for line in lines if "champion" in line] == [
         "No earlier registered model to compare with: there was no champion when this model was first evaluated."
     ]
+
+
+# ---------------------------------------------------------------- held-out SFT examples (finetune.mode=sft)
+
+SFT_BLOCK = 64
+
+
+def write_sft(path: Path, n: int = 60) -> Path:
+    """n short chat examples from Tiny Shakespeare's lines, every 7th a multi-turn conversation with a system turn."""
+    lines = [" ".join(line.split()[:4]) for line in (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+             .splitlines() if line.strip()]
+    rows = []
+    for i in range(n):
+        a, b, c = lines[3 * i : 3 * i + 3]
+        short = [" ".join(x.split()[:2]) for x in (a, b, c)]
+        rows.append({"messages": [{"role": "system", "content": "Verse."}, {"role": "user", "content": short[0]},
+                                  {"role": "assistant", "content": short[1]}, {"role": "user", "content": "Again."},
+                                  {"role": "assistant", "content": short[2]}]} if i % 7 == 3
+                    else {"prompt": a, "completion": b + "\n" + c[: i % 9]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def sft_gpt(seed: int, vocab_size: int) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=SFT_BLOCK, n_layer=2, n_head=2, n_embd=16)).eval()
+
+
+def hand_sft_score(model: GPT, path: Path, tok, eot: int, token_bytes: np.ndarray) -> tuple[float, int, int, int]:
+    """(summed nats, scored targets, their bytes, examples) of the held-out examples, each run through the model
+    alone from position 0: the cross-entropy of every target whose loss mask is 1, as fine-tuning trains it."""
+    from lmpipe.sft import chat_token_ids, encode_chat, read_sft_jsonl, split_indices
+
+    examples, _ = read_sft_jsonl(path)
+    encoded = encode_chat([e.messages for e in examples], tok, chat_token_ids(tok, eot))
+    _, val = split_indices(len(examples))
+    nats, count, n_bytes = 0.0, 0, 0
+    for i in val:
+        ids, mask = (torch.tensor(v) for v in encoded[i])
+        with torch.no_grad():
+            logits, _ = model(ids[None, :-1], ids[None, 1:])  # (1, n-1, V)
+        ce = torch.nn.functional.cross_entropy(logits[0].double(), ids[1:], reduction="none")  # (n-1,)
+        keep = mask[1:] == 1
+        nats += float(ce[keep].sum())
+        count += int(keep.sum())
+        n_bytes += int(token_bytes[ids[1:][keep].numpy()].sum())
+    return nats, count, n_bytes, len(val)
+
+
+def test_sft_score_is_the_masked_cross_entropy_of_each_held_out_example_alone_in_either_layout(pipeline, tmp_path):
+    from lmpipe.evaluate import score_sft
+    from lmpipe.sft import build_sft_data
+
+    tok = load_tokenizer(pipeline["tokenizer"].path("tokenizer.json"))
+    eot = tok.token_to_id("<|endoftext|>")
+    token_bytes = token_byte_lengths(tok)
+    path = write_sft(tmp_path / "sft.jsonl")
+    model = sft_gpt(seed=4, vocab_size=tok.get_vocab_size())
+    nats, count, n_bytes, n_val = hand_sft_score(model, path, tok, eot, token_bytes)
+    assert n_val == 6 and 0 < count and 0 < n_bytes
+
+    scores = {}
+    for layout in ("padded", "packed"):
+        data = build_sft_data(path, tok, eot, SFT_BLOCK, layout=layout)
+        scores[layout] = r = score_sft(model, data, token_bytes, eot_id=eot, batch_size=3, device="cpu")
+        assert (r["tokens"], r["bytes"], r["examples"]) == (count, n_bytes, n_val)
+        torch.testing.assert_close(r["loss"], nats / count, rtol=1e-5, atol=0)
+        torch.testing.assert_close(r["perplexity"], math.exp(nats / count), rtol=1e-5, atol=0)
+        torch.testing.assert_close(r["bits_per_byte"], nats / math.log(2) / n_bytes, rtol=1e-5, atol=0)
+        if layout == "packed":  # the examples share windows: fewer windows than examples
+            assert len(data.val_tokens) - 1 < n_val * SFT_BLOCK
+    # The same examples, seen alone in both layouts: the same figures (to float rounding).
+    torch.testing.assert_close(scores["packed"]["loss"], scores["padded"]["loss"], rtol=1e-5, atol=0)
+    # Unmasked, the packed windows would score other targets (user turns, padding): the mask decides.
+    data = build_sft_data(path, tok, eot, SFT_BLOCK, layout="packed")
+    whole = evaluate_loss(model, ArraySplit(data.val_tokens), token_bytes, eval_tokens=10**6, batch_size=3,
+                          device="cpu", doc_sep=eot)
+    assert whole["tokens"] == len(data.val_tokens) - 1 > count
+    with pytest.raises(ValueError, match="laid out for another block_size"):
+        score_sft(GPT(GPTConfig(vocab_size=tok.get_vocab_size(), block_size=40, n_layer=1, n_head=1, n_embd=8)),
+                  data, token_bytes, eot_id=eot, batch_size=3, device="cpu")
+
+
+def sft_checkpoints(pipeline, root: Path) -> dict[str, Path]:
+    tok_path = pipeline["tokenizer"].path("tokenizer.json")
+    vocab = load_tokenizer(tok_path).get_vocab_size()
+    models = {}
+    for i, name in enumerate(("base", "finetuned")):
+        model = sft_gpt(seed=20 + i, vocab_size=vocab)
+        models[name] = save_checkpoint(root / f"ckpt-{name}", 0, model, torch.optim.AdamW(model.parameters()),
+                                       {"tokenizer_fingerprint": tokenizer_fingerprint(tok_path)})
+    return models
+
+
+def test_run_evaluate_scores_every_model_on_the_held_out_sft_examples(pipeline, tmp_path, monkeypatch):
+    import lmpipe.evaluate as evaluate
+    from lmpipe.evaluate import SFTHeldOut, score_sft
+    from lmpipe.sft import build_sft_data
+
+    corpora, tok_stage = pipeline["corpora"], pipeline["tokenizer"]
+    models = sft_checkpoints(pipeline, tmp_path)
+    sft = SFTHeldOut(path=str(write_sft(tmp_path / "sft.jsonl")), layout="packed", block_size=SFT_BLOCK,
+                     skip_long=False, skip_bad=False)
+    builds = []
+    monkeypatch.setattr(evaluate, "build_sft_data", lambda *a, **k: builds.append(a) or build_sft_data(*a, **k))
+    result = run_evaluate(EVAL, models, corpora, tok_stage, tmp_path / "eval", "evalfp", sft=sft)
+    assert len(builds) == 1  # the file is read and tokenized once, for both models
+
+    stats = ("loss", "perplexity", "bits_per_byte", "tokens", "examples")
+    assert {k for k in result.metrics if "sft/val" in k} == {f"{m}.sft/val.{s}" for m in ("base", "finetuned")
+                                                              for s in stats}
+    tok = load_tokenizer(tok_stage.path("tokenizer.json"))
+    eot = tok.token_to_id("<|endoftext|>")
+    data = build_sft_data(Path(sft.path), tok, eot, SFT_BLOCK, layout="packed")
+    report = json.loads(result.path("report.json").read_text())
+    rows = {r["model"]: r for r in report["results"] if r["corpus"] == "sft/val"}
+    for name in ("base", "finetuned"):
+        direct = score_sft(load_model(models[name]), data, token_byte_lengths(tok), eot_id=eot, batch_size=4,
+                           device="cpu")
+        assert {k: rows[name][k] for k in direct} == direct
+        assert {s: result.metrics[f"{name}.sft/val.{s}"] for s in stats} == {s: float(direct[s]) for s in stats}
+    assert rows["base"]["examples"] == 6 and rows["base"]["tokens"] == rows["finetuned"]["tokens"]
+    assert report["sft"]["sft_val_examples"] == 6 and report["sft"]["layout"] == "packed"
+    # The corpora are scored as before, beside it.
+    assert [(r["model"], r["corpus"]) for r in report["results"]] == [
+        (m, c) for m in ("base", "finetuned") for c in ("wikitext2", "tinyshakespeare", "sft/val")]
+
+    lines = result.meta["markdown"].splitlines()
+    header = next(line for line in lines if line.startswith("| model |"))
+    assert header.endswith("| sft/val loss | sft/val ppl | sft/val bpb |")
+    finetuned_row = next(line for line in lines if line.startswith("| finetuned |"))
+    assert finetuned_row.rstrip(" |").split(" | ")[-3:] == [
+        f"{rows['finetuned']['loss']:.4f}", f"{rows['finetuned']['perplexity']:.2f}",
+        f"{rows['finetuned']['bits_per_byte']:.4f}"]
+    delta_row = next(line for line in lines if line.startswith("| Δ finetuned − base |"))
+    delta = rows["finetuned"]["bits_per_byte"] - rows["base"]["bits_per_byte"]
+    assert delta_row.rstrip(" |").split(" | ")[-1] == f"{delta:+.4f}"
+    assert (f"- finetuned on sft/val: {rows['finetuned']['tokens']:,} assistant target tokens in 6 examples, "
+            f"{rows['finetuned']['bytes']:,} bytes") in lines
+    assert any(line.startswith("`sft/val`: all the held-out examples of the fine-tuning run's finetune.sft_path (every "
+                                   "10th example it kept)") for line in lines)
+
+    # A champion's sft/val figures get its row and delta like a corpus's (lmpipe.tracking.champion_metrics).
+    reference = {"name": "m", "alias": "champion", "version": "2", "run_id": "r", "metrics": {
+        "finetuned.sft/val.loss": 1.0, "finetuned.sft/val.perplexity": 2.0, "finetuned.sft/val.bits_per_byte": 0.5,
+        "finetuned.sft/val.tokens": float(rows["finetuned"]["tokens"])}}
+    md = evaluate.render_markdown(report["results"], {}, eval_tokens=EVAL.eval_tokens, reference=reference)
+    champion_delta = next(line for line in md.splitlines() if line.startswith("| Δ finetuned − champion v2 |"))
+    assert champion_delta.rstrip(" |").split(" | ")[-1] == f"{rows['finetuned']['bits_per_byte'] - 0.5:+.4f}"
+
+
+def test_sft_held_out_needs_models_of_its_block_size_and_its_file_before_any_work(pipeline, tmp_path):
+    from lmpipe.evaluate import SFTHeldOut
+
+    sft = SFTHeldOut(path=str(write_sft(tmp_path / "sft.jsonl")), layout="padded", block_size=SFT_BLOCK,
+                     skip_long=False, skip_bad=False)
+    with pytest.raises(ValueError, match=r"model 'base': .*state.json has block_size 8, but the held-out SFT "
+                                         r"examples are laid out in windows of model.block_size=64"):
+        run_evaluate(EVAL, pipeline["models"], pipeline["corpora"], pipeline["tokenizer"], tmp_path / "e", "fp",
+                     sft=sft)
+    missing = sft.model_copy(update={"path": str(tmp_path / "nope.jsonl")})
+    with pytest.raises(FileNotFoundError, match="finetune.sft_path: SFT file .*nope.jsonl' does not exist"):
+        run_evaluate(EVAL, sft_checkpoints(pipeline, tmp_path), pipeline["corpora"], pipeline["tokenizer"],
+                     tmp_path / "e", "fp", sft=missing)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "e.partial").exists()
+
+
+def test_the_evaluation_fingerprint_follows_the_sft_file_and_settings():
+    from lmpipe.config import load_config
+    from lmpipe.evaluate import SFTHeldOut
+    from tasks.stages import EVALUATE
+
+    cfg = load_config(None, ["finetune.mode=sft", "finetune.sft_path=chat.jsonl"])
+    sft = SFTHeldOut.of(cfg)
+    assert sft == SFTHeldOut(path="chat.jsonl", layout="padded", block_size=128, skip_long=False, skip_bad=False)
+    assert SFTHeldOut.of(load_config(None)) is None  # mode continue: nothing to score
+
+    def fp(sft: SFTHeldOut | None, digest: str | None) -> str:
+        up = StageResult(stage="x", fingerprint="up", out_dir="unused")
+        return EVALUATE.fingerprint({"cfg": EVAL, "benchmark_sha256": None, "reference": None, "sft": sft,
+                                     "sft_sha256": digest, "models": {"base": up}, "corpora": {}, "tokenizer": up})
+
+    prints = {fp(None, None), fp(sft, "a" * 64), fp(sft, "b" * 64),
+              fp(sft.model_copy(update={"layout": "packed"}), "a" * 64)}
+    assert len(prints) == 4

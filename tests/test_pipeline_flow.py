@@ -337,13 +337,14 @@ def test_sft_finetuning_and_classification_through_the_flow(tmp_path):
     mlflow.set_tracking_uri(summary["tracking_uri"])
     served = mlflow.pyfunc.load_model("models:/lmpipe-gpt@candidate")
     tok = load_tokenizer(Path(stages["train_tokenizer"]["out_dir"]) / "tokenizer.json")
-    # The served defaults (the signature's params): temperature 0.8, top_k 40, top_p 1.0.
+    # The served defaults are lmpipe generate's (GENERATION_DEFAULTS): temperature 0.8, no top-k, no top-p.
     want = generate_samples(load_model(Path(stages["finetune"]["out_dir"]) / "model"), tok, ["ROMEO:"],
-                            max_new_tokens=6, temperature=0.8, top_k=40, top_p=1.0, seed=3, device="cpu", chat=True)
+                            max_new_tokens=6, temperature=0.8, top_k=None, top_p=None, seed=3, device="cpu",
+                            chat=True)
     assert served.predict(["ROMEO:"], params={"max_new_tokens": 6, "seed": 3}) == [want[0]["completion"]]
     assert want[0]["completion"] != generate_samples(
         load_model(Path(stages["finetune"]["out_dir"]) / "model"), tok, ["ROMEO:"], max_new_tokens=6,
-        temperature=0.8, top_k=40, top_p=1.0, seed=3, device="cpu")[0]["completion"]
+        temperature=0.8, top_k=None, top_p=None, seed=3, device="cpu")[0]["completion"]
 
     with sft.open("a", encoding="utf-8") as f:
         f.write(json.dumps({"prompt": "Q\n", "response": "A"}) + "\n")
@@ -628,3 +629,52 @@ def test_a_failed_champion_alias_move_leaves_the_version_fully_tagged(tmp_path, 
     assert tags[FINETUNE_TAG] == "ft3" and tags[CHAMPION_BEFORE_TAG] == v2 and tags[METRIC_TAG + metric] == "2.0"
     assert tags[DECISION_TAG] == f"promoted: {metric} 2 < 2.4 of version {v2} (min wins)"
     assert str(client.get_model_version_by_alias("m", "champion").version) == v2
+
+
+def test_sft_held_out_examples_are_scored_reported_logged_and_gate_the_champion(tmp_path):
+    """mode=sft: both models are also scored on the SFT file's held-out examples (sft/val, assistant targets only,
+    here packed), beside the corpora: in the stage's metrics, the report's held-out table with its delta row, the
+    evaluate and register runs, and as the champion gate's default metric."""
+    from flows.pipeline import pipeline
+    from lmpipe.stage import load_completed
+
+    lines = [" ".join(line.split()[:3]) for line in (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+             .splitlines() if line.strip()]
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": a, "response": b}) + "\n"
+                           for a, b in zip(lines[0:400:2], lines[1:400:2])), encoding="utf-8")
+    cfg = tiny_config(tmp_path / "w", "finetune.mode=sft", f"finetune.sft_path={sft}", "finetune.sft_layout=packed",
+                      "finetune.sft_skip_long=true")
+    summary = pipeline(config=cfg)
+    stages = {s["label"]: s for s in summary["stages"]}
+    evaluation = summary["metrics"]["evaluate"]
+    val_examples = load_completed(Path(stages["finetune"]["out_dir"])).meta["sft_val_examples"]
+    assert val_examples >= 1
+    for model in ("base", "finetuned"):
+        assert evaluation[f"{model}.sft/val.examples"] == val_examples
+        assert evaluation[f"{model}.sft/val.tokens"] > 0
+        assert {f"{model}.sft/val.{s}" for s in ("loss", "perplexity", "bits_per_byte")} <= evaluation.keys()
+        assert f"{model}.tinyshakespeare.bits_per_byte" in evaluation  # the corpora are still scored
+
+    report = (Path(stages["evaluate"]["out_dir"]) / "report.md").read_text(encoding="utf-8").splitlines()
+    header = next(line for line in report if line.startswith("| model |"))
+    assert header.endswith("| sft/val loss | sft/val ppl | sft/val bpb |")
+    rows = {line.split(" | ")[0]: line.rstrip(" |").split(" | ")[-3:] for line in report if line.startswith("| ")}
+    for model in ("base", "finetuned"):
+        assert rows[f"| {model}"] == [f"{evaluation[f'{model}.sft/val.loss']:.4f}",
+                                      f"{evaluation[f'{model}.sft/val.perplexity']:.2f}",
+                                      f"{evaluation[f'{model}.sft/val.bits_per_byte']:.4f}"]
+    delta = evaluation["finetuned.sft/val.bits_per_byte"] - evaluation["base.sft/val.bits_per_byte"]
+    assert rows["| Δ finetuned − base"][-1] == f"{delta:+.4f}"
+
+    # The champion gate compared the SFT figure, scored on as many targets; MLflow holds it under the same name.
+    decision = summary["registered"]["promotion"]
+    assert decision["metric"] == "finetuned.sft/val.bits_per_byte" and decision["promoted"]
+    assert decision["value"] == evaluation["finetuned.sft/val.bits_per_byte"]
+    assert decision["scored"] == evaluation["finetuned.sft/val.tokens"]
+    _, children = _runs(summary["tracking_uri"])
+    logged = {r.data.tags["lmpipe.stage"]: r.data.metrics for r in children}
+    assert logged["evaluate"]["base.sft/val.bits_per_byte"] == evaluation["base.sft/val.bits_per_byte"]
+    assert logged["register"]["finetuned.sft/val.tokens"] == evaluation["finetuned.sft/val.tokens"]
+    tags = MlflowClient(tracking_uri=summary["tracking_uri"]).get_model_version("lmpipe-gpt", "1").tags
+    assert float(tags["lmpipe.metric.finetuned.sft/val.bits_per_byte"]) == decision["value"]

@@ -172,6 +172,13 @@ def _require(obj: dict[str, Any], *keys: str) -> None:
 
 def parse_example(obj: Any) -> tuple[Message, ...]:
     """One decoded JSON line -> its conversation; raises _LineError naming the problem."""
+    messages = _conversation(obj)
+    if not any(m.content for m in messages if m.role == "assistant"):
+        raise _LineError("the assistant's reply is empty: nothing to train on but the closing tokens")
+    return messages
+
+
+def _conversation(obj: Any) -> tuple[Message, ...]:
     if not isinstance(obj, dict):
         raise _LineError(f"expected a JSON object of one of the formats {_FORMATS_HELP}, got {type(obj).__name__}")
     formats = [name for name, keys in _FORMAT_KEYS.items() if keys & obj.keys()]

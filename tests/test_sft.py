@@ -187,6 +187,9 @@ def test_reads_line_numbers_and_skips_blank_lines(tmp_path: Path) -> None:
         ('{"messages": [{"role": "assistant", "content": 1}]}', r"messages\[0\]: 'content' must be a string, got int"),
         ('{"messages": [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]}',
          r"'messages' has no 'assistant' turn: nothing to train on"),
+        ('{"prompt": "a", "completion": ""}', r"the assistant's reply is empty: nothing to train on but the closing"),
+        ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}',
+         r"the assistant's reply is empty"),
         # valid JSON, but not text: no tokenizer takes it
         ('{"prompt": "a", "completion": "\\ud83d"}', r"a string holds a lone surrogate escape \(\\ud83d\), not text"),
     ],

@@ -189,7 +189,7 @@ def model_command(args: argparse.Namespace) -> str:
         sampling = generation_params({key: getattr(args, key) for key in GENERATION_DEFAULTS},
                                      name=lambda key: "--" + key.replace("_", "-"))
     if args.command == "evaluate":  # bad arguments and files fail before the model is fetched
-        from lmpipe.benchmarks import load_benchmark
+        from lmpipe.benchmarks import read_benchmark
 
         if not args.text and not args.benchmark:
             raise ValueError("nothing to score: give --text FILE and/or --benchmark KIND=PATH")
@@ -207,7 +207,8 @@ def model_command(args: argparse.Namespace) -> str:
             if not sep or kind not in ("hellaswag", "arc", "piqa"):
                 raise ValueError(f"--benchmark {spec!r}: expected KIND=PATH with KIND hellaswag, arc or piqa")
             try:
-                benches.append((spec, kind, load_benchmark(Path(path), kind, limit=args.limit)[0]))  # type: ignore
+                examples, lines, _ = read_benchmark(Path(path), kind, limit=args.limit, skip_bad=False)  # type: ignore
+                benches.append((spec, kind, examples, lines))
             except OSError as err:
                 raise OSError(f"--benchmark {spec!r}: {err}") from None
             except ValueError as err:  # a malformed line, named with its file and line
@@ -264,9 +265,9 @@ def model_command(args: argparse.Namespace) -> str:
                             f"{r['perplexity']:>10.2f} {r['bits_per_byte']:>9.4f}")
         if benches:
             rows.append(f"{'benchmark':<40} {'n':>6} {'acc':>8} {'acc_norm':>8}")
-        for spec, kind, examples in benches:
+        for spec, kind, examples, lines in benches:
             r = score_mc(model, tok, examples, device=args.device, batch_size=args.batch_size, eot_id=eot,
-                         where=f"--benchmark {spec!r}")
+                         where=f"--benchmark {spec!r}", lines=lines)
             rows.append(f"{kind + ' ' + Path(spec.partition('=')[2]).name:<40} {r.n:>6} {r.acc:>8.4f} "
                         f"{r.acc_norm:>8.4f}")
         return "\n".join(rows)

@@ -274,14 +274,14 @@ def load_benchmark(
     the file, the 1-based line and the field; with ``skip_bad`` it is counted in
     the report and skipped instead. ``limit`` stops after that many good examples.
     """
-    examples, _, report = _read_benchmark(path, kind, limit=limit, skip_bad=skip_bad)
+    examples, _, report = read_benchmark(path, kind, limit=limit, skip_bad=skip_bad)
     return examples, report
 
 
-def _read_benchmark(
+def read_benchmark(
     path: Path, kind: BenchmarkKind, *, limit: int | None, skip_bad: bool
 ) -> tuple[list[MCExample], list[int], BadLineReport]:
-    """load_benchmark, plus each example's 1-based line (for errors found later, e.g. by check_benchmarks_fit)."""
+    """load_benchmark, plus each example's 1-based line (for errors found later: check_benchmarks_fit, score_mc)."""
     if kind not in _PARSERS:
         raise ValueError(f"benchmark kind {kind!r} is unknown; use one of {sorted(_PARSERS)}")
     if limit is not None and limit < 1:
@@ -588,7 +588,7 @@ def check_benchmarks_fit(
             raise ValueError(f"{label}: no file to check: it has no path and its Hub download was not resolved "
                              "(lmpipe.benchmarks.resolve_benchmarks)")
         try:
-            examples, lines, _ = _read_benchmark(Path(source), bench.kind, limit=bench.limit, skip_bad=bench.skip_bad)
+            examples, lines, _ = read_benchmark(Path(source), bench.kind, limit=bench.limit, skip_bad=bench.skip_bad)
         except BenchmarkFormatError as err:
             raise BenchmarkFormatError(err.path, err.line, err.field, err.problem, where=label) from None
         # eot_id stands in for an empty context only; the continuations checked never contain it.
@@ -604,6 +604,7 @@ def score_mc(
     batch_size: int = 16,
     eot_id: int,
     where: str = "",
+    lines: Sequence[int] | None = None,
 ) -> MCResult:
     """acc and acc_norm of a GPT (``lmpipe.model.GPT`` interface) on multiple-choice examples.
 
@@ -615,7 +616,8 @@ def score_mc(
     truncation); a continuation longer than ``block_size`` tokens cannot be
     scored and raises ValueError naming the example (:func:`check_benchmarks_fit`
     finds such examples before training). ``where`` (e.g. "eval.benchmarks.0 (hs)
-    file 'hs.jsonl'") prefixes every error, so it names the benchmark and its file.
+    file 'hs.jsonl'") prefixes every error, so it names the benchmark and its file; ``lines``
+    (:func:`read_benchmark`'s) name each example's line in it.
 
     Requests are sorted longest first and batched, padded on the right with
     ``eot_id``; causal attention keeps padding from affecting earlier positions,
@@ -628,7 +630,7 @@ def score_mc(
         raise ValueError(f"{prefix}batch_size must be >= 1, got {batch_size}")
     if not examples:
         raise ValueError(f"{prefix}no examples to score")
-    requests, truncated = _requests(tokenizer, examples, model.config.block_size, eot_id, None, where)
+    requests, truncated = _requests(tokenizer, examples, model.config.block_size, eot_id, lines, where)
 
     was_training = model.training
     model.eval()

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
-from lmpipe.benchmarks import benchmark_label, load_benchmark, score_mc
+from lmpipe.benchmarks import benchmark_label, read_benchmark, score_mc
 from lmpipe.checkpoint import load_model, read_state
 from lmpipe.config import SFT_HELD_OUT, EvalConfig, PipelineConfig
 from lmpipe.loader import ArraySource, TokenSource
@@ -525,7 +525,7 @@ def run_evaluate(
                              "download was not resolved (lmpipe.benchmarks.resolve_benchmarks)")
         try:
             benchmarks[bench.name] = (bench, benchmark_label(i, bench, source),
-                                      *load_benchmark(Path(source), bench.kind, limit=bench.limit,
+                                      *read_benchmark(Path(source), bench.kind, limit=bench.limit,
                                                       skip_bad=bench.skip_bad))
         except OSError as err:
             raise FileNotFoundError(f"eval.benchmarks.{i} ({bench.name}): {err}") from err
@@ -585,9 +585,9 @@ def run_evaluate(
                     raise ValueError(f"evaluating model {model_name!r} on the held-out SFT examples of "
                                      f"{sft.path}: {err}") from err
                 results.append({"model": model_name, "corpus": SFT_HELD_OUT, **r})
-            for bench_name, (bench, label, examples, bad) in benchmarks.items():
+            for bench_name, (bench, label, examples, lines, bad) in benchmarks.items():
                 mc = score_mc(model, tok, examples, device=device, batch_size=cfg.batch_size, eot_id=start_id,
-                              where=label)
+                              where=label, lines=lines)
                 choice.append({"model": model_name, "benchmark": bench_name, "kind": bench.kind, "n": mc.n,
                                "acc": mc.acc, "acc_norm": mc.acc_norm, "skipped_lines": bad.count,
                                "truncated_choices": mc.truncated})

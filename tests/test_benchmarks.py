@@ -364,6 +364,9 @@ def test_too_long_continuation_names_the_example(tok: Tokenizer, eot: int) -> No
         score_mc(model, tok, examples, device="cpu", eot_id=eot)
     with pytest.raises(ValueError, match=r"^eval\.benchmarks\.3 \(arc\) file 'arc\.jsonl': example 1 choice 2 "):
         score_mc(model, tok, examples, device="cpu", eot_id=eot, where="eval.benchmarks.3 (arc) file 'arc.jsonl'")
+    # With read_benchmark's lines (lmpipe evaluate -b, the evaluate stage), the file's line too.
+    with pytest.raises(ValueError, match=r"^--benchmark 'arc=a\.jsonl': line 7 \(example 1\) choice 2 "):
+        score_mc(model, tok, examples, device="cpu", eot_id=eot, where="--benchmark 'arc=a.jsonl'", lines=[3, 7])
 
 
 def test_check_benchmarks_fit_rejects_exactly_what_score_mc_cannot_score(tmp_path: Path, tok: Tokenizer,

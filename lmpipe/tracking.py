@@ -225,7 +225,7 @@ class GPTTextGenerator(mlflow.pyfunc.PythonModel):
 
         from lmpipe.checkpoint import load_model, read_state
         from lmpipe.evaluate import is_chat_model
-        from lmpipe.handoff import end_of_text_id
+        from lmpipe.tokenizer import meta_eot_id
         from lmpipe.tokenizer import load_tokenizer
 
         checkpoint = Path(context.artifacts["checkpoint"])
@@ -234,7 +234,7 @@ class GPTTextGenerator(mlflow.pyfunc.PythonModel):
         self.chat = is_chat_model(read_state(checkpoint))
         self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
         meta = context.artifacts.get("tokenizer_meta")  # absent from models registered before it was logged
-        self.start_id = end_of_text_id(self.tokenizer, Path(meta) if meta else None)
+        self.start_id = meta_eot_id(self.tokenizer, Path(meta) if meta else Path(), missing_ok=True)
 
     # The type hint is one MLflow infers no signature from (it would replace the explicit one, which declares
     # the params), and what the model gets once MLflow has checked the input against that signature. With no
@@ -397,7 +397,9 @@ def promote_if_better(client: MlflowClient, name: str, version: str, metric: str
     amount = None
     if scored is not None:
         amount = float(scored[1])
-        client.set_model_version_tag(name, version, METRIC_TAG + scored[0], f"{amount:g}")
+        # exact (a count): the next gate compares it with ==, so "{:g}"'s 6 digits would lock the champion in
+        client.set_model_version_tag(name, version, METRIC_TAG + scored[0],
+                                     str(int(amount)) if amount.is_integer() else repr(amount))
     champion = _alias_holder(client, name, alias)
     client.set_model_version_tag(name, version, CHAMPION_BEFORE_TAG,
                                  "none" if champion is None else str(champion.version))

@@ -148,7 +148,7 @@ def test_registered_model_serves_text(first_run):
     assert client.get_model_version("lmpipe-gpt", "1").tags["lmpipe.champion_before"] == "none"
     # How much its figure was scored on, for the next gate to compare only like with like.
     assert client.get_model_version("lmpipe-gpt", "1").tags["lmpipe.metric.finetuned.tinyshakespeare.tokens"] == \
-        f"{evaluation['finetuned.tinyshakespeare.tokens']:g}"
+        str(int(evaluation['finetuned.tinyshakespeare.tokens']))
     mlflow.set_tracking_uri(summary["tracking_uri"])
     served = mlflow.pyfunc.load_model("models:/lmpipe-gpt@candidate")
     out = served.predict(["ROMEO:", "The"], params={"max_new_tokens": 5, "seed": 3})
@@ -453,6 +453,13 @@ def test_promotion_gate_compares_only_figures_scored_on_as_much_data(tmp_path):
     assert not legacy["promoted"] and legacy["reason"] == (
         f"not comparable: {metric} 1 vs 2.3 of version {versions[3]}, scored on an unlogged number of tokens then, "
         "2,048 now (the champion is kept; evaluate both on as much to compare)")
+    # Amounts are tagged exactly: a count past six digits still compares equal to itself.
+    client.create_registered_model("big")
+    big = [str(client.create_model_version("big", source=str(tmp_path)).version) for _ in range(2)]
+    for v, value in zip(big, (2.5, 2.4)):
+        assert promote_if_better(client, "big", v, metric, value, mode="min", alias="champion",
+                                 scored=(key, 1_048_577))["promoted"]
+    assert client.get_model_version("big", big[0]).tags[METRIC_TAG + key] == "1048577"
 
 
 def test_promotion_gate_reads_a_champion_figure_from_its_registration_run_when_untagged(tmp_path):

@@ -18,22 +18,25 @@ from typing import Any
 
 from pydantic import BaseModel
 
-# The module each stage runs. Its code version covers that module and every lmpipe module it
-# imports at module level, transitively, so a helper edited anywhere below a stage re-runs it.
-# Imports inside functions are not followed: they reach code that does not decide the stage's
-# output (distributed.py's rank 0 logging to MLflow, the served pyfunc model loading evaluate.py).
-STAGE_ENTRY: dict[str, str] = {
-    "download": "lmpipe.download",
-    "clean_chunk": "lmpipe.clean",
-    "clean": "lmpipe.clean",
-    "train_tokenizer": "lmpipe.tokenizer",
-    "encode_chunk": "lmpipe.shards",
-    "shard": "lmpipe.shards",
-    "pretrain": "lmpipe.train",
-    "finetune": "lmpipe.train",
-    "classify": "lmpipe.classify",
-    "evaluate": "lmpipe.evaluate",
-    "register": "lmpipe.tracking",
+# The modules each stage runs. Its code version covers them and every lmpipe module they import
+# at module level, transitively, so a helper edited anywhere below a stage re-runs it. Imports
+# inside functions are not followed: they reach code that does not decide the stage's output
+# (distributed.py's rank 0 logging to MLflow, the served pyfunc model loading evaluate.py), or
+# code only another stage runs (train.py imports sft.py in run_finetune: editing the SFT reader
+# re-runs fine-tuning, not pretraining). lmpipe.config is followed: besides the values the
+# fingerprint holds, it computes some (sequences_per_step), so editing it re-runs every stage.
+STAGE_ENTRY: dict[str, tuple[str, ...]] = {
+    "download": ("lmpipe.download",),
+    "clean_chunk": ("lmpipe.clean",),
+    "clean": ("lmpipe.clean",),
+    "train_tokenizer": ("lmpipe.tokenizer",),
+    "encode_chunk": ("lmpipe.shards",),
+    "shard": ("lmpipe.shards",),
+    "pretrain": ("lmpipe.train",),
+    "finetune": ("lmpipe.train", "lmpipe.sft"),
+    "classify": ("lmpipe.classify",),
+    "evaluate": ("lmpipe.evaluate",),
+    "register": ("lmpipe.tracking",),
 }
 PACKAGE = "lmpipe"
 
@@ -94,7 +97,7 @@ def source_hash(modules: tuple[str, ...]) -> str:
 @cache
 def code_version(stage: str) -> str:
     """Hash of the source of every module that decides the stage's output."""
-    return source_hash(stage_modules(STAGE_ENTRY[stage]))
+    return source_hash(tuple(sorted({m for entry in STAGE_ENTRY[stage] for m in stage_modules(entry)})))
 
 
 def _plain(obj: Any) -> Any:

@@ -70,10 +70,9 @@ from lmpipe.distributed import (
 from lmpipe.loader import ArraySource, BatchLoader, TokenSource, WindowOrder, position_state
 from lmpipe.lora import apply_lora, write_peft_adapter
 from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
-from lmpipe.sft import build_sft_data
 from lmpipe.shards import TokenSplit
 from lmpipe.stage import BuildOutput, StageResult, run_stage
-from lmpipe.tokenizer import META_FILE, TOKENIZER_FILE, eot_id, load_tokenizer, read_tokenizer_meta, tokenizer_fingerprint
+from lmpipe.tokenizer import META_FILE, TOKENIZER_FILE, load_tokenizer, meta_eot_id, tokenizer_fingerprint
 
 LogMetrics = Callable[[dict[str, float], int], None]
 OnProgress = Callable[[int, int], None]
@@ -96,6 +95,9 @@ SINGLE = DistContext()
 
 class CutExampleMask:
     """Loss mask of packed examples: a window that starts inside an example does not train on its rest.
+
+    A guard for streams whose windows can cut examples: SFT's packed layout puts
+    whole examples in every window (``lmpipe.sft.pack_examples``), where it masks nothing.
 
     With a block-diagonal mask (``doc_sep``) the rest of an example cut by the
     window's start would be seen without its beginning (an SFT reply without its
@@ -125,7 +127,8 @@ class TrainingDivergedError(RuntimeError):
 class TrainSummary:
     steps: int  # optimizer steps done, including those before a resume
     final_train_loss: float  # mean loss of the last log_interval steps (one step is noisy)
-    final_val_loss: float | None  # None when stopped early (stop_after)
+    final_val_loss: float | None  # of the model that goes forward (the best, with early stopping); None when
+    # stop_after returned before any validation
     tokens_seen: int
     tokens_per_sec: float  # of this call's training steps (evaluation and checkpoints excluded)
     seconds: float  # wall time of this call
@@ -371,8 +374,10 @@ def train(
     windows start at multiples of block_size (SFT: one example, or one bin of packed examples, each).
     ``doc_sep``: the token that ends every packed example (SFT's packed layout, the
     end-of-text id); training and validation windows then attend only within each
-    example, with positions restarting at its start (``GPT.forward``), and the loss
-    masks skip the remainder of an example a window starts inside (``CutExampleMask``).
+    example, with positions restarting at its start (``GPT.forward``). SFT's packed
+    windows hold whole examples (``lmpipe.sft.pack_examples``); for a stream laid out
+    otherwise, the loss masks skip the remainder of an example a window starts inside
+    (``CutExampleMask``, which masks nothing in whole-example windows).
     """
     started = time.perf_counter()
     section = "finetune" if isinstance(cfg, FinetuneConfig) else "pretrain"  # for error messages
@@ -810,8 +815,8 @@ def run_finetune(
     mode "continue": on the fine-tuning corpus's shards. mode "sft": on
     ft_cfg.sft_path's examples in the chat template (``lmpipe.sft``), with the
     loss on the assistant's replies only; in the padded layout every training and
-    validation window is exactly one example, in the packed layout the examples
-    of a window do not attend to each other (``doc_sep`` = end-of-text).
+    validation window is exactly one example, in the packed layout one bin of whole
+    examples that do not attend to each other (``doc_sep`` = end-of-text).
     """
 
     def build(tmp: Path) -> BuildOutput:
@@ -828,7 +833,9 @@ def run_finetune(
             train_src, val_src = _open_splits(shards, tok_fp, "data.finetune")
         else:
             tok = load_tokenizer(tok_path)
-            eot = eot_id(tok, read_tokenizer_meta(tokenizer.path(META_FILE))["eot_token"])
+            eot = meta_eot_id(tok, tokenizer.path(META_FILE))
+            from lmpipe.sft import build_sft_data  # here: pretraining's code version must not cover SFT's
+
             data = build_sft_data(Path(ft_cfg.sft_path), tok, eot, model_cfg.block_size, layout=ft_cfg.sft_layout,
                                   skip_long=ft_cfg.sft_skip_long, skip_bad=ft_cfg.sft_skip_bad,
                                   field="finetune.sft_path")

@@ -9,17 +9,19 @@ from lmpipe.fingerprint import STAGE_ENTRY, code_version, source_hash, stage_mod
 
 
 def test_pretrain_code_covers_the_modules_training_runs():
-    # distributed.py (the torchrun worker), sft.py (packed masks), docset.py (below shards.py) decide
-    # what pretraining computes; evaluate.py and tracking.py are only reached inside functions.
-    assert stage_modules(STAGE_ENTRY["pretrain"]) == (
-        "lmpipe.checkpoint", "lmpipe.config", "lmpipe.distributed", "lmpipe.docset", "lmpipe.jsonl",
-        "lmpipe.loader", "lmpipe.lora", "lmpipe.model", "lmpipe.sft", "lmpipe.shards", "lmpipe.stage",
-        "lmpipe.tokenizer", "lmpipe.train",
+    # distributed.py (the torchrun worker) and docset.py (below shards.py) decide what pretraining computes;
+    # evaluate.py and tracking.py are only reached inside functions, and so is sft.py (fine-tuning's).
+    pretrain = stage_modules(*STAGE_ENTRY["pretrain"])
+    assert pretrain == (
+        "lmpipe.checkpoint", "lmpipe.config", "lmpipe.distributed", "lmpipe.docset", "lmpipe.loader",
+        "lmpipe.lora", "lmpipe.model", "lmpipe.shards", "lmpipe.stage", "lmpipe.tokenizer", "lmpipe.train",
     )
-    assert stage_modules(STAGE_ENTRY["register"]) == (
+    finetune = {m for entry in STAGE_ENTRY["finetune"] for m in stage_modules(entry)}
+    assert finetune - set(pretrain) == {"lmpipe.sft", "lmpipe.jsonl"}
+    assert stage_modules(*STAGE_ENTRY["register"]) == (
         "lmpipe.config", "lmpipe.docset", "lmpipe.handoff", "lmpipe.stage", "lmpipe.tokenizer", "lmpipe.tracking",
     )
-    assert code_version("pretrain") == code_version("finetune") != code_version("evaluate")
+    assert len({code_version("pretrain"), code_version("finetune"), code_version("evaluate")}) == 3
 
 
 def _package(root, name: str, files: dict[str, str]) -> None:

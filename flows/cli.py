@@ -178,7 +178,7 @@ def model_command(args: argparse.Namespace) -> str:
     """generate / evaluate / export: resolve the model, do the work, return what to print."""
     import tempfile
 
-    from lmpipe.handoff import check_device, end_of_text_id, generation_params, resolve_model
+    from lmpipe.handoff import check_device, generation_params, resolve_model
 
     texts: list[tuple[Path, str]] = []
     benches: list[tuple[str, str, list]] = []  # (--benchmark spec, kind, examples)
@@ -237,19 +237,18 @@ def model_command(args: argparse.Namespace) -> str:
         if args.command == "generate":
             from lmpipe.checkpoint import read_state
             from lmpipe.evaluate import generate_samples, is_chat_model
-            from lmpipe.tokenizer import META_FILE
+            from lmpipe.tokenizer import META_FILE, meta_eot_id
 
             chat = args.chat if args.chat is not None else is_chat_model(read_state(files.checkpoint))
             samples = generate_samples(model, tok, args.prompt, **sampling, device=args.device, chat=chat,
-                                       start_id=end_of_text_id(tok, files.tokenizer_dir / META_FILE))
+                                       start_id=meta_eot_id(tok, files.tokenizer_dir / META_FILE, missing_ok=True))
             return "\n\n".join(s["prompt"] + s["completion"] for s in samples)
 
         from lmpipe.benchmarks import score_mc
-        from lmpipe.config import EOT
-        from lmpipe.tokenizer import META_FILE, eot_id, read_tokenizer_meta
+        from lmpipe.tokenizer import META_FILE, meta_eot_id
 
         meta = files.tokenizer_dir / META_FILE
-        eot = eot_id(tok, read_tokenizer_meta(meta)["eot_token"] if meta.is_file() else EOT)
+        eot = meta_eot_id(tok, meta, missing_ok=True)
         rows = []
         if texts:
             from lmpipe.evaluate import score_text

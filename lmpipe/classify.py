@@ -75,7 +75,7 @@ from lmpipe.jsonl import jsonl_records
 from lmpipe.model import GPT, IGNORE_INDEX, GPTConfig
 from lmpipe.sft import split_indices
 from lmpipe.stage import BuildOutput, StageResult, markdown_cell, read_versioned_json, run_stage, write_json_atomic
-from lmpipe.tokenizer import META_FILE, encode_ordinary, eot_id, load_tokenizer, read_tokenizer_meta, tokenizer_fingerprint
+from lmpipe.tokenizer import META_FILE, encode_ordinary, load_tokenizer, meta_eot_id, tokenizer_fingerprint
 from lmpipe.train import TrainingDivergedError, tokenizer_info, autocast_for, lr_at, resolve_device
 
 LogMetrics = Callable[[dict[str, float], int], None]
@@ -666,7 +666,7 @@ def run_classify(
     def build(tmp: Path) -> BuildOutput:
         tok_path, tok_fp, vocab_size = tokenizer_info(tokenizer)
         tok = load_tokenizer(tok_path)
-        extract = eot_id(tok, read_tokenizer_meta(tokenizer.path(META_FILE))["eot_token"])
+        extract = meta_eot_id(tok, tokenizer.path(META_FILE))
         data = build_classify_data(cfg, tok, extract, model_cfg.block_size)
         init_dir = Path(init)
         if not (init_dir / STATE_FILE).is_file():

@@ -40,8 +40,8 @@ from lmpipe.model import IGNORE_INDEX
 from lmpipe.sft import END_TOKEN, VAL_EVERY, Layout, Message, SFTData, build_sft_data, encode_chat_prompt
 from lmpipe.shards import MANIFEST_FILE, TokenSplit, read_manifest
 from lmpipe.stage import BuildOutput, StageResult, markdown_cell, run_stage, write_json_atomic
-from lmpipe.tokenizer import (META_FILE, TOKENIZER_FILE, encode_ordinary, eot_id, load_tokenizer,
-                              read_tokenizer_meta, token_byte_lengths, tokenizer_fingerprint)
+from lmpipe.tokenizer import (META_FILE, TOKENIZER_FILE, encode_ordinary, load_tokenizer, meta_eot_id,
+                              token_byte_lengths, tokenizer_fingerprint)
 
 METRICS = ("loss", "perplexity", "bits_per_byte")
 MC_METRICS = ("acc", "acc_norm")
@@ -558,7 +558,7 @@ def run_evaluate(
         splits = {name: TokenSplit(Path(shards.out_dir), "val") for name, shards in corpora.items()}
         sft_data, sft_eot = None, None
         if sft is not None:  # read and tokenized once, for every model; the end-of-text id as fine-tuning finds it
-            sft_eot = eot_id(tok, read_tokenizer_meta(tokenizer.path(META_FILE))["eot_token"])
+            sft_eot = meta_eot_id(tok, tokenizer.path(META_FILE))
             sft_data = build_sft_data(Path(sft.path), tok, sft_eot, sft.block_size, layout=sft.layout,
                                       skip_long=sft.skip_long, skip_bad=sft.skip_bad, field="finetune.sft_path")
 

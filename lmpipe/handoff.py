@@ -15,7 +15,8 @@ and the generation settings that ``lmpipe generate`` and the served MLflow model
 Either way the checkpoint and the tokenizer are checked to belong together.
 
 Nothing heavy is imported at module level (``flows.cli`` reads ``GENERATION_DEFAULTS``
-when it builds its parser), and nothing of Prefect or MLflow at all.
+when it builds its parser); nothing of Prefect, and MLflow only through ``lmpipe.tracking``,
+inside the functions that resolve a registry URI.
 """
 
 from __future__ import annotations
@@ -119,16 +120,6 @@ def check_prompts(prompts: Iterable[Any]) -> list[str]:
                              "the start of a document)")
         out.append(prompt)
     return out
-
-
-def end_of_text_id(tokenizer: Any, meta_file: Path | None) -> int | None:
-    """The end-of-text token's id, which an empty prompt starts from: the one ``tokenizer_meta.json``
-    names (``meta_file``, if it exists), else lmpipe's default; None if the tokenizer lacks it."""
-    from lmpipe.config import EOT
-    from lmpipe.tokenizer import read_tokenizer_meta
-
-    token = read_tokenizer_meta(meta_file)["eot_token"] if meta_file is not None and Path(meta_file).is_file() else EOT
-    return tokenizer.token_to_id(token)
 
 
 def check_device(device: str, option: str = "--device") -> str:

@@ -14,7 +14,7 @@ from lmpipe.lora import check_targets
 from lmpipe.sft import build_sft_data, read_sft_jsonl
 from lmpipe.shards import read_manifest
 from lmpipe.stage import StageResult
-from lmpipe.tokenizer import META_FILE, TOKENIZER_FILE, eot_id, load_tokenizer, read_tokenizer_meta
+from lmpipe.tokenizer import META_FILE, TOKENIZER_FILE, load_tokenizer, meta_eot_id
 
 
 def check_inputs(config: PipelineConfig, *, training: bool = True) -> None:
@@ -61,7 +61,7 @@ def check_context_fits(config: PipelineConfig, corpora: dict[str, StageResult], 
     SFT and classification files are prepared as their stages will prepare them (lengths, splits, labels)."""
     tok = load_tokenizer(tokenizer.path(TOKENIZER_FILE))
     check_benchmarks_fit(config.eval.benchmarks, benchmark_files, tok, config.model.block_size)
-    eot = eot_id(tok, read_tokenizer_meta(tokenizer.path(META_FILE))["eot_token"])
+    eot = meta_eot_id(tok, tokenizer.path(META_FILE))
     ft = config.finetune
     if ft.mode == "sft":
         build_sft_data(Path(ft.sft_path), tok, eot, config.model.block_size, layout=ft.sft_layout,

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lmpipe.config import TokenizerConfig
+from lmpipe.config import EOT, TokenizerConfig
 from lmpipe.docset import iter_document_batches, read_index
 from lmpipe.stage import BuildOutput, StageResult, read_versioned_json, run_stage, sha256_file, write_json_atomic
 
@@ -175,6 +175,13 @@ def eot_id(tok: Tokenizer, eot_token: str) -> int:
             "retrain the tokenizer with it in tokenizer.special_tokens"
         )
     return i
+
+
+def meta_eot_id(tok: Tokenizer, meta_file: Path, *, missing_ok: bool = False) -> int:
+    """The end-of-text id of a tokenizer stage's tokenizer: the token its ``tokenizer_meta.json`` names.
+    ``missing_ok``: a tokenizer without the file (a model registered before it was logged) takes lmpipe's EOT."""
+    token = EOT if missing_ok and not Path(meta_file).is_file() else read_tokenizer_meta(meta_file)["eot_token"]
+    return eot_id(tok, token)
 
 
 def sample_fraction(cfg: TokenizerConfig, corpus_bytes: int) -> float:

@@ -20,6 +20,7 @@ it is built in a hidden sibling directory and renamed into place.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -191,10 +192,9 @@ def export_hf(checkpoint_dir: Path, tokenizer_dir: Path, dest: Path, *, overwrit
     # The reserved chat tokens (<|system|>, <|user|>, ...): never split, skipped by decode(skip_special_tokens=True).
     extra = [t["token"] for t in meta["special_tokens"] if t["token"] != eot]
 
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    if tmp.exists():  # left by a crash mid-export
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh hidden sibling: nothing of the user's can be in it, and a crash leaves only it behind.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         to_gpt2(model, eot_id).save_pretrained(tmp)
         tokenizer = PreTrainedTokenizerFast(
@@ -215,9 +215,8 @@ def export_hf(checkpoint_dir: Path, tokenizer_dir: Path, dest: Path, *, overwrit
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if dest.exists():  # moved aside, not deleted, until the new export is in place
-        old = dest.with_name(f".{dest.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        dest.rename(old)
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        dest.rename(old / dest.name)
         tmp.rename(dest)
         shutil.rmtree(old)
     else:

@@ -270,7 +270,8 @@ def _publish_table(run: StageRun, rows: list[dict[str, Any]], artifact_file: str
     """Rows as an MLflow table artifact (the MLflow UI shows and compares them across runs) and a Prefect
     table artifact; nothing when there are no rows (e.g. every cleaning step switched off, no benchmarks)."""
     if rows:
-        run.client.log_table(run.run_id, {k: [r.get(k) for r in rows] for k in rows[0]}, artifact_file)
+        columns = list(dict.fromkeys(k for r in rows for k in r))  # every row's keys, in first-seen order
+        run.client.log_table(run.run_id, {k: [r.get(k) for r in rows] for k in columns}, artifact_file)
         create_table_artifact(table=rows, key=key, description=description)
 
 

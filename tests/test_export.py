@@ -5,6 +5,7 @@ logits at every position, greedy generations, token ids, special tokens, files, 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -182,7 +183,11 @@ def test_export_replaces_an_earlier_export_and_refuses_anything_else(exported, t
     assert export_hf(ckpt, Path(tok.out_dir), again) == again
     assert export_hf(ckpt, Path(tok.out_dir), again) == again  # an earlier export is replaced
     assert (again / "model.safetensors").read_bytes() == (dest / "model.safetensors").read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no .hf.tmp / .hf.old left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no .hf.tmp-* / .hf.old-* left
+    (tmp_path / ".hf.old").mkdir()  # a folder of that name is not ours to delete
+    (tmp_path / ".hf.old" / "x").write_text("mine")
+    assert export_hf(ckpt, Path(tok.out_dir), again) == again and (tmp_path / ".hf.old" / "x").read_text() == "mine"
+    shutil.rmtree(tmp_path / ".hf.old")
 
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -247,4 +252,4 @@ def test_failed_export_leaves_no_dest(exported, tmp_path: Path, monkeypatch: pyt
     with pytest.raises(RuntimeError, match="disk full"):
         export_hf(ckpt, Path(tok.out_dir), dest)
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
-    assert not dest.with_name(f".{dest.name}.tmp").exists()
+    assert list(dest.parent.glob(f".{dest.name}.*")) == []  # no temporary or moved-aside folder left

@@ -136,11 +136,7 @@ def set_grad_sync(model: nn.Module, sync: bool) -> None:
 
 def mean_over_ranks(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """Average of t over all ranks (SUM then divide: gloo has no AVG); asynchronous on the device."""
-    if not ctx.active:
-        return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t / ctx.world_size
+    return sum_over_ranks(t, ctx) / ctx.world_size if ctx.active else t
 
 
 def sum_over_ranks(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:

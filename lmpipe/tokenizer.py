@@ -177,10 +177,13 @@ def eot_id(tok: Tokenizer, eot_token: str) -> int:
     return i
 
 
-def meta_eot_id(tok: Tokenizer, meta_file: Path, *, missing_ok: bool = False) -> int:
+def meta_eot_id(tok: Tokenizer, meta_file: Path | None, *, missing_ok: bool = False) -> int:
     """The end-of-text id of a tokenizer stage's tokenizer: the token its ``tokenizer_meta.json`` names.
-    ``missing_ok``: a tokenizer without the file (a model registered before it was logged) takes lmpipe's EOT."""
-    token = EOT if missing_ok and not Path(meta_file).is_file() else read_tokenizer_meta(meta_file)["eot_token"]
+    ``missing_ok``: a tokenizer without the file (None, or a model registered before it was logged) takes
+    lmpipe's EOT."""
+    if missing_ok and (meta_file is None or not Path(meta_file).is_file()):
+        return eot_id(tok, EOT)
+    token = read_tokenizer_meta(meta_file)["eot_token"]
     return eot_id(tok, token)
 
 

@@ -234,7 +234,7 @@ class GPTTextGenerator(mlflow.pyfunc.PythonModel):
         self.chat = is_chat_model(read_state(checkpoint))
         self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]))
         meta = context.artifacts.get("tokenizer_meta")  # absent from models registered before it was logged
-        self.start_id = meta_eot_id(self.tokenizer, Path(meta) if meta else Path(), missing_ok=True)
+        self.start_id = meta_eot_id(self.tokenizer, Path(meta) if meta else None, missing_ok=True)
 
     # The type hint is one MLflow infers no signature from (it would replace the explicit one, which declares
     # the params), and what the model gets once MLflow has checked the input against that signature. With no

@@ -1,4 +1,4 @@
-"""Benchmark of lmpipe.filters against datatrove's reference filters, on one core.
+"""Benchmark of lmpipe.data.filters against datatrove's reference filters, on one core.
 
     python -m bench.clean [--mb 4]
 
@@ -26,19 +26,26 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYO
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
-from itertools import compress  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from itertools import compress  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from lmpipe.clean import normalize_whitespace, strip_control  # noqa: E402
-from lmpipe.config import (  # noqa: E402
-    C4Config, GopherQualityConfig, GopherRepetitionConfig, LanguageConfig, PIIConfig)
-from lmpipe.download import split_documents  # noqa: E402
-from lmpipe.filters import (  # noqa: E402
-    C4Filter, GopherQuality, GopherRepetition, LanguageFilter, PIIMasker, fix_text, language_identifier, split_words)
+from lmpipe.config.data import C4Config, GopherQualityConfig, GopherRepetitionConfig, LanguageConfig, PIIConfig
+from lmpipe.data.clean import normalize_whitespace, strip_control  # noqa: E402
+from lmpipe.data.filters import (
+    C4Filter,
+    GopherQuality,
+    GopherRepetition,
+    LanguageFilter,
+    PIIMasker,
+    fix_text,
+    language_identifier,
+    split_words,
+)
+from lmpipe.data.splitting import split_documents  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

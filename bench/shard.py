@@ -32,11 +32,12 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-from lmpipe.config import CorpusConfig, ShardConfig, SourceConfig, TokenizerConfig
-from lmpipe.docset import ChunkWriter, chunk_paths, iter_document_batches
-from lmpipe.shards import run_encode_chunk, run_shard
-from lmpipe.stage import StageResult
-from lmpipe.tokenizer import load_tokenizer, run_train_tokenizer
+from lmpipe.artifacts import StageResult
+from lmpipe.config.data import CorpusConfig, ShardConfig, SourceConfig, TokenizerConfig
+from lmpipe.data.documents import ChunkWriter, chunk_paths, iter_document_batches
+from lmpipe.data.tokenizer import load_tokenizer
+from lmpipe.stages.shard import run_encode_chunk, run_shard
+from lmpipe.stages.tokenizer import run_train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TITLE = re.compile(r"^ = [^=].* = $", re.MULTILINE)

@@ -7,7 +7,7 @@ Overrides are dotted like the CLI's (``pretrain.batch_size=8``). Both loops trai
 the preset's model (its ``tokenizer.vocab_size``, so the compute is the real
 model's) on the bytes of ``data/*.txt`` as token ids (all < 256), on one device:
 
-* ``full``: ``lmpipe.train.train()`` with the preset's pretrain settings, stopped
+* ``full``: ``lmpipe.training.loop.train()`` with the preset's pretrain settings, stopped
   after ``warmup + steps + 1`` optimizer steps. The timed window runs from the
   progress callback of step ``warmup`` to that of step ``warmup + steps`` (each
   read after a device sync), so it holds steps ``warmup+1 .. warmup+steps`` with
@@ -47,10 +47,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmpipe.config import ModelConfig, TrainConfig, load_config
-from lmpipe.loader import WindowOrder, sequence_range
-from lmpipe.model import GPT, GPTConfig
-from lmpipe.train import ArraySource, autocast_for, find_micro_batch, get_batch, lr_at, peak_flops, resolve_device, train
+from lmpipe.config.loading import load_config
+from lmpipe.config.training import ModelConfig, TrainConfig
+from lmpipe.data.shards import ArraySource
+from lmpipe.model.device import autocast_for, resolve_device
+from lmpipe.model.gpt import GPT, GPTConfig
+from lmpipe.training.device import find_micro_batch, peak_flops
+from lmpipe.training.loader import WindowOrder, sequence_range
+from lmpipe.training.loop import train
+from lmpipe.training.schedule import lr_at
+from lmpipe.training.validation import get_batch
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ["preset", "device", "compile", "micro x accum", "tokens/step", "full ms/step", "bare ms/step",

@@ -24,8 +24,11 @@ from pathlib import Path
 
 import yaml
 
-from lmpipe.config import ConfigError, EvalConfig, PipelineConfig, load_config
-from lmpipe.handoff import GENERATION_DEFAULTS, MODEL_URI_FORMS  # light: no torch, no MLflow
+from lmpipe.config.base import ConfigError
+from lmpipe.config.evaluation import EvalConfig
+from lmpipe.config.loading import load_config
+from lmpipe.config.pipeline import PipelineConfig
+from lmpipe.tracking.handoff import GENERATION_DEFAULTS, MODEL_URI_FORMS  # light: no torch, no MLflow
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p = model_command("generate", "continue prompts with a trained model")
     p.add_argument("--prompt", "-p", action="append", required=True,
                    help='a prompt (repeat for several); "" starts from the end-of-text token (unconditional)')
-    # The served model's defaults too (lmpipe.handoff.GENERATION_DEFAULTS); both are checked by generation_params.
+    # The served model's defaults too (lmpipe.tracking.handoff.GENERATION_DEFAULTS); both are checked by generation_params.
     p.add_argument("--max-new-tokens", type=int, default=GENERATION_DEFAULTS["max_new_tokens"],
                    help="at most this many tokens, >= 0 (default %(default)s)")
     p.add_argument("--temperature", type=float, default=GENERATION_DEFAULTS["temperature"],
@@ -79,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dest", type=Path, help="the folder to write: a new one, or an earlier export to replace")
     p.add_argument("--force", action="store_true", help="replace dest even if it holds other files")
     p = sub.add_parser("make-cloze", help="a HellaSwag-shaped next-line benchmark from the documents a source "
-                                          "read with max_bytes leaves unread (lmpipe.cloze)")
+                                          "read with max_bytes leaves unread (lmpipe.eval.cloze)")
     p.add_argument("file", type=Path, help="the corpus text file")
     p.add_argument("--max-bytes", type=int, required=True, help="the source's max_bytes: items come from the "
                                                                 "documents after it")
@@ -92,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def make_cloze_command(args: argparse.Namespace) -> str:
-    from lmpipe.cloze import held_out_documents, make_cloze, write_cloze
+    from lmpipe.eval.cloze import held_out_documents, make_cloze, write_cloze
 
     first, docs = held_out_documents(args.file.read_text(encoding="utf-8"), args.boundary, args.max_bytes,
                                      source=str(args.file))
@@ -104,7 +107,7 @@ def make_cloze_command(args: argparse.Namespace) -> str:
 
 def explain_removal(workdir: str, doc_id: str) -> tuple[str, int]:
     """The `why` command's text and exit status (0 when the document was removed somewhere)."""
-    from lmpipe.clean import why_removed
+    from lmpipe.data.clean import why_removed
 
     rows = why_removed(workdir, doc_id)
     if not rows:
@@ -178,7 +181,7 @@ def model_command(args: argparse.Namespace) -> str:
     """generate / evaluate / export: resolve the model, do the work, return what to print."""
     import tempfile
 
-    from lmpipe.handoff import check_device, generation_params, resolve_model
+    from lmpipe.tracking.handoff import check_device, generation_params, resolve_model
 
     texts: list[tuple[Path, str]] = []
     benches: list[tuple[str, str, list]] = []  # (--benchmark spec, kind, examples)
@@ -189,7 +192,7 @@ def model_command(args: argparse.Namespace) -> str:
         sampling = generation_params({key: getattr(args, key) for key in GENERATION_DEFAULTS},
                                      name=lambda key: "--" + key.replace("_", "-"))
     if args.command == "evaluate":  # bad arguments and files fail before the model is fetched
-        from lmpipe.benchmarks import read_benchmark
+        from lmpipe.eval.benchmark_files import read_benchmark
 
         if not args.text and not args.benchmark:
             raise ValueError("nothing to score: give --text FILE and/or --benchmark KIND=PATH")
@@ -217,8 +220,8 @@ def model_command(args: argparse.Namespace) -> str:
         files = resolve_model(args.model, workdir=args.workdir, tokenizer=args.tokenizer,
                               tracking_uri=args.tracking_uri, download_dir=Path(tmp))
         if args.command == "export":
-            from lmpipe.export import export_hf
-            from lmpipe.tokenizer import META_FILE
+            from lmpipe.data.tokenizer import META_FILE
+            from lmpipe.model.hf_export import export_hf
 
             if not (files.tokenizer_dir / META_FILE).is_file():
                 raise FileNotFoundError(f"model {args.model!r} comes without {META_FILE} (registered before lmpipe "
@@ -229,29 +232,29 @@ def model_command(args: argparse.Namespace) -> str:
                     f"  transformers: AutoModelForCausalLM.from_pretrained({str(dest)!r})\n"
                     f"  lm-evaluation-harness: lm_eval --model hf --model_args pretrained={dest} --tasks hellaswag")
 
-        from lmpipe.checkpoint import load_model
-        from lmpipe.tokenizer import load_tokenizer
+        from lmpipe.data.tokenizer import load_tokenizer
+        from lmpipe.model.checkpoint import load_model
 
         model = load_model(files.checkpoint, device=args.device)
         tok = load_tokenizer(files.tokenizer)
         if args.command == "generate":
-            from lmpipe.checkpoint import read_state
-            from lmpipe.evaluate import generate_samples, is_chat_model
-            from lmpipe.tokenizer import META_FILE, meta_eot_id
+            from lmpipe.data.tokenizer import META_FILE, meta_eot_id
+            from lmpipe.eval.samples import generate_samples
+            from lmpipe.model.checkpoint import is_chat_model, read_state
 
             chat = args.chat if args.chat is not None else is_chat_model(read_state(files.checkpoint))
             samples = generate_samples(model, tok, args.prompt, **sampling, device=args.device, chat=chat,
                                        start_id=meta_eot_id(tok, files.tokenizer_dir / META_FILE, missing_ok=True))
             return "\n\n".join(s["prompt"] + s["completion"] for s in samples)
 
-        from lmpipe.benchmarks import score_mc
-        from lmpipe.tokenizer import META_FILE, meta_eot_id
+        from lmpipe.data.tokenizer import META_FILE, meta_eot_id
+        from lmpipe.eval.multiple_choice import score_mc
 
         meta = files.tokenizer_dir / META_FILE
         eot = meta_eot_id(tok, meta, missing_ok=True)
         rows = []
         if texts:
-            from lmpipe.evaluate import score_text
+            from lmpipe.eval.heldout import score_text
 
             rows.append(f"{'text':<40} {'tokens':>8} {'bytes':>10} {'loss':>8} {'ppl':>10} {'bits/byte':>9}")
             for path, text in texts:

@@ -14,9 +14,11 @@ from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner
 
 from flows.runners import chunk_runner
-from lmpipe.config import PipelineConfig, RunnerConfig
-from lmpipe.stage import StageResult, load_completed
-from lmpipe.tracking import TrackingContext, close_run, open_pipeline_run, set_parent_summary
+from lmpipe.artifacts import StageResult
+from lmpipe.config.data import RunnerConfig
+from lmpipe.config.pipeline import PipelineConfig
+from lmpipe.stages.contract import load_completed
+from lmpipe.tracking.runs import TrackingContext, close_run, open_pipeline_run, set_parent_summary
 
 
 @dataclass

@@ -16,15 +16,28 @@ from pathlib import Path
 from prefect import flow
 
 from flows.ledger import Ledger, tracked_flow
-from lmpipe.benchmarks import resolve_benchmarks
-from lmpipe.config import CorpusConfig, PipelineConfig
-from lmpipe.download import local_source_digests
-from lmpipe.evaluate import SFTHeldOut
-from lmpipe.preflight import check_context_fits, check_inputs
-from lmpipe.stage import StageResult, sha256_file
-from lmpipe.tracking import TrackingContext, champion_metrics
-from tasks.stages import (classify, clean, clean_chunk, download, encode_chunk, evaluate, finetune, pretrain,
-                          register, shard, train_tokenizer)
+from lmpipe.artifacts import StageResult, sha256_file
+from lmpipe.config.data import CorpusConfig
+from lmpipe.config.pipeline import PipelineConfig
+from lmpipe.data.sources import local_source_digests
+from lmpipe.eval.benchmark_files import resolve_benchmarks
+from lmpipe.eval.heldout import SFTHeldOut
+from lmpipe.stages.preflight import check_context_fits, check_inputs
+from lmpipe.tracking.registry import champion_metrics
+from lmpipe.tracking.runs import TrackingContext
+from tasks.stages import (
+    classify,
+    clean,
+    clean_chunk,
+    download,
+    encode_chunk,
+    evaluate,
+    finetune,
+    pretrain,
+    register,
+    shard,
+    train_tokenizer,
+)
 
 
 def _documents(config: PipelineConfig, corpus: CorpusConfig, field: str, ctx: TrackingContext,

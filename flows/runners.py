@@ -14,7 +14,7 @@ import os
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from lmpipe.config import RunnerConfig
+from lmpipe.config.data import RunnerConfig
 
 
 def chunk_runner(cfg: RunnerConfig) -> TaskRunner:

@@ -1,7 +1,7 @@
 """Cache keys: a stage's Prefect cache key is its fingerprint (plus where its files live).
 
 The fingerprint hashes the stage's config sections, its upstream stages'
-fingerprints and its code version (lmpipe.fingerprint). The work directory is
+fingerprints and its code version (lmpipe.stages.fingerprint). The work directory is
 part of the cache key but not of the fingerprint: the same stage computed in
 another work directory has the same fingerprint but other files.
 """
@@ -15,9 +15,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lmpipe.fingerprint import stage_fingerprint
-from lmpipe.stage import StageResult, stage_dir
-from lmpipe.tracking import TrackingContext
+from lmpipe.artifacts import StageResult
+from lmpipe.stages.contract import stage_dir
+from lmpipe.stages.fingerprint import stage_fingerprint
+from lmpipe.tracking.runs import TrackingContext
 
 
 @dataclass(frozen=True)

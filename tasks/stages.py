@@ -14,18 +14,24 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from lmpipe.classify import PREDICTIONS_FILE, REPORT_FILE, run_classify
-from lmpipe.clean import run_clean, run_clean_chunk
-from lmpipe.config import (ClassifyConfig, CleanConfig, CorpusConfig, EvalConfig, FinetuneConfig, ModelConfig,
-                           ShardConfig, TokenizerConfig, TrackingConfig, TrainConfig)
-from lmpipe.distributed import DistributedTrainingError
-from lmpipe.download import TransientDownloadError, run_download
-from lmpipe.evaluate import LOSS_CURVES, SFTHeldOut, run_evaluate
-from lmpipe.shards import run_encode_chunk, run_shard
-from lmpipe.stage import StageResult
-from lmpipe.tokenizer import run_train_tokenizer
-from lmpipe.tracking import StageRun, TrackingContext, run_register, stage_run
-from lmpipe.train import run_finetune, run_pretrain
+from lmpipe.artifacts import StageResult
+from lmpipe.config.data import CleanConfig, CorpusConfig, ShardConfig, TokenizerConfig
+from lmpipe.config.evaluation import EvalConfig, TrackingConfig
+from lmpipe.config.training import ClassifyConfig, FinetuneConfig, ModelConfig, TrainConfig
+from lmpipe.data.sources import TransientDownloadError
+from lmpipe.eval.heldout import SFTHeldOut
+from lmpipe.eval.report import LOSS_CURVES
+from lmpipe.stages.classify import PREDICTIONS_FILE, REPORT_FILE, run_classify
+from lmpipe.stages.clean import run_clean, run_clean_chunk
+from lmpipe.stages.download import run_download
+from lmpipe.stages.evaluate import run_evaluate
+from lmpipe.stages.finetune import run_finetune
+from lmpipe.stages.pretrain import run_pretrain
+from lmpipe.stages.register import run_register
+from lmpipe.stages.shard import run_encode_chunk, run_shard
+from lmpipe.stages.tokenizer import run_train_tokenizer
+from lmpipe.tracking.runs import StageRun, TrackingContext, stage_run
+from lmpipe.training.launch import DistributedTrainingError
 from tasks.caching import StageSpec
 from tasks.progress import PrefectProgress
 

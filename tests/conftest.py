@@ -21,7 +21,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import pytest  # noqa: E402
 
-from lmpipe.config import PipelineConfig, load_config  # noqa: E402
+from lmpipe.config.loading import load_config
+from lmpipe.config.pipeline import PipelineConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,10 +70,10 @@ def stages(tmp_path_factory: pytest.TempPathFactory):
 
     Vocabulary 512 and 4,096-token shards, so training windows cross shard boundaries.
     """
-    from lmpipe.config import CorpusConfig, ShardConfig, SourceConfig, TokenizerConfig
-    from lmpipe.tokenizer import run_train_tokenizer
-    from tests.test_shards import encode_and_shard
-    from tests.test_tokenizer import write_documents
+    from lmpipe.config.data import CorpusConfig, ShardConfig, SourceConfig, TokenizerConfig
+    from lmpipe.stages.tokenizer import run_train_tokenizer
+    from tests.unit.data.test_shards import encode_and_shard
+    from tests.unit.data.test_tokenizer import write_documents
 
     root = tmp_path_factory.mktemp("stages")
     text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:120_000]
@@ -95,7 +96,7 @@ def tokenizer(stages):
 @pytest.fixture(scope="session")
 def tok(tokenizer):
     """``tokenizer`` loaded (a tokenizers.Tokenizer)."""
-    from lmpipe.tokenizer import load_tokenizer
+    from lmpipe.data.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer.path("tokenizer.json"))
 

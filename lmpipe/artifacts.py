@@ -1,0 +1,76 @@
+"""What a stage leaves on disk: its result record, file hashes, atomic and versioned JSON.
+
+Every layer reads and writes stage outputs through these; the contract that builds
+them (``lmpipe.stages.contract``) sits above.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+RESULT_FILE = "stage_result.json"
+
+
+class StageResult(BaseModel):
+    """What a stage produced: where, with which hashes, and the stage's summary metrics."""
+
+    stage: str
+    fingerprint: str
+    out_dir: str
+    files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    def path(self, name: str) -> Path:
+        return Path(self.out_dir) / name
+
+
+class BuildOutput(BaseModel):
+    metrics: dict[str, float] = Field(default_factory=dict)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_tree(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, keyed by POSIX relative path, sorted."""
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != RESULT_FILE
+    }
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON through a temporary file and an fsync'd rename, so readers see old or new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_versioned_json(path: Path, version: int, what: str, remedy: str) -> dict[str, Any]:
+    """Read a stage's JSON metadata file, refusing a missing file or another format version."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist ({remedy})")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("format_version") != version:
+        raise ValueError(f"{what} {str(path)!r} has format_version {data.get('format_version')!r}, "
+                         f"this code reads {version}; {remedy}")
+    return data

@@ -1,0 +1,255 @@
+"""Config of the data stages: sources, cleaning, corpora, the tokenizer, shards, the chunk runner."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from lmpipe.config.base import CHAT_TOKENS, DEMO_HELD_OUT_AT, EOT, Section
+
+
+class SourceConfig(Section):
+    """One input of a corpus: a file, a glob of files, a URL or a Hub dataset, read as a stream."""
+
+    uri: str = Field(description="Local path or glob, file://, http(s)://, an fsspec URL (s3://, gs://, hf://) "
+                                 "or 'hf:<dataset id>' (streamed from the Hub).")
+    sha256: str | None = Field(None, description="Expected sha256 of a single file's raw bytes.")
+    format: Literal["auto", "text", "jsonl", "parquet"] = Field(
+        "auto", description="File format; 'auto' infers it from the extension (.txt, .jsonl, .json, .parquet)."
+    )
+    compression: Literal["auto", "none", "gzip", "zstd"] = Field(
+        "auto", description="'auto' infers it from the extension (.gz, .zst)."
+    )
+    text_column: str = Field("text", description="Field holding the text (jsonl, parquet, hf).")
+    id_column: str | None = Field(None, description="Field holding a document id; None numbers documents.")
+    hf_config: str | None = Field(None, description="Configuration name of a Hub dataset.")
+    hf_split: str = Field("train", description="Split of a Hub dataset.")
+    hf_revision: str | None = Field(None, description="Commit or tag of a Hub dataset; pin it for reproducibility.")
+    doc_boundary: Literal["file", "line", "blank_line", "wikitext_title"] = Field(
+        "file", description="How plain text is cut into documents."
+    )
+    max_documents: int | None = Field(None, ge=1, description="Read at most this many documents (the first ones).")
+    max_bytes: int | None = Field(None, ge=1, description="Stop after documents totalling this many UTF-8 bytes.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SourceConfig:
+        if not self.uri.strip():
+            raise ValueError("uri is empty")
+        if self.sha256 is not None:
+            digest = self.sha256.lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"sha256 must be 64 hex digits, got {self.sha256!r}")
+            self.__dict__["sha256"] = digest
+        return self
+
+
+class GopherQualityConfig(Section):
+    """Gopher quality rules (Rae et al. 2021, appendix A); defaults are the published thresholds."""
+
+    enabled: bool = False
+    min_words: int = Field(50, ge=0)
+    max_words: int = Field(100_000, ge=1)
+    min_mean_word_length: float = Field(3.0, ge=0.0)
+    max_mean_word_length: float = Field(10.0, gt=0.0)
+    max_symbol_word_ratio: float = Field(0.1, ge=0.0, description="'#' and ellipses per word.")
+    max_bullet_lines_ratio: float = Field(0.9, ge=0.0, le=1.0, description="Share of lines starting with a bullet.")
+    max_ellipsis_lines_ratio: float = Field(0.3, ge=0.0, le=1.0, description="Share of lines ending with an ellipsis.")
+    min_alpha_words_ratio: float = Field(0.8, ge=0.0, le=1.0, description="Share of words with a letter.")
+    min_stop_words: int = Field(2, ge=0, description="Distinct stop words a document must contain.")
+    stop_words: list[str] = Field(default_factory=lambda: ["the", "be", "to", "of", "and", "that", "have", "with"])
+
+
+class GopherRepetitionConfig(Section):
+    """Gopher repetition rules (Rae et al. 2021, table A1); defaults are the published thresholds."""
+
+    enabled: bool = False
+    max_dup_line_ratio: float = Field(0.3, ge=0.0, le=1.0, description="Share of lines that repeat an earlier one.")
+    max_dup_para_ratio: float = Field(0.3, ge=0.0, le=1.0)
+    max_dup_line_char_ratio: float = Field(0.2, ge=0.0, le=1.0, description="Characters in duplicated lines.")
+    max_dup_para_char_ratio: float = Field(0.2, ge=0.0, le=1.0)
+    max_top_ngram_char_ratio: dict[int, float] = Field(
+        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16},
+        description="n -> max share of characters in the most frequent n-gram.")
+    max_dup_ngram_char_ratio: dict[int, float] = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        description="n -> max share of characters in n-grams that occur more than once.")
+
+
+class C4Config(Section):
+    """C4 rules (Raffel et al. 2020): line-level removal, then document-level drops."""
+
+    enabled: bool = False
+    min_words_per_line: int = Field(3, ge=0, description="Lines with fewer words are removed.")
+    terminal_punctuation: bool = Field(True, description="Remove lines not ending in . ! ? or a quote.")
+    max_word_length: int = Field(1000, ge=1, description="Remove lines with a longer word.")
+    javascript: bool = Field(True, description="Remove lines mentioning 'javascript'.")
+    policy: bool = Field(True, description="Remove lines mentioning cookie/terms-of-use/privacy policies.")
+    citations: bool = Field(True, description="Strip Wikipedia-style [1], [citation needed] markers.")
+    min_sentences: int = Field(5, ge=0, description="Drop documents with fewer sentences after line removal.")
+    lorem_ipsum: bool = Field(True, description="Drop documents containing 'lorem ipsum'.")
+    curly_bracket: bool = Field(True, description="Drop documents containing '{' (code, templates).")
+
+
+class LanguageConfig(Section):
+    """Language identification with py3langid (its model ships inside the package)."""
+
+    enabled: bool = False
+    languages: list[str] = Field(default_factory=lambda: ["en"], min_length=1, description="ISO 639-1 codes to keep.")
+    min_score: float = Field(0.65, ge=0.0, le=1.0, description="Keep a document if its top language is listed "
+                                                                 "and scores at least this.")
+
+
+class MinHashConfig(Section):
+    """Near-duplicate removal: MinHash signatures over word n-grams, LSH bands, then a Jaccard check."""
+
+    enabled: bool = False
+    ngram: int = Field(5, ge=1, description="Shingle size in words.")
+    permutations: int = Field(112, ge=2, description="Hash functions per signature.")
+    threshold: float = Field(0.8, gt=0.0, lt=1.0, description="Estimated Jaccard similarity counted as duplicate.")
+    seed: int = 1
+
+
+class PIIConfig(Section):
+    """Masking of personal data with fixed placeholders."""
+
+    enabled: bool = False
+    emails: bool = True
+    ip_addresses: bool = True
+    phone_numbers: bool = True
+    email_replacement: str = "<EMAIL>"
+    ip_replacement: str = "<IP_ADDRESS>"
+    phone_replacement: str = "<PHONE_NUMBER>"
+
+
+class CleanConfig(Section):
+    """Cleaning steps, each switchable. Transforms run first, then filters, then de-duplication.
+
+    The web-text filters (language, Gopher, C4, MinHash) are off by default: they are tuned for
+    crawled web pages and would drop most of a play's short speeches. configs/fineweb.yaml turns
+    them on.
+    """
+
+    fix_text: bool = Field(False, description="Repair mojibake and broken Unicode with ftfy.")
+    normalization: Literal["NFC", "NFKC", "none"] = "NFC"
+    strip_control: bool = Field(True, description="Drop control characters other than \\n and \\t.")
+    gutenberg_boilerplate: bool = Field(False, description="Cut Project Gutenberg headers and licence footers.")
+    normalize_whitespace: bool = Field(
+        True, description="Strip trailing spaces, collapse runs of blank lines, trim the document."
+    )
+    min_chars: int = Field(1, ge=0, description="Drop documents shorter than this (after cleaning).")
+    max_chars: int | None = Field(None, ge=1, description="Drop documents longer than this.")
+    language: LanguageConfig = Field(default_factory=LanguageConfig)
+    gopher_repetition: GopherRepetitionConfig = Field(default_factory=GopherRepetitionConfig)
+    gopher_quality: GopherQualityConfig = Field(default_factory=GopherQualityConfig)
+    c4: C4Config = Field(default_factory=C4Config)
+    pii: PIIConfig = Field(default_factory=PIIConfig)
+    dedup: bool = Field(True, description="Drop exact duplicate documents (first one kept).")
+    minhash: MinHashConfig = Field(default_factory=MinHashConfig)
+    report_samples: int = Field(5, ge=0, description="Removed documents kept as examples per step in the report.")
+
+
+class CorpusConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Short name used in paths and metrics.")
+    sources: list[SourceConfig] = Field(min_length=1)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of documents held out.")
+    clean: CleanConfig | None = Field(None, description="This corpus's cleaning; None uses data.clean.")
+
+
+class ShardConfig(Section):
+    shard_tokens: int = Field(100_000_000, ge=1024, description="Tokens per shard file.")
+    encode_batch_size: int = Field(256, ge=1, description="Documents per tokenizer batch.")
+
+
+class RunnerConfig(Section):
+    """Where the per-chunk data tasks run. Output is byte-identical whichever runner is used."""
+
+    kind: Literal["threads", "processes", "dask"] = Field(
+        "threads", description="Prefect task runner for chunk tasks: threads or processes on this machine, "
+                               "or a Dask cluster (prefect-dask).")
+    workers: int | None = Field(None, ge=1, description="Parallel chunk tasks; None: one per CPU core.")
+    address: str | None = Field(None, description="Dask scheduler address (tcp://host:8786); None starts a "
+                                                  "local cluster of `workers` processes.")
+
+
+class DataConfig(Section):
+    pretrain: CorpusConfig = Field(
+        default_factory=lambda: CorpusConfig(
+            name="wikitext2",
+            sources=[
+                SourceConfig(uri="data/wikitext2-valid.txt", doc_boundary="wikitext_title",
+                             sha256="f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"),
+                SourceConfig(uri="data/wikitext2-test.txt", doc_boundary="wikitext_title",
+                             sha256="d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"),
+            ],
+        )
+    )
+    finetune: CorpusConfig | None = Field(
+        default_factory=lambda: CorpusConfig(
+            name="tinyshakespeare",
+            sources=[
+                # The last ~10% of the speeches are never read: the held-out cloze benchmark comes from them.
+                SourceConfig(uri="data/tinyshakespeare.txt", doc_boundary="blank_line", max_bytes=DEMO_HELD_OUT_AT,
+                             sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+            ],
+        )
+    )
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    shard: ShardConfig = Field(default_factory=ShardConfig)
+    chunk_bytes: int = Field(64 * 2**20, ge=1024, description="Documents are processed in chunks of about this "
+                                                             "many UTF-8 bytes, one Prefect task per chunk.")
+    strict: bool = Field(False, description="Fail on the first bad record (invalid UTF-8, bad JSON, missing "
+                                            "field, truncated file) instead of counting and skipping it.")
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    download_retries: int = Field(3, ge=0, description="Retries of a download that failed transiently.")
+    download_retry_delay_s: float = Field(
+        2.0, ge=0.0, description="First retry delay; each next one is 5x longer (with jitter)."
+    )
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> DataConfig:
+        if self.finetune is not None and self.finetune.name == self.pretrain.name:
+            raise ValueError(f"finetune.name {self.finetune.name!r} is also pretrain.name: corpora need distinct names")
+        return self
+
+
+class TokenizerConfig(Section):
+    # special_tokens comes first so vocab_size's check can see it.
+    special_tokens: list[str] = Field(default_factory=lambda: [EOT, *CHAT_TOKENS], min_length=1,
+                                      description="Reserved tokens, ids 0..k-1 in this order.")
+    eot_token: str = EOT
+    vocab_size: int = Field(4096, ge=1, le=2**32 - 1)
+    min_frequency: int = Field(2, ge=1)
+    pretokenizer: Literal["gpt2", "gpt4"] = Field(
+        "gpt2", description="Split pattern before BPE: GPT-2's, or GPT-4's (cl100k: digits in groups of 1-3, "
+                            "case-insensitive contractions).")
+    sample_bytes: int | None = Field(
+        None, ge=1, description="Train on a deterministic sample of about this many bytes of the cleaned "
+                                "corpus; None trains on all of it.")
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v) or any(not t for t in v):
+            raise ValueError(f"special tokens must be unique and non-empty, got {v}")
+        return v
+
+    @field_validator("eot_token")
+    @classmethod
+    def _eot_known(cls, v: str, info: ValidationInfo) -> str:
+        specials = info.data.get("special_tokens")
+        if specials is not None and v not in specials:
+            raise ValueError(f"eot_token {v!r} must be one of special_tokens {specials}")
+        return v
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _room_for_bytes(cls, v: int, info: ValidationInfo) -> int:
+        n_special = len(info.data.get("special_tokens") or [])
+        floor = 256 + n_special
+        if v < floor:
+            raise ValueError(
+                f"{v} is too small: the byte alphabet (256) plus {n_special} special token(s) "
+                f"needs at least {floor}"
+            )
+        return v

@@ -1,0 +1,208 @@
+"""Config of the model and of training: pretraining, fine-tuning (continue, SFT, LoRA), classification."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from lmpipe.config.base import Section
+
+
+class ModelConfig(Section):
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)  # before n_embd, whose check reads it
+    n_embd: int = Field(128, ge=1)
+    block_size: int = Field(128, ge=2, description="Context length in tokens.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: bool = True
+
+    @field_validator("n_embd")
+    @classmethod
+    def _divisible(cls, v: int, info: ValidationInfo) -> int:
+        n_head = info.data.get("n_head")
+        if n_head and v % n_head:
+            raise ValueError(f"{v} must be divisible by n_head={n_head}")
+        return v
+
+
+class DistributedConfig(Section):
+    """More than one process: ``torchrun`` on this node, one process per GPU (or CPU process with gloo)."""
+
+    nproc_per_node: int = Field(1, ge=1, description="Training processes; > 1 launches torchrun (DDP or FSDP).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="'ddp': a full replica per process; 'fsdp': FSDP2 fully_shard, for models whose "
+                           "training state does not fit one GPU (their fp32 weights must)."
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="'auto': nccl on CUDA, gloo on CPU.")
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(600, ge=1, description="Optimizer steps.")
+    batch_size: int | Literal["auto"] = Field(
+        16, description="Sequences per micro-batch per process; 'auto' (needs batch_tokens): the largest "
+                        "that fits the device."
+    )
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step (ignored when "
+                                                       "batch_tokens is set).")
+    batch_tokens: int | None = Field(
+        None, ge=1, description="Global batch in tokens per optimizer step; gradient accumulation steps are "
+                                "derived: batch_tokens / (batch_size x block_size x processes), which must be whole."
+    )
+    compile: bool | None = Field(None, description="torch.compile the model; None: on for CUDA, off elsewhere.")
+    learning_rate: float = Field(2e-3, gt=0.0)
+    min_lr: float = Field(2e-4, ge=0.0)
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, gt=0.0, lt=1.0)
+    beta2: float = Field(0.95, gt=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 disables clipping.")
+    eval_interval: int = Field(100, ge=1, description="Steps between validation losses.")
+    eval_batches: int = Field(8, ge=1)
+    log_interval: int = Field(10, ge=1, description="Steps between metric flushes.")
+    checkpoint_interval: int = Field(200, ge=1)
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None keeps torch's default.")
+    peak_flops: float | None = Field(
+        None, gt=0.0, description="Device peak FLOP/s for MFU; None: known GPUs' dense bf16 peak, else no MFU."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations without a better val loss; the best "
+                                "checkpoint, not the last, becomes the stage's model. None: train max_steps."
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0.0, description="Improvement a val loss needs to count.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.min_lr > self.learning_rate:
+            raise ValueError(f"min_lr={self.min_lr} exceeds learning_rate={self.learning_rate}")
+        if self.batch_size == "auto" and self.batch_tokens is None:
+            raise ValueError("batch_size='auto' needs batch_tokens (the global batch the micro-batches add up to)")
+        return self
+
+    def sequences_per_step(self, block_size: int) -> int:
+        """Global batch in sequences: what one optimizer step trains on, however it is split."""
+        if self.batch_tokens is not None:
+            return self.batch_tokens // block_size
+        assert isinstance(self.batch_size, int)
+        return self.batch_size * self.grad_accum_steps * self.distributed.nproc_per_node
+
+
+class LoraConfig(Section):
+    """LoRA adapters (lmpipe.model.lora): the base weights stay frozen, low-rank updates of the targeted layers learn."""
+
+    r: int = Field(8, ge=1, description="Rank of each update.")
+    alpha: float = Field(16.0, gt=0.0, description="The update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["c_attn", "c_proj", "c_fc"], min_length=1,
+        description="Linear layers to adapt, by name or name suffix (c_attn, c_proj, c_fc, attn.c_proj, "
+                    "transformer.h.0.mlp.c_fc) or 'all-linear'.")
+    save_adapter: bool = Field(False, description="Also publish adapter/: only the adapter weights, in peft's "
+                                                  "format for the transformers export. The merged weights are "
+                                                  "always published (model/), for evaluation and serving.")
+
+
+class FinetuneConfig(TrainConfig):
+    max_steps: int = Field(200, ge=1)
+    learning_rate: float = Field(6e-4, gt=0.0)
+    min_lr: float = Field(6e-5, ge=0.0)
+    warmup_steps: int = Field(10, ge=0)
+    mode: Literal["continue", "sft"] = Field(
+        "continue", description="'continue': train on data.finetune; 'sft': the chat examples of sft_path."
+    )
+    sft_path: str | None = Field(
+        None, description="JSONL of SFT examples (mode sft), one per line in any of the shapes {prompt, completion}, "
+                          "{prompt, response}, Alpaca {instruction, input (optional), output} or {messages: [{role: "
+                          "system|user|assistant, content}, ...]}; rendered with the chat template on the "
+                          "tokenizer's reserved tokens, the loss only on the assistant's replies.")
+    sft_layout: Literal["padded", "packed"] = Field(
+        "padded", description="'padded': each example fills one model.block_size window (end-of-text padding, no "
+                              "loss), so no example attends to another; 'packed': examples back to back, cheaper "
+                              "for examples much shorter than the context; a window may span several examples, "
+                              "but each attends only within itself (block-diagonal causal mask split at the "
+                              "end-of-text tokens) with positions restarting at its start, as at inference.")
+    sft_skip_long: bool = Field(False, description="Skip and count SFT examples longer than model.block_size tokens "
+                                                   "instead of failing on the first.")
+    sft_skip_bad: bool = Field(False, description="Skip and count malformed SFT lines instead of failing on the "
+                                                  "first.")
+    init_checkpoint: str | None = Field(
+        None, description="Checkpoint directory to start from; default: this pipeline's pretrained model."
+    )
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of every weight; None: full "
+                                                      "fine-tuning.")
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> FinetuneConfig:
+        if self.mode == "sft" and not self.sft_path:
+            raise ValueError("mode='sft' needs sft_path")
+        return self
+
+
+class ClassifyConfig(Section):
+    """Sequence classification fine-tuning, GPT-1 style (lmpipe.model.classifier): the hidden state of the last token
+    (an end-of-text "extract" token appended to each text) goes through a linear head."""
+
+    path: str = Field(description="Labelled examples: a CSV file with a header row (.csv) or JSONL, one object a "
+                                  "line (.jsonl or .json); the format follows the suffix.")
+    text_field: str = Field("text", min_length=1, description="Column / key holding the text.")
+    label_field: str = Field("label", min_length=1, description="Column / key holding the label (a string; JSON "
+                                                                "integers are read as their decimal string).")
+    labels: list[str] | None = Field(
+        None, description="The classes, in the head's output order. None: the sorted set of labels of the "
+                          "training split. Given: a line with another label is an error (or skipped with skip_bad). "
+                          "Integers are taken as their decimal string, as in the data.")
+    val_every: int = Field(5, ge=2, description="Every val_every-th example (in file order) is held out for "
+                                                "validation, at least one.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Examples per step.")
+    learning_rate: float = Field(5e-4, gt=0.0)
+    min_lr: float = Field(5e-5, ge=0.0, description="Where the cosine decay ends, at max_steps.")
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW decay of matrices (not of biases and gains).")
+    grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 disables clipping.")
+    head_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the pooled hidden state (GPT-1: 0.1).")
+    lm_loss_weight: float = Field(0.0, ge=0.0, description="GPT-1's auxiliary language-modelling loss on the texts, "
+                                                           "added with this weight; 0 trains the classifier alone.")
+    eval_interval: int = Field(50, ge=1, description="Steps between validations (and after the last step).")
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    skip_bad: bool = Field(False, description="Skip and count malformed lines (and labels outside `labels`) "
+                                              "instead of failing on the first.")
+    skip_long: bool = Field(False, description="Skip and count texts longer than model.block_size tokens (with "
+                                               "the extract token); default: keep their LAST tokens (the ones "
+                                               "the classifying token sees) and count them as truncated.")
+    init_checkpoint: str | None = Field(
+        None, description="Checkpoint directory of the body to start from; default: this pipeline's pretrained "
+                          "model (GPT-1: pretrain, then fine-tune on the task).")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _integer_labels(cls, v: Any) -> Any:
+        """`labels: [0, 1]` in YAML means the labels a JSON file writes as 0 and 1 (read as "0" and "1")."""
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassifyConfig:
+        if Path(self.path).suffix.lower() not in (".csv", ".jsonl", ".json"):
+            raise ValueError(f"path {self.path!r} must end in .csv, .jsonl or .json (the format follows the suffix)")
+        if self.text_field == self.label_field:
+            raise ValueError(f"text_field and label_field are both {self.text_field!r}")
+        if self.labels is not None:
+            if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels) or not all(self.labels):
+                raise ValueError(f"labels must be at least 2 distinct non-empty strings, got {self.labels}")
+        if self.min_lr > self.learning_rate:
+            raise ValueError(f"min_lr={self.min_lr} exceeds learning_rate={self.learning_rate}")
+        return self

@@ -1,0 +1,575 @@
+"""Per-document text transforms and quality filters for web-like corpora.
+
+Two kinds of callables, each pure and built once from its config section:
+
+* transforms ``(text) -> text``: :func:`fix_text`, :func:`strip_gutenberg`, :class:`PIIMasker`;
+* filters ``(text) -> (text, reason)``: :class:`GopherRepetition`, :class:`GopherQuality`,
+  :class:`C4Filter`, :class:`LanguageFilter`. ``reason`` is None to keep the document, else a
+  sentence naming the rule, the measured value and the threshold::
+
+      >>> GopherQuality(GopherQualityConfig(min_words=3))("It is")
+      ('It is', 'gopher_quality: 2 words < 3')
+
+  Only :class:`C4Filter` rewrites the text (it removes lines); the others return it unchanged.
+
+The rules are those of Gopher (Rae et al. 2021, appendix A) and C4 (Raffel et al. 2020; the TFDS
+``c4_utils.clean_page`` code), with datatrove's GopherQualityFilter, GopherRepetitionFilter and
+C4QualityFilter as the reference they are compared against (``python -m bench.clean``). Where the
+papers leave a detail open we follow datatrove, and say so below where we do not.
+
+Words. datatrove splits words with spaCy's English tokenizer; here a single regular expression
+does it, many times faster. A *word* is a maximal run of letters, digits and underscores, with
+apostrophes inside it kept (``don't`` is one word; spaCy makes ``do`` + ``n't``), and dots or
+commas between digits (``10,000``, ``3.5``, ``93.184.216.34``: one word each, as in spaCy). A
+*symbol token* is a maximal run of other non-space characters (``.``, ``@-@``, ``)."``; spaCy
+would cut ``).`` in two). Hyphenated words are two words and a symbol token, as in spaCy. Word counts and mean word
+length use words; ratios "per word" (``#``, ellipses, words with a letter) use words plus symbol
+tokens, as datatrove does, so punctuation-only tokens count as words without a letter. spaCy
+also keeps e-mail addresses and URLs whole; here they fall apart into words and symbol tokens.
+
+The filter objects hold only their settings, so they pickle small and can be shipped to worker
+processes; the language model is loaded lazily, once per process.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import threading
+from itertools import count
+from typing import Any
+
+import ftfy
+import numpy as np
+
+from lmpipe.config.data import C4Config, GopherQualityConfig, GopherRepetitionConfig, LanguageConfig, PIIConfig
+
+FilterResult = tuple[str, "str | None"]
+
+
+def _num(x: float) -> str:
+    """A measured value for a reason: up to 4 significant digits, no trailing noise."""
+    return f"{x:.4g}"
+
+
+# ---------------------------------------------------------------------------
+# transforms
+
+# Repair only what is broken (mojibake, HTML entities in plain text, terminal escapes, surrogates).
+# Everything that merely *normalises* is left to the steps that own it, so turning fix_text on does
+# not silently change their behaviour: Unicode normalisation (normalization=None, and no ligature
+# or full-width folding, which are what NFKC does), line endings (fix_line_breaks=False: the
+# strip_control step turns \r\n and \r into \n). Curly quotes stay curly: they are valid text.
+# remove_control_chars drops C0 controls other than \t \n \f \r (as strip_control would) and a
+# few invisible format characters (byte order mark, U+FFF9-FFFC) that strip_control keeps.
+_FTFY_CONFIG = ftfy.TextFixerConfig(
+    unescape_html="auto",
+    remove_terminal_escapes=True,
+    fix_encoding=True,
+    restore_byte_a0=True,
+    replace_lossy_sequences=True,
+    decode_inconsistent_utf8=True,
+    fix_c1_controls=True,
+    fix_latin_ligatures=False,
+    fix_character_width=False,
+    uncurl_quotes=False,
+    fix_line_breaks=False,
+    fix_surrogates=True,
+    remove_control_chars=True,
+    normalization=None,
+    explain=False,
+)
+# For pure ASCII text ftfy could only unescape entities (&), remove terminal escapes (\x1b) or
+# drop control characters; without any of these it returns the text unchanged, so skip it.
+_ASCII_FTFY_WORK = re.compile(r"[&\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+
+def fix_text(text: str) -> str:
+    """Repair mojibake and broken Unicode with ftfy (see _FTFY_CONFIG for what it may change)."""
+    if text.isascii() and _ASCII_FTFY_WORK.search(text) is None:
+        return text
+    return ftfy.fix_text(text, _FTFY_CONFIG)
+
+
+# Project Gutenberg markers, each matched at the start of a line, case-insensitively.
+# Header ends: "*** START OF THE/THIS PROJECT GUTENBERG EBOOK <title> ***" (the title may wrap onto
+# the next lines; the cut goes through the line with the closing ***), and the older
+# "*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*".
+_GUTENBERG_START = re.compile(
+    r"^[ \t]*\*+[ \t]*START OF (?:THE|THIS) PROJECT GUTENBERG E-?(?:BOOK|TEXT)"
+    r"|^[ \t]*(?P<small>\*END\*[ \t]*THE SMALL PRINT)",
+    re.IGNORECASE | re.MULTILINE,
+)
+# Footer starts: "*** END OF THE/THIS PROJECT GUTENBERG EBOOK ..." and the older
+# "End of the Project Gutenberg EBook of <title>" / "End of Project Gutenberg's <title>".
+_GUTENBERG_END = re.compile(
+    r"^[ \t]*\*+[ \t]*END OF (?:THE|THIS) PROJECT GUTENBERG E-?(?:BOOK|TEXT)"
+    r"|^[ \t]*End of (?:the |this )?Project Gutenberg(?:'s|’s)?\b",
+    re.IGNORECASE | re.MULTILINE,
+)
+_START_MARKER_SPAN = 500  # how far a wrapped "*** START ... ***" title may reach for its closing ***
+
+
+def _line_end(text: str, pos: int) -> int:
+    """Index just past the line that contains pos (past its \\n), or len(text)."""
+    nl = text.find("\n", pos)
+    return len(text) if nl < 0 else nl + 1
+
+
+def strip_gutenberg(text: str) -> str:
+    """Cut a Project Gutenberg header (through its last start marker line) and licence footer.
+
+    The last header marker wins (old files carry the small-print header and then a START line);
+    the footer is cut from the first end marker after it. Text without markers is unchanged.
+    """
+    if "utenberg" not in text and "UTENBERG" not in text and "SMALL PRINT" not in text:
+        return text
+    start = 0
+    for m in _GUTENBERG_START.finditer(text):
+        close = m.end()
+        if m.group("small") is None:  # look for the closing *** before the next blank line
+            blank = text.find("\n\n", close, close + _START_MARKER_SPAN)
+            found = text.find("***", close, blank if blank >= 0 else close + _START_MARKER_SPAN)
+            close = found if found >= 0 else close
+        start = _line_end(text, close)
+    end_match = _GUTENBERG_END.search(text, start)
+    end = end_match.start() if end_match else len(text)
+    return text[start:end]
+
+
+_EMAIL = re.compile(
+    r"(?<![\w.+%-])[A-Za-z0-9_%+-]+(?:\.[A-Za-z0-9_%+-]+)*@"
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}(?![\w-]|\.\w)"
+)
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = re.compile(rf"(?<![\w.])(?:{_OCTET}\.){{3}}{_OCTET}(?![\w]|\.\d)")
+# Candidates only: ipaddress decides what is a valid IPv6 address (so "12:30:45" is not).
+_IPV6 = re.compile(
+    r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}|:)?(?::[0-9A-Fa-f]{0,4}){2,7}(?:\.\d{1,3}){0,3}(?![\w:])"
+)
+# International: "+" and country code, then groups split by space, dot or hyphen, an optional
+# "(0)" or "(area)"; 8 to 15 digits in all (E.164 allows at most 15).
+_PHONE_INTL = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .\-]?(?:\(\d{1,4}\)|\d{1,5})){1,7}(?![\w]|[.\-]\d)")
+# North American: optional "1 " / "+1 " handled above or "1-" here, area code 2xx-9xx (in
+# parentheses or followed by a separator), exchange 2xx-9xx, a separator, 4 digits.
+_PHONE_NANP = re.compile(
+    r"(?<![\w+.\-/])(?:1[ .\-])?(?:\([2-9]\d\d\)[ ]?|[2-9]\d\d[ .\-])[2-9]\d\d[ .\-]\d{4}(?![\w]|[.\-/]\d)"
+)
+
+_EMAIL_HINT = re.compile(r"@[A-Za-z0-9]")
+_IPV4_HINT = re.compile(r"\d\.\d+\.\d+\.\d")
+_NANP_HINT = re.compile(r"\d\d\d[ .\-]\d\d\d\d")
+
+
+def _is_global_ip(candidate: str) -> bool:
+    try:
+        return ipaddress.ip_address(candidate).is_global
+    except ValueError:
+        return False
+
+
+class PIIMasker:
+    """Replace e-mail addresses, public IP addresses and phone numbers with fixed placeholders.
+
+    What counts:
+
+    * e-mail: ``local@domain.tld`` with a dotted domain and a 2-63 letter top-level domain
+      (``user@localhost`` is not masked);
+    * IP address: a valid IPv4 (dotted quad, not preceded by a letter, so ``v1.2.3.4`` stays) or
+      IPv6 address (full or ``::``-compressed, checked by ``ipaddress``) that is globally routable.
+      Private, loopback, link-local and documentation ranges (192.168.x.x, 127.0.0.1, ::1,
+      2001:db8::) identify nobody and are common in technical text, so they stay, as in datatrove;
+    * phone number: ``+<country code>`` followed by groups (8-15 digits in all), or a North
+      American number with separators: ``(555) 234-5678``, ``555-234-5678``, ``555.234.5678``,
+      ``1-800-234-5678``.
+
+    Not masked: years, dates (2021-03-04, 12/05/2020), times, version numbers, decimals, amounts
+    with thousands separators, and digit runs without separators (ids, ISBNs), as well as
+    7-digit local numbers (``234-5678``), which cannot be told apart from ranges and codes.
+    """
+
+    def __init__(self, cfg: PIIConfig) -> None:
+        self.emails = cfg.emails
+        self.ip_addresses = cfg.ip_addresses
+        self.phone_numbers = cfg.phone_numbers
+        self.email_replacement = cfg.email_replacement
+        self.ip_replacement = cfg.ip_replacement
+        self.phone_replacement = cfg.phone_replacement
+
+    def _ip(self, m: re.Match[str]) -> str:
+        return self.ip_replacement if _is_global_ip(m.group(0)) else m.group(0)
+
+    def _intl_phone(self, m: re.Match[str]) -> str:
+        digits = sum(c.isdigit() for c in m.group(0))
+        return self.phone_replacement if 8 <= digits <= 15 else m.group(0)
+
+    def __call__(self, text: str) -> str:
+        # Each full pattern runs only when a cheap one, with a literal or digit to scan for, finds
+        # what every match must contain: most documents hold no personal data at all.
+        if self.emails and _EMAIL_HINT.search(text):
+            text = _EMAIL.sub(self.email_replacement, text)
+        if self.ip_addresses:
+            if "::" in text or text.count(":") >= 7:
+                text = _IPV6.sub(self._ip, text)
+            if _IPV4_HINT.search(text):
+                text = _IPV4.sub(self._ip, text)
+        if self.phone_numbers:
+            if "+" in text:
+                text = _PHONE_INTL.sub(self._intl_phone, text)
+            if _NANP_HINT.search(text):
+                text = _PHONE_NANP.sub(self.phone_replacement, text)
+        return text
+
+
+# ---------------------------------------------------------------------------
+# words
+
+# One pass gives both kinds of token: group 1 is a word, an empty group a symbol token. Inside a
+# word, an apostrophe may join two runs (don't), and a dot or comma two digits (10,000  3.5).
+_TOKEN = re.compile(r"(\w+(?:(?:['’]|(?<=\d)[.,](?=\d))\w+)*)|[^\w\s]+")
+_SEPARATED_DIGITS = re.compile(r"\d[.,]\d")
+_LETTER = re.compile(r"[^\W\d_]")
+_token_cache: tuple[str, list[str], list[str]] = ("", [], [])
+
+
+def tokens_and_words(text: str) -> tuple[list[str], list[str]]:
+    """(tokens, words): tokens has one entry per word or symbol token ('' for a symbol token).
+
+    The last document's result is kept (keyed by identity, so it costs no hashing): the Gopher
+    filters run one after the other on the same string and then tokenize it once.
+    """
+    global _token_cache
+    cached = _token_cache
+    if cached[0] is text:
+        return cached[1], cached[2]
+    tokens = _TOKEN.findall(text)
+    words = list(filter(None, tokens))
+    _token_cache = (text, tokens, words)
+    return tokens, words
+
+
+def split_words(text: str) -> list[str]:
+    """The words of text, as the Gopher filters count them (see the module docstring)."""
+    return tokens_and_words(text)[1]
+
+
+# ---------------------------------------------------------------------------
+# Gopher quality
+
+
+def _numbers(text: str, words: list[str]) -> int:
+    """How many words have no letter: all digits, or digits joined by . or , (3.5, 10,000)."""
+    n = sum(map(str.isdigit, words))
+    if _SEPARATED_DIGITS.search(text):  # the rare case that needs a look at each word
+        n += sum(1 for w in words if ("," in w or "." in w) and _LETTER.search(w) is None)
+    return n
+
+_BULLET_LINE = re.compile(r"^[ \t]*[•‣◦▪●·*\-]", re.MULTILINE)
+_ELLIPSIS_LINE = re.compile(r"(?:\.\.\.|…)[ \t]*$", re.MULTILINE)
+_NONBLANK_LINE = re.compile(r"^[ \t]*\S", re.MULTILINE)
+
+
+class GopherQuality:
+    """Gopher's document quality rules, checked in the paper's order; the first failing one drops.
+
+    Lines for the bullet and ellipsis rules are the non-blank lines (datatrove also counts blank
+    lines, which dilutes both ratios). Bullets are • ‣ ◦ ▪ ● · * and -. Stop words match in any of
+    three casings (the, The, THE); datatrove matches them as written only.
+    """
+
+    name = "gopher_quality"
+
+    def __init__(self, cfg: GopherQualityConfig) -> None:
+        self.cfg = cfg
+        # (stop word, a casing of it): a document has the stop word if it has any of its casings.
+        self._stop_forms = sorted({(s.lower(), form) for s in cfg.stop_words
+                                   for form in (s, s.lower(), s.capitalize(), s.upper())})
+        self._stop_any = frozenset(form for _, form in self._stop_forms)
+
+    def _distinct_stop_words(self, words: list[str]) -> int:
+        present = self._stop_any.intersection(words)
+        return len({base for base, form in self._stop_forms if form in present})
+
+    def __call__(self, text: str) -> FilterResult:
+        return text, self.reason(text)
+
+    def reason(self, text: str) -> str | None:
+        cfg = self.cfg
+        tokens, words = tokens_and_words(text)
+        n_words, n_tokens = len(words), len(tokens)
+        if n_words < cfg.min_words:
+            return f"gopher_quality: {n_words} words < {cfg.min_words}"
+        if n_words > cfg.max_words:
+            return f"gopher_quality: {n_words} words > {cfg.max_words}"
+        mean_len = sum(map(len, words)) / n_words if n_words else 0.0
+        if mean_len < cfg.min_mean_word_length:
+            return f"gopher_quality: mean word length {_num(mean_len)} < {cfg.min_mean_word_length}"
+        if mean_len > cfg.max_mean_word_length:
+            return f"gopher_quality: mean word length {_num(mean_len)} > {cfg.max_mean_word_length}"
+        per_token = 1.0 / n_tokens if n_tokens else 0.0
+        hashes = text.count("#") * per_token
+        if hashes > cfg.max_symbol_word_ratio:
+            return f"gopher_quality: '#' per word {_num(hashes)} > {cfg.max_symbol_word_ratio}"
+        ellipses = (text.count("...") + text.count("…")) * per_token
+        if ellipses > cfg.max_symbol_word_ratio:
+            return f"gopher_quality: ellipses per word {_num(ellipses)} > {cfg.max_symbol_word_ratio}"
+        n_lines = len(_NONBLANK_LINE.findall(text))
+        if n_lines:
+            bullets = len(_BULLET_LINE.findall(text)) / n_lines
+            if bullets > cfg.max_bullet_lines_ratio:
+                return f"gopher_quality: lines starting with a bullet {_num(bullets)} > {cfg.max_bullet_lines_ratio}"
+            ellipsis_lines = len(_ELLIPSIS_LINE.findall(text)) / n_lines
+            if ellipsis_lines > cfg.max_ellipsis_lines_ratio:
+                return (f"gopher_quality: lines ending with an ellipsis {_num(ellipsis_lines)} > "
+                        f"{cfg.max_ellipsis_lines_ratio}")
+        alpha = (n_words - _numbers(text, words)) * per_token
+        if alpha < cfg.min_alpha_words_ratio:
+            return f"gopher_quality: words with a letter {_num(alpha)} < {cfg.min_alpha_words_ratio}"
+        if cfg.min_stop_words:
+            n_stop = self._distinct_stop_words(words)
+            if n_stop < cfg.min_stop_words:
+                return f"gopher_quality: {n_stop} distinct stop words < {cfg.min_stop_words}"
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Gopher repetition
+
+_PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t]*\n)+")
+
+
+def _duplicates(parts: list[str]) -> tuple[int, int]:
+    """(elements, characters) of the parts that repeat an earlier part (first occurrences excluded)."""
+    unique = set(parts)
+    return len(parts) - len(unique), sum(map(len, parts)) - sum(map(len, unique))
+
+
+class _NgramLevels:
+    """Repetition statistics of a document's word n-grams, computed level by level on demand.
+
+    Each n-gram gets an exact integer id: the rank of the pair (id of the (n-1)-gram at the same
+    position, id of its last word), found with one numpy sort per level. That replaces hashing
+    every n-gram as a tuple of strings, several times slower on long documents. Once every n-gram
+    of a level is distinct, so is every longer one, and the walk stops.
+
+    Characters of an n-gram are its words' characters, without separators.
+    """
+
+    def __init__(self, words: list[str]) -> None:
+        m = len(words)
+        index: dict[str, int] = {}
+        # Ids below m, equal for equal words (not dense: setdefault keeps the first id it was given).
+        self.word_ids = np.fromiter(map(index.setdefault, words, count()), np.int64, m)
+        self.prefix = np.zeros(m + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, words), np.int64, m), out=self.prefix[1:])
+        self.key, self.n, self.distinct = self.word_ids, 1, m == len(index)
+        self.levels: dict[int, tuple[int, int]] = {}
+
+    def stats(self, n: int) -> tuple[int, int]:
+        """(top, dup) characters for n-grams.
+
+        top: in all occurrences of the most frequent n-gram; 0 when no n-gram repeats; ties go to
+        the one seen first. dup: in n-grams that repeat an earlier occurrence, counted left to right
+        without overlap (a counted n-gram is jumped over, as in datatrove).
+        """
+        while self.n < n and not self.distinct:
+            self._advance()
+        return self.levels.get(n, (0, 0))
+
+    def _advance(self) -> None:
+        n = self.n = self.n + 1
+        m = len(self.word_ids) - n + 1
+        if m <= 0:
+            self.distinct = True
+            return
+        # key < m_prev <= len(word_ids) and word_ids < len(word_ids): the pair code is exact in int64.
+        pairs = self.key[:m] * len(self.word_ids) + self.word_ids[n - 1:]
+        _, first, key, counts = np.unique(pairs, return_index=True, return_inverse=True, return_counts=True)
+        self.key = key.reshape(-1)
+        if len(counts) == m:
+            self.distinct = True
+            return
+        top = int(counts.max())
+        at = int(first[counts == top].min())
+        top_chars = int(self.prefix[at + n] - self.prefix[at]) * top
+        chars, free = 0, 0
+        for i in np.flatnonzero(first[self.key] < np.arange(m)).tolist():
+            if i >= free:
+                chars += int(self.prefix[i + n] - self.prefix[i])
+                free = i + n
+        self.levels[n] = (top_chars, chars)
+
+
+class GopherRepetition:
+    """Gopher's repetition rules (table A1), in datatrove's order; the first failing one drops.
+
+    Lines are the non-blank lines (datatrove also counts whitespace-only lines); paragraphs are
+    separated by blank lines. Character fractions are over all characters of the document. n-gram
+    characters are the words' characters without separators for both the top and the duplicated
+    n-gram rules (datatrove adds the spaces between words for the top n-gram only). A top n-gram
+    must occur at least twice to count: datatrove also drops short documents (under ~15 words)
+    whose every n-gram is unique, because one n-gram then covers a large share of the text.
+    """
+
+    name = "gopher_repetition"
+
+    def __init__(self, cfg: GopherRepetitionConfig) -> None:
+        self.cfg = cfg
+        self._top = sorted(cfg.max_top_ngram_char_ratio.items())
+        self._dup = sorted(cfg.max_dup_ngram_char_ratio.items())
+
+    def __call__(self, text: str) -> FilterResult:
+        return text, self.reason(text)
+
+    def reason(self, text: str) -> str | None:
+        if not text:
+            return None
+        cfg = self.cfg
+        n_chars = len(text)
+        paragraphs = list(filter(None, _PARAGRAPH_BREAK.split(text.strip())))
+        lines = list(filter(str.strip, text.split("\n")))
+        for what, parts, max_ratio, max_char_ratio in (
+            ("paragraphs", paragraphs, cfg.max_dup_para_ratio, cfg.max_dup_para_char_ratio),
+            ("lines", lines, cfg.max_dup_line_ratio, cfg.max_dup_line_char_ratio),
+        ):
+            dup, dup_chars = _duplicates(parts)
+            if parts and dup / len(parts) > max_ratio:
+                return f"gopher_repetition: duplicate {what} {_num(dup / len(parts))} > {max_ratio}"
+            if dup_chars / n_chars > max_char_ratio:
+                return (f"gopher_repetition: characters in duplicate {what} {_num(dup_chars / n_chars)} > "
+                        f"{max_char_ratio}")
+        levels = _NgramLevels(split_words(text))
+        for n, limit in self._top:
+            share = levels.stats(n)[0] / n_chars
+            if share > limit:
+                return f"gopher_repetition: characters in the top {n}-gram {_num(share)} > {limit}"
+        for n, limit in self._dup:
+            share = levels.stats(n)[1] / n_chars
+            if share > limit:
+                return f"gopher_repetition: characters in duplicate {n}-grams {_num(share)} > {limit}"
+        return None
+
+
+# ---------------------------------------------------------------------------
+# C4
+
+_CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
+_END_MARKS = (".", "?", "!", '"', "'", "”", "’")
+_ELLIPSES = ("...", "…")
+_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+# Sentence ends: a run of . ! ? … (with closing quotes/brackets) before a space or the line's end.
+# Abbreviations and initials that end in a period are matched first, with no group, so they do
+# not count (spaCy's tokenizer, which datatrove uses, keeps them as one token for the same effect).
+_SENTENCE_END = re.compile(
+    r"\b(?:Mr|Mrs|Ms|Dr|Prof|St|Jr|Sr|vs|e\.g|i\.e|[A-Z])\.(?=\s)|([.!?…]+)[\"'”’)\]]*(?=\s|$)"
+)
+
+
+def count_sentences(line: str) -> int:
+    """Sentences in one non-empty line: its sentence ends, and at least 1."""
+    ends = _SENTENCE_END.findall(line)
+    return max(1, len(ends) - ends.count(""))
+
+
+class C4Filter:
+    """C4's rules (TFDS ``c4_utils.clean_page``): remove lines, then maybe drop the document.
+
+    Per stripped non-empty line, in order: remove it if a word is longer than max_word_length;
+    strip citation markers (and trailing blanks they leave, which TFDS keeps and which then fail
+    the punctuation rule); remove it unless it ends in . ? ! or a quote (" ' ” ’), or if it ends in
+    an ellipsis; remove it if it has fewer than min_words_per_line words; drop the document if it
+    says "lorem ipsum"; remove it if it mentions javascript; drop the document if it has a "{";
+    remove it if it mentions a cookie/terms-of-use/privacy policy. As in TFDS, the document-level
+    checks only look at lines that survived the earlier line rules. Last, drop the document if the
+    kept lines hold fewer than min_sentences sentences (a regex count, see :func:`count_sentences`;
+    TFDS uses NLTK's punkt, datatrove spaCy's sentencizer). Kept lines are joined with "\\n".
+    """
+
+    name = "c4"
+
+    def __init__(self, cfg: C4Config) -> None:
+        self.cfg = cfg
+        self._lower = cfg.lorem_ipsum or cfg.javascript or cfg.policy
+
+    def __call__(self, text: str) -> FilterResult:
+        cfg = self.cfg
+        max_word, min_words, min_sentences = cfg.max_word_length, cfg.min_words_per_line, cfg.min_sentences
+        kept: list[str] = []
+        sentences = n_lines = 0
+        for line in text.splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            n_lines += 1
+            if len(line) > max_word and any(len(w) > max_word for w in line.split()):
+                continue
+            if cfg.citations and "[" in line:
+                line = _CITATION.sub("", line).rstrip()
+            if cfg.terminal_punctuation and (not line.endswith(_END_MARKS) or line.endswith(_ELLIPSES)):
+                continue
+            if min_words and len(line.split(None, min_words - 1)) < min_words:
+                continue
+            if self._lower:
+                low = line.lower()
+                if cfg.lorem_ipsum and "lorem ipsum" in low:
+                    return text, "c4: contains 'lorem ipsum'"
+                if cfg.javascript and "javascript" in low:
+                    continue
+            if cfg.curly_bracket and "{" in line:
+                return text, "c4: contains '{'"
+            if cfg.policy and any(p in low for p in _POLICY):
+                continue
+            if sentences < min_sentences:  # once enough are counted, stop counting
+                sentences += count_sentences(line)
+            kept.append(line)
+        if sentences < min_sentences:
+            return text, (f"c4: {sentences} sentences < {min_sentences} "
+                          f"({len(kept)} of {n_lines} lines kept)")
+        return "\n".join(kept).strip(), None
+
+
+# ---------------------------------------------------------------------------
+# language
+
+_identifier: Any = None
+_identifier_lock = threading.Lock()
+
+
+def language_identifier() -> Any:
+    """py3langid's identifier with normalised probabilities, loaded once per process (~0.5 s)."""
+    global _identifier
+    if _identifier is None:
+        with _identifier_lock:
+            if _identifier is None:
+                from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+                _identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    return _identifier
+
+
+class LanguageFilter:
+    """Keep a document iff py3langid's top language over all languages it knows is listed and
+    scores at least min_score.
+
+    Classifying over all languages (not only the listed ones) is what makes the score mean
+    something: restricted to ["en"], every document would be English with probability 1.
+    """
+
+    name = "language"
+
+    def __init__(self, cfg: LanguageConfig) -> None:
+        self.languages = list(cfg.languages)
+        self._allowed = frozenset(cfg.languages)
+        self.min_score = cfg.min_score
+
+    def classify(self, text: str) -> tuple[str, float]:
+        lang, score = language_identifier().classify(text)
+        return lang, float(score)
+
+    def __call__(self, text: str) -> FilterResult:
+        lang, score = self.classify(text)
+        if lang not in self._allowed:
+            return text, f"language: {lang} ({score:.2f}) not in {self.languages}"
+        if score < self.min_score:
+            return text, f"language: {lang} scored {score:.2f} < {self.min_score}"
+        return text, None

@@ -1,0 +1,307 @@
+"""Token shards: the corpus encoded once, stored as flat binary files that training memory-maps.
+
+Layout of one shard file (all little-endian)::
+
+    bytes 0..255   header: magic b"LMPTOKS\\0", format_version u32, itemsize u32 (2 = uint16, 4 = uint32),
+                   token count u64, document count u64, zero padding
+    bytes 256..    the tokens, uint16 when the vocabulary fits (<= 65,536 ids), else uint32
+
+Every document is followed by the end-of-text token, so documents stay
+separable after concatenation. A split (train / val) is a sequence of files
+``{split}_{index:06d}.bin`` of exactly ``shard_tokens`` tokens (the last one
+shorter); a document may continue into the next file and is counted in the
+file where it ends. ``manifest.json`` lists every file with its sha256 and
+counts, and the tokenizer fingerprint the tokens belong to;
+``doc_index.parquet`` says where each document's tokens are.
+
+The work is split in two stages so it scales with the corpus:
+
+* ``encode_chunk`` (one per document-set chunk, run in parallel): the chunk's
+  documents as raw token files ``train.tokens`` / ``val.tokens`` plus
+  ``docs.parquet`` (id, split, tokens, bytes per document);
+* ``shard`` (one per corpus): concatenates the encoded chunks in corpus order
+  with bulk copies. The token stream, hence every shard file and the document
+  index, is the same however the corpus was chunked or the chunks scheduled.
+
+Documents go to train or val by a hash of their id, so the split does not depend
+on processing order or batch sizes. (Ids are positions within a source, so
+inserting a document in the middle of a file does move later ones.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tokenizers import Encoding, Tokenizer
+
+from lmpipe.artifacts import StageResult, read_versioned_json
+from lmpipe.data.tokenizer import (
+    META_FILE,
+    TOKENIZER_FILE,
+    eot_id,
+    id_fraction,
+    load_tokenizer,
+    read_tokenizer_meta,
+    tokenizer_fingerprint,
+)
+
+MAGIC = b"LMPTOKS\0"
+SHARD_FORMAT_VERSION = 1
+HEADER_BYTES = 256
+_HEADER = struct.Struct("<8sIIQQ")  # magic, format_version, itemsize, tokens, documents
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT_VERSION = 1
+DOC_INDEX_FILE = "doc_index.parquet"
+ENCODED_DOCS_FILE = "docs.parquet"
+SPLITS = ("train", "val")
+_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+
+
+def shard_dtype(vocab_size: int) -> np.dtype:
+    """uint16 halves the disk and page-cache footprint whenever every id fits in it."""
+    return _DTYPES[2] if vocab_size <= 2**16 else _DTYPES[4]
+
+
+def is_validation(doc_id: str, val_fraction: float) -> bool:
+    """True if the document belongs to the validation split.
+
+    The first 8 bytes of sha256(id) read as a number in [0, 1): stable across
+    runs, machines and Python versions (unlike ``hash()``), and independent of
+    document order.
+    """
+    return id_fraction(doc_id) < val_fraction
+
+
+def tokens_file(split: str) -> str:
+    """An encoded chunk's raw token file of one split (no header: shard_dtype, little-endian)."""
+    return f"{split}.tokens"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.bin"
+
+
+def _pack_header(itemsize: int, tokens: int, documents: int) -> bytes:
+    return _HEADER.pack(MAGIC, SHARD_FORMAT_VERSION, itemsize, tokens, documents).ljust(HEADER_BYTES, b"\0")
+
+
+def write_shard(path: Path, pieces: Iterable[np.ndarray], documents: int) -> dict[str, Any]:
+    """Write one shard file from token arrays (all of one shard dtype) and return its manifest entry.
+
+    The file is written as ``<path>.tmp``, fsync'd and renamed, so a shard file
+    that exists is complete. The sha256 is computed while writing, not by
+    reading the file back. ``documents`` is the number of documents ending in
+    this shard, as the header records it.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    pieces = [p for p in pieces if len(p)]
+    if not pieces:
+        raise ValueError(f"token shard {str(path)!r} would hold no tokens; shards are never empty")
+    dtypes = {p.dtype for p in pieces}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES.values():
+        raise ValueError(f"token shard {str(path)!r}: pieces have dtype(s) {sorted(map(str, dtypes))}, "
+                         f"expected one of {[d.str for d in _DTYPES.values()]}")
+    dtype = pieces[0].dtype
+    tokens = sum(len(p) for p in pieces)
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as f:
+        header = _pack_header(dtype.itemsize, tokens, documents)
+        f.write(header)
+        digest.update(header)
+        for piece in pieces:
+            view = memoryview(np.ascontiguousarray(piece)).cast("B")
+            f.write(view)
+            digest.update(view)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"file": path.name, "sha256": digest.hexdigest(), "tokens": tokens, "documents": documents}
+
+
+def read_shard(path: str | Path) -> np.memmap:
+    """Memory-map one shard's tokens after checking its header against the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"token shard {str(path)!r} does not exist")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ValueError(f"token shard {str(path)!r} is {size} bytes, shorter than its {HEADER_BYTES}-byte header")
+    with open(path, "rb") as f:
+        magic, version, itemsize, tokens, _documents = _HEADER.unpack(f.read(_HEADER.size))
+    if magic != MAGIC:
+        raise ValueError(f"token shard {str(path)!r} has magic {magic!r}, expected {MAGIC!r}: not an lmpipe shard")
+    if version != SHARD_FORMAT_VERSION:
+        raise ValueError(
+            f"token shard {str(path)!r} has format_version {version}, this code reads {SHARD_FORMAT_VERSION}; "
+            "re-run the shard stage"
+        )
+    if itemsize not in _DTYPES:
+        raise ValueError(f"token shard {str(path)!r} has itemsize {itemsize}, expected one of {sorted(_DTYPES)}")
+    expected = HEADER_BYTES + tokens * itemsize
+    if size != expected:
+        raise ValueError(
+            f"token shard {str(path)!r} is {size} bytes but its header promises {tokens} tokens "
+            f"({expected} bytes): truncated or corrupt"
+        )
+    if tokens == 0:
+        raise ValueError(f"token shard {str(path)!r} holds no tokens; the writer never writes empty shards")
+    return np.memmap(path, dtype=_DTYPES[itemsize], mode="r", offset=HEADER_BYTES, shape=(tokens,))
+
+
+def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
+    """Read a shard directory's ``manifest.json``, checking its format version."""
+    return read_versioned_json(Path(shard_dir) / MANIFEST_FILE, MANIFEST_FORMAT_VERSION, "shard manifest",
+                               "re-run the shard stage")
+
+
+class TokenSplit:
+    """All shards of one split, memory-mapped, addressed as one token sequence."""
+
+    def __init__(self, shard_dir: Path, split: str) -> None:
+        self.shard_dir = Path(shard_dir)
+        self.split = split
+        manifest = read_manifest(self.shard_dir)
+        if split not in manifest["splits"]:
+            raise ValueError(
+                f"split {split!r} is not in {str(self.shard_dir / MANIFEST_FILE)!r}; "
+                f"it has {sorted(manifest['splits'])}"
+            )
+        entry = manifest["splits"][split]
+        self.vocab_size: int = manifest["vocab_size"]
+        self.eot_id: int = manifest["eot_id"]
+        self.tokenizer_fingerprint: str = manifest["tokenizer_fingerprint"]
+        self.num_documents: int = entry["documents"]
+        self.num_bytes: int = entry["bytes"]
+        self._shards: list[np.memmap] = []
+        for s in entry["shards"]:
+            tokens = read_shard(self.shard_dir / s["file"])
+            if len(tokens) != s["tokens"] or tokens.dtype.name != manifest["dtype"]:
+                raise ValueError(
+                    f"token shard {str(self.shard_dir / s['file'])!r} holds {len(tokens)} {tokens.dtype.name} "
+                    f"tokens, the manifest says {s['tokens']} {manifest['dtype']}"
+                )
+            self._shards.append(tokens)
+        # _starts[i] is the global index of shard i's first token; the last entry is the total.
+        self._starts = np.concatenate([[0], np.cumsum([len(t) for t in self._shards], dtype=np.int64)])
+        self.num_tokens: int = int(self._starts[-1])
+        if self.num_tokens != entry["tokens"]:
+            raise ValueError(
+                f"split {split!r} in {str(self.shard_dir)!r}: shards hold {self.num_tokens} tokens, "
+                f"the manifest says {entry['tokens']}"
+            )
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """int64 copy of tokens[start:start+length]; may cross shard boundaries."""
+        if start < 0 or length < 0 or start + length > self.num_tokens:
+            raise IndexError(
+                f"window start={start} length={length} is outside split {self.split!r} "
+                f"of {self.num_tokens} tokens in {str(self.shard_dir)!r}"
+            )
+        out = np.empty(length, dtype=np.int64)
+        i = int(np.searchsorted(self._starts, start, "right")) - 1  # shard holding `start`
+        done = 0
+        while done < length:
+            lo = start + done - int(self._starts[i])
+            take = min(length - done, len(self._shards[i]) - lo)
+            out[done : done + take] = self._shards[i][lo : lo + take]
+            done += take
+            i += 1
+        return out
+
+
+# --- encoding one chunk ---------------------------------------------------------------------------
+
+
+def load_checked_tokenizer(tokenizer: StageResult) -> tuple[Tokenizer, dict[str, Any]]:
+    """The tokenizer set up for encoding corpora, after checking it is the one its metadata describes.
+
+    Returns the tokenizer and {"sha256", "eot_id", "vocab_size", "dtype"}. Literal
+    "<|endoftext|>" inside a document is encoded as plain text (like tiktoken's
+    encode_ordinary), so the eot id only ever marks a real document boundary.
+    """
+    tok_path = tokenizer.path(TOKENIZER_FILE)
+    tok_meta = read_tokenizer_meta(tokenizer.path(META_FILE))
+    tok_sha = tokenizer_fingerprint(tok_path)
+    if tok_sha != tok_meta["tokenizer_sha256"]:
+        raise ValueError(
+            f"tokenizer file {str(tok_path)!r} has sha256 {tok_sha}, its metadata records "
+            f"{tok_meta['tokenizer_sha256']}: the tokenizer directory was modified"
+        )
+    tok = load_tokenizer(tok_path)
+    tok.encode_special_tokens = True
+    vocab_size = tok.get_vocab_size()
+    info = {"sha256": tok_sha, "eot_id": eot_id(tok, tok_meta["eot_token"]), "vocab_size": vocab_size,
+            "dtype": shard_dtype(vocab_size)}
+    return tok, info
+
+
+def tokens_with_eot(encodings: Sequence[Encoding], eot: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate encoded documents, each followed by ``eot``; returns (tokens, lengths including the eot).
+
+    The ids go to numpy in one pass, without per-document arrays: this is the
+    only per-token Python work of the shard stages.
+    """
+    lengths = np.fromiter((len(e) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if len(ends) else 0
+    is_eot = np.zeros(total, dtype=bool)
+    is_eot[ends - 1] = True
+    tokens = np.empty(total, dtype=dtype)
+    # numpy raises OverflowError on an id the dtype cannot hold instead of wrapping it around.
+    tokens[~is_eot] = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=dtype,
+                                  count=total - len(encodings))
+    tokens[is_eot] = eot
+    return tokens, lengths
+
+
+def encoded_batches(tok: Tokenizer, batches: Iterable[dict[str, list]]) -> Iterator[tuple[dict[str, list], list]]:
+    """(batch, encodings) for each document batch, in order, encoding one batch ahead.
+
+    The batch encoder runs in Rust on every core without the GIL; while it works
+    on batch k+1 in a helper thread, the caller's Python work on batch k (ids to
+    numpy, routing, writing) proceeds, so the cores do not idle between batches.
+    Offsets are not needed, so ``encode_batch_fast`` skips computing them (same
+    ids as ``encode_batch``).
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="lmpipe-encode") as encoder:
+        pending: tuple[dict[str, list], Future] | None = None
+        for batch in batches:
+            future = encoder.submit(tok.encode_batch_fast, batch["text"], add_special_tokens=False)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (batch, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
+class TokenSource(Protocol):
+    """A token sequence training can read windows of (``lmpipe.data.shards.TokenSplit``, ``ArraySource``)."""
+
+    num_tokens: int
+
+    def window(self, start: int, length: int) -> np.ndarray: ...
+
+
+class ArraySource:
+    """A token sequence held in memory: SFT streams, loss masks, a scored text file, tests."""
+
+    def __init__(self, tokens: np.ndarray) -> None:
+        self.tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        self.num_tokens = len(self.tokens)
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        if start < 0 or start + length > self.num_tokens:
+            raise IndexError(f"window start={start} length={length} is outside {self.num_tokens} tokens")
+        return self.tokens[start : start + length].copy()

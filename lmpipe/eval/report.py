@@ -1,0 +1,210 @@
+"""The evaluation report: markdown tables, deltas to the champion, the loss-curve plot."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lmpipe.config.base import SFT_HELD_OUT
+from lmpipe.data.sft import VAL_EVERY
+from lmpipe.eval.heldout import BASE, FINETUNED, MC_METRICS, METRICS, SCORED
+
+
+def markdown_cell(text: str) -> str:
+    """Text for a cell of a stage report's markdown table: a literal | would end the cell."""
+    return text.replace("|", "\\|")
+
+
+def compare_with_reference(
+    results: list[dict[str, Any]], choice: Sequence[dict[str, Any]], reference: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One row per figure of the fine-tuned model that the reference (an earlier registered model) also has.
+
+    ``reference["metrics"]`` are the ``finetuned.*`` metrics logged when that model
+    was registered. A figure is ``comparable`` only when the reference logged the
+    same amount scored (held-out tokens, benchmark examples) as this evaluation; a
+    figure that is not gets no delta: a different token budget or benchmark limit
+    moves the numbers by itself. Registrations from before these amounts were logged
+    have none, so none of their figures compare.
+    """
+    ref = reference["metrics"]
+    rows = []
+    for kind, group, names, key in (("held_out", results, METRICS, "corpus"),
+                                    ("multiple_choice", choice, MC_METRICS, "benchmark")):
+        for r in group:
+            if r["model"] != FINETUNED:
+                continue
+            scored = r[SCORED[kind]]
+            ref_scored = ref.get(f"{FINETUNED}.{r[key]}.{SCORED[kind]}")
+            comparable = ref_scored is not None and float(ref_scored) == float(scored)
+            for m in names:
+                metric = f"{FINETUNED}.{r[key]}.{m}"
+                if metric not in ref:
+                    continue
+                rows.append({"metric": metric, "kind": kind, "name": r[key], "stat": m, FINETUNED: float(r[m]),
+                             "reference": float(ref[metric]),
+                             "delta": float(r[m]) - float(ref[metric]) if comparable else None,
+                             "comparable": comparable, "scored": scored,
+                             "reference_scored": None if ref_scored is None else int(ref_scored)})
+    return rows
+
+
+def reference_label(reference: dict[str, Any]) -> str:
+    """How the report names the earlier registered model: ``champion v3``."""
+    return f"{reference['alias']} v{reference['version']}"
+
+
+def render_markdown(
+    results: list[dict[str, Any]],
+    samples: dict[str, list[dict[str, str]]],
+    *,
+    eval_tokens: int,
+    choice: list[dict[str, Any]] = (),
+    reference: dict[str, Any] | None = None,
+) -> str:
+    """The report as markdown: one row per model, loss / ppl / bpb per corpus, a delta row, the
+    multiple-choice benchmarks (acc / acc_norm, with their delta row), samples.
+
+    ``reference`` (an earlier registered model, see ``lmpipe.tracking.registry.champion_metrics``)
+    adds two rows to each table: its figures as logged at its registration and the
+    fine-tuned model's delta to them (:func:`compare_with_reference`); a figure scored
+    on another amount is marked † and has no delta. Without one, a line says so.
+    """
+    models = list(dict.fromkeys(r["model"] for r in results))
+    compared = {row["metric"]: row for row in compare_with_reference(results, choice, reference)} if reference else {}
+    label = reference_label(reference) if reference else ""
+
+    def reference_rows(names: list[str], stats: Sequence[str], fmts: dict[str, str]) -> list[str]:
+        """The reference's row and the delta row of one table, or nothing when it shares no figure with it."""
+        cells = [compared.get(f"{FINETUNED}.{n}.{m}") for n in names for m in stats]
+        if not any(cells):
+            return []
+        fmt_of = [fmts[m] for _ in names for m in stats]
+        values = ["" if c is None else fmt.format(c["reference"]) + ("" if c["comparable"] else " †")
+                  for c, fmt in zip(cells, fmt_of)]
+        deltas = ["" if c is None or c["delta"] is None else ("{:+" + fmt[2:]).format(c["delta"])
+                  for c, fmt in zip(cells, fmt_of)]
+        return ["| " + " | ".join([markdown_cell(label)] + values) + " |",
+                "| " + " | ".join([f"Δ {FINETUNED} − {markdown_cell(label)}"] + deltas) + " |"]
+    corpora = list(dict.fromkeys(r["corpus"] for r in results))
+    by = {(r["model"], r["corpus"]): r for r in results}
+    fmt = {"loss": "{:.4f}", "perplexity": "{:.2f}", "bits_per_byte": "{:.4f}"}
+    short = {"loss": "loss", "perplexity": "ppl", "bits_per_byte": "bpb"}
+
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Held-out `val` split of each corpus, first {eval_tokens:,} target tokens (or all of them if fewer); "
+        "loss in nats per token, bpb = bits per UTF-8 byte (comparable across tokenizers). Lower is better.",
+        "",
+    ]
+    if SFT_HELD_OUT in corpora:
+        lines[-1:-1] = [
+            "",
+            f"`{SFT_HELD_OUT}`: all the held-out examples of the fine-tuning run's finetune.sft_path (every "
+            f"{VAL_EVERY}th example it kept), in its windows; only the assistant's targets are scored (each reply, "
+            "its `<|end|>` and the closing end-of-text), as fine-tuning trains on them: the task itself.",
+        ]
+    header = ["model"] + [f"{markdown_cell(c)} {short[m]}" for c in corpora for m in METRICS]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" + "---:|" * (len(header) - 1))
+
+    def cell(model: str, corpus: str, metric: str) -> str:
+        r = by.get((model, corpus))
+        return "" if r is None else fmt[metric].format(r[metric])
+
+    for model in models:
+        cells = [cell(model, c, m) for c in corpora for m in METRICS]
+        lines.append("| " + " | ".join([markdown_cell(model)] + cells) + " |")
+    if BASE in models and FINETUNED in models:
+        cells = []
+        for c in corpora:
+            for m in METRICS:
+                a, b = by.get((FINETUNED, c)), by.get((BASE, c))
+                cells.append("" if a is None or b is None else ("{:+" + fmt[m][2:]).format(a[m] - b[m]))
+        lines.append("| " + " | ".join([f"Δ {FINETUNED} − {BASE}"] + cells) + " |")
+    lines += reference_rows(corpora, METRICS, fmt)
+
+    if choice:
+        benches = list(dict.fromkeys(r["benchmark"] for r in choice))
+        mc = {(r["model"], r["benchmark"]): r for r in choice}
+        lines += ["", "Multiple choice, by log-likelihood (acc_norm: per character of the choice, as "
+                  "lm-evaluation-harness). Higher is better.", ""]
+        header = ["model"] + [f"{markdown_cell(b)} {m}" for b in benches for m in ("acc", "acc_norm")]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" + "---:|" * (len(header) - 1))
+        for model in dict.fromkeys(r["model"] for r in choice):
+            cells = ["" if (model, b) not in mc else f"{mc[model, b][m]:.4f}" for b in benches
+                     for m in ("acc", "acc_norm")]
+            lines.append("| " + " | ".join([markdown_cell(model)] + cells) + " |")
+        if all((m, b) in mc for m in (BASE, FINETUNED) for b in benches):
+            cells = [f"{mc[FINETUNED, b][m] - mc[BASE, b][m]:+.4f}" for b in benches for m in ("acc", "acc_norm")]
+            lines.append("| " + " | ".join([f"Δ {FINETUNED} − {BASE}"] + cells) + " |")
+        lines += reference_rows(benches, MC_METRICS, {m: "{:.4f}" for m in MC_METRICS})
+        lines += [""] + [f"- {b}: {mc[next(iter(mc))[0], b]['n']} examples ({mc[next(iter(mc))[0], b]['kind']})"
+                         for b in benches]
+
+    lines.append("")
+    if reference is None:
+        lines.append("No earlier registered model to compare with: there was no champion when this model was first "
+                     "evaluated.")
+    else:
+        lines.append(f"{label}: version {reference['version']} of {reference['name']}, @{reference['alias']} when "
+                     f"this model was first evaluated. Its figures are those logged at its registration (run "
+                     f"{reference['run_id']}): they compare only under the same evaluation settings and data. "
+                     "† marks a figure scored on another amount than here, which gets no delta"
+                     + (":" if any(not c["comparable"] for c in compared.values()) else "."))
+        unit = {"held_out": "tokens", "multiple_choice": "examples"}
+        marked = {(c["name"], c["kind"]): c for c in compared.values() if not c["comparable"]}
+        for (name, kind), c in marked.items():
+            then = "none logged" if c["reference_scored"] is None else f"{c['reference_scored']:,}"
+            lines.append(f"- {name}: {then} {unit[kind]} then, {c['scored']:,} here")
+        if not compared:
+            lines.append(f"- {label} has no figure for any corpus or benchmark evaluated here.")
+
+    lines += ["", "Tokens and bytes scored:", ""]
+    for r in results:
+        what = f"{r['tokens']:,} tokens"
+        if r["corpus"] == SFT_HELD_OUT:
+            what = f"{r['tokens']:,} assistant target tokens in {r['examples']:,} examples"
+        lines.append(f"- {r['model']} on {r['corpus']}: {what}, {r['bytes']:,} bytes")
+
+    if any(samples.values()):
+        lines += ["", "## Samples"]
+        for model, rows in samples.items():
+            lines += ["", f"### {model}"]
+            for row in rows:
+                text = row["prompt"] + row["completion"]
+                lines += ["", f"Prompt: `{row['prompt']}`", ""]
+                lines += [f"> {line}" if line else ">" for line in text.split("\n")]
+    return "\n".join(lines) + "\n"
+
+
+LOSS_CURVES = "loss_curves.png"
+
+
+def plot_loss_curves(curves: dict[str, Path], dest: Path) -> None:
+    """Training loss per step of each training stage (its metrics.jsonl), one panel each, as a PNG.
+
+    The fine-tuning steps are its own (they start at 1). Rows without a loss (none
+    today) are skipped. Written with matplotlib's Agg backend, no display needed.
+    """
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for ax, (name, path) in zip(axes[0], curves.items()):
+        rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], linewidth=1)
+        ax.set_title(f"{name}: training loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=100, metadata={"Software": None})  # no version stamp: same data, same bytes
+    plt.close(fig)

@@ -1,0 +1,93 @@
+"""Stage classify: a GPT-1 style sequence classifier fine-tuned from the pretrained model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lmpipe.artifacts import BuildOutput, StageResult
+from lmpipe.config.training import ClassifyConfig, ModelConfig
+from lmpipe.data.labelled import build_classify_data
+from lmpipe.data.tokenizer import META_FILE, load_tokenizer, meta_eot_id
+from lmpipe.eval.classification import render_report
+from lmpipe.model.checkpoint import STATE_FILE, check_compatible, read_state
+from lmpipe.model.classifier import GPTClassifier, save_classifier
+from lmpipe.model.device import resolve_device
+from lmpipe.model.gpt import GPTConfig
+from lmpipe.stages.contract import run_stage
+from lmpipe.stages.training import MODEL_DIR, tokenizer_info
+from lmpipe.training.checkpoint import load_checkpoint
+from lmpipe.training.classify_fit import fit
+from lmpipe.training.loop import LogMetrics, OnProgress
+
+METRICS_FILE = "metrics.jsonl"
+PREDICTIONS_FILE = "predictions.jsonl"
+REPORT_FILE = "report.md"
+
+
+def run_classify(
+    cfg: ClassifyConfig,
+    model_cfg: ModelConfig,
+    init: Path,
+    tokenizer: StageResult,
+    out_dir: str | Path,
+    fingerprint: str,
+    *,
+    log_metrics: LogMetrics | None = None,
+    on_progress: OnProgress | None = None,
+) -> StageResult:
+    """Stage: fine-tune ``init``'s weights with a classification head on cfg.path.
+
+    Publishes model/ (classifier.safetensors, classifier.json), metrics.jsonl
+    (one row per step) and predictions.jsonl (the val examples: line, text, label,
+    predicted); metrics accuracy and macro_f1 of the val split, the per-class F1
+    and the skipped / truncated counts in meta. The data file is read and checked
+    before the checkpoint is loaded. A run takes seconds, so it keeps no
+    checkpoints: an interrupted run starts over.
+    """
+
+    def build(tmp: Path) -> BuildOutput:
+        tok_path, tok_fp, vocab_size = tokenizer_info(tokenizer)
+        tok = load_tokenizer(tok_path)
+        extract = meta_eot_id(tok, tokenizer.path(META_FILE))
+        data = build_classify_data(cfg, tok, extract, model_cfg.block_size)
+        init_dir = Path(init)
+        if not (init_dir / STATE_FILE).is_file():
+            raise FileNotFoundError(f"classify.init_checkpoint: {str(init_dir)!r} is not a checkpoint directory "
+                                    f"(no {STATE_FILE})")
+        check_compatible(read_state(init_dir), model_cfg, vocab_size, tok_fp, field="classify.init_checkpoint")
+
+        device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        model = GPTClassifier(GPTConfig.from_config(model_cfg, vocab_size), data.labels, eot_id=extract,
+                              head_dropout=cfg.head_dropout).to(device)
+        load_checkpoint(init_dir, model.body, None, restore_rng=False)
+        result = fit(model, data, cfg, metrics_path=tmp / METRICS_FILE, log_metrics=log_metrics,
+                     on_progress=on_progress)
+
+        save_classifier(model, tmp / MODEL_DIR, info={
+            "text_field": cfg.text_field, "label_field": cfg.label_field, "tokenizer_fingerprint": tok_fp,
+            "init_checkpoint": str(init_dir), "steps": cfg.max_steps})
+        with open(tmp / PREDICTIONS_FILE, "w", encoding="utf-8") as f:
+            for example, predicted in zip(data.val.examples, result.predicted):
+                f.write(json.dumps({"line": example.line, "text": example.text, "label": example.label,
+                                    "predicted": predicted}) + "\n")
+        markdown = render_report(result.metrics, [e.label for e in data.val.examples], result.predicted,
+                                 train_examples=len(data.train), path=cfg.path)
+        (tmp / REPORT_FILE).write_text(markdown, encoding="utf-8")
+        return BuildOutput(
+            metrics={
+                "accuracy": result.metrics.accuracy,
+                "macro_f1": result.metrics.macro_f1,
+                "val_loss": result.val_loss,
+                "final_train_loss": result.rows[-1]["loss"],
+                "steps": float(cfg.max_steps),
+                "seconds": result.seconds,
+            },
+            meta=data.meta() | {"per_class_f1": result.metrics.per_class_f1, "device": str(device),
+                                "init_checkpoint": str(init_dir), "markdown": markdown},
+        )
+
+    return run_stage("classify", fingerprint, out_dir, build)

@@ -1,0 +1,303 @@
+"""Stages clean_chunk and clean: clean each chunk of documents, then de-duplicate across chunks and report."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from lmpipe.artifacts import BuildOutput, StageResult, read_versioned_json, sha256_file, write_json_atomic
+from lmpipe.config.data import CleanConfig
+from lmpipe.data import dedup
+from lmpipe.data import documents as docset
+from lmpipe.data.clean import (
+    BATCH_DOCS,
+    CLEAN_FIELD,
+    EXACT_FILE,
+    EXCERPT_CHARS,
+    KEPT_FILE,
+    MINHASH_FILE,
+    REMOVED_FILE,
+    REMOVED_SCHEMA,
+    REPORT_FILE,
+    ROW_KEYS,
+    STATS_FILE,
+    STATS_FORMAT_VERSION,
+    Dedup,
+    Filter,
+    Step,
+    Transform,
+    _ChunkState,
+    _row,
+    build_steps,
+)
+from lmpipe.stages.contract import run_stage
+
+
+def _totals(rows: list[dict[str, Any]], docs_in: int, bytes_in: int) -> dict[str, int]:
+    last = rows[-1] if rows else {"docs_out": docs_in, "bytes_out": bytes_in}
+    return {"docs_in": docs_in, "docs_out": last["docs_out"], "bytes_in": bytes_in, "bytes_out": last["bytes_out"]}
+
+
+def _metrics(totals: dict[str, int], rows: list[dict[str, Any]]) -> dict[str, float]:
+    metrics = {k: float(v) for k, v in totals.items()}
+    for r in rows:
+        metrics[f"{r['step']}.docs_removed"] = float(r["docs_in"] - r["docs_out"])
+        metrics[f"{r['step']}.bytes_removed"] = float(r["bytes_in"] - r["bytes_out"])
+    return metrics
+
+
+def run_clean_chunk(cfg: CleanConfig, chunk_file: str | Path, out_dir: str | Path, fingerprint: str
+                    ) -> StageResult:
+    """Stage "clean_chunk": one download chunk through the per-document steps, plus its dedup signatures.
+
+    Writes kept.parquet (survivors, input order), removed.parquet (id, source, step, reason, bytes,
+    excerpt), exact.npy (uint64 per survivor), minhash.npy (uint32 [survivors, permutations], when
+    enabled) and stats.json (per-step rows and the first ``cfg.report_samples`` removals per step).
+    """
+    chunk_file = Path(chunk_file)
+    steps = [s for s in build_steps(cfg) if not isinstance(s, Dedup)]
+
+    def build(tmp: Path) -> BuildOutput:
+        state = _ChunkState(steps, cfg.report_samples)
+        docs_in = bytes_in = 0
+        for batch in docset.iter_document_batches(chunk_file, BATCH_DOCS, columns=docset.DOCUMENT_COLUMNS):
+            docs_in += len(batch["id"])
+            bytes_in += sum(batch["nbytes"])
+            state.add_batch(batch["id"], batch["text"], batch["source"], batch["nbytes"])
+        kept = state.kept
+        docset.write_documents(tmp / KEPT_FILE, kept["id"], kept["text"], kept["source"])
+        pq.write_table(pa.table(state.removed, schema=REMOVED_SCHEMA), tmp / REMOVED_FILE,
+                       row_group_size=docset.ROW_GROUP_ROWS)
+        np.save(tmp / EXACT_FILE, dedup.exact_hashes(kept["text"]))
+        if cfg.minhash.enabled:
+            mh = cfg.minhash
+            np.save(tmp / MINHASH_FILE, dedup.minhash_signatures(kept["text"], mh.ngram, mh.permutations, mh.seed))
+        totals = _totals(state.rows, docs_in, bytes_in)
+        write_json_atomic(tmp / STATS_FILE, {"format_version": STATS_FORMAT_VERSION, "chunk": chunk_file.name,
+                                             "steps": state.rows, "samples": state.samples, "totals": totals})
+        return BuildOutput(metrics={k: float(v) for k, v in totals.items()}, meta={"chunk": chunk_file.name})
+
+    return run_stage("clean_chunk", fingerprint, out_dir, build)
+
+
+class EmptyCorpusError(ValueError):
+    """Cleaning removed every document."""
+
+
+def _now(cfg: CleanConfig, name: str) -> str:
+    value = getattr(cfg, name)
+    return "enabled" if isinstance(value, BaseModel) else repr(value)
+
+
+def _empty_message(corpus_field: str, clean_field: str, steps: list[Step], rows: list[dict],
+                   cfg: CleanConfig, docs_in: int) -> str:
+    if docs_in == 0:
+        return f"{corpus_field}: the download produced no documents; check {corpus_field}.sources"
+    removed = ", ".join(f"{r['step']} {r['docs_in'] - r['docs_out']}" for r in rows if r["docs_in"] != r["docs_out"])
+    culprits = [s for s, r in zip(steps, rows) if isinstance(s, Filter) and r["docs_in"] != r["docs_out"]]
+    hints = " or ".join(f"{clean_field}.{s.field} (now {_now(cfg, s.field)})" for s in culprits)
+    return (
+        f"{corpus_field}: no document survived cleaning ({docs_in} in; removed per step: {removed}). "
+        f"Relax {hints}, or check that {corpus_field}.sources hold the text you expect."
+    )
+
+
+def _read_stats(chunk: StageResult) -> dict[str, Any]:
+    if chunk.stage != "clean_chunk":
+        raise ValueError(f"run_clean takes clean_chunk results, got a {chunk.stage!r} result ({chunk.out_dir})")
+    return read_versioned_json(chunk.path(STATS_FILE), STATS_FORMAT_VERSION, "clean chunk stats",
+                               "re-run the clean_chunk task")
+
+
+def _sum_chunk_rows(steps: list[Step], stats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = [_row(s.name) for s in steps if not isinstance(s, Dedup)]
+    for st in stats:
+        if [r["step"] for r in st["steps"]] != [r["step"] for r in rows]:
+            raise ValueError(f"clean chunk {st['chunk']!r} ran steps {[r['step'] for r in st['steps']]}, this "
+                             f"config runs {[r['step'] for r in rows]}: re-run its clean_chunk task")
+        for row, chunk_row in zip(rows, st["steps"]):
+            for key in ROW_KEYS:
+                row[key] += chunk_row[key]
+    return rows
+
+
+@dataclass
+class _Duplicates:
+    """Per corpus ordinal of a per-document survivor: which dedup step removed it, and in favour of whom."""
+
+    step: np.ndarray  # int8: -1 kept, else the index into the list of Dedup steps
+    keeper: np.ndarray  # int64: the ordinal of the document kept instead
+    similarity: np.ndarray  # float64: estimated Jaccard similarity to the keeper (minhash only)
+
+
+def _find_duplicates(cfg: CleanConfig, dedup_steps: list[Dedup], chunks: list[StageResult]) -> _Duplicates:
+    """Exact duplicates first, then near duplicates among what is left; the earliest document always stays."""
+    hashes = [np.load(c.path(EXACT_FILE)) for c in chunks]
+    n = sum(len(h) for h in hashes)
+    found = _Duplicates(np.full(n, -1, np.int8), np.arange(n, dtype=np.int64), np.ones(n))
+    for index, step in enumerate(dedup_steps):
+        active = found.step < 0
+        if step.name == "dedup":
+            keeper = dedup.first_occurrence(np.concatenate(hashes) if hashes else np.zeros(0, np.uint64))
+        else:
+            store = dedup.SignatureStore([_load_minhash(c) for c in chunks])
+            if len(store) != n:
+                raise ValueError("clean chunks' minhash.npy and exact.npy disagree: re-run the clean_chunk tasks")
+            bands, rows = dedup.optimal_bands(cfg.minhash.threshold, cfg.minhash.permutations)
+            keeper = dedup.near_duplicates(store, active, cfg.minhash.threshold, bands, rows)
+        removed = active & (keeper != np.arange(n))
+        found.step[removed] = index
+        found.keeper[removed] = keeper[removed]
+        if step.name == "minhash" and removed.any():
+            found.similarity[removed] = store.similarity(keeper[removed], np.flatnonzero(removed))
+    return found
+
+
+def _load_minhash(chunk: StageResult) -> np.ndarray:
+    path = chunk.path(MINHASH_FILE)
+    if not path.is_file():
+        raise ValueError(f"clean chunk {chunk.meta.get('chunk')!r} has no {MINHASH_FILE}: it was cleaned with "
+                         f"minhash off; re-run its clean_chunk task with this config")
+    return np.load(path, mmap_mode="r")
+
+
+class _DedupRemovals:
+    """Writes the dedup steps' removals, one temporary parquet per step, as the chunks stream past.
+
+    A keeper always comes before its duplicates, so remembering the ids of the keepers seen so far
+    is enough to name them. Rows are appended as they come, so no removal list is held whole.
+    """
+
+    def __init__(self, tmp: Path, steps: list[Dedup], found: _Duplicates, samples: dict[str, list],
+                 report_samples: int) -> None:
+        self.steps, self.found, self.samples, self.report_samples = steps, found, samples, report_samples
+        self.paths = [tmp / f".{s.name}-removed.parquet" for s in steps]
+        self.writers = [pq.ParquetWriter(path, REMOVED_SCHEMA) for path in self.paths]
+        self.bytes = [0] * len(steps)
+        self.keepers = np.unique(found.keeper[found.step >= 0])
+        self.keeper_ids: dict[int, str] = {}
+
+    def add_chunk(self, table: pa.Table, start: int) -> None:
+        """Record the removals among one chunk's documents, whose first corpus ordinal is ``start``."""
+        end = start + table.num_rows
+        here = self.keepers[(self.keepers >= start) & (self.keepers < end)]
+        self.keeper_ids.update(zip(here.tolist(), table.column("id").take(here - start).to_pylist()))
+        step = self.found.step[start:end]
+        for index in range(len(self.steps)):
+            rows = np.flatnonzero(step == index)
+            if len(rows):
+                self._write(index, table.take(rows), rows + start)
+
+    def _write(self, index: int, gone: pa.Table, ordinals: np.ndarray) -> None:
+        step, found = self.steps[index], self.found
+        reasons = [_dedup_reason(step, self.keeper_ids[int(found.keeper[o])], float(found.similarity[o]))
+                   for o in ordinals]
+        nbytes = pc.binary_length(gone.column("text"))
+        excerpts = pc.utf8_slice_codeunits(gone.column("text"), 0, EXCERPT_CHARS)  # code points, despite the name
+        self.writers[index].write_table(
+            pa.table([gone.column("id"), gone.column("source"), pa.array([step.name] * len(reasons)),
+                      pa.array(reasons), pc.cast(nbytes, pa.int64()), excerpts], schema=REMOVED_SCHEMA),
+            row_group_size=docset.ROW_GROUP_ROWS)
+        self.bytes[index] += pc.sum(nbytes).as_py()
+        room = max(0, self.report_samples - len(self.samples[step.name]))
+        self.samples[step.name] += [{"id": d, "reason": r, "excerpt": e} for d, r, e in zip(
+            gone.column("id").to_pylist()[:room], reasons[:room], excerpts.to_pylist()[:room])]
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+def _write_final_chunks(chunks: list[StageResult], found: _Duplicates, removals: _DedupRemovals, tmp: Path
+                        ) -> list[dict[str, Any]]:
+    """Stream each chunk's survivors once more: its dedup removals, then its final part (skipped if empty).
+
+    Part i comes from download chunk i, so a document's chunk number never changes. Returns the index entries.
+    """
+    entries = []
+    start = 0
+    for i, chunk in enumerate(chunks):
+        table = docset.read_documents(chunk.path(KEPT_FILE))
+        removals.add_chunk(table, start)
+        survivors = table.filter(pa.array(found.step[start:start + table.num_rows] < 0))
+        start += table.num_rows
+        if survivors.num_rows:
+            name = docset.chunk_name(i)
+            docset.write_documents(tmp / name, *(survivors.column(c).to_pylist() for c in docset.DOCUMENT_COLUMNS))
+            entries.append({"file": name, "documents": survivors.num_rows,
+                            "bytes": pc.sum(pc.binary_length(survivors.column("text"))).as_py(),
+                            "sha256": sha256_file(tmp / name)})
+    return entries
+
+
+def _dedup_reason(step: Dedup, keeper_id: str, similarity: float) -> str:
+    if step.name == "dedup":
+        return f"dedup: same text as {keeper_id}"
+    return f"minhash: ~{similarity:.2f} similar to {keeper_id}"
+
+
+def _removed_tables(chunks: list[StageResult], extra: list[Path]) -> Iterator[pa.Table]:
+    for chunk in chunks:
+        yield pq.read_table(chunk.path(REMOVED_FILE))
+    for path in extra:
+        yield pq.read_table(path)
+
+
+def run_clean(cfg: CleanConfig, chunks: list[StageResult], out_dir: str | Path, fingerprint: str, *,
+              corpus_field: str, clean_field: str = CLEAN_FIELD) -> StageResult:
+    """Stage "clean": de-duplicate the cleaned chunks across the corpus and publish the final document set.
+
+    chunks: the clean_chunk results in corpus order (download chunk 0, 1, ...).
+    corpus_field / clean_field: config paths (e.g. "data.pretrain", "data.clean") for error messages.
+    """
+    steps = build_steps(cfg)
+    dedup_steps = [s for s in steps if isinstance(s, Dedup)]
+
+    def build(tmp: Path) -> BuildOutput:
+        stats = [_read_stats(c) for c in chunks]
+        rows = _sum_chunk_rows(steps, stats)
+        docs_in = sum(st["totals"]["docs_in"] for st in stats)
+        bytes_in = sum(st["totals"]["bytes_in"] for st in stats)
+        survivors = _totals(rows, docs_in, bytes_in)
+        if survivors["docs_out"] == 0:
+            raise EmptyCorpusError(_empty_message(corpus_field, clean_field, steps, rows, cfg, docs_in))
+
+        samples = {s.name: [] for s in steps if not isinstance(s, Transform)}
+        for st in stats:
+            for name, examples in st["samples"].items():
+                samples[name] += examples[:cfg.report_samples - len(samples[name])]
+        found = _find_duplicates(cfg, dedup_steps, chunks)
+        removals = _DedupRemovals(tmp, dedup_steps, found, samples, cfg.report_samples)
+        try:
+            entries = _write_final_chunks(chunks, found, removals, tmp)
+        finally:
+            removals.close()
+        docs, nbytes = survivors["docs_out"], survivors["bytes_out"]
+        for index, step in enumerate(dedup_steps):
+            gone = int(np.count_nonzero(found.step == index))
+            rows.append({"step": step.name, "docs_in": docs, "docs_out": docs - gone,
+                         "bytes_in": nbytes, "bytes_out": nbytes - removals.bytes[index]})
+            docs, nbytes = docs - gone, nbytes - removals.bytes[index]
+
+        with pq.ParquetWriter(tmp / REMOVED_FILE, REMOVED_SCHEMA) as writer:
+            for table in _removed_tables(chunks, removals.paths):
+                if table.num_rows:
+                    writer.write_table(table, row_group_size=docset.ROW_GROUP_ROWS)
+        for path in removals.paths:
+            path.unlink()
+        docset.write_index(tmp, entries)
+        totals = _totals(rows, docs_in, bytes_in)
+        write_json_atomic(tmp / REPORT_FILE, {"corpus_field": corpus_field, "steps": rows, "totals": totals,
+                                              "samples": samples})
+        return BuildOutput(metrics=_metrics(totals, rows),
+                           meta={"report": rows, "samples": samples, "chunks": [e["file"] for e in entries]})
+
+    return run_stage("clean", fingerprint, out_dir, build)

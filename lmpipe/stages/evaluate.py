@@ -1,0 +1,190 @@
+"""Stage evaluate: held-out loss, perplexity and bits per byte, benchmarks, samples and the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmpipe.artifacts import BuildOutput, StageResult, write_json_atomic
+from lmpipe.config.base import SFT_HELD_OUT
+from lmpipe.config.evaluation import EvalConfig
+from lmpipe.data.sft import build_sft_data
+from lmpipe.data.shards import MANIFEST_FILE, TokenSplit, read_manifest
+from lmpipe.data.tokenizer import (
+    META_FILE,
+    TOKENIZER_FILE,
+    TokenizerMismatchError,
+    load_tokenizer,
+    meta_eot_id,
+    token_byte_lengths,
+    tokenizer_fingerprint,
+)
+from lmpipe.eval.benchmark_files import benchmark_label, read_benchmark
+from lmpipe.eval.heldout import MC_METRICS, METRICS, SCORED, SFTHeldOut, evaluate_loss, score_sft
+from lmpipe.eval.multiple_choice import score_mc
+from lmpipe.eval.report import LOSS_CURVES, compare_with_reference, plot_loss_curves, render_markdown
+from lmpipe.eval.samples import generate_samples
+from lmpipe.model.checkpoint import is_chat_model, load_model, read_state
+from lmpipe.stages.contract import run_stage
+
+
+def run_evaluate(
+    cfg: EvalConfig,
+    models: dict[str, Path],
+    corpora: dict[str, StageResult],
+    tokenizer: StageResult,
+    out_dir: Path,
+    fingerprint: str,
+    curves: dict[str, Path] | None = None,
+    benchmark_files: dict[str, Path] | None = None,
+    reference: dict[str, Any] | None = None,
+    sft: SFTHeldOut | None = None,
+) -> StageResult:
+    """Score every model on every corpus's val split and sample from each; write the report.
+
+    ``curves`` (stage name -> metrics.jsonl) adds a plot of the training losses.
+    ``benchmark_files`` (benchmark name -> JSONL) is what ``lmpipe.eval.benchmark_files.resolve_benchmarks``
+    chose to score (a Hub download or the local file); a benchmark not in it is read
+    from its ``path``. ``reference``: an earlier registered model to compare with
+    (see :func:`render_markdown`). ``sft``: the SFT data of the fine-tuning run, whose
+    held-out examples every model is also scored on (:func:`score_sft`), as the corpus
+    ``SFT_HELD_OUT`` of the results, metrics and report (plus ``<model>.sft/val.examples``);
+    the file is read and tokenized once per stage run, before any model is loaded.
+    """
+    if not models:
+        raise ValueError("run_evaluate: no models to evaluate (models is empty)")
+    if not corpora:
+        raise ValueError("run_evaluate: no corpora to evaluate on (corpora is empty)")
+    # Everything is checked before the slow part, so a mismatch fails at once.
+    tok_path = tokenizer.path(TOKENIZER_FILE)
+    tok_fp = tokenizer_fingerprint(tok_path)
+    manifests = {}
+    for name, shards in corpora.items():
+        manifest = read_manifest(Path(shards.out_dir))
+        if manifest["tokenizer_fingerprint"] != tok_fp:
+            raise TokenizerMismatchError(
+                f"corpus {name!r}: {Path(shards.out_dir) / MANIFEST_FILE} was tokenized with tokenizer "
+                f"{manifest['tokenizer_fingerprint']}, but evaluation decodes with {tok_path} "
+                f"(sha256 {tok_fp}); re-shard the corpus with this tokenizer"
+            )
+        manifests[name] = manifest
+    benchmarks = {}  # parsed now: a bad file fails before any model is loaded
+    for i, bench in enumerate(cfg.benchmarks):
+        source = (benchmark_files or {}).get(bench.name, bench.path)
+        if source is None:
+            raise ValueError(f"eval.benchmarks.{i} ({bench.name}): no file to score: it has no path and its Hub "
+                             "download was not resolved (lmpipe.eval.benchmark_files.resolve_benchmarks)")
+        try:
+            benchmarks[bench.name] = (bench, benchmark_label(i, bench, source),
+                                      *read_benchmark(Path(source), bench.kind, limit=bench.limit,
+                                                      skip_bad=bench.skip_bad))
+        except OSError as err:
+            raise FileNotFoundError(f"eval.benchmarks.{i} ({bench.name}): {err}") from err
+        except ValueError as err:
+            raise ValueError(f"eval.benchmarks.{i} ({bench.name}): {err}") from err
+    states = {}
+    for name, ckpt in models.items():
+        if not Path(ckpt).is_dir():
+            raise FileNotFoundError(f"checkpoint directory of model {name!r} does not exist: {ckpt}")
+        state = states[name] = read_state(Path(ckpt))
+        if state.get("tokenizer_fingerprint") != tok_fp:
+            raise TokenizerMismatchError(
+                f"model {name!r}: {state['state_file']} was trained with tokenizer "
+                f"{state.get('tokenizer_fingerprint')!r}, but evaluation uses {tok_path} (sha256 {tok_fp})"
+            )
+        block = (state.get("model") or {}).get("block_size")
+        if sft is not None and block != sft.block_size:
+            raise ValueError(f"model {name!r}: {state['state_file']} has block_size {block!r}, but the held-out SFT "
+                             f"examples are laid out in windows of model.block_size={sft.block_size}, as fine-tuning "
+                             "trained on them")
+    if sft is not None and not Path(sft.path).is_file():
+        raise FileNotFoundError(f"finetune.sft_path: SFT file {sft.path!r} does not exist")
+
+    def build(tmp: Path) -> BuildOutput:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        tok = load_tokenizer(tok_path)
+        token_bytes = token_byte_lengths(tok)
+        # Every corpus was checked to use this tokenizer, so they share one end-of-text id.
+        start_id = next(iter(manifests.values()))["eot_id"]
+        splits = {name: TokenSplit(Path(shards.out_dir), "val") for name, shards in corpora.items()}
+        sft_data, sft_eot = None, None
+        if sft is not None:  # read and tokenized once, for every model; the end-of-text id as fine-tuning finds it
+            sft_eot = meta_eot_id(tok, tokenizer.path(META_FILE))
+            sft_data = build_sft_data(Path(sft.path), tok, sft_eot, sft.block_size, layout=sft.layout,
+                                      skip_long=sft.skip_long, skip_bad=sft.skip_bad, field="finetune.sft_path")
+
+        results, samples, model_info, choice = [], {}, {}, []
+        for model_name, ckpt in models.items():
+            model = load_model(Path(ckpt), device=device)
+            model_info[model_name] = {
+                "checkpoint": str(ckpt), "step": states[model_name].get("step"), "params": model.num_params(),
+            }
+            for corpus_name, split in splits.items():
+                try:
+                    r = evaluate_loss(
+                        model, split, token_bytes,
+                        eval_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, device=device,
+                    )
+                except ValueError as err:
+                    raise ValueError(f"evaluating model {model_name!r} on corpus {corpus_name!r} (val split): {err}") from err
+                results.append({"model": model_name, "corpus": corpus_name, **r})
+            if sft_data is not None:
+                try:
+                    r = score_sft(model, sft_data, token_bytes, eot_id=sft_eot, batch_size=cfg.batch_size,
+                                  device=device)
+                except ValueError as err:
+                    raise ValueError(f"evaluating model {model_name!r} on the held-out SFT examples of "
+                                     f"{sft.path}: {err}") from err
+                results.append({"model": model_name, "corpus": SFT_HELD_OUT, **r})
+            for bench_name, (bench, label, examples, lines, bad) in benchmarks.items():
+                mc = score_mc(model, tok, examples, device=device, batch_size=cfg.batch_size, eot_id=start_id,
+                              where=label, lines=lines)
+                choice.append({"model": model_name, "benchmark": bench_name, "kind": bench.kind, "n": mc.n,
+                               "acc": mc.acc, "acc_norm": mc.acc_norm, "skipped_lines": bad.count,
+                               "truncated_choices": mc.truncated})
+            samples[model_name] = generate_samples(
+                model, tok, cfg.prompts,
+                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                seed=cfg.seed, device=device, start_id=start_id, chat=is_chat_model(states[model_name]),
+            )
+            del model
+
+        corpus_info = {
+            name: {
+                "fingerprint": corpora[name].fingerprint,
+                "val_tokens": split.num_tokens,
+                "val_bytes": split.num_bytes,
+            }
+            for name, split in splits.items()
+        }
+        sft_info = None if sft_data is None else {**sft.model_dump(), **sft_data.meta()}
+        markdown = render_markdown(results, samples, eval_tokens=cfg.eval_tokens, choice=choice, reference=reference)
+        write_json_atomic(
+            tmp / "report.json",
+            {"models": model_info, "corpora": corpus_info, "results": results, "multiple_choice": choice,
+             "samples": samples, "reference": reference, "sft": sft_info,
+             "compared_with_reference": compare_with_reference(results, choice, reference) if reference else []},
+        )
+        write_json_atomic(
+            tmp / "samples.json",
+            {
+                "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed, "samples": samples,
+            },
+        )
+        if curves:
+            plot_loss_curves(curves, tmp / LOSS_CURVES)
+            markdown += f"\n![training loss]({LOSS_CURVES})\n"
+        (tmp / "report.md").write_text(markdown, encoding="utf-8")
+        metrics = {f"{r['model']}.{r['corpus']}.{m}": float(r[m])
+                   for r in results for m in (*METRICS, SCORED["held_out"])}
+        metrics |= {f"{r['model']}.{SFT_HELD_OUT}.examples": float(r["examples"])
+                    for r in results if r["corpus"] == SFT_HELD_OUT}
+        metrics |= {f"{r['model']}.{r['benchmark']}.{m}": float(r[m])
+                    for r in choice for m in (*MC_METRICS, SCORED["multiple_choice"])}
+        return BuildOutput(metrics=metrics, meta={"markdown": markdown, "device": device, "held_out": results,
+                                                  "multiple_choice": choice})
+
+    return run_stage("evaluate", fingerprint, out_dir, build)

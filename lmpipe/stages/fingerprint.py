@@ -1,0 +1,118 @@
+"""Stage fingerprints: one hash links the Prefect cache key, the MLflow tag and the files on disk.
+
+A fingerprint covers the stage's config section, its upstream fingerprints and
+its code version (a hash of the source of the module the stage runs and of every
+lmpipe module that one imports), so a change to any of them re-runs the stage
+and everything downstream, and nothing else.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+# The modules each stage runs. Its code version covers them and every lmpipe module they import
+# at module level, transitively, so a helper edited anywhere below a stage re-runs it. Imports
+# inside functions are not followed: they reach code that does not decide the stage's output
+# (distributed.py's rank 0 logging to MLflow, the served pyfunc model loading evaluate.py), or
+# code only another stage runs (train.py imports sft.py in run_finetune: editing the SFT reader
+# re-runs fine-tuning, not pretraining). lmpipe.config is followed: besides the values the
+# fingerprint holds, it computes some (sequences_per_step), so editing it re-runs every stage.
+STAGE_ENTRY: dict[str, tuple[str, ...]] = {
+    "download": ("lmpipe.stages.download",),
+    "clean_chunk": ("lmpipe.stages.clean",),
+    "clean": ("lmpipe.stages.clean",),
+    "train_tokenizer": ("lmpipe.stages.tokenizer",),
+    "encode_chunk": ("lmpipe.stages.shard",),
+    "shard": ("lmpipe.stages.shard",),
+    "pretrain": ("lmpipe.stages.pretrain", "lmpipe.stages.torchrun_worker"),
+    "finetune": ("lmpipe.stages.finetune",),
+    "classify": ("lmpipe.stages.classify",),
+    "evaluate": ("lmpipe.stages.evaluate",),
+    "register": ("lmpipe.stages.register",),
+}
+PACKAGE = "lmpipe"
+
+FINGERPRINT_CHARS = 16
+
+
+def _origin(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"module {name} not found")
+    return Path(spec.origin)
+
+
+def _is_module(name: str) -> bool:
+    """Whether ``name`` is a module, found without running it (``pkg.module.attribute`` is not)."""
+    parent = importlib.util.find_spec(name.rpartition(".")[0])  # imports only the parent's packages
+    return parent is not None and parent.submodule_search_locations is not None \
+        and importlib.util.find_spec(name) is not None
+
+
+def _module_imports(name: str, source: str, package: str) -> set[str]:
+    """Modules of ``package`` that ``source`` (module ``name``) imports in its top-level statements."""
+    found: set[str] = set()
+    for node in ast.parse(source, filename=name).body:
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:  # relative: resolve against the importing module's package
+                base = name.rsplit(".", node.level)[0]
+                mod = f"{base}.{mod}" if mod else base
+            found.add(mod)
+            found.update(f"{mod}.{a.name}" for a in node.names)  # `from pkg import module` names a module
+    return {m for m in found if m.startswith(package + ".") and _is_module(m)}
+
+
+def stage_modules(entry: str, package: str = PACKAGE) -> tuple[str, ...]:
+    """``entry`` and the modules of ``package`` it imports at module level, transitively, sorted."""
+    seen: set[str] = set()
+    todo = [entry]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo += sorted(_module_imports(name, _origin(name).read_text(encoding="utf-8"), package) - seen)
+    return tuple(sorted(seen))
+
+
+def source_hash(modules: tuple[str, ...]) -> str:
+    """sha256 over the names and source bytes of ``modules`` (short)."""
+    h = hashlib.sha256()
+    for name in modules:
+        h.update(name.encode() + b"\0" + _origin(name).read_bytes() + b"\0")
+    return h.hexdigest()[:FINGERPRINT_CHARS]
+
+
+@cache
+def code_version(stage: str) -> str:
+    """Hash of the source of every module that decides the stage's output."""
+    return source_hash(tuple(sorted({m for entry in STAGE_ENTRY[stage] for m in stage_modules(entry)})))
+
+
+def _plain(obj: Any) -> Any:
+    """json.dumps fallback: config sections become their JSON form, wherever they are nested."""
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    raise TypeError(f"cannot fingerprint a {type(obj).__name__}")
+
+
+def stage_fingerprint(stage: str, config: Any, upstream: list[str] | tuple[str, ...] = ()) -> str:
+    """Deterministic hash of (stage, config, upstream fingerprints, code version)."""
+    payload = json.dumps(
+        {"stage": stage, "config": config, "upstream": list(upstream), "code": code_version(stage)},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=_plain,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:FINGERPRINT_CHARS]

@@ -1,0 +1,42 @@
+"""Stage register: log the fine-tuned model, register it, move the aliases through the champion gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmpipe.artifacts import StageResult
+from lmpipe.config.evaluation import TrackingConfig
+from lmpipe.tracking.registry import DECISION_TAG, FINETUNE_TAG, promote_if_better, register_model, scored_key
+from lmpipe.tracking.runs import StageRun, TrackingContext
+from lmpipe.tracking.serving import served_requirements
+
+
+def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finetuned: StageResult,
+                 tokenizer: StageResult, out_dir: Path, fingerprint: str, *, metric: str,
+                 evaluation: dict[str, float]) -> StageResult:
+    """The register stage: the fine-tuned model logged, registered and aliased, the promotion gate
+    applied to ``evaluation[metric]``; the outcome on disk and on the stage's run."""
+    from lmpipe.artifacts import BuildOutput, write_json_atomic
+    from lmpipe.stages.contract import run_stage
+
+    if metric not in evaluation:
+        raise ValueError(f"tracking.promote_metric={metric!r} is not in the evaluation ({sorted(evaluation)})")
+    key = scored_key(metric)
+    # How much the figure was scored on, for the gate to compare it only with a figure scored on as much.
+    scored = (key, evaluation[key]) if key is not None and key in evaluation else None
+
+    def build(tmp: Path) -> BuildOutput:
+        info = register_model(run, cfg, finetuned.path("model"), Path(tokenizer.out_dir), served_requirements())
+        # Where the version came from (and, tagged by the gate, what it was up against): champion_metrics finds
+        # its reference again. Every tag is written before cfg.alias and the champion alias move.
+        info["promotion"] = promote_if_better(run.client, cfg.registered_model, info["version"], metric,
+                                              evaluation[metric], mode=cfg.promote_mode, alias=cfg.champion_alias,
+                                              tags={FINETUNE_TAG: finetuned.fingerprint}, aliases=(cfg.alias,),
+                                              scored=scored)
+        run.set_tags({DECISION_TAG: info["promotion"]["reason"],
+                      DECISION_TAG + ".promoted": info["promotion"]["promoted"]})
+        write_json_atomic(tmp / "registration.json", {**info, "tracking_uri": ctx.uri})
+        return BuildOutput(metrics={"version": float(info["version"]),
+                                    "promoted": float(info["promotion"]["promoted"])}, meta=info)
+
+    return run_stage("register", fingerprint, out_dir, build)

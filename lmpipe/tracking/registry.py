@@ -1,0 +1,268 @@
+"""The MLflow Model Registry: registering versions, the champion gate, finding a registered model's files."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+
+from lmpipe.config.evaluation import TrackingConfig
+from lmpipe.data.tokenizer import META_FILE, TOKENIZER_FILE
+from lmpipe.tracking.runs import StageRun, _client
+from lmpipe.tracking.serving import GPTTextGenerator, served_signature
+
+
+def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path,
+                   tokenizer_dir: Path, pip_requirements: list[str]) -> dict[str, Any]:
+    """Log the model as a pyfunc in the stage's run and register a new version; no alias is moved.
+
+    The artifacts are the checkpoint directory, tokenizer.json (what serving loads)
+    and tokenizer_meta.json (what ``lmpipe export`` needs for the special tokens).
+    ``cfg.alias`` (returned, with the URI it gives) is moved by ``run_register``, through
+    ``promote_if_better``, once the version carries every tag that describes it.
+    """
+    library_dir = Path(__file__).resolve().parent
+    # The fluent API is needed for log_model; opening the stage's own child run in this thread is
+    # safe (it is not the parent, and this stage ends with it).
+    with mlflow.start_run(run_id=run.run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=GPTTextGenerator(),
+            artifacts={"checkpoint": str(checkpoint_dir), "tokenizer": str(tokenizer_dir / TOKENIZER_FILE),
+                       "tokenizer_meta": str(tokenizer_dir / META_FILE)},
+            code_paths=[str(library_dir)],
+            pip_requirements=pip_requirements,
+            signature=served_signature(),
+            input_example=["ROMEO:"],
+            registered_model_name=cfg.registered_model,
+        )
+    version = str(info.registered_model_version)
+    return {
+        "name": cfg.registered_model,
+        "version": version,
+        "alias": cfg.alias,
+        "model_uri": f"models:/{cfg.registered_model}@{cfg.alias}",
+        "logged_model_uri": info.model_uri,
+    }
+
+
+METRIC_TAG = "lmpipe.metric."  # + metric name: the version's evaluation figure, for later gates
+DECISION_TAG = "lmpipe.promotion"
+FINETUNE_TAG = "lmpipe.finetune_fingerprint"  # the fine-tune stage a version came from
+CHAMPION_BEFORE_TAG = "lmpipe.champion_before"  # the version the gate compared it with ("none": there was none)
+EVAL_PREFIX = "finetuned."  # the evaluation metrics the register stage logs in the version's run
+
+
+def _alias_holder(client: MlflowClient, name: str, alias: str) -> Any | None:
+    """The model version ``alias`` points at, or None (no such alias, or no such registered model)."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def champion_metrics(uri: str, name: str, alias: str, *, finetune: str | None = None) -> dict[str, Any] | None:
+    """The registered model an evaluation compares with, and the ``finetuned.*`` metrics logged with it.
+
+    That is the version ``name@alias`` points at, except for a fine-tuned model
+    (``finetune``: its fine-tune stage's fingerprint) that is registered already: then
+    the version that held the alias when it was first registered, as the gate
+    recorded it (None if there was none). So a model is never compared with itself,
+    and re-running a registered model's config gives its evaluation the same
+    reference as before: the report stays cached and nothing is registered twice.
+    The metrics are those the register stage logged in the run that registered the
+    reference (its ``run_id``): the figures of that model's own evaluation.
+
+    Returns ``{"name", "alias", "version", "run_id", "metrics"}``, or None.
+    """
+    client = _client(uri)
+    version = _alias_holder(client, name, alias)
+    if finetune is not None:
+        same = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get(FINETUNE_TAG) == finetune
+                and CHAMPION_BEFORE_TAG in v.tags]
+        if same:
+            before = min(same, key=lambda v: int(v.version)).tags[CHAMPION_BEFORE_TAG]
+            try:
+                version = None if before == "none" else client.get_model_version(name, before)
+            except mlflow.exceptions.MlflowException:  # deleted since
+                version = None
+    if version is None:
+        return None
+    metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
+    return {"name": name, "alias": alias, "version": str(version.version), "run_id": version.run_id,
+            "metrics": {k: float(v) for k, v in sorted(metrics.items()) if k.startswith(EVAL_PREFIX)}}
+
+
+def _champion_figures(client: MlflowClient, champion: Any, keys: tuple[str, ...]) -> dict[str, float | None]:
+    """The champion version's figures for ``keys``: its ``METRIC_TAG`` tags (the gate writes them), else the
+    metrics of the run that registered it (the register stage logs every ``finetuned.*`` figure there, and
+    ``champion_metrics`` reads them for the report); None where neither has one."""
+    found: dict[str, float | None] = {key: None for key in keys}
+    for key in keys:
+        if champion.tags.get(METRIC_TAG + key) is not None:
+            found[key] = float(champion.tags[METRIC_TAG + key])
+    if any(v is None for v in found.values()) and champion.run_id:
+        try:
+            logged = client.get_run(champion.run_id).data.metrics
+        except mlflow.exceptions.MlflowException:  # the run was deleted since
+            logged = {}
+        for key in keys:
+            if found[key] is None and key in logged:
+                found[key] = float(logged[key])
+    return found
+
+
+def promote_if_better(client: MlflowClient, name: str, version: str, metric: str, value: float, *,
+                      mode: str, alias: str, tags: Mapping[str, str] | None = None,
+                      aliases: tuple[str, ...] = (), scored: tuple[str, float] | None = None) -> dict[str, Any]:
+    """The promotion gate: point ``alias`` at ``version`` only if it beats the version the alias holds.
+
+    The new version is tagged with ``tags`` (where it came from), its figure (and, with
+    ``scored``, how much it was scored on) and the version it was compared with
+    (``CHAMPION_BEFORE_TAG``), then with the decision (promoted or kept, both figures,
+    why), which is also returned. Only then do aliases move: ``aliases`` whatever the
+    decision, ``alias`` if promoted. So a crash or a registry error between the steps
+    never leaves an alias on a version without the tags that ``champion_metrics`` and
+    the next gate read: the alias move is the last state change.
+
+    The champion's figure is its ``lmpipe.metric.<metric>`` tag or, without one (it was
+    promoted under another metric), the figure logged in the run that registered it; a
+    champion with neither is replaced: there is nothing to compare. ``scored``
+    (``("finetuned.<corpus>.tokens" or "finetuned.<benchmark>.n", amount)``): the new
+    figure counts only against one scored on the same amount, as the evaluation report
+    compares them; otherwise the champion stays ("not comparable"), since a different
+    token budget or benchmark limit moves the figure by itself. A non-finite figure is
+    never promoted.
+    """
+    value = float(value)
+    for key, tag in (tags or {}).items():
+        client.set_model_version_tag(name, version, key, tag)
+    client.set_model_version_tag(name, version, METRIC_TAG + metric, repr(value))
+    amount = None
+    if scored is not None:
+        amount = float(scored[1])
+        # exact (a count): the next gate compares it with ==, so "{:g}"'s 6 digits would lock the champion in
+        client.set_model_version_tag(name, version, METRIC_TAG + scored[0],
+                                     str(int(amount)) if amount.is_integer() else repr(amount))
+    champion = _alias_holder(client, name, alias)
+    client.set_model_version_tag(name, version, CHAMPION_BEFORE_TAG,
+                                 "none" if champion is None else str(champion.version))
+    figures = {} if champion is None else _champion_figures(client, champion,
+                                                            (metric,) + ((scored[0],) if scored else ()))
+    best = figures.get(metric)
+    best_amount = figures.get(scored[0]) if scored else None
+    if not math.isfinite(value):
+        promoted, reason = False, f"{metric} is {value}, not a finite figure"
+    elif champion is None:
+        promoted, reason = True, f"no @{alias} yet"
+    elif best is None:
+        promoted, reason = True, (f"@{alias} (version {champion.version}) has no {metric} to compare: neither a "
+                                  f"{METRIC_TAG}{metric} tag nor a figure logged in its registration run")
+    elif scored is not None and best_amount != amount:
+        unit = "examples" if scored[0].endswith(".n") else "tokens"
+        then = f"{best_amount:,.0f} {unit}" if best_amount is not None else f"an unlogged number of {unit}"
+        promoted, reason = False, (f"not comparable: {metric} {value:.6g} vs {best:.6g} of version "
+                                   f"{champion.version}, scored on {then} then, {amount:,.0f} now "
+                                   "(the champion is kept; evaluate both on as much to compare)")
+    else:
+        promoted = value < best if mode == "min" else value > best
+        op = ("<" if promoted else ">=") if mode == "min" else (">" if promoted else "<=")
+        reason = f"{metric} {value:.6g} {op} {best:.6g} of version {champion.version} ({mode} wins)"
+    client.set_model_version_tag(name, version, DECISION_TAG, f"{'promoted' if promoted else 'not promoted'}: {reason}")
+    for moved in aliases:
+        client.set_registered_model_alias(name, moved, version)
+    if promoted:
+        client.set_registered_model_alias(name, alias, version)
+    return {
+        "metric": metric, "mode": mode, "alias": alias, "value": value,
+        "champion_version": None if champion is None else str(champion.version),
+        "champion_value": best, "scored": amount, "champion_scored": best_amount,
+        "promoted": promoted, "reason": reason,
+    }
+
+
+def missing_store(tracking_uri: str | None) -> Path | None:
+    """The database file of a ``sqlite:`` tracking URI when it does not exist (opening it would create an
+    empty store), else None."""
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri[len("sqlite:///"):].split("?", 1)[0]  # sqlite:////abs/x.db or sqlite:///relative.db
+    if not path or path == ":memory:":
+        return None
+    return None if Path(path).is_file() else Path(path)
+
+
+def _model_location(client: MlflowClient, model_uri: str) -> str:
+    """Where the files of a model URI (``lmpipe.tracking.handoff.MODEL_URI_FORMS``) are, found through ``client``
+    alone: MLflow's own resolution of ``models:/`` and ``runs:/`` reads the process-wide registry URI."""
+    from lmpipe.tracking.handoff import MODEL_URI_FORMS
+
+    if model_uri.startswith("runs:/"):
+        run_id, _, path = model_uri[len("runs:/"):].partition("/")
+        path = path.strip("/")
+        if not run_id or not path:
+            raise ValueError(f"model {model_uri!r}: expected runs:/<run id>/<model name>; accepted: {MODEL_URI_FORMS}")
+        run = client.get_run(run_id)
+        # MLflow 3 logs a model as a LoggedModel of the run (its own artifact location), not in the run's artifacts.
+        logged = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                             filter_string=f"source_run_id = '{run_id}' AND name = '{path}'",
+                                             order_by=[{"field_name": "creation_timestamp", "ascending": False}])
+        return logged[0].artifact_location if logged else f"{run.info.artifact_uri.rstrip('/')}/{path}"
+    rest = model_uri[len("models:/"):].strip("/")
+    name, sep, alias = rest.partition("@")
+    if sep:
+        version = client.get_model_version_by_alias(name, alias).version
+    elif "/" in rest:
+        name, _, version = rest.rpartition("/")
+        if version == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise mlflow.exceptions.MlflowException(f"Registered model {name!r} has no versions")
+            version = str(max(int(v.version) for v in versions))
+    elif rest.startswith("m-"):  # a LoggedModel's id, as registration.json's logged_model_uri gives it
+        return client.get_logged_model(rest).artifact_location
+    else:
+        raise ValueError(f"model {model_uri!r} names no version: accepted forms are {MODEL_URI_FORMS}")
+    if not name:
+        raise ValueError(f"model {model_uri!r} names no model: accepted forms are {MODEL_URI_FORMS}")
+    return client.get_model_version_download_uri(name, version)
+
+
+def download_model_files(model_uri: str, tracking_uri: str | None, dest: Path) -> tuple[Path, Path]:
+    """A logged or registered model's checkpoint directory and tokenizer directory, downloaded into dest.
+
+    ``model_uri``: one of ``lmpipe.tracking.handoff.MODEL_URI_FORMS``. A ``sqlite:`` store that does
+    not exist is an error (FileNotFoundError naming it), not an empty store created on the spot.
+    """
+    store = missing_store(tracking_uri)
+    if store is not None:
+        raise FileNotFoundError(f"model {model_uri!r}: the MLflow store {store} does not exist ({tracking_uri})")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)  # not a default registry in cwd
+    try:
+        source = _model_location(client, model_uri)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest),
+                                                         tracking_uri=tracking_uri))
+    except mlflow.exceptions.MlflowException as err:
+        raise FileNotFoundError(f"model {model_uri!r} could not be found in {tracking_uri}: {err.message}") from None
+    if not (local / "MLmodel").is_file():
+        raise ValueError(f"model {model_uri!r} is not an MLflow model (no MLmodel file at {source})")
+    artifacts = yaml.safe_load((local / "MLmodel").read_text(encoding="utf-8"))["flavors"]["python_function"]
+    paths = {name: local / entry["path"] for name, entry in artifacts.get("artifacts", {}).items()}
+    if "checkpoint" not in paths or "tokenizer" not in paths:
+        raise ValueError(f"model {model_uri!r} is not an lmpipe model (its artifacts are {sorted(paths)})")
+    return paths["checkpoint"], paths["tokenizer"].parent
+
+
+def scored_key(metric: str) -> str | None:
+    """The metric that says how much ``metric`` was scored on: ``finetuned.<corpus>.tokens`` for a held-out
+    figure, ``finetuned.<benchmark>.n`` for a benchmark's (as the evaluate stage logs them); None otherwise."""
+    from lmpipe.eval.heldout import MC_METRICS, METRICS, SCORED
+
+    stem, _, stat = metric.rpartition(".")
+    kind = "held_out" if stat in METRICS else "multiple_choice" if stat in MC_METRICS else None
+    return f"{stem}.{SCORED[kind]}" if stem and kind else None

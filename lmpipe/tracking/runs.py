@@ -1,0 +1,220 @@
+"""Everything MLflow: runs, batched metrics, artifacts, the served model and the registry.
+
+The only module of the library that imports mlflow. It logs through
+``MlflowClient`` with explicit run ids, never through the fluent API's
+thread-local "active run": stages run in Prefect worker threads, where a bare
+``mlflow.log_metric`` would silently open a new top-level run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from pydantic import BaseModel
+
+from lmpipe.artifacts import StageResult
+from lmpipe.config.evaluation import TrackingConfig
+
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+BATCH_LIMIT = 1000  # MLflow's limit on metrics per log_batch call
+
+
+class TrackingContext(BaseModel):
+    """What a stage needs to log into the pipeline's MLflow run; small and picklable."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+    workdir: str
+    flow_run_id: str | None = None  # the orchestrator's run id, tagged on every stage's run
+
+
+def resolve_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
+    """The configured URI, or a SQLite store under the work directory (MLflow 3 refuses ./mlruns)."""
+    if cfg.uri:
+        return cfg.uri
+    return f"sqlite:///{(Path(workdir).resolve() / 'mlflow.db').as_posix()}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/models to dotted keys: {"model": {"n_layer": 4}} -> {"model.n_layer": 4}."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: obj}
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."
+
+
+def _client(uri: str) -> MlflowClient:
+    mlflow.set_tracking_uri(uri)  # the registry and pyfunc logging read the global URI
+    return MlflowClient(tracking_uri=uri)
+
+
+def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, params: dict[str, Any],
+                      tags: dict[str, str], flow_run_id: str | None = None) -> TrackingContext:
+    """Create the experiment if needed (artifacts under the work directory) and start the parent run."""
+    uri = resolve_uri(cfg, workdir)
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    client = _client(uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        artifacts = None
+        if uri.startswith("sqlite:///"):
+            artifacts = (Path(workdir).resolve() / "mlartifacts").as_uri()
+        exp_id = client.create_experiment(cfg.experiment, artifact_location=artifacts)
+    else:
+        exp_id = exp.experiment_id
+    run = client.create_run(exp_id, run_name=run_name, tags={"lmpipe.git_commit": git_commit(), **tags})
+    ctx = TrackingContext(uri=uri, experiment_id=exp_id, parent_run_id=run.info.run_id,
+                          workdir=str(Path(workdir).resolve()), flow_run_id=flow_run_id)
+    try:
+        _log_params(client, ctx.parent_run_id, params)
+    except BaseException:
+        client.set_terminated(ctx.parent_run_id, status="FAILED")
+        raise
+    return ctx
+
+
+def close_run(ctx: TrackingContext, run_id: str, status: str) -> None:
+    _client(ctx.uri).set_terminated(run_id, status=status)
+
+
+def _log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(k, _param_value(v)) for k, v in flatten(params).items()]
+    for i in range(0, len(items), 100):  # MLflow caps params per batch at 100
+        client.log_batch(run_id, params=items[i : i + 100], synchronous=True)
+
+
+class StageRun:
+    """A stage's nested MLflow run. Metrics are buffered and written in batches."""
+
+    def __init__(self, uri: str, run_id: str, flush_every: int = 200) -> None:
+        self.uri = uri
+        self.run_id = run_id
+        self.client = _client(uri)
+        self.flush_every = flush_every
+        self._pending: list[Metric] = []
+
+    def env(self) -> dict[str, str]:
+        """Environment that lets another process (a torchrun worker) log into this run: ``from_env``."""
+        return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_RUN_ID": self.run_id}
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> StageRun | None:
+        """The run ``env`` handed over, or None when there is none (training without tracking)."""
+        if "MLFLOW_RUN_ID" not in environ or "MLFLOW_TRACKING_URI" not in environ:
+            return None
+        return cls(environ["MLFLOW_TRACKING_URI"], environ["MLFLOW_RUN_ID"])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        _log_params(self.client, self.run_id, params)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Buffer metrics; one store call per `flush_every` values, not per value (3 ms each on SQLite)."""
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if value is None or (isinstance(value, float) and not math.isfinite(value)):
+                continue
+            self._pending.append(Metric(key, float(value), now, int(step)))
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:BATCH_LIMIT], self._pending[BATCH_LIMIT:]
+            self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A file, or a directory's contents, under artifact_path."""
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_result(self, result: StageResult, artifacts: list[str] = ()) -> None:
+        """The stage's summary metrics, its file hashes as an artifact, and the named output files."""
+        self.log_metrics(result.metrics, step=0)
+        self.flush()
+        self.set_tags({"lmpipe.out_dir": result.out_dir, "lmpipe.reused_output": result.meta.get("reused", False)})
+        self.client.log_dict(self.run_id, result.files, "stage_files.json")
+        for name in artifacts:
+            path = result.path(name)
+            if path.is_dir():  # e.g. model/ -> the run's model/ folder
+                self.log_artifact(path, name)
+            elif path.is_file():
+                self.log_artifact(path, str(Path(name).parent) if "/" in name else None)
+
+
+@contextmanager
+def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[str, Any],
+              tags: dict[str, str] | None = None) -> Iterator[StageRun]:
+    """A nested run for one stage; FINISHED when the block succeeds, FAILED when it raises."""
+    client = _client(ctx.uri)
+    run = client.create_run(
+        ctx.experiment_id,
+        run_name=stage,
+        tags={PARENT_TAG: ctx.parent_run_id, "lmpipe.artifacts": stage, "lmpipe.stages.fingerprint": fingerprint,
+              "lmpipe.git_commit": git_commit(),
+              **({"prefect.flow_run_id": ctx.flow_run_id} if ctx.flow_run_id else {}), **(tags or {})},
+    )
+    sr = StageRun(ctx.uri, run.info.run_id)
+    try:
+        sr.log_params(params)
+        yield sr
+    except BaseException:
+        sr.flush()
+        client.set_terminated(sr.run_id, status="FAILED")
+        raise
+    sr.flush()
+    client.set_terminated(sr.run_id, status="FINISHED")
+
+
+def set_parent_summary(ctx: TrackingContext, results: dict[str, StageResult], outcomes: list[dict[str, Any]]) -> None:
+    """Put every stage's metrics, fingerprint and cache status on the parent run.
+
+    A cached stage opens no child run of its own, so without this a fully cached
+    run would have nothing to compare in the MLflow UI.
+    """
+    client = _client(ctx.uri)
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{label}.{key}", float(value), now, 0)
+               for label, result in results.items() for key, value in result.metrics.items()
+               if value is not None and math.isfinite(float(value))]
+    tags = [RunTag(f"lmpipe.artifacts.{o['label']}", f"{o['status']} {o['fingerprint']}") for o in outcomes]
+    for i in range(0, max(len(metrics), 1), BATCH_LIMIT):
+        client.log_batch(ctx.parent_run_id, metrics=metrics[i : i + BATCH_LIMIT], tags=tags if i == 0 else [],
+                         synchronous=True)
+    client.log_dict(ctx.parent_run_id, {"stages": outcomes}, "stages.json")

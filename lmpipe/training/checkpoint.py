@@ -1,0 +1,181 @@
+"""Writing and resuming training checkpoints: weights, optimizer state, every rank's RNG, written atomically.
+
+Reading a checkpoint's weights for evaluation or serving is ``lmpipe.model.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import shutil
+from collections.abc import Collection
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from lmpipe.model.checkpoint import (
+    FORMAT_VERSION,
+    OPTIMIZER_FILE,
+    TIED_KEY,
+    WEIGHTS_FILE,
+    CheckpointError,
+    _load_weights,
+    _step_dirs,
+    _step_of,
+    seal_checkpoint,
+    step_dir,
+    verify_checkpoint,
+)
+from lmpipe.model.gpt import GPT, GPTConfig
+
+# ---------------------------------------------------------------- RNG states
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def rng_state() -> dict[str, Any]:
+    """All global RNG states as JSON-able values (bytes as base64)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = _b64(torch.cuda.get_rng_state())  # this process's device (one per rank)
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_unb64(state["cuda"]))
+
+
+# ---------------------------------------------------------------- writing
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def capture(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Full CPU copies of the weights (tied head dropped) and of the optimizer state.
+
+    ``model`` may be a GPT, or one wrapped by DDP or sharded by FSDP2; under FSDP
+    this is a collective (every rank calls it) and ranks other than 0 get empty dicts.
+    """
+    sd = get_model_state_dict(model, options=_FULL)
+    sd.pop(TIED_KEY, None)  # the GPT always ties its head to the token embedding
+    weights = {k: v.detach().contiguous() for k, v in sd.items()}
+    opt = get_optimizer_state_dict(model, optimizer, options=_FULL) if optimizer is not None else None
+    return weights, opt
+
+
+def save_checkpoint(
+    root: Path, step: int, model: GPT, optimizer: torch.optim.Optimizer, state: dict[str, Any], *, keep: int = 2
+) -> Path:
+    """Checkpoint a single-process model: ``capture`` then ``write_checkpoint``."""
+    weights, opt = capture(model, optimizer)
+    return write_checkpoint(root, step, model.config, weights, opt, state, keep=keep)
+
+
+def write_checkpoint(
+    root: Path, step: int, config: GPTConfig, weights: dict[str, torch.Tensor], optimizer_state: dict | None,
+    state: dict[str, Any], *, rng: list[dict[str, Any]] | None = None, keep: int = 2,
+    keep_steps: Collection[int | None] = (),
+) -> Path:
+    """Write ``root/step-{step:07d}`` atomically, then prune: keep the newest ``keep`` checkpoints
+    (and those of ``keep_steps``, which something else still refers to).
+
+    ``state`` holds the caller's fields (tokenizer_fingerprint, data position, train
+    config, ...); format_version, step, model config, vocab_size and the RNG states
+    (``rng``: one entry per rank; default this process's) are added here. One writer
+    per root is assumed: leftover temporary directories and checkpoints of later
+    steps are removed, since training resumes from the newest valid checkpoint, so
+    later ones were invalid or belong to an abandoned run.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".step-*.tmp"):  # left by a crash mid-save
+        shutil.rmtree(leftover)
+    final = step_dir(root, step)
+    tmp = root / f".{final.name}.tmp"  # hidden, and never matches the step-N pattern
+    tmp.mkdir()
+    save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+    full = {
+        **state,
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "model": asdict(config),
+        "vocab_size": config.vocab_size,
+        "rng": rng if rng is not None else [rng_state()],
+    }
+    out = seal_checkpoint(tmp, final, full)
+    later = [d for d in _step_dirs(root) if _step_of(d) > step]
+    kept_or_older = [d for d in _step_dirs(root) if _step_of(d) <= step]
+    for d in later + kept_or_older[keep:]:
+        if _step_of(d) not in keep_steps:
+            shutil.rmtree(d)
+    return out
+
+
+def prune_checkpoints(root: Path, keep_steps: Collection[int | None]) -> None:
+    """Remove the checkpoints under root but those of ``keep_steps``."""
+    for d in _step_dirs(root):
+        if _step_of(d) not in keep_steps:
+            shutil.rmtree(d)
+
+
+def load_checkpoint(
+    ckpt_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    restore_rng: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """Restore weights into model (and optimizer state, this rank's RNG states); returns the state.
+
+    The model must already have the checkpoint's architecture (see check_compatible)
+    and sit on its device; plain, DDP and FSDP2 models all take the full tensors
+    (a LoRA checkpoint's merged into a model without LoRA layers, see ``_load_weights``).
+    RNG states come back only onto the same number of ranks; ``restore_rng`` reports
+    through the returned state's ``rng_restored`` whether they did.
+    """
+    state = verify_checkpoint(ckpt_dir)
+    _load_weights(model, ckpt_dir, state)
+    if optimizer is not None:
+        opt_file = Path(ckpt_dir) / OPTIMIZER_FILE
+        if not opt_file.is_file():
+            raise CheckpointError(f"{ckpt_dir} holds no optimizer state (an exported model?)")
+        opt_state = torch.load(opt_file, map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
+    state["rng_restored"] = restore_rng and len(state.get("rng", [])) == world_size
+    if state["rng_restored"]:
+        set_rng_state(state["rng"][rank])
+    return state

@@ -1,0 +1,91 @@
+import yaml
+
+from flows.cli import format_summary, main
+from tests.conftest import REPO
+
+
+def test_config_command_prints_the_resolved_config(capsys):
+    assert main(["config", "--config", str(REPO / "configs" / "tiny.yaml"), "pretrain.max_steps=3"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["pretrain"]["max_steps"] == 3
+    assert printed["model"]["n_layer"] == 2
+
+
+def test_bad_config_exits_2_naming_the_field_before_prefect_starts(capsys):
+    assert main(["run", "tokenizer.vocab_size=200"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.vocab_size: 200 is too small" in err and "needs at least 261" in err
+
+
+def test_summary_table_lists_stages_evaluation_and_where_to_look():
+    summary = {
+        "stages": [{"label": "pretrain", "status": "cached", "seconds": 0.04, "out_dir": "w/pretrain/abc"}],
+        "metrics": {"evaluate": {"base.wiki.loss": 2.0, "base.wiki.perplexity": 7.389, "base.wiki.bits_per_byte": 1.25,
+                                 "base.cloze.acc": 0.25, "base.cloze.acc_norm": 0.3125, "base.cloze.n": 16.0}},
+        "registered": {"model_uri": "models:/m@candidate", "version": "3"},
+        "tracking_uri": "sqlite:///w/mlflow.db", "workdir": "w", "mlflow_run_id": "r1",
+    }
+    text = format_summary(summary, 12.0)
+    assert "pretrain                    cached        0.0  w/pretrain/abc" in text
+    assert "base        wiki                   2.000       7.4      1.250" in text
+    assert "model       benchmark                acc  acc_norm\nbase        cloze                  0.250     0.312" in text
+    assert "registered model: models:/m@candidate (version 3)" in text
+    assert "mlflow ui --backend-store-uri sqlite:///w/mlflow.db" in text
+    assert "classifier" not in text and "champion gate" not in text
+
+
+def test_summary_names_the_classifier_scores_and_the_champion_decision():
+    summary = {
+        "stages": [], "metrics": {"classify": {"accuracy": 0.975, "macro_f1": 0.97494}},
+        "registered": {"model_uri": "models:/m@candidate", "version": "4",
+                       "promotion": {"promoted": False, "alias": "champion",
+                                     "reason": "finetuned.wiki.bits_per_byte 1.3 is not better than 1.25 (version 3)"}},
+        "tracking_uri": "sqlite:///w/mlflow.db", "workdir": "w", "mlflow_run_id": "r1",
+    }
+    text = format_summary(summary, 1.0)
+    assert "classifier: accuracy 0.975, macro-F1 0.975 on the held-out examples" in text
+    assert ("champion gate:    not promoted to @champion: finetuned.wiki.bits_per_byte 1.3 is not better than 1.25 "
+            "(version 3)") in text
+
+
+def test_why_names_the_step_and_reason_that_removed_a_document(tmp_path, capsys):
+    from lmpipe.config.data import CleanConfig
+    from lmpipe.data.documents import ChunkWriter, chunk_paths
+    from lmpipe.stages.clean import run_clean, run_clean_chunk
+
+    with ChunkWriter(tmp_path / "download", chunk_bytes=1 << 20) as w:
+        w.add_many(["c/0/0", "c/0/1", "c/0/2"], ["A long enough first document.", "x", "A long enough first document."],
+                   ["a.txt"] * 3)
+    cfg = CleanConfig(min_chars=2)
+    chunk = run_clean_chunk(cfg, chunk_paths(tmp_path / "download")[0], tmp_path / "w" / "clean_chunk" / "k", "k")
+    run_clean(cfg, [chunk], tmp_path / "w" / "clean" / "f", "f", corpus_field="data.pretrain")
+
+    assert main(["why", "c/0/1", "--workdir", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out
+    assert "c/0/1: removed by min_chars" in out and "reason:  min_chars: 1 chars < 2" in out
+    assert main(["why", "c/0/2", "--workdir", str(tmp_path / "w")]) == 0
+    assert "reason:  dedup: same text as c/0/0" in capsys.readouterr().out
+    assert main(["why", "c/0/0", "--workdir", str(tmp_path / "w")]) == 1
+    assert "c/0/0: not removed by any finished clean stage" in capsys.readouterr().out
+
+
+def test_model_commands_check_options_and_device_before_fetching_the_model(tmp_path, capsys, monkeypatch):
+    import torch
+
+    base = ["generate", "models:/nope@x", "--workdir", str(tmp_path), "-p", "x"]  # never looked up
+    for option, message in [
+        (["--max-new-tokens", "-3"], "--max-new-tokens must be an integer >= 0, got -3"),
+        (["--top-p", "0"], "--top-p must be in (0, 1] (or left out: no nucleus filtering), got 0.0"),
+        (["--top-k", "0"], "--top-k must be an integer >= 1 (or left out: no top-k filtering), got 0"),
+        (["--temperature", "-1"], "--temperature must be a number >= 0 (0: greedy), got -1.0"),
+    ]:
+        assert main([*base, *option]) == 1
+        assert capsys.readouterr().err == f"lmpipe generate: {message}\n"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*base, "--device", "cuda"]) == 1
+    assert capsys.readouterr().err == (f"lmpipe generate: --device 'cuda': CUDA is not available on this machine "
+                                       f"(torch {torch.__version__}); use --device cpu\n")
+    assert main(["evaluate", "models:/nope@x", "--workdir", str(tmp_path), "-t", __file__, "--device", "gpu"]) == 1
+    assert capsys.readouterr().err == ("lmpipe evaluate: --device 'gpu' is not a device: expected cpu, cuda, "
+                                       "cuda:<index> or mps\n")
+    assert not (tmp_path / "mlflow.db").exists()

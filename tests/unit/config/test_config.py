@@ -1,0 +1,151 @@
+
+import pytest
+import torch
+
+from lmpipe.config.base import ConfigError
+from lmpipe.config.loading import load_config
+from lmpipe.config.pipeline import PipelineConfig
+from lmpipe.stages.fingerprint import stage_fingerprint
+from tests.conftest import REPO
+
+REPO = REPO
+
+
+def test_demo_preset_is_the_default():
+    assert load_config(REPO / "configs" / "demo.yaml") == PipelineConfig()
+    assert load_config(None) == PipelineConfig()
+
+
+def test_overrides_are_typed_and_reach_nested_sections():
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      ["pretrain.max_steps=7", "pretrain.learning_rate=1e-3", "model.bias=false",
+                       "data.pretrain.val_fraction=0.25", "eval.prompts=[a, b, c]"])
+    assert cfg.pretrain.max_steps == 7
+    assert cfg.pretrain.learning_rate == 1e-3
+    assert cfg.model.bias is False
+    assert cfg.data.pretrain.val_fraction == 0.25
+    assert cfg.eval.prompts == ["a", "b", "c"]
+    assert cfg.model.n_layer == 2  # untouched preset value
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("tokenizer.vocab_size=200", "tokenizer.vocab_size: 200 is too small: the byte alphabet (256) plus 5"),
+        ("model.n_embd=30", "model.n_embd: 30 must be divisible by n_head=4"),
+        ("pretrain.max_steps=0", "pretrain.max_steps: Input should be greater than or equal to 1 (got 0)"),
+        ("pretrain.max_stepz=10", "pretrain.max_stepz: unknown field (got 10)"),
+        ("data.pretrain.val_fraction=1.5", "data.pretrain.val_fraction: Input should be less than 1 (got 1.5)"),
+        ("finetune.mode=sft", "finetune: mode='sft' needs sft_path"),
+        ("tokenizer.eot_token=<eos>", "tokenizer.eot_token: eot_token '<eos>' must be one of special_tokens"),
+        ("pretrain.device=tpu", "pretrain.device: Input should be 'auto', 'cpu', 'cuda' or 'mps' (got 'tpu')"),
+    ],
+)
+def test_invalid_values_name_the_field_and_value(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_bad_override_syntax_and_missing_file():
+    with pytest.raises(ConfigError, match="must look like section.field=value"):
+        load_config(None, ["pretrain.max_steps"])
+    with pytest.raises(ConfigError, match="config file 'nope.yaml' does not exist"):
+        load_config("nope.yaml")
+
+
+def test_vocab_floor_counts_every_special_token():
+    cfg = load_config(None, ["tokenizer.special_tokens=[<|endoftext|>, <|user|>]", "tokenizer.vocab_size=258"])
+    assert cfg.tokenizer.vocab_size == 258
+    with pytest.raises(ConfigError, match="needs at least 258"):
+        load_config(None, ["tokenizer.special_tokens=[<|endoftext|>, <|user|>]", "tokenizer.vocab_size=257"])
+
+
+def test_fingerprint_depends_on_config_and_upstream_only():
+    a = PipelineConfig()
+    b = load_config(None, ["model.n_layer=5"])
+    fp = stage_fingerprint("pretrain", {"model": a.model, "cfg": a.pretrain}, ["up1"])
+    assert fp == stage_fingerprint("pretrain", {"model": a.model, "cfg": a.pretrain}, ["up1"])
+    assert len(fp) == 16
+    assert fp != stage_fingerprint("pretrain", {"model": b.model, "cfg": a.pretrain}, ["up1"])
+    assert fp != stage_fingerprint("pretrain", {"model": a.model, "cfg": a.pretrain}, ["up2"])
+    # Data stages do not see the model section at all.
+    assert stage_fingerprint("train_tokenizer", a.tokenizer, ["d"]) == stage_fingerprint("train_tokenizer", b.tokenizer, ["d"])
+
+
+def test_corpora_need_distinct_names():
+    with pytest.raises(ConfigError, match="data: Value error, finetune.name 'wikitext2' is also pretrain.name|"
+                                          "finetune.name 'wikitext2' is also pretrain.name"):
+        load_config(None, ["data.finetune.name=wikitext2"])
+
+
+def test_gpt2_124m_preset_is_gpt2_small_with_a_half_million_token_batch():
+    from lmpipe.model.gpt import GPT, GPTConfig
+
+    cfg = load_config(REPO / "configs" / "gpt2-124m.yaml")
+    m = cfg.model
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (12, 12, 768, 1024)
+    assert cfg.tokenizer.vocab_size <= 65_536
+    assert cfg.pretrain.batch_tokens == 524_288 and cfg.pretrain.sequences_per_step(m.block_size) == 512
+    with torch.device("meta"):  # shapes only, no memory
+        params = GPT(GPTConfig.from_config(m, cfg.tokenizer.vocab_size)).num_params(non_embedding=False)
+    assert params == 124_475_904  # nanoGPT's GPT-2 small with the 50,304-token vocabulary
+    assert load_config(REPO / "configs" / "gpu-smoke.yaml").pretrain.batch_size == "auto"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["pretrain.batch_tokens=1000"], r"pretrain\.batch_tokens=1000 is not a multiple of model\.block_size=128"),
+        (["pretrain.batch_tokens=2048", "pretrain.batch_size=3"],
+         r"pretrain\.batch_tokens=2048 is 16 sequences .* pretrain\.batch_size=3 on "
+         r"pretrain\.distributed\.nproc_per_node=1 processes"),
+        (["pretrain.batch_size=auto"], r"pretrain: batch_size='auto' needs batch_tokens"),
+        (["pretrain.batch_size=0"], r"pretrain\.batch_size: must be >= 1 or 'auto'"),
+        (["finetune.distributed.nproc_per_node=2"], r"finetune\.distributed\.nproc_per_node=2: only pretraining"),
+        (["tracking.promote_metric=finetuned.nope.loss"],
+         r"tracking\.promote_metric='finetuned\.nope\.loss' is not a metric the evaluation reports; choose one of "
+         r"\['finetuned\.shakespeare_cloze\.acc', 'finetuned\.shakespeare_cloze\.acc_norm', "
+         r"'finetuned\.tinyshakespeare\.bits_per_byte', "),
+        (["tracking.alias=champion"], r"tracking: alias and champion_alias must differ \(both 'champion'\)"),
+    ],
+)
+def test_bad_batch_settings_name_the_fields(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_batch_tokens_sets_the_global_batch_whatever_the_split():
+    cfg = load_config(None, ["pretrain.batch_tokens=8192", "pretrain.batch_size=8",
+                             "pretrain.distributed.nproc_per_node=2"])
+    assert cfg.pretrain.sequences_per_step(128) == 64  # 8 per micro-batch x 4 accumulation x 2 processes
+    assert load_config(None).pretrain.sequences_per_step(128) == 16  # batch_size x grad_accum_steps
+
+
+def test_the_champion_metric_defaults_to_bits_per_byte_on_the_finetuning_corpus():
+    assert load_config(None).champion_metric() == "finetuned.tinyshakespeare.bits_per_byte"
+    cfg = load_config(None, ["tracking.promote_metric=finetuned.wikitext2.loss"])
+    assert cfg.champion_metric() == "finetuned.wikitext2.loss"
+
+
+def test_integer_classification_labels_are_their_decimal_strings_as_in_the_data():
+    cfg = load_config(None, ["classify={path: data.jsonl, labels: [0, 1, two]}"])
+    assert cfg.classify.labels == ["0", "1", "two"]
+    with pytest.raises(ConfigError, match="labels"):
+        load_config(None, ["classify={path: data.jsonl, labels: [true, false]}"])
+
+
+def test_after_sft_the_champion_metric_defaults_to_bits_per_byte_on_the_held_out_sft_examples():
+    sft = ["finetune.mode=sft", "finetune.sft_path=chat.jsonl"]
+    cfg = load_config(None, sft)
+    assert cfg.champion_metric() == "finetuned.sft/val.bits_per_byte"
+    assert cfg.promotable_metrics() - load_config(None).promotable_metrics() == {
+        "finetuned.sft/val.loss", "finetuned.sft/val.perplexity", "finetuned.sft/val.bits_per_byte"}
+    # An explicit choice still wins, a corpus's included.
+    cfg = load_config(None, [*sft, "tracking.promote_metric=finetuned.tinyshakespeare.bits_per_byte"])
+    assert cfg.champion_metric() == "finetuned.tinyshakespeare.bits_per_byte"
+    assert load_config(None, [*sft, "tracking.promote_metric=finetuned.sft/val.loss"]).champion_metric() == \
+        "finetuned.sft/val.loss"
+    # Without SFT there is no such figure to promote on.
+    with pytest.raises(ConfigError, match=r"tracking.promote_metric='finetuned.sft/val.loss' is not a metric"):
+        load_config(None, ["tracking.promote_metric=finetuned.sft/val.loss"])

@@ -1,0 +1,70 @@
+"""A stage's code version covers every lmpipe module it imports at module level, and only those."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from lmpipe.stages.fingerprint import STAGE_ENTRY, code_version, source_hash, stage_modules
+
+
+def _closure(stage: str) -> set[str]:
+    return {m for entry in STAGE_ENTRY[stage] for m in stage_modules(entry)}
+
+
+def test_pretrain_code_covers_the_modules_training_runs():
+    # The torchrun worker and the loop's parts decide what pretraining computes; evaluation, tracking and
+    # the SFT reader (fine-tuning's) are not reached at module level.
+    pretrain = _closure("pretrain")
+    assert pretrain == {
+        "lmpipe.artifacts", "lmpipe.config.base", "lmpipe.config.data", "lmpipe.config.evaluation",
+        "lmpipe.config.pipeline", "lmpipe.config.training", "lmpipe.data.shards", "lmpipe.data.tokenizer",
+        "lmpipe.model.checkpoint", "lmpipe.model.device", "lmpipe.model.gpt", "lmpipe.model.lora",
+        "lmpipe.stages.contract", "lmpipe.stages.pretrain", "lmpipe.stages.torchrun_worker", "lmpipe.stages.training",
+        "lmpipe.training.checkpoint", "lmpipe.training.device", "lmpipe.training.distributed",
+        "lmpipe.training.launch", "lmpipe.training.loader", "lmpipe.training.loop", "lmpipe.training.schedule",
+        "lmpipe.training.step", "lmpipe.training.validation",
+    }
+    finetune = _closure("finetune")
+    assert finetune - pretrain == {"lmpipe.stages.finetune", "lmpipe.data.sft", "lmpipe.data.jsonl"}
+    assert _closure("register") == {
+        "lmpipe.artifacts", "lmpipe.config.base", "lmpipe.config.data", "lmpipe.config.evaluation",
+        "lmpipe.data.tokenizer", "lmpipe.stages.register", "lmpipe.tracking.handoff", "lmpipe.tracking.registry",
+        "lmpipe.tracking.runs", "lmpipe.tracking.serving",
+    }
+    assert not any(m.startswith("lmpipe.training") for m in _closure("evaluate"))  # evaluation only loads models
+    assert len({code_version("pretrain"), code_version("finetune"), code_version("evaluate")}) == 3
+
+
+def _package(root, name: str, files: dict[str, str]) -> None:
+    pkg = root / name
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for mod, text in files.items():
+        (pkg / f"{mod}.py").write_text(text)
+
+
+def test_closure_follows_module_level_imports_of_every_form(tmp_path, monkeypatch):
+    name = "lmpipe_fp_probe"
+    _package(tmp_path, name, {
+        "entry": f"from {name} import helper\nimport {name}.direct as direct\n"
+                 f"from {name}.cfg import Setting\n\n\ndef late():\n    from {name} import lazy\n",
+        "helper": "from .deep import value\n",
+        "direct": "import json\n",
+        "cfg": "Setting = 1\n",
+        "deep": "value = 1\n",
+        "lazy": "",
+        "unused": "",
+    })
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    try:
+        mods = stage_modules(f"{name}.entry", name)
+        assert mods == tuple(f"{name}.{m}" for m in ("cfg", "deep", "direct", "entry", "helper"))
+        before = source_hash(mods)
+        (tmp_path / name / "lazy.py").write_text("changed = True\n")
+        assert source_hash(mods) == before
+        (tmp_path / name / "deep.py").write_text("value = 2\n")  # two imports below the entry
+        assert source_hash(mods) != before
+    finally:
+        sys.modules.pop(name, None)

@@ -1,0 +1,210 @@
+"""The served model and the model commands against a real MLflow store: URI forms, shared generation
+settings, the empty prompt, a missing store, no spurious MLflow warning. No pipeline run: one tiny
+model is registered the way the register stage registers it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from flows.cli import main
+from lmpipe.config.base import EOT
+from lmpipe.tracking.handoff import GENERATION_DEFAULTS, MODEL_URI_FORMS, generation_params
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tokenizer):
+    """A tiny GPT registered as version 1 of 'm' (alias candidate) in a fresh SQLite store."""
+    import torch
+
+    from lmpipe.config.evaluation import TrackingConfig
+    from lmpipe.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from lmpipe.model.checkpoint import export_model
+    from lmpipe.model.gpt import GPT, GPTConfig
+    from lmpipe.tracking.registry import register_model
+    from lmpipe.tracking.runs import StageRun
+    from lmpipe.training.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("served")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.create_experiment("e", artifact_location=(root / "art").as_uri())
+    run = StageRun(uri, client.create_run(exp).info.run_id)
+    tok_file = tokenizer.path("tokenizer.json")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=load_tokenizer(tok_file).get_vocab_size(), block_size=16, n_layer=1,
+                          n_head=2, n_embd=16))
+    ckpt = save_checkpoint(root / "ckpts", 1, model, torch.optim.AdamW(model.parameters()),
+                           {"tokenizer_fingerprint": tokenizer_fingerprint(tok_file)})
+    export_model(ckpt, root / "ft" / "model")
+    info = register_model(run, TrackingConfig(registered_model="m"), root / "ft" / "model", Path(tokenizer.out_dir),
+                          ["torch"])
+    client.set_terminated(run.run_id)
+    client.set_registered_model_alias("m", "candidate", info["version"])
+    return SimpleNamespace(uri=uri, run_id=run.run_id, info=info, checkpoint=root / "ft" / "model",
+                           tokenizer_dir=Path(tokenizer.out_dir), root=root)
+
+
+def _reference(served, prompts: list[str], **params) -> list[str]:
+    """What generate_samples gives for these prompts (an empty one starting at the end-of-text token)."""
+    from lmpipe.data.tokenizer import load_tokenizer
+    from lmpipe.eval.samples import generate_samples
+    from lmpipe.model.checkpoint import load_model
+
+    tok = load_tokenizer(served.tokenizer_dir / "tokenizer.json")
+    samples = generate_samples(load_model(served.checkpoint), tok, prompts, **{**GENERATION_DEFAULTS, **params},
+                               device="cpu", start_id=tok.token_to_id(EOT))
+    return [s["completion"] for s in samples]
+
+
+def test_generation_params_one_set_of_defaults_and_checks():
+    assert GENERATION_DEFAULTS == {"max_new_tokens": 64, "temperature": 0.8, "top_k": None, "top_p": None, "seed": 0}
+    assert generation_params() == GENERATION_DEFAULTS
+    # None (JSON null) is the default; an integral float is an integer
+    assert generation_params({"max_new_tokens": None, "top_k": 5.0, "top_p": 1, "seed": None}) == {
+        "max_new_tokens": 64, "temperature": 0.8, "top_k": 5, "top_p": 1.0, "seed": 0}
+    for params, message in [
+        ({"top_p": 0.0}, "top_p must be in (0, 1] (or left out: no nucleus filtering), got 0.0"),
+        ({"top_p": 1.5}, "top_p must be in (0, 1] (or left out: no nucleus filtering), got 1.5"),
+        ({"top_k": 0}, "top_k must be an integer >= 1 (or left out: no top-k filtering), got 0"),
+        ({"max_new_tokens": -3}, "max_new_tokens must be an integer >= 0, got -3"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 0, got 2.5"),
+        ({"max_new_tokens": True}, "max_new_tokens must be an integer >= 0, got True"),
+        ({"temperature": -0.1}, "temperature must be a number >= 0 (0: greedy), got -0.1"),
+        ({"temperature": float("nan")}, "temperature must be a number >= 0 (0: greedy), got nan"),
+        ({"seed": "7"}, "seed must be an integer, got '7'"),
+        ({"topk": 5}, "unknown generation parameter(s) ['topk']; expected "
+                      "['max_new_tokens', 'seed', 'temperature', 'top_k', 'top_p']"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            generation_params(params)
+        assert str(err.value) == message
+
+
+def test_every_advertised_model_uri_resolves_to_the_registered_files(served, tmp_path):
+    from lmpipe.tracking.registry import download_model_files
+
+    with (served.checkpoint / "model.safetensors").open("rb") as f:
+        weights = f.read()
+    uris = [f"runs:/{served.run_id}/model", served.info["logged_model_uri"], "models:/m/1", "models:/m/latest",
+            "models:/m@candidate"]
+    assert served.info["logged_model_uri"].startswith("models:/m-")
+    for i, uri in enumerate(uris):
+        checkpoint, tokenizer_dir = download_model_files(uri, served.uri, tmp_path / str(i))
+        assert (checkpoint / "model.safetensors").read_bytes() == weights, uri
+        assert (tokenizer_dir / "tokenizer.json").read_bytes() == (served.tokenizer_dir / "tokenizer.json").read_bytes()
+    # A registered model's name alone names no version: the error lists what is accepted.
+    with pytest.raises(ValueError) as err:
+        download_model_files("models:/m", served.uri, tmp_path / "x")
+    assert str(err.value) == f"model 'models:/m' names no version: accepted forms are {MODEL_URI_FORMS}"
+    assert MODEL_URI_FORMS == ("models:/<name>@<alias>, models:/<name>/<version>, models:/<name>/latest, "
+                               "models:/m-<model id>, runs:/<run id>/model")
+    with pytest.raises(FileNotFoundError) as err:
+        download_model_files("models:/nope/latest", served.uri, tmp_path / "y")
+    assert str(err.value) == f"model 'models:/nope/latest' could not be found in {served.uri}: Registered model " \
+                             "'nope' has no versions"
+    # The CLI takes them all (run id and logged model id included).
+    for i, uri in enumerate((f"runs:/{served.run_id}/model", served.info["logged_model_uri"])):
+        assert main(["export", uri, "--tracking-uri", served.uri, str(tmp_path / f"hf{i}")]) == 0
+        assert (tmp_path / f"hf{i}" / "model.safetensors").is_file()
+
+
+def test_a_missing_sqlite_store_is_named_and_not_created(served, tmp_path, capsys):
+    from lmpipe.tracking.registry import download_model_files
+
+    elsewhere = (tmp_path / "not-a-run").resolve()
+    assert main(["generate", "models:/m@candidate", "--workdir", str(elsewhere), "-p", "x"]) == 1
+    assert capsys.readouterr().err == (
+        f"lmpipe generate: model 'models:/m@candidate': there is no MLflow store at {elsewhere / 'mlflow.db'} "
+        f"(--workdir '{elsewhere}' is not a pipeline's work directory); pass the run's --workdir or --tracking-uri\n")
+    missing = f"sqlite:///{tmp_path / 'typo.db'}"
+    assert main(["evaluate", "models:/m@candidate", "--tracking-uri", missing, "-t", __file__]) == 1
+    assert capsys.readouterr().err == (f"lmpipe evaluate: model 'models:/m@candidate': the MLflow store "
+                                       f"{tmp_path / 'typo.db'} does not exist ({missing})\n")
+    with pytest.raises(FileNotFoundError):
+        download_model_files("models:/m/1", missing, tmp_path / "dl")
+    assert not elsewhere.exists() and not (tmp_path / "typo.db").exists()
+
+
+def test_served_model_checks_and_defaults_params_as_lmpipe_generate(served, tmp_path, capsys):
+    mlflow.set_tracking_uri(served.uri)
+    model = mlflow.pyfunc.load_model("models:/m@candidate")
+    expected = _reference(served, ["ROMEO:"])
+    # The defaults: the served model's and `lmpipe generate`'s are GENERATION_DEFAULTS; null is the default.
+    assert model.predict(["ROMEO:"]) == expected
+    assert model.predict(["ROMEO:"], params={"top_k": None, "top_p": None, "max_new_tokens": None}) == expected
+    assert main(["generate", "models:/m@candidate", "--tracking-uri", served.uri, "-p", "ROMEO:"]) == 0
+    assert capsys.readouterr().out == "ROMEO:" + expected[0] + "\n"
+    assert model.predict(["ROMEO:"], params={"top_k": 3, "top_p": 0.5, "max_new_tokens": 4, "seed": 9}) == \
+        _reference(served, ["ROMEO:"], top_k=3, top_p=0.5, max_new_tokens=4, seed=9)
+    # The checks, and their messages, are lmpipe generate's.
+    for params, message in [({"top_p": 0.0}, "top_p must be in (0, 1] (or left out: no nucleus filtering), got 0.0"),
+                            ({"top_k": 0}, "top_k must be an integer >= 1 (or left out: no top-k filtering), got 0"),
+                            ({"max_new_tokens": -3}, "max_new_tokens must be an integer >= 0, got -3")]:
+        with pytest.raises(ValueError) as err:
+            model.predict(["ROMEO:"], params=params)
+        assert str(err.value) == message
+    # A prompt that is not a string is named by its index (None arrives as a missing value).
+    for bad, what in [(None, "missing (null)"), (3, "3 (int)")]:
+        with pytest.raises(ValueError) as err:
+            model.predict(["ROMEO:", bad])
+        assert str(err.value) == f'prompt 1 is {what}: every prompt must be a string ("" generates from the start ' \
+                                 'of a document)'
+
+
+def test_an_empty_prompt_generates_from_the_end_of_text_token(served, tmp_path, capsys):
+    mlflow.set_tracking_uri(served.uri)
+    expected = _reference(served, ["", "ROMEO:"], max_new_tokens=8)
+    assert expected[0]  # something was generated from nothing
+    assert mlflow.pyfunc.load_model("models:/m/1").predict(["", "ROMEO:"], params={"max_new_tokens": 8}) == expected
+    assert main(["generate", str(served.checkpoint), "--tokenizer", str(served.tokenizer_dir), "--workdir",
+                 str(tmp_path), "-p", "", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == expected[0] + "\n"
+
+
+def test_served_model_loads_on_cuda_when_the_machine_has_it(served, monkeypatch):
+    import torch
+
+    import lmpipe.model.checkpoint
+    from lmpipe.tracking.serving import GPTTextGenerator
+
+    devices = []
+    real = lmpipe.model.checkpoint.load_model
+
+    def load_model(path, device="cpu"):  # records the device, loads on the CPU this test runs on
+        devices.append(device)
+        return real(path)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(lmpipe.model.checkpoint, "load_model", load_model)
+    generator = GPTTextGenerator()
+    generator.load_context(SimpleNamespace(artifacts={
+        "checkpoint": str(served.checkpoint), "tokenizer": str(served.tokenizer_dir / "tokenizer.json"),
+        "tokenizer_meta": str(served.tokenizer_dir / "tokenizer_meta.json")}))
+    assert devices == ["cuda"] and generator.device == "cuda"
+    assert generator.start_id == generator.tokenizer.token_to_id(EOT)
+
+
+def test_registry_commands_and_pyfunc_loading_print_no_mlflow_type_hint_warning(served, tmp_path):
+    script = (
+        "import sys, mlflow\n"
+        "from flows.cli import main\n"
+        "uri = sys.argv[1]\n"
+        "assert main(['generate', 'models:/m@candidate', '--tracking-uri', uri, '-p', 'a',\n"
+        "             '--max-new-tokens', '2']) == 0\n"
+        "mlflow.set_tracking_uri(uri)\n"
+        "print(mlflow.pyfunc.load_model('models:/m@candidate').predict(['a'], params={'max_new_tokens': 2}))\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "default", "-c", script, served.uri], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert "type hints" not in done.stderr
+    assert not (tmp_path / "mlflow.db").exists()

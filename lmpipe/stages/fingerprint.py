@@ -1,9 +1,11 @@
 """Stage fingerprints: one hash links the Prefect cache key, the MLflow tag and the files on disk.
 
 A fingerprint covers the stage's config section, its upstream fingerprints and
-its code version (a hash of the source of the module the stage runs and of every
+its code version (a hash of the code of the module the stage runs and of every
 lmpipe module that one imports), so a change to any of them re-runs the stage
-and everything downstream, and nothing else.
+and everything downstream, and nothing else. The code is hashed as its syntax
+tree without docstrings, comments and config fields' ``description=`` texts:
+editing a description re-runs nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pydantic import BaseModel
 # (distributed.py's rank 0 logging to MLflow, the served pyfunc model loading evaluate.py), or
 # code only another stage runs (train.py imports sft.py in run_finetune: editing the SFT reader
 # re-runs fine-tuning, not pretraining). lmpipe.config is followed: besides the values the
-# fingerprint holds, it computes some (sequences_per_step), so editing it re-runs every stage.
+# fingerprint holds, it computes some (sequences_per_step), so editing its code re-runs every
+# stage; editing a field's description (or any docstring or comment) re-runs none.
 STAGE_ENTRY: dict[str, tuple[str, ...]] = {
     "download": ("lmpipe.stages.download",),
     "clean_chunk": ("lmpipe.stages.clean",),
@@ -86,17 +89,46 @@ def stage_modules(entry: str, package: str = PACKAGE) -> tuple[str, ...]:
     return tuple(sorted(seen))
 
 
+class _Undocumented(ast.NodeTransformer):
+    """Drops what documents code without changing what it computes: docstrings (a string constant opening a
+    module, class or function body) and the ``description=`` of pydantic ``Field(...)`` calls (text of the
+    config's JSON schema and README). Comments are not in the syntax tree at all."""
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        super().generic_visit(node)
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body \
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+        return node
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        func = node.func
+        if (func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)) == "Field":
+            node.keywords = [k for k in node.keywords if k.arg != "description"]
+        return node
+
+
+def code_text(source: str, filename: str = "<module>") -> str:
+    """What a module computes, as text: its syntax tree without docstrings, comments and field descriptions
+    (``ast.dump`` leaves out line numbers, so moving code up or down does not count either)."""
+    return ast.dump(_Undocumented().visit(ast.parse(source, filename=filename)))
+
+
 def source_hash(modules: tuple[str, ...]) -> str:
-    """sha256 over the names and source bytes of ``modules`` (short)."""
+    """sha256 over the names and code (:func:`code_text`) of ``modules`` (short)."""
     h = hashlib.sha256()
     for name in modules:
-        h.update(name.encode() + b"\0" + _origin(name).read_bytes() + b"\0")
+        origin = _origin(name)
+        h.update(name.encode() + b"\0" + code_text(origin.read_text(encoding="utf-8"), str(origin)).encode() + b"\0")
     return h.hexdigest()[:FINGERPRINT_CHARS]
 
 
 @cache
 def code_version(stage: str) -> str:
-    """Hash of the source of every module that decides the stage's output."""
+    """Hash of the code of every module that decides the stage's output."""
     return source_hash(tuple(sorted({m for entry in STAGE_ENTRY[stage] for m in stage_modules(entry)})))
 
 

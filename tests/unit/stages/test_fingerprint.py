@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 
-from lmpipe.stages.fingerprint import STAGE_ENTRY, code_version, source_hash, stage_modules
+from lmpipe.stages.fingerprint import STAGE_ENTRY, code_text, code_version, source_hash, stage_modules
 
 
 def _closure(stage: str) -> set[str]:
@@ -68,3 +69,54 @@ def test_closure_follows_module_level_imports_of_every_form(tmp_path, monkeypatc
         assert source_hash(mods) != before
     finally:
         sys.modules.pop(name, None)
+
+
+CODE = '''"""A module."""
+
+from pydantic import BaseModel, Field
+
+
+class Config(BaseModel):
+    """A section."""
+
+    steps: int = Field(3, ge=1, description="How many.")  # a comment
+
+
+def run(cfg: Config) -> int:
+    """Run it."""
+    return cfg.steps * 2
+'''
+
+
+def test_code_version_ignores_docstrings_comments_and_field_descriptions(tmp_path, monkeypatch):
+    redocumented = (CODE.replace('"""A module."""', '"""The module, described anew."""')
+                    .replace('"""A section."""', "# no docstring, a comment instead")
+                    .replace('"How many."', '"How many steps,\\n" "in two strings."')
+                    .replace("# a comment", "# another comment")
+                    .replace('    """Run it."""\n', "")
+                    .replace("class Config", "\n\nclass Config"))  # moved down: line numbers do not count
+    assert code_text(redocumented) == code_text(CODE)
+    for changed in (CODE.replace("* 2", "* 3"), CODE.replace("ge=1", "ge=0"),
+                    CODE.replace('description="How many."', 'title="How many."'),
+                    CODE.replace('"""Run it."""', '"""Run it."""\n    print("hi")')):
+        assert code_text(changed) != code_text(CODE)
+    # through source_hash, on real modules
+    name = "lmpipe_doc_probe"
+    _package(tmp_path, name, {"mod": CODE})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    mods = (f"{name}.mod",)
+    before = source_hash(mods)
+    (tmp_path / name / "mod.py").write_text(redocumented)
+    assert source_hash(mods) == before
+    (tmp_path / name / "mod.py").write_text(CODE.replace("* 2", "* 3"))
+    assert source_hash(mods) != before
+
+
+def test_editing_a_config_description_re_runs_no_stage():
+    import lmpipe.config.training as training
+
+    source = inspect.getsource(training)
+    assert 'description="Optimizer steps."' in source
+    assert code_text(source.replace('description="Optimizer steps."', 'description="Steps."')) == code_text(source)
+    assert code_text(source.replace("Field(600, ge=1", "Field(601, ge=1")) != code_text(source)

@@ -19,6 +19,7 @@ from flows.ledger import Ledger, tracked_flow
 from lmpipe.artifacts import StageResult, sha256_file
 from lmpipe.config.data import CorpusConfig
 from lmpipe.config.pipeline import PipelineConfig
+from lmpipe.config.training import SFTFinetuneConfig
 from lmpipe.data.sources import local_source_digests
 from lmpipe.eval.benchmark_files import resolve_benchmarks
 from lmpipe.eval.heldout import SFTHeldOut
@@ -95,10 +96,10 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         ft_shards = corpora.get(config.data.finetune.name) if config.data.finetune else None
         base = ledger.run(pretrain, model_cfg=config.model, cfg=config.pretrain, shards=pre_shards,
                           tokenizer=tokenizer, ctx=ctx)
-        sft_sha256 = _digest(config.finetune.sft_path)
+        sft_cfg = config.finetune if isinstance(config.finetune, SFTFinetuneConfig) else None
+        sft_sha256 = _digest(sft_cfg.sft_path) if sft_cfg else None
         tuned = ledger.run(finetune, model_cfg=config.model, cfg=config.finetune, base=base,
-                           shards=ft_shards if config.finetune.mode == "continue" else None,
-                           sft_sha256=sft_sha256,
+                           shards=ft_shards if sft_cfg is None else None, sft_sha256=sft_sha256,
                            init_sha256=_digest(config.finetune.init_checkpoint, "model.safetensors"),
                            tokenizer=tokenizer, ctx=ctx)
         if config.classify is not None:

@@ -30,19 +30,32 @@ from lmpipe.config.data import (
     SourceConfig,
     TokenizerConfig,
 )
+from lmpipe.config.effects import Affects, field_effect, fingerprinted, trajectory
 from lmpipe.config.evaluation import BenchmarkConfig, EvalConfig, TrackingConfig
 from lmpipe.config.loading import apply_override, build_config, load_config
 from lmpipe.config.pipeline import PipelineConfig, check_batch
 from lmpipe.config.training import (
+    FINETUNE_MODES,
     ClassifyConfig,
+    ContinueFinetuneConfig,
     DistributedConfig,
     FinetuneConfig,
+    FinetuneSection,
     LoraConfig,
     ModelConfig,
+    SFTFinetuneConfig,
     TrainConfig,
 )
 
 __all__ = [
+    "Affects",
+    "ContinueFinetuneConfig",
+    "FINETUNE_MODES",
+    "FinetuneSection",
+    "SFTFinetuneConfig",
+    "field_effect",
+    "fingerprinted",
+    "trajectory",
     "BenchmarkConfig",
     "C4Config",
     "CHAT_TOKENS",

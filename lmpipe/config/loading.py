@@ -10,12 +10,16 @@ from pydantic import ValidationError
 
 from lmpipe.config.base import ConfigError
 from lmpipe.config.pipeline import PipelineConfig
+from lmpipe.config.training import FINETUNE_MODES
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = e["loc"]
+        if loc[:1] == ("finetune",) and len(loc) > 1 and loc[1] in FINETUNE_MODES:
+            loc = loc[:1] + loc[2:]  # the variant's tag is the section's mode, not a field
+        field = ".".join(str(p) for p in loc) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
@@ -52,7 +56,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         if child is None:
             child = node[key] = {}
         if isinstance(child, list) and keys[i + 1].isdigit():
-            raise ConfigError(f"override {dotted}: list items cannot be overridden one by one; set {'.'.join(keys[: i + 1])} whole")
+            raise ConfigError(f"override {dotted}: list items cannot be overridden one by one; "
+                              f"set {'.'.join(keys[: i + 1])} whole")
         if not isinstance(child, dict):
             raise ConfigError(f"override {dotted}: {'.'.join(keys[: i + 1])} is not a section")
         node = child

@@ -7,7 +7,15 @@ from pydantic import Field, model_validator
 from lmpipe.config.base import SFT_HELD_OUT, Section
 from lmpipe.config.data import DataConfig, TokenizerConfig
 from lmpipe.config.evaluation import EvalConfig, TrackingConfig
-from lmpipe.config.training import ClassifyConfig, FinetuneConfig, ModelConfig, TrainConfig
+from lmpipe.config.training import (
+    ClassifyConfig,
+    ContinueFinetuneConfig,
+    FinetuneSection,
+    ModelConfig,
+    SFTFinetuneConfig,
+    TrainConfig,
+    Training,
+)
 
 
 class PipelineConfig(Section):
@@ -19,7 +27,7 @@ class PipelineConfig(Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: TrainConfig = Field(default_factory=TrainConfig)
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    finetune: FinetuneSection = Field(default_factory=ContinueFinetuneConfig)
     classify: ClassifyConfig | None = Field(None, description="A sequence classifier fine-tuned from the "
                                                                "pretrained model; None: no classify stage.")
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -27,7 +35,7 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
-        if self.finetune.mode == "continue" and self.data.finetune is None:
+        if isinstance(self.finetune, ContinueFinetuneConfig) and self.data.finetune is None:
             raise ValueError("finetune.mode='continue' needs a data.finetune corpus")
         for name in ("pretrain", "finetune"):
             check_batch(getattr(self, name), self.model.block_size, name)
@@ -35,9 +43,6 @@ class PipelineConfig(Section):
         if metric is not None and metric not in self.promotable_metrics():
             raise ValueError(f"tracking.promote_metric={metric!r} is not a metric the evaluation reports; "
                              f"choose one of {sorted(self.promotable_metrics())}")
-        if self.finetune.distributed.nproc_per_node != 1:
-            raise ValueError(f"finetune.distributed.nproc_per_node={self.finetune.distributed.nproc_per_node}: "
-                             "only pretraining launches torchrun; fine-tuning runs in one process")
         return self
 
     def champion_metric(self) -> str:
@@ -45,24 +50,24 @@ class PipelineConfig(Section):
         the held-out SFT examples with finetune.mode=sft, else on the fine-tuning corpus)."""
         if self.tracking.promote_metric:
             return self.tracking.promote_metric
-        if self.finetune.mode == "sft":
+        if isinstance(self.finetune, SFTFinetuneConfig):
             return f"finetuned.{SFT_HELD_OUT}.bits_per_byte"
         return f"finetuned.{(self.data.finetune or self.data.pretrain).name}.bits_per_byte"
 
     def promotable_metrics(self) -> set[str]:
         """The fine-tuned model's evaluation metrics, by name (what tracking.promote_metric may be)."""
         corpora = [c.name for c in (self.data.pretrain, self.data.finetune) if c is not None]
-        if self.finetune.mode == "sft":  # the evaluate stage also scores the held-out SFT examples
+        if isinstance(self.finetune, SFTFinetuneConfig):  # the evaluate stage also scores the held-out SFT examples
             corpora.append(SFT_HELD_OUT)
         held_out = {f"finetuned.{c}.{m}" for c in corpora for m in ("loss", "perplexity", "bits_per_byte")}
         return held_out | {f"finetuned.{b.name}.{m}" for b in self.eval.benchmarks for m in ("acc", "acc_norm")}
 
 
-def check_batch(cfg: TrainConfig, block_size: int, section: str) -> None:
+def check_batch(cfg: Training, block_size: int, section: str) -> None:
     """batch_tokens must split into whole micro-batches of every process; names the fields otherwise."""
     if cfg.batch_tokens is None:
         return
-    procs = cfg.distributed.nproc_per_node
+    procs = cfg.processes
     if cfg.batch_tokens % block_size:
         raise ValueError(f"{section}.batch_tokens={cfg.batch_tokens} is not a multiple of "
                          f"model.block_size={block_size}")
@@ -72,5 +77,6 @@ def check_batch(cfg: TrainConfig, block_size: int, section: str) -> None:
         raise ValueError(
             f"{section}.batch_tokens={cfg.batch_tokens} is {sequences} sequences of model.block_size={block_size}, "
             f"which does not split into whole micro-batches of {section}.batch_size={cfg.batch_size} on "
-            f"{section}.distributed.nproc_per_node={procs} processes"
+            + (f"{section}.distributed.nproc_per_node={procs} processes" if isinstance(cfg, TrainConfig)
+               else "its one process")
         )

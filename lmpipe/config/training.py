@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from lmpipe.config.base import Section
+from lmpipe.config.effects import EXECUTION, NO_EFFECT, Affects
 
 
 class ModelConfig(Section):
@@ -38,42 +39,42 @@ class DistributedConfig(Section):
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="'auto': nccl on CUDA, gloo on CPU.")
 
 
-class TrainConfig(Section):
-    max_steps: int = Field(600, ge=1, description="Optimizer steps.")
-    batch_size: int | Literal["auto"] = Field(
+class Optimizer(Section):
+    """AdamW with linear warmup then cosine decay to min_lr, and gradient clipping (every trained section)."""
+
+    learning_rate: float = Field(2e-3, gt=0.0)
+    min_lr: float = Field(2e-4, ge=0.0, description="Where the cosine decay ends, at max_steps.")
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 disables clipping.")
+
+    @model_validator(mode="after")
+    def _check_min_lr(self) -> Optimizer:
+        if self.min_lr > self.learning_rate:
+            raise ValueError(f"min_lr={self.min_lr} exceeds learning_rate={self.learning_rate}")
+        return self
+
+
+class AdamBetas(Section):
+    """AdamW's moment decay rates (the language-model trainings; classify keeps torch's defaults)."""
+
+    beta1: float = Field(0.9, gt=0.0, lt=1.0)
+    beta2: float = Field(0.95, gt=0.0, lt=1.0)
+
+
+class Batch(Section):
+    """How big a step is and how it is split; only the global batch decides the steps taken."""
+
+    batch_size: Annotated[int | Literal["auto"], EXECUTION] = Field(
         16, description="Sequences per micro-batch per process; 'auto' (needs batch_tokens): the largest "
                         "that fits the device."
     )
-    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step (ignored when "
-                                                       "batch_tokens is set).")
-    batch_tokens: int | None = Field(
+    grad_accum_steps: Annotated[int, EXECUTION] = Field(
+        1, ge=1, description="Micro-batches per optimizer step (ignored when batch_tokens is set).")
+    batch_tokens: Annotated[int | None, EXECUTION] = Field(
         None, ge=1, description="Global batch in tokens per optimizer step; gradient accumulation steps are "
                                 "derived: batch_tokens / (batch_size x block_size x processes), which must be whole."
     )
-    compile: bool | None = Field(None, description="torch.compile the model; None: on for CUDA, off elsewhere.")
-    learning_rate: float = Field(2e-3, gt=0.0)
-    min_lr: float = Field(2e-4, ge=0.0)
-    warmup_steps: int = Field(30, ge=0)
-    weight_decay: float = Field(0.1, ge=0.0)
-    beta1: float = Field(0.9, gt=0.0, lt=1.0)
-    beta2: float = Field(0.95, gt=0.0, lt=1.0)
-    grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 disables clipping.")
-    eval_interval: int = Field(100, ge=1, description="Steps between validation losses.")
-    eval_batches: int = Field(8, ge=1)
-    log_interval: int = Field(10, ge=1, description="Steps between metric flushes.")
-    checkpoint_interval: int = Field(200, ge=1)
-    seed: int = 1337
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; None keeps torch's default.")
-    peak_flops: float | None = Field(
-        None, gt=0.0, description="Device peak FLOP/s for MFU; None: known GPUs' dense bf16 peak, else no MFU."
-    )
-    early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after this many validations without a better val loss; the best "
-                                "checkpoint, not the last, becomes the stage's model. None: train max_steps."
-    )
-    early_stopping_min_delta: float = Field(0.0, ge=0.0, description="Improvement a val loss needs to count.")
-    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("batch_size")
     @classmethod
@@ -83,23 +84,82 @@ class TrainConfig(Section):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
-        if self.min_lr > self.learning_rate:
-            raise ValueError(f"min_lr={self.min_lr} exceeds learning_rate={self.learning_rate}")
+    def _check_auto(self) -> Batch:
         if self.batch_size == "auto" and self.batch_tokens is None:
             raise ValueError("batch_size='auto' needs batch_tokens (the global batch the micro-batches add up to)")
         return self
+
+
+class Runtime(Section):
+    """Where and from which seed a section trains."""
+
+    seed: int = 1337
+    device: Annotated[Literal["auto", "cpu", "cuda", "mps"], EXECUTION] = "auto"
+
+
+class TrainRuntime(Runtime):
+    threads: Annotated[int | None, NO_EFFECT] = Field(
+        None, ge=1, description="torch CPU threads; None keeps torch's default.")
+    compile: Annotated[bool | None, EXECUTION] = Field(
+        None, description="torch.compile the model; None: on for CUDA, off elsewhere.")
+    peak_flops: Annotated[float | None, NO_EFFECT] = Field(
+        None, gt=0.0, description="Device peak FLOP/s for MFU; None: known GPUs' dense bf16 peak, else no MFU."
+    )
+
+
+class Cadence(Section):
+    """How often training validates. Only early stopping (a section with early_stopping_patience set) lets
+    that decide anything: its patience counts validations and its best checkpoint is a validated one."""
+
+    eval_interval: Annotated[int, Affects("none", output_when="early_stopping_patience")] = Field(
+        100, ge=1, description="Steps between validation losses.")
+
+
+class TrainCadence(Cadence):
+    eval_batches: Annotated[int, EXECUTION] = Field(8, ge=1)
+    log_interval: Annotated[int, NO_EFFECT] = Field(10, ge=1, description="Steps between metric flushes.")
+    checkpoint_interval: Annotated[int, NO_EFFECT] = Field(200, ge=1)
+
+
+class EarlyStopping(Section):
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations without a better val loss; the best "
+                                "checkpoint, not the last, becomes the stage's model. None: train max_steps."
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0.0, description="Improvement a val loss needs to count.")
+
+
+class Training(Optimizer, AdamBetas, Batch, TrainRuntime, TrainCadence, EarlyStopping):
+    """A language-model training run (pretrain, finetune): the sections they share."""
+
+    max_steps: int = Field(600, ge=1, description="Optimizer steps.")
+
+    @property
+    def processes(self) -> int:
+        """Training processes the global batch is split over."""
+        return 1
 
     def sequences_per_step(self, block_size: int) -> int:
         """Global batch in sequences: what one optimizer step trains on, however it is split."""
         if self.batch_tokens is not None:
             return self.batch_tokens // block_size
         assert isinstance(self.batch_size, int)
-        return self.batch_size * self.grad_accum_steps * self.distributed.nproc_per_node
+        return self.batch_size * self.grad_accum_steps * self.processes
+
+
+class TrainConfig(Training):
+    """Pretraining: the one stage that may launch several processes."""
+
+    distributed: Annotated[DistributedConfig, EXECUTION] = Field(default_factory=DistributedConfig)
+
+    @property
+    def processes(self) -> int:
+        return self.distributed.nproc_per_node
 
 
 class LoraConfig(Section):
-    """LoRA adapters (lmpipe.model.lora): the base weights stay frozen, low-rank updates of the targeted layers learn."""
+    """LoRA adapters (lmpipe.model.lora): the base weights stay frozen, low-rank updates of the targeted layers
+    learn."""
 
     r: int = Field(8, ge=1, description="Rank of each update.")
     alpha: float = Field(16.0, gt=0.0, description="The update is scaled by alpha / r.")
@@ -113,19 +173,35 @@ class LoraConfig(Section):
                                                   "always published (model/), for evaluation and serving.")
 
 
-class FinetuneConfig(TrainConfig):
+class FinetuneConfig(Training):
+    """Fine-tuning, in one process, in either mode: :class:`ContinueFinetuneConfig` or :class:`SFTFinetuneConfig`
+    (``finetune.mode`` picks one: :data:`FinetuneSection`)."""
+
     max_steps: int = Field(200, ge=1)
     learning_rate: float = Field(6e-4, gt=0.0)
     min_lr: float = Field(6e-5, ge=0.0)
     warmup_steps: int = Field(10, ge=0)
-    mode: Literal["continue", "sft"] = Field(
-        "continue", description="'continue': train on data.finetune; 'sft': the chat examples of sft_path."
+    init_checkpoint: str | None = Field(
+        None, description="Checkpoint directory to start from; default: this pipeline's pretrained model."
     )
-    sft_path: str | None = Field(
-        None, description="JSONL of SFT examples (mode sft), one per line in any of the shapes {prompt, completion}, "
-                          "{prompt, response}, Alpaca {instruction, input (optional), output} or {messages: [{role: "
-                          "system|user|assistant, content}, ...]}; rendered with the chat template on the "
-                          "tokenizer's reserved tokens, the loss only on the assistant's replies.")
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of every weight; None: full "
+                                                      "fine-tuning.")
+
+
+class ContinueFinetuneConfig(FinetuneConfig):
+    mode: Literal["continue"] = Field(
+        "continue", description="'continue': train on data.finetune; 'sft': the chat examples of sft_path.")
+
+
+class SFTFinetuneConfig(FinetuneConfig):
+    mode: Literal["sft"] = Field(
+        "sft", description="'continue': train on data.finetune; 'sft': the chat examples of sft_path.")
+    sft_path: str = Field(
+        min_length=1,
+        description="JSONL of SFT examples, one per line in any of the shapes {prompt, completion}, "
+                    "{prompt, response}, Alpaca {instruction, input (optional), output} or {messages: [{role: "
+                    "system|user|assistant, content}, ...]}; rendered with the chat template on the "
+                    "tokenizer's reserved tokens, the loss only on the assistant's replies.")
     sft_layout: Literal["padded", "packed"] = Field(
         "padded", description="'padded': each example fills one model.block_size window (end-of-text padding, no "
                               "loss), so no example attends to another; 'packed': examples back to back, cheaper "
@@ -136,20 +212,26 @@ class FinetuneConfig(TrainConfig):
                                                    "instead of failing on the first.")
     sft_skip_bad: bool = Field(False, description="Skip and count malformed SFT lines instead of failing on the "
                                                   "first.")
-    init_checkpoint: str | None = Field(
-        None, description="Checkpoint directory to start from; default: this pipeline's pretrained model."
-    )
-    lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of every weight; None: full "
-                                                      "fine-tuning.")
-
-    @model_validator(mode="after")
-    def _check_mode(self) -> FinetuneConfig:
-        if self.mode == "sft" and not self.sft_path:
-            raise ValueError("mode='sft' needs sft_path")
-        return self
 
 
-class ClassifyConfig(Section):
+FINETUNE_MODES: dict[str, type[FinetuneConfig]] = {"continue": ContinueFinetuneConfig, "sft": SFTFinetuneConfig}
+
+
+def _finetune_mode(value: Any) -> str:
+    """The variant a finetune section validates as: its ``mode``, "continue" when not given."""
+    mode = value.get("mode", "continue") if isinstance(value, dict) else getattr(value, "mode", "continue")
+    return mode if isinstance(mode, str) else repr(mode)
+
+
+# The finetune section: one variant per mode, so the SFT-only fields exist only with mode "sft".
+FinetuneSection = Annotated[
+    Annotated[ContinueFinetuneConfig, Tag("continue")] | Annotated[SFTFinetuneConfig, Tag("sft")],
+    Discriminator(_finetune_mode, custom_error_type="finetune_mode",
+                  custom_error_message=f"mode must be one of {', '.join(map(repr, FINETUNE_MODES))}"),
+]
+
+
+class ClassifyConfig(Optimizer, Runtime, Cadence):
     """Sequence classification fine-tuning, GPT-1 style (lmpipe.model.classifier): the hidden state of the last token
     (an end-of-text "extract" token appended to each text) goes through a linear head."""
 
@@ -170,13 +252,10 @@ class ClassifyConfig(Section):
     min_lr: float = Field(5e-5, ge=0.0, description="Where the cosine decay ends, at max_steps.")
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW decay of matrices (not of biases and gains).")
-    grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 disables clipping.")
     head_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the pooled hidden state (GPT-1: 0.1).")
     lm_loss_weight: float = Field(0.0, ge=0.0, description="GPT-1's auxiliary language-modelling loss on the texts, "
                                                            "added with this weight; 0 trains the classifier alone.")
     eval_interval: int = Field(50, ge=1, description="Steps between validations (and after the last step).")
-    seed: int = 1337
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     skip_bad: bool = Field(False, description="Skip and count malformed lines (and labels outside `labels`) "
                                               "instead of failing on the first.")
     skip_long: bool = Field(False, description="Skip and count texts longer than model.block_size tokens (with "
@@ -203,6 +282,4 @@ class ClassifyConfig(Section):
         if self.labels is not None:
             if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels) or not all(self.labels):
                 raise ValueError(f"labels must be at least 2 distinct non-empty strings, got {self.labels}")
-        if self.min_lr > self.learning_rate:
-            raise ValueError(f"min_lr={self.min_lr} exceeds learning_rate={self.learning_rate}")
         return self

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
 from lmpipe.config.pipeline import PipelineConfig
+from lmpipe.config.training import SFTFinetuneConfig
 from lmpipe.data.sft import Layout, SFTData
 from lmpipe.data.shards import ArraySource, TokenSource
 from lmpipe.data.tokenizer import encode_ordinary, token_byte_lengths
@@ -60,7 +61,7 @@ class SFTHeldOut(BaseModel):
     def of(cls, config: PipelineConfig) -> SFTHeldOut | None:
         """The SFT data of the config's fine-tuning run; None unless finetune.mode is "sft"."""
         ft = config.finetune
-        if ft.mode != "sft":
+        if not isinstance(ft, SFTFinetuneConfig):
             return None
         return cls(path=str(ft.sft_path), layout=ft.sft_layout, block_size=config.model.block_size,
                    skip_long=ft.sft_skip_long, skip_bad=ft.sft_skip_bad)

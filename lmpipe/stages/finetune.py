@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.artifacts import BuildOutput, StageResult
-from lmpipe.config.training import FinetuneConfig, ModelConfig
+from lmpipe.config.training import FinetuneConfig, ModelConfig, SFTFinetuneConfig
 from lmpipe.data.sft import build_sft_data
 from lmpipe.data.shards import ArraySource
 from lmpipe.data.tokenizer import META_FILE, load_tokenizer, meta_eot_id
@@ -45,7 +45,7 @@ def run_finetune(
         check_compatible(read_state(init_dir), model_cfg, vocab_size, tok_fp, field="finetune.init_checkpoint")
         masks = None
         meta: dict[str, Any] = {}
-        if ft_cfg.mode == "continue":
+        if not isinstance(ft_cfg, SFTFinetuneConfig):
             if shards is None:
                 raise ValueError("finetune.mode='continue' trains on the data.finetune shards, but none were given")
             train_src, val_src = _open_splits(shards, tok_fp, "data.finetune")
@@ -61,7 +61,7 @@ def run_finetune(
         summary = train(model_cfg, ft_cfg, vocab_size, train_src, val_src, tmp, tokenizer_fingerprint=tok_fp,
                         init_from=init_dir, log_metrics=log_metrics, on_progress=on_progress,
                         target_mask_src=masks, aligned_val=masks is not None,
-                        doc_sep=eot if ft_cfg.mode == "sft" and ft_cfg.sft_layout == "packed" else None)
+                        doc_sep=eot if masks is not None and ft_cfg.sft_layout == "packed" else None)  # SFT
         if ft_cfg.lora is not None:
             meta |= _lora_meta(summary.checkpoint, tmp / ADAPTER_DIR if ft_cfg.lora.save_adapter else None)
         out = _publish(tmp, summary)  # model/: the adapters merged into the base weights

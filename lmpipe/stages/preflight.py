@@ -8,6 +8,7 @@ from pathlib import Path
 from lmpipe.artifacts import StageResult
 from lmpipe.config.base import CHAT_TOKENS
 from lmpipe.config.pipeline import PipelineConfig
+from lmpipe.config.training import SFTFinetuneConfig
 from lmpipe.data.labelled import build_classify_data, read_examples
 from lmpipe.data.sft import build_sft_data, read_sft_jsonl
 from lmpipe.data.shards import read_manifest
@@ -33,7 +34,7 @@ def check_inputs(config: PipelineConfig, *, training: bool = True) -> None:
             raise FileNotFoundError(f"eval.benchmarks.{i}.path: file {bench.path!r} does not exist")
         load_benchmark(Path(bench.path), bench.kind, limit=bench.limit, skip_bad=bench.skip_bad)  # format errors now
     ft = config.finetune
-    if ft.mode == "sft":
+    if isinstance(ft, SFTFinetuneConfig):
         missing = [t for t in CHAT_TOKENS if t not in config.tokenizer.special_tokens]
         if missing:
             raise ValueError(f"tokenizer.special_tokens={config.tokenizer.special_tokens} lacks {missing}, which "
@@ -65,7 +66,7 @@ def check_context_fits(config: PipelineConfig, corpora: dict[str, StageResult], 
     check_benchmarks_fit(config.eval.benchmarks, benchmark_files, tok, config.model.block_size)
     eot = meta_eot_id(tok, tokenizer.path(META_FILE))
     ft = config.finetune
-    if ft.mode == "sft":
+    if isinstance(ft, SFTFinetuneConfig):
         build_sft_data(Path(ft.sft_path), tok, eot, config.model.block_size, layout=ft.sft_layout,
                        skip_long=ft.sft_skip_long, skip_bad=ft.sft_skip_bad, field="finetune.sft_path")
     if config.classify is not None:

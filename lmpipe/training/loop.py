@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lmpipe.config.effects import trajectory
 from lmpipe.config.pipeline import check_batch
 from lmpipe.config.training import FinetuneConfig, ModelConfig, TrainConfig
 from lmpipe.data.shards import TokenSource
@@ -54,11 +55,6 @@ OnProgress = Callable[[int, int], None]
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"  # early stopping: the checkpoint of the lowest val loss so far (weights only)
-# Settings that do not change which steps are taken; all other training settings
-# must match a checkpoint to resume from it. How a global batch is split (micro-batch,
-# accumulation, processes) is left out too: the global batch itself is compared.
-_NOT_TRAJECTORY = {"eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "device", "threads",
-                   "peak_flops", "batch_size", "grad_accum_steps", "batch_tokens", "compile", "distributed"}
 SINGLE = DistContext()
 
 
@@ -109,8 +105,7 @@ class TrainSummary:
 
 def _trajectory(cfg: TrainConfig, sequences_per_step: int) -> dict[str, Any]:
     """The settings that decide which steps are taken: they must match a checkpoint to resume from it."""
-    kept = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_TRAJECTORY}
-    return kept | {"sequences_per_step": sequences_per_step}
+    return trajectory(cfg) | {"sequences_per_step": sequences_per_step}  # the global batch, however split
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -36,7 +36,9 @@ def test_overrides_are_typed_and_reach_nested_sections():
         ("pretrain.max_steps=0", "pretrain.max_steps: Input should be greater than or equal to 1 (got 0)"),
         ("pretrain.max_stepz=10", "pretrain.max_stepz: unknown field (got 10)"),
         ("data.pretrain.val_fraction=1.5", "data.pretrain.val_fraction: Input should be less than 1 (got 1.5)"),
-        ("finetune.mode=sft", "finetune: mode='sft' needs sft_path"),
+        ("finetune.mode=sft", "finetune.sft_path: Field required"),
+        ("finetune.mode=chat", "finetune: mode must be one of 'continue', 'sft'"),
+        ("finetune.sft_path=chat.jsonl", "finetune.sft_path: unknown field (got 'chat.jsonl')"),  # mode continue
         ("tokenizer.eot_token=<eos>", "tokenizer.eot_token: eot_token '<eos>' must be one of special_tokens"),
         ("pretrain.device=tpu", "pretrain.device: Input should be 'auto', 'cpu', 'cuda' or 'mps' (got 'tpu')"),
     ],
@@ -102,7 +104,8 @@ def test_gpt2_124m_preset_is_gpt2_small_with_a_half_million_token_batch():
          r"pretrain\.distributed\.nproc_per_node=1 processes"),
         (["pretrain.batch_size=auto"], r"pretrain: batch_size='auto' needs batch_tokens"),
         (["pretrain.batch_size=0"], r"pretrain\.batch_size: must be >= 1 or 'auto'"),
-        (["finetune.distributed.nproc_per_node=2"], r"finetune\.distributed\.nproc_per_node=2: only pretraining"),
+        # only pretraining launches torchrun: fine-tuning has no distributed section
+        (["finetune.distributed.nproc_per_node=2"], r"finetune\.distributed: unknown field"),
         (["tracking.promote_metric=finetuned.nope.loss"],
          r"tracking\.promote_metric='finetuned\.nope\.loss' is not a metric the evaluation reports; choose one of "
          r"\['finetuned\.shakespeare_cloze\.acc', 'finetuned\.shakespeare_cloze\.acc_norm', "

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models
 
 from lmpipe.artifacts import StageResult
 from lmpipe.config.base import CHAT_TOKENS, EOT
-from lmpipe.config.training import FinetuneConfig, ModelConfig, TrainConfig
+from lmpipe.config.training import ModelConfig, SFTFinetuneConfig, TrainConfig
 from lmpipe.data.sft import (
     END_TOKEN,
     MAX_REPORTED,
@@ -407,7 +407,7 @@ def test_training_targets_are_ignored_exactly_on_masked_tokens(tmp_path: Path, t
 # ---------------------------------------------------------------- the finetune stage in sft mode
 
 
-def _base_and_chats(tmp_path: Path, tokenizer: StageResult, tok: Tokenizer) -> tuple[Path, FinetuneConfig]:
+def _base_and_chats(tmp_path: Path, tokenizer: StageResult, tok: Tokenizer) -> tuple[Path, SFTFinetuneConfig]:
     """A 2-step pretrained base checkpoint and an SFT config on 60 chats whose replies are all the same."""
     fp = tokenizer_fingerprint(tokenizer.path("tokenizer.json"))
     stream = np.array(enc(tok, "\n".join(LINES)), dtype=np.int64)
@@ -419,7 +419,7 @@ def _base_and_chats(tmp_path: Path, tokenizer: StageResult, tok: Tokenizer) -> t
                                       {"role": "user", "content": LINES[i][:16]},
                                       {"role": "assistant", "content": "Amen."}]}) for i in range(60)]
     sft = write_jsonl(tmp_path / "d.jsonl", chats)
-    cfg = FinetuneConfig(mode="sft", sft_path=str(sft), max_steps=40, batch_size=8, learning_rate=1e-2, min_lr=1e-3,
+    cfg = SFTFinetuneConfig(sft_path=str(sft), max_steps=40, batch_size=8, learning_rate=1e-2, min_lr=1e-3,
                          warmup_steps=3, eval_interval=40, eval_batches=1, log_interval=10, device="cpu")
     return base.checkpoint, cfg
 

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from lmpipe.artifacts import StageResult
-from lmpipe.config.training import FinetuneConfig, LoraConfig, ModelConfig, TrainConfig
+from lmpipe.config.training import LoraConfig, ModelConfig, SFTFinetuneConfig, TrainConfig
 from lmpipe.data.shards import ArraySource
 from lmpipe.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from lmpipe.model.checkpoint import CheckpointError, export_model, load_model, read_state
@@ -151,7 +151,7 @@ def base(tmp_path_factory: pytest.TempPathFactory, tokenizer: StageResult) -> tu
     return summary.checkpoint, train_src, val_src
 
 
-LORA_FT = FinetuneConfig(mode="sft", sft_path="unused", max_steps=12, batch_size=8, learning_rate=1e-2, min_lr=1e-3,
+LORA_FT = SFTFinetuneConfig(sft_path="unused", max_steps=12, batch_size=8, learning_rate=1e-2, min_lr=1e-3,
                          warmup_steps=2, eval_interval=12, eval_batches=1, log_interval=4, checkpoint_interval=4,
                          device="cpu", lora=LoraConfig(r=4, alpha=8, target_modules=["c_attn", "c_fc"]))
 

@@ -18,8 +18,9 @@ def test_pretrain_code_covers_the_modules_training_runs():
     # the SFT reader (fine-tuning's) are not reached at module level.
     pretrain = _closure("pretrain")
     assert pretrain == {
-        "lmpipe.artifacts", "lmpipe.config.base", "lmpipe.config.data", "lmpipe.config.evaluation",
-        "lmpipe.config.pipeline", "lmpipe.config.training", "lmpipe.data.shards", "lmpipe.data.tokenizer",
+        "lmpipe.artifacts", "lmpipe.config.base", "lmpipe.config.data", "lmpipe.config.effects",
+        "lmpipe.config.evaluation", "lmpipe.config.pipeline", "lmpipe.config.training", "lmpipe.data.shards",
+        "lmpipe.data.tokenizer",
         "lmpipe.model.checkpoint", "lmpipe.model.device", "lmpipe.model.gpt", "lmpipe.model.lora",
         "lmpipe.stages.contract", "lmpipe.stages.pretrain", "lmpipe.stages.torchrun_worker", "lmpipe.stages.training",
         "lmpipe.training.checkpoint", "lmpipe.training.device", "lmpipe.training.distributed",

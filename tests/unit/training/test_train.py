@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmpipe.config.training import FinetuneConfig, ModelConfig, TrainConfig
+from lmpipe.config.training import ContinueFinetuneConfig, ModelConfig, TrainConfig
 from lmpipe.data.shards import ArraySource
 from lmpipe.model.checkpoint import (
     CheckpointMismatchError,
@@ -468,7 +468,7 @@ def test_run_pretrain_publishes_model_and_resumes_after_interruption(tmp_path: P
 def test_run_finetune_continue_and_mismatch(tmp_path: Path, stages) -> None:
     tok, shards = stages
     base = run_pretrain(STAGE_MODEL, config(max_steps=4), shards, tok, tmp_path / "pre", "fp")
-    ft_cfg = FinetuneConfig(max_steps=3, batch_size=4, eval_batches=2, device="cpu")
+    ft_cfg = ContinueFinetuneConfig(max_steps=3, batch_size=4, eval_batches=2, device="cpu")
     ft = run_finetune(ft_cfg, STAGE_MODEL, base.path("model"), shards, tok, tmp_path / "ft", "fp")
     assert ft.metrics["steps"] == 3 and ft.meta["init_checkpoint"] == str(base.path("model"))
     assert read_state(ft.path("model"))["train"]["learning_rate"] == ft_cfg.learning_rate

@@ -1,6 +1,7 @@
 """One thin Prefect task per stage.
 
-Each task: fingerprint and output directory from its StageSpec, a nested MLflow
+Each task: fingerprint and output directory from its StageSpec (what the stage reads, declared
+once, given the task's arguments: ``SPEC.locate(locals())`` first thing), a nested MLflow
 run, one call into lmpipe, the stage's files and metrics logged, and a Prefect
 artifact where a person would look for one. Retries, caching and result
 persistence live in the decorators.
@@ -23,6 +24,7 @@ from lmpipe.eval.heldout import SFTHeldOut
 from lmpipe.eval.report import LOSS_CURVES
 from lmpipe.stages.classify import PREDICTIONS_FILE, REPORT_FILE, run_classify
 from lmpipe.stages.clean import run_clean, run_clean_chunk
+from lmpipe.stages.declaration import StageSpec
 from lmpipe.stages.download import run_download
 from lmpipe.stages.evaluate import run_evaluate
 from lmpipe.stages.finetune import run_finetune
@@ -32,7 +34,6 @@ from lmpipe.stages.shard import run_encode_chunk, run_shard
 from lmpipe.stages.tokenizer import run_train_tokenizer
 from lmpipe.tracking.runs import StageRun, TrackingContext, stage_run
 from lmpipe.training.launch import DistributedTrainingError
-from tasks.caching import StageSpec
 from tasks.progress import PrefectProgress
 
 CACHED = dict(persist_result=True)
@@ -51,16 +52,15 @@ def _rank_lost(_task: Any, _task_run: Any, state: Any) -> bool:
 
 # local_sha256: the content of local source files, so editing a corpus in place re-runs the data stages.
 # val_fraction and the corpus's own cleaning do not change what is read.
-DOWNLOAD = StageSpec("download", configs=("corpus", "local_sha256", "chunk_bytes", "strict"),
-                     ignore=(("corpus", frozenset({"val_fraction", "clean"})),))
+DOWNLOAD = StageSpec("download", configs=("corpus",), inputs=("local_sha256", "chunk_bytes", "strict"),
+                     not_read=(("corpus", frozenset({"val_fraction", "clean"})),))
 
 
 @task(name="download", task_run_name="download-{field}", cache_key_fn=DOWNLOAD.cache_key, retries=3,
       retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5, retry_condition_fn=_transient_only, **CACHED)
 def download(corpus: CorpusConfig, field: str, chunk_bytes: int, strict: bool, ctx: TrackingContext,
              local_sha256: list[str | None] | None = None) -> StageResult:
-    fp, out_dir = DOWNLOAD.locate({"corpus": corpus, "local_sha256": local_sha256, "chunk_bytes": chunk_bytes,
-                                   "strict": strict, "ctx": ctx})
+    fp, out_dir = DOWNLOAD.locate(locals())
     with stage_run(ctx, "download", fp, {field: corpus, "data.chunk_bytes": chunk_bytes, "data.strict": strict},
                    {"lmpipe.corpus": corpus.name}) as run:
         result = run_download(corpus, out_dir, fp, field=field, chunk_bytes=chunk_bytes, strict=strict,
@@ -77,12 +77,12 @@ def download(corpus: CorpusConfig, field: str, chunk_bytes: int, strict: bool, c
 
 # One task per chunk of the downloaded documents; no MLflow run of its own (the clean stage's run reports
 # the totals), so thousands of chunks do not mean thousands of runs.
-CLEAN_CHUNK = StageSpec("clean_chunk", configs=("cfg", "chunk"), upstreams=("docs",))
+CLEAN_CHUNK = StageSpec("clean_chunk", configs=("cfg",), inputs=("chunk",), upstreams=("docs",))
 
 
 @task(name="clean_chunk", task_run_name="clean-{chunk}", cache_key_fn=CLEAN_CHUNK.cache_key, **CACHED)
 def clean_chunk(cfg: CleanConfig, docs: StageResult, chunk: str, ctx: TrackingContext) -> StageResult:
-    fp, out_dir = CLEAN_CHUNK.locate({"cfg": cfg, "docs": docs, "chunk": chunk, "ctx": ctx})
+    fp, out_dir = CLEAN_CHUNK.locate(locals())
     return run_clean_chunk(cfg, docs.path(chunk), out_dir, fp)
 
 
@@ -93,7 +93,7 @@ CLEAN = StageSpec("clean", configs=("cfg",), upstreams=("docs",))
 @task(name="clean", task_run_name="clean-{corpus_field}", cache_key_fn=CLEAN.cache_key, **CACHED)
 def clean(cfg: CleanConfig, docs: StageResult, chunks: list[StageResult], corpus_field: str, clean_field: str,
           ctx: TrackingContext) -> StageResult:
-    fp, out_dir = CLEAN.locate({"cfg": cfg, "docs": docs, "ctx": ctx})
+    fp, out_dir = CLEAN.locate(locals())
     with stage_run(ctx, "clean", fp, {clean_field: cfg}, {"lmpipe.corpus_field": corpus_field}) as run:
         result = run_clean(cfg, chunks, out_dir, fp, corpus_field=corpus_field, clean_field=clean_field)
         run.log_result(result, ["clean_report.json", "removed.parquet"])
@@ -113,7 +113,7 @@ TOKENIZER = StageSpec("train_tokenizer", configs=("cfg",), upstreams=("docs",))
 
 @task(name="train_tokenizer", cache_key_fn=TOKENIZER.cache_key, **CACHED)
 def train_tokenizer(cfg: TokenizerConfig, docs: StageResult, ctx: TrackingContext) -> StageResult:
-    fp, out_dir = TOKENIZER.locate({"cfg": cfg, "docs": docs, "ctx": ctx})
+    fp, out_dir = TOKENIZER.locate(locals())
     with stage_run(ctx, "train_tokenizer", fp, {"tokenizer": cfg}) as run:
         result = run_train_tokenizer(cfg, docs, out_dir, fp)
         run.log_result(result, ["tokenizer.json", "tokenizer_meta.json"])
@@ -121,25 +121,24 @@ def train_tokenizer(cfg: TokenizerConfig, docs: StageResult, ctx: TrackingContex
 
 
 # encode_batch_size changes how fast, never what: the encoder is deterministic.
-ENCODE_CHUNK = StageSpec("encode_chunk", configs=("chunk", "val_fraction"), upstreams=("docs", "tokenizer"))
+ENCODE_CHUNK = StageSpec("encode_chunk", inputs=("chunk", "val_fraction"), upstreams=("docs", "tokenizer"))
 
 
 @task(name="encode_chunk", task_run_name="encode-{chunk}", cache_key_fn=ENCODE_CHUNK.cache_key, **CACHED)
 def encode_chunk(docs: StageResult, chunk: str, tokenizer: StageResult, val_fraction: float, encode_batch_size: int,
                  ctx: TrackingContext) -> StageResult:
-    fp, out_dir = ENCODE_CHUNK.locate({"chunk": chunk, "val_fraction": val_fraction, "docs": docs,
-                                       "tokenizer": tokenizer, "ctx": ctx})
+    fp, out_dir = ENCODE_CHUNK.locate(locals())
     return run_encode_chunk(docs.path(chunk), tokenizer, val_fraction, encode_batch_size, out_dir, fp)
 
 
 SHARD = StageSpec("shard", configs=("cfg", "corpus"), upstreams=("docs", "tokenizer"),
-                  ignore=(("cfg", frozenset({"encode_batch_size"})), ("corpus", frozenset({"clean"}))))
+                  not_read=(("corpus", frozenset({"clean"})),))
 
 
 @task(name="shard", task_run_name="shard-{corpus_field}", cache_key_fn=SHARD.cache_key, **CACHED)
 def shard(cfg: ShardConfig, corpus: CorpusConfig, docs: StageResult, encoded: list[StageResult],
           tokenizer: StageResult, corpus_field: str, ctx: TrackingContext) -> StageResult:
-    fp, out_dir = SHARD.locate({"cfg": cfg, "corpus": corpus, "docs": docs, "tokenizer": tokenizer, "ctx": ctx})
+    fp, out_dir = SHARD.locate(locals())
     with stage_run(ctx, "shard", fp, {"data.shard": cfg, "val_fraction": corpus.val_fraction},
                    {"lmpipe.corpus_field": corpus_field}) as run:
         result = run_shard(cfg, corpus, encoded, tokenizer, out_dir, fp, corpus_field=corpus_field)
@@ -147,17 +146,14 @@ def shard(cfg: ShardConfig, corpus: CorpusConfig, docs: StageResult, encoded: li
     return result
 
 
-NOT_IN_WEIGHTS = frozenset({"eval_interval", "log_interval", "checkpoint_interval", "threads", "peak_flops"})
-PRETRAIN = StageSpec("pretrain", configs=("model_cfg", "cfg"), upstreams=("shards", "tokenizer"),
-                     ignore=(("cfg", NOT_IN_WEIGHTS),))
+PRETRAIN = StageSpec("pretrain", configs=("model_cfg", "cfg"), upstreams=("shards", "tokenizer"))
 
 
 @task(name="pretrain", cache_key_fn=PRETRAIN.cache_key, retries=2, retry_delay_seconds=5,
       retry_condition_fn=_rank_lost, **CACHED)
 def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, shards: StageResult, tokenizer: StageResult,
              ctx: TrackingContext) -> StageResult:
-    fp, out_dir = PRETRAIN.locate({"model_cfg": model_cfg, "cfg": cfg, "shards": shards, "tokenizer": tokenizer,
-                                   "ctx": ctx})
+    fp, out_dir = PRETRAIN.locate(locals())
     with stage_run(ctx, "pretrain", fp, {"model": model_cfg, "pretrain": cfg}) as run:
         result = run_pretrain(model_cfg, cfg, shards, tokenizer, out_dir, fp, log_metrics=run.log_metrics,
                               on_progress=PrefectProgress("pretrain"), on_log=get_run_logger().info,
@@ -168,18 +164,15 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, shards: StageResult, toke
 
 # sft_sha256 / init_sha256: the content of the SFT file and of an explicit starting checkpoint,
 # not just their paths, decide the result.
-FINETUNE = StageSpec("finetune", configs=("model_cfg", "cfg", "sft_sha256", "init_sha256"),
-                     upstreams=("base", "shards", "tokenizer"),
-                     ignore=(("cfg", NOT_IN_WEIGHTS),))
+FINETUNE = StageSpec("finetune", configs=("model_cfg", "cfg"), inputs=("sft_sha256", "init_sha256"),
+                     upstreams=("base", "shards", "tokenizer"))
 
 
 @task(name="finetune", cache_key_fn=FINETUNE.cache_key, **CACHED)
 def finetune(model_cfg: ModelConfig, cfg: FinetuneConfig, base: StageResult | None, shards: StageResult | None,
              tokenizer: StageResult, ctx: TrackingContext, sft_sha256: str | None = None,
              init_sha256: str | None = None) -> StageResult:
-    fp, out_dir = FINETUNE.locate({"model_cfg": model_cfg, "cfg": cfg, "sft_sha256": sft_sha256,
-                                   "init_sha256": init_sha256, "base": base, "shards": shards,
-                                   "tokenizer": tokenizer, "ctx": ctx})
+    fp, out_dir = FINETUNE.locate(locals())
     init = Path(cfg.init_checkpoint) if cfg.init_checkpoint else base.path("model")
     with stage_run(ctx, "finetune", fp, {"model": model_cfg, "finetune": cfg}, {"lmpipe.init": str(init)}) as run:
         result = run_finetune(cfg, model_cfg, init, shards, tokenizer, out_dir, fp, log_metrics=run.log_metrics,
@@ -189,15 +182,14 @@ def finetune(model_cfg: ModelConfig, cfg: FinetuneConfig, base: StageResult | No
 
 
 # data_sha256 / init_sha256: the labelled file's content and an explicit starting checkpoint's weights.
-CLASSIFY = StageSpec("classify", configs=("model_cfg", "cfg", "data_sha256", "init_sha256"),
-                     upstreams=("base", "tokenizer"), ignore=(("cfg", frozenset({"eval_interval"})),))
+CLASSIFY = StageSpec("classify", configs=("model_cfg", "cfg"), inputs=("data_sha256", "init_sha256"),
+                     upstreams=("base", "tokenizer"))
 
 
 @task(name="classify", cache_key_fn=CLASSIFY.cache_key, **CACHED)
 def classify(model_cfg: ModelConfig, cfg: ClassifyConfig, base: StageResult, tokenizer: StageResult,
              ctx: TrackingContext, data_sha256: str, init_sha256: str | None = None) -> StageResult:
-    fp, out_dir = CLASSIFY.locate({"model_cfg": model_cfg, "cfg": cfg, "data_sha256": data_sha256,
-                                   "init_sha256": init_sha256, "base": base, "tokenizer": tokenizer, "ctx": ctx})
+    fp, out_dir = CLASSIFY.locate(locals())
     init = Path(cfg.init_checkpoint) if cfg.init_checkpoint else base.path("model")
     with stage_run(ctx, "classify", fp, {"model": model_cfg, "classify": cfg}, {"lmpipe.init": str(init)}) as run:
         result = run_classify(cfg, model_cfg, init, tokenizer, out_dir, fp, log_metrics=run.log_metrics,
@@ -216,7 +208,7 @@ def classify(model_cfg: ModelConfig, cfg: ClassifyConfig, base: StageResult, tok
 # has its own report, so changing only classify neither re-scores nor re-registers the language model.
 # sft / sft_sha256 (finetune.mode=sft): the SFT data whose held-out examples are scored too, and the file's content.
 # The fine-tuned model's fingerprint covers both already; the stage reads the file itself, so its own does too.
-EVALUATE = StageSpec("evaluate", configs=("cfg", "benchmark_sha256", "reference", "sft", "sft_sha256"),
+EVALUATE = StageSpec("evaluate", configs=("cfg",), inputs=("benchmark_sha256", "reference", "sft", "sft_sha256"),
                      upstreams=("models", "corpora", "tokenizer"))
 
 
@@ -225,9 +217,7 @@ def evaluate(cfg: EvalConfig, models: dict[str, StageResult], corpora: dict[str,
              tokenizer: StageResult, ctx: TrackingContext, benchmark_sha256: dict[str, str] | None = None,
              benchmark_files: dict[str, str] | None = None, reference: dict[str, Any] | None = None,
              sft: SFTHeldOut | None = None, sft_sha256: str | None = None) -> StageResult:
-    fp, out_dir = EVALUATE.locate({"cfg": cfg, "benchmark_sha256": benchmark_sha256, "reference": reference,
-                                   "sft": sft, "sft_sha256": sft_sha256, "models": models, "corpora": corpora,
-                                   "tokenizer": tokenizer, "ctx": ctx})
+    fp, out_dir = EVALUATE.locate(locals())
     tags = {"lmpipe.reference": f"{reference['name']}/{reference['version']}"} if reference else None
     with stage_run(ctx, "evaluate", fp, {"eval": cfg, **({"sft": sft} if sft is not None else {})}, tags) as run:
         checkpoints = {name: stage.path("model") for name, stage in models.items()}
@@ -247,15 +237,14 @@ def evaluate(cfg: EvalConfig, models: dict[str, StageResult], corpora: dict[str,
     return result
 
 
-REGISTER = StageSpec("register", configs=("cfg", "metric"), upstreams=("finetuned", "tokenizer", "report"),
+REGISTER = StageSpec("register", configs=("cfg",), inputs=("metric",), upstreams=("finetuned", "tokenizer", "report"),
                      keyed_on_tracking_store=True)
 
 
 @task(name="register", cache_key_fn=REGISTER.cache_key, **CACHED)
 def register(cfg: TrackingConfig, finetuned: StageResult, tokenizer: StageResult, report: StageResult,
              ctx: TrackingContext, metric: str) -> StageResult:
-    fp, out_dir = REGISTER.locate({"cfg": cfg, "metric": metric, "finetuned": finetuned, "tokenizer": tokenizer,
-                                   "report": report, "ctx": ctx})
+    fp, out_dir = REGISTER.locate(locals())
     with stage_run(ctx, "register", fp, {"tracking": cfg, "promote_metric": metric}) as run:
         run.log_metrics({k: v for k, v in report.metrics.items() if k.startswith("finetuned.")})
         result = run_register(cfg, ctx, run, finetuned, tokenizer, out_dir, fp, metric=metric,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from lmpipe.config.base import CHAT_TOKENS, DEMO_HELD_OUT_AT, EOT, Section
+from lmpipe.config.effects import NO_EFFECT
 
 
 class SourceConfig(Section):
@@ -158,7 +159,8 @@ class CorpusConfig(Section):
 
 class ShardConfig(Section):
     shard_tokens: int = Field(100_000_000, ge=1024, description="Tokens per shard file.")
-    encode_batch_size: int = Field(256, ge=1, description="Documents per tokenizer batch.")
+    # changes how fast, never what: the encoder is deterministic
+    encode_batch_size: Annotated[int, NO_EFFECT] = Field(256, ge=1, description="Documents per tokenizer batch.")
 
 
 class RunnerConfig(Section):

@@ -369,6 +369,7 @@ def test_settings_that_cannot_change_outputs_rerun_nothing(first_run):
     quiet = cfg.model_copy(deep=True)
     quiet.pretrain.log_interval = 10
     quiet.pretrain.threads = 1
+    quiet.pretrain.eval_interval += 1  # no early stopping: validations decide nothing
     quiet.data.shard.encode_batch_size = 7
     assert {s["status"] for s in pipeline(config=quiet)["stages"]} == {"cached"}
 

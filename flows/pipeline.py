@@ -22,7 +22,6 @@ from lmpipe.config.pipeline import PipelineConfig
 from lmpipe.config.training import SFTFinetuneConfig
 from lmpipe.data.sources import local_source_digests
 from lmpipe.eval.benchmark_files import resolve_benchmarks
-from lmpipe.eval.heldout import SFTHeldOut
 from lmpipe.stages.preflight import check_context_fits, check_inputs
 from lmpipe.tracking.registry import champion_metrics
 from lmpipe.tracking.runs import TrackingContext
@@ -109,13 +108,12 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         # The champion to compare with, decided now so that it is part of the evaluation's fingerprint.
         reference = champion_metrics(ctx.uri, config.tracking.registered_model, config.tracking.champion_alias,
                                      finetune=tuned.fingerprint)
-        # After SFT, both models are also scored on its held-out examples (the champion gate's default metric).
-        sft = SFTHeldOut.of(config)
+        # After SFT, both models are also scored on the held-out examples fine-tuning wrote (the champion gate's
+        # default metric).
         report = ledger.run(evaluate, cfg=config.eval, models={"base": base, "finetuned": tuned}, corpora=corpora,
                             benchmark_sha256={n: _digest(str(p)) for n, p in bench_files.items()} or None,
                             benchmark_files={n: str(p) for n, p in bench_files.items()} or None,
-                            reference=reference, sft=sft, sft_sha256=sft_sha256 if sft else None,
-                            tokenizer=tokenizer, ctx=ctx)
+                            reference=reference, tokenizer=tokenizer, ctx=ctx)
         ledger.run(register, cfg=config.tracking, finetuned=tuned, tokenizer=tokenizer, report=report, ctx=ctx,
                    metric=config.champion_metric())
     return ledger.summary(ctx)

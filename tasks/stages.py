@@ -19,8 +19,8 @@ from lmpipe.artifacts import StageResult
 from lmpipe.config.data import CleanConfig, CorpusConfig, ShardConfig, TokenizerConfig
 from lmpipe.config.evaluation import EvalConfig, TrackingConfig
 from lmpipe.config.training import ClassifyConfig, FinetuneConfig, ModelConfig, TrainConfig
+from lmpipe.data.sft import HELD_OUT_FILE, HELD_OUT_META
 from lmpipe.data.sources import TransientDownloadError
-from lmpipe.eval.heldout import SFTHeldOut
 from lmpipe.eval.report import LOSS_CURVES
 from lmpipe.stages.classify import PREDICTIONS_FILE, REPORT_FILE, run_classify
 from lmpipe.stages.clean import run_clean, run_clean_chunk
@@ -177,7 +177,8 @@ def finetune(model_cfg: ModelConfig, cfg: FinetuneConfig, base: StageResult | No
     with stage_run(ctx, "finetune", fp, {"model": model_cfg, "finetune": cfg}, {"lmpipe.init": str(init)}) as run:
         result = run_finetune(cfg, model_cfg, init, shards, tokenizer, out_dir, fp, log_metrics=run.log_metrics,
                               on_progress=PrefectProgress("finetune"))
-        run.log_result(result, ["metrics.jsonl", "model", "adapter"])  # adapter/: LoRA with save_adapter
+        # adapter/: LoRA with save_adapter; HELD_OUT_FILE: the held-out SFT examples, mode sft
+        run.log_result(result, ["metrics.jsonl", "model", "adapter", HELD_OUT_FILE])
     return result
 
 
@@ -206,20 +207,20 @@ def classify(model_cfg: ModelConfig, cfg: ClassifyConfig, base: StageResult, tok
 # just their paths, decides the report; benchmark_files only says where they are. reference: the earlier registered
 # model the report compares with, so a new champion re-renders the report. The classifier is not an input: it
 # has its own report, so changing only classify neither re-scores nor re-registers the language model.
-# sft / sft_sha256 (finetune.mode=sft): the SFT data whose held-out examples are scored too, and the file's content.
-# The fine-tuned model's fingerprint covers both already; the stage reads the file itself, so its own does too.
-EVALUATE = StageSpec("evaluate", configs=("cfg",), inputs=("benchmark_sha256", "reference", "sft", "sft_sha256"),
+# With finetune.mode=sft the models are also scored on the held-out SFT examples the fine-tuning stage wrote
+# (HELD_OUT_META in its meta): its fingerprint, among the models', covers them.
+EVALUATE = StageSpec("evaluate", configs=("cfg",), inputs=("benchmark_sha256", "reference"),
                      upstreams=("models", "corpora", "tokenizer"))
 
 
 @task(name="evaluate", cache_key_fn=EVALUATE.cache_key, **CACHED)
 def evaluate(cfg: EvalConfig, models: dict[str, StageResult], corpora: dict[str, StageResult],
              tokenizer: StageResult, ctx: TrackingContext, benchmark_sha256: dict[str, str] | None = None,
-             benchmark_files: dict[str, str] | None = None, reference: dict[str, Any] | None = None,
-             sft: SFTHeldOut | None = None, sft_sha256: str | None = None) -> StageResult:
+             benchmark_files: dict[str, str] | None = None, reference: dict[str, Any] | None = None) -> StageResult:
     fp, out_dir = EVALUATE.locate(locals())
     tags = {"lmpipe.reference": f"{reference['name']}/{reference['version']}"} if reference else None
-    with stage_run(ctx, "evaluate", fp, {"eval": cfg, **({"sft": sft} if sft is not None else {})}, tags) as run:
+    sft = next((m.path(m.meta[HELD_OUT_META]) for m in models.values() if HELD_OUT_META in m.meta), None)
+    with stage_run(ctx, "evaluate", fp, {"eval": cfg}, tags) as run:
         checkpoints = {name: stage.path("model") for name, stage in models.items()}
         curves = {stage.stage: stage.path("metrics.jsonl") for stage in models.values()}
         result = run_evaluate(cfg, checkpoints, corpora, tokenizer, out_dir, fp, curves=curves,

@@ -441,3 +441,42 @@ def build_sft_data(
     fill = sum(len(kept[i][0]) for i in train_idx) / (len(train_tokens) - 1)  # the stream is n * block_size + 1
     return SFTData(train_tokens, train_mask, val_tokens, val_mask, len(train_idx), len(val_idx), layout,
                    len(bad), bad[:MAX_REPORTED], len(long_lines), long_lines[:MAX_REPORTED], round(fill, 4))
+
+
+# -- the held-out examples, handed from fine-tuning to evaluation ----------------
+
+HELD_OUT_FILE = "sft_val.npz"  # in the finetune stage's output directory (mode sft)
+HELD_OUT_META = "sft_held_out"  # the finetune stage's meta entry naming it
+
+
+@dataclass(frozen=True)
+class HeldOutSFT:
+    """The val examples fine-tuning validated on, as it laid them out, and where they came from."""
+
+    data: SFTData  # its train streams are empty: only the val ones are handed over
+    source: dict[str, Any]  # path, layout, block_size, skip_long, skip_bad: how they were built
+
+    @property
+    def block_size(self) -> int:
+        return int(self.source["block_size"])
+
+
+def write_held_out(data: SFTData, out_dir: Path, source: dict[str, Any]) -> dict[str, str]:
+    """Save ``data``'s val streams and counts, and the settings they were built with (``source``), to
+    ``out_dir / HELD_OUT_FILE``; returns the stage-meta entry that names the file."""
+    counts = dataclasses.asdict(data)
+    for name in ("train_tokens", "train_mask", "val_tokens", "val_mask"):
+        del counts[name]
+    info = json.dumps({"source": source, "counts": counts}, sort_keys=True)
+    with open(out_dir / HELD_OUT_FILE, "wb") as f:  # a file object: np.savez does not add a suffix
+        np.savez(f, val_tokens=data.val_tokens, val_mask=data.val_mask, info=np.array(info))
+    return {HELD_OUT_META: HELD_OUT_FILE}
+
+
+def read_held_out(path: Path) -> HeldOutSFT:
+    """What :func:`write_held_out` saved, with the same val streams, counts and meta."""
+    with np.load(path, allow_pickle=False) as f:
+        info = json.loads(str(f["info"]))
+        empty = np.zeros(0, dtype=np.int64)
+        data = SFTData(empty, empty, f["val_tokens"], f["val_mask"], **info["counts"])
+    return HeldOutSFT(data, info["source"])

@@ -26,12 +26,9 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
-from lmpipe.config.pipeline import PipelineConfig
-from lmpipe.config.training import SFTFinetuneConfig
-from lmpipe.data.sft import Layout, SFTData
+from lmpipe.data.sft import SFTData
 from lmpipe.data.shards import ArraySource, TokenSource
 from lmpipe.data.tokenizer import encode_ordinary, token_byte_lengths
 from lmpipe.model.gpt import IGNORE_INDEX
@@ -43,28 +40,6 @@ BASE, FINETUNED = "base", "finetuned"
 # How much was scored, logged beside the figures (finetuned.<corpus>.tokens, finetuned.<benchmark>.n) so that a
 # later report compares with a registered model's figures only where they were scored on as much.
 SCORED = {"held_out": "tokens", "multiple_choice": "n"}
-
-
-class SFTHeldOut(BaseModel):
-    """The fine-tuning run's SFT data settings: what the evaluate stage rebuilds its held-out examples from,
-    exactly as ``lmpipe.stages.finetune.run_finetune`` split and laid them out (``lmpipe.data.sft.build_sft_data``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    path: str = Field(description="finetune.sft_path")
-    layout: Layout = Field(description="finetune.sft_layout")
-    block_size: int = Field(ge=2, description="model.block_size: the windows the examples are laid out in")
-    skip_long: bool = Field(description="finetune.sft_skip_long")
-    skip_bad: bool = Field(description="finetune.sft_skip_bad")
-
-    @classmethod
-    def of(cls, config: PipelineConfig) -> SFTHeldOut | None:
-        """The SFT data of the config's fine-tuning run; None unless finetune.mode is "sft"."""
-        ft = config.finetune
-        if not isinstance(ft, SFTFinetuneConfig):
-            return None
-        return cls(path=str(ft.sft_path), layout=ft.sft_layout, block_size=config.model.block_size,
-                   skip_long=ft.sft_skip_long, skip_bad=ft.sft_skip_bad)
 
 
 def evaluate_loss(
@@ -170,7 +145,8 @@ def score_sft(
 ) -> dict[str, float]:
     """Held-out loss, perplexity and bits per byte on the val examples of SFT data, as fine-tuning counts them.
 
-    ``data`` is ``lmpipe.data.sft.build_sft_data``'s (the model's ``block_size``): its
+    ``data`` is ``lmpipe.data.sft.build_sft_data``'s (the model's ``block_size``), as the
+    fine-tuning stage hands it over (``lmpipe.data.sft.read_held_out``): its
     val stream is scored whole, in the windows fine-tuning validates on (one
     example, or one bin of packed examples, per ``block_size`` window; packed
     windows with ``eot_id`` as ``doc_sep``, so each example attends only to

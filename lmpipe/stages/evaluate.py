@@ -10,7 +10,7 @@ import torch
 from lmpipe.artifacts import BuildOutput, StageResult, write_json_atomic
 from lmpipe.config.base import SFT_HELD_OUT
 from lmpipe.config.evaluation import EvalConfig
-from lmpipe.data.sft import build_sft_data
+from lmpipe.data.sft import read_held_out
 from lmpipe.data.shards import MANIFEST_FILE, TokenSplit, read_manifest
 from lmpipe.data.tokenizer import (
     META_FILE,
@@ -22,7 +22,7 @@ from lmpipe.data.tokenizer import (
     tokenizer_fingerprint,
 )
 from lmpipe.eval.benchmark_files import benchmark_label, read_benchmark
-from lmpipe.eval.heldout import MC_METRICS, METRICS, SCORED, SFTHeldOut, evaluate_loss, score_sft
+from lmpipe.eval.heldout import MC_METRICS, METRICS, SCORED, evaluate_loss, score_sft
 from lmpipe.eval.multiple_choice import score_mc
 from lmpipe.eval.report import LOSS_CURVES, compare_with_reference, plot_loss_curves, render_markdown
 from lmpipe.eval.samples import generate_samples
@@ -40,7 +40,7 @@ def run_evaluate(
     curves: dict[str, Path] | None = None,
     benchmark_files: dict[str, Path] | None = None,
     reference: dict[str, Any] | None = None,
-    sft: SFTHeldOut | None = None,
+    sft: Path | None = None,
 ) -> StageResult:
     """Score every model on every corpus's val split and sample from each; write the report.
 
@@ -48,10 +48,10 @@ def run_evaluate(
     ``benchmark_files`` (benchmark name -> JSONL) is what ``lmpipe.eval.benchmark_files.resolve_benchmarks``
     chose to score (a Hub download or the local file); a benchmark not in it is read
     from its ``path``. ``reference``: an earlier registered model to compare with
-    (see :func:`render_markdown`). ``sft``: the SFT data of the fine-tuning run, whose
-    held-out examples every model is also scored on (:func:`score_sft`), as the corpus
-    ``SFT_HELD_OUT`` of the results, metrics and report (plus ``<model>.sft/val.examples``);
-    the file is read and tokenized once per stage run, before any model is loaded.
+    (see :func:`render_markdown`). ``sft``: the held-out SFT examples the fine-tuning stage
+    wrote (``lmpipe.data.sft.HELD_OUT_FILE``, as it laid them out), which every model is
+    also scored on (:func:`score_sft`), as the corpus ``SFT_HELD_OUT`` of the results,
+    metrics and report (plus ``<model>.sft/val.examples``); read before any model is loaded.
     """
     if not models:
         raise ValueError("run_evaluate: no models to evaluate (models is empty)")
@@ -84,6 +84,9 @@ def run_evaluate(
             raise FileNotFoundError(f"eval.benchmarks.{i} ({bench.name}): {err}") from err
         except ValueError as err:
             raise ValueError(f"eval.benchmarks.{i} ({bench.name}): {err}") from err
+    if sft is not None and not Path(sft).is_file():
+        raise FileNotFoundError(f"the fine-tuning stage's held-out SFT examples {str(sft)!r} do not exist")
+    held_out = read_held_out(Path(sft)) if sft is not None else None
     states = {}
     for name, ckpt in models.items():
         if not Path(ckpt).is_dir():
@@ -95,12 +98,10 @@ def run_evaluate(
                 f"{state.get('tokenizer_fingerprint')!r}, but evaluation uses {tok_path} (sha256 {tok_fp})"
             )
         block = (state.get("model") or {}).get("block_size")
-        if sft is not None and block != sft.block_size:
+        if held_out is not None and block != held_out.block_size:
             raise ValueError(f"model {name!r}: {state['state_file']} has block_size {block!r}, but the held-out SFT "
-                             f"examples are laid out in windows of model.block_size={sft.block_size}, as fine-tuning "
-                             "trained on them")
-    if sft is not None and not Path(sft.path).is_file():
-        raise FileNotFoundError(f"finetune.sft_path: SFT file {sft.path!r} does not exist")
+                             f"examples are laid out in windows of model.block_size={held_out.block_size}, as "
+                             "fine-tuning trained on them")
 
     def build(tmp: Path) -> BuildOutput:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,11 +110,8 @@ def run_evaluate(
         # Every corpus was checked to use this tokenizer, so they share one end-of-text id.
         start_id = next(iter(manifests.values()))["eot_id"]
         splits = {name: TokenSplit(Path(shards.out_dir), "val") for name, shards in corpora.items()}
-        sft_data, sft_eot = None, None
-        if sft is not None:  # read and tokenized once, for every model; the end-of-text id as fine-tuning finds it
-            sft_eot = meta_eot_id(tok, tokenizer.path(META_FILE))
-            sft_data = build_sft_data(Path(sft.path), tok, sft_eot, sft.block_size, layout=sft.layout,
-                                      skip_long=sft.skip_long, skip_bad=sft.skip_bad, field="finetune.sft_path")
+        sft_data = held_out.data if held_out is not None else None
+        sft_eot = meta_eot_id(tok, tokenizer.path(META_FILE)) if held_out is not None else None  # as fine-tuning
 
         results, samples, model_info, choice = [], {}, {}, []
         for model_name, ckpt in models.items():
@@ -136,7 +134,7 @@ def run_evaluate(
                                   device=device)
                 except ValueError as err:
                     raise ValueError(f"evaluating model {model_name!r} on the held-out SFT examples of "
-                                     f"{sft.path}: {err}") from err
+                                     f"{held_out.source['path']}: {err}") from err
                 results.append({"model": model_name, "corpus": SFT_HELD_OUT, **r})
             for bench_name, (bench, label, examples, lines, bad) in benchmarks.items():
                 mc = score_mc(model, tok, examples, device=device, batch_size=cfg.batch_size, eot_id=start_id,
@@ -159,7 +157,7 @@ def run_evaluate(
             }
             for name, split in splits.items()
         }
-        sft_info = None if sft_data is None else {**sft.model_dump(), **sft_data.meta()}
+        sft_info = None if held_out is None else {**held_out.source, **held_out.data.meta()}
         markdown = render_markdown(results, samples, eval_tokens=cfg.eval_tokens, choice=choice, reference=reference)
         write_json_atomic(
             tmp / "report.json",

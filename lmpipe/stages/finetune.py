@@ -7,7 +7,7 @@ from typing import Any
 
 from lmpipe.artifacts import BuildOutput, StageResult
 from lmpipe.config.training import FinetuneConfig, ModelConfig, SFTFinetuneConfig
-from lmpipe.data.sft import build_sft_data
+from lmpipe.data.sft import build_sft_data, write_held_out
 from lmpipe.data.shards import ArraySource
 from lmpipe.data.tokenizer import META_FILE, load_tokenizer, meta_eot_id
 from lmpipe.model.checkpoint import STATE_FILE, check_compatible, read_state
@@ -57,7 +57,9 @@ def run_finetune(
                                   field="finetune.sft_path")
             train_src, val_src = ArraySource(data.train_tokens), ArraySource(data.val_tokens)
             masks = (ArraySource(data.train_mask), ArraySource(data.val_mask))
-            meta = data.meta()
+            meta = data.meta() | write_held_out(data, tmp, {  # what evaluation scores the models on
+                "path": ft_cfg.sft_path, "layout": ft_cfg.sft_layout, "block_size": model_cfg.block_size,
+                "skip_long": ft_cfg.sft_skip_long, "skip_bad": ft_cfg.sft_skip_bad})
         summary = train(model_cfg, ft_cfg, vocab_size, train_src, val_src, tmp, tokenizer_fingerprint=tok_fp,
                         init_from=init_dir, log_metrics=log_metrics, on_progress=on_progress,
                         target_mask_src=masks, aligned_val=masks is not None,

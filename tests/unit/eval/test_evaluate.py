@@ -607,26 +607,50 @@ def sft_checkpoints(pipeline, root: Path) -> dict[str, Path]:
     return models
 
 
-def test_run_evaluate_scores_every_model_on_the_held_out_sft_examples(pipeline, tmp_path, monkeypatch):
+def held_out(tok_stage, tmp_path: Path, layout: str, block_size: int = SFT_BLOCK) -> Path:
+    """The held-out SFT examples of write_sft's file as the fine-tuning stage writes them (lmpipe.stages.finetune)."""
+    from lmpipe.data.sft import HELD_OUT_FILE, build_sft_data, write_held_out
+
+    tok = load_tokenizer(tok_stage.path("tokenizer.json"))
+    path = write_sft(tmp_path / "sft.jsonl")
+    data = build_sft_data(path, tok, tok.token_to_id("<|endoftext|>"), block_size, layout=layout)
+    out = tmp_path / "finetune-out"
+    out.mkdir()
+    assert write_held_out(data, out, {"path": str(path), "layout": layout, "block_size": block_size,
+                                      "skip_long": False, "skip_bad": False}) == {"sft_held_out": HELD_OUT_FILE}
+    return out / HELD_OUT_FILE
+
+
+def test_held_out_sft_examples_round_trip(pipeline, tmp_path):
+    from lmpipe.data.sft import build_sft_data, read_held_out
+
+    tok = load_tokenizer(pipeline["tokenizer"].path("tokenizer.json"))
+    data = build_sft_data(write_sft(tmp_path / "sft.jsonl"), tok, tok.token_to_id("<|endoftext|>"), SFT_BLOCK,
+                          layout="packed")
+    (tmp_path / "h").mkdir()
+    back = read_held_out(held_out(pipeline["tokenizer"], tmp_path / "h", "packed"))
+    assert np.array_equal(back.data.val_tokens, data.val_tokens) and np.array_equal(back.data.val_mask, data.val_mask)
+    assert back.data.val_tokens.dtype == data.val_tokens.dtype and back.data.meta() == data.meta()
+    assert back.block_size == SFT_BLOCK and back.source["layout"] == "packed"
+    assert len(back.data.train_tokens) == 0  # only what evaluation scores is handed over
+
+
+def test_run_evaluate_scores_every_model_on_the_held_out_sft_examples(pipeline, tmp_path):
     import lmpipe.stages.evaluate as evaluate
     from lmpipe.data.sft import build_sft_data
-    from lmpipe.eval.heldout import SFTHeldOut, score_sft
+    from lmpipe.eval.heldout import score_sft
 
     corpora, tok_stage = pipeline["corpora"], pipeline["tokenizer"]
     models = sft_checkpoints(pipeline, tmp_path)
-    sft = SFTHeldOut(path=str(write_sft(tmp_path / "sft.jsonl")), layout="packed", block_size=SFT_BLOCK,
-                     skip_long=False, skip_bad=False)
-    builds = []
-    monkeypatch.setattr(evaluate, "build_sft_data", lambda *a, **k: builds.append(a) or build_sft_data(*a, **k))
+    sft = held_out(tok_stage, tmp_path, "packed")
     result = run_evaluate(EVAL, models, corpora, tok_stage, tmp_path / "eval", "evalfp", sft=sft)
-    assert len(builds) == 1  # the file is read and tokenized once, for both models
 
     stats = ("loss", "perplexity", "bits_per_byte", "tokens", "examples")
     assert {k for k in result.metrics if "sft/val" in k} == {f"{m}.sft/val.{s}" for m in ("base", "finetuned")
                                                               for s in stats}
     tok = load_tokenizer(tok_stage.path("tokenizer.json"))
     eot = tok.token_to_id("<|endoftext|>")
-    data = build_sft_data(Path(sft.path), tok, eot, SFT_BLOCK, layout="packed")
+    data = build_sft_data(tmp_path / "sft.jsonl", tok, eot, SFT_BLOCK, layout="packed")  # as fine-tuning built it
     report = json.loads(result.path("report.json").read_text())
     rows = {r["model"]: r for r in report["results"] if r["corpus"] == "sft/val"}
     for name in ("base", "finetuned"):
@@ -635,7 +659,9 @@ def test_run_evaluate_scores_every_model_on_the_held_out_sft_examples(pipeline, 
         assert {k: rows[name][k] for k in direct} == direct
         assert {s: result.metrics[f"{name}.sft/val.{s}"] for s in stats} == {s: float(direct[s]) for s in stats}
     assert rows["base"]["examples"] == 6 and rows["base"]["tokens"] == rows["finetuned"]["tokens"]
-    assert report["sft"]["sft_val_examples"] == 6 and report["sft"]["layout"] == "packed"
+    assert report["sft"] == {"path": str(tmp_path / "sft.jsonl"), "layout": "packed", "block_size": SFT_BLOCK,
+                             "skip_long": False, "skip_bad": False, **data.meta()}
+    assert report["sft"]["sft_val_examples"] == 6
     # The corpora are scored as before, beside it.
     assert [(r["model"], r["corpus"]) for r in report["results"]] == [
         (m, c) for m in ("base", "finetuned") for c in ("wikitext2", "tinyshakespeare", "sft/val")]
@@ -665,36 +691,26 @@ def test_run_evaluate_scores_every_model_on_the_held_out_sft_examples(pipeline, 
 
 
 def test_sft_held_out_needs_models_of_its_block_size_and_its_file_before_any_work(pipeline, tmp_path):
-    from lmpipe.eval.heldout import SFTHeldOut
-
-    sft = SFTHeldOut(path=str(write_sft(tmp_path / "sft.jsonl")), layout="padded", block_size=SFT_BLOCK,
-                     skip_long=False, skip_bad=False)
+    sft = held_out(pipeline["tokenizer"], tmp_path, "padded")
     with pytest.raises(ValueError, match=r"model 'base': .*state.json has block_size 8, but the held-out SFT "
                                          r"examples are laid out in windows of model.block_size=64"):
         run_evaluate(EVAL, pipeline["models"], pipeline["corpora"], pipeline["tokenizer"], tmp_path / "e", "fp",
                      sft=sft)
-    missing = sft.model_copy(update={"path": str(tmp_path / "nope.jsonl")})
-    with pytest.raises(FileNotFoundError, match="finetune.sft_path: SFT file .*nope.jsonl' does not exist"):
+    with pytest.raises(FileNotFoundError, match="held-out SFT examples .*nope.npz' do not exist"):
         run_evaluate(EVAL, sft_checkpoints(pipeline, tmp_path), pipeline["corpora"], pipeline["tokenizer"],
-                     tmp_path / "e", "fp", sft=missing)
+                     tmp_path / "e", "fp", sft=tmp_path / "nope.npz")
     assert not (tmp_path / "e").exists() and not (tmp_path / "e.partial").exists()
 
 
-def test_the_evaluation_fingerprint_follows_the_sft_file_and_settings():
-    from lmpipe.config.loading import load_config
-    from lmpipe.eval.heldout import SFTHeldOut
+def test_the_evaluation_fingerprint_follows_the_fine_tuned_model():
     from tasks.stages import EVALUATE
 
-    cfg = load_config(None, ["finetune.mode=sft", "finetune.sft_path=chat.jsonl"])
-    sft = SFTHeldOut.of(cfg)
-    assert sft == SFTHeldOut(path="chat.jsonl", layout="padded", block_size=128, skip_long=False, skip_bad=False)
-    assert SFTHeldOut.of(load_config(None)) is None  # mode continue: nothing to score
-
-    def fp(sft: SFTHeldOut | None, digest: str | None) -> str:
+    def fp(finetuned: str) -> str:
         up = StageResult(stage="x", fingerprint="up", out_dir="unused")
-        return EVALUATE.fingerprint({"cfg": EVAL, "benchmark_sha256": None, "reference": None, "sft": sft,
-                                     "sft_sha256": digest, "models": {"base": up}, "corpora": {}, "tokenizer": up})
+        tuned = StageResult(stage="finetune", fingerprint=finetuned, out_dir="unused",
+                            meta={"sft_held_out": "sft_val.npz"})
+        return EVALUATE.fingerprint({"cfg": EVAL, "benchmark_sha256": None, "reference": None,
+                                     "models": {"base": up, "finetuned": tuned}, "corpora": {}, "tokenizer": up})
 
-    prints = {fp(None, None), fp(sft, "a" * 64), fp(sft, "b" * 64),
-              fp(sft.model_copy(update={"layout": "packed"}), "a" * 64)}
-    assert len(prints) == 4
+    # the SFT file's content and settings are the fine-tuning stage's inputs: they reach evaluation through it
+    assert fp("a") == fp("a") != fp("b")

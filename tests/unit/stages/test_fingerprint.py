@@ -30,7 +30,8 @@ def test_pretrain_code_covers_the_modules_training_runs():
     finetune = _closure("finetune")
     assert finetune - pretrain == {"lmpipe.stages.finetune", "lmpipe.data.sft", "lmpipe.data.jsonl"}
     assert _closure("register") == {
-        "lmpipe.artifacts", "lmpipe.config.base", "lmpipe.config.data", "lmpipe.config.evaluation",
+        "lmpipe.artifacts", "lmpipe.config.base", "lmpipe.config.data", "lmpipe.config.effects",
+        "lmpipe.config.evaluation",
         "lmpipe.data.tokenizer", "lmpipe.stages.register", "lmpipe.tracking.handoff", "lmpipe.tracking.registry",
         "lmpipe.tracking.runs", "lmpipe.tracking.serving",
     }

@@ -380,6 +380,22 @@ def test_settings_that_cannot_change_outputs_rerun_nothing(first_run):
     assert status["shard/wikitext2"] == "ran" and status["pretrain"] == "ran"
 
 
+def test_validation_cadence_reruns_pretraining_only_with_early_stopping(first_run):
+    from flows.pipeline import pipeline
+
+    # With early stopping the patience counts validations and the model is the best validated checkpoint, so
+    # eval_interval decides the model (without it, it decides nothing: the test above).
+    cfg, _ = first_run
+    stopping = cfg.model_copy(deep=True)
+    stopping.pretrain.early_stopping_patience = 5
+    assert {s["label"]: s["status"] for s in pipeline(config=stopping)["stages"]}["pretrain"] == "ran"
+    stopping.pretrain.eval_interval += 1
+    status = {s["label"]: s["status"] for s in pipeline(config=stopping)["stages"]}
+    assert status["pretrain"] == status["finetune"] == "ran" and status["train_tokenizer"] == "cached"
+    stopping.pretrain.log_interval += 1  # still nothing
+    assert {s["status"] for s in pipeline(config=stopping)["stages"]} == {"cached"}
+
+
 def test_editing_a_local_corpus_in_place_reruns_the_data_stages(tmp_path):
     from flows.pipeline import prepare_data
 

@@ -110,8 +110,8 @@ def run_evaluate(
         # Every corpus was checked to use this tokenizer, so they share one end-of-text id.
         start_id = next(iter(manifests.values()))["eot_id"]
         splits = {name: TokenSplit(Path(shards.out_dir), "val") for name, shards in corpora.items()}
-        sft_data = held_out.data if held_out is not None else None
-        sft_eot = meta_eot_id(tok, tokenizer.path(META_FILE)) if held_out is not None else None  # as fine-tuning
+        # the end-of-text id as fine-tuning finds it
+        sft_eot = meta_eot_id(tok, tokenizer.path(META_FILE)) if held_out is not None else None
 
         results, samples, model_info, choice = [], {}, {}, []
         for model_name, ckpt in models.items():
@@ -128,9 +128,9 @@ def run_evaluate(
                 except ValueError as err:
                     raise ValueError(f"evaluating model {model_name!r} on corpus {corpus_name!r} (val split): {err}") from err
                 results.append({"model": model_name, "corpus": corpus_name, **r})
-            if sft_data is not None:
+            if held_out is not None:
                 try:
-                    r = score_sft(model, sft_data, token_bytes, eot_id=sft_eot, batch_size=cfg.batch_size,
+                    r = score_sft(model, held_out.data, token_bytes, eot_id=sft_eot, batch_size=cfg.batch_size,
                                   device=device)
                 except ValueError as err:
                     raise ValueError(f"evaluating model {model_name!r} on the held-out SFT examples of "

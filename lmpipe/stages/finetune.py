@@ -63,7 +63,8 @@ def run_finetune(
         summary = train(model_cfg, ft_cfg, vocab_size, train_src, val_src, tmp, tokenizer_fingerprint=tok_fp,
                         init_from=init_dir, log_metrics=log_metrics, on_progress=on_progress,
                         target_mask_src=masks, aligned_val=masks is not None,
-                        doc_sep=eot if masks is not None and ft_cfg.sft_layout == "packed" else None)  # SFT
+                        doc_sep=eot if isinstance(ft_cfg, SFTFinetuneConfig) and ft_cfg.sft_layout == "packed"
+                        else None)
         if ft_cfg.lora is not None:
             meta |= _lora_meta(summary.checkpoint, tmp / ADAPTER_DIR if ft_cfg.lora.save_adapter else None)
         out = _publish(tmp, summary)  # model/: the adapters merged into the base weights

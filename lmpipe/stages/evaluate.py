@@ -126,7 +126,8 @@ def run_evaluate(
                         eval_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, device=device,
                     )
                 except ValueError as err:
-                    raise ValueError(f"evaluating model {model_name!r} on corpus {corpus_name!r} (val split): {err}") from err
+                    raise ValueError(f"evaluating model {model_name!r} on corpus {corpus_name!r} (val split): "
+                                     f"{err}") from err
                 results.append({"model": model_name, "corpus": corpus_name, **r})
             if held_out is not None:
                 try:

@@ -72,7 +72,8 @@ def test_fingerprint_depends_on_config_and_upstream_only():
     assert fp != stage_fingerprint("pretrain", {"model": b.model, "cfg": a.pretrain}, ["up1"])
     assert fp != stage_fingerprint("pretrain", {"model": a.model, "cfg": a.pretrain}, ["up2"])
     # Data stages do not see the model section at all.
-    assert stage_fingerprint("train_tokenizer", a.tokenizer, ["d"]) == stage_fingerprint("train_tokenizer", b.tokenizer, ["d"])
+    assert stage_fingerprint("train_tokenizer", a.tokenizer, ["d"]) \
+        == stage_fingerprint("train_tokenizer", b.tokenizer, ["d"])
 
 
 def test_corpora_need_distinct_names():

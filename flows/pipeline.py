@@ -63,7 +63,8 @@ def _shards(config: PipelineConfig, corpus: CorpusConfig, field: str, docs: Stag
                       encoded=encoded, tokenizer=tokenizer, corpus_field=field, ctx=ctx)
 
 
-def _prepare(config: PipelineConfig, ctx: TrackingContext, ledger: Ledger) -> tuple[StageResult, dict[str, StageResult]]:
+def _prepare(config: PipelineConfig, ctx: TrackingContext,
+             ledger: Ledger) -> tuple[StageResult, dict[str, StageResult]]:
     """Both corpora as token shards, with the tokenizer trained on the pretraining corpus."""
     pre = config.data.pretrain
     pre_docs = _documents(config, pre, "data.pretrain", ctx, ledger)
@@ -82,7 +83,7 @@ def _digest(path: str | None, name: str = "") -> str | None:
 
 
 @flow(name="lmpipe-pipeline", log_prints=True, validate_parameters=True)
-def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
+def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 - the Prefect form's default
     """Corpus to registered model: data, tokenizer, shards, pretraining, fine-tuning, evaluation, registry."""
     with tracked_flow(config, "pipeline") as (ctx, ledger):
         check_inputs(config)
@@ -121,7 +122,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
 
 
 @flow(name="lmpipe-data", log_prints=True, validate_parameters=True)
-def prepare_data(config: PipelineConfig = PipelineConfig()) -> dict:
+def prepare_data(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 - the Prefect form's default
     """The data stages alone: both corpora downloaded, cleaned and sharded, and the tokenizer."""
     with tracked_flow(config, "data") as (ctx, ledger):
         check_inputs(config, training=False)

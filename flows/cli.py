@@ -29,7 +29,8 @@ import yaml
 from flows import model_commands
 from flows.summary import format_summary
 from lmpipe.config import ConfigError, EvalConfig, PipelineConfig, load_config
-from lmpipe.tracking.handoff import GENERATION_DEFAULTS, MODEL_URI_FORMS  # light: no torch, no MLflow
+from lmpipe.model.generation_settings import GENERATION_DEFAULTS
+from lmpipe.tracking.uris import MODEL_URI_FORMS
 
 
 class CommandFailed(Exception):

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lmpipe.tracking.handoff import GENERATION_DEFAULTS
+from lmpipe.model.generation_settings import GENERATION_DEFAULTS
 
 
 @contextmanager
@@ -42,7 +42,8 @@ def generate(args: argparse.Namespace) -> str:
     """Continue each --prompt; options are checked as the served model checks its params."""
     from lmpipe.eval.samples import generate_samples
     from lmpipe.model.checkpoint import is_chat_model, read_state
-    from lmpipe.tracking.handoff import check_device, generation_params
+    from lmpipe.model.device import check_device
+    from lmpipe.model.generation_settings import generation_params
 
     check_device(args.device)
     sampling = generation_params({key: getattr(args, key) for key in GENERATION_DEFAULTS},
@@ -89,7 +90,7 @@ def evaluate(args: argparse.Namespace) -> str:
     """Held-out loss / perplexity / bits per byte of --text files, acc / acc_norm of --benchmark files."""
     from lmpipe.eval.heldout import score_text
     from lmpipe.eval.multiple_choice import score_mc
-    from lmpipe.tracking.handoff import check_device
+    from lmpipe.model.device import check_device
 
     check_device(args.device)
     if not args.text and not args.benchmark:

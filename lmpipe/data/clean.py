@@ -31,7 +31,7 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -127,7 +127,7 @@ class MaxChars:
 
 @dataclass(frozen=True)
 class NormalizeUnicode:
-    form: str
+    form: Literal["NFC", "NFKC"]
 
     def __call__(self, text: str) -> str:
         return unicodedata.normalize(self.form, text)

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
@@ -65,11 +66,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import zstandard
 
@@ -153,7 +154,7 @@ class _Tap(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        n = self.raw.readinto(buffer)
+        n = cast(io.RawIOBase, self.raw).readinto(buffer)
         if n:
             view = memoryview(buffer)[:n]
             self.sha.update(view)
@@ -227,8 +228,12 @@ def _format(source: SourceConfig, name: str) -> str:
     return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(path.suffix.lower(), "text")
 
 
+def _open_unbuffered(path: Path) -> IO[bytes]:
+    return open(path, "rb", buffering=0)
+
+
 def _decompressed(raw: IO[bytes], compression: str) -> IO[bytes]:
-    buffered = io.BufferedReader(raw, READ_BUFFER)  # type: ignore[arg-type]
+    buffered = io.BufferedReader(cast(io.RawIOBase, raw), READ_BUFFER)
     if compression == "gzip":
         return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
     if compression == "zstd":
@@ -434,7 +439,7 @@ class SourceReader:
                     entry.sha256 = _Tap(raw).finish()
                 return
             tap = _Tap(raw)
-            with _decompressed(tap, _compression(self.source, name)) as stream:
+            with _decompressed(cast(IO[bytes], tap), _compression(self.source, name)) as stream:
                 yield from self._stream_docs(stream, name, fmt)
             if hash_it and entry.sha256 is None:
                 entry.sha256 = tap.finish()
@@ -450,7 +455,7 @@ class SourceReader:
                                     f"expected {self.source.sha256}")
         for name, path in files:
             entry = _FileEntry(name, path.stat().st_size, self.source.sha256)
-            yield from self._file_docs(lambda p=path: open(p, "rb", buffering=0), name, entry, hash_it=True)
+            yield from self._file_docs(functools.partial(_open_unbuffered, path), name, entry, hash_it=True)
 
     def _http_file(self) -> Iterator[_Doc]:
         path, digest = fetch_http(self.source, self.field, self.download_dir, retries=self.retries,
@@ -465,7 +470,7 @@ class SourceReader:
                 size = fs.size(path)
             except FileNotFoundError:
                 raise FileNotFoundError(f"{self.field}.uri: {name!r} does not exist") from None
-            yield from self._file_docs(lambda p=path: fs.open(p, "rb"), name, _FileEntry(name, size),
+            yield from self._file_docs(functools.partial(fs.open, path, "rb"), name, _FileEntry(name, size),
                                        hash_it=False)
 
     def _hub_docs(self) -> Iterator[_Doc]:
@@ -487,11 +492,11 @@ class SourceReader:
         except OSError as err:
             raise _hub_error(err, self.field, src.uri) from err
 
-    def documents(self) -> Iterator[_Doc]:
+    def documents(self) -> Generator[_Doc, None, None]:
         """The source's documents in order, stopping at max_documents / max_bytes without reading on."""
         kind = source_kind(self.source.uri)
-        docs = {"hf": self._hub_docs, "http": self._http_file, "fsspec": self._fsspec_files}.get(
-            kind, self._local_files)()
+        read = {"hf": self._hub_docs, "http": self._http_file, "fsspec": self._fsspec_files}.get(kind, self._local_files)
+        docs = cast(Generator[_Doc, None, None], read())
         max_docs, max_bytes = self.source.max_documents, self.source.max_bytes
         count, total = 0, 0
         with contextlib.closing(docs):  # closing the generator closes the file without reading the rest

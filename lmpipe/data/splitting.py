@@ -17,7 +17,7 @@ LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
 LINE_END = re.compile(r"(?:\r\n|\r|\n)\Z")
 
 
-def utf8_error(raw: bytes, err: UnicodeDecodeError, base: int) -> str:
+def utf8_error(raw: bytes | memoryview, err: UnicodeDecodeError, base: int) -> str:
     return f"not valid UTF-8: byte 0x{raw[err.start]:02x} at offset {base + err.start} ({err.reason})"
 
 

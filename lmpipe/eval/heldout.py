@@ -33,7 +33,7 @@ from lmpipe.config.pipeline import PipelineConfig
 from lmpipe.data.sft import Layout, SFTData
 from lmpipe.data.shards import ArraySource, TokenSource
 from lmpipe.data.tokenizer import encode_ordinary, token_byte_lengths
-from lmpipe.model.gpt import IGNORE_INDEX
+from lmpipe.model.gpt import GPT, IGNORE_INDEX
 
 METRICS = ("loss", "perplexity", "bits_per_byte")
 MC_METRICS = ("acc", "acc_norm")
@@ -67,7 +67,7 @@ class SFTHeldOut(BaseModel):
 
 
 def evaluate_loss(
-    model: torch.nn.Module,
+    model: GPT,
     split: TokenSource,
     token_bytes: np.ndarray,
     *,
@@ -170,7 +170,7 @@ def _held_out_figures(total_nats: float, n_scored: int, n_bytes: int, n_targets:
 
 
 def score_sft(
-    model: torch.nn.Module,
+    model: GPT,
     data: SFTData,
     token_bytes: np.ndarray,
     *,
@@ -201,7 +201,7 @@ def score_sft(
 
 
 def score_text(
-    model: torch.nn.Module,
+    model: GPT,
     tokenizer: Tokenizer,
     text: str,
     *,

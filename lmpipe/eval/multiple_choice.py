@@ -15,7 +15,7 @@ from lmpipe.config.evaluation import BenchmarkConfig
 from lmpipe.data.jsonl import BenchmarkFormatError
 from lmpipe.data.tokenizer import encode_ordinary
 from lmpipe.eval.benchmark_files import TARGET_DELIMITER, MCExample, benchmark_label, read_benchmark
-from lmpipe.model.gpt import IGNORE_INDEX
+from lmpipe.model.gpt import GPT, IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def check_benchmarks_fit(
 
 
 def score_mc(
-    model: torch.nn.Module,
+    model: GPT,
     tokenizer: Tokenizer,
     examples: Sequence[MCExample],
     *,
@@ -214,7 +214,7 @@ def score_mc(
     )
 
 
-def _continuation_log_likelihoods(model: torch.nn.Module, batch: list[_Request], eot_id: int,
+def _continuation_log_likelihoods(model: GPT, batch: list[_Request], eot_id: int,
                                   device: str | torch.device) -> list[float]:
     """The summed log-probability of each request's continuation tokens, in one forward pass."""
     T = len(batch[0].inp)

@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -232,7 +232,7 @@ def _load_weights(model: nn.Module, ckpt_dir: Path, state: dict[str, Any]) -> No
                                   "the state names no 'lora' entry with their 'scale', so they cannot be merged")
         sd = merge_state(sd, float(lora["scale"]))
     sd[TIED_KEY] = sd[_TIED_TO]
-    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
+    set_model_state_dict(model, cast(dict[str, Any], sd), options=StateDictOptions(full_state_dict=True, strict=True))
 
 
 def load_model(ckpt_dir: Path, device: torch.device | str = "cpu") -> GPT:

@@ -26,7 +26,7 @@ def _integer(value: Any) -> int | None:
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real) and math.isfinite(float(value)) and float(value).is_integer():
-        return int(value)
+        return int(float(value))
     return None
 
 

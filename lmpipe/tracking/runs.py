@@ -13,7 +13,7 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -164,7 +164,7 @@ class StageRun:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_result(self, result: StageResult, artifacts: list[str] = ()) -> None:
+    def log_result(self, result: StageResult, artifacts: Sequence[str] = ()) -> None:
         """The stage's summary metrics, its file hashes as an artifact, and the named output files."""
         self.log_metrics(result.metrics, step=0)
         self.flush()

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 from lmpipe.model.generation_settings import GENERATION_DEFAULTS
 
@@ -14,7 +14,7 @@ from lmpipe.model.generation_settings import GENERATION_DEFAULTS
 # The served model: a pyfunc that generates text, registered with an alias.
 
 
-class GPTTextGenerator(mlflow.pyfunc.PythonModel):
+class GPTTextGenerator(PythonModel):
     """Serves a checkpoint as text generation: a list of prompts in, a list of completions out.
 
     A chat SFT model takes each prompt as a user turn in its chat template and

@@ -52,7 +52,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         if child is None:
             child = node[key] = {}
         if isinstance(child, list) and keys[i + 1].isdigit():
-            raise ConfigError(f"override {dotted}: list items cannot be overridden one by one; set {'.'.join(keys[: i + 1])} whole")
+            raise ConfigError(f"override {dotted}: list items cannot be overridden one by one; "
+                              f"set {'.'.join(keys[: i + 1])} whole")
         if not isinstance(child, dict):
             raise ConfigError(f"override {dotted}: {'.'.join(keys[: i + 1])} is not a section")
         node = child

@@ -495,7 +495,8 @@ class SourceReader:
     def documents(self) -> Generator[_Doc, None, None]:
         """The source's documents in order, stopping at max_documents / max_bytes without reading on."""
         kind = source_kind(self.source.uri)
-        read = {"hf": self._hub_docs, "http": self._http_file, "fsspec": self._fsspec_files}.get(kind, self._local_files)
+        readers = {"hf": self._hub_docs, "http": self._http_file, "fsspec": self._fsspec_files}
+        read = readers.get(kind, self._local_files)
         docs = cast(Generator[_Doc, None, None], read())
         max_docs, max_bytes = self.source.max_documents, self.source.max_bytes
         count, total = 0, 0

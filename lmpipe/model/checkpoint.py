@@ -196,7 +196,8 @@ def check_compatible(
     where = state.get("state_file", "<state>")
     diffs: list[str] = []
     if state.get("format_version") != FORMAT_VERSION:
-        diffs.append(f"format_version: checkpoint has {state.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+        diffs.append(f"format_version: checkpoint has {state.get('format_version')!r}, "
+                     f"this code reads {FORMAT_VERSION}")
     diffs += architecture_diffs(state, model_cfg)
     if state.get("vocab_size") != vocab_size:
         diffs.append(f"vocab_size: checkpoint has {state.get('vocab_size')!r}, tokenizer has {vocab_size!r}")

@@ -328,7 +328,8 @@ def test_packed_layout_puts_whole_examples_in_each_window(tmp_path: Path, tok: T
         seen += [train_idx[i] for i in b]
     assert sorted(seen) == train_idx  # every training example once, none cut
     n_tokens = sum(len(encoded[i][0]) for i in train_idx)
-    assert data.fill == round(n_tokens / (len(bins) * 64), 4) > padded.fill == round(n_tokens / (len(train_idx) * 64), 4)
+    packed_fill, padded_fill = round(n_tokens / (len(bins) * 64), 4), round(n_tokens / (len(train_idx) * 64), 4)
+    assert data.fill == packed_fill > padded.fill == padded_fill
     assert data.train_tokens.dtype == data.train_mask.dtype == np.int64
     assert data.meta()["sft_layout"] == "packed" and data.meta()["sft_fill"] == data.fill
 

@@ -32,8 +32,9 @@ class ValScores:
 
     def __init__(self, model: GPTClassifier, val: EncodedSet) -> None:
         self.model, self.val = model, val
-        self.loss, self.predicted = float("nan"), []
+        self.loss = float("nan")
         self.metrics: ClassMetrics | None = None
+        self.predicted: list[str] = []
 
     def __call__(self) -> dict[str, float]:
         self.loss, self.metrics, self.predicted = evaluate(self.model, self.val)

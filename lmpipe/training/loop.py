@@ -133,7 +133,7 @@ def run_loop(loop: Loop) -> tuple[int, float | None]:
                 if "train/tokens_per_sec" in logged:
                     postfix["tok_s"] = f"{logged['train/tokens_per_sec']:,.0f}"
                 bar.set_postfix(postfix, refresh=False)
-            if is_ckpt:  # before the callbacks: a failing tracker must not cost the checkpoint
+            if is_ckpt and ckpt is not None:  # before the callbacks: a failing tracker must not cost the checkpoint
                 ckpt.save(done)
             if loop.main and logged and loop.log_metrics is not None:
                 loop.log_metrics(logged, done)
@@ -191,7 +191,7 @@ def train(
                            tokens_per_step=sps * T, flops_per_token=run.raw.flops_per_token(),
                            peak_flops=cfg.peak_flops or peak_flops(run.device), world_size=dist_ctx.world_size,
                            echo=section if dist_ctx.active and main else None)
-    about = {"tokenizer_fingerprint": tokenizer_fingerprint, "train": cfg.model_dump(mode="json")}
+    about: dict[str, Any] = {"tokenizer_fingerprint": tokenizer_fingerprint, "train": cfg.model_dump(mode="json")}
     checkpointer = Checkpointer(
         work_dir, run.model, run.raw.config, run.optimizer, interval=cfg.checkpoint_interval,
         max_steps=cfg.max_steps, early=run.early, stop_after=stop_after, dist_ctx=dist_ctx, latest=run.last_ckpt,

@@ -55,7 +55,7 @@ def evaluate_loss(
     autocast: contextlib.AbstractContextManager, mask: TokenSource | None = None, doc_sep: int | None = None,
 ) -> float:
     """Mean loss per target token over fixed windows, in eval mode (no dropout, no RNG drawn); doc_sep as
-    in ``train``. Token-weighted, so the figure does not depend on ``batch_size`` (a short last batch, or
+    in ``TrainData``. Token-weighted, so the figure does not depend on ``batch_size`` (a short last batch, or
     batches with more masked targets, count for what they hold)."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)

@@ -21,9 +21,10 @@ def test_pretrain_code_covers_the_modules_training_runs():
         "lmpipe.config.pipeline", "lmpipe.config.training", "lmpipe.data.shards", "lmpipe.data.tokenizer",
         "lmpipe.model.checkpoint", "lmpipe.model.device", "lmpipe.model.gpt", "lmpipe.model.lora",
         "lmpipe.stages.contract", "lmpipe.stages.pretrain", "lmpipe.stages.torchrun_worker", "lmpipe.stages.training",
-        "lmpipe.training.checkpoint", "lmpipe.training.device", "lmpipe.training.distributed",
-        "lmpipe.training.launch", "lmpipe.training.loader", "lmpipe.training.loop", "lmpipe.training.schedule",
-        "lmpipe.training.step", "lmpipe.training.validation",
+        "lmpipe.training.checkpoint", "lmpipe.training.data", "lmpipe.training.device",
+        "lmpipe.training.distributed", "lmpipe.training.early_stopping", "lmpipe.training.launch",
+        "lmpipe.training.loader", "lmpipe.training.loop", "lmpipe.training.metrics", "lmpipe.training.schedule",
+        "lmpipe.training.setup", "lmpipe.training.step", "lmpipe.training.validation",
     }
     finetune = _closure("finetune")
     assert finetune - pretrain == {"lmpipe.stages.finetune", "lmpipe.data.sft", "lmpipe.data.jsonl"}

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench clean-work
+.PHONY: install run test check bench clean-work
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Static checks: lint (style, imports, bug patterns) and types; both configured in pyproject.toml.
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # The benchmarks (bench/): cleaning against datatrove, sharding against the bare tokenizers encoder,
 # peak memory on a 2 GB synthetic corpus, the training loop against a bare loop (BENCH_TRAIN_CONFIG: the

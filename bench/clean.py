@@ -25,27 +25,28 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
     os.environ[_var] = "1"
 
-import argparse  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from itertools import compress  # noqa: E402
-from pathlib import Path  # noqa: E402
+# The imports come after the thread settings above, which must be in place before numpy and friends load.
+# ruff: noqa: E402
+import argparse
+import random
+import re
+import time
+from collections.abc import Callable
+from itertools import compress
+from pathlib import Path
 
 from lmpipe.config.data import C4Config, GopherQualityConfig, GopherRepetitionConfig, LanguageConfig, PIIConfig
-from lmpipe.data.clean import normalize_whitespace, strip_control  # noqa: E402
+from lmpipe.data.clean import normalize_whitespace, strip_control
 from lmpipe.data.filters import (
     C4Filter,
     GopherQuality,
     GopherRepetition,
     LanguageFilter,
-    PIIMasker,
-    fix_text,
     language_identifier,
     split_words,
 )
-from lmpipe.data.splitting import split_documents  # noqa: E402
+from lmpipe.data.splitting import split_documents
+from lmpipe.data.transforms import PIIMasker, fix_text
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -99,7 +99,7 @@ class TreeSampler:
         for p in procs:
             try:
                 if "prefect.server" in " ".join(p.cmdline()):
-                    continue  # the Prefect API server (uvicorn ... prefect.server.api) is a service, not the data stages
+                    continue  # the Prefect API server (uvicorn ... prefect.server.api) is a service, not a stage
                 rss = p.memory_info().rss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue

@@ -52,6 +52,7 @@ from lmpipe.config.training import ModelConfig, TrainConfig
 from lmpipe.data.shards import ArraySource
 from lmpipe.model.device import autocast_for, resolve_device
 from lmpipe.model.gpt import GPT, GPTConfig
+from lmpipe.training.data import TrainData
 from lmpipe.training.device import find_micro_batch, peak_flops
 from lmpipe.training.loader import WindowOrder, sequence_range
 from lmpipe.training.loop import train
@@ -176,7 +177,7 @@ def full_run(model_cfg: ModelConfig, cfg: TrainConfig, vocab_size: int, train_sr
         if done == last:
             window_loss.append(logged["train/loss"])
 
-    train(model_cfg, cfg, vocab_size, train_src, val_src, work_dir, tokenizer_fingerprint="bench",
+    train(model_cfg, cfg, vocab_size, TrainData(train_src, val_src), work_dir, tokenizer_fingerprint="bench",
           log_metrics=log_metrics, on_progress=on_progress)
     return Measurement(marks[last] - marks[first], window_loss[0])
 
@@ -213,7 +214,8 @@ def bare_run(model_cfg: ModelConfig, cfg: TrainConfig, vocab_size: int, batches:
             sync(device)
             started = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, max_lr=cfg.learning_rate, min_lr=cfg.min_lr, warmup=cfg.warmup_steps,
+                                total=cfg.max_steps)
         loss_sum: torch.Tensor | None = None
         for x, y in micro_batches:
             with autocast:

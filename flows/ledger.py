@@ -64,7 +64,7 @@ class Ledger:
         futures.wait()
         results: list[StageResult] = []
         counts = {"ran": 0, "cached": 0, "reused": 0}
-        for chunk, future in zip(chunks, futures):
+        for chunk, future in zip(chunks, futures, strict=True):
             result, status = _settle(chunk_task, future.state, {"chunk": chunk, **params})
             counts[status] += 1
             results.append(result)

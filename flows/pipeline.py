@@ -83,7 +83,7 @@ def _digest(path: str | None, name: str = "") -> str | None:
 
 
 @flow(name="lmpipe-pipeline", log_prints=True, validate_parameters=True)
-def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 (the Prefect form's default)
+def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 - the Prefect form's default
     """Corpus to registered model: data, tokenizer, shards, pretraining, fine-tuning, evaluation, registry."""
     with tracked_flow(config, "pipeline") as (ctx, ledger):
         check_inputs(config)
@@ -121,7 +121,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 (
 
 
 @flow(name="lmpipe-data", log_prints=True, validate_parameters=True)
-def prepare_data(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 (the Prefect form's default)
+def prepare_data(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 - the Prefect form's default
     """The data stages alone: both corpora downloaded, cleaned and sharded, and the tokenizer."""
     with tracked_flow(config, "data") as (ctx, ledger):
         check_inputs(config, training=False)

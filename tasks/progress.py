@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 
@@ -10,7 +12,7 @@ class PrefectProgress:
 
     def __init__(self, stage: str) -> None:
         self.stage = stage
-        self.artifact_id = None
+        self.artifact_id: Any = None  # the progress artifact, created on the first call
         self.last = -1.0
 
     def __call__(self, done: int, total: int) -> None:

@@ -21,7 +21,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import pytest  # noqa: E402
 
-from lmpipe.config.loading import load_config
+from lmpipe.config.loading import load_config  # noqa: E402
 from lmpipe.config.pipeline import PipelineConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

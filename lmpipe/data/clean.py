@@ -31,14 +31,14 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lmpipe.config.data import CleanConfig
 from lmpipe.data import documents as docset
-from lmpipe.data import filters
+from lmpipe.data import filters, transforms
 
 REPORT_FILE = "clean_report.json"
 REMOVED_FILE = "removed.parquet"
@@ -127,7 +127,7 @@ class MaxChars:
 
 @dataclass(frozen=True)
 class NormalizeUnicode:
-    form: str
+    form: Literal["NFC", "NFKC"]
 
     def __call__(self, text: str) -> str:
         return unicodedata.normalize(self.form, text)
@@ -141,13 +141,13 @@ def build_steps(cfg: CleanConfig) -> list[Step]:
     """
     steps: list[Step] = []
     if cfg.fix_text:
-        steps.append(Transform("fix_text", filters.fix_text))
+        steps.append(Transform("fix_text", transforms.fix_text))
     if cfg.normalization != "none":
         steps.append(Transform("normalize_unicode", NormalizeUnicode(cfg.normalization)))
     if cfg.strip_control:
         steps.append(Transform("strip_control", strip_control))
     if cfg.gutenberg_boilerplate:
-        steps.append(Transform("gutenberg_boilerplate", filters.strip_gutenberg))
+        steps.append(Transform("gutenberg_boilerplate", transforms.strip_gutenberg))
     if cfg.normalize_whitespace:
         steps.append(Transform("normalize_whitespace", normalize_whitespace))
     if cfg.min_chars > 0:
@@ -162,7 +162,7 @@ def build_steps(cfg: CleanConfig) -> list[Step]:
     ]
     steps += [Filter(name, make(section), name) for name, section, make in sections if section.enabled]
     if cfg.pii.enabled:
-        steps.append(Transform("pii", filters.PIIMasker(cfg.pii)))
+        steps.append(Transform("pii", transforms.PIIMasker(cfg.pii)))
     if cfg.dedup:
         steps.append(Dedup("dedup", "dedup"))
     if cfg.minhash.enabled:

@@ -242,11 +242,11 @@ def build_classify_data(cfg: ClassifyConfig, tok: Tokenizer, extract_id: int, bl
         if e.label in labels:
             known_val.append(e)
             continue
-        err = ClassifyFormatError(path, e.line, cfg.label_field,
-                                  f"label {e.label!r} does not occur in the training split (labels: {labels})")
+        unseen = ClassifyFormatError(path, e.line, cfg.label_field,
+                                     f"label {e.label!r} does not occur in the training split (labels: {labels})")
         if not cfg.skip_bad:
-            raise err
-        report.add(err)
+            raise unseen
+        report.add(unseen)
     val_ex = known_val
     if not val_ex:
         raise ClassifyFormatError(path, 0, None, "no validation example is left after skipping bad lines")

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
@@ -65,11 +66,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import zstandard
 
@@ -82,13 +83,13 @@ from lmpipe.data.sources import (
     HTTP_RETRIES,
     DownloadError,
     SourceContentError,
-    _expand_fsspec,
-    _expand_local,
-    _hub_error,
-    _source_kind,
+    TransientDownloadError,
+    expand_fsspec,
+    expand_local,
     fetch_http,
+    source_kind,
 )
-from lmpipe.data.splitting import _blank, _Line, _lines, _Piece, _pieces, _whole_file, utf8_error
+from lmpipe.data.splitting import Line, Piece, document_pieces, is_blank, split_lines, utf8_error, whole_file_piece
 
 READ_REPORT_FILE = "read_report.json"
 READ_BUFFER = 1 << 20
@@ -153,7 +154,7 @@ class _Tap(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        n = self.raw.readinto(buffer)
+        n = cast(io.RawIOBase, self.raw).readinto(buffer)
         if n:
             view = memoryview(buffer)[:n]
             self.sha.update(view)
@@ -227,8 +228,12 @@ def _format(source: SourceConfig, name: str) -> str:
     return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(path.suffix.lower(), "text")
 
 
+def _open_unbuffered(path: Path) -> IO[bytes]:
+    return open(path, "rb", buffering=0)
+
+
 def _decompressed(raw: IO[bytes], compression: str) -> IO[bytes]:
-    buffered = io.BufferedReader(raw, READ_BUFFER)  # type: ignore[arg-type]
+    buffered = io.BufferedReader(cast(io.RawIOBase, raw), READ_BUFFER)
     if compression == "gzip":
         return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
     if compression == "zstd":
@@ -255,7 +260,7 @@ def _byte_lines(head: bytes, stream: IO[bytes]) -> Iterator[bytes]:
     yield from iter(stream.readline, b"")
 
 
-def _decoded_lines(byte_lines: Iterable[bytes]) -> Iterator[_Line]:
+def _decoded_lines(byte_lines: Iterable[bytes]) -> Iterator[Line]:
     """Text lines; a line that is not UTF-8 comes through decoded with U+FFFD, its error noted."""
     offset = 0
     for number, raw in enumerate(byte_lines, 1):
@@ -269,10 +274,10 @@ def _decoded_lines(byte_lines: Iterable[bytes]) -> Iterator[_Line]:
             text = body.decode("utf-8", "replace")
         offset += len(raw)
         if "\r" in text:
-            for sub in _lines(text):
-                yield _Line(sub, number, error)
+            for sub in split_lines(text):
+                yield Line(sub, number, error)
         else:
-            yield _Line(text, number, error)
+            yield Line(text, number, error)
 
 
 # ---------------------------------------------------------------------------
@@ -297,7 +302,7 @@ class _FileEntry:
 
 
 @dataclass
-class _SourceReader:
+class SourceReader:
     """Reads one source (all files of a glob, or a Hub dataset) into documents, reporting bad records."""
 
     source: SourceConfig
@@ -341,22 +346,22 @@ class _SourceReader:
                             attr="id_column", **where)
                 return None
             doc_id = str(value)
-        if _blank(text):
+        if is_blank(text):
             return None
         return _Doc(text, utf8_len(text), doc_id)
 
     # -- formats -------------------------------------------------------------
 
-    def _text_docs(self, pieces: Iterable[_Piece], name: str) -> Iterator[_Doc]:
+    def _text_docs(self, pieces: Iterable[Piece], name: str) -> Iterator[_Doc]:
         for piece in pieces:
             if piece.error is not None:
                 self._issue("invalid_utf8", name, piece.error, line=piece.error_line)
-            elif not _blank(piece.text):
+            elif not is_blank(piece.text):
                 yield _Doc(piece.text, utf8_len(piece.text))
 
-    def _jsonl_docs(self, lines: Iterable[_Line], name: str) -> Iterator[_Doc]:
+    def _jsonl_docs(self, lines: Iterable[Line], name: str) -> Iterator[_Doc]:
         for line in lines:
-            if _blank(line.text):
+            if is_blank(line.text):
                 continue
             where = {"line": line.number}
             if line.error is not None:
@@ -407,13 +412,13 @@ class _SourceReader:
                 self._issue("binary_file", name, f"NUL byte at offset {nul}: a binary file, skipped whole")
                 return
             if fmt == "text" and self.source.doc_boundary == "file":
-                yield from self._text_docs([_whole_file(head, stream)], name)
+                yield from self._text_docs([whole_file_piece(head, stream)], name)
                 return
             lines = _decoded_lines(_byte_lines(head, stream))
             if fmt == "jsonl":
                 yield from self._jsonl_docs(lines, name)
             else:
-                yield from self._text_docs(_pieces(lines, self.source.doc_boundary), name)
+                yield from self._text_docs(document_pieces(lines, self.source.doc_boundary), name)
         except READ_ERRORS as err:
             self._issue("truncated", name, f"the file is cut short or corrupt ({err}); documents before the cut "
                                            "are kept")
@@ -434,7 +439,7 @@ class _SourceReader:
                     entry.sha256 = _Tap(raw).finish()
                 return
             tap = _Tap(raw)
-            with _decompressed(tap, _compression(self.source, name)) as stream:
+            with _decompressed(cast(IO[bytes], tap), _compression(self.source, name)) as stream:
                 yield from self._stream_docs(stream, name, fmt)
             if hash_it and entry.sha256 is None:
                 entry.sha256 = tap.finish()
@@ -442,7 +447,7 @@ class _SourceReader:
     # -- where the files come from ----------------------------------------------
 
     def _local_files(self) -> Iterator[_Doc]:
-        files = _expand_local(self.source, self.field)
+        files = expand_local(self.source, self.field)
         if self.source.sha256 is not None:
             actual = sha256_file(files[0][1])
             if actual != self.source.sha256:
@@ -450,7 +455,7 @@ class _SourceReader:
                                     f"expected {self.source.sha256}")
         for name, path in files:
             entry = _FileEntry(name, path.stat().st_size, self.source.sha256)
-            yield from self._file_docs(lambda p=path: open(p, "rb", buffering=0), name, entry, hash_it=True)
+            yield from self._file_docs(functools.partial(_open_unbuffered, path), name, entry, hash_it=True)
 
     def _http_file(self) -> Iterator[_Doc]:
         path, digest = fetch_http(self.source, self.field, self.download_dir, retries=self.retries,
@@ -459,13 +464,13 @@ class _SourceReader:
         yield from self._file_docs(lambda: open(path, "rb", buffering=0), self.source.uri, entry, hash_it=True)
 
     def _fsspec_files(self) -> Iterator[_Doc]:
-        fs, files = _expand_fsspec(self.source, self.field)
+        fs, files = expand_fsspec(self.source, self.field)
         for name, path in files:
             try:
                 size = fs.size(path)
             except FileNotFoundError:
                 raise FileNotFoundError(f"{self.field}.uri: {name!r} does not exist") from None
-            yield from self._file_docs(lambda p=path: fs.open(p, "rb"), name, _FileEntry(name, size),
+            yield from self._file_docs(functools.partial(fs.open, path, "rb"), name, _FileEntry(name, size),
                                        hash_it=False)
 
     def _hub_docs(self) -> Iterator[_Doc]:
@@ -487,11 +492,12 @@ class _SourceReader:
         except OSError as err:
             raise _hub_error(err, self.field, src.uri) from err
 
-    def documents(self) -> Iterator[_Doc]:
+    def documents(self) -> Generator[_Doc, None, None]:
         """The source's documents in order, stopping at max_documents / max_bytes without reading on."""
-        kind = _source_kind(self.source.uri)
-        docs = {"hf": self._hub_docs, "http": self._http_file, "fsspec": self._fsspec_files}.get(
-            kind, self._local_files)()
+        kind = source_kind(self.source.uri)
+        readers = {"hf": self._hub_docs, "http": self._http_file, "fsspec": self._fsspec_files}
+        read = readers.get(kind, self._local_files)
+        docs = cast(Generator[_Doc, None, None], read())
         max_docs, max_bytes = self.source.max_documents, self.source.max_bytes
         count, total = 0, 0
         with contextlib.closing(docs):  # closing the generator closes the file without reading the rest
@@ -503,3 +509,12 @@ class _SourceReader:
                 yield doc
                 if max_docs is not None and count >= max_docs:
                     return
+
+
+def _hub_error(err: OSError, field: str, uri: str) -> DownloadError:
+    """A missing dataset, revision or split is final; anything else from the network may pass."""
+    from huggingface_hub.errors import LocalEntryNotFoundError  # "not cached, and the Hub was unreachable"
+
+    if isinstance(err, FileNotFoundError) and not isinstance(err, LocalEntryNotFoundError):
+        return DownloadError(f"{field}.uri: {uri} not found: {err}")
+    return TransientDownloadError(f"{field}.uri: reading {uri} failed: {err!r}")

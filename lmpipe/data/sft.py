@@ -285,7 +285,8 @@ def hf_chat_template() -> str:
         "{% endif %}"
         f"{{{{ roles[message['role']] + message['content'] + '{END_TOKEN}' }}}}"
         "{% endfor %}"
-        f"{{% if add_generation_prompt %}}{{{{ '{ROLE_TOKENS['assistant']}' }}}}{{% else %}}{{{{ eos_token }}}}{{% endif %}}"
+        f"{{% if add_generation_prompt %}}{{{{ '{ROLE_TOKENS['assistant']}' }}}}"
+        "{% else %}{{ eos_token }}{% endif %}"
     )
 
 

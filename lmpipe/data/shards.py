@@ -62,7 +62,7 @@ MANIFEST_FORMAT_VERSION = 1
 DOC_INDEX_FILE = "doc_index.parquet"
 ENCODED_DOCS_FILE = "docs.parquet"
 SPLITS = ("train", "val")
-_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_DTYPES: dict[int, np.dtype] = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
 
 def shard_dtype(vocab_size: int) -> np.dtype:
@@ -118,7 +118,7 @@ def write_shard(path: Path, pieces: Iterable[np.ndarray], documents: int) -> dic
         f.write(header)
         digest.update(header)
         for piece in pieces:
-            view = memoryview(np.ascontiguousarray(piece)).cast("B")
+            view = memoryview(np.ascontiguousarray(piece).data).cast("B")
             f.write(view)
             digest.update(view)
         f.flush()

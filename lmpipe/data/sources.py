@@ -46,7 +46,7 @@ class SourceContentError(ValueError):
 # where a source lives
 
 
-def _source_kind(uri: str) -> str:
+def source_kind(uri: str) -> str:
     """'hf' (datasets), 'http', 'file' (file:// URL), 'path' (local path) or 'fsspec'."""
     if uri.startswith("hf:") and not uri.startswith("hf://"):
         return "hf"
@@ -60,7 +60,7 @@ def _source_kind(uri: str) -> str:
 
 
 def _local_path(uri: str, field: str) -> Path:
-    if _source_kind(uri) == "path":
+    if source_kind(uri) == "path":
         return Path(uri)
     parsed = urllib.parse.urlparse(uri)
     if parsed.netloc not in ("", "localhost"):
@@ -72,9 +72,9 @@ def _is_glob(uri: str) -> bool:
     return bool(GLOB_MAGIC.search(uri))
 
 
-def _expand_local(source: SourceConfig, field: str) -> list[tuple[str, Path]]:
+def expand_local(source: SourceConfig, field: str) -> list[tuple[str, Path]]:
     """(name for the ``source`` column, path) of each local file a path, file URL or glob names."""
-    kind = _source_kind(source.uri)
+    kind = source_kind(source.uri)
     path = _local_path(source.uri, field)
     where = f"(relative paths are resolved against {os.getcwd()})"
     if not _is_glob(source.uri):
@@ -110,7 +110,7 @@ def _fsspec_filesystem_class(uri: str, field: str) -> type:
         ) from None
 
 
-def _expand_fsspec(source: SourceConfig, field: str) -> tuple[Any, list[tuple[str, str]]]:
+def expand_fsspec(source: SourceConfig, field: str) -> tuple[Any, list[tuple[str, str]]]:
     """The filesystem and (name, path in it) of each file an fsspec URL or glob names, sorted."""
     import fsspec
 
@@ -128,12 +128,12 @@ def check_sources(corpus: CorpusConfig, field: str) -> None:
     """Cheap preflight without network: local files and globs exist, schemes are known, sha256 fits."""
     for i, source in enumerate(corpus.sources):
         f = f"{field}.sources[{i}]"
-        kind = _source_kind(source.uri)
+        kind = source_kind(source.uri)
         if kind == "hf":
             if not source.uri[3:].strip():
                 raise ValueError(f"{f}.uri: {source.uri!r} names no dataset; write hf:<dataset id>")
         elif kind in ("path", "file"):
-            _expand_local(source, f)
+            expand_local(source, f)
         elif kind == "fsspec":
             _fsspec_filesystem_class(source.uri, f)
         if source.sha256 is not None and (kind in ("hf", "fsspec") or _is_glob(source.uri) and kind != "http"):
@@ -177,10 +177,10 @@ def local_source_digests(corpus: CorpusConfig, cache_file: Path | None = None) -
     before = json.dumps(cache, sort_keys=True)
     digests: list[str | None] = []
     for i, source in enumerate(corpus.sources):
-        if _source_kind(source.uri) not in ("path", "file"):
+        if source_kind(source.uri) not in ("path", "file"):
             digests.append(None)
             continue
-        files = _expand_local(source, f"{corpus.name}.sources[{i}]")
+        files = expand_local(source, f"{corpus.name}.sources[{i}]")
         if _is_glob(source.uri):
             pairs = [[name, _cached_sha256(path, cache)] for name, path in files]
             digests.append(hashlib.sha256(json.dumps(pairs).encode("utf-8")).hexdigest())
@@ -304,12 +304,3 @@ def fetch_http(source: SourceConfig, field: str, download_dir: Path, *, retries:
         dest.unlink()  # stale or damaged: fetch it again
     return dest, download_url(source.uri, dest, field=field, sha256=source.sha256, retries=retries,
                               backoff_s=backoff_s)
-
-
-def _hub_error(err: OSError, field: str, uri: str) -> DownloadError:
-    """A missing dataset, revision or split is final; anything else from the network may pass."""
-    from huggingface_hub.errors import LocalEntryNotFoundError  # "not cached, and the Hub was unreachable"
-
-    if isinstance(err, FileNotFoundError) and not isinstance(err, LocalEntryNotFoundError):
-        return DownloadError(f"{field}.uri: {uri} not found: {err}")
-    return TransientDownloadError(f"{field}.uri: reading {uri} failed: {err!r}")

@@ -17,7 +17,7 @@ LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
 LINE_END = re.compile(r"(?:\r\n|\r|\n)\Z")
 
 
-def utf8_error(raw: bytes, err: UnicodeDecodeError, base: int) -> str:
+def utf8_error(raw: bytes | memoryview, err: UnicodeDecodeError, base: int) -> str:
     return f"not valid UTF-8: byte 0x{raw[err.start]:02x} at offset {base + err.start} ({err.reason})"
 
 
@@ -25,24 +25,24 @@ def utf8_error(raw: bytes, err: UnicodeDecodeError, base: int) -> str:
 # byte streams: hashing, decompression, lines
 
 
-def _lines(text: str) -> list[str]:
-    """Lines with their line endings; ''.join(_lines(t)) == t."""
+def split_lines(text: str) -> list[str]:
+    """Lines with their line endings; ''.join(split_lines(t)) == t."""
     return LINE.findall(text)
 
 
-def _blank(s: str) -> bool:
+def is_blank(s: str) -> bool:
     return not s.strip()
 
 
 @dataclass(slots=True)
-class _Line:
+class Line:
     text: str  # with its line ending
     number: int  # 1-based line number in the file
     error: str | None = None  # why the line is not valid UTF-8 (its text then holds U+FFFD)
 
 
 @dataclass(slots=True)
-class _Piece:
+class Piece:
     text: str
     error: str | None = None  # the first UTF-8 error in it, if any
     error_line: int | None = None  # and the line it is on
@@ -58,19 +58,19 @@ class _Run:
         self.error: str | None = None
         self.error_line: int | None = None
 
-    def add(self, line: _Line) -> None:
+    def add(self, line: Line) -> None:
         self.texts.append(line.text)
         if line.error is not None and self.error is None:
             self.error, self.error_line = line.error, line.number
 
-    def take(self, strip_end: bool = False) -> _Piece:
+    def take(self, strip_end: bool = False) -> Piece:
         text = "".join(self.texts)
-        piece = _Piece(LINE_END.sub("", text) if strip_end else text, self.error, self.error_line)
+        piece = Piece(LINE_END.sub("", text) if strip_end else text, self.error, self.error_line)
         self.__init__()  # type: ignore[misc]
         return piece
 
 
-def _pieces(lines: Iterable[_Line], boundary: str) -> Iterator[_Piece]:
+def document_pieces(lines: Iterable[Line], boundary: str) -> Iterator[Piece]:
     """Cut a stream of lines into documents (blank ones included; the caller drops them).
 
     file: the whole text; line: each line (without its line ending);
@@ -85,9 +85,9 @@ def _pieces(lines: Iterable[_Line], boundary: str) -> Iterator[_Piece]:
     run = _Run()
     for line in lines:
         if boundary == "line":
-            yield _Piece(LINE_END.sub("", line.text), line.error, line.number if line.error else None)
+            yield Piece(LINE_END.sub("", line.text), line.error, line.number if line.error else None)
         elif boundary == "blank_line":
-            if not _blank(line.text):
+            if not is_blank(line.text):
                 run.add(line)
             elif run.texts:
                 yield run.take(strip_end=True)
@@ -99,7 +99,7 @@ def _pieces(lines: Iterable[_Line], boundary: str) -> Iterator[_Piece]:
         yield run.take(strip_end=boundary == "blank_line")
 
 
-def _whole_file(head: bytes, stream: IO[bytes]) -> _Piece:
+def whole_file_piece(head: bytes, stream: IO[bytes]) -> Piece:
     """The rest of the stream as one document (doc_boundary 'file'): bytes gathered once, decoded once,
     so a file is held about twice at most, however its lines fall."""
     buf = bytearray(head)
@@ -108,12 +108,12 @@ def _whole_file(head: bytes, stream: IO[bytes]) -> _Piece:
     skip = len(codecs.BOM_UTF8) if buf.startswith(codecs.BOM_UTF8) else 0
     with memoryview(buf) as whole, whole[skip:] as body:  # no copy of the bytes for the slice
         try:
-            return _Piece(str(body, "utf-8"))
+            return Piece(str(body, "utf-8"))
         except UnicodeDecodeError as err:
-            return _Piece("\ufffd", utf8_error(body, err, skip), buf.count(b"\n", 0, skip + err.start) + 1)
+            return Piece("\ufffd", utf8_error(body, err, skip), buf.count(b"\n", 0, skip + err.start) + 1)
 
 
 def split_documents(text: str, boundary: str) -> list[str]:
-    """Cut plain text into documents by ``boundary`` (see ``_pieces``); whitespace-only pieces are dropped."""
-    pieces = _pieces((_Line(t, 0) for t in _lines(text)), boundary)
-    return [p.text for p in pieces if not _blank(p.text)]
+    """Cut plain text into documents by ``boundary`` (see ``document_pieces``); whitespace-only pieces are dropped."""
+    pieces = document_pieces((Line(t, 0) for t in split_lines(text)), boundary)
+    return [p.text for p in pieces if not is_blank(p.text)]

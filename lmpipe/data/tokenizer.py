@@ -179,6 +179,8 @@ def meta_eot_id(tok: Tokenizer, meta_file: Path | None, *, missing_ok: bool = Fa
     lmpipe's EOT."""
     if missing_ok and (meta_file is None or not Path(meta_file).is_file()):
         return eot_id(tok, EOT)
+    if meta_file is None:
+        raise ValueError("the tokenizer's metadata file is needed to know its end-of-text token")
     token = read_tokenizer_meta(meta_file)["eot_token"]
     return eot_id(tok, token)
 

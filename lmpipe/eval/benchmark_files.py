@@ -343,7 +343,7 @@ def _download_rows(bench: BenchmarkConfig, dest: Path, label: str = "") -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _hub_error(bench: BenchmarkConfig, where: str, label: str, err: Exception) -> BenchmarkHubError:
+def _hub_error(bench: BenchmarkConfig, where: str, label: str, err: BaseException | None) -> BenchmarkHubError:
     """The download's non-network error, naming the benchmark, its Hub coordinates and the field to check."""
     split = bench.split or HUB_SPLITS[bench.kind]
     prefix = f"{where}." if where else ""

@@ -85,14 +85,14 @@ def make_cloze(documents: Sequence[str], *, n_items: int, n_endings: int = 4, se
                          f"{MIN_ENDING_CHARS} characters) with {len(endings)} distinct endings; "
                          f"{n_items} items of {n_endings} endings were asked for")
     chosen = sorted(sorted(range(len(eligible)), key=lambda j: _rank(seed, "item", j))[:n_items])
-    items = []
+    items: list[dict[str, Any]] = []
     for j in chosen:
-        doc, ctx, gold = eligible[j]
-        others = sorted((e for e in endings if e != gold), key=lambda e: _rank(seed, "ending", doc, e))
+        doc_index, ctx, gold = eligible[j]
+        others = sorted((e for e in endings if e != gold), key=lambda e: _rank(seed, "ending", doc_index, e))
         choices = others[: n_endings - 1]
-        label = _rank(seed, "label", doc) % n_endings
+        label = _rank(seed, "label", doc_index) % n_endings
         choices.insert(label, gold)
-        items.append({"ctx": ctx, "endings": choices, "label": label, "doc": doc})
+        items.append({"ctx": ctx, "endings": choices, "label": label, "doc": doc_index})
     return items
 
 

@@ -31,7 +31,7 @@ from tokenizers import Tokenizer
 from lmpipe.data.sft import SFTData
 from lmpipe.data.shards import ArraySource, TokenSource
 from lmpipe.data.tokenizer import encode_ordinary, token_byte_lengths
-from lmpipe.model.gpt import IGNORE_INDEX
+from lmpipe.model.gpt import GPT, IGNORE_INDEX
 
 METRICS = ("loss", "perplexity", "bits_per_byte")
 MC_METRICS = ("acc", "acc_norm")
@@ -43,7 +43,7 @@ SCORED = {"held_out": "tokens", "multiple_choice": "n"}
 
 
 def evaluate_loss(
-    model: torch.nn.Module,
+    model: GPT,
     split: TokenSource,
     token_bytes: np.ndarray,
     *,
@@ -68,14 +68,7 @@ def evaluate_loss(
     ``doc_sep``: given to the model, for windows that pack documents ending with
     that token (each attends only within itself, ``GPT.forward``).
     """
-    if eval_tokens < 1:
-        raise ValueError(f"eval.eval_tokens must be >= 1, got {eval_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}")
-    if split.num_tokens < 2:
-        raise ValueError(f"the split has {split.num_tokens} token(s); scoring needs at least 2")
-    if mask is not None and mask.num_tokens != split.num_tokens:
-        raise ValueError(f"the loss mask has {mask.num_tokens} entries for the split's {split.num_tokens} tokens")
+    _check_scoring(split, mask, eval_tokens, batch_size)
     block = model.config.block_size
     # The first token is only ever context: nothing predicts it.
     n_targets = min(eval_tokens, split.num_tokens - 1)
@@ -85,32 +78,16 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     sum_nats = torch.zeros((), dtype=torch.float64, device=device)  # stays on device: no sync per batch
-    sum_bytes = 0
-    n_scored = 0
+    sum_bytes = n_scored = 0
     try:
         with torch.inference_mode():
             for b in range(0, len(starts), batch_size):
-                batch = starts[b : b + batch_size]
-                lengths = [min(block, n_targets - s) for s in batch]
-                x = np.zeros((len(batch), max(lengths)), dtype=np.int64)
-                y = np.full((len(batch), max(lengths)), IGNORE_INDEX, dtype=np.int64)
-                for i, (s, n) in enumerate(zip(batch, lengths)):
-                    w = split.window(s, n + 1)
-                    if w.size and int(w.max()) >= len(token_bytes):
-                        raise ValueError(
-                            f"token id {int(w.max())} at position >= {s} is outside the tokenizer's "
-                            f"vocabulary of {len(token_bytes)}: the shards and tokenizer do not match"
-                        )
-                    targets = w[1:]
-                    if mask is not None:
-                        targets = np.where(mask.window(s + 1, n) != 0, targets, IGNORE_INDEX)
-                    x[i, :n], y[i, :n] = w[:-1], targets
-                    scored = targets[targets != IGNORE_INDEX]
-                    n_scored += len(scored)
-                    sum_bytes += int(token_bytes[scored].sum())
-                xt = torch.from_numpy(x).to(device)
+                x, y = _scoring_batch(split, mask, starts[b : b + batch_size], block, n_targets, len(token_bytes))
+                scored = y[y != IGNORE_INDEX]
+                n_scored += len(scored)
+                sum_bytes += int(token_bytes[scored].sum())
                 yt = torch.from_numpy(y).to(device)
-                logits, _ = model(xt, yt, **extra)  # (B, T, V): all positions, since targets are given
+                logits, _ = model(torch.from_numpy(x).to(device), yt, **extra)  # (B, T, V): all positions
                 # Per-token losses in float32, summed in float64 so a long budget adds up exactly.
                 nats = F.cross_entropy(
                     logits.float().flatten(0, 1), yt.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
@@ -118,24 +95,58 @@ def evaluate_loss(
                 sum_nats += nats.double().sum()
     finally:
         model.train(was_training)
+    return _held_out_figures(float(sum_nats.item()), n_scored, sum_bytes, n_targets)
 
-    total = float(sum_nats.item())
+
+def _check_scoring(split: TokenSource, mask: TokenSource | None, eval_tokens: int, batch_size: int) -> None:
+    if eval_tokens < 1:
+        raise ValueError(f"eval.eval_tokens must be >= 1, got {eval_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}")
+    if split.num_tokens < 2:
+        raise ValueError(f"the split has {split.num_tokens} token(s); scoring needs at least 2")
+    if mask is not None and mask.num_tokens != split.num_tokens:
+        raise ValueError(f"the loss mask has {mask.num_tokens} entries for the split's {split.num_tokens} tokens")
+
+
+def _scoring_batch(split: TokenSource, mask: TokenSource | None, starts: list[int], block: int, n_targets: int,
+                   vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and targets (B, T) of the windows at ``starts``, the last cut to the budget and padded with
+    IGNORE_INDEX targets; masked targets are IGNORE_INDEX too."""
+    lengths = [min(block, n_targets - s) for s in starts]
+    x = np.zeros((len(starts), max(lengths)), dtype=np.int64)
+    y = np.full((len(starts), max(lengths)), IGNORE_INDEX, dtype=np.int64)
+    for i, (s, n) in enumerate(zip(starts, lengths, strict=True)):
+        w = split.window(s, n + 1)
+        if w.size and int(w.max()) >= vocab:
+            raise ValueError(
+                f"token id {int(w.max())} at position >= {s} is outside the tokenizer's "
+                f"vocabulary of {vocab}: the shards and tokenizer do not match"
+            )
+        targets = w[1:]
+        if mask is not None:
+            targets = np.where(mask.window(s + 1, n) != 0, targets, IGNORE_INDEX)
+        x[i, :n], y[i, :n] = w[:-1], targets
+    return x, y
+
+
+def _held_out_figures(total_nats: float, n_scored: int, n_bytes: int, n_targets: int) -> dict[str, float]:
     if n_scored == 0:
         raise ValueError(f"the loss mask leaves none of the {n_targets} targets to score")
-    if sum_bytes == 0:
+    if n_bytes == 0:
         raise ValueError(f"the {n_scored} scored tokens stand for 0 bytes (only special tokens?)")
-    loss = total / n_scored
+    loss = total_nats / n_scored
     return {
         "loss": loss,
         "perplexity": math.exp(loss),
-        "bits_per_byte": total / math.log(2) / sum_bytes,
+        "bits_per_byte": total_nats / math.log(2) / n_bytes,
         "tokens": n_scored,
-        "bytes": sum_bytes,
+        "bytes": n_bytes,
     }
 
 
 def score_sft(
-    model: torch.nn.Module,
+    model: GPT,
     data: SFTData,
     token_bytes: np.ndarray,
     *,
@@ -167,7 +178,7 @@ def score_sft(
 
 
 def score_text(
-    model: torch.nn.Module,
+    model: GPT,
     tokenizer: Tokenizer,
     text: str,
     *,

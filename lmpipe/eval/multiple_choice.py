@@ -15,7 +15,7 @@ from lmpipe.config.evaluation import BenchmarkConfig
 from lmpipe.data.jsonl import BenchmarkFormatError
 from lmpipe.data.tokenizer import encode_ordinary
 from lmpipe.eval.benchmark_files import TARGET_DELIMITER, MCExample, benchmark_label, read_benchmark
-from lmpipe.model.gpt import IGNORE_INDEX
+from lmpipe.model.gpt import GPT, IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def check_benchmarks_fit(
 
 
 def score_mc(
-    model: torch.nn.Module,
+    model: GPT,
     tokenizer: Tokenizer,
     examples: Sequence[MCExample],
     *,
@@ -195,35 +195,14 @@ def score_mc(
         with torch.no_grad():
             for b in range(0, len(order), batch_size):
                 batch = [requests[r] for r in order[b : b + batch_size]]
-                T = len(batch[0].inp)
-                x = np.full((len(batch), T), eot_id, dtype=np.int64)  # (B, T), right-padded
-                want = np.zeros((len(batch), T), dtype=bool)  # positions that predict a continuation token
-                target = np.zeros((len(batch), T), dtype=np.int64)  # the token each such position predicts
-                for row, req in enumerate(batch):
-                    n = len(req.inp)
-                    x[row, :n] = req.inp
-                    # Position t predicts token t + 1, so the last len(cont) positions predict the continuation.
-                    want[row, n - len(req.cont) : n] = True
-                    target[row, n - len(req.cont) : n] = req.cont
-                xt = torch.from_numpy(x).to(device)
-                # Targets make the model return logits at every position; all ignored, the loss is unused.
-                logits, _ = model(xt, torch.full_like(xt, IGNORE_INDEX))  # (B, T, V)
-                want_t = torch.from_numpy(want).to(device)
-                picked = logits[want_t].float()  # (M, V), M = continuation tokens in the batch, row-major
-                logp = F.log_softmax(picked, dim=-1)  # (M, V)
-                tgt = torch.from_numpy(target[want]).to(device)  # (M,)
-                tok_lp = logp.gather(1, tgt.unsqueeze(1)).squeeze(1)  # (M,)
-                rows = want_t.nonzero()[:, 0]  # (M,) batch row of each scored token
-                sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
-                sums.index_add_(0, rows, tok_lp.double())  # (B,)
-                for req, s in zip(batch, sums.tolist()):
+                for req, s in zip(batch, _continuation_log_likelihoods(model, batch, eot_id, device), strict=True):
                     lls[req.example][req.choice] = s
     finally:
         model.train(was_training)
 
     predictions = []
-    for ex, ll in zip(examples, lls):
-        norm = [v / len(c) for v, c in zip(ll, ex.choices)]
+    for ex, ll in zip(examples, lls, strict=True):
+        norm = [v / len(c) for v, c in zip(ll, ex.choices, strict=True)]
         predictions.append(MCPrediction(ex.label, ll, _argmax(ll), _argmax(norm)))
     n = len(predictions)
     return MCResult(
@@ -233,3 +212,30 @@ def score_mc(
         predictions=predictions,
         truncated=truncated,
     )
+
+
+def _continuation_log_likelihoods(model: GPT, batch: list[_Request], eot_id: int,
+                                  device: str | torch.device) -> list[float]:
+    """The summed log-probability of each request's continuation tokens, in one forward pass."""
+    T = len(batch[0].inp)
+    x = np.full((len(batch), T), eot_id, dtype=np.int64)  # (B, T), right-padded
+    want = np.zeros((len(batch), T), dtype=bool)  # positions that predict a continuation token
+    target = np.zeros((len(batch), T), dtype=np.int64)  # the token each such position predicts
+    for row, req in enumerate(batch):
+        n = len(req.inp)
+        x[row, :n] = req.inp
+        # Position t predicts token t + 1, so the last len(cont) positions predict the continuation.
+        want[row, n - len(req.cont) : n] = True
+        target[row, n - len(req.cont) : n] = req.cont
+    xt = torch.from_numpy(x).to(device)
+    # Targets make the model return logits at every position; all ignored, the loss is unused.
+    logits, _ = model(xt, torch.full_like(xt, IGNORE_INDEX))  # (B, T, V)
+    want_t = torch.from_numpy(want).to(device)
+    picked = logits[want_t].float()  # (M, V), M = continuation tokens in the batch, row-major
+    logp = F.log_softmax(picked, dim=-1)  # (M, V)
+    tgt = torch.from_numpy(target[want]).to(device)  # (M,)
+    tok_lp = logp.gather(1, tgt.unsqueeze(1)).squeeze(1)  # (M,)
+    rows = want_t.nonzero()[:, 0]  # (M,) batch row of each scored token
+    sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
+    sums.index_add_(0, rows, tok_lp.double())  # (B,)
+    return sums.tolist()

@@ -61,7 +61,7 @@ def render_markdown(
     samples: dict[str, list[dict[str, str]]],
     *,
     eval_tokens: int,
-    choice: list[dict[str, Any]] = (),
+    choice: Sequence[dict[str, Any]] = (),
     reference: dict[str, Any] | None = None,
 ) -> str:
     """The report as markdown: one row per model, loss / ppl / bpb per corpus, a delta row, the
@@ -72,114 +72,141 @@ def render_markdown(
     fine-tuned model's delta to them (:func:`compare_with_reference`); a figure scored
     on another amount is marked † and has no delta. Without one, a line says so.
     """
-    models = list(dict.fromkeys(r["model"] for r in results))
-    compared = {row["metric"]: row for row in compare_with_reference(results, choice, reference)} if reference else {}
-    label = reference_label(reference) if reference else ""
+    compared = {row["metric"]: row for row in compare_with_reference(results, list(choice), reference)} \
+        if reference else {}
+    against = _ReferenceRows(compared, reference_label(reference) if reference else "")
+    lines = _held_out_section(results, eval_tokens, against)
+    if choice:
+        lines += _choice_section(choice, against)
+    lines += _reference_note(reference, compared, against.label)
+    lines += _scored_section(results) + _samples_section(samples)
+    return "\n".join(lines) + "\n"
 
-    def reference_rows(names: list[str], stats: Sequence[str], fmts: dict[str, str]) -> list[str]:
-        """The reference's row and the delta row of one table, or nothing when it shares no figure with it."""
-        cells = [compared.get(f"{FINETUNED}.{n}.{m}") for n in names for m in stats]
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _header(cells: Sequence[str]) -> list[str]:
+    return [_row(cells), "|" + "---|" + "---:|" * (len(cells) - 1)]
+
+
+class _ReferenceRows:
+    """The reference's row and the fine-tuned model's delta row under a table, from compare_with_reference."""
+
+    def __init__(self, compared: dict[str, dict[str, Any]], label: str) -> None:
+        self.compared, self.label = compared, label
+
+    def __call__(self, names: Sequence[str], stats: Sequence[str], fmts: dict[str, str]) -> list[str]:
+        """Nothing when the reference shares no figure with this table."""
+        cells = [self.compared.get(f"{FINETUNED}.{n}.{m}") for n in names for m in stats]
         if not any(cells):
             return []
         fmt_of = [fmts[m] for _ in names for m in stats]
         values = ["" if c is None else fmt.format(c["reference"]) + ("" if c["comparable"] else " †")
-                  for c, fmt in zip(cells, fmt_of)]
+                  for c, fmt in zip(cells, fmt_of, strict=True)]
         deltas = ["" if c is None or c["delta"] is None else ("{:+" + fmt[2:]).format(c["delta"])
-                  for c, fmt in zip(cells, fmt_of)]
-        return ["| " + " | ".join([markdown_cell(label)] + values) + " |",
-                "| " + " | ".join([f"Δ {FINETUNED} − {markdown_cell(label)}"] + deltas) + " |"]
+                  for c, fmt in zip(cells, fmt_of, strict=True)]
+        return [_row([markdown_cell(self.label), *values]),
+                _row([f"Δ {FINETUNED} − {markdown_cell(self.label)}", *deltas])]
+
+
+_HELD_OUT_FMT = {"loss": "{:.4f}", "perplexity": "{:.2f}", "bits_per_byte": "{:.4f}"}
+_SHORT = {"loss": "loss", "perplexity": "ppl", "bits_per_byte": "bpb"}
+
+
+def _held_out_section(results: list[dict[str, Any]], eval_tokens: int, against: _ReferenceRows) -> list[str]:
+    models = list(dict.fromkeys(r["model"] for r in results))
     corpora = list(dict.fromkeys(r["corpus"] for r in results))
     by = {(r["model"], r["corpus"]): r for r in results}
-    fmt = {"loss": "{:.4f}", "perplexity": "{:.2f}", "bits_per_byte": "{:.4f}"}
-    short = {"loss": "loss", "perplexity": "ppl", "bits_per_byte": "bpb"}
-
     lines = [
         "# Evaluation report",
         "",
         f"Held-out `val` split of each corpus, first {eval_tokens:,} target tokens (or all of them if fewer); "
         "loss in nats per token, bpb = bits per UTF-8 byte (comparable across tokenizers). Lower is better.",
-        "",
     ]
     if SFT_HELD_OUT in corpora:
-        lines[-1:-1] = [
+        lines += [
             "",
             f"`{SFT_HELD_OUT}`: all the held-out examples of the fine-tuning run's finetune.sft_path (every "
             f"{VAL_EVERY}th example it kept), in its windows; only the assistant's targets are scored (each reply, "
             "its `<|end|>` and the closing end-of-text), as fine-tuning trains on them: the task itself.",
         ]
-    header = ["model"] + [f"{markdown_cell(c)} {short[m]}" for c in corpora for m in METRICS]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" + "---:|" * (len(header) - 1))
+    lines += [""] + _header(["model"] + [f"{markdown_cell(c)} {_SHORT[m]}" for c in corpora for m in METRICS])
 
     def cell(model: str, corpus: str, metric: str) -> str:
         r = by.get((model, corpus))
-        return "" if r is None else fmt[metric].format(r[metric])
+        return "" if r is None else _HELD_OUT_FMT[metric].format(r[metric])
 
-    for model in models:
-        cells = [cell(model, c, m) for c in corpora for m in METRICS]
-        lines.append("| " + " | ".join([markdown_cell(model)] + cells) + " |")
+    lines += [_row([markdown_cell(model)] + [cell(model, c, m) for c in corpora for m in METRICS]) for model in models]
     if BASE in models and FINETUNED in models:
         cells = []
         for c in corpora:
             for m in METRICS:
                 a, b = by.get((FINETUNED, c)), by.get((BASE, c))
-                cells.append("" if a is None or b is None else ("{:+" + fmt[m][2:]).format(a[m] - b[m]))
-        lines.append("| " + " | ".join([f"Δ {FINETUNED} − {BASE}"] + cells) + " |")
-    lines += reference_rows(corpora, METRICS, fmt)
+                cells.append("" if a is None or b is None else ("{:+" + _HELD_OUT_FMT[m][2:]).format(a[m] - b[m]))
+        lines.append(_row([f"Δ {FINETUNED} − {BASE}", *cells]))
+    return lines + against(corpora, METRICS, _HELD_OUT_FMT)
 
-    if choice:
-        benches = list(dict.fromkeys(r["benchmark"] for r in choice))
-        mc = {(r["model"], r["benchmark"]): r for r in choice}
-        lines += ["", "Multiple choice, by log-likelihood (acc_norm: per character of the choice, as "
-                  "lm-evaluation-harness). Higher is better.", ""]
-        header = ["model"] + [f"{markdown_cell(b)} {m}" for b in benches for m in ("acc", "acc_norm")]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---|" + "---:|" * (len(header) - 1))
-        for model in dict.fromkeys(r["model"] for r in choice):
-            cells = ["" if (model, b) not in mc else f"{mc[model, b][m]:.4f}" for b in benches
-                     for m in ("acc", "acc_norm")]
-            lines.append("| " + " | ".join([markdown_cell(model)] + cells) + " |")
-        if all((m, b) in mc for m in (BASE, FINETUNED) for b in benches):
-            cells = [f"{mc[FINETUNED, b][m] - mc[BASE, b][m]:+.4f}" for b in benches for m in ("acc", "acc_norm")]
-            lines.append("| " + " | ".join([f"Δ {FINETUNED} − {BASE}"] + cells) + " |")
-        lines += reference_rows(benches, MC_METRICS, {m: "{:.4f}" for m in MC_METRICS})
-        lines += [""] + [f"- {b}: {mc[next(iter(mc))[0], b]['n']} examples ({mc[next(iter(mc))[0], b]['kind']})"
-                         for b in benches]
 
-    lines.append("")
+def _choice_section(choice: Sequence[dict[str, Any]], against: _ReferenceRows) -> list[str]:
+    benches = list(dict.fromkeys(r["benchmark"] for r in choice))
+    mc = {(r["model"], r["benchmark"]): r for r in choice}
+    stats = ("acc", "acc_norm")
+    lines = ["", "Multiple choice, by log-likelihood (acc_norm: per character of the choice, as "
+             "lm-evaluation-harness). Higher is better.", ""]
+    lines += _header(["model"] + [f"{markdown_cell(b)} {m}" for b in benches for m in stats])
+    for model in dict.fromkeys(r["model"] for r in choice):
+        cells = ["" if (model, b) not in mc else f"{mc[model, b][m]:.4f}" for b in benches for m in stats]
+        lines.append(_row([markdown_cell(model), *cells]))
+    if all((m, b) in mc for m in (BASE, FINETUNED) for b in benches):
+        cells = [f"{mc[FINETUNED, b][m] - mc[BASE, b][m]:+.4f}" for b in benches for m in stats]
+        lines.append(_row([f"Δ {FINETUNED} − {BASE}", *cells]))
+    lines += against(benches, MC_METRICS, {m: "{:.4f}" for m in MC_METRICS})
+    first = next(iter(mc))[0]
+    return lines + [""] + [f"- {b}: {mc[first, b]['n']} examples ({mc[first, b]['kind']})" for b in benches]
+
+
+def _reference_note(reference: dict[str, Any] | None, compared: dict[str, dict[str, Any]], label: str) -> list[str]:
     if reference is None:
-        lines.append("No earlier registered model to compare with: there was no champion when this model was first "
-                     "evaluated.")
-    else:
-        lines.append(f"{label}: version {reference['version']} of {reference['name']}, @{reference['alias']} when "
-                     f"this model was first evaluated. Its figures are those logged at its registration (run "
-                     f"{reference['run_id']}): they compare only under the same evaluation settings and data. "
-                     "† marks a figure scored on another amount than here, which gets no delta"
-                     + (":" if any(not c["comparable"] for c in compared.values()) else "."))
-        unit = {"held_out": "tokens", "multiple_choice": "examples"}
-        marked = {(c["name"], c["kind"]): c for c in compared.values() if not c["comparable"]}
-        for (name, kind), c in marked.items():
-            then = "none logged" if c["reference_scored"] is None else f"{c['reference_scored']:,}"
-            lines.append(f"- {name}: {then} {unit[kind]} then, {c['scored']:,} here")
-        if not compared:
-            lines.append(f"- {label} has no figure for any corpus or benchmark evaluated here.")
+        return ["", "No earlier registered model to compare with: there was no champion when this model was first "
+                    "evaluated."]
+    lines = ["", f"{label}: version {reference['version']} of {reference['name']}, @{reference['alias']} when "
+                 f"this model was first evaluated. Its figures are those logged at its registration (run "
+                 f"{reference['run_id']}): they compare only under the same evaluation settings and data. "
+                 "† marks a figure scored on another amount than here, which gets no delta"
+                 + (":" if any(not c["comparable"] for c in compared.values()) else ".")]
+    unit = {"held_out": "tokens", "multiple_choice": "examples"}
+    marked = {(c["name"], c["kind"]): c for c in compared.values() if not c["comparable"]}
+    for (name, kind), c in marked.items():
+        then = "none logged" if c["reference_scored"] is None else f"{c['reference_scored']:,}"
+        lines.append(f"- {name}: {then} {unit[kind]} then, {c['scored']:,} here")
+    if not compared:
+        lines.append(f"- {label} has no figure for any corpus or benchmark evaluated here.")
+    return lines
 
-    lines += ["", "Tokens and bytes scored:", ""]
+
+def _scored_section(results: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "Tokens and bytes scored:", ""]
     for r in results:
         what = f"{r['tokens']:,} tokens"
         if r["corpus"] == SFT_HELD_OUT:
             what = f"{r['tokens']:,} assistant target tokens in {r['examples']:,} examples"
         lines.append(f"- {r['model']} on {r['corpus']}: {what}, {r['bytes']:,} bytes")
+    return lines
 
-    if any(samples.values()):
-        lines += ["", "## Samples"]
-        for model, rows in samples.items():
-            lines += ["", f"### {model}"]
-            for row in rows:
-                text = row["prompt"] + row["completion"]
-                lines += ["", f"Prompt: `{row['prompt']}`", ""]
-                lines += [f"> {line}" if line else ">" for line in text.split("\n")]
-    return "\n".join(lines) + "\n"
+
+def _samples_section(samples: dict[str, list[dict[str, str]]]) -> list[str]:
+    if not any(samples.values()):
+        return []
+    lines = ["", "## Samples"]
+    for model, rows in samples.items():
+        lines += ["", f"### {model}"]
+        for row in rows:
+            text = row["prompt"] + row["completion"]
+            lines += ["", f"Prompt: `{row['prompt']}`", ""]
+            lines += [f"> {line}" if line else ">" for line in text.split("\n")]
+    return lines
 
 
 LOSS_CURVES = "loss_curves.png"
@@ -198,7 +225,7 @@ def plot_loss_curves(curves: dict[str, Path], dest: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
-    for ax, (name, path) in zip(axes[0], curves.items()):
+    for ax, (name, path) in zip(axes[0], curves.items(), strict=False):
         rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], linewidth=1)
         ax.set_title(f"{name}: training loss")

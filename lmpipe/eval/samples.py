@@ -8,10 +8,11 @@ import torch
 from tokenizers import Tokenizer
 
 from lmpipe.data.sft import END_TOKEN, Message, encode_chat_prompt
+from lmpipe.model.gpt import GPT
 
 
 def generate_samples(
-    model: torch.nn.Module,
+    model: GPT,
     tokenizer: Tokenizer,
     prompts: Sequence[str],
     *,

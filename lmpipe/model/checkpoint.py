@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -196,7 +196,8 @@ def check_compatible(
     where = state.get("state_file", "<state>")
     diffs: list[str] = []
     if state.get("format_version") != FORMAT_VERSION:
-        diffs.append(f"format_version: checkpoint has {state.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+        diffs.append(f"format_version: checkpoint has {state.get('format_version')!r}, "
+                     f"this code reads {FORMAT_VERSION}")
     diffs += architecture_diffs(state, model_cfg)
     if state.get("vocab_size") != vocab_size:
         diffs.append(f"vocab_size: checkpoint has {state.get('vocab_size')!r}, tokenizer has {vocab_size!r}")
@@ -232,7 +233,7 @@ def _load_weights(model: nn.Module, ckpt_dir: Path, state: dict[str, Any]) -> No
                                   "the state names no 'lora' entry with their 'scale', so they cannot be merged")
         sd = merge_state(sd, float(lora["scale"]))
     sd[TIED_KEY] = sd[_TIED_TO]
-    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
+    set_model_state_dict(model, cast(dict[str, Any], sd), options=StateDictOptions(full_state_dict=True, strict=True))
 
 
 def load_model(ckpt_dir: Path, device: torch.device | str = "cpu") -> GPT:

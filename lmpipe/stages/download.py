@@ -9,7 +9,7 @@ from typing import Any
 from lmpipe.artifacts import BuildOutput, StageResult, write_json_atomic
 from lmpipe.config.data import CorpusConfig
 from lmpipe.data.documents import ChunkWriter
-from lmpipe.data.reader import READ_REPORT_FILE, ReadReport, _SourceReader
+from lmpipe.data.reader import READ_REPORT_FILE, ReadReport, SourceReader
 from lmpipe.data.sources import HTTP_BACKOFF_S, HTTP_RETRIES, SOURCES_FILE, check_sources
 from lmpipe.stages.contract import run_stage
 
@@ -39,7 +39,7 @@ def run_download(corpus: CorpusConfig, out_dir: str | Path, fingerprint: str, *,
         try:
             with ChunkWriter(tmp, chunk_bytes) as writer:
                 for i, source in enumerate(corpus.sources):
-                    reader = _SourceReader(source, i, f"{field}.sources[{i}]", report, scratch,
+                    reader = SourceReader(source, i, f"{field}.sources[{i}]", report, scratch,
                                            Path(download_dir) if download_dir is not None else scratch / "downloads",
                                            retries, backoff_s)
                     entries.append(_read_source(reader, corpus.name, writer))
@@ -57,7 +57,7 @@ def run_download(corpus: CorpusConfig, out_dir: str | Path, fingerprint: str, *,
     return run_stage("download", fingerprint, out_dir, build)
 
 
-def _read_source(reader: _SourceReader, corpus_name: str, writer: ChunkWriter) -> dict[str, Any]:
+def _read_source(reader: SourceReader, corpus_name: str, writer: ChunkWriter) -> dict[str, Any]:
     """Write one source's documents; its sources.json entry."""
     prefix = f"{corpus_name}/{reader.index}/"
     count, total = 0, 0

@@ -13,6 +13,7 @@ from lmpipe.data.tokenizer import META_FILE, load_tokenizer, meta_eot_id
 from lmpipe.model.checkpoint import STATE_FILE, check_compatible, read_state
 from lmpipe.stages.contract import run_stage
 from lmpipe.stages.training import ADAPTER_DIR, _lora_meta, _open_splits, _publish, tokenizer_info
+from lmpipe.training.data import TrainData
 from lmpipe.training.loop import LogMetrics, OnProgress, train
 
 
@@ -41,30 +42,28 @@ def run_finetune(
         tok_path, tok_fp, vocab_size = tokenizer_info(tokenizer)
         init_dir = Path(init)
         if not (init_dir / STATE_FILE).is_file():
-            raise FileNotFoundError(f"finetune.init_checkpoint: {str(init_dir)!r} is not a checkpoint directory (no {STATE_FILE})")
+            raise FileNotFoundError(f"finetune.init_checkpoint: {str(init_dir)!r} is not a checkpoint directory "
+                                    f"(no {STATE_FILE})")
         check_compatible(read_state(init_dir), model_cfg, vocab_size, tok_fp, field="finetune.init_checkpoint")
-        masks = None
         meta: dict[str, Any] = {}
         if not isinstance(ft_cfg, SFTFinetuneConfig):
             if shards is None:
                 raise ValueError("finetune.mode='continue' trains on the data.finetune shards, but none were given")
-            train_src, val_src = _open_splits(shards, tok_fp, "data.finetune")
+            data = TrainData(*_open_splits(shards, tok_fp, "data.finetune"))
         else:
             tok = load_tokenizer(tok_path)
             eot = meta_eot_id(tok, tokenizer.path(META_FILE))
-            data = build_sft_data(Path(ft_cfg.sft_path), tok, eot, model_cfg.block_size, layout=ft_cfg.sft_layout,
-                                  skip_long=ft_cfg.sft_skip_long, skip_bad=ft_cfg.sft_skip_bad,
-                                  field="finetune.sft_path")
-            train_src, val_src = ArraySource(data.train_tokens), ArraySource(data.val_tokens)
-            masks = (ArraySource(data.train_mask), ArraySource(data.val_mask))
-            meta = data.meta() | write_held_out(data, tmp, {  # what evaluation scores the models on
+            sft = build_sft_data(Path(ft_cfg.sft_path), tok, eot, model_cfg.block_size, layout=ft_cfg.sft_layout,
+                                 skip_long=ft_cfg.sft_skip_long, skip_bad=ft_cfg.sft_skip_bad,
+                                 field="finetune.sft_path")
+            data = TrainData(ArraySource(sft.train_tokens), ArraySource(sft.val_tokens),
+                             ArraySource(sft.train_mask), ArraySource(sft.val_mask), aligned_val=True,
+                             doc_sep=eot if ft_cfg.sft_layout == "packed" else None)
+            meta = sft.meta() | write_held_out(sft, tmp, {  # what evaluation scores the models on
                 "path": ft_cfg.sft_path, "layout": ft_cfg.sft_layout, "block_size": model_cfg.block_size,
                 "skip_long": ft_cfg.sft_skip_long, "skip_bad": ft_cfg.sft_skip_bad})
-        summary = train(model_cfg, ft_cfg, vocab_size, train_src, val_src, tmp, tokenizer_fingerprint=tok_fp,
-                        init_from=init_dir, log_metrics=log_metrics, on_progress=on_progress,
-                        target_mask_src=masks, aligned_val=masks is not None,
-                        doc_sep=eot if isinstance(ft_cfg, SFTFinetuneConfig) and ft_cfg.sft_layout == "packed"
-                        else None)
+        summary = train(model_cfg, ft_cfg, vocab_size, data, tmp, tokenizer_fingerprint=tok_fp,
+                        init_from=init_dir, log_metrics=log_metrics, on_progress=on_progress)
         if ft_cfg.lora is not None:
             meta |= _lora_meta(summary.checkpoint, tmp / ADAPTER_DIR if ft_cfg.lora.save_adapter else None)
         out = _publish(tmp, summary)  # model/: the adapters merged into the base weights

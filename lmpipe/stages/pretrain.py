@@ -12,6 +12,7 @@ from lmpipe.config.training import ModelConfig, TrainConfig
 from lmpipe.model.device import resolve_device
 from lmpipe.stages.contract import run_stage
 from lmpipe.stages.training import _open_splits, _publish, tokenizer_info
+from lmpipe.training.data import TrainData
 from lmpipe.training.launch import launch
 from lmpipe.training.loop import LogMetrics, OnProgress, TrainSummary, train
 from lmpipe.training.validation import check_split_lengths
@@ -44,7 +45,7 @@ def run_pretrain(
         train_src, val_src = _open_splits(shards, tok_fp, "data.pretrain")
         nproc = train_cfg.distributed.nproc_per_node
         if nproc == 1:
-            summary = train(model_cfg, train_cfg, vocab_size, train_src, val_src, tmp,
+            summary = train(model_cfg, train_cfg, vocab_size, TrainData(train_src, val_src), tmp,
                             tokenizer_fingerprint=tok_fp, log_metrics=log_metrics, on_progress=on_progress)
         else:
             check_split_lengths(model_cfg.block_size, train_src, val_src)  # before starting any process

@@ -21,6 +21,7 @@ def _worker(spec_path: Path) -> None:
     from lmpipe.config.training import ModelConfig, TrainConfig
     from lmpipe.data.shards import TokenSplit
     from lmpipe.tracking.runs import StageRun
+    from lmpipe.training.data import TrainData
     from lmpipe.training.loop import summary_json, train
 
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
@@ -39,7 +40,7 @@ def _worker(spec_path: Path) -> None:
     try:
         summary = train(
             ModelConfig.model_validate(spec["model"]), train_cfg, spec["vocab_size"],
-            TokenSplit(Path(spec["shards"]), "train"), TokenSplit(Path(spec["shards"]), "val"),
+            TrainData(TokenSplit(Path(spec["shards"]), "train"), TokenSplit(Path(spec["shards"]), "val")),
             Path(spec["work_dir"]), tokenizer_fingerprint=spec["tokenizer_fingerprint"],
             log_metrics=run.log_metrics if run else None, on_progress=progress if ctx.is_main else None,
             stop_after=spec.get("stop_after"), dist_ctx=ctx,

@@ -15,6 +15,7 @@ from lmpipe.config.evaluation import TrackingConfig
 from lmpipe.data.tokenizer import META_FILE, TOKENIZER_FILE
 from lmpipe.tracking.runs import StageRun, _client
 from lmpipe.tracking.serving import GPTTextGenerator, served_signature
+from lmpipe.tracking.uris import MODEL_URI_FORMS
 
 
 def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path,
@@ -200,7 +201,6 @@ def missing_store(tracking_uri: str | None) -> Path | None:
 def _model_location(client: MlflowClient, model_uri: str) -> str:
     """Where the files of a model URI (``lmpipe.tracking.handoff.MODEL_URI_FORMS``) are, found through ``client``
     alone: MLflow's own resolution of ``models:/`` and ``runs:/`` reads the process-wide registry URI."""
-    from lmpipe.tracking.handoff import MODEL_URI_FORMS
 
     if model_uri.startswith("runs:/"):
         run_id, _, path = model_uri[len("runs:/"):].partition("/")

@@ -13,7 +13,7 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -164,7 +164,7 @@ class StageRun:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_result(self, result: StageResult, artifacts: list[str] = ()) -> None:
+    def log_result(self, result: StageResult, artifacts: Sequence[str] = ()) -> None:
         """The stage's summary metrics, its file hashes as an artifact, and the named output files."""
         self.log_metrics(result.metrics, step=0)
         self.flush()
@@ -186,7 +186,7 @@ def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[s
     run = client.create_run(
         ctx.experiment_id,
         run_name=stage,
-        tags={PARENT_TAG: ctx.parent_run_id, "lmpipe.artifacts": stage, "lmpipe.stages.fingerprint": fingerprint,
+        tags={PARENT_TAG: ctx.parent_run_id, "lmpipe.stage": stage, "lmpipe.fingerprint": fingerprint,
               "lmpipe.git_commit": git_commit(),
               **({"prefect.flow_run_id": ctx.flow_run_id} if ctx.flow_run_id else {}), **(tags or {})},
     )
@@ -213,7 +213,7 @@ def set_parent_summary(ctx: TrackingContext, results: dict[str, StageResult], ou
     metrics = [Metric(f"{label}.{key}", float(value), now, 0)
                for label, result in results.items() for key, value in result.metrics.items()
                if value is not None and math.isfinite(float(value))]
-    tags = [RunTag(f"lmpipe.artifacts.{o['label']}", f"{o['status']} {o['fingerprint']}") for o in outcomes]
+    tags = [RunTag(f"lmpipe.stage.{o['label']}", f"{o['status']} {o['fingerprint']}") for o in outcomes]
     for i in range(0, max(len(metrics), 1), BATCH_LIMIT):
         client.log_batch(ctx.parent_run_id, metrics=metrics[i : i + BATCH_LIMIT], tags=tags if i == 0 else [],
                          synchronous=True)

@@ -5,18 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
-from lmpipe.tracking.handoff import (
-    GENERATION_DEFAULTS,  # module level: the signature's defaults decide the register stage
-)
+from lmpipe.model.generation_settings import GENERATION_DEFAULTS
 
 # ---------------------------------------------------------------------------------------------
 # The served model: a pyfunc that generates text, registered with an alias.
 
 
-class GPTTextGenerator(mlflow.pyfunc.PythonModel):
+class GPTTextGenerator(PythonModel):
     """Serves a checkpoint as text generation: a list of prompts in, a list of completions out.
 
     A chat SFT model takes each prompt as a user turn in its chat template and
@@ -46,7 +44,7 @@ class GPTTextGenerator(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         """Prompts (a one-column DataFrame, or a list of strings when called directly) -> list[str] of completions."""
         from lmpipe.eval.samples import generate_samples
-        from lmpipe.tracking.handoff import check_prompts, generation_params
+        from lmpipe.model.generation_settings import check_prompts, generation_params
 
         if hasattr(model_input, "iloc"):  # a DataFrame, as MLflow hands the input over
             model_input = model_input.iloc[:, 0].tolist()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import random
 import shutil
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,11 @@ from lmpipe.model.checkpoint import (
     verify_checkpoint,
 )
 from lmpipe.model.gpt import GPT, GPTConfig
+from lmpipe.training.distributed import DistContext, barrier, gather_objects
+from lmpipe.training.early_stopping import EarlyStopping
+
+CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"  # early stopping: the checkpoint of the lowest val loss so far (weights only)
 
 # ---------------------------------------------------------------- RNG states
 
@@ -179,3 +184,63 @@ def load_checkpoint(
     if state["rng_restored"]:
         set_rng_state(state["rng"][rank])
     return state
+
+
+# ---------------------------------------------------------------- the training run's checkpoints
+
+
+class Checkpointer:
+    """A run's checkpoints: every ``interval`` steps, at the last step and at ``stop_after`` (and when the
+    run stops early) into ``work_dir/checkpoints``; early stopping's best weights into ``work_dir/best``.
+
+    ``state`` holds what every checkpoint records beside the data position
+    (``position(step)``) and early stopping's record; ``best_state`` what a best
+    checkpoint records beside its val loss; ``latest`` is the newest checkpoint so
+    far. Writing is a collective under FSDP: every rank calls ``save``; only the
+    main rank writes files.
+    """
+
+    def __init__(self, work_dir: Path, model: nn.Module, config: GPTConfig, optimizer: torch.optim.Optimizer, *,
+                 interval: int, max_steps: int, early: EarlyStopping, state: dict[str, Any],
+                 best_state: dict[str, Any], position: Callable[[int], dict[str, Any]],
+                 stop_after: int | None = None, dist_ctx: DistContext | None = None,
+                 latest: Path | None = None) -> None:
+        self.root, self.best_root = Path(work_dir) / CHECKPOINTS_DIR, Path(work_dir) / BEST_DIR
+        self.model, self.config, self.optimizer = model, config, optimizer
+        self.interval, self.max_steps, self.stop_after = interval, max_steps, stop_after
+        self.early, self.state, self.best_state, self.position = early, state, best_state, position
+        self.dist_ctx, self.latest = dist_ctx or DistContext(), latest
+
+    def should_save(self, step: int, *, last: bool = False) -> bool:
+        """``last``: the run ends at ``step`` for another reason (early stopping's stop is final)."""
+        return step % self.interval == 0 or step == self.max_steps or step == self.stop_after or last
+
+    def save(self, step: int) -> Path:
+        weights, opt_state = capture(self.model, self.optimizer)  # a collective under FSDP: every rank takes part
+        rngs = gather_objects(rng_state(), self.dist_ctx)
+        path = step_dir(self.root, step)
+        if self.dist_ctx.is_main:
+            state = self.state | {"data": self.position(step), "early_stopping": self.early.state_dict()}
+            path = write_checkpoint(self.root, step, self.config, weights, opt_state, state, rng=rngs)
+        barrier(self.dist_ctx)  # no rank runs ahead of a checkpoint that may still fail
+        self.early.mark_recorded()
+        if self.dist_ctx.is_main and self.early.recorded_best is not None:  # older bests: out of any resume's reach
+            prune_checkpoints(self.best_root, [self.early.recorded_best])
+        self.latest = path
+        return path
+
+    def save_best(self, step: int, val_loss: float) -> None:
+        """Keep the weights of the best val loss so far (one checkpoint, no optimizer state)."""
+        weights, _ = capture(self.model, None)
+        if self.dist_ctx.is_main:
+            write_checkpoint(self.best_root, step, self.config, weights, None, self.best_state | {"val_loss": val_loss},
+                             keep=1, keep_steps=[self.early.recorded_best])  # a resume from the newest returns to it
+        barrier(self.dist_ctx)
+
+    def forward(self) -> Path:
+        """The checkpoint that goes forward: the newest, or with early stopping the best one."""
+        if self.early.enabled and self.early.best_step is not None:
+            return step_dir(self.best_root, self.early.best_step)
+        if self.latest is None:  # cannot happen: the last step always checkpoints
+            raise RuntimeError("training finished without a checkpoint")
+        return self.latest

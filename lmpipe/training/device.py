@@ -92,7 +92,7 @@ def find_micro_batch(model: GPT, per_rank: int, device: torch.device,
     whose kernels need no more memory than eager ones). Elsewhere: the largest whose
     ``activation_bytes`` fit in half the available memory (``available_bytes``, default
     what psutil reports) after 16 bytes per parameter (weights, gradients, 2 moments).
-    ``doc_sep``: the run packs documents (``train``'s doc_sep), whose attention mask
+    ``doc_sep``: the run packs documents (``TrainData.doc_sep``), whose attention mask
     grows with b*s*s; both the trial and the estimate include it.
     """
     divisors = [d for d in range(per_rank, 0, -1) if per_rank % d == 0]

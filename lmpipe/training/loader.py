@@ -120,6 +120,12 @@ def position_state(order: WindowOrder, step: int, sequences_per_step: int) -> di
     return {"epoch": epoch, "index": index, "sequences_seen": seen}
 
 
+def data_position(order: WindowOrder, sequences_per_step: int, step: int) -> dict[str, int]:
+    """A checkpoint's ``data`` record: the seed, the next step, the tokens seen and ``position_state``."""
+    return ({"seed": order.seed, "next_step": step, "tokens_seen": step * sequences_per_step * order.block_size}
+            | position_state(order, step, sequences_per_step))
+
+
 class _Failure:
     """Carries the producer's exception through the queue to the consumer."""
 

@@ -1,8 +1,9 @@
-"""Batches of token windows and the validation loss training reports."""
+"""Validation: batches of token windows, the loss training reports, and when to validate."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ def evaluate_loss(
     autocast: contextlib.AbstractContextManager, mask: TokenSource | None = None, doc_sep: int | None = None,
 ) -> float:
     """Mean loss per target token over fixed windows, in eval mode (no dropout, no RNG drawn); doc_sep as
-    in ``train``. Token-weighted, so the figure does not depend on ``batch_size`` (a short last batch, or
+    in ``TrainData``. Token-weighted, so the figure does not depend on ``batch_size`` (a short last batch, or
     batches with more masked targets, count for what they hold)."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -68,3 +69,24 @@ def evaluate_loss(
         count += n
     model.train()
     return (loss_sum / count.clamp(min=1)).item()
+
+
+class Validator:
+    """When to validate (every ``interval`` steps and after the last) and how: ``evaluate`` returns the scores
+    to log, ``val/loss`` among them (what early stopping compares). ``in_rows``: the scores also go into
+    the step's metrics.jsonl row, ``val/x`` as ``val_x`` (the classifier's rows)."""
+
+    def __init__(self, evaluate: Callable[[], dict[str, float]], interval: int, max_steps: int, *,
+                 in_rows: bool = False) -> None:
+        self.evaluate, self.interval, self.max_steps, self.in_rows = evaluate, interval, max_steps, in_rows
+
+    def should_validate(self, step: int) -> bool:
+        return step % self.interval == 0 or step == self.max_steps
+
+    def __call__(self) -> dict[str, float]:
+        return self.evaluate()
+
+
+def row_values(scores: dict[str, float]) -> dict[str, float]:
+    """Validation scores as metrics.jsonl columns: ``val/loss`` -> ``val_loss``."""
+    return {k.replace("/", "_"): v for k, v in scores.items()}

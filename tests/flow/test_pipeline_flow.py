@@ -117,7 +117,7 @@ def test_every_stage_runs_and_is_tracked(first_run):
     report = Path(next(s["out_dir"] for s in summary["stages"] if s["label"] == "evaluate")) / "report.md"
     assert ("No earlier registered model to compare with: there was no champion when this model was first "
             "evaluated.") in report.read_text(encoding="utf-8").splitlines()
-    assert parent.data.tags["lmpipe.artifacts.pretrain"].startswith("ran ")
+    assert parent.data.tags["lmpipe.stage.pretrain"].startswith("ran ")
 
 
 def test_finetuning_helps_on_its_own_domain(first_run):
@@ -700,7 +700,7 @@ def test_sft_held_out_examples_are_scored_reported_logged_and_gate_the_champion(
     assert decision["value"] == evaluation["finetuned.sft/val.bits_per_byte"]
     assert decision["scored"] == evaluation["finetuned.sft/val.tokens"]
     _, children = _runs(summary["tracking_uri"])
-    logged = {r.data.tags["lmpipe.artifacts"]: r.data.metrics for r in children}
+    logged = {r.data.tags["lmpipe.stage"]: r.data.metrics for r in children}
     assert logged["evaluate"]["base.sft/val.bits_per_byte"] == evaluation["base.sft/val.bits_per_byte"]
     assert logged["register"]["finetuned.sft/val.tokens"] == evaluation["finetuned.sft/val.tokens"]
     tags = MlflowClient(tracking_uri=summary["tracking_uri"]).get_model_version("lmpipe-gpt", "1").tags

@@ -362,7 +362,7 @@ def bad_files(root: Path) -> dict[str, bytes]:
     full = "".join(f"line {i}\n" for i in range(CUT_LINES)).encode()  # ~0.5 MB: several zstd blocks
     files = {
         "binary.txt": b"looks like text\x00\x01\x02",
-        "utf8.txt": "ok\n\nbad ".encode() + b"\xff" + b" here\nstill the same paragraph\n\nfine\n",
+        "utf8.txt": b"ok\n\nbad " + b"\xff" + b" here\nstill the same paragraph\n\nfine\n",
         "rows.jsonl": b'{"text": "j1"}\n'
                       b'not json\n'
                       b'{"body": "no text field"}\n'

@@ -11,18 +11,9 @@ import ftfy
 import pytest
 
 from lmpipe.config.data import C4Config, GopherQualityConfig, GopherRepetitionConfig, LanguageConfig, PIIConfig
-from lmpipe.data.filters import (
-    C4Filter,
-    GopherQuality,
-    GopherRepetition,
-    LanguageFilter,
-    PIIMasker,
-    count_sentences,
-    fix_text,
-    split_words,
-    strip_gutenberg,
-)
+from lmpipe.data.filters import C4Filter, GopherQuality, GopherRepetition, LanguageFilter, count_sentences, split_words
 from lmpipe.data.splitting import split_documents
+from lmpipe.data.transforms import PIIMasker, fix_text, strip_gutenberg
 from tests.conftest import DATA
 
 
@@ -338,7 +329,7 @@ def test_fix_text_returns_plain_ascii_unchanged():
 
 
 def test_fix_text_ascii_shortcut_agrees_with_ftfy():
-    from lmpipe.data.filters import _FTFY_CONFIG
+    from lmpipe.data.transforms import _FTFY_CONFIG
 
     rng = random.Random(1)
     alphabet = [chr(i) for i in range(128)] + ["&amp;", "&lt;", "\x1b[31m", "<b>", "&#39;", "\r\n"]

@@ -37,6 +37,7 @@ from lmpipe.eval.samples import generate_samples
 from lmpipe.model.checkpoint import is_chat_model, load_model, read_state
 from lmpipe.model.gpt import GPT, IGNORE_INDEX, GPTConfig
 from lmpipe.stages.finetune import run_finetune
+from lmpipe.training.data import TrainData
 from lmpipe.training.loader import WindowOrder
 from lmpipe.training.loop import train
 from lmpipe.training.validation import get_batch
@@ -328,7 +329,8 @@ def test_packed_layout_puts_whole_examples_in_each_window(tmp_path: Path, tok: T
         seen += [train_idx[i] for i in b]
     assert sorted(seen) == train_idx  # every training example once, none cut
     n_tokens = sum(len(encoded[i][0]) for i in train_idx)
-    assert data.fill == round(n_tokens / (len(bins) * 64), 4) > padded.fill == round(n_tokens / (len(train_idx) * 64), 4)
+    packed_fill, padded_fill = round(n_tokens / (len(bins) * 64), 4), round(n_tokens / (len(train_idx) * 64), 4)
+    assert data.fill == packed_fill > padded.fill == padded_fill
     assert data.train_tokens.dtype == data.train_mask.dtype == np.int64
     assert data.meta()["sft_layout"] == "packed" and data.meta()["sft_fill"] == data.fill
 
@@ -412,7 +414,8 @@ def _base_and_chats(tmp_path: Path, tokenizer: StageResult, tok: Tokenizer) -> t
     fp = tokenizer_fingerprint(tokenizer.path("tokenizer.json"))
     stream = np.array(enc(tok, "\n".join(LINES)), dtype=np.int64)
     base = train(MODEL, TrainConfig(max_steps=2, batch_size=4, eval_batches=1, device="cpu"), tok.get_vocab_size(),
-                 ArraySource(stream[:-500]), ArraySource(stream[-500:]), tmp_path / "base", tokenizer_fingerprint=fp)
+                 TrainData(ArraySource(stream[:-500]), ArraySource(stream[-500:])), tmp_path / "base",
+                 tokenizer_fingerprint=fp)
 
     # Every reply is the same: with the system and user turns masked out the loss can go to ~0.
     chats = [json.dumps({"messages": [{"role": "system", "content": "Be brief."},
@@ -483,7 +486,7 @@ def test_run_finetune_sft_packed_attends_within_examples_and_learns(
 
 
 def test_a_packed_window_starting_inside_an_example_does_not_train_on_its_rest() -> None:
-    from lmpipe.training.loop import CutExampleMask
+    from lmpipe.training.data import CutExampleMask
 
     tokens = ArraySource(np.array([5, 6, 0, 7, 8, 9, 0, 3, 4, 0]))  # examples [5 6 0] [7 8 9 0] [3 4 0], sep 0
     base = ArraySource(np.array([0, 1, 1, 0, 1, 1, 1, 0, 1, 1]))

@@ -34,7 +34,9 @@ from lmpipe.model.lora import (
 from lmpipe.stages.finetune import run_finetune
 from lmpipe.stages.preflight import check_inputs
 from lmpipe.training.checkpoint import load_checkpoint
-from lmpipe.training.loop import METRICS_FILE, train
+from lmpipe.training.data import TrainData
+from lmpipe.training.loop import train
+from lmpipe.training.metrics import METRICS_FILE
 from tests.conftest import tiny_config
 from tests.unit.data.test_sft import LINES, MODEL, write_jsonl
 
@@ -146,7 +148,7 @@ def base(tmp_path_factory: pytest.TempPathFactory, tokenizer: StageResult) -> tu
     stream = np.array(tok.encode("\n".join(LINES), add_special_tokens=False).ids, dtype=np.int64)
     train_src, val_src = ArraySource(stream[:-500]), ArraySource(stream[-500:])
     summary = train(MODEL, TrainConfig(max_steps=3, batch_size=4, eval_batches=1, device="cpu"),
-                    tok.get_vocab_size(), train_src, val_src, tmp_path_factory.mktemp("lora-base"),
+                    tok.get_vocab_size(), TrainData(train_src, val_src), tmp_path_factory.mktemp("lora-base"),
                     tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.path("tokenizer.json")))
     return summary.checkpoint, train_src, val_src
 
@@ -167,7 +169,7 @@ def test_lora_finetune_changes_only_the_targets_and_is_reproducible_and_resumabl
     vocab = load_tokenizer(tokenizer.path("tokenizer.json")).get_vocab_size()
 
     def run(name: str, stop_after: int | None = None):
-        return train(MODEL, LORA_FT, vocab, train_src, val_src, tmp_path / name, tokenizer_fingerprint=fp,
+        return train(MODEL, LORA_FT, vocab, TrainData(train_src, val_src), tmp_path / name, tokenizer_fingerprint=fp,
                      init_from=ckpt, stop_after=stop_after)
 
     full = run("a")
@@ -194,7 +196,7 @@ def test_an_intermediate_lora_checkpoint_loads_as_the_merged_plain_model(
         tmp_path: Path, tokenizer: StageResult, base: tuple[Path, ArraySource, ArraySource]) -> None:
     ckpt, train_src, val_src = base
     vocab = load_tokenizer(tokenizer.path("tokenizer.json")).get_vocab_size()
-    summary = train(MODEL, LORA_FT, vocab, train_src, val_src, tmp_path / "run",
+    summary = train(MODEL, LORA_FT, vocab, TrainData(train_src, val_src), tmp_path / "run",
                     tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.path("tokenizer.json")), init_from=ckpt,
                     stop_after=4)
     step = summary.checkpoint

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -36,9 +37,10 @@ from lmpipe.model.classifier import (
     predict,
 )
 from lmpipe.model.gpt import IGNORE_INDEX, GPTConfig
-from lmpipe.stages.classify import METRICS_FILE, PREDICTIONS_FILE, REPORT_FILE, run_classify
+from lmpipe.stages.classify import METRICS_FILE, PREDICTIONS_FILE, REPORT_FILE, ValScores, run_classify
 from lmpipe.training.checkpoint import load_checkpoint
-from lmpipe.training.classify_fit import batch_order, fit
+from lmpipe.training.classifier import batch_order, fit_classifier
+from lmpipe.training.data import TrainData
 from lmpipe.training.loop import train
 from tests.conftest import REPO
 
@@ -56,7 +58,7 @@ def base(tmp_path_factory: pytest.TempPathFactory, tokenizer: StageResult, tok: 
     text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:60_000]
     stream = np.array(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
     summary = train(MODEL, TrainConfig(max_steps=20, batch_size=8, warmup_steps=2, eval_batches=1, device="cpu"),
-                    tok.get_vocab_size(), ArraySource(stream[:-2000]), ArraySource(stream[-2000:]),
+                    tok.get_vocab_size(), TrainData(ArraySource(stream[:-2000]), ArraySource(stream[-2000:])),
                     tmp_path_factory.mktemp("base"), tokenizer_fingerprint=fp)
     return summary.checkpoint
 
@@ -313,7 +315,9 @@ def _fit(base: Path, tok: Tokenizer, cfg: ClassifyConfig):
     model = GPTClassifier(GPTConfig.from_config(MODEL, tok.get_vocab_size()), data.labels, eot_id=EOT_ID,
                           head_dropout=cfg.head_dropout)
     load_checkpoint(base, model.body, None, restore_rng=False)
-    return fit(model, data, cfg)
+    scores = ValScores(model, data.val)
+    metrics, _ = fit_classifier(model, data.train, cfg, scores)
+    return SimpleNamespace(rows=metrics.rows, predicted=scores.predicted, metrics=scores.metrics)
 
 
 def test_training_is_bitwise_reproducible(base: Path, tok: Tokenizer) -> None:

@@ -23,17 +23,17 @@ def test_pretrain_code_covers_the_modules_training_runs():
         "lmpipe.data.tokenizer",
         "lmpipe.model.checkpoint", "lmpipe.model.device", "lmpipe.model.gpt", "lmpipe.model.lora",
         "lmpipe.stages.contract", "lmpipe.stages.pretrain", "lmpipe.stages.torchrun_worker", "lmpipe.stages.training",
-        "lmpipe.training.checkpoint", "lmpipe.training.device", "lmpipe.training.distributed",
-        "lmpipe.training.launch", "lmpipe.training.loader", "lmpipe.training.loop", "lmpipe.training.schedule",
-        "lmpipe.training.step", "lmpipe.training.validation",
+        "lmpipe.training.checkpoint", "lmpipe.training.data", "lmpipe.training.device",
+        "lmpipe.training.distributed", "lmpipe.training.early_stopping", "lmpipe.training.launch",
+        "lmpipe.training.loader", "lmpipe.training.loop", "lmpipe.training.metrics", "lmpipe.training.schedule",
+        "lmpipe.training.setup", "lmpipe.training.step", "lmpipe.training.validation",
     }
     finetune = _closure("finetune")
     assert finetune - pretrain == {"lmpipe.stages.finetune", "lmpipe.data.sft", "lmpipe.data.jsonl"}
     assert _closure("register") == {
         "lmpipe.artifacts", "lmpipe.config.base", "lmpipe.config.data", "lmpipe.config.effects",
-        "lmpipe.config.evaluation",
-        "lmpipe.data.tokenizer", "lmpipe.stages.register", "lmpipe.tracking.handoff", "lmpipe.tracking.registry",
-        "lmpipe.tracking.runs", "lmpipe.tracking.serving",
+        "lmpipe.config.evaluation", "lmpipe.data.tokenizer", "lmpipe.model.generation_settings", "lmpipe.stages.register",
+        "lmpipe.tracking.registry", "lmpipe.tracking.runs", "lmpipe.tracking.serving", "lmpipe.tracking.uris",
     }
     assert not any(m.startswith("lmpipe.training") for m in _closure("evaluate"))  # evaluation only loads models
     assert len({code_version("pretrain"), code_version("finetune"), code_version("evaluate")}) == 3

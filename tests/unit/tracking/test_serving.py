@@ -16,7 +16,8 @@ from mlflow import MlflowClient
 
 from flows.cli import main
 from lmpipe.config.base import EOT
-from lmpipe.tracking.handoff import GENERATION_DEFAULTS, MODEL_URI_FORMS, generation_params
+from lmpipe.model.generation_settings import GENERATION_DEFAULTS, generation_params
+from lmpipe.tracking.uris import MODEL_URI_FORMS
 from tests.conftest import REPO
 
 

@@ -110,7 +110,8 @@ def test_batches_are_the_windows_in_order_and_resume_exactly() -> None:
         assert np.array_equal(x, ex) and np.array_equal(y, ey)
     with BatchLoader(ArraySource(tokens), order, T, micro_batch=B, accum_steps=A, device=CPU, start_step=4) as loader:
         resumed = take(loader, (steps - 4) * A)
-    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(resumed, stream[4 * A :]))
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+               for a, b in zip(resumed, stream[4 * A :], strict=False))
 
 
 def test_mask_sets_ignored_targets() -> None:

@@ -32,11 +32,12 @@ from lmpipe.stages.contract import partial_dir
 from lmpipe.stages.finetune import run_finetune
 from lmpipe.stages.pretrain import run_pretrain
 from lmpipe.training.checkpoint import save_checkpoint
+from lmpipe.training.data import TrainData
 from lmpipe.training.device import activation_bytes, find_micro_batch
 from lmpipe.training.distributed import DistContext
 from lmpipe.training.loop import train
-from lmpipe.training.schedule import lr_at
-from lmpipe.training.step import TrainingDivergedError, _step
+from lmpipe.training.schedule import Schedule, lr_at
+from lmpipe.training.step import TrainingDivergedError, TrainStep
 from lmpipe.training.validation import eval_offsets, get_batch
 from tests.conftest import REPO
 
@@ -59,7 +60,7 @@ def config(**overrides: object) -> TrainConfig:
 
 
 def run(work: Path, cfg: TrainConfig, model: ModelConfig = MODEL, **kw: object):
-    return train(model, cfg, 256, TRAIN, VAL, work, tokenizer_fingerprint=FP, **kw)
+    return train(model, cfg, 256, TrainData(TRAIN, VAL), work, tokenizer_fingerprint=FP, **kw)
 
 
 def metrics_text(work: Path) -> str:
@@ -75,13 +76,14 @@ def losses(work: Path) -> list[float]:
 
 def test_lr_schedule_warmup_then_cosine_to_min_lr() -> None:
     cfg = config(max_steps=100, warmup_steps=10, learning_rate=1e-3, min_lr=1e-4)
-    assert lr_at(0, cfg) == pytest.approx(1e-3 / 11)
-    assert lr_at(9, cfg) == pytest.approx(1e-3 * 10 / 11)
-    assert lr_at(10, cfg) == pytest.approx(1e-3)
-    assert lr_at(55, cfg) == pytest.approx(5.5e-4)  # halfway down the cosine
-    assert lr_at(100, cfg) == pytest.approx(1e-4)
-    decay = [lr_at(s, cfg) for s in range(10, 100)]
-    assert all(a > b for a, b in zip(decay, decay[1:]))
+    sched = Schedule(max_lr=cfg.learning_rate, min_lr=cfg.min_lr, warmup=cfg.warmup_steps, total=cfg.max_steps)
+    assert sched.lr(0) == lr_at(0, max_lr=1e-3, min_lr=1e-4, warmup=10, total=100) == pytest.approx(1e-3 / 11)
+    assert sched.lr(9) == pytest.approx(1e-3 * 10 / 11)
+    assert sched.lr(10) == pytest.approx(1e-3)
+    assert sched.lr(55) == pytest.approx(5.5e-4)  # halfway down the cosine
+    assert sched.lr(100) == pytest.approx(1e-4)
+    decay = [sched.lr(s) for s in range(10, 100)]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
 
 
 def test_eval_windows_span_the_split() -> None:
@@ -125,14 +127,15 @@ def test_masked_step_is_the_mean_over_the_global_batch_however_it_is_split() -> 
     for micro in (8, 2, 1):
         model.zero_grad()
         batches = [(x[i : i + micro], y[i : i + micro]) for i in range(0, 8, micro)]
-        loss, _ = _step(model, opt, 0.0, _Batches(batches), 8 // micro, 1e9, contextlib.nullcontext(),
-                        DistContext(), per_token=True)
+        step = TrainStep(model, opt, Schedule(0.0, 0.0, 0, 1), _Batches(batches).next, accum=8 // micro,
+                         grad_clip=1e9, autocast=contextlib.nullcontext(), dist_ctx=DistContext(), per_token=True)
+        loss, _ = step.forward_backward()
         results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
     full = torch.nn.functional.cross_entropy(model(x, y)[0].view(-1, 64), y.view(-1), ignore_index=IGNORE_INDEX)
     assert flat.numel() == 52
     for loss, grads in results:
         assert loss == pytest.approx(full.item(), rel=1e-6)
-        for g, ref in zip(grads, results[0][1]):
+        for g, ref in zip(grads, results[0][1], strict=True):
             torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
 
 
@@ -204,7 +207,7 @@ def test_resume_across_epoch_boundaries_twice_is_exact(tmp_path: Path) -> None:
     cfg = config(batch_size=8)
 
     def go(work: Path, **kw: object):
-        return train(DROPOUT_MODEL, cfg, 256, small, VAL, work, tokenizer_fingerprint=FP, **kw)
+        return train(DROPOUT_MODEL, cfg, 256, TrainData(small, VAL), work, tokenizer_fingerprint=FP, **kw)
 
     full = go(tmp_path / "full")
     work = tmp_path / "resumed"
@@ -260,7 +263,8 @@ def test_compile_switch_trains_the_same_model(tmp_path: Path) -> None:
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
     assert compiled.final_val_loss == pytest.approx(eager.final_val_loss, rel=1e-5)
     # Compiled in place: the checkpoint has the plain model's names, loadable without compile.
-    assert load_file(compiled.checkpoint / "model.safetensors").keys() == load_file(eager.checkpoint / "model.safetensors").keys()
+    assert (load_file(compiled.checkpoint / "model.safetensors").keys()
+            == load_file(eager.checkpoint / "model.safetensors").keys())
 
 
 def test_resume_at_the_end_trains_nothing(tmp_path: Path) -> None:
@@ -272,7 +276,8 @@ def test_resume_at_the_end_trains_nothing(tmp_path: Path) -> None:
 
 def test_resume_with_different_training_settings_is_refused(tmp_path: Path) -> None:
     run(tmp_path, config(), stop_after=3)
-    with pytest.raises(CheckpointMismatchError, match=r"train\.learning_rate: checkpoint has 0\.003, config has 0\.001"):
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"train\.learning_rate: checkpoint has 0\.003, config has 0\.001"):
         run(tmp_path, config(learning_rate=1e-3, min_lr=1e-4))
     run(tmp_path, config(log_interval=2, eval_interval=3))  # bookkeeping settings may change
 
@@ -280,7 +285,8 @@ def test_resume_with_different_training_settings_is_refused(tmp_path: Path) -> N
 def test_logs_once_per_interval_and_reports_progress(tmp_path: Path) -> None:
     calls: list[tuple[int, dict[str, float]]] = []
     progress: list[tuple[int, int]] = []
-    run(tmp_path, config(), log_metrics=lambda m, s: calls.append((s, m)), on_progress=lambda d, t: progress.append((d, t)))
+    run(tmp_path, config(), log_metrics=lambda m, s: calls.append((s, m)),
+        on_progress=lambda d, t: progress.append((d, t)))
     assert [s for s, _ in calls] == [5, 10, 12]
     assert set(calls[0][1]) == {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "val/loss"}
     assert "train/mfu" not in calls[0][1]  # CPU: no known peak
@@ -302,9 +308,10 @@ def test_mfu_is_logged_against_a_configured_peak(tmp_path: Path) -> None:
 
 def test_context_longer_than_val_split_names_block_size(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"model\.block_size=32 is longer than the validation split \(20 tokens"):
-        train(MODEL, config(), 256, TRAIN, ArraySource(_BYTES[:20]), tmp_path, tokenizer_fingerprint=FP)
-    with pytest.raises(ValueError, match=r"model\.block_size=32 needs more than 33 tokens in the train split, which has 33"):
-        train(MODEL, config(), 256, ArraySource(_BYTES[:33]), VAL, tmp_path, tokenizer_fingerprint=FP)
+        train(MODEL, config(), 256, TrainData(TRAIN, ArraySource(_BYTES[:20])), tmp_path, tokenizer_fingerprint=FP)
+    with pytest.raises(ValueError,
+                       match=r"model\.block_size=32 needs more than 33 tokens in the train split, which has 33"):
+        train(MODEL, config(), 256, TrainData(ArraySource(_BYTES[:33]), VAL), tmp_path, tokenizer_fingerprint=FP)
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -321,7 +328,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, mo
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", poisoned)
-    with pytest.raises(TrainingDivergedError, match=r"step 3: loss inf .* not finite .* last good checkpoint is .*step-0000002"):
+    with pytest.raises(TrainingDivergedError,
+                       match=r"step 3: loss inf .* not finite .* last good checkpoint is .*step-0000002"):
         run(tmp_path, config(checkpoint_interval=1))
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step-0000002"
     assert [json.loads(line)["step"] for line in metrics_text(tmp_path).splitlines()] == [1, 2]
@@ -343,8 +351,10 @@ def test_init_from_mismatched_model_names_the_field(tmp_path: Path) -> None:
     assert "init_from" in msg and str(base.checkpoint / "state.json") in msg
     assert "model.n_layer: checkpoint has 2, config has 3" in msg
     assert "n_embd" not in msg  # only the fields that differ
-    with pytest.raises(CheckpointMismatchError, match="tokenizer_fingerprint: checkpoint has 'bytes-as-tokens', tokenizer has 'other'"):
-        train(MODEL, config(), 256, TRAIN, VAL, tmp_path / "ft2", tokenizer_fingerprint="other", init_from=base.checkpoint)
+    with pytest.raises(CheckpointMismatchError,
+                       match="tokenizer_fingerprint: checkpoint has 'bytes-as-tokens', tokenizer has 'other'"):
+        train(MODEL, config(), 256, TrainData(TRAIN, VAL), tmp_path / "ft2", tokenizer_fingerprint="other",
+              init_from=base.checkpoint)
 
 
 def test_a_checkpoint_of_another_format_version_is_refused_not_skipped(tmp_path: Path) -> None:
@@ -355,7 +365,8 @@ def test_a_checkpoint_of_another_format_version_is_refused_not_skipped(tmp_path:
     msg = r"step-0000003/state\.json: format_version is 1, this code reads 2"
     with pytest.raises(CheckpointMismatchError, match=msg):  # resuming: not silently started afresh
         run(tmp_path / "run", config())
-    with pytest.raises(CheckpointMismatchError, match=r"init_from: .*\n  format_version: checkpoint has 1, this code reads 2"):
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"init_from: .*\n  format_version: checkpoint has 1, this code reads 2"):
         run(tmp_path / "ft", config(), init_from=ckpt)
     assert latest_checkpoint(tmp_path / "ft" / "checkpoints") is None
 
@@ -474,7 +485,8 @@ def test_run_finetune_continue_and_mismatch(tmp_path: Path, stages) -> None:
     assert read_state(ft.path("model"))["train"]["learning_rate"] == ft_cfg.learning_rate
 
     wider = ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=32)
-    with pytest.raises(CheckpointMismatchError, match=r"finetune\.init_checkpoint: .*\n  model\.n_embd: checkpoint has 32, config has 64"):
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"finetune\.init_checkpoint: .*\n  model\.n_embd: checkpoint has 32, config has 64"):
         run_finetune(ft_cfg, wider, base.path("model"), shards, tok, tmp_path / "ft2", "fp")
     with pytest.raises(FileNotFoundError, match="finetune.init_checkpoint"):
         run_finetune(ft_cfg, STAGE_MODEL, tmp_path / "nope", shards, tok, tmp_path / "ft3", "fp")
@@ -509,29 +521,31 @@ def test_a_resume_that_does_not_find_the_newer_best_again_publishes_the_recorded
     """A crash after a new best but before the next regular checkpoint: the resume replays from that checkpoint,
     and on a GPU (not bit for bit) the replay may not find the newer best again. The best checkpoint the regular
     checkpoint records must still be there to publish."""
+    import lmpipe.training.checkpoint as ckpt_mod
     import lmpipe.training.loop as train_mod
 
     cfg = config(max_steps=40, learning_rate=5e-2, min_lr=5e-2, warmup_steps=0, eval_interval=1,
                  early_stopping_patience=3, checkpoint_interval=100)
     vals: dict[int, float] = {}
-    full = run(tmp_path / "full", cfg, log_metrics=lambda m, s: vals.update({s: m["val/loss"]}) if "val/loss" in m else None)
+    full = run(tmp_path / "full", cfg,
+               log_metrics=lambda m, s: vals.update({s: m["val/loss"]}) if "val/loss" in m else None)
     bests = [s for s in sorted(vals) if vals[s] < min([vals[t] for t in vals if t < s], default=math.inf)]
     last, before = bests[-1], bests[-2]  # the final best, and the best before it
     assert last == full.best_step
 
     work = tmp_path / "crashed"
     run(work, cfg, stop_after=before)  # a regular checkpoint that records `before` as the best
-    real_write = train_mod.write_checkpoint
+    real_write = ckpt_mod.write_checkpoint
 
     def crash_at_last(root, step, *args, **kwargs):
         if Path(root).name == "checkpoints" and step == last:
             raise RuntimeError("killed")  # after save_best(last), before the regular checkpoint
         return real_write(root, step, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "write_checkpoint", crash_at_last)
+    monkeypatch.setattr(ckpt_mod, "write_checkpoint", crash_at_last)
     with pytest.raises(RuntimeError, match="killed"):
         run(work, cfg, stop_after=last)
-    monkeypatch.setattr(train_mod, "write_checkpoint", real_write)
+    monkeypatch.setattr(ckpt_mod, "write_checkpoint", real_write)
     assert sorted(p.name for p in (work / "best").iterdir()) == [f"step-{before:07d}", f"step-{last:07d}"]
 
     real_eval = train_mod.evaluate_loss
@@ -548,6 +562,20 @@ def test_a_resume_that_does_not_find_the_newer_best_again_publishes_the_recorded
     assert resumed.final_val_loss == vals[before]
     # The final regular checkpoint records `before`: the other best is out of any resume's reach, and gone.
     assert [p.name for p in (work / "best").iterdir()] == [f"step-{before:07d}"]
+
+
+def test_an_early_stop_between_logs_flushes_every_step_before_its_checkpoint(tmp_path: Path) -> None:
+    """The stop may come on a step that is neither a log nor a checkpoint step: its final checkpoint must
+    still come after every step's row (a resume finds nothing left to train, so rows missing then stay
+    missing), and final_train_loss is of the last steps, not nan."""
+    cfg = config(max_steps=60, learning_rate=5e-2, min_lr=5e-2, warmup_steps=0, eval_interval=1, log_interval=7,
+                 early_stopping_patience=2, checkpoint_interval=100)
+    summary = run(tmp_path, cfg)
+    rows = [json.loads(line) for line in metrics_text(tmp_path).splitlines()]
+    assert summary.stopped_early and summary.steps % 7 != 0
+    assert [r["step"] for r in rows] == list(range(1, summary.steps + 1))
+    tail = [r["loss"] for r in rows[-7:]]
+    assert summary.final_train_loss == sum(tail) / len(tail)
 
 
 def test_early_stopping_resumes_its_record(tmp_path: Path) -> None:

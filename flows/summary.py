@@ -1,0 +1,71 @@
+"""What `lmpipe run` prints at the end: the stages, the evaluation, the registry, and where to look."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def format_summary(summary: dict[str, Any], seconds: float) -> str:
+    """The flow's summary (``Ledger.summary``) as the table `lmpipe run` ends with."""
+    lines = _stage_rows(summary["stages"], seconds)
+    lines += _evaluation_rows(summary["metrics"].get("evaluate", {}))
+    classifier = summary["metrics"].get("classify")
+    if classifier:
+        lines += ["", f"classifier: accuracy {classifier['accuracy']:.3f}, macro-F1 {classifier['macro_f1']:.3f} "
+                      "on the held-out examples"]
+    lines += _registry_rows(summary.get("registered"))
+    return "\n".join(lines + _where_to_look(summary))
+
+
+def _stage_rows(stages: list[dict[str, Any]], seconds: float) -> list[str]:
+    width = max([28, *(len(s["label"]) + 3 for s in stages)])  # corpus names make labels long
+    lines = ["", f"{'stage':<{width}}{'status':<8}{'seconds':>9}  output", "-" * (width + 50)]
+    lines += [f"{s['label']:<{width}}{s['status']:<8}{s['seconds']:>9.1f}  {s['out_dir']}" for s in stages]
+    lines.append(f"{'total (incl. start-up)':<{width + 8}}{seconds:>9.1f}")
+    return lines
+
+
+def _evaluation_rows(evaluation: dict[str, float]) -> list[str]:
+    lines: list[str] = []
+    held_out = sorted(k.removesuffix(".loss") for k in evaluation if k.endswith(".loss"))
+    if held_out:
+        lines += ["", f"{'model':<12}{'corpus':<20}{'loss':>8}{'ppl':>10}{'bits/byte':>11}"]
+    for stem in held_out:
+        model, corpus = stem.split(".", 1)  # model names have no dots; corpus names may
+        lines.append(f"{model:<12}{corpus:<20}{evaluation[stem + '.loss']:>8.3f}"
+                     f"{evaluation[stem + '.perplexity']:>10.1f}{evaluation[stem + '.bits_per_byte']:>11.3f}")
+    choice = sorted(k.removesuffix(".acc_norm") for k in evaluation if k.endswith(".acc_norm"))
+    if choice:
+        lines += ["", f"{'model':<12}{'benchmark':<20}{'acc':>8}{'acc_norm':>10}"]
+    for stem in choice:
+        model, bench = stem.split(".", 1)
+        lines.append(f"{model:<12}{bench:<20}{evaluation[stem + '.acc']:>8.3f}{evaluation[stem + '.acc_norm']:>10.3f}")
+    return lines
+
+
+def _registry_rows(registered: dict[str, Any] | None) -> list[str]:
+    if not registered:
+        return []
+    lines = ["", f"registered model: {registered['model_uri']} (version {registered['version']})"]
+    decision = registered.get("promotion")
+    if decision:
+        lines.append(f"champion gate:    {'promoted to' if decision['promoted'] else 'not promoted to'} "
+                     f"@{decision['alias']}: {decision['reason']}")
+    return lines
+
+
+def _where_to_look(summary: dict[str, Any]) -> list[str]:
+    uri = summary["tracking_uri"]
+    lines = [
+        "",
+        f"artifacts:   {summary['workdir']}",
+        f"MLflow run:  {summary['mlflow_run_id']} in {uri}",
+        f"MLflow UI:   mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000",
+    ]
+    if "PREFECT_API_URL" in os.environ:
+        lines.append(f"Prefect UI:  {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
+    else:
+        lines.append(f"Prefect UI:  PREFECT_HOME={os.environ.get('PREFECT_HOME', '~/.prefect')} prefect server start"
+                     "   # then open http://127.0.0.1:4200")
+    return lines

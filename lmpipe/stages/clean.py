@@ -270,7 +270,7 @@ def run_clean(cfg: CleanConfig, chunks: list[StageResult], out_dir: str | Path, 
         if survivors["docs_out"] == 0:
             raise EmptyCorpusError(_empty_message(corpus_field, clean_field, steps, rows, cfg, docs_in))
 
-        samples = {s.name: [] for s in steps if not isinstance(s, Transform)}
+        samples: dict[str, list[dict[str, Any]]] = {s.name: [] for s in steps if not isinstance(s, Transform)}
         for st in stats:
             for name, examples in st["samples"].items():
                 samples[name] += examples[:cfg.report_samples - len(samples[name])]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,7 +30,7 @@ _SCRATCH_SAMPLE = ".sample.parquet"  # the sampled texts, re-read for the compre
 
 
 def _sample_batches(docs_dir: Path, fraction: float, scratch: Path | None, counts: dict[str, int]
-                    ) -> Iterator[list[str]]:
+                    ) -> Generator[list[str], None, None]:
     """The sampled texts in corpus order, in batches, counted into ``counts``.
 
     With a scratch path the batches are also written there, so the compression

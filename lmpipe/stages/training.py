@@ -33,7 +33,7 @@ def tokenizer_info(tokenizer: StageResult) -> tuple[Path, str, int]:
 
 
 def _open_splits(shards: StageResult, tok_fingerprint: str, field: str) -> tuple[TokenSplit, TokenSplit]:
-    train_src, val_src = TokenSplit(shards.out_dir, "train"), TokenSplit(shards.out_dir, "val")
+    train_src, val_src = TokenSplit(Path(shards.out_dir), "train"), TokenSplit(Path(shards.out_dir), "val")
     if train_src.tokenizer_fingerprint != tok_fingerprint:
         raise ValueError(
             f"{field}: shards in {shards.out_dir} were encoded with tokenizer {train_src.tokenizer_fingerprint}, "

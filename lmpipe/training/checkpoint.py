@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Callable, Collection
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ def _unb64(s: str) -> torch.Tensor:
 def rng_state() -> dict[str, Any]:
     """All global RNG states as JSON-able values (bytes as base64)."""
     version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    name, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     state: dict[str, Any] = {
         "python": [version, list(internal), gauss],
         "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
@@ -93,7 +93,7 @@ def capture(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[
     """
     sd = get_model_state_dict(model, options=_FULL)
     sd.pop(TIED_KEY, None)  # the GPT always ties its head to the token embedding
-    weights = {k: v.detach().contiguous() for k, v in sd.items()}
+    weights = {k: cast(torch.Tensor, v).detach().contiguous() for k, v in sd.items()}
     opt = get_optimizer_state_dict(model, optimizer, options=_FULL) if optimizer is not None else None
     return weights, opt
 

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,6 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.M
     if not ctx.active:
         return model
     if ctx.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -95,9 +95,9 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.M
 
 def set_grad_sync(model: nn.Module, sync: bool) -> None:
     """Whether the next backward all-reduces gradients: only the last micro-batch of a step needs to."""
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+    if isinstance(model, FSDPModule):  # FSDP2
         model.set_requires_gradient_sync(sync)
-    elif hasattr(model, "require_backward_grad_sync"):  # DDP (what its no_sync() context toggles)
+    elif isinstance(model, DistributedDataParallel):  # what its no_sync() context toggles
         model.require_backward_grad_sync = sync
 
 

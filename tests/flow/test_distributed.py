@@ -146,7 +146,7 @@ def test_pipeline_runs_torchrun_and_a_killed_rank_is_retried_from_its_checkpoint
 
     # Each attempt has its MLflow run (the killed one FAILED); rank 0 logged into the attempt's own run.
     client = MlflowClient(summary["tracking_uri"])
-    runs = client.search_runs([summary["experiment_id"]], "tags.`lmpipe.artifacts` = 'pretrain'",
+    runs = client.search_runs([summary["experiment_id"]], "tags.`lmpipe.stage` = 'pretrain'",
                               order_by=["attributes.start_time ASC"])
     assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
     killed_steps, resumed_steps = ([m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]

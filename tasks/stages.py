@@ -36,8 +36,6 @@ from lmpipe.tracking.runs import StageRun, TrackingContext, stage_run
 from lmpipe.training.launch import DistributedTrainingError
 from tasks.progress import PrefectProgress
 
-CACHED = dict(persist_result=True)
-
 
 def _transient_only(_task: Any, _task_run: Any, state: Any) -> bool:
     """Retry network hiccups, not a 404 or a checksum mismatch."""
@@ -57,7 +55,7 @@ DOWNLOAD = StageSpec("download", configs=("corpus",), inputs=("local_sha256", "c
 
 
 @task(name="download", task_run_name="download-{field}", cache_key_fn=DOWNLOAD.cache_key, retries=3,
-      retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5, retry_condition_fn=_transient_only, **CACHED)
+      retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5, retry_condition_fn=_transient_only, persist_result=True)
 def download(corpus: CorpusConfig, field: str, chunk_bytes: int, strict: bool, ctx: TrackingContext,
              local_sha256: list[str | None] | None = None) -> StageResult:
     fp, out_dir = DOWNLOAD.locate(locals())
@@ -80,7 +78,7 @@ def download(corpus: CorpusConfig, field: str, chunk_bytes: int, strict: bool, c
 CLEAN_CHUNK = StageSpec("clean_chunk", configs=("cfg",), inputs=("chunk",), upstreams=("docs",))
 
 
-@task(name="clean_chunk", task_run_name="clean-{chunk}", cache_key_fn=CLEAN_CHUNK.cache_key, **CACHED)
+@task(name="clean_chunk", task_run_name="clean-{chunk}", cache_key_fn=CLEAN_CHUNK.cache_key, persist_result=True)
 def clean_chunk(cfg: CleanConfig, docs: StageResult, chunk: str, ctx: TrackingContext) -> StageResult:
     fp, out_dir = CLEAN_CHUNK.locate(locals())
     return run_clean_chunk(cfg, docs.path(chunk), out_dir, fp)
@@ -90,7 +88,7 @@ def clean_chunk(cfg: CleanConfig, docs: StageResult, chunk: str, ctx: TrackingCo
 CLEAN = StageSpec("clean", configs=("cfg",), upstreams=("docs",))
 
 
-@task(name="clean", task_run_name="clean-{corpus_field}", cache_key_fn=CLEAN.cache_key, **CACHED)
+@task(name="clean", task_run_name="clean-{corpus_field}", cache_key_fn=CLEAN.cache_key, persist_result=True)
 def clean(cfg: CleanConfig, docs: StageResult, chunks: list[StageResult], corpus_field: str, clean_field: str,
           ctx: TrackingContext) -> StageResult:
     fp, out_dir = CLEAN.locate(locals())
@@ -111,7 +109,7 @@ def clean(cfg: CleanConfig, docs: StageResult, chunks: list[StageResult], corpus
 TOKENIZER = StageSpec("train_tokenizer", configs=("cfg",), upstreams=("docs",))
 
 
-@task(name="train_tokenizer", cache_key_fn=TOKENIZER.cache_key, **CACHED)
+@task(name="train_tokenizer", cache_key_fn=TOKENIZER.cache_key, persist_result=True)
 def train_tokenizer(cfg: TokenizerConfig, docs: StageResult, ctx: TrackingContext) -> StageResult:
     fp, out_dir = TOKENIZER.locate(locals())
     with stage_run(ctx, "train_tokenizer", fp, {"tokenizer": cfg}) as run:
@@ -124,7 +122,7 @@ def train_tokenizer(cfg: TokenizerConfig, docs: StageResult, ctx: TrackingContex
 ENCODE_CHUNK = StageSpec("encode_chunk", inputs=("chunk", "val_fraction"), upstreams=("docs", "tokenizer"))
 
 
-@task(name="encode_chunk", task_run_name="encode-{chunk}", cache_key_fn=ENCODE_CHUNK.cache_key, **CACHED)
+@task(name="encode_chunk", task_run_name="encode-{chunk}", cache_key_fn=ENCODE_CHUNK.cache_key, persist_result=True)
 def encode_chunk(docs: StageResult, chunk: str, tokenizer: StageResult, val_fraction: float, encode_batch_size: int,
                  ctx: TrackingContext) -> StageResult:
     fp, out_dir = ENCODE_CHUNK.locate(locals())
@@ -135,7 +133,7 @@ SHARD = StageSpec("shard", configs=("cfg", "corpus"), upstreams=("docs", "tokeni
                   not_read=(("corpus", frozenset({"clean"})),))
 
 
-@task(name="shard", task_run_name="shard-{corpus_field}", cache_key_fn=SHARD.cache_key, **CACHED)
+@task(name="shard", task_run_name="shard-{corpus_field}", cache_key_fn=SHARD.cache_key, persist_result=True)
 def shard(cfg: ShardConfig, corpus: CorpusConfig, docs: StageResult, encoded: list[StageResult],
           tokenizer: StageResult, corpus_field: str, ctx: TrackingContext) -> StageResult:
     fp, out_dir = SHARD.locate(locals())
@@ -150,7 +148,7 @@ PRETRAIN = StageSpec("pretrain", configs=("model_cfg", "cfg"), upstreams=("shard
 
 
 @task(name="pretrain", cache_key_fn=PRETRAIN.cache_key, retries=2, retry_delay_seconds=5,
-      retry_condition_fn=_rank_lost, **CACHED)
+      retry_condition_fn=_rank_lost, persist_result=True)
 def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, shards: StageResult, tokenizer: StageResult,
              ctx: TrackingContext) -> StageResult:
     fp, out_dir = PRETRAIN.locate(locals())
@@ -168,12 +166,12 @@ FINETUNE = StageSpec("finetune", configs=("model_cfg", "cfg"), inputs=("sft_sha2
                      upstreams=("base", "shards", "tokenizer"))
 
 
-@task(name="finetune", cache_key_fn=FINETUNE.cache_key, **CACHED)
+@task(name="finetune", cache_key_fn=FINETUNE.cache_key, persist_result=True)
 def finetune(model_cfg: ModelConfig, cfg: FinetuneConfig, base: StageResult | None, shards: StageResult | None,
              tokenizer: StageResult, ctx: TrackingContext, sft_sha256: str | None = None,
              init_sha256: str | None = None) -> StageResult:
     fp, out_dir = FINETUNE.locate(locals())
-    init = Path(cfg.init_checkpoint) if cfg.init_checkpoint else base.path("model")
+    init = _init_checkpoint(cfg.init_checkpoint, base)
     with stage_run(ctx, "finetune", fp, {"model": model_cfg, "finetune": cfg}, {"lmpipe.init": str(init)}) as run:
         result = run_finetune(cfg, model_cfg, init, shards, tokenizer, out_dir, fp, log_metrics=run.log_metrics,
                               on_progress=PrefectProgress("finetune"))
@@ -187,11 +185,11 @@ CLASSIFY = StageSpec("classify", configs=("model_cfg", "cfg"), inputs=("data_sha
                      upstreams=("base", "tokenizer"))
 
 
-@task(name="classify", cache_key_fn=CLASSIFY.cache_key, **CACHED)
+@task(name="classify", cache_key_fn=CLASSIFY.cache_key, persist_result=True)
 def classify(model_cfg: ModelConfig, cfg: ClassifyConfig, base: StageResult, tokenizer: StageResult,
              ctx: TrackingContext, data_sha256: str, init_sha256: str | None = None) -> StageResult:
     fp, out_dir = CLASSIFY.locate(locals())
-    init = Path(cfg.init_checkpoint) if cfg.init_checkpoint else base.path("model")
+    init = _init_checkpoint(cfg.init_checkpoint, base)
     with stage_run(ctx, "classify", fp, {"model": model_cfg, "classify": cfg}, {"lmpipe.init": str(init)}) as run:
         result = run_classify(cfg, model_cfg, init, tokenizer, out_dir, fp, log_metrics=run.log_metrics,
                               on_progress=PrefectProgress("classify"))
@@ -213,7 +211,7 @@ EVALUATE = StageSpec("evaluate", configs=("cfg",), inputs=("benchmark_sha256", "
                      upstreams=("models", "corpora", "tokenizer"))
 
 
-@task(name="evaluate", cache_key_fn=EVALUATE.cache_key, **CACHED)
+@task(name="evaluate", cache_key_fn=EVALUATE.cache_key, persist_result=True)
 def evaluate(cfg: EvalConfig, models: dict[str, StageResult], corpora: dict[str, StageResult],
              tokenizer: StageResult, ctx: TrackingContext, benchmark_sha256: dict[str, str] | None = None,
              benchmark_files: dict[str, str] | None = None, reference: dict[str, Any] | None = None) -> StageResult:
@@ -242,7 +240,7 @@ REGISTER = StageSpec("register", configs=("cfg",), inputs=("metric",), upstreams
                      keyed_on_tracking_store=True)
 
 
-@task(name="register", cache_key_fn=REGISTER.cache_key, **CACHED)
+@task(name="register", cache_key_fn=REGISTER.cache_key, persist_result=True)
 def register(cfg: TrackingConfig, finetuned: StageResult, tokenizer: StageResult, report: StageResult,
              ctx: TrackingContext, metric: str) -> StageResult:
     fp, out_dir = REGISTER.locate(locals())
@@ -274,3 +272,12 @@ def _publish_table(run: StageRun, rows: list[dict[str, Any]], artifact_file: str
 def _key(text: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return "".join(c if c.isalnum() else "-" for c in text.lower())
+
+
+def _init_checkpoint(explicit: str | None, base: StageResult | None) -> Path:
+    """The checkpoint a fine-tuning stage starts from: the configured one, else the pretrained model."""
+    if explicit:
+        return Path(explicit)
+    if base is None:
+        raise ValueError("no init_checkpoint is configured and no pretrained model was given to start from")
+    return base.path("model")

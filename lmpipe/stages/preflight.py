@@ -42,8 +42,7 @@ def check_inputs(config: PipelineConfig, *, training: bool = True) -> None:
         if not Path(ft.sft_path).is_file():
             raise FileNotFoundError(f"finetune.sft_path: file {ft.sft_path!r} does not exist")
         read_sft_jsonl(Path(ft.sft_path), skip_bad=ft.sft_skip_bad)  # format errors now; lengths need the tokenizer
-    if ft.init_checkpoint:
-        check_init_checkpoint(config)
+    check_init_checkpoint(config)
     if ft.lora is not None:
         check_targets(config.model, ft.lora)  # a target no layer has: named now
     if config.classify is not None:
@@ -82,11 +81,13 @@ def check_context_fits(config: PipelineConfig, corpora: dict[str, StageResult], 
 
 
 def check_init_checkpoint(config: PipelineConfig) -> None:
-    """The fine-tuning checkpoint must exist and have this config's model architecture.
+    """The fine-tuning checkpoint, when one is configured, must exist and have this config's model architecture.
 
     The vocabulary and tokenizer fingerprint are checked again when fine-tuning
     starts, once the tokenizer exists.
     """
+    if config.finetune.init_checkpoint is None:
+        return
     path = Path(config.finetune.init_checkpoint)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"finetune.init_checkpoint: {str(path)!r} is not a checkpoint directory "

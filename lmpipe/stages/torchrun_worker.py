@@ -26,7 +26,7 @@ def _worker(spec_path: Path) -> None:
 
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     train_cfg = TrainConfig.model_validate(spec["train"])
-    ctx = DistContext.from_env(train_cfg.distributed.strategy)
+    ctx = DistContext.from_env(train_cfg.distributed.strategy, train_cfg.distributed.backend)
     run = StageRun.from_env() if ctx.is_main else None
 
     def progress(done: int, total: int) -> None:

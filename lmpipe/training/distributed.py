@@ -37,6 +37,7 @@ class DistContext:
     local_rank: int = 0
     world_size: int = 1
     strategy: str = "ddp"  # "ddp" | "fsdp"
+    backend: str = "auto"  # "auto" | "nccl" | "gloo"
 
     @property
     def is_main(self) -> bool:
@@ -47,17 +48,18 @@ class DistContext:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls, strategy: str, environ: Mapping[str, str] = os.environ) -> DistContext:
-        """torchrun's RANK / LOCAL_RANK / WORLD_SIZE."""
+    def from_env(cls, strategy: str, backend: str = "auto", environ: Mapping[str, str] = os.environ) -> DistContext:
+        """torchrun's RANK / LOCAL_RANK / WORLD_SIZE, and how the run distributes (its config's ``distributed``)."""
         return cls(int(environ.get("RANK", 0)), int(environ.get("LOCAL_RANK", 0)),
-                   int(environ.get("WORLD_SIZE", 1)), strategy)
+                   int(environ.get("WORLD_SIZE", 1)), strategy, backend)
 
 
-def init_process_group(ctx: DistContext, device: torch.device, backend: str) -> torch.device:
+def init_process_group(ctx: DistContext, device: torch.device) -> torch.device:
     """Join the group torchrun set up; returns this rank's device (cuda:<local_rank> on GPUs)."""
     if device.type == "cuda":
         torch.cuda.set_device(ctx.local_rank)
         device = torch.device("cuda", ctx.local_rank)
+    backend = ctx.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():

@@ -34,7 +34,7 @@ from typing import Any
 from tqdm import tqdm
 
 from lmpipe.config.pipeline import check_batch
-from lmpipe.config.training import FinetuneConfig, ModelConfig, TrainConfig
+from lmpipe.config.training import FinetuneConfig, ModelConfig, Training
 from lmpipe.model.checkpoint import latest_checkpoint
 from lmpipe.training.checkpoint import Checkpointer
 from lmpipe.training.data import TrainData
@@ -155,7 +155,7 @@ def run_loop(loop: Loop) -> tuple[int, float | None]:
 
 def train(
     model_cfg: ModelConfig,
-    cfg: TrainConfig,
+    cfg: Training,
     vocab_size: int,
     data: TrainData,
     work_dir: Path,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lmpipe.config.effects import trajectory as steps_taken
-from lmpipe.config.training import ModelConfig, TrainConfig
+from lmpipe.config.training import ModelConfig, Training
 from lmpipe.model.checkpoint import check_compatible, latest_checkpoint, read_state
 from lmpipe.model.device import autocast_for, resolve_device
 from lmpipe.model.gpt import GPT, GPTConfig
@@ -25,7 +25,7 @@ from lmpipe.training.distributed import DistContext, gather_objects, init_proces
 from lmpipe.training.early_stopping import EarlyStopping
 
 
-def trajectory(cfg: TrainConfig, sequences_per_step: int) -> dict[str, Any]:
+def trajectory(cfg: Training, sequences_per_step: int) -> dict[str, Any]:
     """The settings that decide which steps are taken: they must match a checkpoint to resume from it."""
     return steps_taken(cfg) | {"sequences_per_step": sequences_per_step}  # the global batch, however split
 
@@ -49,11 +49,11 @@ class Run:
     last_ckpt: Path | None  # the checkpoint resumed from
 
 
-def init_device(cfg: TrainConfig, dist_ctx: DistContext) -> torch.device:
+def init_device(cfg: Training, dist_ctx: DistContext) -> torch.device:
     """The device (joining the process group under torchrun), threads, and every RNG seeded with cfg.seed."""
     device = resolve_device(cfg.device)
     if dist_ctx.active:
-        device = init_process_group(dist_ctx, device, cfg.distributed.backend)
+        device = init_process_group(dist_ctx, device)
     elif device.type == "cuda":  # make it current: RNG states and the loader thread follow the current device
         torch.cuda.set_device(device)
         device = torch.device("cuda", torch.cuda.current_device())
@@ -67,7 +67,7 @@ def init_device(cfg: TrainConfig, dist_ctx: DistContext) -> torch.device:
     return device
 
 
-def prepare(model_cfg: ModelConfig, cfg: TrainConfig, vocab_size: int, work_dir: Path, *, fingerprint: str,
+def prepare(model_cfg: ModelConfig, cfg: Training, vocab_size: int, work_dir: Path, *, fingerprint: str,
             init_from: Path | None, dist_ctx: DistContext, doc_sep: int | None) -> Run:
     """Resume from the newest valid checkpoint in ``work_dir/checkpoints`` when there is one; otherwise start
     from ``init_from``'s weights (a fine-tuning start, fresh optimizer) or from a seeded random init."""
@@ -124,7 +124,7 @@ def prepare(model_cfg: ModelConfig, cfg: TrainConfig, vocab_size: int, work_dir:
                lora_state, last_ckpt)
 
 
-def _compile_and_wrap(raw: GPT, cfg: TrainConfig, dist_ctx: DistContext, device: torch.device) -> nn.Module:
+def _compile_and_wrap(raw: GPT, cfg: Training, dist_ctx: DistContext, device: torch.device) -> nn.Module:
     """DDP / FSDP2 around the model under torchrun; torch.compile where cfg.compile says (None: on CUDA)."""
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     fsdp = dist_ctx.strategy == "fsdp" and dist_ctx.active

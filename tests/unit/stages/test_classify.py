@@ -263,8 +263,8 @@ def test_long_texts_are_truncated_or_skipped_and_counted(tmp_path: Path, tok: To
 def test_collate_pads_right_and_lm_targets_stop_at_the_last_real_token() -> None:
     idx, lengths = collate([[5, 6, 7], [8]], pad_id=0)
     assert idx.tolist() == [[5, 6, 7], [8, 0, 0]] and lengths.tolist() == [3, 1]
-    I = IGNORE_INDEX
-    assert lm_targets(idx, lengths).tolist() == [[6, 7, I], [I, I, I]]
+    X = IGNORE_INDEX
+    assert lm_targets(idx, lengths).tolist() == [[6, 7, X], [X, X, X]]
 
 
 def test_batch_order_is_a_seeded_permutation_per_epoch() -> None:

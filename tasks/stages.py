@@ -34,6 +34,7 @@ from lmpipe.stages.shard import run_encode_chunk, run_shard
 from lmpipe.stages.tokenizer import run_train_tokenizer
 from lmpipe.tracking.runs import StageRun, TrackingContext, stage_run
 from lmpipe.training.launch import DistributedTrainingError
+from lmpipe.training.loop import Reporters
 from tasks.progress import PrefectProgress
 
 
@@ -153,8 +154,8 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, shards: StageResult, toke
              ctx: TrackingContext) -> StageResult:
     fp, out_dir = PRETRAIN.locate(locals())
     with stage_run(ctx, "pretrain", fp, {"model": model_cfg, "pretrain": cfg}) as run:
-        result = run_pretrain(model_cfg, cfg, shards, tokenizer, out_dir, fp, log_metrics=run.log_metrics,
-                              on_progress=PrefectProgress("pretrain"), on_log=get_run_logger().info,
+        result = run_pretrain(model_cfg, cfg, shards, tokenizer, out_dir, fp,
+                              report=Reporters(run.log_metrics, PrefectProgress("pretrain"), get_run_logger().info),
                               tracking_env=run.env())
         run.log_result(result, ["metrics.jsonl", "model"])
     return result
@@ -173,8 +174,8 @@ def finetune(model_cfg: ModelConfig, cfg: FinetuneConfig, base: StageResult | No
     fp, out_dir = FINETUNE.locate(locals())
     init = _init_checkpoint(cfg.init_checkpoint, base)
     with stage_run(ctx, "finetune", fp, {"model": model_cfg, "finetune": cfg}, {"lmpipe.init": str(init)}) as run:
-        result = run_finetune(cfg, model_cfg, init, shards, tokenizer, out_dir, fp, log_metrics=run.log_metrics,
-                              on_progress=PrefectProgress("finetune"))
+        result = run_finetune(cfg, model_cfg, init, shards, tokenizer, out_dir, fp,
+                              report=Reporters(run.log_metrics, PrefectProgress("finetune")))
         # adapter/: LoRA with save_adapter; HELD_OUT_FILE: the held-out SFT examples, mode sft
         run.log_result(result, ["metrics.jsonl", "model", "adapter", HELD_OUT_FILE])
     return result
@@ -191,8 +192,8 @@ def classify(model_cfg: ModelConfig, cfg: ClassifyConfig, base: StageResult, tok
     fp, out_dir = CLASSIFY.locate(locals())
     init = _init_checkpoint(cfg.init_checkpoint, base)
     with stage_run(ctx, "classify", fp, {"model": model_cfg, "classify": cfg}, {"lmpipe.init": str(init)}) as run:
-        result = run_classify(cfg, model_cfg, init, tokenizer, out_dir, fp, log_metrics=run.log_metrics,
-                              on_progress=PrefectProgress("classify"))
+        result = run_classify(cfg, model_cfg, init, tokenizer, out_dir, fp,
+                              report=Reporters(run.log_metrics, PrefectProgress("classify")))
         run.log_result(result, ["metrics.jsonl", "model", PREDICTIONS_FILE, REPORT_FILE])
     get_run_logger().info("classifier: accuracy %.4f, macro-F1 %.4f on %d held-out examples",
                           result.metrics["accuracy"], result.metrics["macro_f1"], result.meta["val_examples"])

@@ -84,6 +84,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data = build_config(data, source).model_dump(mode="json")
     for override in overrides:
         apply_override(data, override)
+    _drop_other_mode_fields(data, overrides)
     if overrides:
         source += " + overrides " + " ".join(overrides)
     return build_config(data, source)
+
+
+def _drop_other_mode_fields(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
+    """After ``finetune.mode=...`` switches the preset's fine-tune variant, leave out the preset's fields the new
+    variant does not have (an SFT preset's sft_path in mode continue); a field the overrides set stays, so a
+    misplaced one is still an error that names it."""
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    section = data.get("finetune")
+    if "finetune.mode" not in keys or not isinstance(section, dict):
+        return
+    variant = FINETUNE_MODES.get(section.get("mode"))  # type: ignore[arg-type]
+    if variant is None:
+        return  # an unknown mode: validation names it
+    given = {k.removeprefix("finetune.").split(".")[0] for k in keys if k.startswith("finetune.")}
+    for field in list(section):
+        if field not in variant.model_fields and field not in given:
+            del section[field]

@@ -20,7 +20,7 @@ from lmpipe.stages.contract import run_stage
 from lmpipe.stages.training import MODEL_DIR, tokenizer_info
 from lmpipe.training.checkpoint import load_checkpoint
 from lmpipe.training.classifier import fit_classifier
-from lmpipe.training.loop import LogMetrics, OnProgress
+from lmpipe.training.loop import SILENT, Reporters
 
 METRICS_FILE = "metrics.jsonl"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -49,8 +49,7 @@ def run_classify(
     out_dir: str | Path,
     fingerprint: str,
     *,
-    log_metrics: LogMetrics | None = None,
-    on_progress: OnProgress | None = None,
+    report: Reporters = SILENT,
 ) -> StageResult:
     """Stage: fine-tune ``init``'s weights with a classification head on cfg.path.
 
@@ -80,7 +79,7 @@ def run_classify(
         load_checkpoint(init_dir, model.body, None, restore_rng=False)
         scores = ValScores(model, data.val)
         metrics, seconds = fit_classifier(model, data.train, cfg, scores, metrics_path=tmp / METRICS_FILE,
-                                          log_metrics=log_metrics, on_progress=on_progress)
+                                          log_metrics=report.metrics, on_progress=report.progress)
         assert scores.metrics is not None  # the last step always validates
         result = scores.metrics
 

@@ -14,7 +14,7 @@ from lmpipe.model.checkpoint import STATE_FILE, check_compatible, read_state
 from lmpipe.stages.contract import run_stage
 from lmpipe.stages.training import ADAPTER_DIR, _lora_meta, _open_splits, _publish, tokenizer_info
 from lmpipe.training.data import TrainData
-from lmpipe.training.loop import LogMetrics, OnProgress, train
+from lmpipe.training.loop import SILENT, Reporters, train
 
 
 def run_finetune(
@@ -26,8 +26,7 @@ def run_finetune(
     out_dir: str | Path,
     fingerprint: str,
     *,
-    log_metrics: LogMetrics | None = None,
-    on_progress: OnProgress | None = None,
+    report: Reporters = SILENT,
 ) -> StageResult:
     """Stage: continue training ``init``'s weights (fresh optimizer and schedule).
 
@@ -63,7 +62,7 @@ def run_finetune(
                 "path": ft_cfg.sft_path, "layout": ft_cfg.sft_layout, "block_size": model_cfg.block_size,
                 "skip_long": ft_cfg.sft_skip_long, "skip_bad": ft_cfg.sft_skip_bad})
         summary = train(model_cfg, ft_cfg, vocab_size, data, tmp, tokenizer_fingerprint=tok_fp,
-                        init_from=init_dir, log_metrics=log_metrics, on_progress=on_progress)
+                        init_from=init_dir, log_metrics=report.metrics, on_progress=report.progress)
         if ft_cfg.lora is not None:
             meta |= _lora_meta(summary.checkpoint, tmp / ADAPTER_DIR if ft_cfg.lora.save_adapter else None)
         out = _publish(tmp, summary)  # model/: the adapters merged into the base weights

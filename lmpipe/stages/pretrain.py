@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -14,7 +14,7 @@ from lmpipe.stages.contract import run_stage
 from lmpipe.stages.training import _open_splits, _publish, tokenizer_info
 from lmpipe.training.data import TrainData
 from lmpipe.training.launch import launch
-from lmpipe.training.loop import LogMetrics, OnProgress, TrainSummary, train
+from lmpipe.training.loop import SILENT, Reporters, TrainSummary, train
 from lmpipe.training.validation import check_split_lengths
 
 
@@ -26,9 +26,7 @@ def run_pretrain(
     out_dir: str | Path,
     fingerprint: str,
     *,
-    log_metrics: LogMetrics | None = None,
-    on_progress: OnProgress | None = None,
-    on_log: Callable[[str], None] = print,
+    report: Reporters = SILENT,
     tracking_env: Mapping[str, str] | None = None,
 ) -> StageResult:
     """Stage: pretrain from scratch on the shards; publishes model/ and metrics.jsonl.
@@ -36,8 +34,8 @@ def run_pretrain(
     An interrupted run leaves its checkpoints in the stage's .partial directory and
     the next call with the same fingerprint resumes from them. With
     ``distributed.nproc_per_node > 1`` the loop runs under torchrun: its processes'
-    lines go to ``on_log`` and rank 0 logs metrics into the run ``tracking_env`` names
-    (``StageRun.env``) instead of through ``log_metrics``.
+    lines go to ``report.lines`` and rank 0 logs metrics into the run ``tracking_env`` names
+    (``StageRun.env``) instead of through ``report.metrics``.
     """
 
     def build(tmp: Path) -> BuildOutput:
@@ -46,7 +44,7 @@ def run_pretrain(
         nproc = train_cfg.distributed.nproc_per_node
         if nproc == 1:
             summary = train(model_cfg, train_cfg, vocab_size, TrainData(train_src, val_src), tmp,
-                            tokenizer_fingerprint=tok_fp, log_metrics=log_metrics, on_progress=on_progress)
+                            tokenizer_fingerprint=tok_fp, log_metrics=report.metrics, on_progress=report.progress)
         else:
             check_split_lengths(model_cfg.block_size, train_src, val_src)  # before starting any process
             if resolve_device(train_cfg.device).type == "cuda" and nproc > torch.cuda.device_count():
@@ -55,7 +53,7 @@ def run_pretrain(
             spec = {"model": model_cfg.model_dump(mode="json"), "train": train_cfg.model_dump(mode="json"),
                     "vocab_size": vocab_size, "shards": str(shards.out_dir), "tokenizer_fingerprint": tok_fp,
                     "work_dir": str(tmp)}
-            result = launch(spec, tmp, nproc, on_line=on_log, on_progress=on_progress, env=tracking_env)
+            result = launch(spec, tmp, nproc, on_line=report.lines, on_progress=report.progress, env=tracking_env)
             summary = TrainSummary(**(result | {"checkpoint": Path(result["checkpoint"])}))
         return _publish(tmp, summary)
 

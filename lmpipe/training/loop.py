@@ -50,6 +50,19 @@ from lmpipe.training.validation import Validator, evaluate_loss, row_values
 
 LogMetrics = Callable[[dict[str, float], int], None]
 OnProgress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Reporters:
+    """Where a training stage reports while it runs: its metrics (the stage's MLflow run), its progress
+    (done, total) and, under torchrun, its processes' output lines. Nothing by default."""
+
+    metrics: LogMetrics | None = None
+    progress: OnProgress | None = None
+    lines: Callable[[str], None] = print
+
+
+SILENT = Reporters()  # a stage called without a tracker or a UI (tests, scripts)
 SINGLE = DistContext()
 
 

@@ -23,6 +23,7 @@ from lmpipe.artifacts import RESULT_FILE
 from lmpipe.model.checkpoint import latest_checkpoint, read_state
 from lmpipe.stages.pretrain import run_pretrain
 from lmpipe.training.launch import DistributedTrainingError, launch
+from lmpipe.training.loop import Reporters
 from tests.conftest import tiny_config
 from tests.unit.training.test_train import STAGE_MODEL, config
 
@@ -46,7 +47,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, stag
     lines: list[str] = []
     progress: list[tuple[int, int]] = []
     multi = run_pretrain(STAGE_MODEL, two_procs(strategy), shards, tok, tmp_path / "multi", "fp",
-                         on_log=lines.append, on_progress=lambda d, t: progress.append((d, t)))
+                         report=Reporters(lines=lines.append, progress=lambda d, t: progress.append((d, t))))
     single = run_pretrain(STAGE_MODEL, config(max_steps=6, batch_size=2, grad_accum_steps=2, checkpoint_interval=3,
                                               log_interval=1), shards, tok, tmp_path / "single", "fp")
     assert losses(multi.path("metrics.jsonl")) == pytest.approx(losses(single.path("metrics.jsonl")), rel=1e-5)

@@ -153,3 +153,17 @@ def test_after_sft_the_champion_metric_defaults_to_bits_per_byte_on_the_held_out
     # Without SFT there is no such figure to promote on.
     with pytest.raises(ConfigError, match=r"tracking.promote_metric='finetuned.sft/val.loss' is not a metric"):
         load_config(None, ["tracking.promote_metric=finetuned.sft/val.loss"])
+
+
+def test_switching_an_sft_preset_to_continue_leaves_the_sft_fields_out(tmp_path):
+    preset = tmp_path / "sft.yaml"
+    preset.write_text("finetune: {mode: sft, sft_path: chat.jsonl, sft_layout: packed, learning_rate: 0.001}\n")
+    cfg = load_config(preset, ["finetune.mode=continue"])
+    assert cfg.finetune.mode == "continue" and cfg.finetune.learning_rate == 0.001
+    assert "sft_path" not in cfg.finetune.model_dump()
+    # A field the overrides set themselves is not dropped: it is an error that names it.
+    with pytest.raises(ConfigError, match=r"finetune\.sft_layout: unknown field \(got 'padded'\)"):
+        load_config(preset, ["finetune.mode=continue", "finetune.sft_layout=padded"])
+    # Without a mode switch, nothing is dropped: a stray SFT field in continue mode is an error.
+    with pytest.raises(ConfigError, match=r"finetune\.sft_path: unknown field \(got 'chat.jsonl'\)"):
+        load_config(None, ["finetune.sft_path=chat.jsonl"])

@@ -41,7 +41,7 @@ from lmpipe.stages.classify import METRICS_FILE, PREDICTIONS_FILE, REPORT_FILE, 
 from lmpipe.training.checkpoint import load_checkpoint
 from lmpipe.training.classifier import batch_order, fit_classifier
 from lmpipe.training.data import TrainData
-from lmpipe.training.loop import train
+from lmpipe.training.loop import Reporters, train
 from tests.conftest import REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "classify"
@@ -338,8 +338,8 @@ def test_run_classify_publishes_and_predict_round_trips(tmp_path: Path, base: Pa
     logged: list[tuple[dict[str, float], int]] = []
     progress: list[tuple[int, int]] = []
     result = run_classify(cfg, MODEL, base, tokenizer, tmp_path / "cls", "fp",
-                          log_metrics=lambda m, s: logged.append((m, s)),
-                          on_progress=lambda d, t: progress.append((d, t)))
+                          report=Reporters(metrics=lambda m, s: logged.append((m, s)),
+                                           progress=lambda d, t: progress.append((d, t))))
     assert set(result.files) == {f"{MODEL_DIR}/{WEIGHTS_FILE}", f"{MODEL_DIR}/{CONFIG_FILE}", METRICS_FILE,
                                  PREDICTIONS_FILE, REPORT_FILE}
     assert result.path(REPORT_FILE).read_text(encoding="utf-8") == result.meta["markdown"]

@@ -35,7 +35,7 @@ from lmpipe.training.checkpoint import save_checkpoint
 from lmpipe.training.data import TrainData
 from lmpipe.training.device import activation_bytes, find_micro_batch
 from lmpipe.training.distributed import DistContext
-from lmpipe.training.loop import train
+from lmpipe.training.loop import Reporters, train
 from lmpipe.training.schedule import Schedule, lr_at
 from lmpipe.training.step import TrainingDivergedError, TrainStep
 from lmpipe.training.validation import eval_offsets, get_batch
@@ -468,7 +468,7 @@ def test_run_pretrain_publishes_model_and_resumes_after_interruption(tmp_path: P
 
     out = tmp_path / "interrupted"
     with pytest.raises(Interrupt):
-        run_pretrain(STAGE_MODEL, cfg, shards, tok, out, "fp", log_metrics=interrupt_at_6)
+        run_pretrain(STAGE_MODEL, cfg, shards, tok, out, "fp", report=Reporters(metrics=interrupt_at_6))
     assert not out.exists() and latest_checkpoint(partial_dir(out) / "checkpoints").name == "step-0000004"
     resumed = run_pretrain(STAGE_MODEL, cfg, shards, tok, out, "fp")
     assert resumed.meta["resumed_from_step"] == 4

@@ -85,44 +85,62 @@ def stage_modules(entry: str, package: str = PACKAGE) -> tuple[str, ...]:
         if name in seen:
             continue
         seen.add(name)
-        todo += sorted(_module_imports(name, _origin(name).read_text(encoding="utf-8"), package) - seen)
+        todo += sorted(_imports_of(_file_key(name), package) - seen)
     return tuple(sorted(seen))
 
 
-class _Undocumented(ast.NodeTransformer):
-    """Drops what documents code without changing what it computes: docstrings (a string constant opening a
-    module, class or function body) and the ``description=`` of pydantic ``Field(...)`` calls (text of the
-    config's JSON schema and README). Comments are not in the syntax tree at all."""
+def _file_key(name: str) -> tuple[str, str, int, int]:
+    """A module's name, file, modification time and size: what the per-module caches below are keyed on."""
+    origin = _origin(name)
+    stat = origin.stat()
+    return name, str(origin), stat.st_mtime_ns, stat.st_size
 
-    def generic_visit(self, node: ast.AST) -> ast.AST:
-        super().generic_visit(node)
-        body = getattr(node, "body", None)
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body \
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                and isinstance(body[0].value.value, str):
-            node.body = body[1:] or [ast.Pass()]
-        return node
 
-    def visit_Call(self, node: ast.Call) -> ast.AST:
-        self.generic_visit(node)
-        func = node.func
-        if (func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)) == "Field":
-            node.keywords = [k for k in node.keywords if k.arg != "description"]
-        return node
+@cache
+def _imports_of(key: tuple[str, str, int, int], package: str) -> frozenset[str]:
+    name, origin = key[:2]
+    return frozenset(_module_imports(name, Path(origin).read_text(encoding="utf-8"), package))
+
+
+def _is_docstring(statement: ast.stmt) -> bool:
+    return isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant) \
+        and isinstance(statement.value.value, str)
+
+
+def _called_name(func: ast.expr) -> str | None:
+    return func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
 
 
 def code_text(source: str, filename: str = "<module>") -> str:
     """What a module computes, as text: its syntax tree without docstrings, comments and field descriptions
-    (``ast.dump`` leaves out line numbers, so moving code up or down does not count either)."""
-    return ast.dump(_Undocumented().visit(ast.parse(source, filename=filename)))
+    (``ast.dump`` leaves out line numbers, so moving code up or down does not count either).
+
+    Dropped: docstrings (a string constant opening a module, class or function body) and the
+    ``description=`` of pydantic ``Field(...)`` calls (text of the config's JSON schema and README);
+    comments are not in the syntax tree at all.
+    """
+    tree = ast.parse(source, filename=filename)
+    for node in ast.walk(tree):  # a node's children are queued before it is handed out: editing it here is safe
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) \
+                and node.body and _is_docstring(node.body[0]):
+            node.body = node.body[1:] or [ast.Pass()]
+        elif isinstance(node, ast.Call) and _called_name(node.func) == "Field":
+            node.keywords = [k for k in node.keywords if k.arg != "description"]
+    return ast.dump(tree)
+
+
+@cache
+def _module_code(key: tuple[str, str, int, int]) -> bytes:
+    """A module's :func:`code_text`, once per version of its file (every stage's closure shares most modules)."""
+    origin = key[1]
+    return code_text(Path(origin).read_text(encoding="utf-8"), origin).encode()
 
 
 def source_hash(modules: tuple[str, ...]) -> str:
     """sha256 over the names and code (:func:`code_text`) of ``modules`` (short)."""
     h = hashlib.sha256()
     for name in modules:
-        origin = _origin(name)
-        h.update(name.encode() + b"\0" + code_text(origin.read_text(encoding="utf-8"), str(origin)).encode() + b"\0")
+        h.update(name.encode() + b"\0" + _module_code(_file_key(name)) + b"\0")
     return h.hexdigest()[:FINGERPRINT_CHARS]
 
 

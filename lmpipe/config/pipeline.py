@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, model_validator
 
 from lmpipe.config.base import SFT_HELD_OUT, Section
@@ -18,6 +20,13 @@ from lmpipe.config.training import (
 )
 
 
+def _any_of_modes(schema: dict[str, Any]) -> None:
+    """The fine-tune variants as ``anyOf`` in the JSON schema (the Prefect UI's parameter form): its form offers
+    a choice of definitions for ``anyOf`` and picks the one the value fits; ``mode`` makes them exclusive anyway."""
+    if "oneOf" in schema:
+        schema["anyOf"] = schema.pop("oneOf")
+
+
 class PipelineConfig(Section):
     """Everything one pipeline run needs. The defaults are the demo."""
 
@@ -27,7 +36,7 @@ class PipelineConfig(Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: TrainConfig = Field(default_factory=TrainConfig)
-    finetune: FinetuneSection = Field(default_factory=ContinueFinetuneConfig)
+    finetune: FinetuneSection = Field(default_factory=ContinueFinetuneConfig, json_schema_extra=_any_of_modes)
     classify: ClassifyConfig | None = Field(None, description="A sequence classifier fine-tuned from the "
                                                                "pretrained model; None: no classify stage.")
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -167,3 +167,12 @@ def test_switching_an_sft_preset_to_continue_leaves_the_sft_fields_out(tmp_path)
     # Without a mode switch, nothing is dropped: a stray SFT field in continue mode is an error.
     with pytest.raises(ConfigError, match=r"finetune\.sft_path: unknown field \(got 'chat.jsonl'\)"):
         load_config(None, ["finetune.sft_path=chat.jsonl"])
+
+
+def test_the_json_schema_offers_the_fine_tune_modes_as_any_of():
+    """The Prefect UI's parameter form renders anyOf as a choice of definitions, picked by the value."""
+    schema = PipelineConfig.model_json_schema()
+    finetune = schema["properties"]["finetune"]
+    assert "oneOf" not in finetune
+    assert finetune["anyOf"] == [{"$ref": "#/$defs/ContinueFinetuneConfig"}, {"$ref": "#/$defs/SFTFinetuneConfig"}]
+    assert schema["$defs"]["SFTFinetuneConfig"]["properties"]["mode"]["const"] == "sft"

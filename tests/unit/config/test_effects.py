@@ -80,6 +80,6 @@ def test_the_flow_parameter_schema_builds():
 
     schema = parameter_schema(pipeline.fn).model_dump()
     finetune = schema["definitions"]["PipelineConfig"]["properties"]["finetune"]
-    assert [v["$ref"].rsplit("/", 1)[-1] for v in finetune["oneOf"]] == ["ContinueFinetuneConfig", "SFTFinetuneConfig"]
+    assert [v["$ref"].rsplit("/", 1)[-1] for v in finetune["anyOf"]] == ["ContinueFinetuneConfig", "SFTFinetuneConfig"]
     assert "sft_path" in schema["definitions"]["SFTFinetuneConfig"]["properties"]
     assert "sft_path" not in schema["definitions"]["ContinueFinetuneConfig"]["properties"]

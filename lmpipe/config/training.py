@@ -129,8 +129,11 @@ class EarlyStopping(Section):
     early_stopping_min_delta: float = Field(0.0, ge=0.0, description="Improvement a val loss needs to count.")
 
 
-class Training(Optimizer, AdamBetas, Batch, TrainRuntime, TrainCadence, EarlyStopping):
-    """A language-model training run (pretrain, finetune): the sections they share."""
+class Training(EarlyStopping, TrainCadence, TrainRuntime, Batch, AdamBetas, Optimizer):
+    """A language-model training run (pretrain, finetune): the sections they share.
+
+    The sections are listed last-first: pydantic orders fields from the last base on, so the config, its YAML
+    and the Prefect form start with the steps and the optimizer and end with early stopping."""
 
     max_steps: int = Field(600, ge=1, description="Optimizer steps.")
 
@@ -231,7 +234,7 @@ FinetuneSection = Annotated[
 ]
 
 
-class ClassifyConfig(Optimizer, Runtime, Cadence):
+class ClassifyConfig(Cadence, Runtime, Optimizer):
     """Sequence classification fine-tuning, GPT-1 style (lmpipe.model.classifier): the hidden state of the last token
     (an end-of-text "extract" token appended to each text) goes through a linear head."""
 

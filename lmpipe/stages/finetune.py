@@ -12,7 +12,7 @@ from lmpipe.data.shards import ArraySource
 from lmpipe.data.tokenizer import META_FILE, load_tokenizer, meta_eot_id
 from lmpipe.model.checkpoint import STATE_FILE, check_compatible, read_state
 from lmpipe.stages.contract import run_stage
-from lmpipe.stages.training import ADAPTER_DIR, _lora_meta, _open_splits, _publish, tokenizer_info
+from lmpipe.stages.training import ADAPTER_DIR, lora_meta, open_splits, publish_model, tokenizer_info
 from lmpipe.training.data import TrainData
 from lmpipe.training.loop import SILENT, Reporters, train
 
@@ -48,7 +48,7 @@ def run_finetune(
         if not isinstance(ft_cfg, SFTFinetuneConfig):
             if shards is None:
                 raise ValueError("finetune.mode='continue' trains on the data.finetune shards, but none were given")
-            data = TrainData(*_open_splits(shards, tok_fp, "data.finetune"))
+            data = TrainData(*open_splits(shards, tok_fp, "data.finetune"))
         else:
             tok = load_tokenizer(tok_path)
             eot = meta_eot_id(tok, tokenizer.path(META_FILE))
@@ -64,8 +64,8 @@ def run_finetune(
         summary = train(model_cfg, ft_cfg, vocab_size, data, tmp, tokenizer_fingerprint=tok_fp,
                         init_from=init_dir, log_metrics=report.metrics, on_progress=report.progress)
         if ft_cfg.lora is not None:
-            meta |= _lora_meta(summary.checkpoint, tmp / ADAPTER_DIR if ft_cfg.lora.save_adapter else None)
-        out = _publish(tmp, summary)  # model/: the adapters merged into the base weights
+            meta |= lora_meta(summary.checkpoint, tmp / ADAPTER_DIR if ft_cfg.lora.save_adapter else None)
+        out = publish_model(tmp, summary)  # model/: the adapters merged into the base weights
         out.meta |= meta | {"init_checkpoint": str(init_dir)}
         return out
 

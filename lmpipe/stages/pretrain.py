@@ -11,7 +11,7 @@ from lmpipe.artifacts import BuildOutput, StageResult
 from lmpipe.config.training import ModelConfig, TrainConfig
 from lmpipe.model.device import resolve_device
 from lmpipe.stages.contract import run_stage
-from lmpipe.stages.training import _open_splits, _publish, tokenizer_info
+from lmpipe.stages.training import open_splits, publish_model, tokenizer_info
 from lmpipe.training.data import TrainData
 from lmpipe.training.launch import launch
 from lmpipe.training.loop import SILENT, Reporters, TrainSummary, train
@@ -40,7 +40,7 @@ def run_pretrain(
 
     def build(tmp: Path) -> BuildOutput:
         _, tok_fp, vocab_size = tokenizer_info(tokenizer)
-        train_src, val_src = _open_splits(shards, tok_fp, "data.pretrain")
+        train_src, val_src = open_splits(shards, tok_fp, "data.pretrain")
         nproc = train_cfg.distributed.nproc_per_node
         if nproc == 1:
             summary = train(model_cfg, train_cfg, vocab_size, TrainData(train_src, val_src), tmp,
@@ -55,6 +55,6 @@ def run_pretrain(
                     "work_dir": str(tmp)}
             result = launch(spec, tmp, nproc, on_line=report.lines, on_progress=report.progress, env=tracking_env)
             summary = TrainSummary(**(result | {"checkpoint": Path(result["checkpoint"])}))
-        return _publish(tmp, summary)
+        return publish_model(tmp, summary)
 
     return run_stage("pretrain", fingerprint, out_dir, build, keep_partial=True)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from lmpipe.training.distributed import DistContext, shutdown
-from lmpipe.training.launch import _FATAL, ERROR_PREFIX, PROGRESS_PREFIX, SUMMARY_FILE
+from lmpipe.training.launch import ERROR_PREFIX, FATAL_ERRORS, PROGRESS_PREFIX, SUMMARY_FILE
 
 # ---------------------------------------------------------------- the worker (one per process)
 
@@ -52,7 +52,7 @@ def _worker(spec_path: Path) -> None:
     except BaseException as err:
         from lmpipe.training.step import TrainingDivergedError
 
-        kind = "fatal" if isinstance(err, (*_FATAL, TrainingDivergedError)) else "transient"
+        kind = "fatal" if isinstance(err, (*FATAL_ERRORS, TrainingDivergedError)) else "transient"
         print(f"{ERROR_PREFIX}rank {ctx.rank} {kind}: {type(err).__name__}: {' '.join(str(err).split())}",
               flush=True)
         raise

@@ -32,7 +32,7 @@ def tokenizer_info(tokenizer: StageResult) -> tuple[Path, str, int]:
     return tok_path, tokenizer_fingerprint(tok_path), load_tokenizer(tok_path).get_vocab_size()
 
 
-def _open_splits(shards: StageResult, tok_fingerprint: str, field: str) -> tuple[TokenSplit, TokenSplit]:
+def open_splits(shards: StageResult, tok_fingerprint: str, field: str) -> tuple[TokenSplit, TokenSplit]:
     train_src, val_src = TokenSplit(Path(shards.out_dir), "train"), TokenSplit(Path(shards.out_dir), "val")
     if train_src.tokenizer_fingerprint != tok_fingerprint:
         raise ValueError(
@@ -42,7 +42,7 @@ def _open_splits(shards: StageResult, tok_fingerprint: str, field: str) -> tuple
     return train_src, val_src
 
 
-def _publish(tmp: Path, summary: TrainSummary) -> BuildOutput:
+def publish_model(tmp: Path, summary: TrainSummary) -> BuildOutput:
     """Leave model/ (the checkpoint that goes forward, without optimizer state) and metrics.jsonl; drop
     the history."""
     export_model(summary.checkpoint, tmp / MODEL_DIR)
@@ -71,7 +71,7 @@ def _publish(tmp: Path, summary: TrainSummary) -> BuildOutput:
     )
 
 
-def _lora_meta(ckpt: Path, adapter_dir: Path | None) -> dict[str, Any]:
+def lora_meta(ckpt: Path, adapter_dir: Path | None) -> dict[str, Any]:
     """What the adapters changed (and, with ``adapter_dir``, the adapter alone written there in peft's format)."""
     state = read_state(ckpt)
     weights = load_file(str(ckpt / WEIGHTS_FILE))

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from lmpipe.config.evaluation import TrackingConfig
 from lmpipe.data.tokenizer import META_FILE, TOKENIZER_FILE
-from lmpipe.tracking.runs import StageRun, _client
+from lmpipe.tracking.runs import StageRun, client_for
 from lmpipe.tracking.serving import GPTTextGenerator, served_signature
 from lmpipe.tracking.uris import MODEL_URI_FORMS
 
@@ -81,7 +81,7 @@ def champion_metrics(uri: str, name: str, alias: str, *, finetune: str | None = 
 
     Returns ``{"name", "alias", "version", "run_id", "metrics"}``, or None.
     """
-    client = _client(uri)
+    client = client_for(uri)
     version = _alias_holder(client, name, alias)
     if finetune is not None:
         same = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get(FINETUNE_TAG) == finetune

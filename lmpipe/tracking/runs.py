@@ -74,7 +74,7 @@ def _param_value(value: Any) -> str:
     return text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."
 
 
-def _client(uri: str) -> MlflowClient:
+def client_for(uri: str) -> MlflowClient:
     mlflow.set_tracking_uri(uri)  # the registry and pyfunc logging read the global URI
     return MlflowClient(tracking_uri=uri)
 
@@ -84,7 +84,7 @@ def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, p
     """Create the experiment if needed (artifacts under the work directory) and start the parent run."""
     uri = resolve_uri(cfg, workdir)
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    client = _client(uri)
+    client = client_for(uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is None:
         artifacts = None
@@ -105,7 +105,7 @@ def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, p
 
 
 def close_run(ctx: TrackingContext, run_id: str, status: str) -> None:
-    _client(ctx.uri).set_terminated(run_id, status=status)
+    client_for(ctx.uri).set_terminated(run_id, status=status)
 
 
 def _log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
@@ -120,7 +120,7 @@ class StageRun:
     def __init__(self, uri: str, run_id: str, flush_every: int = 200) -> None:
         self.uri = uri
         self.run_id = run_id
-        self.client = _client(uri)
+        self.client = client_for(uri)
         self.flush_every = flush_every
         self._pending: list[Metric] = []
 
@@ -182,7 +182,7 @@ class StageRun:
 def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[str, Any],
               tags: dict[str, str] | None = None) -> Iterator[StageRun]:
     """A nested run for one stage; FINISHED when the block succeeds, FAILED when it raises."""
-    client = _client(ctx.uri)
+    client = client_for(ctx.uri)
     run = client.create_run(
         ctx.experiment_id,
         run_name=stage,
@@ -208,7 +208,7 @@ def set_parent_summary(ctx: TrackingContext, results: dict[str, StageResult], ou
     A cached stage opens no child run of its own, so without this a fully cached
     run would have nothing to compare in the MLflow UI.
     """
-    client = _client(ctx.uri)
+    client = client_for(ctx.uri)
     now = int(time.time() * 1000)
     metrics = [Metric(f"{label}.{key}", float(value), now, 0)
                for label, result in results.items() for key, value in result.metrics.items()

@@ -35,7 +35,7 @@ class DistributedTrainingError(RuntimeError):
 
 
 # A rank failing with one of these would fail again on a retry.
-_FATAL = (ValueError, TypeError, LookupError, AttributeError, NotImplementedError, AssertionError,
+FATAL_ERRORS = (ValueError, TypeError, LookupError, AttributeError, NotImplementedError, AssertionError,
           FileNotFoundError, PermissionError)
 
 

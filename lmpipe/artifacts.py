@@ -31,6 +31,27 @@ class StageResult(BaseModel):
         return Path(self.out_dir) / name
 
 
+class CorruptArtifactError(ValueError):
+    """A stage's file does not match what was recorded when the stage finished: never trained or evaluated on."""
+
+    def __init__(self, path: Path, expected: str, actual: str, recorded_in: str = RESULT_FILE) -> None:
+        self.path = Path(path)
+        stage = stage_root(self.path)
+        where = f"the stage directory {str(stage)!r}" if stage is not None else "the directory that holds it"
+        super().__init__(
+            f"{str(self.path)!r} is corrupt: {expected}, recorded in {recorded_in}, but the file has {actual}. "
+            f"It is not used. Delete {where} or run `lmpipe verify --repair` (it moves damaged stage "
+            "directories aside), and the next run rebuilds it")
+
+
+def stage_root(path: Path) -> Path | None:
+    """The finished stage directory (the one holding RESULT_FILE) that path lies in, or None."""
+    for parent in Path(path).parents:
+        if (parent / RESULT_FILE).is_file():
+            return parent
+    return None
+
+
 class BuildOutput(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     meta: dict[str, Any] = Field(default_factory=dict)

@@ -5,6 +5,7 @@
     lmpipe data --config configs/demo.yaml       # the data stages only
     lmpipe config --config configs/demo.yaml     # print the resolved config
     lmpipe why wikitext2/0/17                    # which cleaning step removed a document, and why
+    lmpipe verify --config configs/demo.yaml     # hash what a run would reuse; --repair moves damage aside
 
 A trained model, given as a checkpoint directory or an MLflow model URI
 (``models:/lmpipe-gpt@candidate``):
@@ -53,6 +54,14 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", "-c", help="YAML preset (default: the built-in demo)")
         p.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides")
+    p = sub.add_parser("verify", help="hash every stage directory the config's run would reuse; "
+                                      "exit status 1 if one is damaged")
+    p.add_argument("--config", "-c", help="YAML preset (default: the built-in demo)")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides")
+    p.add_argument("--repair", action="store_true",
+                   help="move damaged stage directories aside (<fingerprint>.damaged-<time>) so the next run "
+                        "rebuilds them")
+    p.add_argument("--data", action="store_true", help="the data stages only (what `lmpipe data` builds)")
     p = sub.add_parser("why", help="say which cleaning step removed a document, and why")
     p.add_argument("doc_id", help="the document's id, e.g. wikitext2/0/17")
     p.add_argument("--workdir", default=PipelineConfig().workdir, help="the run's work directory")
@@ -139,6 +148,17 @@ def show_config(args: argparse.Namespace) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).rstrip("\n")
 
 
+def verify(args: argparse.Namespace) -> Answer:
+    """`lmpipe verify`: the table of stages and their files' state; exit status 1 if damage is left."""
+    config = load_config(args.config, args.overrides)
+    _prefect_environment(config)
+    from flows.verify import format_report
+    from flows.verify import verify as check
+
+    rows, sound = check(config, repair=args.repair, data_only=args.data)
+    return Answer(format_report(rows, config.workdir), 0 if sound or args.repair else 1)
+
+
 def why(args: argparse.Namespace) -> Answer:
     """`lmpipe why`: which cleaning step removed a document; exit status 1 when none did."""
     return Answer(*explain_removal(args.workdir, args.doc_id))
@@ -179,6 +199,12 @@ def _prefect_environment(config: PipelineConfig) -> None:
         home.mkdir(parents=True, exist_ok=True)  # prefect does not create missing parents
         os.environ["PREFECT_HOME"] = str(home)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The ephemeral API server starts in a subprocess; Prefect gives it 20 s, which a loaded shared machine
+    # (or two runs starting together on one database) can exceed.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # The library logs through `logging` (it never imports prefect); its lines go where the flow's go, also
+    # from the chunk runner's worker processes, which inherit this.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lmpipe")
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
@@ -187,6 +213,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], str | Answer]] = {
     "data": run,
     "config": show_config,
     "why": why,
+    "verify": verify,
     "generate": model_commands.generate,
     "evaluate": model_commands.evaluate,
     "export": model_commands.export,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from prefect import get_run_logger, unmapped
 from prefect.runtime import flow_run
@@ -17,8 +19,16 @@ from flows.runners import chunk_runner
 from lmpipe.artifacts import StageResult
 from lmpipe.config.data import RunnerConfig
 from lmpipe.config.pipeline import PipelineConfig
-from lmpipe.stages.contract import load_completed
+from lmpipe.stages.lease import STALE_ENV
 from lmpipe.tracking.runs import TrackingContext, close_run, open_pipeline_run, set_parent_summary
+
+
+class StageRunner(Protocol):
+    """What the flows hand their stages to: the Ledger (runs them), or lmpipe verify's plan (locates them)."""
+
+    def run(self, stage_task: Any, label: str | None = None, **params: Any) -> StageResult: ...
+
+    def map(self, chunk_task: Any, label: str, chunks: Sequence[str], **params: Any) -> list[StageResult]: ...
 
 
 @dataclass
@@ -26,7 +36,7 @@ class StageOutcome:
     stage: str
     label: str
     fingerprint: str
-    status: str  # "ran", "cached" (Prefect's cache) or "reused" (ran, found its finished files on disk)
+    status: str  # "ran", or "reused": its finished directory was there (or another run built it meanwhile)
     seconds: float
     out_dir: str
 
@@ -43,7 +53,7 @@ class Ledger:
 
     def run(self, stage_task: Any, label: str | None = None, **params: Any) -> StageResult:
         start = time.perf_counter()
-        result, status = _settle(stage_task, stage_task(**params, return_state=True), params)
+        result, status = _settle(stage_task(**params, return_state=True))
         label = label or result.stage
         self.outcomes.append(StageOutcome(result.stage, label, result.fingerprint, status,
                                           time.perf_counter() - start, result.out_dir))
@@ -55,21 +65,20 @@ class Ledger:
         """Run ``chunk_task`` once per chunk on the chunk runner; results in chunk order.
 
         Every chunk runs to its end before the first failure (if any) fails the stage, so a resumed run
-        only does the chunks that are missing: the others come from Prefect's cache or their finished
-        directories.
+        only does the chunks that are missing: the others are reused from their finished directories.
         """
         start = time.perf_counter()
         futures = self._chunk_runner().map(chunk_task, {"chunk": list(chunks),
                                                         **{k: unmapped(v) for k, v in params.items()}})
         futures.wait()
         results: list[StageResult] = []
-        counts = {"ran": 0, "cached": 0, "reused": 0}
-        for chunk, future in zip(chunks, futures, strict=True):
-            result, status = _settle(chunk_task, future.state, {"chunk": chunk, **params})
+        counts = {"ran": 0, "reused": 0}
+        for future in futures:
+            result, status = _settle(future.state)
             counts[status] += 1
             results.append(result)
         seen = [k for k, v in counts.items() if v]
-        # One word when every chunk fared the same, like a single stage; else the mix, e.g. "1 ran, 5 cached".
+        # One word when every chunk fared the same, like a single stage; else the mix, e.g. "1 ran, 5 reused".
         status = seen[0] if len(seen) == 1 else ", ".join(f"{counts[k]} {k}" for k in seen)
         seconds = time.perf_counter() - start
         chunks_done = f"{len(results)} chunk{'' if len(results) == 1 else 's'}"
@@ -102,23 +111,32 @@ class Ledger:
         }
 
 
-def _settle(stage_task: Any, state: Any, params: dict[str, Any]) -> tuple[StageResult, str]:
-    """A finished task's result and whether it "ran", was "cached" by Prefect or "reused" from disk.
+def _settle(state: Any) -> tuple[StageResult, str]:
+    """A finished task's result and whether it "ran" or was "reused" from its finished directory.
 
-    Raises the task's error, so the flow fails with it. A cache entry whose files are gone (the work
-    directory was cleaned) is computed again.
+    Raises the task's error, so the flow fails with it.
     """
     result: StageResult = state.result()
-    cached = state.name == "Cached"
-    if cached and load_completed(Path(result.out_dir)) is None:
-        state = stage_task.with_options(refresh_cache=True)(**params, return_state=True)
-        result, cached = state.result(), False
-    return result, "cached" if cached else "reused" if result.meta.get("reused") else "ran"
+    return result, "reused" if result.meta.get("reused") else "ran"
+
+
+def _library_logs_to_prefect() -> None:
+    """The ``lmpipe`` logger's lines into the flow run's log, as PREFECT_LOGGING_EXTRA_LOGGERS does when it is set
+    before prefect is first imported (the CLI and the deployments set it; a flow called from Python may not)."""
+    library = logging.getLogger("lmpipe")
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if handler not in library.handlers:
+            library.addHandler(handler)
+    if library.level == logging.NOTSET:
+        library.setLevel(logging.INFO)
 
 
 @contextmanager
 def tracked_flow(config: PipelineConfig, flow_name: str) -> Iterator[tuple[TrackingContext, Ledger]]:
     """The flow's MLflow parent run: FINISHED if the flow body succeeds, FAILED if it raises."""
+    _library_logs_to_prefect()
+    # Every process of this run (chunk workers, torchrun ranks) inherits how long a silent lease stands.
+    os.environ[STALE_ENV] = repr(config.lease_stale_s)
     tags = {"lmpipe.flow": flow_name, "lmpipe.config_name": config.name}
     if flow_run.id:
         tags["prefect.flow_run_id"] = str(flow_run.id)

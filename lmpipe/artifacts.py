@@ -24,6 +24,7 @@ class StageResult(BaseModel):
     fingerprint: str
     out_dir: str
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256")
+    sizes: dict[str, int] = Field(default_factory=dict, description="relative path -> size in bytes")
     metrics: dict[str, float] = Field(default_factory=dict)
     meta: dict[str, Any] = Field(default_factory=dict)
 
@@ -69,6 +70,15 @@ def hash_tree(root: Path) -> dict[str, str]:
     """sha256 of every file under root, keyed by POSIX relative path, sorted."""
     return {
         p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != RESULT_FILE
+    }
+
+
+def size_tree(root: Path) -> dict[str, int]:
+    """The size of every file hash_tree hashes, keyed the same way."""
+    return {
+        p.relative_to(root).as_posix(): p.stat().st_size
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != RESULT_FILE
     }

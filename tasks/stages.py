@@ -3,8 +3,10 @@
 Each task: fingerprint and output directory from its StageSpec (what the stage reads, declared
 once, given the task's arguments: ``SPEC.locate(locals())`` first thing), a nested MLflow
 run, one call into lmpipe, the stage's files and metrics logged, and a Prefect
-artifact where a person would look for one. Retries, caching and result
-persistence live in the decorators.
+artifact where a person would look for one. A stage whose finished directory is
+there (and matches its record) returns it at once, with no MLflow run: the
+stage directory is the only cache, so Prefect neither caches nor persists task
+results. Retries live in the decorators.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
 from lmpipe.artifacts import StageResult
 from lmpipe.config.data import CleanConfig, CorpusConfig, ShardConfig, TokenizerConfig
@@ -24,6 +27,7 @@ from lmpipe.data.sources import TransientDownloadError
 from lmpipe.eval.report import LOSS_CURVES
 from lmpipe.stages.classify import PREDICTIONS_FILE, REPORT_FILE, run_classify
 from lmpipe.stages.clean import run_clean, run_clean_chunk
+from lmpipe.stages.contract import reuse
 from lmpipe.stages.declaration import StageSpec
 from lmpipe.stages.download import run_download
 from lmpipe.stages.evaluate import run_evaluate
@@ -36,6 +40,9 @@ from lmpipe.tracking.runs import StageRun, TrackingContext, stage_run
 from lmpipe.training.launch import DistributedTrainingError
 from lmpipe.training.loop import Reporters
 from tasks.progress import PrefectProgress
+
+# The stage directory is the only cache: Prefect neither keys task results nor persists them a second time.
+ON_DISK_ONLY: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
 def _transient_only(_task: Any, _task_run: Any, state: Any) -> bool:
@@ -55,11 +62,13 @@ DOWNLOAD = StageSpec("download", configs=("corpus",), inputs=("local_sha256", "c
                      not_read=(("corpus", frozenset({"val_fraction", "clean"})),))
 
 
-@task(name="download", task_run_name="download-{field}", cache_key_fn=DOWNLOAD.cache_key, retries=3,
-      retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5, retry_condition_fn=_transient_only, persist_result=True)
+@task(name="download", task_run_name="download-{field}", retries=3, retry_delay_seconds=[2, 10, 30],
+      retry_jitter_factor=0.5, retry_condition_fn=_transient_only, **ON_DISK_ONLY)
 def download(corpus: CorpusConfig, field: str, chunk_bytes: int, strict: bool, ctx: TrackingContext,
              local_sha256: list[str | None] | None = None) -> StageResult:
     fp, out_dir = DOWNLOAD.locate(locals())
+    if (done := reuse(out_dir)) is not None:
+        return done
     with stage_run(ctx, "download", fp, {field: corpus, "data.chunk_bytes": chunk_bytes, "data.strict": strict},
                    {"lmpipe.corpus": corpus.name}) as run:
         result = run_download(corpus, out_dir, fp, field=field, chunk_bytes=chunk_bytes, strict=strict,
@@ -79,7 +88,7 @@ def download(corpus: CorpusConfig, field: str, chunk_bytes: int, strict: bool, c
 CLEAN_CHUNK = StageSpec("clean_chunk", configs=("cfg",), inputs=("chunk",), upstreams=("docs",))
 
 
-@task(name="clean_chunk", task_run_name="clean-{chunk}", cache_key_fn=CLEAN_CHUNK.cache_key, persist_result=True)
+@task(name="clean_chunk", task_run_name="clean-{chunk}", **ON_DISK_ONLY)
 def clean_chunk(cfg: CleanConfig, docs: StageResult, chunk: str, ctx: TrackingContext) -> StageResult:
     fp, out_dir = CLEAN_CHUNK.locate(locals())
     return run_clean_chunk(cfg, docs.path(chunk), out_dir, fp)
@@ -89,10 +98,12 @@ def clean_chunk(cfg: CleanConfig, docs: StageResult, chunk: str, ctx: TrackingCo
 CLEAN = StageSpec("clean", configs=("cfg",), upstreams=("docs",))
 
 
-@task(name="clean", task_run_name="clean-{corpus_field}", cache_key_fn=CLEAN.cache_key, persist_result=True)
+@task(name="clean", task_run_name="clean-{corpus_field}", **ON_DISK_ONLY)
 def clean(cfg: CleanConfig, docs: StageResult, chunks: list[StageResult], corpus_field: str, clean_field: str,
           ctx: TrackingContext) -> StageResult:
     fp, out_dir = CLEAN.locate(locals())
+    if (done := reuse(out_dir)) is not None:
+        return done
     with stage_run(ctx, "clean", fp, {clean_field: cfg}, {"lmpipe.corpus_field": corpus_field}) as run:
         result = run_clean(cfg, chunks, out_dir, fp, corpus_field=corpus_field, clean_field=clean_field)
         run.log_result(result, ["clean_report.json", "removed.parquet"])
@@ -110,9 +121,11 @@ def clean(cfg: CleanConfig, docs: StageResult, chunks: list[StageResult], corpus
 TOKENIZER = StageSpec("train_tokenizer", configs=("cfg",), upstreams=("docs",))
 
 
-@task(name="train_tokenizer", cache_key_fn=TOKENIZER.cache_key, persist_result=True)
+@task(name="train_tokenizer", **ON_DISK_ONLY)
 def train_tokenizer(cfg: TokenizerConfig, docs: StageResult, ctx: TrackingContext) -> StageResult:
     fp, out_dir = TOKENIZER.locate(locals())
+    if (done := reuse(out_dir)) is not None:
+        return done
     with stage_run(ctx, "train_tokenizer", fp, {"tokenizer": cfg}) as run:
         result = run_train_tokenizer(cfg, docs, out_dir, fp)
         run.log_result(result, ["tokenizer.json", "tokenizer_meta.json"])
@@ -123,7 +136,7 @@ def train_tokenizer(cfg: TokenizerConfig, docs: StageResult, ctx: TrackingContex
 ENCODE_CHUNK = StageSpec("encode_chunk", inputs=("chunk", "val_fraction"), upstreams=("docs", "tokenizer"))
 
 
-@task(name="encode_chunk", task_run_name="encode-{chunk}", cache_key_fn=ENCODE_CHUNK.cache_key, persist_result=True)
+@task(name="encode_chunk", task_run_name="encode-{chunk}", **ON_DISK_ONLY)
 def encode_chunk(docs: StageResult, chunk: str, tokenizer: StageResult, val_fraction: float, encode_batch_size: int,
                  ctx: TrackingContext) -> StageResult:
     fp, out_dir = ENCODE_CHUNK.locate(locals())
@@ -134,10 +147,12 @@ SHARD = StageSpec("shard", configs=("cfg", "corpus"), upstreams=("docs", "tokeni
                   not_read=(("corpus", frozenset({"clean"})),))
 
 
-@task(name="shard", task_run_name="shard-{corpus_field}", cache_key_fn=SHARD.cache_key, persist_result=True)
+@task(name="shard", task_run_name="shard-{corpus_field}", **ON_DISK_ONLY)
 def shard(cfg: ShardConfig, corpus: CorpusConfig, docs: StageResult, encoded: list[StageResult],
           tokenizer: StageResult, corpus_field: str, ctx: TrackingContext) -> StageResult:
     fp, out_dir = SHARD.locate(locals())
+    if (done := reuse(out_dir)) is not None:
+        return done
     with stage_run(ctx, "shard", fp, {"data.shard": cfg, "val_fraction": corpus.val_fraction},
                    {"lmpipe.corpus_field": corpus_field}) as run:
         result = run_shard(cfg, corpus, encoded, tokenizer, out_dir, fp, corpus_field=corpus_field)
@@ -148,11 +163,12 @@ def shard(cfg: ShardConfig, corpus: CorpusConfig, docs: StageResult, encoded: li
 PRETRAIN = StageSpec("pretrain", configs=("model_cfg", "cfg"), upstreams=("shards", "tokenizer"))
 
 
-@task(name="pretrain", cache_key_fn=PRETRAIN.cache_key, retries=2, retry_delay_seconds=5,
-      retry_condition_fn=_rank_lost, persist_result=True)
+@task(name="pretrain", retries=2, retry_delay_seconds=5, retry_condition_fn=_rank_lost, **ON_DISK_ONLY)
 def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, shards: StageResult, tokenizer: StageResult,
              ctx: TrackingContext) -> StageResult:
     fp, out_dir = PRETRAIN.locate(locals())
+    if (done := reuse(out_dir)) is not None:
+        return done
     with stage_run(ctx, "pretrain", fp, {"model": model_cfg, "pretrain": cfg}) as run:
         result = run_pretrain(model_cfg, cfg, shards, tokenizer, out_dir, fp,
                               report=Reporters(run.log_metrics, PrefectProgress("pretrain"), get_run_logger().info),
@@ -167,11 +183,13 @@ FINETUNE = StageSpec("finetune", configs=("model_cfg", "cfg"), inputs=("sft_sha2
                      upstreams=("base", "shards", "tokenizer"))
 
 
-@task(name="finetune", cache_key_fn=FINETUNE.cache_key, persist_result=True)
+@task(name="finetune", **ON_DISK_ONLY)
 def finetune(model_cfg: ModelConfig, cfg: FinetuneConfig, base: StageResult | None, shards: StageResult | None,
              tokenizer: StageResult, ctx: TrackingContext, sft_sha256: str | None = None,
              init_sha256: str | None = None) -> StageResult:
     fp, out_dir = FINETUNE.locate(locals())
+    if (done := reuse(out_dir)) is not None:
+        return done
     init = _init_checkpoint(cfg.init_checkpoint, base)
     with stage_run(ctx, "finetune", fp, {"model": model_cfg, "finetune": cfg}, {"lmpipe.init": str(init)}) as run:
         result = run_finetune(cfg, model_cfg, init, shards, tokenizer, out_dir, fp,
@@ -186,10 +204,12 @@ CLASSIFY = StageSpec("classify", configs=("model_cfg", "cfg"), inputs=("data_sha
                      upstreams=("base", "tokenizer"))
 
 
-@task(name="classify", cache_key_fn=CLASSIFY.cache_key, persist_result=True)
+@task(name="classify", **ON_DISK_ONLY)
 def classify(model_cfg: ModelConfig, cfg: ClassifyConfig, base: StageResult, tokenizer: StageResult,
              ctx: TrackingContext, data_sha256: str, init_sha256: str | None = None) -> StageResult:
     fp, out_dir = CLASSIFY.locate(locals())
+    if (done := reuse(out_dir)) is not None:
+        return done
     init = _init_checkpoint(cfg.init_checkpoint, base)
     with stage_run(ctx, "classify", fp, {"model": model_cfg, "classify": cfg}, {"lmpipe.init": str(init)}) as run:
         result = run_classify(cfg, model_cfg, init, tokenizer, out_dir, fp,
@@ -212,11 +232,13 @@ EVALUATE = StageSpec("evaluate", configs=("cfg",), inputs=("benchmark_sha256", "
                      upstreams=("models", "corpora", "tokenizer"))
 
 
-@task(name="evaluate", cache_key_fn=EVALUATE.cache_key, persist_result=True)
+@task(name="evaluate", **ON_DISK_ONLY)
 def evaluate(cfg: EvalConfig, models: dict[str, StageResult], corpora: dict[str, StageResult],
              tokenizer: StageResult, ctx: TrackingContext, benchmark_sha256: dict[str, str] | None = None,
              benchmark_files: dict[str, str] | None = None, reference: dict[str, Any] | None = None) -> StageResult:
     fp, out_dir = EVALUATE.locate(locals())
+    if (done := reuse(out_dir)) is not None:
+        return done
     tags = {"lmpipe.reference": f"{reference['name']}/{reference['version']}"} if reference else None
     sft = next((m.path(m.meta[HELD_OUT_META]) for m in models.values() if HELD_OUT_META in m.meta), None)
     with stage_run(ctx, "evaluate", fp, {"eval": cfg}, tags) as run:
@@ -241,10 +263,12 @@ REGISTER = StageSpec("register", configs=("cfg",), inputs=("metric",), upstreams
                      keyed_on_tracking_store=True)
 
 
-@task(name="register", cache_key_fn=REGISTER.cache_key, persist_result=True)
+@task(name="register", **ON_DISK_ONLY)
 def register(cfg: TrackingConfig, finetuned: StageResult, tokenizer: StageResult, report: StageResult,
              ctx: TrackingContext, metric: str) -> StageResult:
     fp, out_dir = REGISTER.locate(locals())
+    if (done := reuse(out_dir)) is not None:
+        return done
     with stage_run(ctx, "register", fp, {"tracking": cfg, "promote_metric": metric}) as run:
         run.log_metrics({k: v for k, v in report.metrics.items() if k.startswith("finetuned.")})
         result = run_register(cfg, ctx, run, finetuned, tokenizer, out_dir, fp, metric=metric,
@@ -259,6 +283,11 @@ def register(cfg: TrackingConfig, finetuned: StageResult, tokenizer: StageResult
                  f"**{'Promoted to' if decision['promoted'] else 'Not promoted to'} @{decision['alias']}**: "
                  f"{decision['reason']}\n")
     return result
+
+
+# Each task's declaration, by task name (what lmpipe verify needs to locate a stage without running it).
+SPECS: dict[str, StageSpec] = {spec.stage: spec for spec in (
+    DOWNLOAD, CLEAN_CHUNK, CLEAN, TOKENIZER, ENCODE_CHUNK, SHARD, PRETRAIN, FINETUNE, CLASSIFY, EVALUATE, REGISTER)}
 
 
 def _publish_table(run: StageRun, rows: list[dict[str, Any]], artifact_file: str, key: str, description: str) -> None:

@@ -32,6 +32,12 @@ class PipelineConfig(Section):
 
     name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
     workdir: str = Field(".lmpipe", description="Where artifacts, the MLflow store and checkpoints live.")
+    lease_stale_s: float = Field(
+        120.0, gt=0,
+        description="A run building a stage holds a lease on it (a file next to its output) and refreshes it "
+                    "every min(10, this/4) s; another run waits for it, and takes it over when the holder's "
+                    "process is gone (on this host) or its heartbeat has stood still this long (any host). Raise it "
+                    "on a shared filesystem whose writes can stall.")
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -9,14 +9,13 @@ chunks an upstream's result already determines) is not part of the fingerprint.
 
 A section counts with the fields that can change an output
 (``lmpipe.config.effects.fingerprinted``: logging cadence, thread counts... are
-declared so on the fields). The work directory is part of the cache key but not
-of the fingerprint: the same stage computed in another work directory has the
-same fingerprint but other files.
+declared so on the fields). The work directory is not part of the fingerprint:
+the same stage computed in another work directory has the same fingerprint
+(and its own files there).
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,11 +63,6 @@ class StageSpec:
         fp = self.fingerprint(arguments)
         ctx: TrackingContext = arguments["ctx"]
         return fp, stage_dir(ctx.workdir, self.stage, fp)
-
-    def cache_key(self, _context: Any, arguments: Mapping[str, Any]) -> str:
-        """A Prefect ``cache_key_fn``: the fingerprint and the work directory."""
-        workdir = hashlib.sha256(str(arguments["ctx"].workdir).encode()).hexdigest()[:8]
-        return f"lmpipe-{self.stage}-{self.fingerprint(arguments)}-{workdir}"
 
 
 def _fingerprinted(value: Any, not_read: frozenset[str]) -> Any:

@@ -79,8 +79,11 @@ def champion_metrics(uri: str, name: str, alias: str, *, finetune: str | None = 
     The metrics are those the register stage logged in the run that registered the
     reference (its ``run_id``): the figures of that model's own evaluation.
 
-    Returns ``{"name", "alias", "version", "run_id", "metrics"}``, or None.
+    Returns ``{"name", "alias", "version", "run_id", "metrics"}``, or None (also when ``uri`` is a SQLite store
+    that does not exist yet: it is not created here).
     """
+    if missing_store(uri) is not None:
+        return None
     client = client_for(uri)
     version = _alias_holder(client, name, alias)
     if finetune is not None:

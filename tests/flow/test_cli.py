@@ -19,14 +19,14 @@ def test_bad_config_exits_2_naming_the_field_before_prefect_starts(capsys):
 
 def test_summary_table_lists_stages_evaluation_and_where_to_look():
     summary = {
-        "stages": [{"label": "pretrain", "status": "cached", "seconds": 0.04, "out_dir": "w/pretrain/abc"}],
+        "stages": [{"label": "pretrain", "status": "reused", "seconds": 0.04, "out_dir": "w/pretrain/abc"}],
         "metrics": {"evaluate": {"base.wiki.loss": 2.0, "base.wiki.perplexity": 7.389, "base.wiki.bits_per_byte": 1.25,
                                  "base.cloze.acc": 0.25, "base.cloze.acc_norm": 0.3125, "base.cloze.n": 16.0}},
         "registered": {"model_uri": "models:/m@candidate", "version": "3"},
         "tracking_uri": "sqlite:///w/mlflow.db", "workdir": "w", "mlflow_run_id": "r1",
     }
     text = format_summary(summary, 12.0)
-    assert "pretrain                    cached        0.0  w/pretrain/abc" in text
+    assert "pretrain                    reused        0.0  w/pretrain/abc" in text
     assert "base        wiki                   2.000       7.4      1.250" in text
     assert "model       benchmark                acc  acc_norm\nbase        cloze                  0.250     0.312" in text
     assert "registered model: models:/m@candidate (version 3)" in text

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lmpipe.artifacts import RESULT_FILE, hash_tree
+from lmpipe.artifacts import RESULT_FILE, hash_tree, sha256_file
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
@@ -47,7 +47,7 @@ def test_dask_cluster_of_two_workers_gives_byte_identical_data(tmp_path):
     # The runner is not part of any fingerprint: a threads run of the same config reuses the Dask run's work.
     again = prepare_data(config=tiny_config(tmp_path / "dask", *CHUNKED, "data.runner.kind=processes",
                                             "data.runner.workers=2"))
-    assert set(_status(again).values()) == {"cached"}
+    assert set(_status(again).values()) == {"reused"}
 
 
 def test_an_interrupted_run_redoes_only_the_chunks_that_failed(tmp_path):
@@ -55,21 +55,27 @@ def test_an_interrupted_run_redoes_only_the_chunks_that_failed(tmp_path):
 
     workdir = tmp_path / "w"
     prepare_data(config=tiny_config(workdir, *CHUNKED))
-    # Break one downloaded chunk of WikiText: the next run's cleaning (new settings, so nothing cached)
+    # Break one downloaded chunk of WikiText: the next run's cleaning (new settings, so nothing to reuse)
     # fails on it while the other chunks finish.
     download = next(d for d in (workdir / "download").iterdir()
                     if "wikitext2-valid" in (d / "sources.json").read_text(encoding="utf-8"))
     n_chunks = len(json.loads((download / "documents.json").read_text())["chunks"])
     chunk = download / "documents" / "part-000002.parquet"
-    saved = chunk.read_bytes()
+    saved, record = chunk.read_bytes(), (download / RESULT_FILE).read_text()
     chunk.write_bytes(saved[: len(saved) // 2])
+    # ... and its record with it, as if the download had written it so: reuse's check passes, reading fails.
+    result = json.loads(record)
+    result["files"]["documents/part-000002.parquet"] = sha256_file(chunk)
+    result["sizes"]["documents/part-000002.parquet"] = chunk.stat().st_size
+    (download / RESULT_FILE).write_text(json.dumps(result))
     cfg = tiny_config(workdir, *CHUNKED, "data.clean.min_chars=2")
     with pytest.raises(Exception, match="part-000002"):
         prepare_data(config=cfg)
 
     chunk.write_bytes(saved)  # the cause is gone (a flaky disk, a killed worker)
+    (download / RESULT_FILE).write_text(record)
     status = _status(prepare_data(config=cfg))
     # Every chunk that finished before the failure is taken as it is; only the broken one runs.
-    assert status["clean_chunk/wikitext2"] == f"1 ran, {n_chunks - 1} cached"
+    assert status["clean_chunk/wikitext2"] == f"1 ran, {n_chunks - 1} reused"
     assert status["clean/wikitext2"] == "ran"
     assert status["clean_chunk/tinyshakespeare"] == "ran"  # never reached before the failure

@@ -236,15 +236,15 @@ def test_rerun_reuses_every_stage_and_a_model_change_reruns_only_training(first_
 
     cfg, first = first_run
     # Version 1, registered by the first run, is the champion now. It is this very model, registered when there
-    # was no champion: its report keeps no reference, the evaluation's inputs are unchanged, all is cached.
+    # was no champion: its report keeps no reference, the evaluation's inputs are unchanged, all is reused.
     again = pipeline(config=cfg)
-    assert [s["status"] for s in again["stages"]] == ["cached"] * len(STAGES)
+    assert [s["status"] for s in again["stages"]] == ["reused"] * len(STAGES)
     assert [s["fingerprint"] for s in again["stages"]] == [s["fingerprint"] for s in first["stages"]]
     assert again["metrics"] == first["metrics"]
 
     changed = pipeline(config=cfg.model_copy(update={"model": cfg.model.model_copy(update={"n_embd": 48})}))
     status = {s["label"]: s["status"] for s in changed["stages"]}
-    assert status == {label: ("ran" if label in MODEL_STAGES else "cached") for label in STAGES}
+    assert status == {label: ("ran" if label in MODEL_STAGES else "reused") for label in STAGES}
     assert changed["registered"]["version"] == "2"
     # The new model's report compares it with the champion, version 1, by the figures its registration logged.
     out = Path(next(s["out_dir"] for s in changed["stages"] if s["label"] == "evaluate"))
@@ -264,12 +264,12 @@ def test_rerun_reuses_every_stage_and_a_model_change_reruns_only_training(first_
 
     parents, children = _runs(first["tracking_uri"])
     assert len(parents) == 3 and {p.info.status for p in parents} == {"FINISHED"}
-    # Cached stages open no run of their own, and chunk tasks none at all.
+    # Reused stages open no run of their own, and chunk tasks none at all.
     assert len(children) == len(STAGES) - len(CHUNK_STAGES) + len(MODEL_STAGES)
     assert _untrusted_outputs(Path(cfg.workdir)) == []
 
 
-def test_deleted_outputs_are_rebuilt_even_when_prefect_remembers_them(first_run):
+def test_deleted_outputs_are_rebuilt(first_run):
     import shutil
 
     from flows.pipeline import prepare_data
@@ -281,7 +281,7 @@ def test_deleted_outputs_are_rebuilt_even_when_prefect_remembers_them(first_run)
     summary = prepare_data(config=cfg)
     status = {s["label"]: s["status"] for s in summary["stages"]}
     assert status["train_tokenizer"] == "ran"
-    assert status["download/wikitext2"] == "cached"
+    assert status["download/wikitext2"] == "reused"
     assert (tok_dir / "tokenizer.json").read_bytes() == before
 
 
@@ -349,14 +349,14 @@ def test_sft_finetuning_and_classification_through_the_flow(tmp_path):
     with sft.open("a", encoding="utf-8") as f:
         f.write(json.dumps({"prompt": "Q\n", "response": "A"}) + "\n")
     again = {s["label"]: s["status"] for s in pipeline(config=cfg)["stages"]}
-    assert again["pretrain"] == "cached" and again["finetune"] == "ran" and again["evaluate"] == "ran"
-    assert again["classify"] == "cached"
+    assert again["pretrain"] == "reused" and again["finetune"] == "ran" and again["evaluate"] == "ran"
+    assert again["classify"] == "reused"
     # A classify-only change trains a new classifier and leaves the language model's report and version alone.
     cfg = tiny_config(tmp_path / "w", "finetune.mode=sft", f"finetune.sft_path={sft}", "finetune.sft_skip_long=true",
                       f"classify={{path: '{labelled}', max_steps: 21, eval_interval: 10}}")
     third = pipeline(config=cfg)
     statuses = {s["label"]: s["status"] for s in third["stages"]}
-    assert statuses == {label: "ran" if label == "classify" else "cached" for label in statuses}
+    assert statuses == {label: "ran" if label == "classify" else "reused" for label in statuses}
     assert third["registered"]["version"] == "2"  # the SFT edit above registered version 2; nothing new here
 
 
@@ -371,12 +371,12 @@ def test_settings_that_cannot_change_outputs_rerun_nothing(first_run):
     quiet.pretrain.threads = 1
     quiet.pretrain.eval_interval += 1  # no early stopping: validations decide nothing
     quiet.data.shard.encode_batch_size = 7
-    assert {s["status"] for s in pipeline(config=quiet)["stages"]} == {"cached"}
+    assert {s["status"] for s in pipeline(config=quiet)["stages"]} == {"reused"}
 
     resplit = cfg.model_copy(deep=True)
     resplit.data.pretrain.val_fraction = 0.2
     status = {s["label"]: s["status"] for s in pipeline(config=resplit)["stages"]}
-    assert status["download/wikitext2"] == status["clean/wikitext2"] == status["train_tokenizer"] == "cached"
+    assert status["download/wikitext2"] == status["clean/wikitext2"] == status["train_tokenizer"] == "reused"
     assert status["shard/wikitext2"] == "ran" and status["pretrain"] == "ran"
 
 
@@ -391,9 +391,9 @@ def test_validation_cadence_reruns_pretraining_only_with_early_stopping(first_ru
     assert {s["label"]: s["status"] for s in pipeline(config=stopping)["stages"]}["pretrain"] == "ran"
     stopping.pretrain.eval_interval += 1
     status = {s["label"]: s["status"] for s in pipeline(config=stopping)["stages"]}
-    assert status["pretrain"] == status["finetune"] == "ran" and status["train_tokenizer"] == "cached"
+    assert status["pretrain"] == status["finetune"] == "ran" and status["train_tokenizer"] == "reused"
     stopping.pretrain.log_interval += 1  # still nothing
-    assert {s["status"] for s in pipeline(config=stopping)["stages"]} == {"cached"}
+    assert {s["status"] for s in pipeline(config=stopping)["stages"]} == {"reused"}
 
 
 def test_editing_a_local_corpus_in_place_reruns_the_data_stages(tmp_path):
@@ -407,7 +407,7 @@ def test_editing_a_local_corpus_in_place_reruns_the_data_stages(tmp_path):
         f.write("\n\nFIRST CITIZEN:\nOne speech more.\n")
     status = {s["label"]: s["status"] for s in prepare_data(config=cfg)["stages"]}
     assert status["download/tinyshakespeare"] == "ran" and status["shard/tinyshakespeare"] == "ran"
-    assert status["download/wikitext2"] == "cached" and status["train_tokenizer"] == "cached"
+    assert status["download/wikitext2"] == "reused" and status["train_tokenizer"] == "reused"
 
 
 def test_promotion_gate_moves_champion_only_to_a_better_model(tmp_path):

@@ -1,4 +1,4 @@
-"""Stages declare once what they read; fingerprints, output directories and cache keys follow from it."""
+"""Stages declare once what they read; fingerprints and output directories follow from it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from prefect.cache_policies import NO_CACHE
 
 import tasks.stages as stages
 from lmpipe.artifacts import StageResult
@@ -16,7 +17,7 @@ from lmpipe.tracking.runs import TrackingContext
 
 # Task arguments that are not part of any fingerprint, and why.
 NOT_FINGERPRINTED = {
-    "ctx",  # where to log and write: the work directory is in the cache key, not the fingerprint
+    "ctx",  # where to log and write: the work directory holds the output, it is not in the fingerprint
     "field", "corpus_field", "clean_field",  # names for messages and the UI
     "chunks", "encoded",  # the chunk results: a function of the declared config and upstream
     "encode_batch_size",  # how fast the deterministic encoder runs, never what it writes
@@ -37,7 +38,8 @@ def test_every_task_argument_is_declared_or_known_not_to_count():
         declared = set(spec.configs) | set(spec.inputs) | set(spec.upstreams)
         assert declared <= params, spec.stage
         assert params - declared == params & NOT_FINGERPRINTED, spec.stage
-        assert task.cache_key_fn == spec.cache_key
+        # the stage directory is the only cache: Prefect keys nothing and persists nothing
+        assert task.cache_policy is NO_CACHE and task.persist_result is False and task.cache_key_fn is None
         # the body locates its output from its own arguments, with its own spec, before anything else
         first = inspect.getsource(task.fn).split(":\n", 1)[1].strip().splitlines()[0]
         match = re.fullmatch(r"fp, out_dir = ([A-Z_]+)\.locate\(locals\(\)\)", first)
@@ -60,14 +62,13 @@ def test_eval_interval_changes_the_pretrained_model_only_with_early_stopping():
     assert _pretrain_fp("pretrain.batch_size=8", "pretrain.grad_accum_steps=2") != _pretrain_fp()  # fingerprinted
 
 
-def test_locate_and_cache_key_agree(tmp_path: Path):
+def test_locate_puts_the_output_under_the_workdir(tmp_path: Path):
     cfg = load_config(None)
     up = StageResult(stage="up", fingerprint="u", out_dir="unused")
     ctx = TrackingContext(workdir=str(tmp_path), uri="sqlite:///x.db", experiment_id="0", parent_run_id="p")
     args = {"model_cfg": cfg.model, "cfg": cfg.pretrain, "shards": up, "tokenizer": up, "ctx": ctx}
     fp, out_dir = stages.PRETRAIN.locate(args)
-    assert out_dir.parent.parent == tmp_path and fp in str(out_dir)
-    assert stages.PRETRAIN.cache_key(None, args).startswith(f"lmpipe-pretrain-{fp}-")
+    assert out_dir == tmp_path / "pretrain" / fp
 
 
 @pytest.mark.parametrize("override", ["classify.eval_interval=7"])

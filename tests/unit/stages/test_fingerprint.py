@@ -22,7 +22,7 @@ def test_pretrain_code_covers_the_modules_training_runs():
         "lmpipe.config.evaluation", "lmpipe.config.pipeline", "lmpipe.config.training", "lmpipe.data.shards",
         "lmpipe.data.tokenizer",
         "lmpipe.model.checkpoint", "lmpipe.model.device", "lmpipe.model.gpt", "lmpipe.model.lora",
-        "lmpipe.stages.contract", "lmpipe.stages.pretrain", "lmpipe.stages.torchrun_worker", "lmpipe.stages.training",
+        "lmpipe.processes", "lmpipe.stages.contract", "lmpipe.stages.lease", "lmpipe.stages.pretrain", "lmpipe.stages.torchrun_worker", "lmpipe.stages.training",
         "lmpipe.training.checkpoint", "lmpipe.training.data", "lmpipe.training.device",
         "lmpipe.training.distributed", "lmpipe.training.early_stopping", "lmpipe.training.launch",
         "lmpipe.training.loader", "lmpipe.training.loop", "lmpipe.training.metrics", "lmpipe.training.schedule",

@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", help="YAML preset (default: the built-in demo)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides")
     p.add_argument("--repair", action="store_true",
-                   help="move damaged stage directories aside (<fingerprint>.damaged-<time>) so the next run "
+                   help="move damaged stage directories aside (to <workdir>/damaged/) so the next run "
                         "rebuilds them")
     p.add_argument("--data", action="store_true", help="the data stages only (what `lmpipe data` builds)")
     p = sub.add_parser("why", help="say which cleaning step removed a document, and why")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.ledger import Ledger, tracked_flow
+from flows.ledger import StageRunner, tracked_flow
 from lmpipe.artifacts import StageResult, sha256_file
 from lmpipe.config.data import CorpusConfig
 from lmpipe.config.pipeline import PipelineConfig
@@ -41,7 +41,7 @@ from tasks.stages import (
 
 
 def _documents(config: PipelineConfig, corpus: CorpusConfig, field: str, ctx: TrackingContext,
-               ledger: Ledger) -> StageResult:
+               ledger: StageRunner) -> StageResult:
     delay = config.data.download_retry_delay_s
     fetch = download.with_options(retries=config.data.download_retries,
                                   retry_delay_seconds=[delay * 5**i for i in range(config.data.download_retries)] or 0)
@@ -55,7 +55,7 @@ def _documents(config: PipelineConfig, corpus: CorpusConfig, field: str, ctx: Tr
 
 
 def _shards(config: PipelineConfig, corpus: CorpusConfig, field: str, docs: StageResult, tokenizer: StageResult,
-            ctx: TrackingContext, ledger: Ledger) -> StageResult:
+            ctx: TrackingContext, ledger: StageRunner) -> StageResult:
     encoded = ledger.map(encode_chunk, f"encode_chunk/{corpus.name}", docs.meta["chunks"], docs=docs,
                          tokenizer=tokenizer, val_fraction=corpus.val_fraction,
                          encode_batch_size=config.data.shard.encode_batch_size, ctx=ctx)
@@ -64,7 +64,7 @@ def _shards(config: PipelineConfig, corpus: CorpusConfig, field: str, docs: Stag
 
 
 def _prepare(config: PipelineConfig, ctx: TrackingContext,
-             ledger: Ledger) -> tuple[StageResult, dict[str, StageResult]]:
+             ledger: StageRunner) -> tuple[StageResult, dict[str, StageResult]]:
     """Both corpora as token shards, with the tokenizer trained on the pretraining corpus."""
     pre = config.data.pretrain
     pre_docs = _documents(config, pre, "data.pretrain", ctx, ledger)
@@ -82,6 +82,36 @@ def _digest(path: str | None, name: str = "") -> str | None:
     return sha256_file(Path(path) / name) if path else None
 
 
+def _train_and_register(config: PipelineConfig, ctx: TrackingContext, ledger: StageRunner, tokenizer: StageResult,
+                        corpora: dict[str, StageResult], bench_files: dict[str, Path]) -> None:
+    """Pretraining, fine-tuning (and the classifier), evaluation and registration, on prepared shards."""
+    pre_shards = corpora[config.data.pretrain.name]
+    ft_shards = corpora.get(config.data.finetune.name) if config.data.finetune else None
+    base = ledger.run(pretrain, model_cfg=config.model, cfg=config.pretrain, shards=pre_shards,
+                      tokenizer=tokenizer, ctx=ctx)
+    sft_cfg = config.finetune if isinstance(config.finetune, SFTFinetuneConfig) else None
+    sft_sha256 = _digest(sft_cfg.sft_path) if sft_cfg else None
+    tuned = ledger.run(finetune, model_cfg=config.model, cfg=config.finetune, base=base,
+                       shards=ft_shards if sft_cfg is None else None, sft_sha256=sft_sha256,
+                       init_sha256=_digest(config.finetune.init_checkpoint, "model.safetensors"),
+                       tokenizer=tokenizer, ctx=ctx)
+    if config.classify is not None:
+        ledger.run(classify, model_cfg=config.model, cfg=config.classify, base=base, tokenizer=tokenizer,
+                   ctx=ctx, data_sha256=_digest(config.classify.path),
+                   init_sha256=_digest(config.classify.init_checkpoint, "model.safetensors"))
+    # The champion to compare with, decided now so that it is part of the evaluation's fingerprint.
+    reference = champion_metrics(ctx.uri, config.tracking.registered_model, config.tracking.champion_alias,
+                                 finetune=tuned.fingerprint)
+    # After SFT, both models are also scored on the held-out examples fine-tuning wrote (the champion gate's
+    # default metric).
+    report = ledger.run(evaluate, cfg=config.eval, models={"base": base, "finetuned": tuned}, corpora=corpora,
+                        benchmark_sha256={n: _digest(str(p)) for n, p in bench_files.items()} or None,
+                        benchmark_files={n: str(p) for n, p in bench_files.items()} or None,
+                        reference=reference, tokenizer=tokenizer, ctx=ctx)
+    ledger.run(register, cfg=config.tracking, finetuned=tuned, tokenizer=tokenizer, report=report, ctx=ctx,
+               metric=config.champion_metric())
+
+
 @flow(name="lmpipe-pipeline", log_prints=True, validate_parameters=True)
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 - the Prefect form's default
     """Corpus to registered model: data, tokenizer, shards, pretraining, fine-tuning, evaluation, registry."""
@@ -92,31 +122,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 -
         bench_files = resolve_benchmarks(config.eval.benchmarks, Path(ctx.workdir) / "benchmarks")
         tokenizer, corpora = _prepare(config, ctx, ledger)
         check_context_fits(config, corpora, tokenizer, bench_files)
-        pre_shards = corpora[config.data.pretrain.name]
-        ft_shards = corpora.get(config.data.finetune.name) if config.data.finetune else None
-        base = ledger.run(pretrain, model_cfg=config.model, cfg=config.pretrain, shards=pre_shards,
-                          tokenizer=tokenizer, ctx=ctx)
-        sft_cfg = config.finetune if isinstance(config.finetune, SFTFinetuneConfig) else None
-        sft_sha256 = _digest(sft_cfg.sft_path) if sft_cfg else None
-        tuned = ledger.run(finetune, model_cfg=config.model, cfg=config.finetune, base=base,
-                           shards=ft_shards if sft_cfg is None else None, sft_sha256=sft_sha256,
-                           init_sha256=_digest(config.finetune.init_checkpoint, "model.safetensors"),
-                           tokenizer=tokenizer, ctx=ctx)
-        if config.classify is not None:
-            ledger.run(classify, model_cfg=config.model, cfg=config.classify, base=base, tokenizer=tokenizer,
-                       ctx=ctx, data_sha256=_digest(config.classify.path),
-                       init_sha256=_digest(config.classify.init_checkpoint, "model.safetensors"))
-        # The champion to compare with, decided now so that it is part of the evaluation's fingerprint.
-        reference = champion_metrics(ctx.uri, config.tracking.registered_model, config.tracking.champion_alias,
-                                     finetune=tuned.fingerprint)
-        # After SFT, both models are also scored on the held-out examples fine-tuning wrote (the champion gate's
-        # default metric).
-        report = ledger.run(evaluate, cfg=config.eval, models={"base": base, "finetuned": tuned}, corpora=corpora,
-                            benchmark_sha256={n: _digest(str(p)) for n, p in bench_files.items()} or None,
-                            benchmark_files={n: str(p) for n, p in bench_files.items()} or None,
-                            reference=reference, tokenizer=tokenizer, ctx=ctx)
-        ledger.run(register, cfg=config.tracking, finetuned=tuned, tokenizer=tokenizer, report=report, ctx=ctx,
-                   metric=config.champion_metric())
+        _train_and_register(config, ctx, ledger, tokenizer, corpora, bench_files)
     return ledger.summary(ctx)
 
 

@@ -32,7 +32,7 @@ from lmpipe.artifacts import (
     size_tree,
     write_json_atomic,
 )
-from lmpipe.stages.lease import Lease
+from lmpipe.stages.lease import Lease, discard_dead_lease
 
 # Files up to this size are hashed whenever their stage is reused; larger ones are checked when read.
 SMALL_FILE_BYTES = 16 << 20
@@ -89,6 +89,7 @@ def reuse(out_dir: str | Path) -> StageResult | None:
     if problems:
         path, expected, found = problems[0]
         raise CorruptArtifactError(path, expected, found)
+    discard_dead_lease(out_dir)
     return done.model_copy(update={"meta": {**done.meta, "reused": True}})
 
 

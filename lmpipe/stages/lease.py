@@ -210,6 +210,14 @@ class Lease:
             lock.unlink(missing_ok=True)
 
 
+def discard_dead_lease(out_dir: Path) -> None:
+    """Remove the lease of a finished output if its holder is a process of this host that is gone (killed
+    between publishing the output and releasing the lease); any other lease is left to its holder."""
+    holder = _read(lease_path(Path(out_dir)))
+    if holder is not None and ProcessOwner.from_dict(holder["owner"]).alive() is False:
+        lease_path(Path(out_dir)).unlink(missing_ok=True)
+
+
 def _observe(seen: _Seen | None, holder: dict[str, Any]) -> _Seen:
     token, beat = str(holder.get("token")), int(holder.get("beat", 0))
     if seen is None or seen.token != token or seen.beat != beat:

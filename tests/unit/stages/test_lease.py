@@ -20,7 +20,7 @@ import pytest
 
 from lmpipe.artifacts import BuildOutput
 from lmpipe.processes import ProcessOwner
-from lmpipe.stages.contract import partial_dir, run_stage
+from lmpipe.stages.contract import partial_dir, reuse, run_stage
 from lmpipe.stages.lease import Lease, LeaseLostError, lease_path
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -96,6 +96,19 @@ def test_a_killed_holders_lease_is_taken_over_at_once_and_the_build_resumes(tmp_
     assert result["meta"]["found"] == [f"progress-{victim.pid}"]
     assert log.read_text().splitlines() == [str(victim.pid), str(heir.pid)]
     assert not lease_path(out).exists()
+
+
+def test_a_lease_left_on_a_finished_output_by_a_kill_is_discarded_on_reuse(tmp_path: Path):
+    out = tmp_path / "s" / "fp"
+    run_stage("s", "fp", out, _build)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    me = ProcessOwner.current()
+    lease_path(out).write_text(json.dumps({"owner": {**me.to_dict(), "pid": child.pid}, "token": "t", "beat": 0}))
+    assert run_stage("s", "fp", out, _build).meta["reused"] is True
+    assert not lease_path(out).exists()
+    _foreign_lease(out)  # another host's: not ours to judge
+    assert reuse(out).meta["reused"] is True and lease_path(out).exists()
 
 
 def _foreign_lease(out: Path, beat: int = 0, token: str = "t0") -> None:

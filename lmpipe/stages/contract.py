@@ -89,7 +89,7 @@ def reuse(out_dir: str | Path) -> StageResult | None:
     if problems:
         path, expected, found = problems[0]
         raise CorruptArtifactError(path, expected, found)
-    discard_dead_lease(out_dir)
+    discard_dead_lease(Path(out_dir))
     return done.model_copy(update={"meta": {**done.meta, "reused": True}})
 
 

@@ -145,7 +145,7 @@ def read_shard(path: str | Path, sha256: str | None = None) -> np.ndarray:
     size = path.stat().st_size
     raw = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, dtype=np.uint8)  # mmap refuses 0 bytes
     if sha256 is not None:
-        actual = hashlib.sha256(raw).hexdigest()
+        actual = hashlib.sha256(raw.data).hexdigest()
         if actual != sha256:
             raise CorruptArtifactError(path, f"sha256 {sha256}", f"sha256 {actual} ({size} bytes)", MANIFEST_FILE)
     if size < HEADER_BYTES:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from safetensors.torch import load_file
 
 from lmpipe.config.training import ContinueFinetuneConfig, ModelConfig, TrainConfig
 from lmpipe.data.shards import ArraySource
+from lmpipe.eval.report import plot_loss_curves
 from lmpipe.model.checkpoint import (
     CheckpointMismatchError,
     latest_checkpoint,
@@ -36,6 +39,7 @@ from lmpipe.training.data import TrainData
 from lmpipe.training.device import activation_bytes, find_micro_batch
 from lmpipe.training.distributed import DistContext
 from lmpipe.training.loop import Reporters, train
+from lmpipe.training.metrics import read_metrics
 from lmpipe.training.schedule import Schedule, lr_at
 from lmpipe.training.step import TrainingDivergedError, TrainStep
 from lmpipe.training.validation import eval_offsets, get_batch
@@ -200,6 +204,59 @@ def test_resume_is_exact(tmp_path: Path, accum: int) -> None:
     w_full = load_file(full.checkpoint / "model.safetensors")
     w_res = load_file(last.checkpoint / "model.safetensors")
     assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+
+
+@pytest.mark.parametrize("tail", [
+    b'{"step": 10, "loss": 2.71',  # cut off mid-row
+    b'{"step": 10, "loss": 2.7, "lr": 0.001, "grad_norm": 0.5}',  # cut off just before its newline
+    b"\0" * 37 + b"\n",  # a tail the file system filled with zeros
+])
+def test_a_cut_off_last_metrics_line_is_dropped_on_resume(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                        tail: bytes) -> None:
+    """A run killed while appending to metrics.jsonl leaves its last line cut off: the resume drops that line
+    with a warning naming the file and the bytes, and ends as the run that never stopped."""
+    cfg = config()
+    full = run(tmp_path / "full", cfg, DROPOUT_MODEL)
+    work = tmp_path / "killed"
+    run(work, cfg, DROPOUT_MODEL, stop_after=9)
+    with open(work / "metrics.jsonl", "ab") as f:
+        f.write(tail)
+    with caplog.at_level(logging.WARNING, logger="lmpipe.training.metrics"):
+        last = run(work, cfg, DROPOUT_MODEL)
+    why = "is not JSON" if tail.endswith(b"\n") else "has no newline"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{work / 'metrics.jsonl'}: dropped its last line, {len(tail)} bytes cut off by an interrupted run "
+        f"(it {why}): {tail[:80]!r}"]
+    assert last.resumed_from == 9
+    assert metrics_text(work) == metrics_text(tmp_path / "full")
+    assert last.final_val_loss == full.final_val_loss and last.final_train_loss == full.final_train_loss
+    w_full, w_res = load_file(full.checkpoint / "model.safetensors"), load_file(last.checkpoint / "model.safetensors")
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+
+
+def test_a_bad_metrics_line_before_the_last_is_an_error_naming_it(tmp_path: Path) -> None:
+    """Only the last line can be a kill's trace; a bad line before it is damage, on resume and when a
+    finished run's file is read."""
+    work = tmp_path / "run"
+    run(work, config(), stop_after=4)
+    path = work / "metrics.jsonl"
+    rows = path.read_bytes().split(b"\n")
+    rows[1] = rows[1][:20]  # line 2 of 4 cut short
+    path.write_bytes(b"\n".join(rows))
+    with pytest.raises(ValueError, match=rf"^metrics file {re.escape(str(path))}:2: not valid JSON "
+                                         r"\(Expecting value at column 21\)\. Only a run killed mid-append leaves a bad "
+                                         rf"line, and only as the last one: the file is damaged\. "
+                                         rf"Delete {re.escape(str(work))} to train this run afresh$"):
+        run(work, config())
+    assert path.read_bytes() == b"\n".join(rows)  # left as it was
+    # A finished run's file is read strictly: its last line is no exception.
+    path.write_bytes(b"\n".join(rows[:1] + rows[2:]))
+    assert [r["step"] for r in read_metrics(path)] == [1, 3, 4]
+    path.write_bytes(b"\n".join(rows[:1] + rows[2:-2] + [rows[-2][:20]]))
+    with pytest.raises(ValueError, match=rf"^metrics file {re.escape(str(path))}:3: not valid JSON .*damaged$"):
+        read_metrics(path)
+    with pytest.raises(ValueError, match=rf"metrics file {re.escape(str(path))}:3: not valid JSON"):
+        plot_loss_curves({"pretrain": path}, tmp_path / "curves.png")
 
 
 def test_resume_across_epoch_boundaries_twice_is_exact(tmp_path: Path) -> None:

@@ -26,27 +26,45 @@ def jsonl_records(path: Path, expected: str = "a JSON object") -> Iterator[tuple
     """
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                yield lineno, f"not valid UTF-8 (byte {err.start})"
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as err:
-                yield lineno, f"not valid JSON ({err.msg} at column {err.colno})"
-                continue
-            if not isinstance(obj, dict):
-                yield lineno, f"expected {expected}, got {type(obj).__name__}"
-                continue
-            try:
-                json.dumps(obj, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError as err:
-                yield lineno, f"a string holds a lone surrogate escape (\\u{ord(err.object[err.start]):04x}), not text"
-                continue
-            yield lineno, obj
+            record = parse_jsonl_line(raw, first=lineno == 1, expected=expected)
+            if record is not None:
+                yield lineno, record
+
+
+def parse_jsonl_line(raw: bytes, *, first: bool = False,
+                     expected: str = "a JSON object") -> dict[str, Any] | str | None:
+    """One line of a JSONL file (its end included or not): the object, the problem as a string (see
+    ``jsonl_records``), or None for a blank line. ``first``: a UTF-8 byte order mark is dropped."""
+    try:
+        line = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as err:
+        return f"not valid UTF-8 (byte {err.start})"
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line.rstrip("\r\n"))
+    except json.JSONDecodeError as err:
+        return f"not valid JSON ({err.msg} at column {err.colno})"
+    if not isinstance(obj, dict):
+        return f"expected {expected}, got {type(obj).__name__}"
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"a string holds a lone surrogate escape (\\u{ord(err.object[err.start]):04x}), not text"
+    return obj
+
+
+def read_jsonl_objects(path: Path, what: str) -> list[dict[str, Any]]:
+    """Every object of a JSONL file lmpipe wrote itself (a stage's metrics.jsonl); a bad line is a
+    ValueError naming the file and the line, since such a file is never hand-edited."""
+    rows = []
+    for lineno, record in jsonl_records(path):
+        if isinstance(record, str):
+            raise ValueError(f"{what} {path}:{lineno}: {record}; the file is damaged")
+        rows.append(record)
+    return rows
+
+
 MAX_REPORTED_BAD = 5  # bad lines quoted in a BadLineReport (all of them are counted)
 
 

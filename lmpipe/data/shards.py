@@ -12,7 +12,9 @@ separable after concatenation. A split (train / val) is a sequence of files
 shorter); a document may continue into the next file and is counted in the
 file where it ends. ``manifest.json`` lists every file with its sha256 and
 counts, and the tokenizer fingerprint the tokens belong to;
-``doc_index.parquet`` says where each document's tokens are.
+``doc_index.parquet`` says where each document's tokens are. A reader checks
+each shard against its manifest sha256 when it opens it (``TokenSplit``), so a
+damaged shard fails before training or evaluation reads a token of it.
 
 The work is split in two stages so it scales with the corpus:
 
@@ -42,7 +44,7 @@ from typing import Any, Protocol
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from lmpipe.artifacts import StageResult, read_versioned_json
+from lmpipe.artifacts import CorruptArtifactError, StageResult, read_versioned_json
 from lmpipe.data.tokenizer import (
     META_FILE,
     TOKENIZER_FILE,
@@ -127,16 +129,28 @@ def write_shard(path: Path, pieces: Iterable[np.ndarray], documents: int) -> dic
     return {"file": path.name, "sha256": digest.hexdigest(), "tokens": tokens, "documents": documents}
 
 
-def read_shard(path: str | Path) -> np.memmap:
-    """Memory-map one shard's tokens after checking its header against the file."""
+def read_shard(path: str | Path, sha256: str | None = None) -> np.ndarray:
+    """Memory-map one shard's tokens after checking the file: against ``sha256`` (its manifest entry's) when
+    given, then its header.
+
+    The whole file is mapped once and the hash taken over that mapping, which the
+    returned tokens are a view of: the file is read once per open, and no byte
+    that differs from what was hashed is ever used (hashing mapped pages is also
+    faster than buffered reads, see ``bench/verify.py``). A hash mismatch raises
+    ``CorruptArtifactError`` before any token is returned.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"token shard {str(path)!r} does not exist")
     size = path.stat().st_size
+    raw = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, dtype=np.uint8)  # mmap refuses 0 bytes
+    if sha256 is not None:
+        actual = hashlib.sha256(raw.data).hexdigest()
+        if actual != sha256:
+            raise CorruptArtifactError(path, f"sha256 {sha256}", f"sha256 {actual} ({size} bytes)", MANIFEST_FILE)
     if size < HEADER_BYTES:
         raise ValueError(f"token shard {str(path)!r} is {size} bytes, shorter than its {HEADER_BYTES}-byte header")
-    with open(path, "rb") as f:
-        magic, version, itemsize, tokens, _documents = _HEADER.unpack(f.read(_HEADER.size))
+    magic, version, itemsize, tokens, _documents = _HEADER.unpack(raw[: _HEADER.size].tobytes())
     if magic != MAGIC:
         raise ValueError(f"token shard {str(path)!r} has magic {magic!r}, expected {MAGIC!r}: not an lmpipe shard")
     if version != SHARD_FORMAT_VERSION:
@@ -154,7 +168,7 @@ def read_shard(path: str | Path) -> np.memmap:
         )
     if tokens == 0:
         raise ValueError(f"token shard {str(path)!r} holds no tokens; the writer never writes empty shards")
-    return np.memmap(path, dtype=_DTYPES[itemsize], mode="r", offset=HEADER_BYTES, shape=(tokens,))
+    return raw[HEADER_BYTES:].view(_DTYPES[itemsize])  # HEADER_BYTES keeps the tokens aligned
 
 
 def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
@@ -164,7 +178,12 @@ def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
 
 
 class TokenSplit:
-    """All shards of one split, memory-mapped, addressed as one token sequence."""
+    """All shards of one split, memory-mapped, addressed as one token sequence.
+
+    Every shard is checked against the sha256 its manifest entry records as it is
+    opened (``read_shard``): a damaged shard raises ``CorruptArtifactError`` here,
+    before any of its tokens reaches training or evaluation.
+    """
 
     def __init__(self, shard_dir: Path, split: str) -> None:
         self.shard_dir = Path(shard_dir)
@@ -181,14 +200,12 @@ class TokenSplit:
         self.tokenizer_fingerprint: str = manifest["tokenizer_fingerprint"]
         self.num_documents: int = entry["documents"]
         self.num_bytes: int = entry["bytes"]
-        self._shards: list[np.memmap] = []
+        self._shards: list[np.ndarray] = []
         for s in entry["shards"]:
-            tokens = read_shard(self.shard_dir / s["file"])
+            tokens = read_shard(self.shard_dir / s["file"], s["sha256"])
             if len(tokens) != s["tokens"] or tokens.dtype.name != manifest["dtype"]:
-                raise ValueError(
-                    f"token shard {str(self.shard_dir / s['file'])!r} holds {len(tokens)} {tokens.dtype.name} "
-                    f"tokens, the manifest says {s['tokens']} {manifest['dtype']}"
-                )
+                raise CorruptArtifactError(self.shard_dir / s["file"], f"{s['tokens']} {manifest['dtype']} tokens",
+                                           f"{len(tokens)} {tokens.dtype.name} tokens", MANIFEST_FILE)
             self._shards.append(tokens)
         # _starts[i] is the global index of shard i's first token; the last entry is the total.
         self._starts = np.concatenate([[0], np.cumsum([len(t) for t in self._shards], dtype=np.int64)])

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lmpipe.config.base import SFT_HELD_OUT
+from lmpipe.data.jsonl import read_jsonl_objects
 from lmpipe.data.sft import VAL_EVERY
 from lmpipe.eval.heldout import BASE, FINETUNED, MC_METRICS, METRICS, SCORED
 
@@ -226,7 +226,7 @@ def plot_loss_curves(curves: dict[str, Path], dest: Path) -> None:
 
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
     for ax, (name, path) in zip(axes[0], curves.items(), strict=False):
-        rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = read_jsonl_objects(Path(path), "metrics file")  # a bad line: an error naming the file and line
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], linewidth=1)
         ax.set_title(f"{name}: training loss")
         ax.set_xlabel("optimizer step")

@@ -1,11 +1,15 @@
 """Writing and resuming training checkpoints: weights, optimizer state, every rank's RNG, written atomically.
 
-Reading a checkpoint's weights for evaluation or serving is ``lmpipe.model.checkpoint``.
+A run keeps its two newest checkpoints, so when the newest fails verification on
+resume there is one to fall back to (``resume_checkpoint``). Reading a
+checkpoint's weights for evaluation or serving is ``lmpipe.model.checkpoint``.
 """
 
 from __future__ import annotations
 
 import base64
+import logging
+import os
 import random
 import shutil
 from collections.abc import Callable, Collection
@@ -33,6 +37,7 @@ from lmpipe.model.checkpoint import (
     _load_weights,
     _step_dirs,
     _step_of,
+    read_state,
     seal_checkpoint,
     step_dir,
     verify_checkpoint,
@@ -43,6 +48,8 @@ from lmpipe.training.early_stopping import EarlyStopping
 
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"  # early stopping: the checkpoint of the lowest val loss so far (weights only)
+DAMAGED_SUFFIX = ".damaged"  # a checkpoint that failed verification, set aside as ".step-N.damaged"
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- RNG states
 
@@ -155,6 +162,41 @@ def prune_checkpoints(root: Path, keep_steps: Collection[int | None]) -> None:
             shutil.rmtree(d)
 
 
+def resume_checkpoint(root: Path) -> Path | None:
+    """The checkpoint a run resumes from: the newest under root that verifies, or None (a fresh start).
+
+    A newer one that fails verification (a file missing, truncated or changed,
+    state.json unreadable: ``CheckpointError``) is renamed to the hidden
+    ``.step-N.damaged`` beside it, with a warning saying why: it is not tried again,
+    not counted among the checkpoints ``write_checkpoint`` keeps, and stays there
+    to be inspected until the stage publishes (which removes ``checkpoints/``).
+    Checkpoints are only ever built in a temporary directory and renamed into
+    place, so a damaged one is damage, not a crash mid-write. A checkpoint of
+    another format version is refused (``CheckpointMismatchError``), never skipped.
+    Only the main rank calls this; the others take its answer.
+    """
+    damaged = []
+    for d in _step_dirs(root):
+        try:
+            verify_checkpoint(d)
+        except CheckpointError as err:  # a CheckpointMismatchError is not one: it propagates
+            aside = d.with_name(f".{d.name}{DAMAGED_SUFFIX}")
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(d, aside)
+            log.warning("checkpoint %s fails verification, so it is not resumed from (moved aside to %s): %s",
+                        d, aside.name, err)
+            damaged.append(d.name)
+            continue
+        if damaged:
+            log.warning("resuming from %s, the newest checkpoint that verifies (skipped: %s)", d, ", ".join(damaged))
+        return d
+    if damaged:
+        log.warning("no checkpoint under %s verifies (skipped: %s): training starts from scratch", root,
+                    ", ".join(damaged))
+    return None
+
+
 def load_checkpoint(
     ckpt_dir: Path,
     model: nn.Module,
@@ -224,17 +266,28 @@ class Checkpointer:
             path = write_checkpoint(self.root, step, self.config, weights, opt_state, state, rng=rngs)
         barrier(self.dist_ctx)  # no rank runs ahead of a checkpoint that may still fail
         self.early.mark_recorded()
-        if self.dist_ctx.is_main and self.early.recorded_best is not None:  # older bests: out of any resume's reach
-            prune_checkpoints(self.best_root, [self.early.recorded_best])
+        if self.dist_ctx.is_main and self.early.recorded_best is not None:  # other bests: out of any resume's reach
+            prune_checkpoints(self.best_root, self.bests_in_reach())
         self.latest = path
         return path
+
+    def bests_in_reach(self) -> list[int | None]:
+        """The best steps a resume may return to: the newest record's, and those of the regular checkpoints
+        kept (a resume falls back to an older one when the newest is damaged, ``resume_checkpoint``)."""
+        steps = [self.early.recorded_best]
+        for d in _step_dirs(self.root):
+            try:
+                steps.append((read_state(d).get("early_stopping") or {}).get("best_step"))
+            except CheckpointError:
+                continue  # unreadable: never resumed from
+        return steps
 
     def save_best(self, step: int, val_loss: float) -> None:
         """Keep the weights of the best val loss so far (one checkpoint, no optimizer state)."""
         weights, _ = capture(self.model, None)
         if self.dist_ctx.is_main:
             write_checkpoint(self.best_root, step, self.config, weights, None, self.best_state | {"val_loss": val_loss},
-                             keep=1, keep_steps=[self.early.recorded_best])  # a resume from the newest returns to it
+                             keep=1, keep_steps=self.bests_in_reach())  # a resume may return to these
         barrier(self.dist_ctx)
 
     def forward(self) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -10,22 +11,54 @@ from typing import Any
 
 import torch
 
+from lmpipe.data.jsonl import parse_jsonl_line, read_jsonl_objects
+
 METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger(__name__)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a finished run's metrics.jsonl ([] when there is none); a bad line, the last one too,
+    is a ValueError naming the file and the line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl_objects(path, "metrics file")
 
 
 def truncate_metrics(path: Path, through_step: int) -> list[dict[str, Any]]:
-    """Keep the rows of steps <= through_step: after a resume the file equals an uninterrupted run's."""
-    rows = [r for r in read_metrics(path) if r["step"] <= through_step]
+    """Keep the rows of steps <= through_step: after a resume the file equals an uninterrupted run's.
+
+    A run killed while appending leaves its last line cut off (no newline, or not
+    JSON): that line is dropped with a warning that names the file and the bytes
+    dropped. Its row is past the checkpoint resumed from (rows are flushed
+    before a checkpoint is written), so nothing the resumed run keeps is lost. A
+    bad line before the last is not what a kill leaves: a ValueError naming the
+    file and the line.
+    """
+    data = path.read_bytes() if path.is_file() else b""
+    *lines, tail = data.split(b"\n")  # tail: what follows the last newline, b"" unless the last line was cut off
+    if tail:
+        _drop_cut_off(path, tail, "has no newline")
+    elif lines and isinstance(parse_jsonl_line(lines[-1], first=len(lines) == 1), str):
+        _drop_cut_off(path, lines.pop() + b"\n", "is not JSON")
+    rows: list[dict[str, Any]] = []
+    for lineno, raw in enumerate(lines, start=1):
+        record = parse_jsonl_line(raw, first=lineno == 1)
+        if isinstance(record, str):
+            raise ValueError(
+                f"metrics file {path}:{lineno}: {record}. Only a run killed mid-append leaves a bad line, and only "
+                f"as the last one: the file is damaged. Delete {path.parent} to train this run afresh")
+        if record is not None and record["step"] <= through_step:
+            rows.append(record)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)
     return rows
+
+
+def _drop_cut_off(path: Path, line: bytes, why: str) -> None:
+    log.warning("%s: dropped its last line, %d bytes cut off by an interrupted run (it %s): %r", path, len(line),
+                why, line[:80])
 
 
 class MetricLogger:

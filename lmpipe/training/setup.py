@@ -15,11 +15,11 @@ from torch import nn
 
 from lmpipe.config.effects import trajectory as steps_taken
 from lmpipe.config.training import ModelConfig, Training
-from lmpipe.model.checkpoint import check_compatible, latest_checkpoint, read_state
+from lmpipe.model.checkpoint import check_compatible, read_state
 from lmpipe.model.device import autocast_for, resolve_device
 from lmpipe.model.gpt import GPT, GPTConfig
 from lmpipe.model.lora import apply_lora
-from lmpipe.training.checkpoint import CHECKPOINTS_DIR, load_checkpoint
+from lmpipe.training.checkpoint import CHECKPOINTS_DIR, load_checkpoint, resume_checkpoint
 from lmpipe.training.device import find_micro_batch
 from lmpipe.training.distributed import DistContext, gather_objects, init_process_group, wrap_model
 from lmpipe.training.early_stopping import EarlyStopping
@@ -69,11 +69,14 @@ def init_device(cfg: Training, dist_ctx: DistContext) -> torch.device:
 
 def prepare(model_cfg: ModelConfig, cfg: Training, vocab_size: int, work_dir: Path, *, fingerprint: str,
             init_from: Path | None, dist_ctx: DistContext, doc_sep: int | None) -> Run:
-    """Resume from the newest valid checkpoint in ``work_dir/checkpoints`` when there is one; otherwise start
-    from ``init_from``'s weights (a fine-tuning start, fresh optimizer) or from a seeded random init."""
+    """Resume from the newest valid checkpoint in ``work_dir/checkpoints`` when there is one (newer damaged
+    ones are set aside, ``resume_checkpoint``); otherwise start from ``init_from``'s weights (a fine-tuning
+    start, fresh optimizer) or from a seeded random init."""
     device = init_device(cfg, dist_ctx)
     autocast = autocast_for(device)
-    last_ckpt = latest_checkpoint(work_dir / CHECKPOINTS_DIR)
+    # The main rank picks it (setting damaged ones aside), the others take its answer.
+    found = resume_checkpoint(work_dir / CHECKPOINTS_DIR) if dist_ctx.is_main else None
+    last_ckpt: Path | None = gather_objects(found, dist_ctx)[0]
     sequences_per_step = cfg.sequences_per_step(model_cfg.block_size)
     resumed_micro = None
     if last_ckpt is not None:

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lmpipe.artifacts import StageResult
+from lmpipe.artifacts import CorruptArtifactError, StageResult
 from lmpipe.config.base import EOT
 from lmpipe.config.data import CorpusConfig, ShardConfig, SourceConfig, TokenizerConfig
 from lmpipe.data.documents import chunk_paths
@@ -398,6 +398,43 @@ def test_literal_eot_text_is_not_a_document_boundary(tmp_path: Path, tokenizer: 
 
 
 # --- readers fail clearly ------------------------------------------------------------------------
+
+
+def test_a_flipped_byte_in_a_shard_is_refused_when_opened(tmp_path: Path, shards: StageResult) -> None:
+    """A shard is checked against its manifest sha256 as it is opened: a changed byte that the header
+    checks cannot see fails before any token is read, naming the file, both hashes and the fix."""
+    copy = tmp_path / "copy"
+    shutil.copytree(shards.out_dir, copy)
+    entry = read_manifest(copy)["splits"]["val"]["shards"][0]
+    victim = copy / entry["file"]
+    original = TokenSplit(copy, "val").window(0, 1000)
+    data = bytearray(victim.read_bytes())
+    data[HEADER_BYTES + 2 * 500] ^= 0x01  # the low byte of token 500
+    victim.write_bytes(bytes(data))
+    actual = hashlib.sha256(data).hexdigest()
+    assert read_shard(victim)[500] != original[500]  # the header is intact: only the hash tells
+
+    with pytest.raises(CorruptArtifactError) as err:
+        TokenSplit(copy, "val")
+    assert err.value.path == victim
+    assert str(err.value) == (
+        f"{str(victim)!r} is corrupt: sha256 {entry['sha256']}, recorded in manifest.json, but the file has "
+        f"sha256 {actual} ({len(data)} bytes). It is not used. Delete the stage directory {str(copy)!r} or run "
+        "`lmpipe verify --repair` (it moves damaged stage directories aside), and the next run rebuilds it")
+    with pytest.raises(CorruptArtifactError, match=f"sha256 {actual}"):
+        read_shard(victim, entry["sha256"])
+    # A truncated shard is the same error, before the header's size check.
+    victim.write_bytes(bytes(data[:-2]))
+    with pytest.raises(CorruptArtifactError, match=rf"sha256 {hashlib.sha256(data[:-2]).hexdigest()} "
+                                                   rf"\({len(data) - 2} bytes\)"):
+        TokenSplit(copy, "val")
+    # Put back byte for byte, it opens again; the other split never was affected.
+    data[HEADER_BYTES + 2 * 500] ^= 0x01
+    victim.write_bytes(bytes(data))
+    assert np.array_equal(TokenSplit(copy, "val").window(0, 1000), original)
+    train = TokenSplit(copy, "train")
+    assert np.array_equal(train.window(0, train.num_tokens), TokenSplit(Path(shards.out_dir), "train")
+                          .window(0, train.num_tokens))
 
 
 def test_readers_reject_bad_directories(tmp_path: Path, shards: StageResult, tokenizer: StageResult,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from safetensors.torch import load_file
 
 from lmpipe.config.training import ContinueFinetuneConfig, ModelConfig, TrainConfig
 from lmpipe.data.shards import ArraySource
+from lmpipe.eval.report import plot_loss_curves
 from lmpipe.model.checkpoint import (
     CheckpointMismatchError,
     latest_checkpoint,
@@ -36,6 +39,7 @@ from lmpipe.training.data import TrainData
 from lmpipe.training.device import activation_bytes, find_micro_batch
 from lmpipe.training.distributed import DistContext
 from lmpipe.training.loop import Reporters, train
+from lmpipe.training.metrics import read_metrics
 from lmpipe.training.schedule import Schedule, lr_at
 from lmpipe.training.step import TrainingDivergedError, TrainStep
 from lmpipe.training.validation import eval_offsets, get_batch
@@ -200,6 +204,59 @@ def test_resume_is_exact(tmp_path: Path, accum: int) -> None:
     w_full = load_file(full.checkpoint / "model.safetensors")
     w_res = load_file(last.checkpoint / "model.safetensors")
     assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+
+
+@pytest.mark.parametrize("tail", [
+    b'{"step": 10, "loss": 2.71',  # cut off mid-row
+    b'{"step": 10, "loss": 2.7, "lr": 0.001, "grad_norm": 0.5}',  # cut off just before its newline
+    b"\0" * 37 + b"\n",  # a tail the file system filled with zeros
+])
+def test_a_cut_off_last_metrics_line_is_dropped_on_resume(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                        tail: bytes) -> None:
+    """A run killed while appending to metrics.jsonl leaves its last line cut off: the resume drops that line
+    with a warning naming the file and the bytes, and ends as the run that never stopped."""
+    cfg = config()
+    full = run(tmp_path / "full", cfg, DROPOUT_MODEL)
+    work = tmp_path / "killed"
+    run(work, cfg, DROPOUT_MODEL, stop_after=9)
+    with open(work / "metrics.jsonl", "ab") as f:
+        f.write(tail)
+    with caplog.at_level(logging.WARNING, logger="lmpipe.training.metrics"):
+        last = run(work, cfg, DROPOUT_MODEL)
+    why = "is not JSON" if tail.endswith(b"\n") else "has no newline"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{work / 'metrics.jsonl'}: dropped its last line, {len(tail)} bytes cut off by an interrupted run "
+        f"(it {why}): {tail[:80]!r}"]
+    assert last.resumed_from == 9
+    assert metrics_text(work) == metrics_text(tmp_path / "full")
+    assert last.final_val_loss == full.final_val_loss and last.final_train_loss == full.final_train_loss
+    w_full, w_res = load_file(full.checkpoint / "model.safetensors"), load_file(last.checkpoint / "model.safetensors")
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+
+
+def test_a_bad_metrics_line_before_the_last_is_an_error_naming_it(tmp_path: Path) -> None:
+    """Only the last line can be a kill's trace; a bad line before it is damage, on resume and when a
+    finished run's file is read."""
+    work = tmp_path / "run"
+    run(work, config(), stop_after=4)
+    path = work / "metrics.jsonl"
+    rows = path.read_bytes().split(b"\n")
+    rows[1] = rows[1][:20]  # line 2 of 4 cut short
+    path.write_bytes(b"\n".join(rows))
+    with pytest.raises(ValueError, match=rf"^metrics file {re.escape(str(path))}:2: not valid JSON "
+                                         r"\(Expecting value at column 21\)\. Only a run killed mid-append leaves a bad "
+                                         rf"line, and only as the last one: the file is damaged\. "
+                                         rf"Delete {re.escape(str(work))} to train this run afresh$"):
+        run(work, config())
+    assert path.read_bytes() == b"\n".join(rows)  # left as it was
+    # A finished run's file is read strictly: its last line is no exception.
+    path.write_bytes(b"\n".join(rows[:1] + rows[2:]))
+    assert [r["step"] for r in read_metrics(path)] == [1, 3, 4]
+    path.write_bytes(b"\n".join(rows[:1] + rows[2:-2] + [rows[-2][:20]]))
+    with pytest.raises(ValueError, match=rf"^metrics file {re.escape(str(path))}:3: not valid JSON .*damaged$"):
+        read_metrics(path)
+    with pytest.raises(ValueError, match=rf"metrics file {re.escape(str(path))}:3: not valid JSON"):
+        plot_loss_curves({"pretrain": path}, tmp_path / "curves.png")
 
 
 def test_resume_across_epoch_boundaries_twice_is_exact(tmp_path: Path) -> None:
@@ -427,9 +484,82 @@ def test_latest_checkpoint_ignores_temp_and_corrupted_dirs(tmp_path: Path) -> No
     assert metrics_text(work) == metrics_text(tmp_path / "full")
     assert latest_checkpoint(root).name == "step-0000010"
     verify_checkpoint(root / "step-0000010")
-    # The next save cleared the leftovers.
-    assert sorted(p.name for p in root.iterdir()) == ["step-0000005", "step-0000010"]
+    # The resume set the damaged checkpoints aside; the next save cleared the temporary directory.
+    assert sorted(p.name for p in root.iterdir()) == [".step-0000010.damaged", ".step-0000020.damaged",
+                                                      "step-0000005", "step-0000010"]
     assert latest_checkpoint(tmp_path / "nothing-here") is None
+
+
+def _damage(ckpt: Path, how: str) -> None:
+    weights = ckpt / "model.safetensors"
+    if how == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    elif how == "flipped byte":
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        weights.write_bytes(bytes(data))
+    elif how == "missing optimizer state":
+        (ckpt / "optimizer.pt").unlink()
+    else:  # "unreadable state.json"
+        (ckpt / "state.json").write_text('{"step": 9, "files": {', encoding="utf-8")
+
+
+@pytest.mark.parametrize("how", ["truncated weights", "flipped byte", "missing optimizer state",
+                                 "unreadable state.json"])
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                   how: str) -> None:
+    """The newest checkpoint fails verification: the run resumes from the one before, with warnings saying which
+    was skipped and why, sets the damaged one aside, and ends bit for bit as the run that never stopped."""
+    cfg = config(checkpoint_interval=4)
+    full = run(tmp_path / "full", cfg, DROPOUT_MODEL)
+    work = tmp_path / "damaged"
+    run(work, cfg, DROPOUT_MODEL, stop_after=9)
+    root = work / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000008", "step-0000009"]  # two are kept
+    _damage(root / "step-0000009", how)
+    with caplog.at_level(logging.WARNING, logger="lmpipe.training.checkpoint"):
+        last = run(work, cfg, DROPOUT_MODEL)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert messages[0].startswith(f"checkpoint {root / 'step-0000009'} fails verification, so it is not resumed from "
+                                  "(moved aside to .step-0000009.damaged): ")
+    why = {"truncated weights": "model.safetensors does not match the sha256 recorded in state.json",
+           "flipped byte": "model.safetensors does not match the sha256 recorded in state.json",
+           "missing optimizer state": "optimizer.pt is missing",
+           "unreadable state.json": "state.json is not valid JSON"}[how]
+    assert why in messages[0]
+    assert messages[1] == f"resuming from {root / 'step-0000008'}, the newest checkpoint that verifies " \
+                          "(skipped: step-0000009)"
+    assert last.resumed_from == 8
+    assert metrics_text(work) == metrics_text(tmp_path / "full")  # truncated to step 8, then the same steps
+    assert last.final_val_loss == full.final_val_loss and last.final_train_loss == full.final_train_loss
+    w_full, w_res = load_file(full.checkpoint / "model.safetensors"), load_file(last.checkpoint / "model.safetensors")
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+    # Set aside, not counted among the two kept, not tried again.
+    assert sorted(p.name for p in root.iterdir()) == [".step-0000009.damaged", "step-0000008", "step-0000012"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lmpipe.training.checkpoint"):
+        assert run(work, cfg, DROPOUT_MODEL).resumed_from == 12
+    assert caplog.records == []
+
+
+def test_no_checkpoint_that_verifies_starts_afresh_with_a_warning(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config(checkpoint_interval=4)
+    full = run(tmp_path / "full", cfg, DROPOUT_MODEL)
+    work = tmp_path / "damaged"
+    run(work, cfg, DROPOUT_MODEL, stop_after=9)
+    root = work / "checkpoints"
+    _damage(root / "step-0000009", "flipped byte")
+    _damage(root / "step-0000008", "truncated weights")
+    with caplog.at_level(logging.WARNING, logger="lmpipe.training.checkpoint"):
+        last = run(work, cfg, DROPOUT_MODEL)
+    assert [r.getMessage() for r in caplog.records][2:] == [
+        f"no checkpoint under {root} verifies (skipped: step-0000009, step-0000008): training starts from scratch"]
+    assert last.resumed_from == 0
+    assert metrics_text(work) == metrics_text(tmp_path / "full")
+    w_full, w_res = load_file(full.checkpoint / "model.safetensors"), load_file(last.checkpoint / "model.safetensors")
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
 
 
 def test_save_checkpoint_replaces_a_leftover_temp_dir(tmp_path: Path) -> None:
@@ -562,6 +692,43 @@ def test_a_resume_that_does_not_find_the_newer_best_again_publishes_the_recorded
     assert resumed.final_val_loss == vals[before]
     # The final regular checkpoint records `before`: the other best is out of any resume's reach, and gone.
     assert [p.name for p in (work / "best").iterdir()] == [f"step-{before:07d}"]
+
+
+def test_the_best_checkpoint_of_the_previous_regular_one_is_kept_for_a_fallback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With early stopping, the regular checkpoint before the newest may record an older best. A resume that
+    falls back to it (the newest damaged) must find that best still there, since a replay that is not bit for
+    bit (a GPU) may not find the newer best again; on CPU it does, and the run ends as the one that never
+    stopped."""
+    # Validated every other step, checkpointed every step: the checkpoint of step last - 1 records `before`.
+    cfg = config(max_steps=40, learning_rate=2e-2, min_lr=2e-2, warmup_steps=0, eval_interval=2,
+                 early_stopping_patience=3, checkpoint_interval=1)
+    vals: dict[int, float] = {}
+    full = run(tmp_path / "full", cfg,
+               log_metrics=lambda m, s: vals.update({s: m["val/loss"]}) if "val/loss" in m else None)
+    bests = [s for s in sorted(vals) if vals[s] < min([vals[t] for t in vals if t < s], default=math.inf)]
+    last, before = bests[-1], bests[-2]
+    assert (before, last, full.stopped_early) == (last - 2, full.best_step, True)
+
+    work = tmp_path / "damaged"
+    run(work, cfg, stop_after=last)
+    root = work / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [f"step-{last - 1:07d}", f"step-{last:07d}"]
+    assert read_state(root / f"step-{last - 1:07d}")["early_stopping"]["best_step"] == before
+    assert sorted(p.name for p in (work / "best").iterdir()) == [f"step-{before:07d}", f"step-{last:07d}"]
+    _damage(root / f"step-{last:07d}", "flipped byte")
+    with caplog.at_level(logging.WARNING, logger="lmpipe.training.checkpoint"):
+        resumed = run(work, cfg)
+    assert resumed.resumed_from == last - 1 and len(caplog.records) == 2
+    assert (resumed.steps, resumed.best_step, resumed.best_val_loss) == (full.steps, full.best_step,
+                                                                         full.best_val_loss)
+    assert metrics_text(work) == metrics_text(tmp_path / "full")
+    w_full, w_res = load_file(full.checkpoint / "model.safetensors"), load_file(resumed.checkpoint /
+                                                                                  "model.safetensors")
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+    # Both regular checkpoints kept now record the final best: the older best is out of reach, and gone.
+    assert [p.name for p in (work / "best").iterdir()] == [f"step-{last:07d}"]
 
 
 def test_an_early_stop_between_logs_flushes_every_step_before_its_checkpoint(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from lmpipe.artifacts import StageResult
 from lmpipe.config.evaluation import TrackingConfig
+from lmpipe.tracking.store import STORE_FILE, default_store
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -45,7 +46,7 @@ def resolve_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
     """The configured URI, or a SQLite store under the work directory (MLflow 3 refuses ./mlruns)."""
     if cfg.uri:
         return cfg.uri
-    return f"sqlite:///{(Path(workdir).resolve() / 'mlflow.db').as_posix()}"
+    return f"sqlite:///{(Path(workdir).resolve() / STORE_FILE).as_posix()}"
 
 
 def git_commit() -> str:
@@ -81,15 +82,19 @@ def client_for(uri: str) -> MlflowClient:
 
 def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, params: dict[str, Any],
                       tags: dict[str, str], flow_run_id: str | None = None) -> TrackingContext:
-    """Create the experiment if needed (artifacts under the work directory) and start the parent run."""
+    """Create the experiment if needed (artifacts under the work directory) and start the parent run.
+
+    Without ``cfg.uri``, the work directory's own store is created first (``lmpipe.tracking.store``:
+    built aside and moved into place, never seen half-made) or checked.
+    """
     uri = resolve_uri(cfg, workdir)
     Path(workdir).mkdir(parents=True, exist_ok=True)
+    artifacts = (Path(workdir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:///") else None
+    if not cfg.uri:
+        default_store(Path(workdir).resolve() / STORE_FILE, (Path(workdir).resolve() / "mlartifacts").as_uri())
     client = client_for(uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is None:
-        artifacts = None
-        if uri.startswith("sqlite:///"):
-            artifacts = (Path(workdir).resolve() / "mlartifacts").as_uri()
         exp_id = client.create_experiment(cfg.experiment, artifact_location=artifacts)
     else:
         exp_id = exp.experiment_id

@@ -9,8 +9,10 @@ thread-local "active run": stages run in Prefect worker threads, where a bare
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,12 +22,15 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import LoggedModelStatus, Metric, Param, RunStatus, RunTag
 from pydantic import BaseModel
 
 from lmpipe.artifacts import StageResult
 from lmpipe.config.evaluation import TrackingConfig
+from lmpipe.tracking.owners import HOST_TAG, PID_TAG, owner_dead, owner_tags
 from lmpipe.tracking.store import STORE_FILE, default_store
+
+log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -85,7 +90,8 @@ def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, p
     """Create the experiment if needed (artifacts under the work directory) and start the parent run.
 
     Without ``cfg.uri``, the work directory's own store is created first (``lmpipe.tracking.store``:
-    built aside and moved into place, never seen half-made) or checked.
+    built aside and moved into place, never seen half-made) or checked. Runs of the experiment that
+    a killed process of this host left RUNNING are marked KILLED (``mark_killed_runs``).
     """
     uri = resolve_uri(cfg, workdir)
     Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -98,7 +104,9 @@ def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, p
         exp_id = client.create_experiment(cfg.experiment, artifact_location=artifacts)
     else:
         exp_id = exp.experiment_id
-    run = client.create_run(exp_id, run_name=run_name, tags={"lmpipe.git_commit": git_commit(), **tags})
+        mark_killed_runs(client, exp_id)
+    run = client.create_run(exp_id, run_name=run_name,
+                            tags={"lmpipe.git_commit": git_commit(), **tags, **owner_tags()})
     ctx = TrackingContext(uri=uri, experiment_id=exp_id, parent_run_id=run.info.run_id,
                           workdir=str(Path(workdir).resolve()), flow_run_id=flow_run_id)
     try:
@@ -107,6 +115,48 @@ def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, p
         client.set_terminated(ctx.parent_run_id, status="FAILED")
         raise
     return ctx
+
+
+KILLED_BY_TAG = "lmpipe.killed"  # on a run marked KILLED: why
+
+
+def mark_killed_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the runs of the experiment left RUNNING by a process of this host that is gone.
+
+    Every run lmpipe opens carries its owner (``lmpipe.tracking.owners``: host, pid, the
+    process's start time). A run still RUNNING whose owner is on this host and dead (its pid
+    gone, or now another process's) was killed before it could end: it gets status KILLED
+    and an end time (now: when it died is not known), and the models it was logging
+    (LoggedModels still PENDING) are marked FAILED. A run of a live process, e.g. a
+    pipeline running beside this one, stays RUNNING. So do runs of other hosts, and runs
+    without owner tags: from here nothing tells whether their process still runs.
+    Returns the ids of the runs marked KILLED.
+    """
+    host = socket.gethostname()
+    killed: list[str] = []
+    token: str | None = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' AND "
+                                  f"tags.`{HOST_TAG}` = '{host}'", max_results=1000, page_token=token)
+        for run in page:
+            tags = run.data.tags
+            if owner_dead(tags):
+                client.set_tag(run.info.run_id, KILLED_BY_TAG,
+                               f"its process {tags.get(PID_TAG)} on {tags.get(HOST_TAG)} was gone when a later "
+                               "pipeline run started")
+                client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+                killed.append(run.info.run_id)
+        token = page.token
+        if not token:
+            break
+    for run_id in killed:
+        for model in client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'"):
+            if model.status == LoggedModelStatus.PENDING:
+                client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+    if killed:
+        log.warning("marked %d MLflow run(s) KILLED, left RUNNING by a process that is gone: %s",
+                    len(killed), ", ".join(killed))
+    return killed
 
 
 def close_run(ctx: TrackingContext, run_id: str, status: str) -> None:
@@ -193,7 +243,8 @@ def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[s
         run_name=stage,
         tags={PARENT_TAG: ctx.parent_run_id, "lmpipe.stage": stage, "lmpipe.fingerprint": fingerprint,
               "lmpipe.git_commit": git_commit(),
-              **({"prefect.flow_run_id": ctx.flow_run_id} if ctx.flow_run_id else {}), **(tags or {})},
+              **({"prefect.flow_run_id": ctx.flow_run_id} if ctx.flow_run_id else {}), **(tags or {}),
+              **owner_tags()},
     )
     sr = StageRun(ctx.uri, run.info.run_id)
     try:

@@ -18,7 +18,7 @@ from lmpipe.artifacts import StageResult
 from lmpipe.config.data import RunnerConfig
 from lmpipe.config.pipeline import PipelineConfig
 from lmpipe.stages.contract import load_completed
-from lmpipe.tracking.runs import TrackingContext, close_run, open_pipeline_run, set_parent_summary
+from lmpipe.tracking.runs import TrackingContext, close_run, open_pipeline_run, record_failure, set_parent_summary
 
 
 @dataclass
@@ -118,7 +118,13 @@ def _settle(stage_task: Any, state: Any, params: dict[str, Any]) -> tuple[StageR
 
 @contextmanager
 def tracked_flow(config: PipelineConfig, flow_name: str) -> Iterator[tuple[TrackingContext, Ledger]]:
-    """The flow's MLflow parent run: FINISHED if the flow body succeeds, FAILED if it raises."""
+    """The flow's MLflow parent run: FINISHED if the flow body succeeds, FAILED if it raises.
+
+    When the body raises, its error is the one that propagates: closing the chunk runner and
+    recording the summary and the FAILED status go as far as they can, and what fails among them
+    is logged as a warning (``record_failure``), since the store may fail for the body's reason
+    (a full disk). After a successful body their errors are raised.
+    """
     tags = {"lmpipe.flow": flow_name, "lmpipe.config_name": config.name}
     if flow_run.id:
         tags["prefect.flow_run_id"] = str(flow_run.id)
@@ -127,13 +133,17 @@ def tracked_flow(config: PipelineConfig, flow_name: str) -> Iterator[tuple[Track
                             params=config.model_dump(mode="json"), tags=tags,
                             flow_run_id=str(flow_run.id) if flow_run.id else None)
     ledger = Ledger(runner_cfg=config.data.runner)
-    status = "FAILED"
     try:
         yield ctx, ledger
-        status = "FINISHED"
+    except BaseException:
+        record_failure("shut the chunk runner down", ledger.close)
+        record_failure(f"put the stage summary on MLflow run {ctx.parent_run_id}",
+                       lambda: set_parent_summary(ctx, ledger.results, [o.__dict__ for o in ledger.outcomes]))
+        record_failure(f"mark MLflow run {ctx.parent_run_id} FAILED",
+                       lambda: close_run(ctx, ctx.parent_run_id, "FAILED"))
+        raise
+    try:
+        ledger.close()
+        set_parent_summary(ctx, ledger.results, [o.__dict__ for o in ledger.outcomes])
     finally:
-        try:
-            ledger.close()
-            set_parent_summary(ctx, ledger.results, [o.__dict__ for o in ledger.outcomes])
-        finally:
-            close_run(ctx, ctx.parent_run_id, status)
+        close_run(ctx, ctx.parent_run_id, "FINISHED")

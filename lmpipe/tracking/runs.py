@@ -15,7 +15,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -112,7 +112,8 @@ def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, p
     try:
         _log_params(client, ctx.parent_run_id, params)
     except BaseException:
-        client.set_terminated(ctx.parent_run_id, status="FAILED")
+        record_failure(f"mark MLflow run {ctx.parent_run_id} FAILED",
+                       lambda: client.set_terminated(ctx.parent_run_id, status="FAILED"))
         raise
     return ctx
 
@@ -157,6 +158,21 @@ def mark_killed_runs(client: MlflowClient, experiment_id: str) -> list[str]:
         log.warning("marked %d MLflow run(s) KILLED, left RUNNING by a process that is gone: %s",
                     len(killed), ", ".join(killed))
     return killed
+
+
+def record_failure(what: str, action: Callable[[], object]) -> None:
+    """Record a failure (in MLflow) while its exception propagates: an error doing so is logged, not raised.
+
+    The store may be failing for the same reason as the stage (a full disk), and an error
+    raised here would replace the one the user has to see. ``what``: what ``action`` does,
+    for the warning ("mark MLflow run ... FAILED").
+    """
+    try:
+        action()
+    except Exception as err:
+        first_line = next(iter(str(err).splitlines()), "")  # an SQL error goes on with the statement
+        log.warning("could not %s: %s: %s (the error raised is the one that failed the run)", what,
+                    type(err).__name__, first_line)
 
 
 def close_run(ctx: TrackingContext, run_id: str, status: str) -> None:
@@ -236,7 +252,11 @@ class StageRun:
 @contextmanager
 def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[str, Any],
               tags: dict[str, str] | None = None) -> Iterator[StageRun]:
-    """A nested run for one stage; FINISHED when the block succeeds, FAILED when it raises."""
+    """A nested run for one stage; FINISHED when the block succeeds, FAILED when it raises.
+
+    When the block raises, that error is what propagates: one in recording the failure (the
+    store failing too) is logged as a warning (``record_failure``).
+    """
     client = client_for(ctx.uri)
     run = client.create_run(
         ctx.experiment_id,
@@ -250,9 +270,10 @@ def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[s
     try:
         sr.log_params(params)
         yield sr
-    except BaseException:
-        sr.flush()
-        client.set_terminated(sr.run_id, status="FAILED")
+    except BaseException:  # recorded as far as the store allows; the stage's own error is the one raised
+        record_failure(f"log the metrics still buffered for MLflow run {sr.run_id} ({stage})", sr.flush)
+        record_failure(f"mark MLflow run {sr.run_id} ({stage}) FAILED",
+                       lambda: client.set_terminated(sr.run_id, status="FAILED"))
         raise
     sr.flush()
     client.set_terminated(sr.run_id, status="FINISHED")

@@ -18,6 +18,7 @@ from lmpipe.artifacts import StageResult
 from lmpipe.config.data import RunnerConfig
 from lmpipe.config.pipeline import PipelineConfig
 from lmpipe.stages.contract import load_completed
+from lmpipe.tracking.registry import current_aliases
 from lmpipe.tracking.runs import TrackingContext, close_run, open_pipeline_run, record_failure, set_parent_summary
 
 
@@ -98,8 +99,20 @@ class Ledger:
             "workdir": ctx.workdir,
             "stages": [o.__dict__ for o in self.outcomes],
             "metrics": {label: r.metrics for label, r in self.results.items()},
-            "registered": self.results["register"].meta if "register" in self.results else None,
+            "registered": registered_now(ctx, self.results.get("register")),
         }
+
+
+def registered_now(ctx: TrackingContext, result: StageResult | None) -> dict[str, Any] | None:
+    """The register stage's outcome, and the version each of its aliases points at now (``aliases_now``).
+
+    A reused register stage's outcome is that of its first run: the aliases may have moved since.
+    """
+    if result is None:
+        return None
+    meta = result.meta
+    aliases = (meta["alias"],) + ((meta["promotion"]["alias"],) if meta.get("promotion") else ())
+    return {**meta, "aliases_now": current_aliases(ctx.uri, meta["name"], tuple(dict.fromkeys(aliases)))}
 
 
 def _settle(stage_task: Any, state: Any, params: dict[str, Any]) -> tuple[StageResult, str]:

@@ -266,6 +266,16 @@ def recorded_decision(client: MlflowClient, name: str, version: str, *, alias: s
     return decision
 
 
+def current_aliases(uri: str, name: str, aliases: tuple[str, ...]) -> dict[str, str | None]:
+    """The version each of ``aliases`` of registered model ``name`` points at now (None: it points nowhere)."""
+    client = client_for(uri)
+    found: dict[str, str | None] = {}
+    for alias in aliases:
+        holder = _alias_holder(client, name, alias)
+        found[alias] = None if holder is None else str(holder.version)
+    return found
+
+
 def missing_store(tracking_uri: str | None) -> Path | None:
     """The database file of a ``sqlite:`` tracking URI when it does not exist (opening it would create an
     empty store), else None."""

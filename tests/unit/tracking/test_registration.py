@@ -1,6 +1,6 @@
 """Registration is idempotent: the same weights are one registered version however often the register stage runs or
-is killed, and a killed registration is completed (gate decision, aliases). Real SQLite stores, real registrations,
-a real SIGKILL."""
+is killed, a killed registration is completed (gate decision, aliases), and the summary says where the aliases
+point now. Real SQLite stores, real registrations, a real SIGKILL."""
 
 from __future__ import annotations
 
@@ -136,3 +136,36 @@ def test_a_registration_killed_after_its_version_was_created_is_completed(workdi
     assert client.get_model_version("m", "1").run_id == killed_run
     assert client.get_run(killed_run).info.status == "KILLED"
     assert champion_metrics(ctx.uri, "m", "champion")["metrics"] == evaluation(2.5)
+
+
+def _registry_lines(summary: dict) -> list[str]:
+    from flows.summary import format_summary
+
+    lines = format_summary(summary, 1.0).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("registered model:"))
+    return lines[start: lines.index("", start)]
+
+
+def test_the_summary_says_where_the_aliases_point_now(workdir, models, tokenizer):
+    from flows.ledger import Ledger
+
+    register(workdir, "reg-a", models[0], tokenizer, 2.5)
+    second, ctx = register(workdir, "reg-b", models[1], tokenizer, 2.6)
+    summary = Ledger(results={"register": second}).summary(ctx)
+    assert summary["registered"]["aliases_now"] == {"candidate": "2", "champion": "1"}
+    assert _registry_lines(summary) == [
+        "registered model: models:/m@candidate (version 2)",
+        "champion gate:    not promoted to @champion: finetuned.shake.loss 2.6 >= 2.5 of version 1 (min wins)",
+        "aliases now:      @candidate -> version 2 (this run's version)",
+        "                  @champion -> version 1 (this run's version 2 was not promoted)",
+    ]
+
+    # The first run's register stage, reused from its directory: its record is of then, the aliases are of now.
+    reused, ctx = register(workdir, "reg-a", models[0], tokenizer, 2.5)
+    assert reused.meta["reused"]
+    assert _registry_lines(Ledger(results={"register": reused}).summary(ctx)) == [
+        "registered model: models:/m@candidate (version 1)",
+        "champion gate:    promoted to @champion: no @champion yet",
+        "aliases now:      @candidate -> version 2 (moved since this run registered version 1)",
+        "                  @champion -> version 1 (this run's version, promoted)",
+    ]

@@ -55,7 +55,13 @@ def _remove_stale_temps(db: Path) -> None:
 
 
 def _fsync(path: Path, *, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    """Flush a file (or a directory's entries, as far as the system allows) to disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:  # a directory cannot be opened everywhere (Windows)
+        if directory:
+            return
+        raise
     try:
         os.fsync(fd)
     except OSError:  # some file systems refuse to fsync a directory

@@ -20,7 +20,8 @@ from lmpipe.artifacts import StageResult
 from lmpipe.config.data import RunnerConfig
 from lmpipe.config.pipeline import PipelineConfig
 from lmpipe.stages.lease import STALE_ENV
-from lmpipe.tracking.runs import TrackingContext, close_run, open_pipeline_run, set_parent_summary
+from lmpipe.tracking.registry import current_aliases
+from lmpipe.tracking.runs import TrackingContext, close_run, open_pipeline_run, record_failure, set_parent_summary
 
 
 class StageRunner(Protocol):
@@ -107,8 +108,20 @@ class Ledger:
             "workdir": ctx.workdir,
             "stages": [o.__dict__ for o in self.outcomes],
             "metrics": {label: r.metrics for label, r in self.results.items()},
-            "registered": self.results["register"].meta if "register" in self.results else None,
+            "registered": registered_now(ctx, self.results.get("register")),
         }
+
+
+def registered_now(ctx: TrackingContext, result: StageResult | None) -> dict[str, Any] | None:
+    """The register stage's outcome, and the version each of its aliases points at now (``aliases_now``).
+
+    A reused register stage's outcome is that of its first run: the aliases may have moved since.
+    """
+    if result is None:
+        return None
+    meta = result.meta
+    aliases = (meta["alias"],) + ((meta["promotion"]["alias"],) if meta.get("promotion") else ())
+    return {**meta, "aliases_now": current_aliases(ctx.uri, meta["name"], tuple(dict.fromkeys(aliases)))}
 
 
 def _settle(state: Any) -> tuple[StageResult, str]:
@@ -133,7 +146,13 @@ def _library_logs_to_prefect() -> None:
 
 @contextmanager
 def tracked_flow(config: PipelineConfig, flow_name: str) -> Iterator[tuple[TrackingContext, Ledger]]:
-    """The flow's MLflow parent run: FINISHED if the flow body succeeds, FAILED if it raises."""
+    """The flow's MLflow parent run: FINISHED if the flow body succeeds, FAILED if it raises.
+
+    When the body raises, its error is the one that propagates: closing the chunk runner and
+    recording the summary and the FAILED status go as far as they can, and what fails among them
+    is logged as a warning (``record_failure``), since the store may fail for the body's reason
+    (a full disk). After a successful body their errors are raised.
+    """
     _library_logs_to_prefect()
     # Every process of this run (chunk workers, torchrun ranks) inherits how long a silent lease stands.
     os.environ[STALE_ENV] = repr(config.lease_stale_s)
@@ -145,13 +164,17 @@ def tracked_flow(config: PipelineConfig, flow_name: str) -> Iterator[tuple[Track
                             params=config.model_dump(mode="json"), tags=tags,
                             flow_run_id=str(flow_run.id) if flow_run.id else None)
     ledger = Ledger(runner_cfg=config.data.runner)
-    status = "FAILED"
     try:
         yield ctx, ledger
-        status = "FINISHED"
+    except BaseException:
+        record_failure("shut the chunk runner down", ledger.close)
+        record_failure(f"put the stage summary on MLflow run {ctx.parent_run_id}",
+                       lambda: set_parent_summary(ctx, ledger.results, [o.__dict__ for o in ledger.outcomes]))
+        record_failure(f"mark MLflow run {ctx.parent_run_id} FAILED",
+                       lambda: close_run(ctx, ctx.parent_run_id, "FAILED"))
+        raise
+    try:
+        ledger.close()
+        set_parent_summary(ctx, ledger.results, [o.__dict__ for o in ledger.outcomes])
     finally:
-        try:
-            ledger.close()
-            set_parent_summary(ctx, ledger.results, [o.__dict__ for o in ledger.outcomes])
-        finally:
-            close_run(ctx, ctx.parent_run_id, status)
+        close_run(ctx, ctx.parent_run_id, "FINISHED")

@@ -47,11 +47,28 @@ def _evaluation_rows(evaluation: dict[str, float]) -> list[str]:
 def _registry_rows(registered: dict[str, Any] | None) -> list[str]:
     if not registered:
         return []
-    lines = ["", f"registered model: {registered['model_uri']} (version {registered['version']})"]
+    version = registered["version"]
+    lines = ["", f"registered model: {registered['model_uri']} (version {version})"]
     decision = registered.get("promotion")
     if decision:
         lines.append(f"champion gate:    {'promoted to' if decision['promoted'] else 'not promoted to'} "
                      f"@{decision['alias']}: {decision['reason']}")
+    now = registered.get("aliases_now")
+    for i, (alias, holder) in enumerate((now or {}).items()):
+        if holder is None:
+            where = f"@{alias} -> no version"
+        else:
+            where = f"@{alias} -> version {holder}"
+        if decision and alias == decision["alias"]:  # the champion alias: the gate's decision and what came after
+            if holder == version:
+                note = "this run's version, " + ("promoted" if decision["promoted"] else "moved to it since")
+            elif decision["promoted"]:
+                note = f"this run's version {version} was promoted, and replaced since"
+            else:
+                note = f"this run's version {version} was not promoted"
+        else:
+            note = "this run's version" if holder == version else f"moved since this run registered version {version}"
+        lines.append(f"{'aliases now:' if i == 0 else '':<18}{where} ({note})")
     return lines
 
 

@@ -6,7 +6,14 @@ from pathlib import Path
 
 from lmpipe.artifacts import StageResult
 from lmpipe.config.evaluation import TrackingConfig
-from lmpipe.tracking.registry import DECISION_TAG, FINETUNE_TAG, promote_if_better, register_model, scored_key
+from lmpipe.tracking.registry import (
+    DECISION_TAG,
+    FINETUNE_TAG,
+    promote_if_better,
+    recorded_decision,
+    register_model,
+    scored_key,
+)
 from lmpipe.tracking.runs import StageRun, TrackingContext
 from lmpipe.tracking.serving import served_requirements
 
@@ -15,7 +22,13 @@ def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finet
                  tokenizer: StageResult, out_dir: Path, fingerprint: str, *, metric: str,
                  evaluation: dict[str, float]) -> StageResult:
     """The register stage: the fine-tuned model logged, registered and aliased, the promotion gate
-    applied to ``evaluation[metric]``; the outcome on disk and on the stage's run."""
+    applied to ``evaluation[metric]``; the outcome on disk and on the stage's run.
+
+    Killed and run again, it completes the registration instead of repeating it: the version these
+    weights already are is found (``register_model``), and the gate decides for it unless it did
+    already, in which case its recorded decision is returned and the aliases put where it says
+    (``recorded_decision``).
+    """
     from lmpipe.artifacts import BuildOutput, write_json_atomic
     from lmpipe.stages.contract import run_stage
 
@@ -26,13 +39,21 @@ def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finet
     scored = (key, evaluation[key]) if key is not None and key in evaluation else None
 
     def build(tmp: Path) -> BuildOutput:
-        info = register_model(run, cfg, finetuned.path("model"), Path(tokenizer.out_dir), served_requirements())
-        # Where the version came from (and, tagged by the gate, what it was up against): champion_metrics finds
-        # its reference again. Every tag is written before cfg.alias and the champion alias move.
-        info["promotion"] = promote_if_better(run.client, cfg.registered_model, info["version"], metric,
-                                              evaluation[metric], mode=cfg.promote_mode, alias=cfg.champion_alias,
-                                              tags={FINETUNE_TAG: finetuned.fingerprint}, aliases=(cfg.alias,),
-                                              scored=scored)
+        # The evaluation figures the caller logged are in the run before a version points at it: champion_metrics
+        # reads them from the version's run, which may be this one even if this stage is killed.
+        run.flush()
+        info = register_model(run, cfg, finetuned.path("model"), Path(tokenizer.out_dir), served_requirements(),
+                              finetune=finetuned.fingerprint)
+        decision = recorded_decision(run.client, cfg.registered_model, info["version"], alias=cfg.champion_alias,
+                                     aliases=(cfg.alias,))
+        if decision is None:
+            # Where the version came from (and, tagged by the gate, what it was up against): champion_metrics finds
+            # its reference again. Every tag is written before cfg.alias and the champion alias move.
+            decision = promote_if_better(run.client, cfg.registered_model, info["version"], metric,
+                                         evaluation[metric], mode=cfg.promote_mode, alias=cfg.champion_alias,
+                                         tags={FINETUNE_TAG: finetuned.fingerprint}, aliases=(cfg.alias,),
+                                         scored=scored)
+        info["promotion"] = decision
         run.set_tags({DECISION_TAG: info["promotion"]["reason"],
                       DECISION_TAG + ".promoted": info["promotion"]["promoted"]})
         write_json_atomic(tmp / "registration.json", {**info, "tracking_uri": ctx.uri})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,37 +19,84 @@ from lmpipe.tracking.serving import GPTTextGenerator, served_signature
 from lmpipe.tracking.uris import MODEL_URI_FORMS
 
 
-def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path,
-                   tokenizer_dir: Path, pip_requirements: list[str]) -> dict[str, Any]:
-    """Log the model as a pyfunc in the stage's run and register a new version; no alias is moved.
+def weights_sha256(checkpoint_dir: Path) -> str:
+    """The sha256 of a checkpoint's weights: as its state.json records it, else computed."""
+    from lmpipe.artifacts import sha256_file
+    from lmpipe.model.checkpoint import WEIGHTS_FILE, read_state
+
+    recorded = read_state(checkpoint_dir).get("files", {})
+    digest = recorded.get(WEIGHTS_FILE) if isinstance(recorded, dict) else None
+    return digest if isinstance(digest, str) else sha256_file(Path(checkpoint_dir) / WEIGHTS_FILE)
+
+
+def find_version(client: MlflowClient, name: str, identity: Mapping[str, str]) -> Any | None:
+    """The first version of ``name`` tagged with every ``identity`` tag, or None (none, or no such model)."""
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    same = [v for v in versions if all(v.tags.get(k) == value for k, value in identity.items())]
+    return min(same, key=lambda v: int(v.version)) if same else None
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+
+
+def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path, tokenizer_dir: Path,
+                   pip_requirements: list[str], *, finetune: str | None = None) -> dict[str, Any]:
+    """Log the model as a pyfunc in the stage's run and register it as a version; no alias is moved.
+
+    The version is created with the tags that say which model it is (``WEIGHTS_TAG``: the
+    sha256 of its weights; ``FINETUNE_TAG``: ``finetune``, its fine-tune stage's fingerprint)
+    in the one registry call that creates it. Before anything is logged, a version with the
+    same tags is looked for and, if there is one, returned (``existing``: True): a
+    registration killed after MLflow created its version is found again, not repeated. So
+    the same weights from the same fine-tuning are one version, however often the stage is
+    killed and run again.
 
     The artifacts are the checkpoint directory, tokenizer.json (what serving loads)
     and tokenizer_meta.json (what ``lmpipe export`` needs for the special tokens).
     ``cfg.alias`` (returned, with the URI it gives) is moved by ``run_register``, through
-    ``promote_if_better``, once the version carries every tag that describes it.
+    ``promote_if_better`` or ``recorded_decision``.
     """
-    library_dir = Path(__file__).resolve().parent
-    # The fluent API is needed for log_model; opening the stage's own child run in this thread is
-    # safe (it is not the parent, and this stage ends with it).
-    with mlflow.start_run(run_id=run.run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=GPTTextGenerator(),
-            artifacts={"checkpoint": str(checkpoint_dir), "tokenizer": str(tokenizer_dir / TOKENIZER_FILE),
-                       "tokenizer_meta": str(tokenizer_dir / META_FILE)},
-            code_paths=[str(library_dir)],
-            pip_requirements=pip_requirements,
-            signature=served_signature(),
-            input_example=["ROMEO:"],
-            registered_model_name=cfg.registered_model,
-        )
-    version = str(info.registered_model_version)
+    client = run.client
+    identity = {WEIGHTS_TAG: weights_sha256(checkpoint_dir), **({FINETUNE_TAG: finetune} if finetune else {})}
+    version = find_version(client, cfg.registered_model, identity)
+    existing = version is not None
+    if version is None:
+        library_dir = Path(__file__).resolve().parent
+        # The fluent API is needed for log_model; opening the stage's own child run in this thread is
+        # safe (it is not the parent, and this stage ends with it).
+        with mlflow.start_run(run_id=run.run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=GPTTextGenerator(),
+                artifacts={"checkpoint": str(checkpoint_dir), "tokenizer": str(tokenizer_dir / TOKENIZER_FILE),
+                           "tokenizer_meta": str(tokenizer_dir / META_FILE)},
+                code_paths=[str(library_dir)],
+                pip_requirements=pip_requirements,
+                signature=served_signature(),
+                input_example=["ROMEO:"],
+            )
+        # Leaving the fluent block ended the run (FINISHED) while the stage goes on: it is running again, as
+        # MLflow resumes a run, so a kill from here on leaves it RUNNING (marked KILLED later), not FINISHED.
+        client.update_run(run.run_id, status="RUNNING")
+        _ensure_registered_model(client, cfg.registered_model)
+        version = client.create_model_version(cfg.registered_model, source=f"models:/{info.model_id}",
+                                              run_id=run.run_id, tags=identity, model_id=info.model_id)
+    model_id = getattr(version, "model_id", None)
     return {
         "name": cfg.registered_model,
-        "version": version,
+        "version": str(version.version),
         "alias": cfg.alias,
         "model_uri": f"models:/{cfg.registered_model}@{cfg.alias}",
-        "logged_model_uri": info.model_uri,
+        "logged_model_uri": f"models:/{model_id}" if model_id else version.source,
+        "existing": existing,
     }
 
 
@@ -56,6 +104,8 @@ METRIC_TAG = "lmpipe.metric."  # + metric name: the version's evaluation figure,
 DECISION_TAG = "lmpipe.promotion"
 FINETUNE_TAG = "lmpipe.finetune_fingerprint"  # the fine-tune stage a version came from
 CHAMPION_BEFORE_TAG = "lmpipe.champion_before"  # the version the gate compared it with ("none": there was none)
+WEIGHTS_TAG = "lmpipe.weights_sha256"  # the sha256 of the version's model.safetensors
+DECISION_DETAIL_TAG = DECISION_TAG + ".detail"  # the gate's whole decision, JSON: what a resumed registration returns
 EVAL_PREFIX = "finetuned."  # the evaluation metrics the register stage logs in the version's run
 
 
@@ -177,17 +227,56 @@ def promote_if_better(client: MlflowClient, name: str, version: str, metric: str
         promoted = value < best if mode == "min" else value > best
         op = ("<" if promoted else ">=") if mode == "min" else (">" if promoted else "<=")
         reason = f"{metric} {value:.6g} {op} {best:.6g} of version {champion.version} ({mode} wins)"
-    client.set_model_version_tag(name, version, DECISION_TAG, f"{'promoted' if promoted else 'not promoted'}: {reason}")
-    for moved in aliases:
-        client.set_registered_model_alias(name, moved, version)
-    if promoted:
-        client.set_registered_model_alias(name, alias, version)
-    return {
+    decision = {
         "metric": metric, "mode": mode, "alias": alias, "value": value,
         "champion_version": None if champion is None else str(champion.version),
         "champion_value": best, "scored": amount, "champion_scored": best_amount,
         "promoted": promoted, "reason": reason,
     }
+    client.set_model_version_tag(name, version, DECISION_DETAIL_TAG, json.dumps(decision))
+    client.set_model_version_tag(name, version, DECISION_TAG, f"{'promoted' if promoted else 'not promoted'}: {reason}")
+    for moved in aliases:
+        client.set_registered_model_alias(name, moved, version)
+    if promoted:
+        client.set_registered_model_alias(name, alias, version)
+    return decision
+
+
+def recorded_decision(client: MlflowClient, name: str, version: str, *, alias: str,
+                      aliases: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The gate's decision on a version decided before, with the aliases moved as it says; None if undecided.
+
+    For a registration that was killed after ``promote_if_better`` tagged the decision:
+    what it returned then (``DECISION_DETAIL_TAG``) is returned again, ``aliases`` point at
+    the version and, if it was promoted, so does ``alias`` unless another version took it
+    since (it holds neither this version nor the one the gate compared with): a later
+    promotion is not undone. Every step is a no-op when already done.
+    """
+    mv = client.get_model_version(name, version)
+    text = mv.tags.get(DECISION_TAG)
+    if text is None:
+        return None
+    detail = mv.tags.get(DECISION_DETAIL_TAG)
+    decision: dict[str, Any] = json.loads(detail) if detail else {
+        "alias": alias, "promoted": text.startswith("promoted:"), "reason": text.partition(": ")[2],
+        "champion_version": mv.tags.get(CHAMPION_BEFORE_TAG)}
+    for moved in aliases:
+        client.set_registered_model_alias(name, moved, version)
+    if decision["promoted"]:
+        holder = _alias_holder(client, name, alias)
+        if holder is None or str(holder.version) in (str(version), mv.tags.get(CHAMPION_BEFORE_TAG)):
+            client.set_registered_model_alias(name, alias, version)
+    return decision
+
+
+def current_aliases(uri: str, name: str, aliases: tuple[str, ...]) -> dict[str, str | None]:
+    """The version each of ``aliases`` of registered model ``name`` points at now (None: it points nowhere)."""
+    client = client_for(uri)
+    found: dict[str, str | None] = {}
+    for alias in aliases:
+        holder = _alias_holder(client, name, alias)
+        found[alias] = None if holder is None else str(holder.version)
+    return found
 
 
 def missing_store(tracking_uri: str | None) -> Path | None:

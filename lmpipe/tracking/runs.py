@@ -9,22 +9,28 @@ thread-local "active run": stages run in Prefect worker threads, where a bare
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import LoggedModelStatus, Metric, Param, RunStatus, RunTag
 from pydantic import BaseModel
 
 from lmpipe.artifacts import StageResult
 from lmpipe.config.evaluation import TrackingConfig
+from lmpipe.tracking.owners import HOST_TAG, PID_TAG, owner_dead, owner_tags
+from lmpipe.tracking.store import STORE_FILE, default_store
+
+log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -45,7 +51,7 @@ def resolve_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
     """The configured URI, or a SQLite store under the work directory (MLflow 3 refuses ./mlruns)."""
     if cfg.uri:
         return cfg.uri
-    return f"sqlite:///{(Path(workdir).resolve() / 'mlflow.db').as_posix()}"
+    return f"sqlite:///{(Path(workdir).resolve() / STORE_FILE).as_posix()}"
 
 
 def git_commit() -> str:
@@ -81,27 +87,92 @@ def client_for(uri: str) -> MlflowClient:
 
 def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, params: dict[str, Any],
                       tags: dict[str, str], flow_run_id: str | None = None) -> TrackingContext:
-    """Create the experiment if needed (artifacts under the work directory) and start the parent run."""
+    """Create the experiment if needed (artifacts under the work directory) and start the parent run.
+
+    Without ``cfg.uri``, the work directory's own store is created first (``lmpipe.tracking.store``:
+    built aside and moved into place, never seen half-made) or checked. Runs of the experiment that
+    a killed process of this host left RUNNING are marked KILLED (``mark_killed_runs``).
+    """
     uri = resolve_uri(cfg, workdir)
     Path(workdir).mkdir(parents=True, exist_ok=True)
+    artifacts = (Path(workdir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:///") else None
+    if not cfg.uri:
+        default_store(Path(workdir).resolve() / STORE_FILE, (Path(workdir).resolve() / "mlartifacts").as_uri())
     client = client_for(uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is None:
-        artifacts = None
-        if uri.startswith("sqlite:///"):
-            artifacts = (Path(workdir).resolve() / "mlartifacts").as_uri()
         exp_id = client.create_experiment(cfg.experiment, artifact_location=artifacts)
     else:
         exp_id = exp.experiment_id
-    run = client.create_run(exp_id, run_name=run_name, tags={"lmpipe.git_commit": git_commit(), **tags})
+        mark_killed_runs(client, exp_id)
+    run = client.create_run(exp_id, run_name=run_name,
+                            tags={"lmpipe.git_commit": git_commit(), **tags, **owner_tags()})
     ctx = TrackingContext(uri=uri, experiment_id=exp_id, parent_run_id=run.info.run_id,
                           workdir=str(Path(workdir).resolve()), flow_run_id=flow_run_id)
     try:
         _log_params(client, ctx.parent_run_id, params)
     except BaseException:
-        client.set_terminated(ctx.parent_run_id, status="FAILED")
+        record_failure(f"mark MLflow run {ctx.parent_run_id} FAILED",
+                       lambda: client.set_terminated(ctx.parent_run_id, status="FAILED"))
         raise
     return ctx
+
+
+KILLED_BY_TAG = "lmpipe.killed"  # on a run marked KILLED: why
+
+
+def mark_killed_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the runs of the experiment left RUNNING by a process of this host that is gone.
+
+    Every run lmpipe opens carries its owner (``lmpipe.tracking.owners``: host, pid, the
+    process's start time). A run still RUNNING whose owner is on this host and dead (its pid
+    gone, or now another process's) was killed before it could end: it gets status KILLED
+    and an end time (now: when it died is not known), and the models it was logging
+    (LoggedModels still PENDING) are marked FAILED. A run of a live process, e.g. a
+    pipeline running beside this one, stays RUNNING. So do runs of other hosts, and runs
+    without owner tags: from here nothing tells whether their process still runs.
+    Returns the ids of the runs marked KILLED.
+    """
+    host = socket.gethostname()
+    killed: list[str] = []
+    token: str | None = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' AND "
+                                  f"tags.`{HOST_TAG}` = '{host}'", max_results=1000, page_token=token)
+        for run in page:
+            tags = run.data.tags
+            if owner_dead(tags):
+                client.set_tag(run.info.run_id, KILLED_BY_TAG,
+                               f"its process {tags.get(PID_TAG)} on {tags.get(HOST_TAG)} was gone when a later "
+                               "pipeline run started")
+                client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+                killed.append(run.info.run_id)
+        token = page.token
+        if not token:
+            break
+    for run_id in killed:
+        for model in client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'"):
+            if model.status == LoggedModelStatus.PENDING:
+                client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+    if killed:
+        log.warning("marked %d MLflow run(s) KILLED, left RUNNING by a process that is gone: %s",
+                    len(killed), ", ".join(killed))
+    return killed
+
+
+def record_failure(what: str, action: Callable[[], object]) -> None:
+    """Record a failure (in MLflow) while its exception propagates: an error doing so is logged, not raised.
+
+    The store may be failing for the same reason as the stage (a full disk), and an error
+    raised here would replace the one the user has to see. ``what``: what ``action`` does,
+    for the warning ("mark MLflow run ... FAILED").
+    """
+    try:
+        action()
+    except Exception as err:
+        first_line = next(iter(str(err).splitlines()), "")  # an SQL error goes on with the statement
+        log.warning("could not %s: %s: %s (the error raised is the one that failed the run)", what,
+                    type(err).__name__, first_line)
 
 
 def close_run(ctx: TrackingContext, run_id: str, status: str) -> None:
@@ -181,22 +252,28 @@ class StageRun:
 @contextmanager
 def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[str, Any],
               tags: dict[str, str] | None = None) -> Iterator[StageRun]:
-    """A nested run for one stage; FINISHED when the block succeeds, FAILED when it raises."""
+    """A nested run for one stage; FINISHED when the block succeeds, FAILED when it raises.
+
+    When the block raises, that error is what propagates: one in recording the failure (the
+    store failing too) is logged as a warning (``record_failure``).
+    """
     client = client_for(ctx.uri)
     run = client.create_run(
         ctx.experiment_id,
         run_name=stage,
         tags={PARENT_TAG: ctx.parent_run_id, "lmpipe.stage": stage, "lmpipe.fingerprint": fingerprint,
               "lmpipe.git_commit": git_commit(),
-              **({"prefect.flow_run_id": ctx.flow_run_id} if ctx.flow_run_id else {}), **(tags or {})},
+              **({"prefect.flow_run_id": ctx.flow_run_id} if ctx.flow_run_id else {}), **(tags or {}),
+              **owner_tags()},
     )
     sr = StageRun(ctx.uri, run.info.run_id)
     try:
         sr.log_params(params)
         yield sr
-    except BaseException:
-        sr.flush()
-        client.set_terminated(sr.run_id, status="FAILED")
+    except BaseException:  # recorded as far as the store allows; the stage's own error is the one raised
+        record_failure(f"log the metrics still buffered for MLflow run {sr.run_id} ({stage})", sr.flush)
+        record_failure(f"mark MLflow run {sr.run_id} ({stage}) FAILED",
+                       lambda: client.set_terminated(sr.run_id, status="FAILED"))
         raise
     sr.flush()
     client.set_terminated(sr.run_id, status="FINISHED")

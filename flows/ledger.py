@@ -133,15 +133,24 @@ def _settle(state: Any) -> tuple[StageResult, str]:
     return result, "reused" if result.meta.get("reused") else "ran"
 
 
-def _library_logs_to_prefect() -> None:
-    """The ``lmpipe`` logger's lines into the flow run's log, as PREFECT_LOGGING_EXTRA_LOGGERS does when it is set
-    before prefect is first imported (the CLI and the deployments set it; a flow called from Python may not)."""
+@contextmanager
+def _library_logs_to_prefect() -> Iterator[None]:
+    """The ``lmpipe`` logger's lines into the flow run's log while the flow runs, as PREFECT_LOGGING_EXTRA_LOGGERS
+    does when it is set before prefect is first imported (the CLI and the deployments set it; a flow called
+    from Python may not)."""
     library = logging.getLogger("lmpipe")
-    for handler in logging.getLogger("prefect.extra").handlers:
-        if handler not in library.handlers:
-            library.addHandler(handler)
-    if library.level == logging.NOTSET:
+    added = [h for h in logging.getLogger("prefect.extra").handlers if h not in library.handlers] if flow_run.id else []
+    level = library.level
+    for handler in added:
+        library.addHandler(handler)
+    if level == logging.NOTSET:
         library.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for handler in added:
+            library.removeHandler(handler)
+        library.setLevel(level)
 
 
 @contextmanager
@@ -153,28 +162,28 @@ def tracked_flow(config: PipelineConfig, flow_name: str) -> Iterator[tuple[Track
     is logged as a warning (``record_failure``), since the store may fail for the body's reason
     (a full disk). After a successful body their errors are raised.
     """
-    _library_logs_to_prefect()
-    # Every process of this run (chunk workers, torchrun ranks) inherits how long a silent lease stands.
-    os.environ[STALE_ENV] = repr(config.lease_stale_s)
-    tags = {"lmpipe.flow": flow_name, "lmpipe.config_name": config.name}
-    if flow_run.id:
-        tags["prefect.flow_run_id"] = str(flow_run.id)
-        tags["prefect.flow_run_url"] = str(flow_run.ui_url or "")
-    ctx = open_pipeline_run(config.tracking, config.workdir, run_name=f"{flow_name}-{flow_run.name or 'local'}",
-                            params=config.model_dump(mode="json"), tags=tags,
-                            flow_run_id=str(flow_run.id) if flow_run.id else None)
-    ledger = Ledger(runner_cfg=config.data.runner)
-    try:
-        yield ctx, ledger
-    except BaseException:
-        record_failure("shut the chunk runner down", ledger.close)
-        record_failure(f"put the stage summary on MLflow run {ctx.parent_run_id}",
-                       lambda: set_parent_summary(ctx, ledger.results, [o.__dict__ for o in ledger.outcomes]))
-        record_failure(f"mark MLflow run {ctx.parent_run_id} FAILED",
-                       lambda: close_run(ctx, ctx.parent_run_id, "FAILED"))
-        raise
-    try:
-        ledger.close()
-        set_parent_summary(ctx, ledger.results, [o.__dict__ for o in ledger.outcomes])
-    finally:
-        close_run(ctx, ctx.parent_run_id, "FINISHED")
+    with _library_logs_to_prefect():
+        # Every process of this run (chunk workers, torchrun ranks) inherits how long a silent lease stands.
+        os.environ[STALE_ENV] = repr(config.lease_stale_s)
+        tags = {"lmpipe.flow": flow_name, "lmpipe.config_name": config.name}
+        if flow_run.id:
+            tags["prefect.flow_run_id"] = str(flow_run.id)
+            tags["prefect.flow_run_url"] = str(flow_run.ui_url or "")
+        ctx = open_pipeline_run(config.tracking, config.workdir, run_name=f"{flow_name}-{flow_run.name or 'local'}",
+                                params=config.model_dump(mode="json"), tags=tags,
+                                flow_run_id=str(flow_run.id) if flow_run.id else None)
+        ledger = Ledger(runner_cfg=config.data.runner)
+        try:
+            yield ctx, ledger
+        except BaseException:
+            record_failure("shut the chunk runner down", ledger.close)
+            record_failure(f"put the stage summary on MLflow run {ctx.parent_run_id}",
+                           lambda: set_parent_summary(ctx, ledger.results, [o.__dict__ for o in ledger.outcomes]))
+            record_failure(f"mark MLflow run {ctx.parent_run_id} FAILED",
+                           lambda: close_run(ctx, ctx.parent_run_id, "FAILED"))
+            raise
+        try:
+            ledger.close()
+            set_parent_summary(ctx, ledger.results, [o.__dict__ for o in ledger.outcomes])
+        finally:
+            close_run(ctx, ctx.parent_run_id, "FINISHED")

@@ -3,10 +3,14 @@
 A lease on a stage's output and the MLflow runs a pipeline opens record their
 owner this way, so that a later run can tell a live owner from one a kill left
 behind. A pid alone is not enough (pids are reused), so the owner also records
-when its process started; a process that is gone, a zombie, or a pid now held
-by a process that started at another time is not the owner any more. Only
-processes of this host can be checked; an owner on another host is reported as
-``None`` (unknown), and the caller decides by other means (a heartbeat).
+when its process started: on Linux ``<boot id>/<pid namespace>/<start in clock
+ticks since boot>``, exact and comparable between processes; elsewhere psutil's
+creation time (seconds since the epoch). A process that is gone, a zombie, or a
+pid now held by a process that started at another time is not the owner any
+more; a host whose boot id changed has been rebooted since, so its processes
+are gone. Only processes of this host (and pid namespace) can be checked: an
+owner elsewhere is reported as ``None`` (unknown), and the caller decides by
+other means (a heartbeat), or leaves it alone.
 """
 
 from __future__ import annotations
@@ -15,31 +19,68 @@ import getpass
 import os
 import socket
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+_PROC = Path("/proc")
 
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux /proc), None if it is gone or a zombie."""
+
+def _linux_boot() -> str | None:
+    """This boot and pid namespace ("<boot id>/<namespace inode>"), or None where there is no /proc."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            stat = f.read()
+        boot = (_PROC / "sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+        namespace = os.stat(_PROC / "self/ns/pid").st_ino
     except OSError:
         return None
-    # The command name (field 2) may hold spaces or parentheses: the fields after it follow the last ')'.
-    fields = stat[stat.rindex(")") + 2:].split()
-    if fields[0] in ("Z", "X"):  # zombie or dead: killed, not yet reaped by its parent
-        return None
-    return int(fields[19])  # field 22 of stat
+    return f"{boot}/{namespace}"
 
 
-def _start_marker(pid: int) -> str:
-    ticks = _start_ticks(pid)
-    return str(ticks) if ticks is not None else ""
+def probe(pid: int) -> tuple[bool, str | None]:
+    """(whether pid is a live process, its start time or None if unknown). A zombie is not alive."""
+    boot = _linux_boot()
+    if boot is not None:
+        try:
+            stat = (_PROC / str(pid) / "stat").read_text(encoding="ascii", errors="replace")
+        except (FileNotFoundError, ProcessLookupError):
+            return False, None
+        except OSError:
+            return True, None
+        # "pid (comm) state ... starttime(22nd field)"; comm may hold spaces and parentheses
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent
+            return False, None
+        return True, f"{boot}/{fields[19]}"
+    import psutil  # not Linux: psutil knows the process table
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return False, None
+        return True, f"{proc.create_time():.3f}"
+    except psutil.NoSuchProcess:
+        return False, None
+    except psutil.Error:  # e.g. access denied: it exists
+        return True, None
+
+
+def process_start(pid: int | None = None) -> str | None:
+    """The start time of process ``pid`` (this process by default) as ``PID_START_TAG`` records it."""
+    return probe(os.getpid() if pid is None else pid)[1]
+
+
+def _same_start(recorded: str, now: str) -> bool:
+    if "/" in recorded or "/" in now:  # Linux: boot/namespace/ticks, exact
+        return recorded == now
+    try:  # psutil's creation time: seconds, computed from a boot time that may drift by a second
+        return abs(float(recorded) - float(now)) < 1.0
+    except ValueError:
+        return recorded == now
+
 
 
 @dataclass(frozen=True)
 class ProcessOwner:
-    """A process: the user it runs as, its host, pid and start time (empty where /proc is not available)."""
+    """A process: the user it runs as, its host, pid and start time (``process_start``; empty if unknown)."""
 
     user: str
     host: str
@@ -52,7 +93,7 @@ class ProcessOwner:
             user = getpass.getuser()
         except (KeyError, OSError):  # no passwd entry (some containers)
             user = str(os.getuid())
-        return cls(user=user, host=socket.gethostname(), pid=os.getpid(), started=_start_marker(os.getpid()))
+        return cls(user=user, host=socket.gethostname(), pid=os.getpid(), started=process_start() or "")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProcessOwner:
@@ -63,21 +104,21 @@ class ProcessOwner:
         return asdict(self)
 
     def alive(self) -> bool | None:
-        """True if this process still runs, False if it is gone, None if it is on another host (unknown)."""
+        """True if this process still runs, False if it is known to be gone, None if it cannot be told here
+        (another host, or another pid namespace of this host: another container)."""
         if self.host != socket.gethostname():
             return None
-        if self.pid == os.getpid():
-            return True
-        if os.path.isdir("/proc"):
-            ticks = _start_ticks(self.pid)
-            return ticks is not None and (not self.started or str(ticks) == self.started)
-        try:  # no /proc (macOS): the pid alone
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
+        boot = _linux_boot()
+        if boot is not None and self.started.count("/") == 2:
+            recorded_boot, recorded_ns, _ticks = self.started.split("/")
+            if recorded_boot != boot.split("/")[0]:
+                return False  # this host has been rebooted since the owner started
+            if recorded_ns != boot.split("/")[1]:
+                return None
+        alive, start = probe(self.pid)
+        if not alive:
             return False
-        except PermissionError:  # another user's process
-            return True
-        return True
+        return not (start is not None and self.started and not _same_start(self.started, start))
 
     def describe(self) -> str:
         return f"{self.user}@{self.host} pid {self.pid}"

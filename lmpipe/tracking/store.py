@@ -23,7 +23,7 @@ import socket
 import sqlite3
 from pathlib import Path
 
-from lmpipe.tracking.owners import probe, process_start
+from lmpipe.processes import probe, process_start
 
 STORE_FILE = "mlflow.db"
 

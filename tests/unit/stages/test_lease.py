@@ -211,6 +211,6 @@ def test_a_process_owner_knows_a_dead_or_reused_pid():
     child.wait()
     gone = ProcessOwner(me.user, me.host, child.pid, "1")
     assert gone.alive() is False
-    assert ProcessOwner(me.user, me.host, me.pid, "not-my-start").alive() is True  # this very process
+    assert ProcessOwner(me.user, me.host, me.pid, "not-my-start").alive() is False  # this pid, another start
     assert ProcessOwner(me.user, me.host, os.getppid(), "0").alive() is False  # the pid lives, but started later
     assert ProcessOwner(me.user, "elsewhere", me.pid, me.started).alive() is None

@@ -11,7 +11,8 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 
 from lmpipe.config.evaluation import TrackingConfig
-from lmpipe.tracking.owners import HOST_TAG, PID_START_TAG, PID_TAG, owner_dead, owner_tags, process_start
+from lmpipe.processes import process_start
+from lmpipe.tracking.owners import HOST_TAG, PID_START_TAG, PID_TAG, owner_dead, owner_tags
 from lmpipe.tracking.runs import KILLED_BY_TAG, open_pipeline_run, stage_run
 from tests.unit.tracking.test_store import fork, wait
 

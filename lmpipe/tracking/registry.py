@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,7 @@ from lmpipe.tracking.runs import StageRun, client_for
 from lmpipe.tracking.serving import GPTTextGenerator, served_signature
 from lmpipe.tracking.uris import MODEL_URI_FORMS
 
+log = logging.getLogger(__name__)
 
 def weights_sha256(checkpoint_dir: Path) -> str:
     """The sha256 of a checkpoint's weights: as its state.json records it, else computed."""
@@ -89,6 +91,8 @@ def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path, tok
         _ensure_registered_model(client, cfg.registered_model)
         version = client.create_model_version(cfg.registered_model, source=f"models:/{info.model_id}",
                                               run_id=run.run_id, tags=identity, model_id=info.model_id)
+        log.info("created %s version %s (fine-tune %s, weights sha256 %s)", cfg.registered_model, version.version,
+                 identity.get(FINETUNE_TAG, "unknown"), identity[WEIGHTS_TAG])
     model_id = getattr(version, "model_id", None)
     return {
         "name": cfg.registered_model,

@@ -80,6 +80,7 @@ class Lease:
     owner: ProcessOwner = field(default_factory=ProcessOwner.current)
     token: str = field(default_factory=lambda: secrets.token_hex(8))
     _beat: int = 0
+    _started: str = ""
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _lost: bool = False
@@ -143,7 +144,7 @@ class Lease:
 
     def _record(self) -> dict[str, Any]:
         return {"owner": self.owner.to_dict(), "token": self.token, "beat": self._beat,
-                "started": getattr(self, "_started", _now()), "heartbeat": _now(), "stale_s": self.stale_s}
+                "started": self._started, "heartbeat": _now(), "stale_s": self.stale_s}
 
     def _create(self) -> bool:
         """Atomically create the lease from a fully written file; False if one is there."""

@@ -645,6 +645,15 @@ def test_early_stopping_keeps_the_best_checkpoint_and_stays_stopped(tmp_path: Pa
     assert len(losses(tmp_path)) == summary.steps
 
 
+
+def _run_and_find_bests(work: Path, cfg):
+    """An uninterrupted run with its val losses by step, its final best step and the best step before it."""
+    vals: dict[int, float] = {}
+    full = run(work, cfg, log_metrics=lambda m, s: vals.update({s: m["val/loss"]}) if "val/loss" in m else None)
+    bests = [s for s in sorted(vals) if vals[s] < min([vals[t] for t in vals if t < s], default=math.inf)]
+    return full, vals, bests[-1], bests[-2]
+
+
 def test_a_resume_that_does_not_find_the_newer_best_again_publishes_the_recorded_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -656,11 +665,7 @@ def test_a_resume_that_does_not_find_the_newer_best_again_publishes_the_recorded
 
     cfg = config(max_steps=40, learning_rate=5e-2, min_lr=5e-2, warmup_steps=0, eval_interval=1,
                  early_stopping_patience=3, checkpoint_interval=100)
-    vals: dict[int, float] = {}
-    full = run(tmp_path / "full", cfg,
-               log_metrics=lambda m, s: vals.update({s: m["val/loss"]}) if "val/loss" in m else None)
-    bests = [s for s in sorted(vals) if vals[s] < min([vals[t] for t in vals if t < s], default=math.inf)]
-    last, before = bests[-1], bests[-2]  # the final best, and the best before it
+    full, vals, last, before = _run_and_find_bests(tmp_path / "full", cfg)
     assert last == full.best_step
 
     work = tmp_path / "crashed"
@@ -704,11 +709,7 @@ def test_the_best_checkpoint_of_the_previous_regular_one_is_kept_for_a_fallback(
     # Validated every other step, checkpointed every step: the checkpoint of step last - 1 records `before`.
     cfg = config(max_steps=40, learning_rate=2e-2, min_lr=2e-2, warmup_steps=0, eval_interval=2,
                  early_stopping_patience=3, checkpoint_interval=1)
-    vals: dict[int, float] = {}
-    full = run(tmp_path / "full", cfg,
-               log_metrics=lambda m, s: vals.update({s: m["val/loss"]}) if "val/loss" in m else None)
-    bests = [s for s in sorted(vals) if vals[s] < min([vals[t] for t in vals if t < s], default=math.inf)]
-    last, before = bests[-1], bests[-2]
+    full, vals, last, before = _run_and_find_bests(tmp_path / "full", cfg)
     assert (before, last, full.stopped_early) == (last - 2, full.best_step, True)
 
     work = tmp_path / "damaged"

@@ -34,7 +34,8 @@ check: $(STAMP)
 # The benchmarks (bench/): cleaning against datatrove, sharding against the bare tokenizers encoder,
 # peak memory on a 2 GB synthetic corpus, the training loop against a bare loop (BENCH_TRAIN_CONFIG: the
 # demo on CPU; configs/gpt2-124m.yaml with --compile both on a GPU), what checking shards' sha256 on open
-# costs against the demo's pretraining. datatrove is the cleaning baseline only, so it is installed here.
+# costs against the demo's pretraining, what checking reused stages costs a cached re-run of the demo (in the
+# demo's work directory, filled first if empty). datatrove is the cleaning baseline only, so it is installed here.
 BENCH_MEMORY_GB ?= 2
 BENCH_TRAIN_CONFIG ?= configs/demo.yaml
 bench: $(STAMP)
@@ -44,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.shard
 	$(BIN)/python -m bench.memory --gigabytes $(BENCH_MEMORY_GB)
 	$(BIN)/python -m bench.verify --config $(BENCH_TRAIN_CONFIG)
+	$(BIN)/python -m bench.reuse
 
 clean-work:
 	rm -rf .lmpipe

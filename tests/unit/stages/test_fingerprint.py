@@ -33,8 +33,9 @@ def test_pretrain_code_covers_the_modules_training_runs():
     assert finetune - pretrain == {"lmpipe.stages.finetune", "lmpipe.data.sft"}
     assert _closure("register") == {
         "lmpipe.artifacts", "lmpipe.config.base", "lmpipe.config.data", "lmpipe.config.effects",
-        "lmpipe.config.evaluation", "lmpipe.data.tokenizer", "lmpipe.model.generation_settings", "lmpipe.stages.register",
-        "lmpipe.tracking.registry", "lmpipe.tracking.runs", "lmpipe.tracking.serving", "lmpipe.tracking.uris",
+        "lmpipe.config.evaluation", "lmpipe.data.tokenizer", "lmpipe.model.generation_settings", "lmpipe.processes",
+        "lmpipe.stages.register", "lmpipe.tracking.owners", "lmpipe.tracking.registry", "lmpipe.tracking.runs",
+        "lmpipe.tracking.serving", "lmpipe.tracking.store", "lmpipe.tracking.uris",
     }
     assert not any(m.startswith("lmpipe.training") for m in _closure("evaluate"))  # evaluation only loads models
     assert len({code_version("pretrain"), code_version("finetune"), code_version("evaluate")}) == 3

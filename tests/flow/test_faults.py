@@ -82,8 +82,11 @@ def _exists(pattern: str) -> Callable[[Path, str], bool]:
 
 MOMENTS = [
     Moment("store creation", lambda w, _o: any(w.glob("mlflow.db*"))),
+    Moment("reading the corpus", _exists("download/*.lease")),
     Moment("cleaning a chunk", _exists("clean_chunk/*.lease")),
+    Moment("combining the cleaned chunks", _exists("clean/*.lease")),
     Moment("training the tokenizer", _exists("train_tokenizer/*.lease")),
+    Moment("encoding a chunk", _exists("encode_chunk/*.lease")),
     Moment("sharding", _exists("shard/*.lease")),
     Moment("pretraining, after a checkpoint", _exists("pretrain/*.partial/checkpoints/*/state.json")),
     Moment("fine-tuning", _exists("finetune/*.lease")),

@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     run exits 1, with a message that names the option or field and the value.
     """
     args = _parser().parse_args(argv)
+    # MLflow draws a progress bar for every artifact it downloads (registering a model, generate, export): noise.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         answer = COMMANDS[args.command](args)
     except ConfigError as err:

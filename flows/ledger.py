@@ -54,8 +54,10 @@ class Ledger:
 
     def run(self, stage_task: Any, label: str | None = None, **params: Any) -> StageResult:
         start = time.perf_counter()
-        result, status = _settle(stage_task(**params, return_state=True))
-        label = label or result.stage
+        label = label or stage_task.name
+        # The flow's label names the task run and the stage's MLflow run: which corpus a data stage is for.
+        result, status = _settle(stage_task.with_options(task_run_name=label)(**params, label=label,
+                                                                                 return_state=True))
         self.outcomes.append(StageOutcome(result.stage, label, result.fingerprint, status,
                                           time.perf_counter() - start, result.out_dir))
         self.results[label] = result
@@ -69,7 +71,8 @@ class Ledger:
         only does the chunks that are missing: the others are reused from their finished directories.
         """
         start = time.perf_counter()
-        futures = self._chunk_runner().map(chunk_task, {"chunk": list(chunks),
+        named = chunk_task.with_options(task_run_name=f"{label} {{chunk}}")  # e.g. clean_chunk/wikitext2 part-...
+        futures = self._chunk_runner().map(named, {"chunk": list(chunks),
                                                         **{k: unmapped(v) for k, v in params.items()}})
         futures.wait()
         results: list[StageResult] = []

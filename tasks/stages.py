@@ -62,15 +62,15 @@ DOWNLOAD = StageSpec("download", configs=("corpus",), inputs=("local_sha256", "c
                      not_read=(("corpus", frozenset({"val_fraction", "clean"})),))
 
 
-@task(name="download", task_run_name="download-{field}", retries=3, retry_delay_seconds=[2, 10, 30],
+@task(name="download", retries=3, retry_delay_seconds=[2, 10, 30],
       retry_jitter_factor=0.5, retry_condition_fn=_transient_only, **ON_DISK_ONLY)
 def download(corpus: CorpusConfig, field: str, chunk_bytes: int, strict: bool, ctx: TrackingContext,
-             local_sha256: list[str | None] | None = None) -> StageResult:
+             local_sha256: list[str | None] | None = None, label: str | None = None) -> StageResult:
     fp, out_dir = DOWNLOAD.locate(locals())
     if (done := reuse(out_dir)) is not None:
         return done
     with stage_run(ctx, "download", fp, {field: corpus, "data.chunk_bytes": chunk_bytes, "data.strict": strict},
-                   {"lmpipe.corpus": corpus.name}) as run:
+                   {"lmpipe.corpus": corpus.name}, name=label) as run:
         result = run_download(corpus, out_dir, fp, field=field, chunk_bytes=chunk_bytes, strict=strict,
                               download_dir=Path(ctx.workdir) / "downloads")
         run.log_result(result, ["sources.json", "read_report.json"])
@@ -88,7 +88,7 @@ def download(corpus: CorpusConfig, field: str, chunk_bytes: int, strict: bool, c
 CLEAN_CHUNK = StageSpec("clean_chunk", configs=("cfg",), inputs=("chunk",), upstreams=("docs",))
 
 
-@task(name="clean_chunk", task_run_name="clean-{chunk}", **ON_DISK_ONLY)
+@task(name="clean_chunk", **ON_DISK_ONLY)
 def clean_chunk(cfg: CleanConfig, docs: StageResult, chunk: str, ctx: TrackingContext) -> StageResult:
     fp, out_dir = CLEAN_CHUNK.locate(locals())
     return run_clean_chunk(cfg, docs.path(chunk), out_dir, fp)
@@ -98,13 +98,13 @@ def clean_chunk(cfg: CleanConfig, docs: StageResult, chunk: str, ctx: TrackingCo
 CLEAN = StageSpec("clean", configs=("cfg",), upstreams=("docs",))
 
 
-@task(name="clean", task_run_name="clean-{corpus_field}", **ON_DISK_ONLY)
+@task(name="clean", **ON_DISK_ONLY)
 def clean(cfg: CleanConfig, docs: StageResult, chunks: list[StageResult], corpus_field: str, clean_field: str,
-          ctx: TrackingContext) -> StageResult:
+          ctx: TrackingContext, label: str | None = None) -> StageResult:
     fp, out_dir = CLEAN.locate(locals())
     if (done := reuse(out_dir)) is not None:
         return done
-    with stage_run(ctx, "clean", fp, {clean_field: cfg}, {"lmpipe.corpus_field": corpus_field}) as run:
+    with stage_run(ctx, "clean", fp, {clean_field: cfg}, {"lmpipe.corpus_field": corpus_field}, name=label) as run:
         result = run_clean(cfg, chunks, out_dir, fp, corpus_field=corpus_field, clean_field=clean_field)
         run.log_result(result, ["clean_report.json", "removed.parquet"])
         rows = result.meta["report"]
@@ -122,11 +122,12 @@ TOKENIZER = StageSpec("train_tokenizer", configs=("cfg",), upstreams=("docs",))
 
 
 @task(name="train_tokenizer", **ON_DISK_ONLY)
-def train_tokenizer(cfg: TokenizerConfig, docs: StageResult, ctx: TrackingContext) -> StageResult:
+def train_tokenizer(cfg: TokenizerConfig, docs: StageResult, ctx: TrackingContext,
+                    label: str | None = None) -> StageResult:
     fp, out_dir = TOKENIZER.locate(locals())
     if (done := reuse(out_dir)) is not None:
         return done
-    with stage_run(ctx, "train_tokenizer", fp, {"tokenizer": cfg}) as run:
+    with stage_run(ctx, "train_tokenizer", fp, {"tokenizer": cfg}, name=label) as run:
         result = run_train_tokenizer(cfg, docs, out_dir, fp)
         run.log_result(result, ["tokenizer.json", "tokenizer_meta.json"])
     return result
@@ -136,7 +137,7 @@ def train_tokenizer(cfg: TokenizerConfig, docs: StageResult, ctx: TrackingContex
 ENCODE_CHUNK = StageSpec("encode_chunk", inputs=("chunk", "val_fraction"), upstreams=("docs", "tokenizer"))
 
 
-@task(name="encode_chunk", task_run_name="encode-{chunk}", **ON_DISK_ONLY)
+@task(name="encode_chunk", **ON_DISK_ONLY)
 def encode_chunk(docs: StageResult, chunk: str, tokenizer: StageResult, val_fraction: float, encode_batch_size: int,
                  ctx: TrackingContext) -> StageResult:
     fp, out_dir = ENCODE_CHUNK.locate(locals())
@@ -147,14 +148,14 @@ SHARD = StageSpec("shard", configs=("cfg", "corpus"), upstreams=("docs", "tokeni
                   not_read=(("corpus", frozenset({"clean"})),))
 
 
-@task(name="shard", task_run_name="shard-{corpus_field}", **ON_DISK_ONLY)
+@task(name="shard", **ON_DISK_ONLY)
 def shard(cfg: ShardConfig, corpus: CorpusConfig, docs: StageResult, encoded: list[StageResult],
-          tokenizer: StageResult, corpus_field: str, ctx: TrackingContext) -> StageResult:
+          tokenizer: StageResult, corpus_field: str, ctx: TrackingContext, label: str | None = None) -> StageResult:
     fp, out_dir = SHARD.locate(locals())
     if (done := reuse(out_dir)) is not None:
         return done
     with stage_run(ctx, "shard", fp, {"data.shard": cfg, "val_fraction": corpus.val_fraction},
-                   {"lmpipe.corpus_field": corpus_field}) as run:
+                   {"lmpipe.corpus_field": corpus_field}, name=label) as run:
         result = run_shard(cfg, corpus, encoded, tokenizer, out_dir, fp, corpus_field=corpus_field)
         run.log_result(result, ["manifest.json"])
     return result
@@ -165,11 +166,11 @@ PRETRAIN = StageSpec("pretrain", configs=("model_cfg", "cfg"), upstreams=("shard
 
 @task(name="pretrain", retries=2, retry_delay_seconds=5, retry_condition_fn=_rank_lost, **ON_DISK_ONLY)
 def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, shards: StageResult, tokenizer: StageResult,
-             ctx: TrackingContext) -> StageResult:
+             ctx: TrackingContext, label: str | None = None) -> StageResult:
     fp, out_dir = PRETRAIN.locate(locals())
     if (done := reuse(out_dir)) is not None:
         return done
-    with stage_run(ctx, "pretrain", fp, {"model": model_cfg, "pretrain": cfg}) as run:
+    with stage_run(ctx, "pretrain", fp, {"model": model_cfg, "pretrain": cfg}, name=label) as run:
         result = run_pretrain(model_cfg, cfg, shards, tokenizer, out_dir, fp,
                               report=Reporters(run.log_metrics, PrefectProgress("pretrain"), get_run_logger().info),
                               tracking_env=run.env())
@@ -186,12 +187,13 @@ FINETUNE = StageSpec("finetune", configs=("model_cfg", "cfg"), inputs=("sft_sha2
 @task(name="finetune", **ON_DISK_ONLY)
 def finetune(model_cfg: ModelConfig, cfg: FinetuneConfig, base: StageResult | None, shards: StageResult | None,
              tokenizer: StageResult, ctx: TrackingContext, sft_sha256: str | None = None,
-             init_sha256: str | None = None) -> StageResult:
+             init_sha256: str | None = None, label: str | None = None) -> StageResult:
     fp, out_dir = FINETUNE.locate(locals())
     if (done := reuse(out_dir)) is not None:
         return done
     init = _init_checkpoint(cfg.init_checkpoint, base)
-    with stage_run(ctx, "finetune", fp, {"model": model_cfg, "finetune": cfg}, {"lmpipe.init": str(init)}) as run:
+    with stage_run(ctx, "finetune", fp, {"model": model_cfg, "finetune": cfg}, {"lmpipe.init": str(init)},
+                   name=label) as run:
         result = run_finetune(cfg, model_cfg, init, shards, tokenizer, out_dir, fp,
                               report=Reporters(run.log_metrics, PrefectProgress("finetune")))
         # adapter/: LoRA with save_adapter; HELD_OUT_FILE: the held-out SFT examples, mode sft
@@ -206,12 +208,14 @@ CLASSIFY = StageSpec("classify", configs=("model_cfg", "cfg"), inputs=("data_sha
 
 @task(name="classify", **ON_DISK_ONLY)
 def classify(model_cfg: ModelConfig, cfg: ClassifyConfig, base: StageResult, tokenizer: StageResult,
-             ctx: TrackingContext, data_sha256: str, init_sha256: str | None = None) -> StageResult:
+             ctx: TrackingContext, data_sha256: str, init_sha256: str | None = None,
+             label: str | None = None) -> StageResult:
     fp, out_dir = CLASSIFY.locate(locals())
     if (done := reuse(out_dir)) is not None:
         return done
     init = _init_checkpoint(cfg.init_checkpoint, base)
-    with stage_run(ctx, "classify", fp, {"model": model_cfg, "classify": cfg}, {"lmpipe.init": str(init)}) as run:
+    with stage_run(ctx, "classify", fp, {"model": model_cfg, "classify": cfg}, {"lmpipe.init": str(init)},
+                   name=label) as run:
         result = run_classify(cfg, model_cfg, init, tokenizer, out_dir, fp,
                               report=Reporters(run.log_metrics, PrefectProgress("classify")))
         run.log_result(result, ["metrics.jsonl", "model", PREDICTIONS_FILE, REPORT_FILE])
@@ -235,13 +239,14 @@ EVALUATE = StageSpec("evaluate", configs=("cfg",), inputs=("benchmark_sha256", "
 @task(name="evaluate", **ON_DISK_ONLY)
 def evaluate(cfg: EvalConfig, models: dict[str, StageResult], corpora: dict[str, StageResult],
              tokenizer: StageResult, ctx: TrackingContext, benchmark_sha256: dict[str, str] | None = None,
-             benchmark_files: dict[str, str] | None = None, reference: dict[str, Any] | None = None) -> StageResult:
+             benchmark_files: dict[str, str] | None = None, reference: dict[str, Any] | None = None,
+             label: str | None = None) -> StageResult:
     fp, out_dir = EVALUATE.locate(locals())
     if (done := reuse(out_dir)) is not None:
         return done
     tags = {"lmpipe.reference": f"{reference['name']}/{reference['version']}"} if reference else None
     sft = next((m.path(m.meta[HELD_OUT_META]) for m in models.values() if HELD_OUT_META in m.meta), None)
-    with stage_run(ctx, "evaluate", fp, {"eval": cfg}, tags) as run:
+    with stage_run(ctx, "evaluate", fp, {"eval": cfg}, tags, name=label) as run:
         checkpoints = {name: stage.path("model") for name, stage in models.items()}
         curves = {stage.stage: stage.path("metrics.jsonl") for stage in models.values()}
         result = run_evaluate(cfg, checkpoints, corpora, tokenizer, out_dir, fp, curves=curves,
@@ -265,11 +270,11 @@ REGISTER = StageSpec("register", configs=("cfg",), inputs=("metric",), upstreams
 
 @task(name="register", **ON_DISK_ONLY)
 def register(cfg: TrackingConfig, finetuned: StageResult, tokenizer: StageResult, report: StageResult,
-             ctx: TrackingContext, metric: str) -> StageResult:
+             ctx: TrackingContext, metric: str, label: str | None = None) -> StageResult:
     fp, out_dir = REGISTER.locate(locals())
     if (done := reuse(out_dir)) is not None:
         return done
-    with stage_run(ctx, "register", fp, {"tracking": cfg, "promote_metric": metric}) as run:
+    with stage_run(ctx, "register", fp, {"tracking": cfg, "promote_metric": metric}, name=label) as run:
         run.log_metrics({k: v for k, v in report.metrics.items() if k.startswith("finetuned.")})
         result = run_register(cfg, ctx, run, finetuned, tokenizer, out_dir, fp, metric=metric,
                               evaluation=report.metrics)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,18 @@ def find_version(client: MlflowClient, name: str, identity: Mapping[str, str]) -
     return min(same, key=lambda v: int(v.version)) if same else None
 
 
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """``logger``'s warnings off for the block."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     try:
         client.create_registered_model(name)
@@ -74,7 +87,9 @@ def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path, tok
         library_dir = Path(__file__).resolve().parent
         # The fluent API is needed for log_model; opening the stage's own child run in this thread is
         # safe (it is not the parent, and this stage ends with it).
-        with mlflow.start_run(run_id=run.run_id):
+        # MLflow warns that a python_model object is serialized with CloudPickle: this one is lmpipe's own class,
+        # from the code it logs beside it, so the warning says nothing a user can act on.
+        with mlflow.start_run(run_id=run.run_id), _quiet("mlflow.pyfunc"):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=GPTTextGenerator(),

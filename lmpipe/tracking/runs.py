@@ -251,8 +251,11 @@ class StageRun:
 
 @contextmanager
 def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[str, Any],
-              tags: dict[str, str] | None = None) -> Iterator[StageRun]:
+              tags: dict[str, str] | None = None, *, name: str | None = None) -> Iterator[StageRun]:
     """A nested run for one stage; FINISHED when the block succeeds, FAILED when it raises.
+
+    ``name``: the run's name, as the flow labels the stage (``clean/wikitext2``: which corpus); the
+    ``lmpipe.stage`` tag is the stage itself (``clean``).
 
     When the block raises, that error is what propagates: one in recording the failure (the
     store failing too) is logged as a warning (``record_failure``).
@@ -260,7 +263,7 @@ def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[s
     client = client_for(ctx.uri)
     run = client.create_run(
         ctx.experiment_id,
-        run_name=stage,
+        run_name=name or stage,
         tags={PARENT_TAG: ctx.parent_run_id, "lmpipe.stage": stage, "lmpipe.fingerprint": fingerprint,
               "lmpipe.git_commit": git_commit(),
               **({"prefect.flow_run_id": ctx.flow_run_id} if ctx.flow_run_id else {}), **(tags or {}),

@@ -113,7 +113,8 @@ def run_loop(loop: Loop) -> tuple[int, float | None]:
     m, early, ckpt = loop.metrics, loop.early, loop.checkpointer
     val_loss: float | None = None
     bar = tqdm(total=loop.max_steps, initial=loop.start, desc=loop.label, unit="step", file=sys.stderr,
-               mininterval=1.0, dynamic_ncols=True, disable=not loop.show_bar)
+               mininterval=1.0, dynamic_ncols=True,
+               disable=not loop.show_bar or not sys.stderr.isatty())  # a bar only on a terminal, not in a log file
     try:
         for step in range(loop.start, loop.max_steps if not early.stopped else loop.start):
             t0 = time.perf_counter()

@@ -49,7 +49,7 @@ def test_unreachable_url_is_retried_then_fails(tmp_path):
     message, runs = _run_failing(tiny_config(tmp_path, f"data.pretrain.sources=[{{uri: '{url}'}}]",
                                              "data.download_retries=1", "data.download_retry_delay_s=0"))
     assert url in message
-    downloads = [r for r in runs if r.info.run_name == "download"]
+    downloads = [r for r in runs if r.info.run_name == "download/wikitext2"]
     assert [r.info.status for r in downloads] == ["FAILED", "FAILED"]  # the first try and one retry
 
 

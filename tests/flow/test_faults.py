@@ -144,6 +144,16 @@ def reference(tmp_path_factory) -> Path:
     return workdir
 
 
+def test_a_run_logs_no_progress_bars_or_mlflow_noise_and_names_each_corpus(reference: Path):
+    log = (reference.parent / "reference.log").read_text(errors="replace")
+    for noise in ("%|", "Downloading artifacts", "CloudPickle", "WARNING mlflow"):
+        assert noise not in log, noise
+    # The task runs carry the flow's labels: which corpus a data stage or chunk is for.
+    for name in ("download/wikitext2", "clean/tinyshakespeare", "shard/wikitext2",
+                 "clean_chunk/wikitext2 documents/part-000000.parquet"):
+        assert f"Task run '{name}' - Finished in state Completed()" in log, name
+
+
 def _assert_like_reference(workdir: Path, reference: Path, store: Path | None = None) -> None:
     assert _stage_files(workdir) == _stage_files(reference)
     versions, runs, logged = _registry(workdir, store)

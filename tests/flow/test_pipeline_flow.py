@@ -66,7 +66,9 @@ def test_every_stage_runs_and_is_tracked(first_run):
     assert parent.data.params["model.n_layer"] == "2"
     assert parent.data.tags["prefect.flow_run_id"]
     assert len(parent.data.tags["lmpipe.git_commit"]) in (40, len("unknown"))
-    assert sorted(r.info.run_name for r in children) == sorted(
+    # Named as the flow labels the stages: a data stage's run says which corpus it is for.
+    assert sorted(r.info.run_name for r in children) == sorted(label for label in STAGES if label not in CHUNK_STAGES)
+    assert sorted(r.data.tags["lmpipe.stage"] for r in children) == sorted(
         ["download", "download", "clean", "clean", "train_tokenizer", "shard", "shard",
          "pretrain", "finetune", "evaluate", "register"])
     assert {r.info.status for r in children} == {"FINISHED"}
@@ -103,8 +105,8 @@ def test_every_stage_runs_and_is_tracked(first_run):
     bpb = summary["metrics"]["evaluate"]["finetuned.tinyshakespeare.bits_per_byte"]
     assert rows[3]["bits_per_byte"] == round(bpb, 10)  # MLflow writes tables with pandas' to_json: 10 decimals
     assert "tokenizer.json" in {a.path for a in client.list_artifacts(by_name["train_tokenizer"].info.run_id)}
-    assert "manifest.json" in {a.path for a in client.list_artifacts(by_name["shard"].info.run_id)}
-    clean_runs = [r for r in children if r.info.run_name == "clean"]
+    assert "manifest.json" in {a.path for a in client.list_artifacts(by_name["shard/wikitext2"].info.run_id)}
+    clean_runs = [r for r in children if r.data.tags["lmpipe.stage"] == "clean"]
     for run in clean_runs:  # the report, every removed document with its reason, and the per-step table
         assert {"clean_report.json", "removed.parquet", "clean_report_table.json"} <= {
             a.path for a in client.list_artifacts(run.info.run_id)}

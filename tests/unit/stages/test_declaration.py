@@ -18,7 +18,7 @@ from lmpipe.tracking.runs import TrackingContext
 # Task arguments that are not part of any fingerprint, and why.
 NOT_FINGERPRINTED = {
     "ctx",  # where to log and write: the work directory holds the output, it is not in the fingerprint
-    "field", "corpus_field", "clean_field",  # names for messages and the UI
+    "field", "corpus_field", "clean_field", "label",  # names for messages and the UI
     "chunks", "encoded",  # the chunk results: a function of the declared config and upstream
     "encode_batch_size",  # how fast the deterministic encoder runs, never what it writes
     "benchmark_files",  # where the files of benchmark_sha256 are

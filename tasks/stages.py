@@ -11,12 +11,15 @@ results. Retries live in the decorators.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
 
 from lmpipe.artifacts import StageResult
 from lmpipe.config.data import CleanConfig, CorpusConfig, ShardConfig, TokenizerConfig
@@ -45,6 +48,25 @@ from tasks.progress import PrefectProgress
 ON_DISK_ONLY: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
+def stage_task(**options: Any) -> Callable[[Callable[..., StageResult]], Any]:
+    """``@task`` for a stage: ``ON_DISK_ONLY``, and a failure logged as one line (which task run, the error's type
+    and message) before Prefect logs the traceback, so the reason is the first thing a reader of the log sees."""
+
+    def decorate(fn: Callable[..., StageResult]) -> Any:
+        @functools.wraps(fn)
+        def body(*args: Any, **kwargs: Any) -> StageResult:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                get_run_logger().error("%s failed: %s: %s", task_run.name or fn.__name__, type(err).__name__, reason)
+                raise
+
+        return task(**options, **ON_DISK_ONLY)(body)
+
+    return decorate
+
+
 def _transient_only(_task: Any, _task_run: Any, state: Any) -> bool:
     """Retry network hiccups, not a 404 or a checksum mismatch."""
     return isinstance(state.result(raise_on_failure=False), TransientDownloadError)
@@ -62,8 +84,8 @@ DOWNLOAD = StageSpec("download", configs=("corpus",), inputs=("local_sha256", "c
                      not_read=(("corpus", frozenset({"val_fraction", "clean"})),))
 
 
-@task(name="download", retries=3, retry_delay_seconds=[2, 10, 30],
-      retry_jitter_factor=0.5, retry_condition_fn=_transient_only, **ON_DISK_ONLY)
+@stage_task(name="download", retries=3, retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5,
+            retry_condition_fn=_transient_only)
 def download(corpus: CorpusConfig, field: str, chunk_bytes: int, strict: bool, ctx: TrackingContext,
              local_sha256: list[str | None] | None = None, label: str | None = None) -> StageResult:
     fp, out_dir = DOWNLOAD.locate(locals())
@@ -88,7 +110,7 @@ def download(corpus: CorpusConfig, field: str, chunk_bytes: int, strict: bool, c
 CLEAN_CHUNK = StageSpec("clean_chunk", configs=("cfg",), inputs=("chunk",), upstreams=("docs",))
 
 
-@task(name="clean_chunk", **ON_DISK_ONLY)
+@stage_task(name="clean_chunk")
 def clean_chunk(cfg: CleanConfig, docs: StageResult, chunk: str, ctx: TrackingContext) -> StageResult:
     fp, out_dir = CLEAN_CHUNK.locate(locals())
     return run_clean_chunk(cfg, docs.path(chunk), out_dir, fp)
@@ -98,7 +120,7 @@ def clean_chunk(cfg: CleanConfig, docs: StageResult, chunk: str, ctx: TrackingCo
 CLEAN = StageSpec("clean", configs=("cfg",), upstreams=("docs",))
 
 
-@task(name="clean", **ON_DISK_ONLY)
+@stage_task(name="clean")
 def clean(cfg: CleanConfig, docs: StageResult, chunks: list[StageResult], corpus_field: str, clean_field: str,
           ctx: TrackingContext, label: str | None = None) -> StageResult:
     fp, out_dir = CLEAN.locate(locals())
@@ -121,7 +143,7 @@ def clean(cfg: CleanConfig, docs: StageResult, chunks: list[StageResult], corpus
 TOKENIZER = StageSpec("train_tokenizer", configs=("cfg",), upstreams=("docs",))
 
 
-@task(name="train_tokenizer", **ON_DISK_ONLY)
+@stage_task(name="train_tokenizer")
 def train_tokenizer(cfg: TokenizerConfig, docs: StageResult, ctx: TrackingContext,
                     label: str | None = None) -> StageResult:
     fp, out_dir = TOKENIZER.locate(locals())
@@ -137,7 +159,7 @@ def train_tokenizer(cfg: TokenizerConfig, docs: StageResult, ctx: TrackingContex
 ENCODE_CHUNK = StageSpec("encode_chunk", inputs=("chunk", "val_fraction"), upstreams=("docs", "tokenizer"))
 
 
-@task(name="encode_chunk", **ON_DISK_ONLY)
+@stage_task(name="encode_chunk")
 def encode_chunk(docs: StageResult, chunk: str, tokenizer: StageResult, val_fraction: float, encode_batch_size: int,
                  ctx: TrackingContext) -> StageResult:
     fp, out_dir = ENCODE_CHUNK.locate(locals())
@@ -148,7 +170,7 @@ SHARD = StageSpec("shard", configs=("cfg", "corpus"), upstreams=("docs", "tokeni
                   not_read=(("corpus", frozenset({"clean"})),))
 
 
-@task(name="shard", **ON_DISK_ONLY)
+@stage_task(name="shard")
 def shard(cfg: ShardConfig, corpus: CorpusConfig, docs: StageResult, encoded: list[StageResult],
           tokenizer: StageResult, corpus_field: str, ctx: TrackingContext, label: str | None = None) -> StageResult:
     fp, out_dir = SHARD.locate(locals())
@@ -164,7 +186,7 @@ def shard(cfg: ShardConfig, corpus: CorpusConfig, docs: StageResult, encoded: li
 PRETRAIN = StageSpec("pretrain", configs=("model_cfg", "cfg"), upstreams=("shards", "tokenizer"))
 
 
-@task(name="pretrain", retries=2, retry_delay_seconds=5, retry_condition_fn=_rank_lost, **ON_DISK_ONLY)
+@stage_task(name="pretrain", retries=2, retry_delay_seconds=5, retry_condition_fn=_rank_lost)
 def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, shards: StageResult, tokenizer: StageResult,
              ctx: TrackingContext, label: str | None = None) -> StageResult:
     fp, out_dir = PRETRAIN.locate(locals())
@@ -184,7 +206,7 @@ FINETUNE = StageSpec("finetune", configs=("model_cfg", "cfg"), inputs=("sft_sha2
                      upstreams=("base", "shards", "tokenizer"))
 
 
-@task(name="finetune", **ON_DISK_ONLY)
+@stage_task(name="finetune")
 def finetune(model_cfg: ModelConfig, cfg: FinetuneConfig, base: StageResult | None, shards: StageResult | None,
              tokenizer: StageResult, ctx: TrackingContext, sft_sha256: str | None = None,
              init_sha256: str | None = None, label: str | None = None) -> StageResult:
@@ -206,7 +228,7 @@ CLASSIFY = StageSpec("classify", configs=("model_cfg", "cfg"), inputs=("data_sha
                      upstreams=("base", "tokenizer"))
 
 
-@task(name="classify", **ON_DISK_ONLY)
+@stage_task(name="classify")
 def classify(model_cfg: ModelConfig, cfg: ClassifyConfig, base: StageResult, tokenizer: StageResult,
              ctx: TrackingContext, data_sha256: str, init_sha256: str | None = None,
              label: str | None = None) -> StageResult:
@@ -236,7 +258,7 @@ EVALUATE = StageSpec("evaluate", configs=("cfg",), inputs=("benchmark_sha256", "
                      upstreams=("models", "corpora", "tokenizer"))
 
 
-@task(name="evaluate", **ON_DISK_ONLY)
+@stage_task(name="evaluate")
 def evaluate(cfg: EvalConfig, models: dict[str, StageResult], corpora: dict[str, StageResult],
              tokenizer: StageResult, ctx: TrackingContext, benchmark_sha256: dict[str, str] | None = None,
              benchmark_files: dict[str, str] | None = None, reference: dict[str, Any] | None = None,
@@ -268,7 +290,7 @@ REGISTER = StageSpec("register", configs=("cfg",), inputs=("metric",), upstreams
                      keyed_on_tracking_store=True)
 
 
-@task(name="register", **ON_DISK_ONLY)
+@stage_task(name="register")
 def register(cfg: TrackingConfig, finetuned: StageResult, tokenizer: StageResult, report: StageResult,
              ctx: TrackingContext, metric: str, label: str | None = None) -> StageResult:
     fp, out_dir = REGISTER.locate(locals())

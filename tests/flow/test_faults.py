@@ -236,6 +236,9 @@ def test_corrupted_outputs_are_found_named_and_repaired(tmp_path: Path, referenc
     proc = subprocess.run(data, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
     assert f"{str(tokenizer)!r} is corrupt" in proc.stderr and "lmpipe verify --repair" in proc.stderr, proc.stderr
+    # The reason is logged in one line before any traceback.
+    first = proc.stderr.index("Task run 'train_tokenizer' - train_tokenizer failed: CorruptArtifactError: ")
+    assert first < proc.stderr.index("Traceback")
     verify = subprocess.run(_command(workdir, command="verify"), cwd=REPO, env=_env(), capture_output=True,
                             text=True, timeout=600)
     assert verify.returncode == 1, verify.stdout + verify.stderr

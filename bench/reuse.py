@@ -16,7 +16,6 @@ The target (issue 13): verification adds at most 10% to the demo's cached re-run
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -30,12 +29,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. workdir=/tmp/w")
     args = parser.parse_args(argv)
 
+    from flows.cli import _prefect_environment
     from lmpipe.config.loading import load_config
 
     config = load_config(args.config, args.overrides)
-    if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
-        os.environ["PREFECT_HOME"] = str(Path(config.workdir).resolve() / "prefect")
-        Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    _prefect_environment(config)  # as `lmpipe run` sets Prefect up: its database in the work directory
 
     import lmpipe.stages.contract as contract
     from flows.pipeline import pipeline

@@ -84,6 +84,25 @@ def size_tree(root: Path) -> dict[str, int]:
     }
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries (what makes a rename in it durable), to disk. A directory that
+    cannot be opened or fsynced (some systems and file systems refuse) is left as it is; a file is not."""
+    directory = Path(path).is_dir()
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON through a temporary file and an fsync'd rename, so readers see old or new, never half."""
     tmp = path.with_name(path.name + ".tmp")

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 
-from lmpipe.artifacts import sha256_file, write_json_atomic
+from lmpipe.artifacts import fsync_path, sha256_file, write_json_atomic
 from lmpipe.config.training import ModelConfig
 from lmpipe.model.gpt import GPT, GPTConfig
 from lmpipe.model.lora import LoraLinear, is_lora_state, merge_state
@@ -101,14 +101,6 @@ def _step_dirs(root: Path) -> list[Path]:
         return []
     found = [p for p in Path(root).iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
     return sorted(found, key=_step_of, reverse=True)
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def seal_checkpoint(tmp: Path, final: Path, state: dict[str, Any]) -> Path:

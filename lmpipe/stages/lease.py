@@ -104,9 +104,11 @@ class Lease:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         seen: _Seen | None = None
         told: str | None = None
-        while not self._create():
+        while True:
             holder = _read(self.path)
-            if holder is None:  # released (or replaced) between our attempt and the read
+            if holder is None:  # free: try to take it (another process may be quicker)
+                if self._create():
+                    break
                 continue
             seen = _observe(seen, holder)
             if self._stale(holder, seen):

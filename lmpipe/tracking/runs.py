@@ -95,9 +95,10 @@ def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, p
     """
     uri = resolve_uri(cfg, workdir)
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    artifacts = (Path(workdir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:///") else None
+    local_artifacts = (Path(workdir).resolve() / "mlartifacts").as_uri()
+    artifacts = local_artifacts if uri.startswith("sqlite:///") else None
     if not cfg.uri:
-        default_store(Path(workdir).resolve() / STORE_FILE, (Path(workdir).resolve() / "mlartifacts").as_uri())
+        default_store(Path(workdir).resolve() / STORE_FILE, local_artifacts)
     client = client_for(uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is None:

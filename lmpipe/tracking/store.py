@@ -23,6 +23,7 @@ import socket
 import sqlite3
 from pathlib import Path
 
+from lmpipe.artifacts import fsync_path
 from lmpipe.processes import probe, process_start
 
 STORE_FILE = "mlflow.db"
@@ -54,23 +55,6 @@ def _remove_stale_temps(db: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _fsync(path: Path, *, directory: bool = False) -> None:
-    """Flush a file (or a directory's entries, as far as the system allows) to disk."""
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    except OSError:  # a directory cannot be opened everywhere (Windows)
-        if directory:
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse to fsync a directory
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
-
-
 def _migrate(path: Path, artifact_uri: str) -> None:
     """Open ``path`` with MLflow's SQLAlchemy store: every table, the schema at MLflow's head revision, the
     Default experiment (its artifacts under ``artifact_uri``). Then close it again."""
@@ -91,7 +75,7 @@ def _build(db: Path, artifact_uri: str) -> None:
     tmp = _temp_name(db)
     try:
         _migrate(tmp, artifact_uri)
-        _fsync(tmp)
+        fsync_path(tmp)
         try:
             os.link(tmp, db)  # atomic, and never replaces a store another process put there first
         except FileExistsError:
@@ -99,7 +83,7 @@ def _build(db: Path, artifact_uri: str) -> None:
         except OSError:  # a file system without hard links: rename if absent (a concurrent creator may win twice)
             if not db.exists():
                 os.rename(tmp, db)
-        _fsync(db.parent, directory=True)
+        fsync_path(db.parent)
     finally:
         for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
             leftover.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ own download/clean/shard with the tokenizer trained on the pretraining corpus.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefect import flow
 
@@ -20,6 +21,7 @@ from lmpipe.artifacts import StageResult, sha256_file
 from lmpipe.config.data import CorpusConfig
 from lmpipe.config.pipeline import PipelineConfig
 from lmpipe.config.training import SFTFinetuneConfig
+from lmpipe.data.increments import FileState, check_watchable, first_record
 from lmpipe.data.sources import local_source_digests
 from lmpipe.eval.benchmark_files import resolve_benchmarks
 from lmpipe.stages.preflight import check_context_fits, check_inputs
@@ -39,42 +41,65 @@ from tasks.stages import (
     train_tokenizer,
 )
 
+DIGEST_CACHE = "downloads/digests.json"  # under the work directory: local files' sha256 by (path, size, mtime)
+
 
 def _documents(config: PipelineConfig, corpus: CorpusConfig, field: str, ctx: TrackingContext,
-               ledger: StageRunner) -> StageResult:
+               ledger: StageRunner) -> tuple[StageResult, StageResult]:
+    """The corpus downloaded (what was read: its files' sizes and sha256) and cleaned."""
     delay = config.data.download_retry_delay_s
     fetch = download.with_options(retries=config.data.download_retries,
                                   retry_delay_seconds=[delay * 5**i for i in range(config.data.download_retries)] or 0)
-    digests = local_source_digests(corpus, cache_file=Path(ctx.workdir) / "downloads" / "digests.json")
+    digests = local_source_digests(corpus, cache_file=Path(ctx.workdir) / DIGEST_CACHE)
     docs = ledger.run(fetch, f"download/{corpus.name}", corpus=corpus, field=field,
                       chunk_bytes=config.data.chunk_bytes, strict=config.data.strict, ctx=ctx, local_sha256=digests)
     cfg, clean_field = (corpus.clean, f"{field}.clean") if corpus.clean else (config.data.clean, "data.clean")
     chunks = ledger.map(clean_chunk, f"clean_chunk/{corpus.name}", docs.meta["chunks"], cfg=cfg, docs=docs, ctx=ctx)
-    return ledger.run(clean, f"clean/{corpus.name}", cfg=cfg, docs=docs, chunks=chunks, corpus_field=field,
-                      clean_field=clean_field, ctx=ctx)
+    return docs, ledger.run(clean, f"clean/{corpus.name}", cfg=cfg, docs=docs, chunks=chunks, corpus_field=field,
+                            clean_field=clean_field, ctx=ctx)
 
 
 def _shards(config: PipelineConfig, corpus: CorpusConfig, field: str, docs: StageResult, tokenizer: StageResult,
-            ctx: TrackingContext, ledger: StageRunner) -> StageResult:
+            ctx: TrackingContext, ledger: StageRunner, may_be_empty: tuple[str, ...] = ()) -> StageResult:
     encoded = ledger.map(encode_chunk, f"encode_chunk/{corpus.name}", docs.meta["chunks"], docs=docs,
                          tokenizer=tokenizer, val_fraction=corpus.val_fraction,
                          encode_batch_size=config.data.shard.encode_batch_size, ctx=ctx)
     return ledger.run(shard, f"shard/{corpus.name}", cfg=config.data.shard, corpus=corpus, docs=docs,
-                      encoded=encoded, tokenizer=tokenizer, corpus_field=field, ctx=ctx)
+                      encoded=encoded, tokenizer=tokenizer, corpus_field=field, ctx=ctx, may_be_empty=may_be_empty)
 
 
 def _prepare(config: PipelineConfig, ctx: TrackingContext,
-             ledger: StageRunner) -> tuple[StageResult, dict[str, StageResult]]:
-    """Both corpora as token shards, with the tokenizer trained on the pretraining corpus."""
+             ledger: StageRunner) -> tuple[StageResult, dict[str, StageResult], dict[str, Any] | None]:
+    """Both corpora as token shards, with the tokenizer trained on the pretraining corpus; and the record of the
+    pretraining files read (``first_record``: what lmpipe-continual later compares with), None if they are not
+    local files."""
     pre = config.data.pretrain
-    pre_docs = _documents(config, pre, "data.pretrain", ctx, ledger)
+    read, pre_docs = _documents(config, pre, "data.pretrain", ctx, ledger)
     tokenizer = ledger.run(train_tokenizer, cfg=config.tokenizer, docs=pre_docs, ctx=ctx)
     corpora = {pre.name: _shards(config, pre, "data.pretrain", pre_docs, tokenizer, ctx, ledger)}
+    finetune_shards(config, tokenizer, ctx, ledger, corpora)
+    return tokenizer, corpora, _read_record(config, read)
+
+
+def finetune_shards(config: PipelineConfig, tokenizer: StageResult, ctx: TrackingContext, ledger: StageRunner,
+                    corpora: dict[str, StageResult]) -> None:
+    """The fine-tuning corpus's shards (when there is one) into ``corpora``, encoded with ``tokenizer``."""
     ft = config.data.finetune
     if ft is not None:
-        ft_docs = _documents(config, ft, "data.finetune", ctx, ledger)
+        _, ft_docs = _documents(config, ft, "data.finetune", ctx, ledger)
         corpora[ft.name] = _shards(config, ft, "data.finetune", ft_docs, tokenizer, ctx, ledger)
-    return tokenizer, corpora
+
+
+def _read_record(config: PipelineConfig, read: StageResult) -> dict[str, Any] | None:
+    """What the download stage read of the pretraining files (each file's size and sha256 as read), as the record
+    of a model trained from scratch on them."""
+    try:
+        check_watchable(config.data.pretrain, "data.pretrain")
+    except ValueError:
+        return None  # URLs, Hub datasets or read limits: no continual runs on this corpus
+    state = [[FileState(f["path"], f["bytes"], f["sha256"]) for f in source["files"]]
+             for source in read.meta["sources"]]
+    return first_record(config.data.pretrain, state, int(read.metrics["documents"])).to_json()
 
 
 def _digest(path: str | None, name: str = "") -> str | None:
@@ -83,12 +108,15 @@ def _digest(path: str | None, name: str = "") -> str | None:
 
 
 def _train_and_register(config: PipelineConfig, ctx: TrackingContext, ledger: StageRunner, tokenizer: StageResult,
-                        corpora: dict[str, StageResult], bench_files: dict[str, Path]) -> None:
-    """Pretraining, fine-tuning (and the classifier), evaluation and registration, on prepared shards."""
-    pre_shards = corpora[config.data.pretrain.name]
+                        corpora: dict[str, StageResult], bench_files: dict[str, Path],
+                        trained_on: dict[str, Any] | None, base: StageResult | None = None) -> StageResult:
+    """Pretraining (unless ``base`` is the pretrained model already), fine-tuning (and the classifier), evaluation
+    and registration, on prepared shards; the register stage's result. ``trained_on``: the record of the
+    pretraining files the model is trained on, registered with it."""
     ft_shards = corpora.get(config.data.finetune.name) if config.data.finetune else None
-    base = ledger.run(pretrain, model_cfg=config.model, cfg=config.pretrain, shards=pre_shards,
-                      tokenizer=tokenizer, ctx=ctx)
+    if base is None:
+        base = ledger.run(pretrain, model_cfg=config.model, cfg=config.pretrain,
+                          shards=corpora[config.data.pretrain.name], tokenizer=tokenizer, ctx=ctx)
     sft_cfg = config.finetune if isinstance(config.finetune, SFTFinetuneConfig) else None
     sft_sha256 = _digest(sft_cfg.sft_path) if sft_cfg else None
     tuned = ledger.run(finetune, model_cfg=config.model, cfg=config.finetune, base=base,
@@ -108,8 +136,8 @@ def _train_and_register(config: PipelineConfig, ctx: TrackingContext, ledger: St
                         benchmark_sha256={n: _digest(str(p)) for n, p in bench_files.items()} or None,
                         benchmark_files={n: str(p) for n, p in bench_files.items()} or None,
                         reference=reference, tokenizer=tokenizer, ctx=ctx)
-    ledger.run(register, cfg=config.tracking, finetuned=tuned, tokenizer=tokenizer, report=report, ctx=ctx,
-               metric=config.champion_metric())
+    return ledger.run(register, cfg=config.tracking, finetuned=tuned, tokenizer=tokenizer, report=report, ctx=ctx,
+                      metric=config.champion_metric(), trained_on=trained_on)
 
 
 @flow(name="lmpipe-pipeline", log_prints=True, validate_parameters=True)
@@ -120,9 +148,9 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 -
         # The benchmark files to score (Hub downloads or local fallbacks), fetched and format-checked before any
         # stage runs; their content is part of the evaluation's fingerprint.
         bench_files = resolve_benchmarks(config.eval.benchmarks, Path(ctx.workdir) / "benchmarks")
-        tokenizer, corpora = _prepare(config, ctx, ledger)
+        tokenizer, corpora, trained_on = _prepare(config, ctx, ledger)
         check_context_fits(config, corpora, tokenizer, bench_files)
-        _train_and_register(config, ctx, ledger, tokenizer, corpora, bench_files)
+        _train_and_register(config, ctx, ledger, tokenizer, corpora, bench_files, trained_on)
     return ledger.summary(ctx)
 
 

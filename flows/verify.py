@@ -90,10 +90,10 @@ def verify(config: PipelineConfig, *, repair: bool = False, data_only: bool = Fa
                           workdir=str(Path(config.workdir).resolve()))
     plan = Plan()
     try:
-        tokenizer, corpora = _prepare(config, ctx, plan)
+        tokenizer, corpora, trained_on = _prepare(config, ctx, plan)
         if not data_only:
             bench_files = resolve_benchmarks(config.eval.benchmarks, Path(ctx.workdir) / "benchmarks")
-            _train_and_register(config, ctx, plan, tokenizer, corpora, bench_files)
+            _train_and_register(config, ctx, plan, tokenizer, corpora, bench_files, trained_on)
     except NotBuilt:
         pass
     sound = not any(row.problems for row in plan.rows)

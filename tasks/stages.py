@@ -22,14 +22,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 
 from lmpipe.artifacts import StageResult
+from lmpipe.config.continual import ContinualConfig
 from lmpipe.config.data import CleanConfig, CorpusConfig, ShardConfig, TokenizerConfig
 from lmpipe.config.evaluation import EvalConfig, TrackingConfig
 from lmpipe.config.training import ClassifyConfig, FinetuneConfig, ModelConfig, TrainConfig
 from lmpipe.data.sft import HELD_OUT_FILE, HELD_OUT_META
 from lmpipe.data.sources import TransientDownloadError
 from lmpipe.eval.report import LOSS_CURVES
+from lmpipe.stages.champion import run_champion
 from lmpipe.stages.classify import PREDICTIONS_FILE, REPORT_FILE, run_classify
 from lmpipe.stages.clean import run_clean, run_clean_chunk
+from lmpipe.stages.continual import run_continue
 from lmpipe.stages.contract import reuse
 from lmpipe.stages.declaration import StageSpec
 from lmpipe.stages.download import run_download
@@ -172,13 +175,15 @@ SHARD = StageSpec("shard", configs=("cfg", "corpus"), upstreams=("docs", "tokeni
 
 @stage_task(name="shard")
 def shard(cfg: ShardConfig, corpus: CorpusConfig, docs: StageResult, encoded: list[StageResult],
-          tokenizer: StageResult, corpus_field: str, ctx: TrackingContext, label: str | None = None) -> StageResult:
+          tokenizer: StageResult, corpus_field: str, ctx: TrackingContext, may_be_empty: tuple[str, ...] = (),
+          label: str | None = None) -> StageResult:
     fp, out_dir = SHARD.locate(locals())
     if (done := reuse(out_dir)) is not None:
         return done
     with stage_run(ctx, "shard", fp, {"data.shard": cfg, "val_fraction": corpus.val_fraction},
                    {"lmpipe.corpus_field": corpus_field}, name=label) as run:
-        result = run_shard(cfg, corpus, encoded, tokenizer, out_dir, fp, corpus_field=corpus_field)
+        result = run_shard(cfg, corpus, encoded, tokenizer, out_dir, fp, corpus_field=corpus_field,
+                           may_be_empty=may_be_empty)
         run.log_result(result, ["manifest.json"])
     return result
 
@@ -220,6 +225,38 @@ def finetune(model_cfg: ModelConfig, cfg: FinetuneConfig, base: StageResult | No
                               report=Reporters(run.log_metrics, PrefectProgress("finetune")))
         # adapter/: LoRA with save_adapter; HELD_OUT_FILE: the held-out SFT examples, mode sft
         run.log_result(result, ["metrics.jsonl", "model", "adapter", HELD_OUT_FILE])
+    return result
+
+
+# The champion's files are named by the registry (store, model, version) and checked against its weights' sha256.
+CHAMPION = StageSpec("champion", inputs=("name", "version", "weights"), keyed_on_tracking_store=True)
+
+
+@stage_task(name="champion", retries=2, retry_delay_seconds=5)
+def champion(name: str, version: str, weights: str, ctx: TrackingContext, label: str | None = None) -> StageResult:
+    fp, out_dir = CHAMPION.locate(locals())
+    if (done := reuse(out_dir)) is not None:
+        return done
+    result = run_champion(ctx.uri, name, version, weights, out_dir, fp)
+    get_run_logger().info("downloaded %s version %s (weights sha256 %s) into %s", name, version, weights, out_dir)
+    return result
+
+
+CONTINUE = StageSpec("continue", configs=("model_cfg", "cfg"), upstreams=("init", "new", "replay", "tokenizer"))
+
+
+@stage_task(name="continue")
+def continue_pretrain(model_cfg: ModelConfig, cfg: ContinualConfig, init: StageResult, new: StageResult,
+                      replay: StageResult, tokenizer: StageResult, ctx: TrackingContext,
+                      label: str | None = None) -> StageResult:
+    fp, out_dir = CONTINUE.locate(locals())
+    if (done := reuse(out_dir)) is not None:
+        return done
+    with stage_run(ctx, "continue", fp, {"model": model_cfg, "continual": cfg}, {"lmpipe.init": init.out_dir},
+                   name=label) as run:
+        result = run_continue(cfg, model_cfg, init.path("model"), new, replay, tokenizer, out_dir, fp,
+                              report=Reporters(run.log_metrics, PrefectProgress("continue")))
+        run.log_result(result, ["metrics.jsonl", "model"])
     return result
 
 
@@ -286,20 +323,23 @@ def evaluate(cfg: EvalConfig, models: dict[str, StageResult], corpora: dict[str,
     return result
 
 
-REGISTER = StageSpec("register", configs=("cfg",), inputs=("metric",), upstreams=("finetuned", "tokenizer", "report"),
+# trained_on: the record of the pretraining files the model was trained on (lmpipe.data.increments.TrainedOn), or None.
+REGISTER = StageSpec("register", configs=("cfg",), inputs=("metric", "trained_on"),
+                     upstreams=("finetuned", "tokenizer", "report"),
                      keyed_on_tracking_store=True)
 
 
 @stage_task(name="register")
 def register(cfg: TrackingConfig, finetuned: StageResult, tokenizer: StageResult, report: StageResult,
-             ctx: TrackingContext, metric: str, label: str | None = None) -> StageResult:
+             ctx: TrackingContext, metric: str, trained_on: dict[str, Any] | None = None,
+             label: str | None = None) -> StageResult:
     fp, out_dir = REGISTER.locate(locals())
     if (done := reuse(out_dir)) is not None:
         return done
     with stage_run(ctx, "register", fp, {"tracking": cfg, "promote_metric": metric}, name=label) as run:
         run.log_metrics({k: v for k, v in report.metrics.items() if k.startswith("finetuned.")})
         result = run_register(cfg, ctx, run, finetuned, tokenizer, out_dir, fp, metric=metric,
-                              evaluation=report.metrics)
+                              evaluation=report.metrics, trained_on=trained_on)
     decision = result.meta["promotion"]
     get_run_logger().info("registered %s version %s as @%s; %s", cfg.registered_model, result.meta["version"],
                           cfg.alias, ("promoted to @" if decision["promoted"] else "not promoted to @")
@@ -314,7 +354,8 @@ def register(cfg: TrackingConfig, finetuned: StageResult, tokenizer: StageResult
 
 # Each task's declaration, by task name (what lmpipe verify needs to locate a stage without running it).
 SPECS: dict[str, StageSpec] = {spec.stage: spec for spec in (
-    DOWNLOAD, CLEAN_CHUNK, CLEAN, TOKENIZER, ENCODE_CHUNK, SHARD, PRETRAIN, FINETUNE, CLASSIFY, EVALUATE, REGISTER)}
+    DOWNLOAD, CLEAN_CHUNK, CLEAN, TOKENIZER, ENCODE_CHUNK, SHARD, PRETRAIN, FINETUNE, CLASSIFY, EVALUATE, REGISTER,
+    CHAMPION, CONTINUE)}
 
 
 def _publish_table(run: StageRun, rows: list[dict[str, Any]], artifact_file: str, key: str, description: str) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from lmpipe.config.base import SFT_HELD_OUT, Section
+from lmpipe.config.continual import ContinualConfig
 from lmpipe.config.data import DataConfig, TokenizerConfig
 from lmpipe.config.evaluation import EvalConfig, TrackingConfig
 from lmpipe.config.training import (
@@ -45,6 +46,10 @@ class PipelineConfig(Section):
     finetune: FinetuneSection = Field(default_factory=ContinueFinetuneConfig, json_schema_extra=_any_of_modes)
     classify: ClassifyConfig | None = Field(None, description="A sequence classifier fine-tuned from the "
                                                                "pretrained model; None: no classify stage.")
+    continual: ContinualConfig = Field(
+        default_factory=ContinualConfig,
+        description="What the lmpipe-continual flow trains when new documents reach data.pretrain's files; "
+                    "unused by lmpipe-pipeline.")
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -52,7 +57,7 @@ class PipelineConfig(Section):
     def _check(self) -> PipelineConfig:
         if isinstance(self.finetune, ContinueFinetuneConfig) and self.data.finetune is None:
             raise ValueError("finetune.mode='continue' needs a data.finetune corpus")
-        for name in ("pretrain", "finetune"):
+        for name in ("pretrain", "finetune", "continual"):
             check_batch(getattr(self, name), self.model.block_size, name)
         metric = self.tracking.promote_metric
         if metric is not None and metric not in self.promotable_metrics():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
@@ -135,6 +135,7 @@ class Training(EarlyStopping, TrainCadence, TrainRuntime, Batch, AdamBetas, Opti
     The sections are listed last-first: pydantic orders fields from the last base on, so the config, its YAML
     and the Prefect form start with the steps and the optimizer and end with early stopping."""
 
+    SECTION: ClassVar[str] = "pretrain"  # the config section, for messages
     max_steps: int = Field(600, ge=1, description="Optimizer steps.")
 
     @property
@@ -180,6 +181,7 @@ class FinetuneConfig(Training):
     """Fine-tuning, in one process, in either mode: :class:`ContinueFinetuneConfig` or :class:`SFTFinetuneConfig`
     (``finetune.mode`` picks one: :data:`FinetuneSection`)."""
 
+    SECTION: ClassVar[str] = "finetune"
     max_steps: int = Field(200, ge=1)
     learning_rate: float = Field(6e-4, gt=0.0)
     min_lr: float = Field(6e-5, ge=0.0)

@@ -322,3 +322,50 @@ class ArraySource:
         if start < 0 or start + length > self.num_tokens:
             raise IndexError(f"window start={start} length={length} is outside {self.num_tokens} tokens")
         return self.tokens[start : start + length].copy()
+
+
+class SplicedSource:
+    """Pieces of token sources, ``(source, start, length)``, read as one sequence (nothing is copied).
+
+    What a continual run trains on: the new documents' train split with evenly spaced stretches of earlier
+    data spliced after it (``replay_pieces``)."""
+
+    def __init__(self, pieces: list[tuple[TokenSource, int, int]]) -> None:
+        for src, start, length in pieces:
+            if start < 0 or length < 0 or start + length > src.num_tokens:
+                raise IndexError(f"piece start={start} length={length} is outside {src.num_tokens} tokens")
+        self.pieces = [p for p in pieces if p[2] > 0]
+        self._starts = np.concatenate([[0], np.cumsum([p[2] for p in self.pieces], dtype=np.int64)])
+        self.num_tokens = int(self._starts[-1])
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        if start < 0 or length < 0 or start + length > self.num_tokens:
+            raise IndexError(f"window start={start} length={length} is outside {self.num_tokens} tokens")
+        out = np.empty(length, dtype=np.int64)
+        i = int(np.searchsorted(self._starts, start, "right")) - 1
+        done = 0
+        while done < length:
+            src, base, size = self.pieces[i]
+            lo = start + done - int(self._starts[i])
+            take = min(length - done, size - lo)
+            out[done: done + take] = src.window(base + lo, take)
+            done += take
+            i += 1
+        return out
+
+
+def replay_pieces(pool: TokenSource, tokens: int, stretches: int) -> list[tuple[TokenSource, int, int]]:
+    """``tokens`` tokens of ``pool`` (all of it if it holds fewer) in ``stretches`` equal stretches spread evenly
+    over it: a deterministic sample of earlier data that still reads whole passages."""
+    tokens = min(tokens, pool.num_tokens)
+    if tokens <= 0:
+        return []
+    stretches = max(1, min(stretches, tokens))
+    size, extra = divmod(tokens, stretches)
+    gap = (pool.num_tokens - tokens) / stretches
+    pieces, at = [], 0.0
+    for k in range(stretches):
+        length = size + (1 if k < extra else 0)
+        pieces.append((pool, int(at), length))
+        at += length + gap
+    return pieces

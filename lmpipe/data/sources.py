@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import hashlib
 import http.client
@@ -12,6 +14,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,31 +167,38 @@ def _cached_sha256(path: Path, cache: dict[str, dict[str, Any]]) -> str:
     return digest
 
 
+@contextlib.contextmanager
+def cached_digests(cache_file: Path | None) -> Iterator[Callable[[Path], str]]:
+    """A sha256 function for local files that remembers digests by (absolute path, size, mtime_ns) in
+    ``cache_file`` (written back on exit if it learnt any), so a multi-GB local corpus is not re-read on every run."""
+    cache = _digest_cache(cache_file)
+    before = json.dumps(cache, sort_keys=True)
+    yield functools.partial(_cached_sha256, cache=cache)
+    if cache_file is not None and json.dumps(cache, sort_keys=True) != before:
+        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(cache_file), {"format_version": DIGEST_CACHE_VERSION, "files": cache})
+
+
 def local_source_digests(corpus: CorpusConfig, cache_file: Path | None = None) -> list[str | None]:
     """A content digest per source, for the download stage's fingerprint.
 
     A local file gives its sha256, a local glob the sha256 over the sorted
     (name, sha256) pairs of its files; URLs and Hub ids give None (they name
     their content themselves, through sha256 or hf_revision). With
-    ``cache_file``, digests are remembered by (absolute path, size, mtime_ns),
-    so a multi-GB local corpus is not re-read on every run.
+    ``cache_file``, digests are remembered (``cached_digests``).
     """
-    cache = _digest_cache(cache_file)
-    before = json.dumps(cache, sort_keys=True)
     digests: list[str | None] = []
-    for i, source in enumerate(corpus.sources):
-        if source_kind(source.uri) not in ("path", "file"):
-            digests.append(None)
-            continue
-        files = expand_local(source, f"{corpus.name}.sources[{i}]")
-        if _is_glob(source.uri):
-            pairs = [[name, _cached_sha256(path, cache)] for name, path in files]
-            digests.append(hashlib.sha256(json.dumps(pairs).encode("utf-8")).hexdigest())
-        else:
-            digests.append(_cached_sha256(files[0][1], cache))
-    if cache_file is not None and json.dumps(cache, sort_keys=True) != before:
-        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(cache_file), {"format_version": DIGEST_CACHE_VERSION, "files": cache})
+    with cached_digests(cache_file) as sha256:
+        for i, source in enumerate(corpus.sources):
+            if source_kind(source.uri) not in ("path", "file"):
+                digests.append(None)
+                continue
+            files = expand_local(source, f"{corpus.name}.sources[{i}]")
+            if _is_glob(source.uri):
+                pairs = [[name, sha256(path)] for name, path in files]
+                digests.append(hashlib.sha256(json.dumps(pairs).encode("utf-8")).hexdigest())
+            else:
+                digests.append(sha256(files[0][1]))
     return digests
 
 

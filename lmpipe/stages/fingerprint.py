@@ -40,6 +40,8 @@ STAGE_ENTRY: dict[str, tuple[str, ...]] = {
     "classify": ("lmpipe.stages.classify",),
     "evaluate": ("lmpipe.stages.evaluate",),
     "register": ("lmpipe.stages.register",),
+    "champion": ("lmpipe.stages.champion",),
+    "continue": ("lmpipe.stages.continual",),
 }
 PACKAGE = "lmpipe"
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from lmpipe.artifacts import StageResult
 from lmpipe.config.evaluation import TrackingConfig
+from lmpipe.data.increments import TrainedOn
 from lmpipe.tracking.registry import (
     DECISION_TAG,
     FINETUNE_TAG,
@@ -16,13 +18,15 @@ from lmpipe.tracking.registry import (
 )
 from lmpipe.tracking.runs import StageRun, TrackingContext
 from lmpipe.tracking.serving import served_requirements
+from lmpipe.tracking.trained_on import record_trained_on
 
 
 def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finetuned: StageResult,
                  tokenizer: StageResult, out_dir: Path, fingerprint: str, *, metric: str,
-                 evaluation: dict[str, float]) -> StageResult:
+                 evaluation: dict[str, float], trained_on: dict[str, Any] | None = None) -> StageResult:
     """The register stage: the fine-tuned model logged, registered and aliased, the promotion gate
-    applied to ``evaluation[metric]``; the outcome on disk and on the stage's run.
+    applied to ``evaluation[metric]``; the outcome on disk and on the stage's run. ``trained_on``: the record of
+    the pretraining files the model was trained on (``TrainedOn.to_json``), kept with the version.
 
     Killed and run again, it completes the registration instead of repeating it: the version these
     weights already are is found (``register_model``), and the gate decides for it unless it did
@@ -44,6 +48,9 @@ def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finet
         run.flush()
         info = register_model(run, cfg, finetuned.path("model"), Path(tokenizer.out_dir), served_requirements(),
                               finetune=finetuned.fingerprint)
+        if trained_on is not None:  # before the gate moves an alias: a continual run reads it from the @champion
+            record_trained_on(run.client, run.run_id, cfg.registered_model, info["version"],
+                              TrainedOn.from_json(trained_on, "trained_on"))
         decision = recorded_decision(run.client, cfg.registered_model, info["version"], alias=cfg.champion_alias,
                                      aliases=(cfg.alias,))
         if decision is None:

@@ -282,12 +282,14 @@ def run_shard(
     fingerprint: str,
     *,
     corpus_field: str,
+    may_be_empty: tuple[str, ...] = (),
 ) -> StageResult:
     """Stage: merge the encoded chunks, in list order, into train/val shards, doc_index.parquet and manifest.json.
 
     Resumable: the ``.partial`` directory survives a failure, and a shard file
     finished by an earlier attempt is verified against its sidecar and kept,
-    so a long merge that dies near the end does not start over.
+    so a long merge that dies near the end does not start over. ``may_be_empty``: splits that may hold no
+    document (a continual run's new documents all train; its validation is on the fixed held-out set).
     """
 
     def build(tmp: Path) -> BuildOutput:
@@ -298,7 +300,7 @@ def run_shard(
         plans = _plan_and_index(encoded, cfg.shard_tokens, tmp / DOC_INDEX_FILE)
         n_docs = sum(p.documents for p in plans.values())
         for split, plan in plans.items():
-            if plan.documents == 0:
+            if plan.documents == 0 and split not in may_be_empty:
                 raise ValueError(
                     f"{corpus_field}.val_fraction={corpus.val_fraction} leaves the {split} split empty "
                     f"({n_docs} documents in {len(encoded)} encoded chunk(s)); change val_fraction or add documents"

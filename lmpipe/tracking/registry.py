@@ -128,7 +128,7 @@ DECISION_DETAIL_TAG = DECISION_TAG + ".detail"  # the gate's whole decision, JSO
 EVAL_PREFIX = "finetuned."  # the evaluation metrics the register stage logs in the version's run
 
 
-def _alias_holder(client: MlflowClient, name: str, alias: str) -> Any | None:
+def alias_holder(client: MlflowClient, name: str, alias: str) -> Any | None:
     """The model version ``alias`` points at, or None (no such alias, or no such registered model)."""
     try:
         return client.get_model_version_by_alias(name, alias)
@@ -154,7 +154,7 @@ def champion_metrics(uri: str, name: str, alias: str, *, finetune: str | None = 
     if missing_store(uri) is not None:
         return None
     client = client_for(uri)
-    version = _alias_holder(client, name, alias)
+    version = alias_holder(client, name, alias)
     if finetune is not None:
         same = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get(FINETUNE_TAG) == finetune
                 and CHAMPION_BEFORE_TAG in v.tags]
@@ -222,7 +222,7 @@ def promote_if_better(client: MlflowClient, name: str, version: str, metric: str
         # exact (a count): the next gate compares it with ==, so "{:g}"'s 6 digits would lock the champion in
         client.set_model_version_tag(name, version, METRIC_TAG + scored[0],
                                      str(int(amount)) if amount.is_integer() else repr(amount))
-    champion = _alias_holder(client, name, alias)
+    champion = alias_holder(client, name, alias)
     client.set_model_version_tag(name, version, CHAMPION_BEFORE_TAG,
                                  "none" if champion is None else str(champion.version))
     figures = {} if champion is None else _champion_figures(client, champion,
@@ -282,7 +282,7 @@ def recorded_decision(client: MlflowClient, name: str, version: str, *, alias: s
     for moved in aliases:
         client.set_registered_model_alias(name, moved, version)
     if decision["promoted"]:
-        holder = _alias_holder(client, name, alias)
+        holder = alias_holder(client, name, alias)
         if holder is None or str(holder.version) in (str(version), mv.tags.get(CHAMPION_BEFORE_TAG)):
             client.set_registered_model_alias(name, alias, version)
     return decision
@@ -293,7 +293,7 @@ def current_aliases(uri: str, name: str, aliases: tuple[str, ...]) -> dict[str, 
     client = client_for(uri)
     found: dict[str, str | None] = {}
     for alias in aliases:
-        holder = _alias_holder(client, name, alias)
+        holder = alias_holder(client, name, alias)
         found[alias] = None if holder is None else str(holder.version)
     return found
 

@@ -34,7 +34,7 @@ from typing import Any
 from tqdm import tqdm
 
 from lmpipe.config.pipeline import check_batch
-from lmpipe.config.training import FinetuneConfig, ModelConfig, Training
+from lmpipe.config.training import ModelConfig, Training
 from lmpipe.model.checkpoint import latest_checkpoint
 from lmpipe.training.checkpoint import Checkpointer
 from lmpipe.training.data import TrainData
@@ -191,7 +191,7 @@ def train(
     only rank 0 writes files and calls the callbacks.
     """
     started = time.perf_counter()
-    section = "finetune" if isinstance(cfg, FinetuneConfig) else "pretrain"  # for messages
+    section = cfg.SECTION  # for messages
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     T, main = model_cfg.block_size, dist_ctx.is_main

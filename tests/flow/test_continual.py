@@ -1,0 +1,126 @@
+"""The continual flow on the tiny config: the first model, a run with nothing new, new files and appended
+articles, and a lost work directory (the record of what was trained on lives in MLflow)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from lmpipe.data.increments import TrainedOn
+from tests.conftest import DATA, tiny_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+TITLE = re.compile(r"^ = [^=].* = $")
+
+
+def _articles() -> list[str]:
+    """WikiText-2 validation cut into its articles (each starts at a " = Title = " line)."""
+    lines = (DATA / "wikitext2-valid.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if TITLE.match(line.rstrip("\n"))] + [len(lines)]
+    return ["".join(lines[a:b]) for a, b in zip(starts, starts[1:], strict=False)]
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory):
+    """Sources, a config on them, and an MLflow store and artifact store outside the work directory."""
+    root = tmp_path_factory.mktemp("continual")
+    src, store, artifacts = root / "src", root / "store", root / "artifacts"
+    src.mkdir()
+    store.mkdir()
+    articles = _articles()
+    (src / "a.txt").write_text("".join(articles[:30]), encoding="utf-8")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("lmpipe", artifact_location=artifacts.as_uri())  # a team's server would
+    cfg = tiny_config(root / "work", f"data.pretrain.sources=[{{uri: '{src}/*.txt', doc_boundary: wikitext_title}}]",
+                      f"tracking.uri={uri}", "continual.max_steps=20", "continual.min_steps=4")
+    return cfg, src, articles
+
+
+def _version_record(uri: str, version: str) -> tuple[dict, TrainedOn]:
+    client = MlflowClient(uri)
+    v = client.get_model_version("lmpipe-gpt", version)
+    local = client.download_artifacts(v.run_id, "trained_on.json")
+    return v.tags, TrainedOn.from_json(json.loads(Path(local).read_text()), "test")
+
+
+def _parent(uri: str, run_id: str):
+    return MlflowClient(uri).get_run(run_id).data
+
+
+def test_continual_line(line):
+    from flows.continual import continual
+
+    cfg, src, articles = line
+    uri = cfg.tracking.uri
+    # 1. No champion yet: the first model of the line, from scratch, with the record of what it read.
+    clock = time.perf_counter()
+    first = continual(config=cfg)
+    seconds = {"first": time.perf_counter() - clock}
+    labels = [s["label"] for s in first["stages"]]
+    assert "pretrain" in labels and "continue" not in labels
+    assert first["registered"]["promotion"]["promoted"] is True
+    tags, record = _version_record(uri, first["registered"]["version"])
+    a_bytes = (src / "a.txt").stat().st_size
+    assert [[f.name for f in s] for s in record.trained] == [[str(src / "a.txt")]]
+    assert record.trained[0][0].bytes == a_bytes and record.origin == record.trained
+    assert record.documents == 30 and record.runs == 1
+    assert tags["lmpipe.trained_on.documents"] == "30" and tags["lmpipe.trained_on.sha256"] == record.digest()
+
+    # 2. Nothing new: no stage runs, a report that says so, the figures on the parent run.
+    clock = time.perf_counter()
+    quiet = continual(config=cfg)
+    seconds["nothing new"] = time.perf_counter() - clock
+    assert quiet["stages"] == [] and quiet["registered"] is None
+    data = _parent(uri, quiet["mlflow_run_id"])
+    assert data.tags["lmpipe.continual.outcome"] == "nothing new"
+    assert data.metrics["continual.new_bytes"] == 0.0 and data.metrics["continual.steps"] == 0.0
+
+    # 3. Ten articles appended to a.txt and a new file of five: only they are encoded, trained on with replay.
+    with open(src / "a.txt", "a", encoding="utf-8") as f:
+        f.write("".join(articles[30:40]))
+    (src / "b.txt").write_text("".join(articles[40:45]), encoding="utf-8")
+    clock = time.perf_counter()
+    grown = continual(config=cfg)
+    seconds["new data"] = time.perf_counter() - clock
+    labels = [s["label"] for s in grown["stages"]]
+    assert labels[:2] == ["champion/lmpipe-gpt", "download/wikitext2.new"]
+    assert {"continue", "finetune", "evaluate", "register"} <= set(labels) and "pretrain" not in labels
+    assert "train_tokenizer" not in labels  # the champion's tokenizer encodes the new documents
+    new = next(s for s in grown["stages"] if s["label"] == "download/wikitext2.new")
+    assert grown["metrics"]["download/wikitext2.new"]["documents"] == 15.0, new
+    trained = grown["metrics"]["continue"]
+    assert 4 <= trained["steps"] <= 20 and trained["replay_tokens"] > 0
+    assert trained["replay_share"] == pytest.approx(0.25, abs=0.01)
+    data = _parent(uri, grown["mlflow_run_id"])
+    assert data.tags["lmpipe.continual.outcome"] == "trained"
+    assert data.metrics["continual.new_files"] == 2.0
+    assert data.metrics["continual.new_bytes"] == (src / "a.txt").stat().st_size - a_bytes + (
+        src / "b.txt").stat().st_size
+    assert data.metrics["continual.new_documents"] == 15.0
+    version = grown["registered"]["version"]
+    assert version == "2"
+    _, after = _version_record(uri, version)
+    assert after.runs == 2 and after.documents == 45 and after.origin == record.origin
+    assert sorted(f.name for f in after.trained[0]) == [str(src / "a.txt"), str(src / "b.txt")]
+    promoted = grown["registered"]["promotion"]["promoted"]
+
+    # 4. The work directory lost: the record comes from MLflow, the champion's files are downloaded, the origin
+    # rebuilt from the sources' first bytes. With nothing appended, only what the champion has not seen is new.
+    shutil.rmtree(cfg.workdir)
+    clock = time.perf_counter()
+    again = continual(config=cfg)
+    seconds["work dir lost"] = time.perf_counter() - clock
+    print("continual flow seconds:", {k: round(v, 1) for k, v in seconds.items()}, "promoted:", promoted)
+    data = _parent(uri, again["mlflow_run_id"])
+    if promoted:  # the champion saw a.txt and b.txt whole: nothing is new
+        assert again["stages"] == [] and data.tags["lmpipe.continual.outcome"] == "nothing new"
+    else:  # version 1 is still the champion: the same parts are new again, and give the same version
+        assert data.tags["lmpipe.continual.outcome"] == "trained"
+        assert again["registered"]["version"] == version

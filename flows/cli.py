@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmpipe", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "run the whole pipeline"), ("data", "run the data stages only"),
+                            ("continual", "train the @champion on what is new in the pretraining files "
+                                          "(the scheduled run)"),
                             ("config", "print the resolved configuration as YAML")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", "-c", help="YAML preset (default: the built-in demo)")
@@ -128,12 +130,14 @@ def _cloze_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> str:
-    """`lmpipe run` / `lmpipe data`: the whole pipeline, or its data stages, on the config."""
+    """`lmpipe run` / `lmpipe data` / `lmpipe continual`: the whole pipeline, its data stages, or the continual
+    flow, on the config."""
     config = load_config(args.config, args.overrides)
     _prefect_environment(config)
-    from flows.pipeline import pipeline, prepare_data  # imports prefect: after the environment is set
+    from flows.continual import continual  # imports prefect: after the environment is set
+    from flows.pipeline import pipeline, prepare_data
 
-    flow = pipeline if args.command == "run" else prepare_data
+    flow = {"run": pipeline, "data": prepare_data, "continual": continual}[args.command]
     start = time.perf_counter()
     try:
         summary = flow(config=config)
@@ -211,6 +215,7 @@ def _prefect_environment(config: PipelineConfig) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace], str | Answer]] = {
     "run": run,
     "data": run,
+    "continual": run,
     "config": show_config,
     "why": why,
     "verify": verify,

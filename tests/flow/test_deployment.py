@@ -102,22 +102,27 @@ def test_deploy_and_run_through_a_worker(tmp_path):
 
         prefect("work-pool", "create", "lmpipe-local", "--type", "process")
         deployed = prefect("deploy", "--all")
-        assert "lmpipe-pipeline/nightly" in deployed and "lmpipe-data/data" in deployed
+        assert {"lmpipe-pipeline/pipeline", "lmpipe-continual/nightly", "lmpipe-data/data"} <= set(
+            re.findall(r"lmpipe-[a-z]+/[a-z]+", deployed))
         # The UI renders the run form from this schema: the typed config, with the demo as defaults.
-        with urllib.request.urlopen(f"{api}/deployments/name/lmpipe-pipeline/nightly", timeout=10) as r:
+        with urllib.request.urlopen(f"{api}/deployments/name/lmpipe-pipeline/pipeline", timeout=10) as r:
             deployment = json.load(r)
         schema = deployment["parameter_openapi_schema"]
         assert schema["properties"]["config"]["$ref"].endswith("/PipelineConfig")
         assert {"data", "tokenizer", "model", "pretrain", "finetune", "eval", "tracking"} <= set(
             schema["definitions"]["PipelineConfig"]["properties"])
-        assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+        assert deployment["schedules"] == []  # started from the UI; the schedule is the continual flow's
+        with urllib.request.urlopen(f"{api}/deployments/name/lmpipe-continual/nightly", timeout=10) as r:
+            nightly = json.load(r)
+        assert nightly["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+        assert nightly["parameter_openapi_schema"]["properties"]["config"]["$ref"].endswith("/PipelineConfig")
         # The server's scheduler turns the cron schedule into upcoming runs (it failed silently with
         # SQLAlchemy 2.1, hence the pin).
-        assert _wait_scheduled_runs(api, deployment["id"], timeout=60) > 0
+        assert _wait_scheduled_runs(api, nightly["id"], timeout=60) > 0
 
         cfg = tiny_config(tmp_path / "work")
         params = json.dumps({"config": cfg.model_dump(mode="json")})
-        started = prefect("deployment", "run", "lmpipe-pipeline/nightly", "--params", params)
+        started = prefect("deployment", "run", "lmpipe-pipeline/pipeline", "--params", params)
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started).group(1)
 
         worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "lmpipe-local"], env=env, cwd=tmp_path,

@@ -22,13 +22,15 @@ NOT_FINGERPRINTED = {
     "chunks", "encoded",  # the chunk results: a function of the declared config and upstream
     "encode_batch_size",  # how fast the deterministic encoder runs, never what it writes
     "benchmark_files",  # where the files of benchmark_sha256 are
+    "may_be_empty",  # whether an empty split fails the stage; what a stage writes does not depend on it
 }
 
 
 TASKS = [(stages.download, stages.DOWNLOAD), (stages.clean_chunk, stages.CLEAN_CHUNK), (stages.clean, stages.CLEAN),
          (stages.train_tokenizer, stages.TOKENIZER), (stages.encode_chunk, stages.ENCODE_CHUNK),
          (stages.shard, stages.SHARD), (stages.pretrain, stages.PRETRAIN), (stages.finetune, stages.FINETUNE),
-         (stages.classify, stages.CLASSIFY), (stages.evaluate, stages.EVALUATE), (stages.register, stages.REGISTER)]
+         (stages.classify, stages.CLASSIFY), (stages.evaluate, stages.EVALUATE), (stages.register, stages.REGISTER),
+         (stages.champion, stages.CHAMPION), (stages.continue_pretrain, stages.CONTINUE)]
 
 
 def test_every_task_argument_is_declared_or_known_not_to_count():

@@ -1,0 +1,128 @@
+"""What a user sees, in a real browser: headless Chromium (the system's package) driven by Playwright against a real
+`prefect server` that ran the tiny pipeline through a deployment and a worker, and `mlflow ui` on its store.
+
+Screenshots go to ``$LMPIPE_TEST_OUTPUT/browser`` (default: ``test-output/browser`` in the checkout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from lmpipe.config.pipeline import PipelineConfig
+from tests.conftest import REPO, tiny_config
+from tests.servers import mlflow_ui, prefect_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.deployment, pytest.mark.browser]
+
+SHOTS = Path(os.environ.get("LMPIPE_TEST_OUTPUT", REPO / "test-output")) / "browser"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                  "--disable-background-networking", "--disable-component-update"]
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.fail("the browser tests need Chromium: install the system package (Debian: apt-get install chromium); "
+                    ".ci/run does")
+    return found
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A completed deployment run of the tiny pipeline, the Prefect UI and the MLflow UI on its results."""
+    root = tmp_path_factory.mktemp("browser")
+    with prefect_server(root) as server:
+        server.prefect("work-pool", "create", "lmpipe-local", "--type", "process")
+        server.prefect("deploy", "--all")
+        deployment = server.get("/deployments/name/lmpipe-pipeline/pipeline")
+        cfg = tiny_config(root / "work")
+        run = server.post(f"/deployments/{deployment['id']}/create_flow_run",
+                          {"parameters": {"config": cfg.model_dump(mode="json")}})
+        with server.worker("lmpipe-local", root):
+            state = server.wait_final(run["id"], timeout=400)
+        assert state == "COMPLETED", (server.logs / "worker.log").read_text()[-4000:]
+        store = f"sqlite:///{Path(cfg.workdir).resolve() / 'mlflow.db'}"
+        with mlflow_ui(store, server.logs) as mlflow_url:
+            yield {"prefect": server, "deployment": deployment, "flow_run": run["id"], "store": store,
+                   "mlflow": mlflow_url}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    yield context.new_page()
+    context.close()
+
+
+def _shot(page, name: str) -> Path:
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def _settle(page, text: str, timeout_s: float = 60) -> None:
+    """Until the page shows ``text`` (single-page apps render after load)."""
+    page.get_by_text(text, exact=False).first.wait_for(timeout=timeout_s * 1000)
+
+
+def test_the_custom_run_form_shows_every_config_section(site, page):
+    ui = site["prefect"].ui
+    page.goto(f"{ui}/deployments/deployment/{site['deployment']['id']}/run")
+    _settle(page, "Parameters")
+    time.sleep(2)
+    text = page.inner_text("body")
+    _shot(page, "prefect-custom-run-form")
+    titles = [field.title or name.replace("_", " ").title()
+              for name, field in PipelineConfig.model_fields.items()]
+    missing = [t for t in titles if t not in text]
+    assert not missing, f"sections not on the form: {missing}"
+
+
+def test_the_mlflow_ui_shows_the_runs_and_the_registered_model(site, page):
+    client = MlflowClient(site["store"])
+    exp = client.get_experiment_by_name("lmpipe")
+    parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    [parent] = parents
+    page.goto(f"{site['mlflow']}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}")
+    _settle(page, "Child runs")
+    text = page.inner_text("body")
+    _shot(page, "mlflow-parent-run")
+    assert parent.info.run_name in text
+    # The stage runs, listed on the parent's page (the first ten; the rest behind "Load more").
+    assert all(stage in text for stage in ("pretrain", "finetune", "evaluate", "register")), text[:3000]
+    page.goto(f"{site['mlflow']}/#/models/lmpipe-gpt")
+    _settle(page, "Version 1")
+    text = page.inner_text("body")
+    _shot(page, "mlflow-registered-model")
+    assert "candidate" in text and "champion" in text, text[:3000]
+
+
+def test_a_completed_runs_artifacts_tab_shows_the_report_and_the_loss_curves(site, page):
+    ui = site["prefect"].ui
+    page.goto(f"{ui}/runs/flow-run/{site['flow_run']}?tab=Artifacts")
+    _settle(page, "evaluation-report")
+    _shot(page, "prefect-artifacts")
+    page.get_by_text("evaluation-report").first.click()
+    _settle(page, "bits per byte")
+    images = page.eval_on_selector_all("img", "els => els.map(e => [e.getAttribute('src').slice(0, 22), "
+                                              "e.complete, e.naturalWidth])")
+    _shot(page, "prefect-evaluation-report")
+    assert any(src.startswith("data:image/png") and done and width > 0 for src, done, width in images), json.dumps(
+        images)

@@ -13,6 +13,9 @@ from prefect.utilities.schema_tools.validation import ValidationError, is_valid,
 
 from flows.pipeline import pipeline, prepare_data
 from lmpipe.config import ConfigError, PipelineConfig, load_config
+from lmpipe.data.sources import DownloadError, check_sources
+
+DEMO_WIKI_VALID = "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"
 
 
 @pytest.fixture(scope="module", params=[pipeline, prepare_data], ids=["pipeline", "prepare_data"])
@@ -133,3 +136,26 @@ def test_a_vocabulary_below_the_real_minimum_fails_at_load_and_at_flow_start():
 def test_seeds_outside_the_generators_range_fail_at_load(seed):
     with pytest.raises(ConfigError, match=r"pretrain.seed: Input should be (greater|less) than or equal to "):
         load_config(None, [f"pretrain.seed={seed}"])
+
+
+def test_a_uri_changed_under_the_demo_pin_fails_before_any_stage_and_says_what_to_do(tmp_path):
+    """The run form pre-fills the demo's sources with their sha256 pins; a user who edits only `uri` gets an
+    error, at preflight, that names the field, the uri, both hashes and the way out."""
+    mine = tmp_path / "mine.txt"
+    mine.write_text("hello\n", encoding="utf-8")
+    params = _params()
+    params["config"]["data"]["pretrain"]["sources"][0]["uri"] = str(mine)
+    config = PipelineConfig.model_validate(params["config"])
+    assert config.data.pretrain.sources[0].sha256 == DEMO_WIKI_VALID  # the pin the form kept
+    with pytest.raises(DownloadError) as err:
+        check_sources(config.data.pretrain, "data.pretrain")
+    actual = "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"  # sha256 of "hello\n"
+    assert str(err.value) == (
+        f"data.pretrain.sources[0].sha256: {str(mine)!r} has sha256 {actual}, expected {DEMO_WIKI_VALID}; if you "
+        f"changed data.pretrain.sources[0].uri, clear sha256 or pin the new file's hash (sha256: {actual})")
+    # Either way out works: no pin, or the new file's.
+    for pin in (None, actual):
+        params["config"]["data"]["pretrain"]["sources"][0]["sha256"] = pin
+        check_sources(PipelineConfig.model_validate(params["config"]).data.pretrain, "data.pretrain")
+    # The demo's own files still match their pins.
+    check_sources(PipelineConfig().data.pretrain, "data.pretrain")

@@ -142,7 +142,11 @@ def _train_and_register(config: PipelineConfig, ctx: TrackingContext, ledger: St
 
 @flow(name="lmpipe-pipeline", log_prints=True, validate_parameters=True)
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 - the Prefect form's default
-    """Corpus to registered model: data, tokenizer, shards, pretraining, fine-tuning, evaluation, registry."""
+    """Corpus to registered model: data, tokenizer, shards, pretraining, fine-tuning, evaluation, registry.
+
+    Args:
+        config: The whole run, one section per stage; the defaults are the demo (configs/demo.yaml).
+    """
     with tracked_flow(config, "pipeline") as (ctx, ledger):
         check_inputs(config)
         # The benchmark files to score (Hub downloads or local fallbacks), fetched and format-checked before any
@@ -156,7 +160,11 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 -
 
 @flow(name="lmpipe-data", log_prints=True, validate_parameters=True)
 def prepare_data(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 - the Prefect form's default
-    """The data stages alone: both corpora downloaded, cleaned and sharded, and the tokenizer."""
+    """The data stages alone: both corpora downloaded, cleaned and sharded, and the tokenizer.
+
+    Args:
+        config: The whole run's configuration; these stages read its data and tokenizer sections.
+    """
     with tracked_flow(config, "data") as (ctx, ledger):
         check_inputs(config, training=False)
         _prepare(config, ctx, ledger)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 EOT = "<|endoftext|>"
+# Byte-level BPE starts from every byte value, so a vocabulary holds these 256 tokens plus the special tokens.
+BYTE_ALPHABET = 256
+# Seeds feed numpy's and rensa's generators, which take unsigned 64-bit integers.
+SEED_MAX = 2**64 - 1
 
 
 # The demo reads Tiny Shakespeare up to here (max_bytes); its benchmark is made from the rest:
@@ -14,6 +20,13 @@ DEMO_HELD_OUT_AT = 990_909
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field and the value."""
+
+
+def schema_only(**keywords: Any) -> Any:
+    """``Annotated`` metadata: JSON-schema keywords (the Prefect form checks them as the user types) for a rule
+    that a validator of the section enforces with its own message, e.g.
+    ``Annotated[str, schema_only(pattern="^[0-9a-f]{64}$")] | None``."""
+    return Field(json_schema_extra=keywords)
 
 
 class Section(BaseModel):

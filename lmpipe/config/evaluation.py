@@ -14,8 +14,8 @@ class BenchmarkConfig(Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Name in the report and the metric keys.")
     kind: Literal["hellaswag", "arc", "piqa"] = Field(description="The JSONL shape (the dataset's own fields).")
-    path: str | None = Field(None, description="Local JSONL file: scored when hub is unset, and the fallback when "
-                                               "the Hub cannot be reached.")
+    path: str | None = Field(None, description="Local JSONL file (path, hub or both are needed): scored when hub "
+                                               "is unset, and the fallback when the Hub cannot be reached.")
     hub: str | None = Field(None, description="Hugging Face dataset id (e.g. 'Rowan/hellaswag', 'allenai/ai2_arc', "
                                               "'baber/piqa'), downloaded when online into a JSONL cache.")
     hub_config: str | None = Field(None, description="The dataset's configuration, e.g. 'ARC-Challenge'.")
@@ -38,15 +38,21 @@ class BenchmarkConfig(Section):
 
 
 class EvalConfig(Section):
-    eval_tokens: int = Field(32_768, ge=1, description="Held-out tokens scored per model and corpus.")
-    batch_size: int = Field(32, ge=1)
-    prompts: list[str] = Field(default_factory=lambda: ["ROMEO:", "The history of"])
-    max_new_tokens: int = Field(48, ge=0)
-    temperature: float = Field(0.8, ge=0.0, description="0: greedy (the most likely token).")
-    top_k: int | None = Field(40, ge=1)
+    """The evaluate stage: held-out loss of the base and fine-tuned models on every corpus, the benchmarks, and
+    sample generations."""
+
+    eval_tokens: int = Field(32_768, ge=1, description="Held-out tokens scored per model and corpus (at most the "
+                                                       "validation split).")
+    batch_size: int = Field(32, ge=1, description="Sequences of model.block_size tokens per forward pass when "
+                                                  "scoring.")
+    prompts: list[str] = Field(default_factory=lambda: ["ROMEO:", "The history of"],
+                               description="Prompts each model continues; the samples are in the report.")
+    max_new_tokens: int = Field(48, ge=0, description="Tokens generated per prompt.")
+    temperature: float = Field(0.8, ge=0.0, description="Sampling temperature; 0: greedy (the most likely token).")
+    top_k: int | None = Field(40, ge=1, description="Sample from the k most likely tokens; None: from all.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling: the smallest set of tokens "
                                                                    "whose probabilities add up to top_p.")
-    seed: int = 1234
+    seed: int = Field(1234, description="Seed of the sampling.")
     benchmarks: list[BenchmarkConfig] = Field(
         default_factory=lambda: [BenchmarkConfig(name="shakespeare_cloze", kind="hellaswag",
                                                  path="data/benchmarks/shakespeare-cloze.jsonl")],
@@ -63,22 +69,29 @@ class EvalConfig(Section):
 
 
 class TrackingConfig(Section):
-    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<workdir>/mlflow.db.")
-    experiment: str = "lmpipe"
-    registered_model: str = "lmpipe-gpt"
+    """MLflow: where runs are recorded, the registered model, and the champion gate that decides which version
+    the champion alias points at."""
+
+    uri: str | None = Field(None, description="MLflow tracking URI (a server's `http://host:5000` or a database "
+                                              "URI); None: `sqlite:///<workdir>/mlflow.db`.")
+    experiment: str = Field("lmpipe", min_length=1, description="MLflow experiment the runs are recorded in.")
+    registered_model: str = Field("lmpipe-gpt", min_length=1, description="Registered model each run adds a "
+                                                                          "version of.")
     alias: str = Field("candidate", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
-                       description="Registry alias moved to each new version ('latest' is reserved by MLflow).")
+                       description="Registry alias moved to each new version ('latest' is reserved by "
+                                   "MLflow); not champion_alias.")
     champion_alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
                                 description="Alias the promotion gate moves to a new version that beats the "
                                             "current champion on promote_metric.")
     promote_metric: str | None = Field(
         None,
-        description="Evaluation metric of the fine-tuned model the gate compares (finetuned.<corpus>.loss|"
-                    "perplexity|bits_per_byte, finetuned.<benchmark>.acc|acc_norm or, with finetune.mode=sft, "
-                    "finetuned.sft/val.loss|perplexity|bits_per_byte: its held-out SFT examples, the assistant "
-                    "replies only). None: bits per byte (tokenizer-independent) on the fine-tuning corpus, or with "
-                    "finetune.mode=sft on the held-out SFT replies (finetuned.sft/val.bits_per_byte): the task SFT "
-                    "trains for, where data.finetune is a corpus SFT never trains on.",
+        description="Evaluation metric of the fine-tuned model the gate compares (`finetuned.<corpus>.loss`, "
+                    "`.perplexity` or `.bits_per_byte`, `finetuned.<benchmark>.acc` or `.acc_norm` or, with "
+                    "finetune.mode=sft, `finetuned.sft/val.loss`, `.perplexity` or `.bits_per_byte`: its held-out "
+                    "SFT examples, the assistant replies only). None: bits per byte (tokenizer-independent) on the "
+                    "fine-tuning corpus, or with finetune.mode=sft on the held-out SFT replies "
+                    "(finetuned.sft/val.bits_per_byte): the task SFT trains for, where data.finetune is a corpus SFT "
+                    "never trains on.",
     )
     promote_mode: Literal["min", "max"] = Field("min", description="'min': lower is better (loss, bits per "
                                                                     "byte); 'max': higher is better (accuracy).")

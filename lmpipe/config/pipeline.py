@@ -31,27 +31,35 @@ def _any_of_modes(schema: dict[str, Any]) -> None:
 class PipelineConfig(Section):
     """Everything one pipeline run needs. The defaults are the demo."""
 
-    name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
-    workdir: str = Field(".lmpipe", description="Where artifacts, the MLflow store and checkpoints live.")
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$", description="Name of this configuration, recorded "
+                                                                        "on the MLflow runs (letters, digits, "
+                                                                        "`_`, `.`, `-`).")
+    workdir: str = Field(".lmpipe", min_length=1, description="Where stage outputs, checkpoints and the default "
+                                                              "MLflow store live (relative to the working "
+                                                              "directory).")
     lease_stale_s: float = Field(
         120.0, gt=0,
         description="A run building a stage holds a lease on it (a file next to its output) and refreshes it "
                     "every min(10, this/4) s; another run waits for it, and takes it over when the holder's "
                     "process is gone (on this host) or its heartbeat has stood still this long (any host). Raise it "
                     "on a shared filesystem whose writes can stall.")
-    data: DataConfig = Field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    pretrain: TrainConfig = Field(default_factory=TrainConfig)
-    finetune: FinetuneSection = Field(default_factory=ContinueFinetuneConfig, json_schema_extra=_any_of_modes)
+    data: DataConfig = Field(default_factory=DataConfig, description="Corpora, cleaning, shards, download retries.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The byte-level BPE tokenizer.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The GPT's size and shape.")
+    pretrain: TrainConfig = Field(default_factory=TrainConfig, description="Pretraining on data.pretrain.")
+    finetune: FinetuneSection = Field(
+        default_factory=ContinueFinetuneConfig, json_schema_extra=_any_of_modes,
+        description="Fine-tuning of the pretrained model; `mode` picks the variant: 'continue' (on data.finetune) "
+                    "or 'sft' (chat examples).")
     classify: ClassifyConfig | None = Field(None, description="A sequence classifier fine-tuned from the "
                                                                "pretrained model; None: no classify stage.")
     continual: ContinualConfig = Field(
         default_factory=ContinualConfig,
         description="What the lmpipe-continual flow trains when new documents reach data.pretrain's files; "
                     "unused by lmpipe-pipeline.")
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation, benchmarks, samples.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow runs, the registry and "
+                                                                                 "the champion gate.")
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:

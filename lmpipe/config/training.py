@@ -7,17 +7,26 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
-from lmpipe.config.base import Section
+from lmpipe.config.base import SEED_MAX, Section, schema_only
 from lmpipe.config.effects import EXECUTION, NO_EFFECT, Affects
+
+# What ClassifyConfig.path must end in (any case), for the form; its validator says so in words.
+CLASSIFY_SUFFIX = r"\.([Cc][Ss][Vv]|[Jj][Ss][Oo][Nn][Ll]?)$"
 
 
 class ModelConfig(Section):
-    n_layer: int = Field(4, ge=1)
-    n_head: int = Field(4, ge=1)  # before n_embd, whose check reads it
-    n_embd: int = Field(128, ge=1)
-    block_size: int = Field(128, ge=2, description="Context length in tokens.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    bias: bool = True
+    """The GPT's architecture (GPT-2's design); its vocabulary size is the tokenizer's."""
+
+    n_layer: int = Field(4, ge=1, description="Transformer blocks.")
+    # n_head comes before n_embd, whose check reads it.
+    n_head: int = Field(4, ge=1, description="Attention heads per block; n_embd must be a multiple of it.")
+    n_embd: int = Field(128, ge=1, description="Width of the residual stream (the embedding size); a multiple of "
+                                               "n_head (each head gets n_embd / n_head dimensions).")
+    block_size: int = Field(128, ge=2, description="Context length in tokens (the longest sequence the model "
+                                                   "sees); each corpus's validation split needs more tokens.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability on attention, residual and "
+                                                            "embedding outputs while training; 0: none.")
+    bias: bool = Field(True, description="Biases in the linear layers and layer norms (GPT-2: true).")
 
     @field_validator("n_embd")
     @classmethod
@@ -42,10 +51,12 @@ class DistributedConfig(Section):
 class Optimizer(Section):
     """AdamW with linear warmup then cosine decay to min_lr, and gradient clipping (every trained section)."""
 
-    learning_rate: float = Field(2e-3, gt=0.0)
-    min_lr: float = Field(2e-4, ge=0.0, description="Where the cosine decay ends, at max_steps.")
-    warmup_steps: int = Field(30, ge=0)
-    weight_decay: float = Field(0.1, ge=0.0)
+    learning_rate: float = Field(2e-3, gt=0.0, description="Peak learning rate, reached after warmup_steps.")
+    min_lr: float = Field(2e-4, ge=0.0, description="Where the cosine decay ends, at max_steps; at most "
+                                                    "learning_rate.")
+    warmup_steps: int = Field(30, ge=0, description="Optimizer steps of linear warmup from 0 to learning_rate.")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW's decoupled weight decay of the weight matrices "
+                                                         "and embeddings (not of biases and layer-norm gains).")
     grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 disables clipping.")
 
     @model_validator(mode="after")
@@ -58,22 +69,24 @@ class Optimizer(Section):
 class AdamBetas(Section):
     """AdamW's moment decay rates (the language-model trainings; classify keeps torch's defaults)."""
 
-    beta1: float = Field(0.9, gt=0.0, lt=1.0)
-    beta2: float = Field(0.95, gt=0.0, lt=1.0)
+    beta1: float = Field(0.9, gt=0.0, lt=1.0, description="AdamW's decay rate of the gradient's running mean.")
+    beta2: float = Field(0.95, gt=0.0, lt=1.0, description="AdamW's decay rate of the squared gradient's running "
+                                                           "mean.")
 
 
 class Batch(Section):
     """How big a step is and how it is split; only the global batch decides the steps taken."""
 
-    batch_size: Annotated[int | Literal["auto"], EXECUTION] = Field(
+    batch_size: Annotated[Annotated[int, schema_only(minimum=1)] | Literal["auto"], EXECUTION] = Field(
         16, description="Sequences per micro-batch per process; 'auto' (needs batch_tokens): the largest "
                         "that fits the device."
     )
     grad_accum_steps: Annotated[int, EXECUTION] = Field(
         1, ge=1, description="Micro-batches per optimizer step (ignored when batch_tokens is set).")
     batch_tokens: Annotated[int | None, EXECUTION] = Field(
-        None, ge=1, description="Global batch in tokens per optimizer step; gradient accumulation steps are "
-                                "derived: batch_tokens / (batch_size x block_size x processes), which must be whole."
+        None, ge=1, description="Global batch in tokens per optimizer step, a multiple of model.block_size; "
+                                "gradient accumulation steps are derived: batch_tokens / (batch_size x "
+                                "block_size x processes), which must be whole."
     )
 
     @field_validator("batch_size")
@@ -93,8 +106,10 @@ class Batch(Section):
 class Runtime(Section):
     """Where and from which seed a section trains."""
 
-    seed: int = 1337
-    device: Annotated[Literal["auto", "cpu", "cuda", "mps"], EXECUTION] = "auto"
+    seed: int = Field(1337, ge=0, le=SEED_MAX, description="Seeds the weights' initialisation, dropout and the "
+                                                           "order of the training windows.")
+    device: Annotated[Literal["auto", "cpu", "cuda", "mps"], EXECUTION] = Field(
+        "auto", description="'auto': CUDA if available, else MPS (Apple silicon), else CPU.")
 
 
 class TrainRuntime(Runtime):
@@ -116,9 +131,12 @@ class Cadence(Section):
 
 
 class TrainCadence(Cadence):
-    eval_batches: Annotated[int, EXECUTION] = Field(8, ge=1)
+    eval_batches: Annotated[int, EXECUTION] = Field(8, ge=1, description="Micro-batches of the validation split "
+                                                                     "each validation loss averages.")
     log_interval: Annotated[int, NO_EFFECT] = Field(10, ge=1, description="Steps between metric flushes.")
-    checkpoint_interval: Annotated[int, NO_EFFECT] = Field(200, ge=1)
+    checkpoint_interval: Annotated[int, NO_EFFECT] = Field(200, ge=1, description="Steps between checkpoints "
+                                                                                  "an interrupted run resumes "
+                                                                                  "from.")
 
 
 class EarlyStopping(Section):
@@ -154,7 +172,8 @@ class Training(EarlyStopping, TrainCadence, TrainRuntime, Batch, AdamBetas, Opti
 class TrainConfig(Training):
     """Pretraining: the one stage that may launch several processes."""
 
-    distributed: Annotated[DistributedConfig, EXECUTION] = Field(default_factory=DistributedConfig)
+    distributed: Annotated[DistributedConfig, EXECUTION] = Field(
+        default_factory=DistributedConfig, description="Processes and how they split the work (one by default).")
 
     @property
     def processes(self) -> int:
@@ -182,10 +201,11 @@ class FinetuneConfig(Training):
     (``finetune.mode`` picks one: :data:`FinetuneSection`)."""
 
     SECTION: ClassVar[str] = "finetune"
-    max_steps: int = Field(200, ge=1)
-    learning_rate: float = Field(6e-4, gt=0.0)
-    min_lr: float = Field(6e-5, ge=0.0)
-    warmup_steps: int = Field(10, ge=0)
+    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
+    learning_rate: float = Field(6e-4, gt=0.0, description="Peak learning rate, reached after warmup_steps.")
+    min_lr: float = Field(6e-5, ge=0.0, description="Where the cosine decay ends, at max_steps; at most "
+                                                    "learning_rate.")
+    warmup_steps: int = Field(10, ge=0, description="Optimizer steps of linear warmup from 0 to learning_rate.")
     init_checkpoint: str | None = Field(
         None, description="Checkpoint directory to start from; default: this pipeline's pretrained model."
     )
@@ -194,11 +214,15 @@ class FinetuneConfig(Training):
 
 
 class ContinueFinetuneConfig(FinetuneConfig):
+    """Fine-tuning that continues language-model training on the data.finetune corpus (the demo)."""
+
     mode: Literal["continue"] = Field(
         "continue", description="'continue': train on data.finetune; 'sft': the chat examples of sft_path.")
 
 
 class SFTFinetuneConfig(FinetuneConfig):
+    """Supervised fine-tuning on chat or instruction examples (a JSONL file), the loss on the replies only."""
+
     mode: Literal["sft"] = Field(
         "sft", description="'continue': train on data.finetune; 'sft': the chat examples of sft_path.")
     sft_path: str = Field(
@@ -240,12 +264,14 @@ class ClassifyConfig(Cadence, Runtime, Optimizer):
     """Sequence classification fine-tuning, GPT-1 style (lmpipe.model.classifier): the hidden state of the last token
     (an end-of-text "extract" token appended to each text) goes through a linear head."""
 
-    path: str = Field(description="Labelled examples: a CSV file with a header row (.csv) or JSONL, one object a "
-                                  "line (.jsonl or .json); the format follows the suffix.")
-    text_field: str = Field("text", min_length=1, description="Column / key holding the text.")
+    path: Annotated[str, schema_only(pattern=CLASSIFY_SUFFIX)] = Field(
+        description="Labelled examples: a CSV file with a header row (.csv) or JSONL, one object a line (.jsonl or "
+                    ".json); the format follows the suffix.")
+    text_field: str = Field("text", min_length=1, description="Column / key holding the text; not label_field.")
     label_field: str = Field("label", min_length=1, description="Column / key holding the label (a string; JSON "
                                                                 "integers are read as their decimal string).")
-    labels: list[str] | None = Field(
+    labels: Annotated[list[Annotated[str, schema_only(minLength=1)]], schema_only(minItems=2, uniqueItems=True)] \
+        | None = Field(
         None, description="The classes, in the head's output order. None: the sorted set of labels of the "
                           "training split. Given: a line with another label is an error (or skipped with skip_bad). "
                           "Integers are taken as their decimal string, as in the data.")
@@ -253,9 +279,10 @@ class ClassifyConfig(Cadence, Runtime, Optimizer):
                                                 "validation, at least one.")
     max_steps: int = Field(100, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Examples per step.")
-    learning_rate: float = Field(5e-4, gt=0.0)
-    min_lr: float = Field(5e-5, ge=0.0, description="Where the cosine decay ends, at max_steps.")
-    warmup_steps: int = Field(10, ge=0)
+    learning_rate: float = Field(5e-4, gt=0.0, description="Peak learning rate, reached after warmup_steps.")
+    min_lr: float = Field(5e-5, ge=0.0, description="Where the cosine decay ends, at max_steps; at most "
+                                                    "learning_rate.")
+    warmup_steps: int = Field(10, ge=0, description="Optimizer steps of linear warmup from 0 to learning_rate.")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW decay of matrices (not of biases and gains).")
     head_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the pooled hidden state (GPT-1: 0.1).")
     lm_loss_weight: float = Field(0.0, ge=0.0, description="GPT-1's auxiliary language-modelling loss on the texts, "

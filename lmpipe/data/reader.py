@@ -87,6 +87,7 @@ from lmpipe.data.sources import (
     expand_fsspec,
     expand_local,
     fetch_http,
+    sha256_mismatch,
     source_kind,
 )
 from lmpipe.data.splitting import Line, Piece, document_pieces, is_blank, split_lines, utf8_error, whole_file_piece
@@ -451,8 +452,7 @@ class SourceReader:
         if self.source.sha256 is not None:
             actual = sha256_file(files[0][1])
             if actual != self.source.sha256:
-                raise DownloadError(f"{self.field}.sha256: {files[0][1]} has sha256 {actual}, "
-                                    f"expected {self.source.sha256}")
+                raise DownloadError(sha256_mismatch(self.field, self.source.uri, self.source.sha256, actual))
         for name, path in files:
             entry = _FileEntry(name, path.stat().st_size, self.source.sha256)
             yield from self._file_docs(functools.partial(_open_unbuffered, path), name, entry, hash_it=True)

@@ -127,8 +127,17 @@ def expand_fsspec(source: SourceConfig, field: str) -> tuple[Any, list[tuple[str
     return fs, [(fs.unstrip_protocol(p), p) for p in matches]
 
 
+def sha256_mismatch(field: str, uri: str, expected: str, actual: str) -> str:
+    """The error of a source whose bytes are not the ones its sha256 pins. ``field`` names the source
+    (``data.pretrain.sources[0]``). A pin stays when only ``uri`` is edited (a preset's or the run form's source),
+    so the message says how to get out."""
+    return (f"{field}.sha256: {uri!r} has sha256 {actual}, expected {expected}; if you changed {field}.uri, "
+            f"clear sha256 or pin the new file's hash (sha256: {actual})")
+
+
 def check_sources(corpus: CorpusConfig, field: str) -> None:
-    """Cheap preflight without network: local files and globs exist, schemes are known, sha256 fits."""
+    """Preflight without network: local files and globs exist, schemes are known, sha256 fits (a pinned local
+    file's hash is checked here, so a stale pin fails before any stage)."""
     for i, source in enumerate(corpus.sources):
         f = f"{field}.sources[{i}]"
         kind = source_kind(source.uri)
@@ -136,7 +145,11 @@ def check_sources(corpus: CorpusConfig, field: str) -> None:
             if not source.uri[3:].strip():
                 raise ValueError(f"{f}.uri: {source.uri!r} names no dataset; write hf:<dataset id>")
         elif kind in ("path", "file"):
-            expand_local(source, f)
+            files = expand_local(source, f)
+            if source.sha256 is not None and not _is_glob(source.uri):
+                actual = sha256_file(files[0][1])
+                if actual != source.sha256:
+                    raise DownloadError(sha256_mismatch(f, source.uri, source.sha256, actual))
         elif kind == "fsspec":
             _fsspec_filesystem_class(source.uri, f)
         if source.sha256 is not None and (kind in ("hf", "fsspec") or _is_glob(source.uri) and kind != "http"):
@@ -288,7 +301,7 @@ def download_url(url: str, dest: Path, *, field: str, sha256: str | None = None,
     actual = sha256_file(part)
     if sha256 is not None and actual != sha256:
         part.unlink()
-        raise DownloadError(f"{field}.sha256: {url} has sha256 {actual}, expected {sha256}; the download was deleted")
+        raise DownloadError(sha256_mismatch(field, url, sha256, actual) + "; the download was deleted")
     os.replace(part, dest)
     return actual
 

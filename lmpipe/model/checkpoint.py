@@ -41,6 +41,7 @@ from lmpipe.model.lora import LoraLinear, is_lora_state, merge_state
 
 FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name, RNG states per rank
 STATE_FILE = "state.json"
+MODEL_DIR = "model"  # in a training stage's output: the checkpoint that goes forward, without optimizer state
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")

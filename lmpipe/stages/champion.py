@@ -11,9 +11,8 @@ from pathlib import Path
 
 from lmpipe.artifacts import BuildOutput, StageResult, sha256_file
 from lmpipe.data.tokenizer import META_FILE, TOKENIZER_FILE
-from lmpipe.model.checkpoint import WEIGHTS_FILE
+from lmpipe.model.checkpoint import MODEL_DIR, WEIGHTS_FILE
 from lmpipe.stages.contract import run_stage
-from lmpipe.stages.training import MODEL_DIR
 from lmpipe.tracking.registry import download_model_files
 
 

@@ -13,13 +13,12 @@ from lmpipe.artifacts import BuildOutput, StageResult
 from lmpipe.config.training import LoraConfig
 from lmpipe.data.shards import TokenSplit
 from lmpipe.data.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_fingerprint
-from lmpipe.model.checkpoint import WEIGHTS_FILE, export_model, read_state
+from lmpipe.model.checkpoint import MODEL_DIR, WEIGHTS_FILE, export_model, read_state
 from lmpipe.model.lora import write_peft_adapter
 from lmpipe.training.checkpoint import BEST_DIR, CHECKPOINTS_DIR
 from lmpipe.training.launch import SPEC_FILE, SUMMARY_FILE
 from lmpipe.training.loop import TrainSummary
 
-MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"  # LoRA with save_adapter: the adapter weights alone (peft format)
 
 

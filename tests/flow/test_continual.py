@@ -82,10 +82,23 @@ def test_continual_line(line):
     assert data.tags["lmpipe.continual.outcome"] == "nothing new"
     assert data.metrics["continual.new_bytes"] == 0.0 and data.metrics["continual.steps"] == 0.0
 
-    # 3. Ten articles appended to a.txt and a new file of five: only they are encoded, trained on with replay.
+    # 3. One new article, with continual.min_new_documents=5: reported, not trained on; it counts next time.
     with open(src / "a.txt", "a", encoding="utf-8") as f:
-        f.write("".join(articles[30:40]))
-    (src / "b.txt").write_text("".join(articles[40:45]), encoding="utf-8")
+        f.write(articles[30])
+    patient = cfg.model_copy(update={"continual": cfg.continual.model_copy(update={"min_new_documents": 5})})
+    waiting = continual(config=patient)
+    assert [s["label"] for s in waiting["stages"]] == [
+        "champion/lmpipe-gpt", "download/wikitext2.new", "clean_chunk/wikitext2.new", "clean/wikitext2.new"]
+    assert waiting["registered"] is None
+    data = _parent(uri, waiting["mlflow_run_id"])
+    assert data.tags["lmpipe.continual.outcome"] == "too little new"
+    assert data.metrics["continual.new_documents"] == 1.0 and data.metrics["continual.steps"] == 0.0
+
+    # 4. Ten more articles appended to a.txt and a new file of five: only the sixteen new ones are encoded, and
+    # trained on with replay.
+    with open(src / "a.txt", "a", encoding="utf-8") as f:
+        f.write("".join(articles[31:41]))
+    (src / "b.txt").write_text("".join(articles[41:46]), encoding="utf-8")
     clock = time.perf_counter()
     grown = continual(config=cfg)
     seconds["new data"] = time.perf_counter() - clock
@@ -94,7 +107,7 @@ def test_continual_line(line):
     assert {"continue", "finetune", "evaluate", "register"} <= set(labels) and "pretrain" not in labels
     assert "train_tokenizer" not in labels  # the champion's tokenizer encodes the new documents
     new = next(s for s in grown["stages"] if s["label"] == "download/wikitext2.new")
-    assert grown["metrics"]["download/wikitext2.new"]["documents"] == 15.0, new
+    assert grown["metrics"]["download/wikitext2.new"]["documents"] == 16.0, new
     trained = grown["metrics"]["continue"]
     assert 4 <= trained["steps"] <= 20 and trained["replay_tokens"] > 0
     assert trained["replay_share"] == pytest.approx(0.25, abs=0.01)
@@ -103,15 +116,15 @@ def test_continual_line(line):
     assert data.metrics["continual.new_files"] == 2.0
     assert data.metrics["continual.new_bytes"] == (src / "a.txt").stat().st_size - a_bytes + (
         src / "b.txt").stat().st_size
-    assert data.metrics["continual.new_documents"] == 15.0
+    assert data.metrics["continual.new_documents"] == 16.0
     version = grown["registered"]["version"]
     assert version == "2"
     _, after = _version_record(uri, version)
-    assert after.runs == 2 and after.documents == 45 and after.origin == record.origin
+    assert after.runs == 2 and after.documents == 46 and after.origin == record.origin
     assert sorted(f.name for f in after.trained[0]) == [str(src / "a.txt"), str(src / "b.txt")]
     promoted = grown["registered"]["promotion"]["promoted"]
 
-    # 4. The work directory lost: the record comes from MLflow, the champion's files are downloaded, the origin
+    # 5. The work directory lost: the record comes from MLflow, the champion's files are downloaded, the origin
     # rebuilt from the sources' first bytes. With nothing appended, only what the champion has not seen is new.
     shutil.rmtree(cfg.workdir)
     clock = time.perf_counter()

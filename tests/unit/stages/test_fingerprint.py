@@ -18,8 +18,9 @@ def test_pretrain_code_covers_the_modules_training_runs():
     # the SFT reader (fine-tuning's) are not reached at module level.
     pretrain = _closure("pretrain")
     assert pretrain == {
-        "lmpipe.artifacts", "lmpipe.config.base", "lmpipe.config.data", "lmpipe.config.effects",
-        "lmpipe.config.evaluation", "lmpipe.config.pipeline", "lmpipe.config.training", "lmpipe.data.jsonl",
+        "lmpipe.artifacts", "lmpipe.config.base", "lmpipe.config.continual", "lmpipe.config.data",
+        "lmpipe.config.effects", "lmpipe.config.evaluation", "lmpipe.config.pipeline", "lmpipe.config.training",
+        "lmpipe.data.jsonl",
         "lmpipe.data.shards", "lmpipe.data.tokenizer",
         "lmpipe.model.checkpoint", "lmpipe.model.device", "lmpipe.model.gpt", "lmpipe.model.lora",
         "lmpipe.processes", "lmpipe.stages.contract", "lmpipe.stages.lease", "lmpipe.stages.pretrain",
@@ -31,12 +32,16 @@ def test_pretrain_code_covers_the_modules_training_runs():
     }
     finetune = _closure("finetune")
     assert finetune - pretrain == {"lmpipe.stages.finetune", "lmpipe.data.sft"}
+    assert _closure("continue") - pretrain == {"lmpipe.stages.continual"}
     assert _closure("register") == {
         "lmpipe.artifacts", "lmpipe.config.base", "lmpipe.config.data", "lmpipe.config.effects",
-        "lmpipe.config.evaluation", "lmpipe.data.tokenizer", "lmpipe.model.generation_settings", "lmpipe.processes",
-        "lmpipe.stages.register", "lmpipe.tracking.owners", "lmpipe.tracking.registry", "lmpipe.tracking.runs",
-        "lmpipe.tracking.serving", "lmpipe.tracking.store", "lmpipe.tracking.uris",
+        "lmpipe.config.evaluation", "lmpipe.data.increments", "lmpipe.data.sources", "lmpipe.data.tokenizer",
+        "lmpipe.model.generation_settings", "lmpipe.processes", "lmpipe.stages.register", "lmpipe.tracking.owners",
+        "lmpipe.tracking.registry", "lmpipe.tracking.runs", "lmpipe.tracking.serving", "lmpipe.tracking.store",
+        "lmpipe.tracking.trained_on", "lmpipe.tracking.uris",
     }
+    # downloading the champion's files does not depend on how models are trained
+    assert not any(m.startswith("lmpipe.training") for m in _closure("champion"))
     assert not any(m.startswith("lmpipe.training") for m in _closure("evaluate"))  # evaluation only loads models
     assert len({code_version("pretrain"), code_version("finetune"), code_version("evaluate")}) == 3
 

@@ -124,16 +124,17 @@ def test_continual_line(line):
     assert sorted(f.name for f in after.trained[0]) == [str(src / "a.txt"), str(src / "b.txt")]
     promoted = grown["registered"]["promotion"]["promoted"]
 
-    # 5. The work directory lost: the record comes from MLflow, the champion's files are downloaded, the origin
-    # rebuilt from the sources' first bytes. With nothing appended, only what the champion has not seen is new.
+    # 5. The work directory lost, and five more articles: the record comes from MLflow, the champion's files are
+    # downloaded, the origin (held-out set, replay pool) rebuilt from the first bytes of today's files.
     shutil.rmtree(cfg.workdir)
+    (src / "c.txt").write_text("".join(articles[46:51]), encoding="utf-8")
     clock = time.perf_counter()
     again = continual(config=cfg)
     seconds["work dir lost"] = time.perf_counter() - clock
     print("continual flow seconds:", {k: round(v, 1) for k, v in seconds.items()}, "promoted:", promoted)
-    data = _parent(uri, again["mlflow_run_id"])
-    if promoted:  # the champion saw a.txt and b.txt whole: nothing is new
-        assert again["stages"] == [] and data.tags["lmpipe.continual.outcome"] == "nothing new"
-    else:  # version 1 is still the champion: the same parts are new again, and give the same version
-        assert data.tags["lmpipe.continual.outcome"] == "trained"
-        assert again["registered"]["version"] == version
+    status = {s["label"]: s["status"] for s in again["stages"]}
+    assert {status[k] for k in ("champion/lmpipe-gpt", "shard/wikitext2", "continue", "register")} == {"ran"}
+    assert again["metrics"]["download/wikitext2.new"]["documents"] == (5.0 if promoted else 21.0)
+    assert _parent(uri, again["mlflow_run_id"]).tags["lmpipe.continual.outcome"] == "trained"
+    _, last = _version_record(uri, again["registered"]["version"])
+    assert last.origin == record.origin and str(src / "c.txt") in [f.name for f in last.trained[0]]

@@ -23,7 +23,9 @@ from lmpipe.config.pipeline import PipelineConfig
 from lmpipe.data.increments import Delta, TrainedOn, check_watchable, materialize, new_parts, next_record, origin_parts
 from lmpipe.data.sources import cached_digests
 from lmpipe.eval.benchmark_files import resolve_benchmarks
+from lmpipe.model.checkpoint import MODEL_DIR, check_compatible, read_state
 from lmpipe.stages.preflight import check_context_fits, check_inputs
+from lmpipe.stages.training import tokenizer_info
 from lmpipe.tracking.registry import WEIGHTS_TAG
 from lmpipe.tracking.runs import TrackingContext, client_for
 from lmpipe.tracking.trained_on import champion_trained_on
@@ -62,6 +64,10 @@ def continual(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 
         increment = materialize(delta.parts, pre, "new", views).model_copy(update={"name": f"{pre.name}.new"})
         start = ledger.run(champion, f"champion/{track.registered_model}", name=track.registered_model,
                            version=str(version.version), weights=version.tags[WEIGHTS_TAG], ctx=ctx)
+        # The champion's shape must be the config's, before anything is encoded or trained.
+        _, tok_fp, vocab_size = tokenizer_info(start)
+        check_compatible(read_state(start.path(MODEL_DIR)), config.model, vocab_size, tok_fp,
+                         field=f"model (against {track.registered_model}@{track.champion_alias})")
         new_read, new_docs = _documents(config, increment, "data.pretrain", ctx, ledger)
         read = new_read.metrics["documents"]
         if read < config.continual.min_new_documents:

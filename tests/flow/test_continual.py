@@ -138,3 +138,13 @@ def test_continual_line(line):
     assert _parent(uri, again["mlflow_run_id"]).tags["lmpipe.continual.outcome"] == "trained"
     _, last = _version_record(uri, again["registered"]["version"])
     assert last.origin == record.origin and str(src / "c.txt") in [f.name for f in last.trained[0]]
+
+    # 6. A config whose model is not the champion's shape fails before anything is encoded or trained.
+    with open(src / "c.txt", "a", encoding="utf-8") as f:
+        f.write(articles[51])
+    other = cfg.model_copy(update={"model": cfg.model.model_copy(update={"n_layer": 3})})
+    with pytest.raises(Exception, match=r"(?s)^model \(against lmpipe-gpt@champion\): .*model.n_layer: checkpoint has 2, config has 3"):
+        continual(config=other)
+    assert not list((Path(cfg.workdir) / "download").glob("*.partial"))
+    # the origin, the five articles of step 5, the fine-tuning corpus: nothing of this run
+    assert len(list((Path(cfg.workdir) / "download").iterdir())) == 3

@@ -18,10 +18,18 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.ledger import Ledger, tracked_flow
-from flows.pipeline import DIGEST_CACHE, _documents, _prepare, _shards, _train_and_register, finetune_shards
+from flows.pipeline import _documents, _prepare, _shards, _train_and_register, finetune_shards
 from lmpipe.config.pipeline import PipelineConfig
-from lmpipe.data.increments import Delta, TrainedOn, check_watchable, materialize, new_parts, next_record, origin_parts
-from lmpipe.data.sources import cached_digests
+from lmpipe.data.increments import (
+    Delta,
+    TrainedOn,
+    check_settings,
+    check_watchable,
+    materialize,
+    new_parts,
+    next_record,
+    origin_parts,
+)
 from lmpipe.eval.benchmark_files import resolve_benchmarks
 from lmpipe.model.checkpoint import MODEL_DIR, check_compatible, read_state
 from lmpipe.stages.preflight import check_context_fits, check_inputs
@@ -37,6 +45,7 @@ VIEWS_DIR = "continual"  # <workdir>/continual/: the new parts and the origin, c
 @flow(name="lmpipe-continual", log_prints=True, validate_parameters=True)
 def continual(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 - the Prefect form's default
     """New documents in the pretraining corpus's files: the @champion trained on, fine-tuned, evaluated, gated."""
+    config = _unpinned(config)
     with tracked_flow(config, "continual") as (ctx, ledger):
         check_inputs(config)
         pre, track = config.data.pretrain, config.tracking
@@ -54,39 +63,58 @@ def continual(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 
             _report(ctx, ledger, "first", None, Delta(), registered)
             return ledger.summary(ctx)
         version = line[0]
-        with cached_digests(Path(ctx.workdir) / DIGEST_CACHE) as sha256:
-            delta = new_parts(record, pre, "data.pretrain", sha256)
+        check_settings(record, pre, pre.clean or config.data.clean, "data.pretrain",
+                       f"{track.registered_model} version {version.version}")
+        delta = new_parts(record, pre, "data.pretrain")
         if not delta.parts:
             _report(ctx, ledger, "nothing new", (version, record), delta, None)
             return ledger.summary(ctx)
-        views = Path(ctx.workdir) / VIEWS_DIR
-        origin = materialize(origin_parts(record, pre, "data.pretrain"), pre, "origin", views)
-        increment = materialize(delta.parts, pre, "new", views).model_copy(update={"name": f"{pre.name}.new"})
         start = ledger.run(champion, f"champion/{track.registered_model}", name=track.registered_model,
                            version=str(version.version), weights=version.tags[WEIGHTS_TAG], ctx=ctx)
         # The champion's shape must be the config's, before anything is encoded or trained.
         _, tok_fp, vocab_size = tokenizer_info(start)
         check_compatible(read_state(start.path(MODEL_DIR)), config.model, vocab_size, tok_fp,
                          field=f"model (against {track.registered_model}@{track.champion_alias})")
+        # The champion's tokenizer encodes everything (the new parts, the origin: held-out set and replay pool, the
+        # fine-tuning corpus), named by its content: a new champion with the same tokenizer re-encodes nothing.
+        tokenizer = start.model_copy(update={"fingerprint": f"tokenizer-{tok_fp[:16]}"})
+        views = Path(ctx.workdir) / VIEWS_DIR
+        increment = materialize(delta.parts, pre, "new", views).model_copy(update={"name": f"{pre.name}.new"})
         new_read, new_docs = _documents(config, increment, "data.pretrain", ctx, ledger)
-        read = new_read.metrics["documents"]
-        if read < config.continual.min_new_documents:
-            _report(ctx, ledger, "too little new", (version, record), delta, None, read)
+        kept = new_docs.metrics["docs_out"]
+        if kept < config.continual.min_new_documents:
+            _report(ctx, ledger, "too little new", (version, record), delta, None, kept)
             return ledger.summary(ctx)
-        # The champion's tokenizer encodes everything: the new parts, the origin (held-out set, replay pool), the
-        # fine-tuning corpus.
+        origin = materialize(origin_parts(record, pre, "data.pretrain"), pre, "origin", views)
         _, origin_docs = _documents(config, origin, "data.pretrain", ctx, ledger)
-        corpora = {pre.name: _shards(config, origin, "data.pretrain", origin_docs, start, ctx, ledger)}
-        new_shards = _shards(config, increment, "data.pretrain", new_docs, start, ctx, ledger, may_be_empty=("val",))
-        finetune_shards(config, start, ctx, ledger, corpora)
-        check_context_fits(config, corpora, start, bench_files)
+        corpora = {pre.name: _shards(config, origin, "data.pretrain", origin_docs, tokenizer, ctx, ledger)}
+        # Every new document trains: the split of the new ones may leave either side empty.
+        new_shards = _shards(config, increment, "data.pretrain", new_docs, tokenizer, ctx, ledger,
+                             may_be_empty=("train", "val"))
+        finetune_shards(config, tokenizer, ctx, ledger, corpora)
+        check_context_fits(config, corpora, tokenizer, bench_files)
         base = ledger.run(continue_pretrain, model_cfg=config.model, cfg=config.continual, init=start,
-                          new=new_shards, replay=corpora[pre.name], tokenizer=start, ctx=ctx)
-        after = next_record(record, delta, int(read))
-        registered = _train_and_register(config, ctx, ledger, start, corpora, bench_files, after.to_json(),
+                          new=new_shards, replay=corpora[pre.name], tokenizer=tokenizer, ctx=ctx)
+        after = next_record(record, delta, int(new_read.metrics["documents"]))
+        registered = _train_and_register(config, ctx, ledger, tokenizer, corpora, bench_files, after.to_json(),
                                          base=base)
-        _report(ctx, ledger, "trained", (version, record), delta, registered, read, base.metrics)
+        ran = next(o.status for o in ledger.outcomes if o.label == "continue") == "ran"
+        _report(ctx, ledger, "trained" if ran else "tried before", (version, record), delta, registered, kept,
+                base.metrics if ran else None)
     return ledger.summary(ctx)
+
+
+def _unpinned(config: PipelineConfig) -> PipelineConfig:
+    """The config without sha256 pins on the pretraining files: continual runs expect them to grow, and check
+    every file against the champion's record instead."""
+    pre = config.data.pretrain
+    if all(s.sha256 is None for s in pre.sources):
+        return config
+    get_run_logger().info("data.pretrain's sha256 pins are not checked by continual runs (the files may grow): "
+                          "each file is checked against the record of what the champion was trained on")
+    sources = [s.model_copy(update={"sha256": None}) for s in pre.sources]
+    data = config.data.model_copy(update={"pretrain": pre.model_copy(update={"sources": sources})})
+    return config.model_copy(update={"data": data})
 
 
 def _report(ctx: TrackingContext, ledger: Ledger, outcome: str, before: tuple[Any, TrainedOn] | None,
@@ -106,8 +134,12 @@ def _report(ctx: TrackingContext, ledger: Ledger, outcome: str, before: tuple[An
                      f"{record.documents} documents, {record.bytes:,} bytes in {record.runs} training run(s).")
     if outcome == "nothing new":
         lines.append("\nNothing new in the pretraining files since then: nothing was trained.")
+    elif outcome == "tried before":
+        lines.append("\nThe same new documents and the same champion as a run before: its candidate (below) is "
+                     "reused, nothing was trained.")
     elif outcome == "too little new":
-        lines.append(f"\nOnly {new_documents:.0f} new documents (continual.min_new_documents is more): nothing was "
+        lines.append(f"\nOnly {new_documents:.0f} new documents after cleaning (continual.min_new_documents is "
+                     "more): nothing was "
                      "trained; they count again next run.")
     if delta.parts:
         lines += ["", "| source | file | what | from byte | bytes |", "|---|---|---|---:|---:|"]

@@ -21,7 +21,7 @@ from lmpipe.artifacts import StageResult, sha256_file
 from lmpipe.config.data import CorpusConfig
 from lmpipe.config.pipeline import PipelineConfig
 from lmpipe.config.training import SFTFinetuneConfig
-from lmpipe.data.increments import FileState, check_watchable, first_record
+from lmpipe.data.increments import check_watchable, first_record
 from lmpipe.data.sources import local_source_digests
 from lmpipe.eval.benchmark_files import resolve_benchmarks
 from lmpipe.stages.preflight import check_context_fits, check_inputs
@@ -97,9 +97,8 @@ def _read_record(config: PipelineConfig, read: StageResult) -> dict[str, Any] | 
         check_watchable(config.data.pretrain, "data.pretrain")
     except ValueError:
         return None  # URLs, Hub datasets or read limits: no continual runs on this corpus
-    state = [[FileState(f["path"], f["bytes"], f["sha256"]) for f in source["files"]]
-             for source in read.meta["sources"]]
-    return first_record(config.data.pretrain, state, int(read.metrics["documents"])).to_json()
+    pre = config.data.pretrain
+    return first_record(pre, pre.clean or config.data.clean, read.meta, int(read.metrics["documents"])).to_json()
 
 
 def _digest(path: str | None, name: str = "") -> str | None:

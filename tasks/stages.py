@@ -242,7 +242,9 @@ def champion(name: str, version: str, weights: str, ctx: TrackingContext, label:
     return result
 
 
-CONTINUE = StageSpec("continue", configs=("model_cfg", "cfg"), upstreams=("init", "new", "replay", "tokenizer"))
+# min_new_documents decides whether the stage runs at all, not what it computes.
+CONTINUE = StageSpec("continue", configs=("model_cfg", "cfg"), upstreams=("init", "new", "replay", "tokenizer"),
+                     not_read=(("cfg", frozenset({"min_new_documents"})),))
 
 
 @stage_task(name="continue")

@@ -213,14 +213,16 @@ class _ZstdRaw(io.RawIOBase):
 READ_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError)
 
 
-def _compression(source: SourceConfig, name: str) -> str:
+def file_compression(source: SourceConfig, name: str) -> str:
+    """How a file of ``source`` is compressed: "gzip", "zstd" or "none" (its setting, else its name's suffix)."""
     if source.compression != "auto":
         return source.compression
     suffix = Path(urllib.parse.urlparse(name).path if "://" in name else name).suffix.lower()
     return {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}.get(suffix, "none")
 
 
-def _format(source: SourceConfig, name: str) -> str:
+def file_format(source: SourceConfig, name: str) -> str:
+    """How a file of ``source`` is read: "text", "jsonl" or "parquet" (its setting, else its name's suffix)."""
     if source.format != "auto":
         return source.format
     path = Path(urllib.parse.urlparse(name).path if "://" in name else name)
@@ -229,8 +231,39 @@ def _format(source: SourceConfig, name: str) -> str:
     return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(path.suffix.lower(), "text")
 
 
-def _open_unbuffered(path: Path) -> IO[bytes]:
-    return open(path, "rb", buffering=0)
+class _Capped(io.RawIOBase):
+    """A local file read up to ``limit`` bytes (its size when it was listed): bytes appended while it is read are
+    left for the next read, so the size and the sha256 recorded for it describe the same bytes."""
+
+    def __init__(self, raw: IO[bytes], limit: int) -> None:
+        self.raw, self.limit = raw, limit
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.limit - self.raw.tell()
+        if left <= 0:
+            return 0
+        view = memoryview(buffer)
+        return cast(io.RawIOBase, self.raw).readinto(view[: min(len(view), left)]) or 0
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def _open_capped(path: Path, limit: int) -> IO[bytes]:
+    return cast(IO[bytes], _Capped(open(path, "rb", buffering=0), limit))
 
 
 def _decompressed(raw: IO[bytes], compression: str) -> IO[bytes]:
@@ -430,8 +463,10 @@ class SourceReader:
         self.files.append(entry)
         if entry.bytes == 0:
             self._issue("empty_file", name, "the file is empty")
+            if hash_it and entry.sha256 is None:
+                entry.sha256 = hashlib.sha256(b"").hexdigest()
             return
-        fmt = _format(self.source, name)
+        fmt = file_format(self.source, name)
         with opener() as raw:
             if fmt == "parquet":
                 yield from self._parquet_docs(raw, name)
@@ -440,7 +475,7 @@ class SourceReader:
                     entry.sha256 = _Tap(raw).finish()
                 return
             tap = _Tap(raw)
-            with _decompressed(cast(IO[bytes], tap), _compression(self.source, name)) as stream:
+            with _decompressed(cast(IO[bytes], tap), file_compression(self.source, name)) as stream:
                 yield from self._stream_docs(stream, name, fmt)
             if hash_it and entry.sha256 is None:
                 entry.sha256 = tap.finish()
@@ -454,8 +489,9 @@ class SourceReader:
             if actual != self.source.sha256:
                 raise DownloadError(sha256_mismatch(self.field, self.source.uri, self.source.sha256, actual))
         for name, path in files:
-            entry = _FileEntry(name, path.stat().st_size, self.source.sha256)
-            yield from self._file_docs(functools.partial(_open_unbuffered, path), name, entry, hash_it=True)
+            size = path.stat().st_size
+            entry = _FileEntry(name, size, self.source.sha256)
+            yield from self._file_docs(functools.partial(_open_capped, path, size), name, entry, hash_it=True)
 
     def _http_file(self) -> Iterator[_Doc]:
         path, digest = fetch_http(self.source, self.field, self.download_dir, retries=self.retries,

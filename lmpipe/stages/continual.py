@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from lmpipe.stages.contract import run_stage
 from lmpipe.stages.training import open_splits, publish_model, tokenizer_info
 from lmpipe.training.data import TrainData
 from lmpipe.training.loop import SILENT, Reporters, train
+
+log = logging.getLogger(__name__)
 
 REPLAY_STRETCHES = 64  # how many evenly spaced passages of earlier data the replay share is cut into
 
@@ -53,8 +56,14 @@ def run_continue(cfg: ContinualConfig, model_cfg: ModelConfig, init: Path, new: 
                         log_metrics=report.metrics, on_progress=report.progress)
         out = publish_model(tmp, summary)
         replayed = stream.num_tokens - new_tokens
+        # How much of the stream the steps covered: below 1 when max_steps cut the passes short.
+        coverage = summary.tokens_seen / stream.num_tokens
+        if coverage < cfg.epochs:
+            log.warning("continual: %d steps trained on %.2f passes over the new documents and their replay share, "
+                        "not continual.epochs=%g: continual.max_steps=%d capped them", steps, coverage, cfg.epochs,
+                        cfg.max_steps)
         out.metrics |= {"new_tokens": float(new_tokens), "replay_tokens": float(replayed),
-                        "replay_share": replayed / stream.num_tokens}
+                        "replay_share": replayed / stream.num_tokens, "passes": coverage}
         out.meta |= {"init_checkpoint": str(init),
                      "new_documents": new_train.num_documents + new_val.num_documents}
         return out

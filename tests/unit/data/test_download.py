@@ -223,7 +223,7 @@ def test_glob_of_many_files_sorted_with_an_empty_one(tmp_path, monkeypatch):
     assert docs["source"] == ["d/a.txt", "d/b.txt", "d/b.txt", "d/sub/e.txt"]
     entry = read_json(result, SOURCES_FILE)[0]
     assert [f["path"] for f in entry["files"]] == ["d/a.txt", "d/b.txt", "d/c.txt", "d/sub/e.txt"]
-    assert entry["files"][2] == {"path": "d/c.txt", "bytes": 0, "sha256": None}
+    assert entry["files"][2] == {"path": "d/c.txt", "bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()}  # hashed too
     assert issues(result) == {"empty_file": 1} and result.metrics["bad_records.empty_file"] == 1.0
     assert read_json(result, READ_REPORT_FILE)["examples"] == [
         {"kind": "empty_file", "source": 0, "file": "d/c.txt", "message": "the file is empty"}]

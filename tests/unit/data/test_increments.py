@@ -1,30 +1,32 @@
-"""What counts as new in a corpus's files against the record of what a model was trained on."""
+"""What counts as new in a corpus's files against the record of what a model was trained on. The first record is
+built from what a real download stage read, as the pipeline builds it."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
 
-from lmpipe.artifacts import sha256_file
-from lmpipe.config.data import CorpusConfig, SourceConfig
+from lmpipe.config.data import CleanConfig, CorpusConfig, SourceConfig
 from lmpipe.data.increments import (
     VIEW_MANIFEST,
     TrainedOn,
+    check_settings,
     check_watchable,
     first_record,
     materialize,
     new_parts,
     next_record,
     origin_parts,
-    scan,
 )
+from lmpipe.stages.download import run_download
 
 
-def _corpus(src: Path, **source: object) -> CorpusConfig:
-    return CorpusConfig(name="c", sources=[SourceConfig(uri=f"{src}/*.txt", doc_boundary="line", **source)])
+def _corpus(src: Path, pattern: str = "*.txt", **source: object) -> CorpusConfig:
+    return CorpusConfig(name="c", sources=[SourceConfig(uri=f"{src}/{pattern}", doc_boundary="line", **source)])
 
 
 @pytest.fixture
@@ -36,55 +38,99 @@ def src(tmp_path):
     return d
 
 
-def _record(corpus: CorpusConfig) -> TrainedOn:
-    return first_record(corpus, scan(corpus, "data.pretrain", sha256_file), documents=3)
+def _record(corpus: CorpusConfig, tmp: Path) -> TrainedOn:
+    read = run_download(corpus, tmp / "download" / "fp", "fp", field="data.pretrain", chunk_bytes=1 << 20)
+    return first_record(corpus, CleanConfig(), read.meta, int(read.metrics["documents"]))
 
 
-def test_unchanged_files_are_nothing_new(src):
+def _parts(record: TrainedOn, corpus: CorpusConfig) -> list[tuple[str, str, int, int]]:
+    return [(Path(p.name).name, p.why, p.start, p.end) for p in new_parts(record, corpus, "data.pretrain").parts]
+
+
+def test_the_first_record_is_what_the_download_stage_read(src, tmp_path):
+    (src / "empty.txt").write_bytes(b"")
+    record = _record(_corpus(src), tmp_path)
+    assert [(Path(f.name).name, f.bytes) for f in record.trained[0]] == [("a.txt", 8), ("b.txt", 6), ("empty.txt", 0)]
+    assert record.trained[0][0].sha256 == hashlib.sha256(b"one\ntwo\n").hexdigest()
+    assert record.trained[0][2].sha256 == hashlib.sha256(b"").hexdigest()  # an empty file is hashed too
+    assert (record.documents, record.bytes, record.runs, record.origin) == (3, 14, 1, record.trained)
+    assert _parts(record, _corpus(src)) == []  # unchanged files, the empty one included, are nothing new
+
+
+def test_appended_lines_and_new_files_are_new_from_where_they_start(src, tmp_path):
     corpus = _corpus(src)
-    assert new_parts(_record(corpus), corpus, "data.pretrain", sha256_file).parts == []
-
-
-def test_appended_lines_and_new_files_are_new_from_where_they_start(src):
-    corpus = _corpus(src)
-    record = _record(corpus)
+    record = _record(corpus, tmp_path)
     with open(src / "a.txt", "a") as f:
         f.write("four\n")
     (src / "c.txt").write_text("five\n")
-    delta = new_parts(record, corpus, "data.pretrain", sha256_file)
+    (src / "d.txt").write_bytes(b"")  # a new empty file is nothing to train on
+    delta = new_parts(record, corpus, "data.pretrain")
     assert [(Path(p.name).name, p.why, p.start, p.end) for p in delta.parts] == [
         ("a.txt", "appended", 8, 13), ("c.txt", "new", 0, 5)]
+    assert delta.parts[0].sha256 == hashlib.sha256(b"four\n").hexdigest()
     assert delta.new_bytes == 10
     after = next_record(record, delta, documents=2)
-    assert (after.documents, after.bytes, after.runs, after.origin) == (5, 14 + 10, 2, record.origin)
-    assert new_parts(after, corpus, "data.pretrain", sha256_file).parts == []
+    assert (after.documents, after.bytes, after.runs, after.origin) == (5, 24, 2, record.origin)
+    assert after.settings == record.settings
+    assert _parts(after, corpus) == []
 
 
-def test_an_edited_file_is_read_again_whole(src):
+def test_a_line_still_being_written_waits_for_the_next_run(src, tmp_path):
     corpus = _corpus(src)
-    record = _record(corpus)
-    (src / "a.txt").write_text("ONE\ntwo\nthree\n")  # grew, but its first bytes changed
-    assert [(p.why, p.start, p.end) for p in new_parts(record, corpus, "data.pretrain", sha256_file).parts] == [
-        ("changed", 0, 14)]
+    record = _record(corpus, tmp_path)
+    with open(src / "a.txt", "a") as f:
+        f.write("four\nfi")  # "fi" has no line end yet
+    delta = new_parts(record, corpus, "data.pretrain")
+    assert [(p.why, p.start, p.end) for p in delta.parts] == [("appended", 8, 13)]
+    after = next_record(record, delta, documents=1)
+    assert [f.bytes for f in after.trained[0]][0] == 13  # trained up to the line end
+    with open(src / "a.txt", "a") as f:
+        f.write("ve\n")
+    assert _parts(after, corpus) == [("a.txt", "appended", 13, 18)]
 
 
-def test_a_grown_compressed_file_is_read_again_whole(tmp_path):
-    d = tmp_path / "gz"
+def test_a_file_without_a_last_line_end_is_unchanged_when_nothing_follows(tmp_path):
+    d = tmp_path / "src"
     d.mkdir()
-    (d / "a.txt.gz").write_bytes(gzip.compress(b"one\n"))
-    corpus = CorpusConfig(name="c", sources=[SourceConfig(uri=f"{d}/*.gz", doc_boundary="line")])
-    record = _record(corpus)
-    with open(d / "a.txt.gz", "ab") as f:  # a second gzip member: still a valid file, but not a tail to read alone
-        f.write(gzip.compress(b"two\n"))
-    assert [p.why for p in new_parts(record, corpus, "data.pretrain", sha256_file).parts] == ["changed"]
+    (d / "a.txt").write_text("one\ntwo")
+    corpus = _corpus(d)
+    record = _record(corpus, tmp_path)
+    assert _parts(record, corpus) == []
+    with open(d / "a.txt", "a") as f:
+        f.write(" more\nthree\n")
+    assert _parts(record, corpus) == [("a.txt", "appended", 7, 19)]
+
+
+def test_an_edited_file_is_read_again_whole(src, tmp_path):
+    corpus = _corpus(src)
+    record = _record(corpus, tmp_path)
+    (src / "a.txt").write_text("ONE\ntwo\nthree\n")  # grew, but its first bytes changed
+    delta = new_parts(record, corpus, "data.pretrain")
+    assert [(p.why, p.start, p.end) for p in delta.parts] == [("changed", 0, 14)]
+    assert delta.parts[0].sha256 == hashlib.sha256(b"ONE\ntwo\nthree\n").hexdigest()
+
+
+@pytest.mark.parametrize(("name", "content", "grown", "source"), [
+    ("a.txt.gz", gzip.compress(b"one\n"), gzip.compress(b"two\n"), {}),  # a second gzip member: no tail alone
+    ("a.txt", b"one\n", b"two\n", {"doc_boundary": "file"}),  # one document: a tail is no document
+])
+def test_a_grown_file_whose_tail_is_no_document_is_read_again_whole(tmp_path, name, content, grown, source):
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / name).write_bytes(content)
+    corpus = CorpusConfig(name="c", sources=[SourceConfig(**{"uri": f"{d}/*", "doc_boundary": "line", **source})])
+    record = _record(corpus, tmp_path)
+    with open(d / name, "ab") as f:
+        f.write(grown)
+    assert [p.why for p in new_parts(record, corpus, "data.pretrain").parts] == ["changed"]
 
 
 def test_materialized_parts_are_a_corpus_of_just_those_bytes(src, tmp_path):
     corpus = _corpus(src)
-    record = _record(corpus)
+    record = _record(corpus, tmp_path)
     with open(src / "a.txt", "a") as f:
         f.write("four\n")
-    delta = new_parts(record, corpus, "data.pretrain", sha256_file)
+    delta = new_parts(record, corpus, "data.pretrain")
     view = materialize(delta.parts, corpus, "new", tmp_path / "views")
     [source] = view.sources
     folder = Path(source.uri).parent
@@ -97,9 +143,25 @@ def test_materialized_parts_are_a_corpus_of_just_those_bytes(src, tmp_path):
     assert [p.name for p in (tmp_path / "views").iterdir()] == [folder.parent.name]
 
 
+def test_bytes_that_changed_since_they_were_read_are_not_copied(src, tmp_path):
+    corpus = _corpus(src)
+    record = _record(corpus, tmp_path)
+    (src / "c.txt").write_text("AAAA\n")
+    delta = new_parts(record, corpus, "data.pretrain")
+    (src / "c.txt").write_text("BBBB\n")  # same name, same size, other bytes
+    with pytest.raises(ValueError, match=r"c.txt: bytes 0..5 changed since they were read .*run again"):
+        materialize(delta.parts, corpus, "new", tmp_path / "views")
+    assert list((tmp_path / "views").iterdir()) == []
+    # Read again, the other bytes are another folder: a folder of the old bytes is never taken for them.
+    materialize(new_parts(record, corpus, "data.pretrain").parts, corpus, "new", tmp_path / "views")
+    (src / "c.txt").write_text("CCCC\n")
+    again = materialize(new_parts(record, corpus, "data.pretrain").parts, corpus, "new", tmp_path / "views")
+    assert (Path(again.sources[0].uri).parent / "000000-c.txt").read_text() == "CCCC\n"
+
+
 def test_the_origin_is_the_first_bytes_of_todays_files(src, tmp_path):
     corpus = _corpus(src)
-    record = _record(corpus)
+    record = _record(corpus, tmp_path)
     with open(src / "b.txt", "a") as f:
         f.write("more\n")
     view = materialize(origin_parts(record, corpus, "data.pretrain"), corpus, "origin", tmp_path / "views")
@@ -108,9 +170,9 @@ def test_the_origin_is_the_first_bytes_of_todays_files(src, tmp_path):
         ("000000-a.txt", "one\ntwo\n"), ("000001-b.txt", "three\n")]
 
 
-def test_an_origin_file_that_changed_cannot_give_the_held_out_set(src):
+def test_an_origin_file_that_changed_cannot_give_the_held_out_set(src, tmp_path):
     corpus = _corpus(src)
-    record = _record(corpus)
+    record = _record(corpus, tmp_path)
     (src / "b.txt").write_text("THREE\n")
     with pytest.raises(ValueError, match=r"data.pretrain.sources\[0\]: .*b.txt no longer begins with the bytes it "
                                          r"was trained on: .*run lmpipe-pipeline to start a new line"):
@@ -120,11 +182,23 @@ def test_an_origin_file_that_changed_cannot_give_the_held_out_set(src):
         origin_parts(record, corpus, "data.pretrain")
 
 
-def test_the_record_round_trips_and_names_a_wrong_format(src):
-    record = _record(_corpus(src))
-    assert TrainedOn.from_json(record.to_json(), "x") == record
-    assert record.digest() == hashlib.sha256(
-        __import__("json").dumps(record.to_json(), sort_keys=True).encode()).hexdigest()
+def test_reading_the_corpus_otherwise_than_the_lines_first_run_is_refused(src, tmp_path):
+    corpus = _corpus(src)
+    record = _record(corpus, tmp_path)
+    check_settings(record, corpus, CleanConfig(), "data.pretrain", "m version 1")
+    pinned = corpus.model_copy(update={"sources": [corpus.sources[0].model_copy(update={"sha256": "0" * 64})]})
+    check_settings(record, pinned, CleanConfig(), "data.pretrain", "m version 1")  # a pin changes no document
+    with pytest.raises(ValueError, match=r"data.pretrain is read, split or cleaned otherwise than when m version 1 "
+                                         r"began its line, .*val_fraction: 0.1 then, 0.2 now; clean: .*run "
+                                         r"lmpipe-pipeline to start a new line"):
+        check_settings(record, corpus.model_copy(update={"val_fraction": 0.2}), CleanConfig(min_chars=5),
+                       "data.pretrain", "m version 1")
+
+
+def test_the_record_round_trips_and_names_a_wrong_format(src, tmp_path):
+    record = _record(_corpus(src), tmp_path)
+    assert TrainedOn.from_json(json.loads(json.dumps(record.to_json())), "x") == record
+    assert record.digest() == hashlib.sha256(json.dumps(record.to_json(), sort_keys=True).encode()).hexdigest()
     with pytest.raises(ValueError, match="models:/m/1: trained_on.json has format_version 9"):
         TrainedOn.from_json(record.to_json() | {"format_version": 9}, "models:/m/1")
 

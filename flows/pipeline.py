@@ -16,6 +16,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.ledger import StageRunner, tracked_flow
+from flows.notify import notify_failure
 from lmpipe.artifacts import StageResult, sha256_file
 from lmpipe.config.data import CorpusConfig
 from lmpipe.config.pipeline import PipelineConfig
@@ -112,7 +113,7 @@ def _train_and_register(config: PipelineConfig, ctx: TrackingContext, ledger: St
                metric=config.champion_metric())
 
 
-@flow(name="lmpipe-pipeline", log_prints=True, validate_parameters=True)
+@flow(name="lmpipe-pipeline", log_prints=True, validate_parameters=True, on_failure=[notify_failure])
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 - the Prefect form's default
     """Corpus to registered model: data, tokenizer, shards, pretraining, fine-tuning, evaluation, registry."""
     with tracked_flow(config, "pipeline") as (ctx, ledger):
@@ -126,7 +127,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 -
     return ledger.summary(ctx)
 
 
-@flow(name="lmpipe-data", log_prints=True, validate_parameters=True)
+@flow(name="lmpipe-data", log_prints=True, validate_parameters=True, on_failure=[notify_failure])
 def prepare_data(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 - the Prefect form's default
     """The data stages alone: both corpora downloaded, cleaned and sharded, and the tokenizer."""
     with tracked_flow(config, "data") as (ctx, ledger):

@@ -153,13 +153,17 @@ def _failure_text(command: str, state: Any, log_file: Path) -> str:
     """What the terminal shows last: the one-line error first, then where the whole story is."""
     from prefect.client.orchestration import get_client
 
-    from flows.notify import describe_failure
+    from flows.notify import Failure, describe_failure
+    from tasks.stages import one_line
 
     error = state.result(raise_on_failure=False)
     if not isinstance(error, BaseException):
         error = RuntimeError(state.message or state.name)
-    with get_client(sync_client=True) as client:
-        failure = describe_failure(client.read_flow_run(state.state_details.flow_run_id), error)
+    try:
+        with get_client(sync_client=True) as client:
+            failure = describe_failure(client.read_flow_run(state.state_details.flow_run_id), error)
+    except Exception:  # noqa: BLE001 - without the API's details, the error itself still comes first
+        failure = Failure(flow_run="", url=None, stage=None, error=one_line(error))
     lines = [f"\nlmpipe: {command} {failure.headline()}", f"  full log, with the traceback: {log_file}"]
     if failure.url:
         lines.append(f"  Prefect flow run: {failure.url}")
@@ -178,6 +182,7 @@ def _log_to(path: Path) -> Iterator[None]:
         f"{stamp} | %(name)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
         flow_run_fmt=f"{stamp} | Flow run %(flow_run_name)r - %(message)s",
         task_run_fmt=f"{stamp} | Task run %(task_run_name)r - %(message)s"))
+    handler.handleError = lambda record: None  # type: ignore[method-assign] # a full disk: the run's error first
     root = logging.getLogger()
     root.addHandler(handler)
     try:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -298,6 +299,10 @@ def test_cancelling_a_deployment_run_stops_its_torchrun_processes(tmp_path, depl
     deployed["prefect"]("flow-run", "cancel", flow_run_id)
     assert _wait_state(deployed, flow_run_id, timeout=180) == "CANCELLED"
     _all_gone(cfg.workdir)  # torchrun and both ranks
+    # The cancelled task gave its slot of the gpu limit back on the way out (it would otherwise stay taken
+    # until its lease ran out).
+    with urllib.request.urlopen(f"{deployed['api']}/v2/concurrency_limits/gpu", timeout=10) as r:
+        assert json.load(r)["active_slots"] == 0
 
 
 @pytest.mark.deployment

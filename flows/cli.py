@@ -18,12 +18,15 @@ A trained model, given as a checkpoint directory or an MLflow model URI
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -139,11 +142,58 @@ def run(args: argparse.Namespace) -> str:
 
     flow = {"run": pipeline, "data": prepare_data, "continual": continual}[args.command]
     start = time.perf_counter()
-    try:
-        summary = flow(config=config)
-    except Exception as err:  # the traceback is in the Prefect log above; end with the reason
-        raise CommandFailed(f"\nlmpipe: {args.command} failed: {type(err).__name__}: {err}") from err
+    log_file = Path(config.workdir) / "logs" / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+    with _log_to(log_file):
+        state = flow(config=config, return_state=True)
+        if state.is_completed():
+            summary = state.result()
+        else:
+            raise CommandFailed(_failure_text(args.command, state, log_file))
+    log_file.unlink(missing_ok=True)  # Prefect keeps the log of a run that went well; this copy is for failures
     return format_summary(summary, time.perf_counter() - start)
+
+
+def _failure_text(command: str, state: Any, log_file: Path) -> str:
+    """What the terminal shows last: the one-line error first, then where the whole story is."""
+    from prefect.client.orchestration import get_client
+
+    from flows.notify import Failure, describe_failure
+    from tasks.stages import one_line
+
+    error = state.result(raise_on_failure=False)
+    if not isinstance(error, BaseException):
+        error = RuntimeError(state.message or state.name)
+    try:
+        with get_client(sync_client=True) as client:
+            failure = describe_failure(client.read_flow_run(state.state_details.flow_run_id), error)
+    except Exception:  # noqa: BLE001 - without the API's details, the error itself still comes first
+        failure = Failure(flow_run="", url=None, stage=None, error=one_line(error))
+    lines = [f"\nlmpipe: {command} {failure.headline()}", f"  full log, with the traceback: {log_file}"]
+    if failure.url:
+        lines.append(f"  Prefect flow run: {failure.url}")
+    return "\n".join(lines)
+
+
+@contextmanager
+def _log_to(path: Path) -> Iterator[None]:
+    """Everything the run logs (what the terminal shows, tracebacks included) also into ``path``."""
+    from prefect.logging.formatters import PrefectFormatter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = "%(asctime)s.%(msecs)03d | %(levelname)-7s"
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(PrefectFormatter(  # the terminal's format, with the date
+        f"{stamp} | %(name)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
+        flow_run_fmt=f"{stamp} | Flow run %(flow_run_name)r - %(message)s",
+        task_run_fmt=f"{stamp} | Task run %(task_run_name)r - %(message)s"))
+    handler.handleError = lambda record: None  # type: ignore[method-assign] # a full disk: the run's error first
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def show_config(args: argparse.Namespace) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from prefect import flow
 
 from flows.ledger import StageRunner, tracked_flow
+from flows.notify import notify_failure
 from lmpipe.artifacts import StageResult, sha256_file
 from lmpipe.config.data import CorpusConfig
 from lmpipe.config.pipeline import PipelineConfig
@@ -139,7 +140,7 @@ def _train_and_register(config: PipelineConfig, ctx: TrackingContext, ledger: St
                       metric=config.champion_metric(), trained_on=trained_on)
 
 
-@flow(name="lmpipe-pipeline", log_prints=True, validate_parameters=True)
+@flow(name="lmpipe-pipeline", log_prints=True, validate_parameters=True, on_failure=[notify_failure])
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 - the Prefect form's default
     """Corpus to registered model: data, tokenizer, shards, pretraining, fine-tuning, evaluation, registry.
 
@@ -157,7 +158,7 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 -
     return ledger.summary(ctx)
 
 
-@flow(name="lmpipe-data", log_prints=True, validate_parameters=True)
+@flow(name="lmpipe-data", log_prints=True, validate_parameters=True, on_failure=[notify_failure])
 def prepare_data(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 - the Prefect form's default
     """The data stages alone: both corpora downloaded, cleaned and sharded, and the tokenizer.
 

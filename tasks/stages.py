@@ -6,7 +6,8 @@ run, one call into lmpipe, the stage's files and metrics logged, and a Prefect
 artifact where a person would look for one. A stage whose finished directory is
 there (and matches its record) returns it at once, with no MLflow run: the
 stage directory is the only cache, so Prefect neither caches nor persists task
-results. Retries live in the decorators.
+results. Retries live in the decorators. A training stage that trains holds slots of Prefect's
+``gpu`` concurrency limit meanwhile (``tasks.device_slots``); a reused one takes none.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from lmpipe.stages.tokenizer import run_train_tokenizer
 from lmpipe.tracking.runs import StageRun, TrackingContext, stage_run
 from lmpipe.training.launch import DistributedTrainingError
 from lmpipe.training.loop import Reporters
+from tasks.device_slots import device_slots
 from tasks.progress import PrefectProgress
 
 # The stage directory is the only cache: Prefect neither keys task results nor persists them a second time.
@@ -61,13 +63,18 @@ def stage_task(**options: Any) -> Callable[[Callable[..., StageResult]], Any]:
             try:
                 return fn(*args, **kwargs)
             except Exception as err:
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                get_run_logger().error("%s failed: %s: %s", task_run.name or fn.__name__, type(err).__name__, reason)
+                get_run_logger().error("%s failed: %s", task_run.name or fn.__name__, one_line(err))
                 raise
 
         return task(**options, **ON_DISK_ONLY)(body)
 
     return decorate
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line: its type and the first line of its message."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _transient_only(_task: Any, _task_run: Any, state: Any) -> bool:
@@ -197,7 +204,8 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, shards: StageResult, toke
     fp, out_dir = PRETRAIN.locate(locals())
     if (done := reuse(out_dir)) is not None:
         return done
-    with stage_run(ctx, "pretrain", fp, {"model": model_cfg, "pretrain": cfg}, name=label) as run:
+    with device_slots(cfg.distributed.nproc_per_node), \
+            stage_run(ctx, "pretrain", fp, {"model": model_cfg, "pretrain": cfg}, name=label) as run:
         result = run_pretrain(model_cfg, cfg, shards, tokenizer, out_dir, fp,
                               report=Reporters(run.log_metrics, PrefectProgress("pretrain"), get_run_logger().info),
                               tracking_env=run.env())
@@ -219,8 +227,8 @@ def finetune(model_cfg: ModelConfig, cfg: FinetuneConfig, base: StageResult | No
     if (done := reuse(out_dir)) is not None:
         return done
     init = _init_checkpoint(cfg.init_checkpoint, base)
-    with stage_run(ctx, "finetune", fp, {"model": model_cfg, "finetune": cfg}, {"lmpipe.init": str(init)},
-                   name=label) as run:
+    with device_slots(1), stage_run(ctx, "finetune", fp, {"model": model_cfg, "finetune": cfg},
+                                    {"lmpipe.init": str(init)}, name=label) as run:
         result = run_finetune(cfg, model_cfg, init, shards, tokenizer, out_dir, fp,
                               report=Reporters(run.log_metrics, PrefectProgress("finetune")))
         # adapter/: LoRA with save_adapter; HELD_OUT_FILE: the held-out SFT examples, mode sft
@@ -275,8 +283,8 @@ def classify(model_cfg: ModelConfig, cfg: ClassifyConfig, base: StageResult, tok
     if (done := reuse(out_dir)) is not None:
         return done
     init = _init_checkpoint(cfg.init_checkpoint, base)
-    with stage_run(ctx, "classify", fp, {"model": model_cfg, "classify": cfg}, {"lmpipe.init": str(init)},
-                   name=label) as run:
+    with device_slots(1), stage_run(ctx, "classify", fp, {"model": model_cfg, "classify": cfg},
+                                    {"lmpipe.init": str(init)}, name=label) as run:
         result = run_classify(cfg, model_cfg, init, tokenizer, out_dir, fp,
                               report=Reporters(run.log_metrics, PrefectProgress("classify")))
         run.log_result(result, ["metrics.jsonl", "model", PREDICTIONS_FILE, REPORT_FILE])

@@ -12,12 +12,21 @@ import sys
 from pathlib import Path
 
 from lmpipe.training.distributed import DistContext, shutdown
-from lmpipe.training.launch import ERROR_PREFIX, FATAL_ERRORS, PROGRESS_PREFIX, SUMMARY_FILE
+from lmpipe.training.launch import (
+    ERROR_PREFIX,
+    FATAL_ERRORS,
+    PROGRESS_PREFIX,
+    SUMMARY_FILE,
+    TORCHRUN_PID_ENV,
+    die_with_parent,
+)
 
 # ---------------------------------------------------------------- the worker (one per process)
 
 
 def _worker(spec_path: Path) -> None:
+    if TORCHRUN_PID_ENV in os.environ:  # started by lmpipe's launcher: end with torchrun, however it ends
+        die_with_parent(signal.SIGKILL, int(os.environ[TORCHRUN_PID_ENV]))
     from lmpipe.config.training import ModelConfig, TrainConfig
     from lmpipe.data.shards import TokenSplit
     from lmpipe.tracking.runs import StageRun

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.ledger import Ledger, tracked_flow
+from flows.notify import notify_failure
 from flows.pipeline import _documents, _prepare, _shards, _train_and_register, finetune_shards
 from lmpipe.config.pipeline import PipelineConfig
 from lmpipe.data.increments import (
@@ -42,9 +43,14 @@ from tasks.stages import champion, continue_pretrain
 VIEWS_DIR = "continual"  # <workdir>/continual/: the new parts and the origin, copied out of the sources
 
 
-@flow(name="lmpipe-continual", log_prints=True, validate_parameters=True)
+@flow(name="lmpipe-continual", log_prints=True, validate_parameters=True, on_failure=[notify_failure])
 def continual(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 - the Prefect form's default
-    """New documents in the pretraining corpus's files: the @champion trained on, fine-tuned, evaluated, gated."""
+    """New documents in the pretraining corpus's files: the @champion trained on, fine-tuned, evaluated, gated.
+
+    Args:
+        config: The whole run, one section per stage (continual: what is trained on the new documents); the
+            defaults are the demo (configs/demo.yaml).
+    """
     config = _unpinned(config)
     with tracked_flow(config, "continual") as (ctx, ledger):
         check_inputs(config)

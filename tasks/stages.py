@@ -262,8 +262,8 @@ def continue_pretrain(model_cfg: ModelConfig, cfg: ContinualConfig, init: StageR
     fp, out_dir = CONTINUE.locate(locals())
     if (done := reuse(out_dir)) is not None:
         return done
-    with stage_run(ctx, "continue", fp, {"model": model_cfg, "continual": cfg}, {"lmpipe.init": init.out_dir},
-                   name=label) as run:
+    with device_slots(1), stage_run(ctx, "continue", fp, {"model": model_cfg, "continual": cfg},
+                                    {"lmpipe.init": init.out_dir}, name=label) as run:
         result = run_continue(cfg, model_cfg, init.path("model"), new, replay, tokenizer, out_dir, fp,
                               report=Reporters(run.log_metrics, PrefectProgress("continue")))
         run.log_result(result, ["metrics.jsonl", "model"])

@@ -14,6 +14,7 @@ import ast
 import hashlib
 import importlib.util
 import json
+import threading
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -146,9 +147,19 @@ def source_hash(modules: tuple[str, ...]) -> str:
     return h.hexdigest()[:FINGERPRINT_CHARS]
 
 
-@cache
+# ast.parse is not safe to call from two threads at once in CPython 3.11 ("AST constructor recursion depth
+# mismatch"), and stage tasks run in threads (chunk tasks, concurrent stages): one at a time computes.
+_PARSING = threading.Lock()
+
+
 def code_version(stage: str) -> str:
     """Hash of the code of every module that decides the stage's output."""
+    with _PARSING:
+        return _code_version(stage)
+
+
+@cache
+def _code_version(stage: str) -> str:
     return source_hash(tuple(sorted({m for entry in STAGE_ENTRY[stage] for m in stage_modules(entry)})))
 
 

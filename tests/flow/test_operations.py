@@ -101,7 +101,6 @@ def test_training_tasks_take_turns_on_the_gpu_limit_and_reused_ones_take_no_slot
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
 
-    from lmpipe.stages.fingerprint import code_version
     from lmpipe.tracking.runs import TrackingContext
     from tasks.device_slots import GPU_LIMIT
     from tasks.stages import pretrain
@@ -114,8 +113,6 @@ def test_training_tasks_take_turns_on_the_gpu_limit_and_reused_ones_take_no_slot
     ctx = TrackingContext(uri=uri, experiment_id=exp, parent_run_id=client.create_run(exp).info.run_id,
                           workdir=str(tmp_path / "work"))
     cfgs = [config(max_steps=8, seed=seed) for seed in (1, 2)]  # two stages: two fingerprints
-    # Hash the stage's code once here: two threads parsing it at once trip CPython 3.11's ast (a SystemError).
-    code_version("pretrain")
 
     @flow
     def two_trainings() -> list[str]:

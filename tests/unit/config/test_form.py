@@ -11,6 +11,7 @@ from prefect.exceptions import ParameterTypeError
 from prefect.utilities.callables import parameter_schema
 from prefect.utilities.schema_tools.validation import ValidationError, is_valid, validate
 
+from flows.continual import continual
 from flows.pipeline import pipeline, prepare_data
 from lmpipe.config import ConfigError, PipelineConfig, load_config
 from lmpipe.data.sources import DownloadError, check_sources
@@ -18,7 +19,7 @@ from lmpipe.data.sources import DownloadError, check_sources
 DEMO_WIKI_VALID = "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"
 
 
-@pytest.fixture(scope="module", params=[pipeline, prepare_data], ids=["pipeline", "prepare_data"])
+@pytest.fixture(scope="module", params=[pipeline, prepare_data, continual], ids=["pipeline", "prepare_data", "continual"])
 def schema(request: pytest.FixtureRequest) -> dict[str, Any]:
     return parameter_schema(request.param).model_dump_for_openapi()
 

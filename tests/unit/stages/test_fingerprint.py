@@ -35,7 +35,8 @@ def test_pretrain_code_covers_the_modules_training_runs():
     assert _closure("continue") - pretrain == {"lmpipe.stages.continual"}
     assert _closure("register") == {
         "lmpipe.artifacts", "lmpipe.config.base", "lmpipe.config.data", "lmpipe.config.effects",
-        "lmpipe.config.evaluation", "lmpipe.data.increments", "lmpipe.data.sources", "lmpipe.data.tokenizer",
+        "lmpipe.config.evaluation", "lmpipe.data.documents", "lmpipe.data.increments", "lmpipe.data.reader",
+        "lmpipe.data.sources", "lmpipe.data.splitting", "lmpipe.data.tokenizer",
         "lmpipe.model.generation_settings", "lmpipe.processes", "lmpipe.stages.register", "lmpipe.tracking.owners",
         "lmpipe.tracking.registry", "lmpipe.tracking.runs", "lmpipe.tracking.serving", "lmpipe.tracking.store",
         "lmpipe.tracking.trained_on", "lmpipe.tracking.uris",
@@ -129,3 +130,4 @@ def test_editing_a_config_description_re_runs_no_stage():
     assert 'description="Optimizer steps."' in source
     assert code_text(source.replace('description="Optimizer steps."', 'description="Steps."')) == code_text(source)
     assert code_text(source.replace("Field(600, ge=1", "Field(601, ge=1")) != code_text(source)
+

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import REPO, tiny_config
-from tests.flow.test_deployment import PREFECT, _flow_run_state, _free_port, _stop, _wait_healthy
+from tests.servers import prefect_server
 
 pytestmark = pytest.mark.slow
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -234,53 +233,32 @@ def deployed(tmp_path_factory) -> Iterator[dict[str, Any]]:
     """`prefect server`, the work pool, `prefect deploy --all` from prefect.yaml, a Webhook block named
     lmpipe-failures pointing at a receiver on loopback, and a process worker."""
     tmp = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_API_URL": api,
-           "PREFECT_UI_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-           "PWD": str(REPO)}
-    env.pop("PREFECT_LOGGING_LEVEL", None)
     receiver = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    worker = None
     try:
-        _wait_healthy(api, server, timeout=120)
-
-        def prefect(*args: str) -> str:
-            out = subprocess.run([PREFECT, "--no-prompt", *args], env=env, cwd=REPO, capture_output=True,
-                                 text=True, timeout=180)
-            assert out.returncode == 0, f"prefect {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
-            return out.stdout
-
-        prefect("work-pool", "create", "lmpipe-local", "--type", "process")
-        prefect("deploy", "--all")
-        hook_url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
-        subprocess.run([sys.executable, "-c", "import sys; from prefect.blocks.webhook import Webhook; "
-                        "Webhook(url=sys.argv[1]).save('lmpipe-failures')", hook_url],
-                       env=env, check=True, timeout=120)
-        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "lmpipe-local"], env=env, cwd=tmp,
-                                  stdout=open(tmp / "worker.log", "w"), stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-        yield {"api": api, "ui": f"http://127.0.0.1:{port}", "prefect": prefect, "worker_log": tmp / "worker.log",
-               "received": _Receiver.received}
+        with prefect_server(tmp) as server:
+            server.env.pop("PREFECT_LOGGING_LEVEL", None)
+            server.prefect("work-pool", "create", "lmpipe-local", "--type", "process")
+            server.prefect("deploy", "--all")
+            hook_url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+            subprocess.run([sys.executable, "-c", "import sys; from prefect.blocks.webhook import Webhook; "
+                            "Webhook(url=sys.argv[1]).save('lmpipe-failures')", hook_url],
+                           env=server.env, check=True, timeout=120)
+            with server.worker("lmpipe-local", tmp):
+                yield {"server": server, "received": _Receiver.received}
     finally:
-        if worker is not None:
-            _stop(worker)
-        _stop(server)
         receiver.shutdown()
 
 
 def _start(deployed: dict[str, Any], cfg) -> str:
-    started = deployed["prefect"]("deployment", "run", "lmpipe-pipeline/nightly", "--params",
-                                  json.dumps({"config": cfg.model_dump(mode="json")}))
+    started = deployed["server"].prefect("deployment", "run", "lmpipe-pipeline/pipeline", "--params",
+                                         json.dumps({"config": cfg.model_dump(mode="json")}))
     return re.search(r"UUID: ([0-9a-f-]{36})", started).group(1)
 
 
 def _wait_state(deployed: dict[str, Any], flow_run_id: str, timeout: float = 400) -> str:
     final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-    state = _wait_for(lambda: (s := _flow_run_state(deployed["api"], flow_run_id)) in final and s, timeout,
+    state = _wait_for(lambda: (s := deployed["server"].flow_run_state(flow_run_id)) in final and s, timeout,
                       f"flow run {flow_run_id} to end", interval=1)
     return state
 
@@ -293,13 +271,12 @@ def test_cancelling_a_deployment_run_stops_its_torchrun_processes(tmp_path, depl
     flow_run_id = _start(deployed, cfg)
     _wait_for(lambda: len(_ranks(cfg.workdir)) == 2, 400, "both ranks to start")
     _stop_ranks(cfg.workdir)
-    deployed["prefect"]("flow-run", "cancel", flow_run_id)
+    deployed["server"].prefect("flow-run", "cancel", flow_run_id)
     assert _wait_state(deployed, flow_run_id, timeout=180) == "CANCELLED"
     _all_gone(cfg.workdir)  # torchrun and both ranks
     # The cancelled task gave its slot of the gpu limit back on the way out (it would otherwise stay taken
     # until its lease ran out).
-    with urllib.request.urlopen(f"{deployed['api']}/v2/concurrency_limits/gpu", timeout=10) as r:
-        assert json.load(r)["active_slots"] == 0
+    assert deployed["server"].get("/v2/concurrency_limits/gpu")["active_slots"] == 0
 
 
 @pytest.mark.deployment
@@ -309,7 +286,7 @@ def test_a_failed_deployment_run_posts_its_url_stage_and_error_to_the_webhook(tm
     assert _wait_state(deployed, flow_run_id) == "FAILED"
     (note,) = _wait_for(lambda: [n for n in deployed["received"] if n["flow_run_id"] == flow_run_id], 60,
                         "the notification")
-    url = f"{deployed['ui']}/runs/flow-run/{flow_run_id}"
+    url = f"{deployed['server'].ui}/runs/flow-run/{flow_run_id}"
     assert note["url"] == url and note["stage"] == "download/wikitext2"
     assert note["error"] == _latin1_error(tmp_path)
     assert note["text"] == (f"lmpipe run {note['flow_run']} failed at download/wikitext2: {_latin1_error(tmp_path)}"

@@ -230,8 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # MLflow draws a progress bar for every artifact it downloads (registering a model, generate, export): noise.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # Against a tracking server MLflow prints "View run ... at: <url>" for every run it ends: the summary has the link.
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         answer = COMMANDS[args.command](args)
     except ConfigError as err:

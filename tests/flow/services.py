@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 INSTALL_HINT = ("PostgreSQL's server programs (initdb, pg_ctl, postgres) were not found: install the system's "
                 "PostgreSQL (Debian/Ubuntu: `apt-get install postgresql`; macOS: `brew install postgresql`), "
@@ -55,7 +56,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _as_unprivileged() -> dict[str, object]:
+def _as_unprivileged() -> dict[str, Any]:
     """Popen arguments that run a program as ``UNPRIVILEGED`` when this process is root, else as it is."""
     if os.geteuid() != 0:
         return {}
@@ -85,17 +86,20 @@ def postgres(database: str = "mlflow", user: str = "lmpipe") -> Iterator[Postgre
     root = Path(tempfile.mkdtemp(prefix="lmpipe-pg-"))
     as_user = _as_unprivileged()
     if as_user:
-        os.chown(root, int(as_user["user"]), int(as_user["group"]))  # type: ignore[call-overload]
+        os.chown(root, as_user["user"], as_user["group"])
     data = root / "data"
     env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
-    subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", user, "--auth=trust", "--encoding=UTF8",
-                    "--no-sync"], check=True, capture_output=True, env=env, cwd=root, **as_user)  # type: ignore[call-overload]
+    made = subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", user, "--auth=trust", "--encoding=UTF8",
+                           "--no-sync"], capture_output=True, text=True, env=env, cwd=root,
+                          **as_user)
+    if made.returncode != 0:
+        raise RuntimeError(f"initdb failed in {root} (exit {made.returncode}): {made.stdout}{made.stderr}")
     port = free_port()
     # No Unix socket outside the temporary directory (the system's socket directory is not ours to write).
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} -c fsync=off"
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root}"
     started = subprocess.run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "postgres.log"), "-o", options,
                               "-w", "-t", "60", "start"], capture_output=True, text=True, env=env, cwd=root,
-                             **as_user)  # type: ignore[call-overload]
+                             **as_user)
     if started.returncode != 0:
         log = (root / "postgres.log").read_text(errors="replace") if (root / "postgres.log").exists() else ""
         raise RuntimeError(f"PostgreSQL did not start: {started.stdout}{started.stderr}{log}")
@@ -110,7 +114,7 @@ def postgres(database: str = "mlflow", user: str = "lmpipe") -> Iterator[Postgre
         yield Postgres(port=port, user=user, database=database)
     finally:
         subprocess.run([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True,
-                       env=env, cwd=root, check=False, **as_user)  # type: ignore[call-overload]
+                       env=env, cwd=root, check=False, **as_user)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from urllib.parse import urlsplit
+
+from lmpipe.tracking.uris import is_server_uri
 
 
 def format_summary(summary: dict[str, Any], seconds: float) -> str:
@@ -75,7 +76,7 @@ def _registry_rows(registered: dict[str, Any] | None) -> list[str]:
 
 def _where_to_look(summary: dict[str, Any]) -> list[str]:
     uri = summary["tracking_uri"]
-    if urlsplit(uri).scheme in ("http", "https"):  # a tracking server is its own UI
+    if is_server_uri(uri):  # a tracking server is its own UI
         ui = f"{uri.rstrip('/')}/#/experiments/{summary['experiment_id']}/runs/{summary['mlflow_run_id']}"
     else:
         ui = f"mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"

@@ -32,6 +32,7 @@ from lmpipe.artifacts import StageResult
 from lmpipe.config.evaluation import TrackingConfig
 from lmpipe.tracking.owners import HOST_TAG, PID_TAG, owner_dead, owner_tags
 from lmpipe.tracking.store import STORE_FILE, default_store
+from lmpipe.tracking.uris import is_server_uri
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,6 @@ def resolve_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
     if cfg.uri:
         return cfg.uri
     return f"sqlite:///{(Path(workdir).resolve() / STORE_FILE).as_posix()}"
-
-
-def is_server_uri(uri: str | None) -> bool:
-    """Whether ``uri`` names an MLflow tracking server (``http://host:port``), which keeps the artifacts."""
-    return bool(uri) and urllib.parse.urlsplit(str(uri)).scheme in ("http", "https")
 
 
 def is_database_uri(uri: str) -> bool:

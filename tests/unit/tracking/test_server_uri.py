@@ -11,7 +11,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from lmpipe.tracking.runs import check_server, is_database_uri, is_server_uri
+from lmpipe.tracking.runs import check_server, is_database_uri
+from lmpipe.tracking.uris import is_server_uri
 
 
 @pytest.mark.parametrize(("uri", "server", "database"), [

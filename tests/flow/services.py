@@ -28,6 +28,7 @@ INSTALL_HINT = ("PostgreSQL's server programs (initdb, pg_ctl, postgres) were no
                 "PostgreSQL (Debian/Ubuntu: `apt-get install postgresql`; macOS: `brew install postgresql`), "
                 "or put its bin directory on PATH. `.ci/run` installs it.")
 UNPRIVILEGED = "nobody"  # the user PostgreSQL runs as when the tests run as root
+DEBIAN_BINDIRS = Path("/usr/lib/postgresql")  # <major version>/bin: Debian keeps the server's programs off PATH
 
 
 def postgres_bindir() -> Path:
@@ -41,8 +42,7 @@ def postgres_bindir() -> Path:
     initdb = shutil.which("initdb")
     if initdb:
         candidates.append(Path(initdb).resolve().parent)
-    # Debian keeps the server's programs off PATH, one directory per major version: the newest first.
-    versions = Path("/usr/lib/postgresql").glob("*/bin")
+    versions = DEBIAN_BINDIRS.glob("*/bin")  # the newest major version first
     candidates += sorted(versions, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True)
     for bindir in candidates:
         if all((bindir / name).is_file() for name in ("initdb", "pg_ctl", "postgres")):

@@ -168,6 +168,9 @@ def tracked_flow(config: PipelineConfig, flow_name: str) -> Iterator[tuple[Track
     with _library_logs_to_prefect():
         # Every process of this run (chunk workers, torchrun ranks) inherits how long a silent lease stands.
         os.environ[STALE_ENV] = repr(config.lease_stale_s)
+        # Against a tracking server MLflow prints "View run ... at: <url>" for every run it ends (the CLI's
+        # output, the worker's log): the summary has the run's link.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         tags = {"lmpipe.flow": flow_name, "lmpipe.config_name": config.name}
         if flow_run.id:
             tags["prefect.flow_run_id"] = str(flow_run.id)

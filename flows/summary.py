@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from lmpipe.tracking.uris import is_server_uri
+
 
 def format_summary(summary: dict[str, Any], seconds: float) -> str:
     """The flow's summary (``Ledger.summary``) as the table `lmpipe run` ends with."""
@@ -74,11 +76,15 @@ def _registry_rows(registered: dict[str, Any] | None) -> list[str]:
 
 def _where_to_look(summary: dict[str, Any]) -> list[str]:
     uri = summary["tracking_uri"]
+    if is_server_uri(uri):  # a tracking server is its own UI
+        ui = f"{uri.rstrip('/')}/#/experiments/{summary['experiment_id']}/runs/{summary['mlflow_run_id']}"
+    else:
+        ui = f"mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
     lines = [
         "",
         f"artifacts:   {summary['workdir']}",
         f"MLflow run:  {summary['mlflow_run_id']} in {uri}",
-        f"MLflow UI:   mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000",
+        f"MLflow UI:   {ui}",
     ]
     if "PREFECT_API_URL" in os.environ:
         lines.append(f"Prefect UI:  {os.environ['PREFECT_API_URL'].removesuffix('/api')}")

@@ -20,7 +20,10 @@ it is built in a hidden sibling directory and renamed into place.
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +173,22 @@ def check_export_dest(dest: Path, sources: tuple[Path, ...], overwrite: bool) ->
                               "choose a new folder, or replace it with --force (overwrite=True)")
 
 
+@contextmanager
+def _bars_only_on_a_terminal() -> Iterator[None]:
+    """transformers' progress bars ("Writing model shards") off for the block unless stderr is a terminal: in a
+    log file or a captured output they are noise."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if was and not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not hf_logging.is_progress_bar_enabled():
+            hf_logging.enable_progress_bar()
+
+
 def export_hf(checkpoint_dir: Path, tokenizer_dir: Path, dest: Path, *, overwrite: bool = False) -> Path:
     """Write ``dest``: config.json, generation_config.json, model.safetensors, tokenizer files, README.md.
 
@@ -201,7 +220,8 @@ def export_hf(checkpoint_dir: Path, tokenizer_dir: Path, dest: Path, *, overwrit
     # A fresh hidden sibling: nothing of the user's can be in it, and a crash leaves only it behind.
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        to_gpt2(model, eot_id).save_pretrained(tmp)
+        with _bars_only_on_a_terminal():
+            to_gpt2(model, eot_id).save_pretrained(tmp)
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_file=str(tok_path),
             bos_token=eot,

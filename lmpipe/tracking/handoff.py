@@ -57,7 +57,9 @@ def resolve_model(ref: str, *, workdir: Path, tokenizer: Path | None = None, tra
 
     if is_model_uri(ref):
         from lmpipe.tracking.registry import download_model_files, missing_store
+        from lmpipe.tracking.runs import check_server
 
+        check_server(tracking_uri, "--tracking-uri")  # a server that is down: said now, not after minutes of retries
         if download_dir is None:
             raise ValueError(f"model {ref!r}: a registry URI needs a download directory")
         if tracking_uri is None:  # the work directory's own store, as the pipeline uses it

@@ -104,8 +104,10 @@ def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path, tok
         # MLflow resumes a run, so a kill from here on leaves it RUNNING (marked KILLED later), not FINISHED.
         client.update_run(run.run_id, status="RUNNING")
         _ensure_registered_model(client, cfg.registered_model)
-        version = client.create_model_version(cfg.registered_model, source=f"models:/{info.model_id}",
-                                              run_id=run.run_id, tags=identity, model_id=info.model_id)
+        # Against a tracking server MLflow logs that it waits for the version to be READY, every time: noise.
+        with _quiet("mlflow.store.model_registry.abstract_store"):
+            version = client.create_model_version(cfg.registered_model, source=f"models:/{info.model_id}",
+                                                  run_id=run.run_id, tags=identity, model_id=info.model_id)
         log.info("created %s version %s (fine-tune %s, weights sha256 %s)", cfg.registered_model, version.version,
                  identity.get(FINETUNE_TAG, "unknown"), identity[WEIGHTS_TAG])
     model_id = getattr(version, "model_id", None)

@@ -15,6 +15,9 @@ import os
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +32,7 @@ from lmpipe.artifacts import StageResult
 from lmpipe.config.evaluation import TrackingConfig
 from lmpipe.tracking.owners import HOST_TAG, PID_TAG, owner_dead, owner_tags
 from lmpipe.tracking.store import STORE_FILE, default_store
+from lmpipe.tracking.uris import is_server_uri
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,37 @@ def resolve_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
     if cfg.uri:
         return cfg.uri
     return f"sqlite:///{(Path(workdir).resolve() / STORE_FILE).as_posix()}"
+
+
+def is_database_uri(uri: str) -> bool:
+    """Whether ``uri`` is a database MLflow opens itself (``sqlite:``, ``postgresql://``, ``mysql+pymysql://``...):
+    then nothing keeps artifacts for it but the location lmpipe gives its experiment."""
+    return urllib.parse.urlsplit(uri).scheme.split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql")
+
+
+SERVER_TIMEOUT_S = 10.0  # how long a tracking server may take to answer its health check
+
+
+def check_server(uri: str | None, what: str) -> None:
+    """For a tracking server's URI, fail at once (ConnectionError naming ``what``, the setting or option that
+    gave it) when nothing answers there; MLflow's own client would retry for about four minutes first.
+
+    Any HTTP answer counts, an error status too (a proxy or an authenticating front asks for credentials
+    on ``/health``): only a refused or timed-out connection means there is no server.
+    """
+    if not is_server_uri(uri):
+        return
+    health = f"{str(uri).rstrip('/')}/health"
+    try:
+        with urllib.request.urlopen(health, timeout=SERVER_TIMEOUT_S):  # noqa: S310 - http(s) only, checked above
+            return
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as err:
+        reason = err.reason if isinstance(err, urllib.error.URLError) else err
+        raise ConnectionError(f"{what}={uri!r}: no MLflow tracking server answers at {health} ({reason}); start "
+                              "it (`mlflow server ...`, README: Team set-up) or leave tracking.uri unset to use "
+                              "the work directory's own store") from None
 
 
 def git_commit() -> str:
@@ -87,16 +122,21 @@ def client_for(uri: str) -> MlflowClient:
 
 def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, params: dict[str, Any],
                       tags: dict[str, str], flow_run_id: str | None = None) -> TrackingContext:
-    """Create the experiment if needed (artifacts under the work directory) and start the parent run.
+    """Create the experiment if needed and start the parent run. The experiment's artifacts are under the work
+    directory, or where a tracking server keeps them.
 
-    Without ``cfg.uri``, the work directory's own store is created first (``lmpipe.tracking.store``:
-    built aside and moved into place, never seen half-made) or checked. Runs of the experiment that
-    a killed process of this host left RUNNING are marked KILLED (``mark_killed_runs``).
+    A tracking server (``cfg.uri`` ``http://host:port``) that does not answer is an error at once
+    (``check_server``). Without ``cfg.uri``, the work directory's own store is created first
+    (``lmpipe.tracking.store``: built aside and moved into place, never seen half-made) or checked. Runs of
+    the experiment that a killed process of this host left RUNNING are marked KILLED (``mark_killed_runs``).
     """
     uri = resolve_uri(cfg, workdir)
+    check_server(uri, "tracking.uri")
     Path(workdir).mkdir(parents=True, exist_ok=True)
     local_artifacts = (Path(workdir).resolve() / "mlartifacts").as_uri()
-    artifacts = local_artifacts if uri.startswith("sqlite:///") else None
+    # A server keeps the artifacts where it is told to (--artifacts-destination, served through it); a database
+    # opened directly has no artifact store of its own, so they go under the work directory.
+    artifacts = local_artifacts if is_database_uri(uri) else None
     if not cfg.uri:
         default_store(Path(workdir).resolve() / STORE_FILE, local_artifacts)
     client = client_for(uri)

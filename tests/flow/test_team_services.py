@@ -2,7 +2,7 @@
 and the tiny pipeline with ``tracking.uri`` pointing at the server.
 
 The servers start once per session (``team``). PostgreSQL is the system's package: without it these tests
-fail, naming what to install (``tests.flow.services.INSTALL_HINT``); CI installs it.
+fail, naming what to install (``tests.servers.INSTALL_HINT``); CI installs it.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import tiny_config
-from tests.flow.services import MlflowServer, Postgres, free_port, mlflow_server, postgres, postgres_bindir
 from tests.flow.test_pipeline_flow import CHUNK_STAGES, STAGES
+from tests.servers import MlflowServer, Postgres, free_port, mlflow_server, postgres, postgres_bindir
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 

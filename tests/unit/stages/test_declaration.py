@@ -22,6 +22,7 @@ NOT_FINGERPRINTED = {
     "chunks", "encoded",  # the chunk results: a function of the declared config and upstream
     "encode_batch_size",  # how fast the deterministic encoder runs, never what it writes
     "benchmark_files",  # where the files of benchmark_sha256 are
+    "lineage",  # tags naming stages upstream of the fine-tuned model, whose fingerprint covers them
 }
 
 

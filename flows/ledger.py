@@ -179,7 +179,8 @@ def _this_flow_run() -> FlowRunRef | None:
         return None
     has_ui = PREFECT_UI_URL.value() is not None
     return FlowRunRef(id=str(flow_run.id), name=flow_run.name, url=flow_run.ui_url if has_ui else None,
-                      hint=None if has_ui else f"`{prefect_server_command()}` shows it")
+                      hint=None if has_ui else f"`{prefect_server_command()}` shows it at "
+                                                     f"http://127.0.0.1:4200/flow-runs/flow-run/{flow_run.id}")
 
 
 @dataclass

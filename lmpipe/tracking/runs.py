@@ -130,7 +130,7 @@ def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, p
     else:
         exp_id = exp.experiment_id
         mark_killed_runs(client, exp_id)
-    note = ((flow_run.note() if flow_run else "Not started by a Prefect flow run.")
+    note = (_flow_run_note(flow_run)
             + f"\n\nThe resolved configuration is this run's artifact `{CONFIG_ARTIFACT}`. Each stage that ran "
               "is a nested run; `stages.json` lists every stage, ran or reused, with its fingerprint.")
     run = client.create_run(exp_id, run_name=run_name,
@@ -146,6 +146,10 @@ def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, p
                        lambda: client.set_terminated(ctx.parent_run_id, status="FAILED"))
         raise
     return ctx
+
+
+def _flow_run_note(flow_run: FlowRunRef | None) -> str:
+    return flow_run.note() if flow_run else "Not started by a Prefect flow run."
 
 
 KILLED_BY_TAG = "lmpipe.killed"  # on a run marked KILLED: why
@@ -326,7 +330,7 @@ def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[s
     label = name or stage
     note = (f"Stage `{label}` (fingerprint `{fingerprint}`) of the lmpipe run "
             f"[{ctx.parent_run_id}]({run_page(ctx.experiment_id, ctx.parent_run_id)}). "
-            + (ctx.flow_run.note() if ctx.flow_run else "Not started by a Prefect flow run."))
+            + _flow_run_note(ctx.flow_run))
     run = client.create_run(
         ctx.experiment_id,
         run_name=label,
@@ -336,8 +340,7 @@ def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[s
     )
     sr = StageRun(ctx.uri, run.info.run_id)
     # In the task's log (the library's logger goes to the orchestrator's): where this stage's records are.
-    log.info("%s: MLflow run %s, %s", label, sr.run_id,
-             mlflow_ui(ctx.uri).where(mlflow_ui(ctx.uri).run(ctx.experiment_id, sr.run_id)))
+    log.info("%s: MLflow run %s, %s", label, sr.run_id, mlflow_ui(ctx.uri).run(ctx.experiment_id, sr.run_id))
     try:
         sr.log_params(params)
         yield sr

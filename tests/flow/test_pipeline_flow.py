@@ -482,6 +482,15 @@ def test_sft_finetuning_and_classification_through_the_flow(tmp_path):
     assert [s["label"] for s in summary["stages"]][-4:] == ["finetune", "classify", "evaluate", "register"]
     assert stages["finetune"]["status"] == stages["classify"]["status"] == "ran"
     assert summary["registered"]["version"] == "1"
+    # The files' content is recorded: on the stage runs that read them, and (SFT) on the registered version.
+    import hashlib
+
+    _, children = _runs(summary["tracking_uri"])
+    tags = {r.data.tags["lmpipe.stage"]: r.data.tags for r in children}
+    assert tags["finetune"]["lmpipe.sft_sha256"] == hashlib.sha256(sft.read_bytes()).hexdigest()
+    assert tags["classify"]["lmpipe.classify_sha256"] == hashlib.sha256(labelled.read_bytes()).hexdigest()
+    version = MlflowClient(tracking_uri=summary["tracking_uri"]).get_model_version("lmpipe-gpt", "1")
+    assert version.tags["lmpipe.sft_sha256"] == tags["finetune"]["lmpipe.sft_sha256"]
     clf = summary["metrics"]["classify"]
     assert not any(k.startswith("classifier") for k in summary["metrics"]["evaluate"])
     report = (Path(stages["classify"]["out_dir"]) / "report.md").read_text(encoding="utf-8")

@@ -9,19 +9,33 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
+from uuid import UUID
 
 from prefect import get_run_logger, unmapped
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactUpdate
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_UI_URL
 from prefect.task_runners import TaskRunner
 
 from flows.runners import chunk_runner
+from flows.summary import prefect_server_command, summary_markdown
 from lmpipe.artifacts import StageResult
 from lmpipe.config.data import RunnerConfig
 from lmpipe.config.pipeline import PipelineConfig
 from lmpipe.stages.lease import STALE_ENV
+from lmpipe.tracking.links import FlowRunRef
 from lmpipe.tracking.registry import current_aliases
-from lmpipe.tracking.runs import TrackingContext, close_run, open_pipeline_run, record_failure, set_parent_summary
+from lmpipe.tracking.runs import (
+    TrackingContext,
+    close_run,
+    open_pipeline_run,
+    record_failure,
+    set_parent_summary,
+    stage_run_that_built,
+)
 
 
 class StageRunner(Protocol):
@@ -108,6 +122,7 @@ class Ledger:
             "tracking_uri": ctx.uri,
             "experiment_id": ctx.experiment_id,
             "mlflow_run_id": ctx.parent_run_id,
+            "flow_run_id": ctx.flow_run.id if ctx.flow_run else None,
             "workdir": ctx.workdir,
             "stages": [o.__dict__ for o in self.outcomes],
             "metrics": {label: r.metrics for label, r in self.results.items()},
@@ -156,9 +171,47 @@ def _library_logs_to_prefect() -> Iterator[None]:
         library.setLevel(level)
 
 
+def _this_flow_run() -> FlowRunRef | None:
+    """The Prefect flow run this code runs in (None outside one), with its UI page when the API has a UI: a
+    temporary API (``lmpipe run`` without PREFECT_API_URL) has none, and its runs are seen by starting a server on
+    the same PREFECT_HOME."""
+    if not flow_run.id:
+        return None
+    has_ui = PREFECT_UI_URL.value() is not None
+    return FlowRunRef(id=str(flow_run.id), name=flow_run.name, url=flow_run.ui_url if has_ui else None,
+                      hint=None if has_ui else f"`{prefect_server_command()}` shows it at "
+                                                     f"http://127.0.0.1:4200/flow-runs/flow-run/{flow_run.id}")
+
+
+@dataclass
+class SummaryArtifact:
+    """The flow run's first artifact (markdown, ``summary_markdown``): where its MLflow runs are, published as the
+    flow starts and completed in place when it ends (stages, the run that built each, the registered version)."""
+
+    flow_name: str
+    artifact_id: UUID | None = None
+
+    def publish(self, ctx: TrackingContext, ledger: Ledger, status: str) -> None:
+        if ctx.flow_run is None:
+            return
+        summary = ledger.summary(ctx)
+        runs = {o.label: stage_run_that_built(ctx.uri, ctx.experiment_id, o.fingerprint)
+                for o in ledger.outcomes if o.label in ledger.results}  # chunk tasks have no run of their own
+        markdown = summary_markdown(summary, self.flow_name, status, runs)
+        if self.artifact_id is None:
+            created = create_markdown_artifact(
+                markdown=markdown, key=f"{self.flow_name}-run-summary",
+                description="Where this run's records are: its MLflow run, each stage's, the registered version")
+            self.artifact_id = cast(UUID, created)  # called from a flow's (synchronous) body: not a coroutine
+        else:
+            with get_client(sync_client=True) as client:
+                client.update_artifact(self.artifact_id, ArtifactUpdate(data=markdown))
+
+
 @contextmanager
 def tracked_flow(config: PipelineConfig, flow_name: str) -> Iterator[tuple[TrackingContext, Ledger]]:
-    """The flow's MLflow parent run: FINISHED if the flow body succeeds, FAILED if it raises.
+    """The flow's MLflow parent run: FINISHED if the flow body succeeds, FAILED if it raises; and, in a Prefect
+    flow run, its summary artifact (``SummaryArtifact``), the run's first, completed when the body ends.
 
     When the body raises, its error is the one that propagates: closing the chunk runner and
     recording the summary and the FAILED status go as far as they can, and what fails among them
@@ -172,24 +225,26 @@ def tracked_flow(config: PipelineConfig, flow_name: str) -> Iterator[tuple[Track
         # output, the worker's log): the summary has the run's link.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         tags = {"lmpipe.flow": flow_name, "lmpipe.config_name": config.name}
-        if flow_run.id:
-            tags["prefect.flow_run_id"] = str(flow_run.id)
-            tags["prefect.flow_run_url"] = str(flow_run.ui_url or "")
         ctx = open_pipeline_run(config.tracking, config.workdir, run_name=f"{flow_name}-{flow_run.name or 'local'}",
-                                params=config.model_dump(mode="json"), tags=tags,
-                                flow_run_id=str(flow_run.id) if flow_run.id else None)
+                                params=config.model_dump(mode="json"), tags=tags, flow_run=_this_flow_run())
         ledger = Ledger(runner_cfg=config.data.runner)
+        summary = SummaryArtifact(flow_name)
+        summary.publish(ctx, ledger, "running")
         try:
             yield ctx, ledger
-        except BaseException:
+        except BaseException as err:
+            failed = f"failed ({type(err).__name__}; the flow run's log says why)"
             record_failure("shut the chunk runner down", ledger.close)
             record_failure(f"put the stage summary on MLflow run {ctx.parent_run_id}",
                            lambda: set_parent_summary(ctx, ledger.results, [o.__dict__ for o in ledger.outcomes]))
             record_failure(f"mark MLflow run {ctx.parent_run_id} FAILED",
                            lambda: close_run(ctx, ctx.parent_run_id, "FAILED"))
+            record_failure("complete the run's summary artifact",
+                           lambda: summary.publish(ctx, ledger, failed))
             raise
         try:
             ledger.close()
             set_parent_summary(ctx, ledger.results, [o.__dict__ for o in ledger.outcomes])
         finally:
             close_run(ctx, ctx.parent_run_id, "FINISHED")
+        summary.publish(ctx, ledger, "finished")

@@ -26,7 +26,7 @@ from lmpipe.data.increments import check_watchable, first_record
 from lmpipe.data.sources import local_source_digests
 from lmpipe.eval.benchmark_files import resolve_benchmarks
 from lmpipe.stages.preflight import check_context_fits, check_inputs
-from lmpipe.tracking.registry import champion_metrics
+from lmpipe.tracking.registry import champion_metrics, lineage_tags
 from lmpipe.tracking.runs import TrackingContext
 from tasks.stages import (
     classify,
@@ -137,7 +137,9 @@ def _train_and_register(config: PipelineConfig, ctx: TrackingContext, ledger: St
                         benchmark_files={n: str(p) for n, p in bench_files.items()} or None,
                         reference=reference, tokenizer=tokenizer, ctx=ctx)
     return ledger.run(register, cfg=config.tracking, finetuned=tuned, tokenizer=tokenizer, report=report, ctx=ctx,
-                      metric=config.champion_metric(), trained_on=trained_on)
+                      metric=config.champion_metric(), trained_on=trained_on,
+                      lineage=lineage_tags(tokenizer=tokenizer, corpora=corpora, pretrain=base, finetune=tuned,
+                                           sft_sha256=sft_sha256))
 
 
 @flow(name="lmpipe-pipeline", log_prints=True, validate_parameters=True, on_failure=[notify_failure])

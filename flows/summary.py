@@ -1,11 +1,13 @@
-"""What `lmpipe run` prints at the end: the stages, the evaluation, the registry, and where to look."""
+"""What a run reports at the end: the table `lmpipe run` prints (stages, evaluation, registry, where to look) and
+the markdown summary every flow run publishes as its first Prefect artifact (its MLflow runs, linked)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
-from lmpipe.tracking.uris import is_server_uri
+from lmpipe.tracking.links import link, mlflow_ui
 
 
 def format_summary(summary: dict[str, Any], seconds: float) -> str:
@@ -76,19 +78,57 @@ def _registry_rows(registered: dict[str, Any] | None) -> list[str]:
 
 def _where_to_look(summary: dict[str, Any]) -> list[str]:
     uri = summary["tracking_uri"]
-    if is_server_uri(uri):  # a tracking server is its own UI
-        ui = f"{uri.rstrip('/')}/#/experiments/{summary['experiment_id']}/runs/{summary['mlflow_run_id']}"
-    else:
-        ui = f"mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
+    ui = mlflow_ui(uri)
     lines = [
         "",
         f"artifacts:   {summary['workdir']}",
         f"MLflow run:  {summary['mlflow_run_id']} in {uri}",
-        f"MLflow UI:   {ui}",
+        f"MLflow UI:   {ui.run(summary['experiment_id'], summary['mlflow_run_id'])}",
     ]
+    if ui.command:
+        lines.append(f"             (start it first: {ui.command})")
     if "PREFECT_API_URL" in os.environ:
         lines.append(f"Prefect UI:  {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
     else:
-        lines.append(f"Prefect UI:  PREFECT_HOME={os.environ.get('PREFECT_HOME', '~/.prefect')} prefect server start"
-                     "   # then open http://127.0.0.1:4200")
+        lines.append(f"Prefect UI:  {prefect_server_command()}   # then open http://127.0.0.1:4200")
     return lines
+
+
+def prefect_server_command() -> str:
+    """How to open the UI on the runs a temporary Prefect API recorded: a server on the same PREFECT_HOME."""
+    return f"PREFECT_HOME={os.environ.get('PREFECT_HOME', '~/.prefect')} prefect server start"
+
+
+def summary_markdown(summary: dict[str, Any], flow_name: str, status: str,
+                     stage_runs: Mapping[str, str | None]) -> str:
+    """The flow run's summary artifact: its MLflow run and experiment (linked), the registered version, and each
+    stage with the MLflow run that built it (``stage_runs``: label -> run id; a reused stage's is the earlier run
+    that built its directory; None: no run, e.g. chunk tasks, which their stage's run reports)."""
+    uri, exp, parent = summary["tracking_uri"], summary["experiment_id"], summary["mlflow_run_id"]
+    ui = mlflow_ui(uri)
+    lines = [f"# lmpipe {flow_name}: {status}", "",
+             f"MLflow run {link(parent, ui.run(exp, parent))} in experiment {link(exp, ui.experiment(exp))} "
+             f"(tracking URI `{uri}`); work directory `{summary['workdir']}`."]
+    if ui.command:
+        lines += ["", f"No MLflow server serves this store: start the UI with `{ui.command}`, then the links open."]
+    registered = summary.get("registered")
+    if registered:
+        name, version = registered["name"], registered["version"]
+        lines += ["", f"Registered {link(f'{name} version {version}', ui.model_version(name, version))} "
+                      f"(`{registered['model_uri']}`)."]
+        decision = registered.get("promotion")
+        if decision:
+            lines.append(f"Champion gate: {'promoted to' if decision['promoted'] else 'not promoted to'} "
+                         f"@{decision['alias']}: {decision['reason']}.")
+        now = registered.get("aliases_now") or {}
+        if now:
+            lines.append("Aliases now: " + ", ".join(f"@{alias} → " + ("no version" if v is None else f"version {v}")
+                                                     for alias, v in now.items()) + ".")
+    if summary["stages"]:
+        lines += ["", "| stage | status | seconds | MLflow run (reused: the run that built it) |",
+                  "|---|---|---:|---|"]
+        for s in summary["stages"]:
+            run_id = stage_runs.get(s["label"])
+            where = link(run_id, ui.run(exp, run_id)) if run_id else "–"
+            lines.append(f"| {s['label']} | {s['status']} | {s['seconds']:.1f} | {where} |")
+    return "\n".join(lines) + "\n"

@@ -29,7 +29,7 @@ from lmpipe.config.evaluation import EvalConfig, TrackingConfig
 from lmpipe.config.training import ClassifyConfig, FinetuneConfig, ModelConfig, TrainConfig
 from lmpipe.data.sft import HELD_OUT_FILE, HELD_OUT_META
 from lmpipe.data.sources import TransientDownloadError
-from lmpipe.eval.report import LOSS_CURVES
+from lmpipe.eval.report import LOSS_CURVES, embed_images
 from lmpipe.stages.champion import run_champion
 from lmpipe.stages.classify import PREDICTIONS_FILE, REPORT_FILE, run_classify
 from lmpipe.stages.clean import run_clean, run_clean_chunk
@@ -43,7 +43,8 @@ from lmpipe.stages.pretrain import run_pretrain
 from lmpipe.stages.register import run_register
 from lmpipe.stages.shard import run_encode_chunk, run_shard
 from lmpipe.stages.tokenizer import run_train_tokenizer
-from lmpipe.tracking.runs import StageRun, TrackingContext, stage_run
+from lmpipe.tracking.links import link, mlflow_ui
+from lmpipe.tracking.runs import StageRun, TrackingContext, stage_run, stage_run_that_built
 from lmpipe.training.launch import DistributedTrainingError
 from lmpipe.training.loop import Reporters
 from tasks.device_slots import device_slots
@@ -206,6 +207,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, shards: StageResult, toke
         return done
     with device_slots(cfg.distributed.nproc_per_node), \
             stage_run(ctx, "pretrain", fp, {"model": model_cfg, "pretrain": cfg}, name=label) as run:
+        run.log_shards(shards)
         result = run_pretrain(model_cfg, cfg, shards, tokenizer, out_dir, fp,
                               report=Reporters(run.log_metrics, PrefectProgress("pretrain"), get_run_logger().info),
                               tracking_env=run.env())
@@ -227,8 +229,12 @@ def finetune(model_cfg: ModelConfig, cfg: FinetuneConfig, base: StageResult | No
     if (done := reuse(out_dir)) is not None:
         return done
     init = _init_checkpoint(cfg.init_checkpoint, base)
-    with device_slots(1), stage_run(ctx, "finetune", fp, {"model": model_cfg, "finetune": cfg},
-                                    {"lmpipe.init": str(init)}, name=label) as run:
+    with device_slots(1), stage_run(
+            ctx, "finetune", fp, {"model": model_cfg, "finetune": cfg},
+            {"lmpipe.init": str(init), **({"lmpipe.sft_sha256": sft_sha256} if sft_sha256 else {})},
+            name=label) as run:
+        if shards is not None:
+            run.log_shards(shards)
         result = run_finetune(cfg, model_cfg, init, shards, tokenizer, out_dir, fp,
                               report=Reporters(run.log_metrics, PrefectProgress("finetune")))
         # adapter/: LoRA with save_adapter; HELD_OUT_FILE: the held-out SFT examples, mode sft
@@ -284,7 +290,8 @@ def classify(model_cfg: ModelConfig, cfg: ClassifyConfig, base: StageResult, tok
         return done
     init = _init_checkpoint(cfg.init_checkpoint, base)
     with device_slots(1), stage_run(ctx, "classify", fp, {"model": model_cfg, "classify": cfg},
-                                    {"lmpipe.init": str(init)}, name=label) as run:
+                                    {"lmpipe.init": str(init), "lmpipe.classify_sha256": data_sha256},
+                                    name=label) as run:
         result = run_classify(cfg, model_cfg, init, tokenizer, out_dir, fp,
                               report=Reporters(run.log_metrics, PrefectProgress("classify")))
         run.log_result(result, ["metrics.jsonl", "model", PREDICTIONS_FILE, REPORT_FILE])
@@ -312,6 +319,7 @@ def evaluate(cfg: EvalConfig, models: dict[str, StageResult], corpora: dict[str,
              label: str | None = None) -> StageResult:
     fp, out_dir = EVALUATE.locate(locals())
     if (done := reuse(out_dir)) is not None:
+        _publish_report(done, ctx, stage_run_that_built(ctx.uri, ctx.experiment_id, fp))
         return done
     tags = {"lmpipe.reference": f"{reference['name']}/{reference['version']}"} if reference else None
     sft = next((m.path(m.meta[HELD_OUT_META]) for m in models.values() if HELD_OUT_META in m.meta), None)
@@ -327,13 +335,26 @@ def evaluate(cfg: EvalConfig, models: dict[str, StageResult], corpora: dict[str,
                        + (" and on the held-out SFT examples (sft/val)" if sft is not None else ""))
         _publish_table(run, result.meta["multiple_choice"], "benchmarks_table.json", "evaluation-benchmarks",
                        "Multiple-choice benchmarks: acc and acc_norm of each model")
-    create_markdown_artifact(markdown=result.meta["markdown"], key="evaluation-report",
-                             description="Held-out loss, perplexity and bits per byte; "
-                                         "multiple-choice benchmarks; samples; deltas to the champion")
+    _publish_report(result, ctx, run.run_id)
     return result
 
 
+def _publish_report(result: StageResult, ctx: TrackingContext, run_id: str | None) -> None:
+    """The evaluation report as a Prefect markdown artifact, its loss curves inside it (a relative image path loads
+    nothing there), ending with the MLflow run that built it: this stage's, or a reused stage's earlier one."""
+    ui = mlflow_ui(ctx.uri)
+    built = (f"MLflow run {link(run_id, ui.run(ctx.experiment_id, run_id))}" if run_id else
+             "a run that is not in this MLflow experiment")
+    reused = " (reused by this flow run)" if result.meta.get("reused") else ""
+    create_markdown_artifact(markdown=embed_images(result.meta["markdown"], Path(result.out_dir))
+                             + f"\n---\n\nBuilt by {built} in `{result.out_dir}`{reused}.\n",
+                             key="evaluation-report",
+                             description="Held-out loss, perplexity and bits per byte; "
+                                         "multiple-choice benchmarks; samples; deltas to the champion")
+
+
 # trained_on: the record of the pretraining files the model was trained on (lmpipe.data.increments.TrainedOn), or None.
+# lineage: tags naming the stages the model came from, all upstream of finetuned already.
 REGISTER = StageSpec("register", configs=("cfg",), inputs=("metric", "trained_on"),
                      upstreams=("finetuned", "tokenizer", "report"),
                      keyed_on_tracking_store=True)
@@ -342,6 +363,7 @@ REGISTER = StageSpec("register", configs=("cfg",), inputs=("metric", "trained_on
 @stage_task(name="register")
 def register(cfg: TrackingConfig, finetuned: StageResult, tokenizer: StageResult, report: StageResult,
              ctx: TrackingContext, metric: str, trained_on: dict[str, Any] | None = None,
+             lineage: dict[str, str] | None = None,
              label: str | None = None) -> StageResult:
     fp, out_dir = REGISTER.locate(locals())
     if (done := reuse(out_dir)) is not None:
@@ -349,7 +371,7 @@ def register(cfg: TrackingConfig, finetuned: StageResult, tokenizer: StageResult
     with stage_run(ctx, "register", fp, {"tracking": cfg, "promote_metric": metric}, name=label) as run:
         run.log_metrics({k: v for k, v in report.metrics.items() if k.startswith("finetuned.")})
         result = run_register(cfg, ctx, run, finetuned, tokenizer, out_dir, fp, metric=metric,
-                              evaluation=report.metrics, trained_on=trained_on)
+                              evaluation=report.metrics, trained_on=trained_on, lineage=lineage)
     decision = result.meta["promotion"]
     get_run_logger().info("registered %s version %s as @%s; %s", cfg.registered_model, result.meta["version"],
                           cfg.alias, ("promoted to @" if decision["promoted"] else "not promoted to @")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,17 @@ def render_markdown(
     return "\n".join(lines) + "\n"
 
 
+# Figures per table at most (besides the model's name): wider tables split. Prefect's markdown clips a table wider
+# than its page instead of wrapping it; six figures under corpus names already were.
+TABLE_COLUMNS = 4
+
+
+def _groups(names: list[str], per_name: int) -> list[list[str]]:
+    """``names`` (corpora, benchmarks) in runs of as many as fit ``TABLE_COLUMNS`` with ``per_name`` figures each."""
+    size = max(1, TABLE_COLUMNS // per_name)
+    return [names[i : i + size] for i in range(0, len(names), size)]
+
+
 def _row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -132,21 +145,24 @@ def _held_out_section(results: list[dict[str, Any]], eval_tokens: int, against: 
             f"{VAL_EVERY}th example it kept), in its windows; only the assistant's targets are scored (each reply, "
             "its `<|end|>` and the closing end-of-text), as fine-tuning trains on them: the task itself.",
         ]
-    lines += [""] + _header(["model"] + [f"{markdown_cell(c)} {_SHORT[m]}" for c in corpora for m in METRICS])
 
     def cell(model: str, corpus: str, metric: str) -> str:
         r = by.get((model, corpus))
         return "" if r is None else _HELD_OUT_FMT[metric].format(r[metric])
 
-    lines += [_row([markdown_cell(model)] + [cell(model, c, m) for c in corpora for m in METRICS]) for model in models]
-    if BASE in models and FINETUNED in models:
-        cells = []
-        for c in corpora:
-            for m in METRICS:
-                a, b = by.get((FINETUNED, c)), by.get((BASE, c))
-                cells.append("" if a is None or b is None else ("{:+" + _HELD_OUT_FMT[m][2:]).format(a[m] - b[m]))
-        lines.append(_row([f"Δ {FINETUNED} − {BASE}", *cells]))
-    return lines + against(corpora, METRICS, _HELD_OUT_FMT)
+    for group in _groups(corpora, len(METRICS)):
+        lines += [""] + _header(["model"] + [f"{markdown_cell(c)} {_SHORT[m]}" for c in group for m in METRICS])
+        lines += [_row([markdown_cell(model)] + [cell(model, c, m) for c in group for m in METRICS])
+                  for model in models]
+        if BASE in models and FINETUNED in models:
+            cells = []
+            for c in group:
+                for m in METRICS:
+                    a, b = by.get((FINETUNED, c)), by.get((BASE, c))
+                    cells.append("" if a is None or b is None else ("{:+" + _HELD_OUT_FMT[m][2:]).format(a[m] - b[m]))
+            lines.append(_row([f"Δ {FINETUNED} − {BASE}", *cells]))
+        lines += against(group, METRICS, _HELD_OUT_FMT)
+    return lines
 
 
 def _choice_section(choice: Sequence[dict[str, Any]], against: _ReferenceRows) -> list[str]:
@@ -154,15 +170,16 @@ def _choice_section(choice: Sequence[dict[str, Any]], against: _ReferenceRows) -
     mc = {(r["model"], r["benchmark"]): r for r in choice}
     stats = ("acc", "acc_norm")
     lines = ["", "Multiple choice, by log-likelihood (acc_norm: per character of the choice, as "
-             "lm-evaluation-harness). Higher is better.", ""]
-    lines += _header(["model"] + [f"{markdown_cell(b)} {m}" for b in benches for m in stats])
-    for model in dict.fromkeys(r["model"] for r in choice):
-        cells = ["" if (model, b) not in mc else f"{mc[model, b][m]:.4f}" for b in benches for m in stats]
-        lines.append(_row([markdown_cell(model), *cells]))
-    if all((m, b) in mc for m in (BASE, FINETUNED) for b in benches):
-        cells = [f"{mc[FINETUNED, b][m] - mc[BASE, b][m]:+.4f}" for b in benches for m in stats]
-        lines.append(_row([f"Δ {FINETUNED} − {BASE}", *cells]))
-    lines += against(benches, MC_METRICS, {m: "{:.4f}" for m in MC_METRICS})
+             "lm-evaluation-harness). Higher is better."]
+    for group in _groups(benches, len(stats)):
+        lines += [""] + _header(["model"] + [f"{markdown_cell(b)} {m}" for b in group for m in stats])
+        for model in dict.fromkeys(r["model"] for r in choice):
+            cells = ["" if (model, b) not in mc else f"{mc[model, b][m]:.4f}" for b in group for m in stats]
+            lines.append(_row([markdown_cell(model), *cells]))
+        if all((m, b) in mc for m in (BASE, FINETUNED) for b in group):
+            cells = [f"{mc[FINETUNED, b][m] - mc[BASE, b][m]:+.4f}" for b in group for m in stats]
+            lines.append(_row([f"Δ {FINETUNED} − {BASE}", *cells]))
+        lines += against(group, MC_METRICS, {m: "{:.4f}" for m in MC_METRICS})
     first = next(iter(mc))[0]
     return lines + [""] + [f"- {b}: {mc[first, b]['n']} examples ({mc[first, b]['kind']})" for b in benches]
 
@@ -210,6 +227,29 @@ def _samples_section(samples: dict[str, list[dict[str, str]]]) -> list[str]:
 
 
 LOSS_CURVES = "loss_curves.png"
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")  # ![alt](target)
+_MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
+
+
+def embed_images(markdown: str, directory: Path) -> str:
+    """The markdown with every image that is a file beside it (``![alt](loss_curves.png)``, relative to
+    ``directory``) carried inside as a ``data:`` URI, for a viewer that has only the text (a Prefect markdown
+    artifact: a relative path there loads nothing). Absolute URLs and ``data:`` URIs are left as they are; an
+    image file that is missing is an error naming it."""
+
+    def inline(match: re.Match[str]) -> str:
+        alt, target = match.groups()
+        if ":" in target or target.startswith("/"):
+            return match.group(0)
+        path = directory / target
+        media = _MEDIA_TYPES.get(path.suffix.lower())
+        if media is None:
+            raise ValueError(f"image {target!r} in the report: not one of {sorted(_MEDIA_TYPES)}")
+        if not path.is_file():
+            raise FileNotFoundError(f"image {target!r} in the report: {path} does not exist")
+        return f"![{alt}](data:{media};base64,{base64.b64encode(path.read_bytes()).decode('ascii')})"
+
+    return _IMAGE.sub(inline, markdown)
 
 
 def plot_loss_curves(curves: dict[str, Path], dest: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ from lmpipe.tracking.trained_on import record_trained_on
 
 def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finetuned: StageResult,
                  tokenizer: StageResult, out_dir: Path, fingerprint: str, *, metric: str,
-                 evaluation: dict[str, float], trained_on: dict[str, Any] | None = None) -> StageResult:
+                 evaluation: dict[str, float], trained_on: dict[str, Any] | None = None,
+                 lineage: Mapping[str, str] | None = None) -> StageResult:
     """The register stage: the fine-tuned model logged, registered and aliased, the promotion gate
     applied to ``evaluation[metric]``; the outcome on disk and on the stage's run. ``trained_on``: the record of
     the pretraining files the model was trained on (``TrainedOn.to_json``), kept with the version.
@@ -31,7 +33,8 @@ def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finet
     Killed and run again, it completes the registration instead of repeating it: the version these
     weights already are is found (``register_model``), and the gate decides for it unless it did
     already, in which case its recorded decision is returned and the aliases put where it says
-    (``recorded_decision``).
+    (``recorded_decision``). ``lineage``: what the model was made from, tagged on the version
+    (``lmpipe.tracking.registry.lineage_tags``).
     """
     from lmpipe.artifacts import BuildOutput, write_json_atomic
     from lmpipe.stages.contract import run_stage
@@ -47,7 +50,7 @@ def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finet
         # reads them from the version's run, which may be this one even if this stage is killed.
         run.flush()
         info = register_model(run, cfg, finetuned.path("model"), Path(tokenizer.out_dir), served_requirements(),
-                              finetune=finetuned.fingerprint)
+                              finetune=finetuned.fingerprint, lineage=lineage)
         if trained_on is not None:  # before the gate moves an alias: a continual run reads it from the @champion
             record_trained_on(run.client, run.run_id, cfg.registered_model, info["version"],
                               TrainedOn.from_json(trained_on, "trained_on"))

@@ -14,9 +14,10 @@ import mlflow
 import yaml
 from mlflow import MlflowClient
 
+from lmpipe.artifacts import StageResult
 from lmpipe.config.evaluation import TrackingConfig
 from lmpipe.data.tokenizer import META_FILE, TOKENIZER_FILE
-from lmpipe.tracking.runs import StageRun, client_for
+from lmpipe.tracking.runs import StageRun, client_for, git_commit, git_dirty
 from lmpipe.tracking.serving import GPTTextGenerator, served_signature
 from lmpipe.tracking.uris import MODEL_URI_FORMS
 
@@ -62,8 +63,21 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
             raise
 
 
+def lineage_tags(*, tokenizer: StageResult, corpora: Mapping[str, StageResult], pretrain: StageResult,
+                 finetune: StageResult, sft_sha256: str | None = None) -> dict[str, str]:
+    """What a registered version was made from, as its tags: the fingerprint of each corpus's shards (``corpora``:
+    corpus name -> shard stage), of the tokenizer, pretraining and fine-tuning, and an SFT file's sha256.
+    ``register_model`` adds the git commit and whether the tree was dirty. Each fingerprint is also the
+    ``lmpipe.fingerprint`` tag of the stage run that built it (its dataset inputs: the shards' digests)."""
+    return {**{f"{DATA_TAG}.{name}": shards.fingerprint for name, shards in corpora.items()},
+            TOKENIZER_TAG: tokenizer.fingerprint, PRETRAIN_TAG: pretrain.fingerprint,
+            FINETUNE_TAG: finetune.fingerprint,
+            **({SFT_TAG: sft_sha256} if sft_sha256 else {})}
+
+
 def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path, tokenizer_dir: Path,
-                   pip_requirements: list[str], *, finetune: str | None = None) -> dict[str, Any]:
+                   pip_requirements: list[str], *, finetune: str | None = None,
+                   lineage: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Log the model as a pyfunc in the stage's run and register it as a version; no alias is moved.
 
     The version is created with the tags that say which model it is (``WEIGHTS_TAG``: the
@@ -78,11 +92,18 @@ def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path, tok
     and tokenizer_meta.json (what ``lmpipe export`` needs for the special tokens).
     ``cfg.alias`` (returned, with the URI it gives) is moved by ``run_register``, through
     ``promote_if_better`` or ``recorded_decision``.
+
+    ``lineage`` (``lineage_tags``), the git commit and whether the tree was dirty are tags of the version too:
+    set when it is created, or on the version found again.
     """
     client = run.client
     identity = {WEIGHTS_TAG: weights_sha256(checkpoint_dir), **({FINETUNE_TAG: finetune} if finetune else {})}
+    origin = {**(lineage or {}), GIT_COMMIT_TAG: git_commit(), GIT_DIRTY_TAG: git_dirty()}
     version = find_version(client, cfg.registered_model, identity)
     existing = version is not None
+    if version is not None:
+        for key, value in origin.items():
+            client.set_model_version_tag(cfg.registered_model, version.version, key, value)
     if version is None:
         library_dir = Path(__file__).resolve().parent
         # The fluent API is needed for log_model; opening the stage's own child run in this thread is
@@ -107,7 +128,8 @@ def register_model(run: StageRun, cfg: TrackingConfig, checkpoint_dir: Path, tok
         # Against a tracking server MLflow logs that it waits for the version to be READY, every time: noise.
         with _quiet("mlflow.store.model_registry.abstract_store"):
             version = client.create_model_version(cfg.registered_model, source=f"models:/{info.model_id}",
-                                                  run_id=run.run_id, tags=identity, model_id=info.model_id)
+                                                  run_id=run.run_id, tags={**origin, **identity},
+                                                  model_id=info.model_id)
         log.info("created %s version %s (fine-tune %s, weights sha256 %s)", cfg.registered_model, version.version,
                  identity.get(FINETUNE_TAG, "unknown"), identity[WEIGHTS_TAG])
     model_id = getattr(version, "model_id", None)
@@ -126,6 +148,14 @@ DECISION_TAG = "lmpipe.promotion"
 FINETUNE_TAG = "lmpipe.finetune_fingerprint"  # the fine-tune stage a version came from
 CHAMPION_BEFORE_TAG = "lmpipe.champion_before"  # the version the gate compared it with ("none": there was none)
 WEIGHTS_TAG = "lmpipe.weights_sha256"  # the sha256 of the version's model.safetensors
+# Where a version came from (lineage_tags): each corpus's shard stage (DATA_TAG + ".<corpus>"), the tokenizer, the
+# pretraining, an SFT file's sha256; the code's git commit and whether its tree was dirty.
+DATA_TAG = "lmpipe.data_fingerprint"
+TOKENIZER_TAG = "lmpipe.tokenizer_fingerprint"
+PRETRAIN_TAG = "lmpipe.pretrain_fingerprint"
+SFT_TAG = "lmpipe.sft_sha256"
+GIT_COMMIT_TAG = "lmpipe.git_commit"
+GIT_DIRTY_TAG = "lmpipe.git_dirty"
 DECISION_DETAIL_TAG = DECISION_TAG + ".detail"  # the gate's whole decision, JSON: what a resumed registration returns
 EVAL_PREFIX = "finetuned."  # the evaluation metrics the register stage logs in the version's run
 

@@ -24,12 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import yaml
 from mlflow import MlflowClient
-from mlflow.entities import LoggedModelStatus, Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelStatus, Metric, Param, RunStatus, RunTag
 from pydantic import BaseModel
 
 from lmpipe.artifacts import StageResult
 from lmpipe.config.evaluation import TrackingConfig
+from lmpipe.data.shards import MANIFEST_FILE
+from lmpipe.tracking.links import NOTE_TAG, FlowRunRef, mlflow_ui, run_page
 from lmpipe.tracking.owners import HOST_TAG, PID_TAG, owner_dead, owner_tags
 from lmpipe.tracking.store import STORE_FILE, default_store
 from lmpipe.tracking.uris import is_server_uri
@@ -48,7 +51,7 @@ class TrackingContext(BaseModel):
     experiment_id: str
     parent_run_id: str
     workdir: str
-    flow_run_id: str | None = None  # the orchestrator's run id, tagged on every stage's run
+    flow_run: FlowRunRef | None = None  # the orchestrator's run: tagged on every run and linked in its description
 
 
 def resolve_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
@@ -89,13 +92,30 @@ def check_server(uri: str | None, what: str) -> None:
                               "the work directory's own store") from None
 
 
-def git_commit() -> str:
+def _git(*args: str) -> str | None:
+    """A git command's output in the library's checkout; None outside one (an installed package) or without git."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
+        return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+        return None
+
+
+def git_commit() -> str:
+    commit = _git("rev-parse", "HEAD")
+    return commit or "unknown"
+
+
+def git_dirty() -> str:
+    """"true" when tracked files differ from the commit (the code that ran is not the commit's), "false" when not,
+    "unknown" outside a checkout. Untracked files do not count: a work directory or notes beside the code."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return "unknown" if status is None else str(bool(status)).lower()
+
+
+CONFIG_ARTIFACT = "config.yaml"  # the parent run's copy of the resolved configuration
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # what MLflow 3's UI offers as "ML"
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -121,7 +141,7 @@ def client_for(uri: str) -> MlflowClient:
 
 
 def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, params: dict[str, Any],
-                      tags: dict[str, str], flow_run_id: str | None = None) -> TrackingContext:
+                      tags: dict[str, str], flow_run: FlowRunRef | None = None) -> TrackingContext:
     """Create the experiment if needed and start the parent run. The experiment's artifacts are under the work
     directory, or where a tracking server keeps them.
 
@@ -129,6 +149,9 @@ def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, p
     (``check_server``). Without ``cfg.uri``, the work directory's own store is created first
     (``lmpipe.tracking.store``: built aside and moved into place, never seen half-made) or checked. Runs of
     the experiment that a killed process of this host left RUNNING are marked KILLED (``mark_killed_runs``).
+
+    ``params`` (the resolved configuration) are the run's params and its artifact ``config.yaml``. The run's
+    description names ``flow_run`` (with a link to its page when it has one), and so does each stage's run.
     """
     uri = resolve_uri(cfg, workdir)
     check_server(uri, "tracking.uri")
@@ -142,21 +165,31 @@ def open_pipeline_run(cfg: TrackingConfig, workdir: str | Path, run_name: str, p
     client = client_for(uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is None:
-        exp_id = client.create_experiment(cfg.experiment, artifact_location=artifacts)
+        # MLflow 3's UI asks which kind an experiment is (GenAI or model training) and records it in this tag.
+        exp_id = client.create_experiment(cfg.experiment, artifact_location=artifacts, tags=EXPERIMENT_KIND)
     else:
         exp_id = exp.experiment_id
         mark_killed_runs(client, exp_id)
+    note = (_flow_run_note(flow_run)
+            + f"\n\nThe resolved configuration is this run's artifact `{CONFIG_ARTIFACT}`. Each stage that ran "
+              "is a nested run; `stages.json` lists every stage, ran or reused, with its fingerprint.")
     run = client.create_run(exp_id, run_name=run_name,
-                            tags={"lmpipe.git_commit": git_commit(), **tags, **owner_tags()})
+                            tags={"lmpipe.git_commit": git_commit(), "lmpipe.git_dirty": git_dirty(), **tags,
+                                  **(flow_run.tags() if flow_run else {}), NOTE_TAG: note, **owner_tags()})
     ctx = TrackingContext(uri=uri, experiment_id=exp_id, parent_run_id=run.info.run_id,
-                          workdir=str(Path(workdir).resolve()), flow_run_id=flow_run_id)
+                          workdir=str(Path(workdir).resolve()), flow_run=flow_run)
     try:
         _log_params(client, ctx.parent_run_id, params)
+        client.log_text(ctx.parent_run_id, yaml.safe_dump(params, sort_keys=False), CONFIG_ARTIFACT)
     except BaseException:
         record_failure(f"mark MLflow run {ctx.parent_run_id} FAILED",
                        lambda: client.set_terminated(ctx.parent_run_id, status="FAILED"))
         raise
     return ctx
+
+
+def _flow_run_note(flow_run: FlowRunRef | None) -> str:
+    return flow_run.note() if flow_run else "Not started by a Prefect flow run."
 
 
 KILLED_BY_TAG = "lmpipe.killed"  # on a run marked KILLED: why
@@ -276,6 +309,10 @@ class StageRun:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_shards(self, shards: StageResult, context: str = "train") -> None:
+        """A corpus's token shards (a shard stage's result) as a dataset input of this run (``shard_dataset``)."""
+        self.client.log_inputs(self.run_id, datasets=[shard_dataset(shards, context)])
+
     def log_result(self, result: StageResult, artifacts: Sequence[str] = ()) -> None:
         """The stage's summary metrics, its file hashes as an artifact, and the named output files."""
         self.log_metrics(result.metrics, step=0)
@@ -290,6 +327,34 @@ class StageRun:
                 self.log_artifact(path, str(Path(name).parent) if "/" in name else None)
 
 
+DIGEST_CHARS = 32  # of a manifest's sha256 in a dataset's digest: MLflow stores 36 characters at most
+
+
+def shard_dataset(shards: StageResult, context: str) -> DatasetInput:
+    """A shard stage's output as an MLflow dataset input: named after its corpus, ``digest`` the first
+    ``DIGEST_CHARS`` hex digits of the manifest's sha256 (all of it in the profile), source the shard directory,
+    profile the tokens and documents of each split; tagged with ``context`` (``train``) as ``mlflow.data`` does."""
+    manifest = json.loads(shards.path(MANIFEST_FILE).read_text(encoding="utf-8"))
+    sha256 = shards.files[MANIFEST_FILE]
+    profile = {f"{split}_{count}": entry[count] for split, entry in manifest["splits"].items()
+               for count in ("tokens", "documents")}
+    dataset = Dataset(name=manifest["corpus"], digest=sha256[:DIGEST_CHARS], source_type="local",
+                      source=json.dumps({"uri": shards.out_dir}),
+                      profile=json.dumps({**profile, "manifest_sha256": sha256, "shard_fingerprint": shards.fingerprint,
+                                          "tokenizer_fingerprint": manifest["tokenizer_fingerprint"]}))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
+
+
+def stage_run_that_built(uri: str, experiment_id: str, fingerprint: str) -> str | None:
+    """The id of the latest FINISHED stage run with ``fingerprint``: the run that built that stage's directory (a
+    reused stage opens none of its own); None when this experiment has none (the directory was built against
+    another store or experiment)."""
+    runs = client_for(uri).search_runs([experiment_id], f"tags.`lmpipe.fingerprint` = '{fingerprint}' AND "
+                                       "attributes.status = 'FINISHED'", max_results=1,
+                                       order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
 @contextmanager
 def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[str, Any],
               tags: dict[str, str] | None = None, *, name: str | None = None) -> Iterator[StageRun]:
@@ -302,15 +367,20 @@ def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[s
     store failing too) is logged as a warning (``record_failure``).
     """
     client = client_for(ctx.uri)
+    label = name or stage
+    note = (f"Stage `{label}` (fingerprint `{fingerprint}`) of the lmpipe run "
+            f"[{ctx.parent_run_id}]({run_page(ctx.experiment_id, ctx.parent_run_id)}). "
+            + _flow_run_note(ctx.flow_run))
     run = client.create_run(
         ctx.experiment_id,
-        run_name=name or stage,
+        run_name=label,
         tags={PARENT_TAG: ctx.parent_run_id, "lmpipe.stage": stage, "lmpipe.fingerprint": fingerprint,
-              "lmpipe.git_commit": git_commit(),
-              **({"prefect.flow_run_id": ctx.flow_run_id} if ctx.flow_run_id else {}), **(tags or {}),
-              **owner_tags()},
+              "lmpipe.git_commit": git_commit(), **(ctx.flow_run.tags() if ctx.flow_run else {}), NOTE_TAG: note,
+              **(tags or {}), **owner_tags()},
     )
     sr = StageRun(ctx.uri, run.info.run_id)
+    # In the task's log (the library's logger goes to the orchestrator's): where this stage's records are.
+    log.info("%s: MLflow run %s, %s", label, sr.run_id, mlflow_ui(ctx.uri).run(ctx.experiment_id, sr.run_id))
     try:
         sr.log_params(params)
         yield sr

@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import DATA, tiny_config
-from tests.flow.test_pipeline_flow import _untrusted_outputs
+from tests.flow.test_pipeline_flow import _prefect_artifacts, _untrusted_outputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -35,6 +35,12 @@ def _run_failing(cfg):
     assert len(parent) == 1 and parent[0].info.status == "FAILED"
     assert all(r.info.status in ("FINISHED", "FAILED") for r in runs)  # none left RUNNING
     assert _untrusted_outputs(Path(cfg.workdir)) == []
+    # The flow run's summary artifact says it failed and where its MLflow run is.
+    summary = _prefect_artifacts(str(state.state_details.flow_run_id))[0]
+    assert summary.key == "pipeline-run-summary"
+    assert summary.data.splitlines()[0] == f"# lmpipe pipeline: failed ({type(err.value).__name__}; the flow run's log " \
+                                           "says why)"
+    assert f"MLflow run [{parent[0].info.run_id}](" in summary.data
     return str(err.value), runs
 
 

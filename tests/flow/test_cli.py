@@ -23,14 +23,16 @@ def test_summary_table_lists_stages_evaluation_and_where_to_look():
         "metrics": {"evaluate": {"base.wiki.loss": 2.0, "base.wiki.perplexity": 7.389, "base.wiki.bits_per_byte": 1.25,
                                  "base.cloze.acc": 0.25, "base.cloze.acc_norm": 0.3125, "base.cloze.n": 16.0}},
         "registered": {"model_uri": "models:/m@candidate", "version": "3"},
-        "tracking_uri": "sqlite:///w/mlflow.db", "workdir": "w", "mlflow_run_id": "r1",
+        "tracking_uri": "sqlite:///w/mlflow.db", "workdir": "w", "mlflow_run_id": "r1", "experiment_id": "1",
     }
     text = format_summary(summary, 12.0)
     assert "pretrain                    reused        0.0  w/pretrain/abc" in text
     assert "base        wiki                   2.000       7.4      1.250" in text
     assert "model       benchmark                acc  acc_norm\nbase        cloze                  0.250     0.312" in text
     assert "registered model: models:/m@candidate (version 3)" in text
-    assert "mlflow ui --backend-store-uri sqlite:///w/mlflow.db" in text
+    # The run's page in MLflow's "Model training" view, once the UI runs on the store.
+    assert ("MLflow UI:   http://127.0.0.1:5000/#/experiments/1/runs/r1?workflowType=machine_learning\n"
+            "             (start it first: mlflow ui --backend-store-uri sqlite:///w/mlflow.db --port 5000)") in text
     assert "classifier" not in text and "champion gate" not in text
 
 
@@ -40,7 +42,7 @@ def test_summary_names_the_classifier_scores_and_the_champion_decision():
         "registered": {"model_uri": "models:/m@candidate", "version": "4",
                        "promotion": {"promoted": False, "alias": "champion",
                                      "reason": "finetuned.wiki.bits_per_byte 1.3 is not better than 1.25 (version 3)"}},
-        "tracking_uri": "sqlite:///w/mlflow.db", "workdir": "w", "mlflow_run_id": "r1",
+        "tracking_uri": "sqlite:///w/mlflow.db", "workdir": "w", "mlflow_run_id": "r1", "experiment_id": "1",
     }
     text = format_summary(summary, 1.0)
     assert "classifier: accuracy 0.975, macro-F1 0.975 on the held-out examples" in text

@@ -60,4 +60,8 @@ def test_deploy_and_run_through_a_worker(tmp_path):
     parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.tags["prefect.flow_run_id"] == flow_run_id
+    # A deployed run's MLflow runs link its page on the server's UI (the description is markdown in MLflow's UI).
+    page = f"{server.ui}/flow-runs/flow-run/{flow_run_id}"
+    assert parents[0].data.tags["prefect.flow_run_url"] == page
+    assert f"]({page}) (id `{flow_run_id}`)." in parents[0].data.tags["mlflow.note.content"]
     assert str(client.get_model_version_by_alias("lmpipe-gpt", "candidate").version) == "1"

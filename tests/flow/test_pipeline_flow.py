@@ -122,6 +122,162 @@ def test_every_stage_runs_and_is_tracked(first_run):
     assert parent.data.tags["lmpipe.stage.pretrain"].startswith("ran ")
 
 
+def _prefect_artifacts(flow_run_id: str) -> list:
+    """The flow run's artifacts, first created first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as prefect:
+        found = prefect.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    return sorted(found, key=lambda a: a.created)
+
+
+def _stage_run_ids(uri: str, parent_run_id: str) -> dict[str, str]:
+    """Run name (the stage's label) -> run id of the stage runs under a parent run."""
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_run(parent_run_id).info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1000)
+    return {r.info.run_name: r.info.run_id for r in runs}
+
+
+def _loss_curves_uri(summary: dict) -> str:
+    import base64
+
+    evaluate = Path(next(s["out_dir"] for s in summary["stages"] if s["label"] == "evaluate"))
+    return "data:image/png;base64," + base64.b64encode((evaluate / "loss_curves.png").read_bytes()).decode()
+
+
+def test_prefect_and_mlflow_point_at_each_other(first_run):
+    """The flow run's first artifact is its summary, linking its MLflow runs and the registered version; each stage
+    task logs its MLflow run; every MLflow run's description links the Prefect flow run; the evaluation report
+    carries its loss curves inside it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_UI_URL
+
+    from lmpipe.tracking.links import mlflow_ui
+
+    _, summary = first_run
+    uri, exp, parent = summary["tracking_uri"], summary["experiment_id"], summary["mlflow_run_id"]
+    ui = mlflow_ui(uri)
+    assert ui.command == f"mlflow ui --backend-store-uri {uri} --port 5000"  # a SQLite store: no server
+    runs = _stage_run_ids(uri, parent)
+    flow_run_id = summary["flow_run_id"]
+
+    artifacts = _prefect_artifacts(flow_run_id)
+    first = artifacts[0]
+    assert first.key == "pipeline-run-summary" and first.type == "markdown" and first.task_run_id is None
+    assert [a.key for a in artifacts].count("pipeline-run-summary") == 1  # completed in place, not a second one
+    lines = first.data.splitlines()
+    assert lines[0] == "# lmpipe pipeline: finished"
+    assert lines[2] == (f"MLflow run [{parent}](http://127.0.0.1:5000/#/experiments/{exp}/runs/{parent}"
+                        f"?workflowType=machine_learning) in experiment [{exp}](http://127.0.0.1:5000/#/experiments/"
+                        f"{exp}?workflowType=machine_learning) (tracking URI `{uri}`); work directory "
+                        f"`{summary['workdir']}`.")
+    assert lines[4] == f"No MLflow server serves this store: start the UI with `{ui.command}`, then the links open."
+    assert lines[6] == ("Registered [lmpipe-gpt version 1](http://127.0.0.1:5000/#/models/lmpipe-gpt/versions/1"
+                        "?workflowType=machine_learning) (`models:/lmpipe-gpt@candidate`).")
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in lines if line.startswith("| ")}
+    for label in STAGES:
+        if label in CHUNK_STAGES:
+            assert rows[label].endswith(" | – |")
+        else:
+            assert rows[label].endswith(f" | [{runs[label]}]({ui.run(exp, runs[label])}) |")
+            assert f"| {label} | ran | " in rows[label]
+
+    report = next(a for a in artifacts if a.key == "evaluation-report")
+    assert _loss_curves_uri(summary) in report.data and "](loss_curves.png)" not in report.data
+    assert report.data.endswith(f"Built by MLflow run [{runs['evaluate']}]({ui.run(exp, runs['evaluate'])}) in "
+                                f"`{next(s['out_dir'] for s in summary['stages'] if s['label'] == 'evaluate')}`.\n")
+
+    # Each MLflow run's description links the Prefect flow run; a stage's also links its parent run.
+    with get_client(sync_client=True) as prefect:
+        name = prefect.read_flow_run(flow_run_id).name
+        logs = prefect.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    flow_link = f"Prefect flow run [{name}]({PREFECT_UI_URL.value()}/flow-runs/flow-run/{flow_run_id}) (id `{flow_run_id}`)."
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(parent).data.tags["mlflow.note.content"].startswith(flow_link + "\n\n")
+    assert client.get_run(parent).data.tags["prefect.flow_run_url"] == f"{PREFECT_UI_URL.value()}/flow-runs/flow-run/{flow_run_id}"
+    for label, run_id in runs.items():
+        tags = client.get_run(run_id).data.tags
+        fingerprint = tags["lmpipe.fingerprint"]
+        assert tags["mlflow.note.content"] == (
+            f"Stage `{label}` (fingerprint `{fingerprint}`) of the lmpipe run [{parent}](#/experiments/{exp}/runs/"
+            f"{parent}?workflowType=machine_learning). {flow_link}")
+        # The stage task's log names its run: id and where to open it.
+        said = [log for log in logs if log.message == f"{label}: MLflow run {run_id}, {ui.run(exp, run_id)}"]
+        assert len(said) == 1 and said[0].task_run_id is not None
+
+
+def test_lineage_walks_from_the_champion_back_to_config_data_and_code(first_run):
+    """models:/lmpipe-gpt@champion -> its version's tags (fingerprints, git) -> its run -> the parent run's
+    config.yaml, and the training runs' dataset inputs (the shard manifests' digests) by fingerprint."""
+    import hashlib
+
+    import yaml
+
+    from lmpipe.tracking.runs import git_commit
+
+    cfg, summary = first_run
+    fingerprints = {s["label"]: s["fingerprint"] for s in summary["stages"]}
+    out_dirs = {s["label"]: s["out_dir"] for s in summary["stages"]}
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+
+    version = client.get_model_version_by_alias("lmpipe-gpt", "champion")  # 1
+    tags = version.tags
+    assert tags["lmpipe.git_commit"] == git_commit() and tags["lmpipe.git_dirty"] in ("true", "false")
+    assert {k: v for k, v in tags.items() if k.endswith("_fingerprint") or ".data_fingerprint." in k} == {
+        "lmpipe.data_fingerprint.wikitext2": fingerprints["shard/wikitext2"],
+        "lmpipe.data_fingerprint.tinyshakespeare": fingerprints["shard/tinyshakespeare"],
+        "lmpipe.tokenizer_fingerprint": fingerprints["train_tokenizer"],
+        "lmpipe.pretrain_fingerprint": fingerprints["pretrain"],
+        "lmpipe.finetune_fingerprint": fingerprints["finetune"]}
+    parent = client.get_run(version.run_id).data.tags["mlflow.parentRunId"]  # 2
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    config = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{parent}/config.yaml"))  # 3
+    assert config == cfg.model_dump(mode="json")
+    for corpus, field in (("wikitext2", "lmpipe.pretrain_fingerprint"),
+                          ("tinyshakespeare", "lmpipe.finetune_fingerprint")):
+        # 4, 5: the training runs, by the fingerprints on the version
+        [run] = client.search_runs([summary["experiment_id"]], f"tags.`lmpipe.fingerprint` = '{tags[field]}'")
+        [used] = run.inputs.dataset_inputs
+        shards = Path(out_dirs[f"shard/{corpus}"])
+        sha256 = hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()
+        manifest = json.loads((shards / "manifest.json").read_text(encoding="utf-8"))
+        assert (used.dataset.name, used.dataset.digest, json.loads(used.dataset.source)) == (
+            corpus, sha256[:32], {"uri": str(shards)})
+        assert json.loads(used.dataset.profile) == {
+            "train_tokens": manifest["splits"]["train"]["tokens"], "train_documents": manifest["splits"]["train"]["documents"],
+            "val_tokens": manifest["splits"]["val"]["tokens"], "val_documents": manifest["splits"]["val"]["documents"],
+            "manifest_sha256": sha256, "shard_fingerprint": fingerprints[f"shard/{corpus}"],
+            "tokenizer_fingerprint": manifest["tokenizer_fingerprint"]}
+        assert [(t.key, t.value) for t in used.tags] == [("mlflow.data.context", "train")]
+
+
+def _assert_published_pointing_at(first: dict, again: dict) -> None:
+    """A cached re-run (``again``: every stage reused) still publishes its summary and the evaluation report, pointing
+    at the MLflow runs of ``first``, which built the stages."""
+    from lmpipe.tracking.links import mlflow_ui
+
+    built = _stage_run_ids(first["tracking_uri"], first["mlflow_run_id"])
+    assert _stage_run_ids(again["tracking_uri"], again["mlflow_run_id"]) == {}
+    ui, exp = mlflow_ui(again["tracking_uri"]), again["experiment_id"]
+    artifacts = _prefect_artifacts(again["flow_run_id"])
+    assert artifacts[0].key == "pipeline-run-summary"
+    rows = [line for line in artifacts[0].data.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == STAGES
+    for label, row in zip(STAGES, rows, strict=True):
+        where = "–" if label in CHUNK_STAGES else f"[{built[label]}]({ui.run(exp, built[label])})"
+        assert row.startswith(f"| {label} | reused | ") and row.endswith(f" | {where} |")
+    assert "Registered [lmpipe-gpt version 1]" in artifacts[0].data
+    [report] = [a for a in artifacts if a.key == "evaluation-report"]
+    out_dir = next(s["out_dir"] for s in again["stages"] if s["label"] == "evaluate")
+    assert report.data.endswith(f"Built by MLflow run [{built['evaluate']}]({ui.run(exp, built['evaluate'])}) in "
+                                f"`{out_dir}` (reused by this flow run).\n")
+    assert _loss_curves_uri(again) in report.data
+
+
 def test_finetuning_helps_on_its_own_domain(first_run):
     _, summary = first_run
     ev = summary["metrics"]["evaluate"]
@@ -243,6 +399,7 @@ def test_rerun_reuses_every_stage_and_a_model_change_reruns_only_training(first_
     assert [s["status"] for s in again["stages"]] == ["reused"] * len(STAGES)
     assert [s["fingerprint"] for s in again["stages"]] == [s["fingerprint"] for s in first["stages"]]
     assert again["metrics"] == first["metrics"]
+    _assert_published_pointing_at(first, again)
 
     changed = pipeline(config=cfg.model_copy(update={"model": cfg.model.model_copy(update={"n_embd": 48})}))
     status = {s["label"]: s["status"] for s in changed["stages"]}
@@ -259,9 +416,9 @@ def test_rerun_reuses_every_stage_and_a_model_change_reruns_only_training(first_
     row = next(r for r in report["compared_with_reference"] if r["metric"] == bpb)
     assert row["comparable"] and row["delta"] == now[bpb] - was[bpb]
     lines = (out / "report.md").read_text(encoding="utf-8").splitlines()
-    # Columns: wikitext2 then tinyshakespeare, loss / ppl / bpb each; the last cell is tinyshakespeare's bpb.
-    assert next(line for line in lines if line.startswith("| champion v1 |")).split(" | ")[-1] == f"{was[bpb]:.4f} |"
-    delta = next(line for line in lines if line.startswith("| Δ finetuned − champion v1 |"))
+    # A table per corpus, wikitext2's first: tinyshakespeare's rows come second; their last cell is its bpb.
+    assert [line for line in lines if line.startswith("| champion v1 |")][1].split(" | ")[-1] == f"{was[bpb]:.4f} |"
+    delta = [line for line in lines if line.startswith("| Δ finetuned − champion v1 |")][1]
     assert delta.split(" | ")[-1] == f"{now[bpb] - was[bpb]:+.4f} |"
 
     parents, children = _runs(first["tracking_uri"])
@@ -325,6 +482,15 @@ def test_sft_finetuning_and_classification_through_the_flow(tmp_path):
     assert [s["label"] for s in summary["stages"]][-4:] == ["finetune", "classify", "evaluate", "register"]
     assert stages["finetune"]["status"] == stages["classify"]["status"] == "ran"
     assert summary["registered"]["version"] == "1"
+    # The files' content is recorded: on the stage runs that read them, and (SFT) on the registered version.
+    import hashlib
+
+    _, children = _runs(summary["tracking_uri"])
+    tags = {r.data.tags["lmpipe.stage"]: r.data.tags for r in children}
+    assert tags["finetune"]["lmpipe.sft_sha256"] == hashlib.sha256(sft.read_bytes()).hexdigest()
+    assert tags["classify"]["lmpipe.classify_sha256"] == hashlib.sha256(labelled.read_bytes()).hexdigest()
+    version = MlflowClient(tracking_uri=summary["tracking_uri"]).get_model_version("lmpipe-gpt", "1")
+    assert version.tags["lmpipe.sft_sha256"] == tags["finetune"]["lmpipe.sft_sha256"]
     clf = summary["metrics"]["classify"]
     assert not any(k.startswith("classifier") for k in summary["metrics"]["evaluate"])
     report = (Path(stages["classify"]["out_dir"]) / "report.md").read_text(encoding="utf-8")
@@ -686,8 +852,11 @@ def test_sft_held_out_examples_are_scored_reported_logged_and_gate_the_champion(
         assert f"{model}.tinyshakespeare.bits_per_byte" in evaluation  # the corpora are still scored
 
     report = (Path(stages["evaluate"]["out_dir"]) / "report.md").read_text(encoding="utf-8").splitlines()
-    header = next(line for line in report if line.startswith("| model |"))
-    assert header.endswith("| sft/val loss | sft/val ppl | sft/val bpb |")
+    # A table per corpus: a wider one would be clipped in Prefect's UI.
+    assert [line for line in report if line.startswith("| model |")] == [
+        "| model | wikitext2 loss | wikitext2 ppl | wikitext2 bpb |",
+        "| model | tinyshakespeare loss | tinyshakespeare ppl | tinyshakespeare bpb |",
+        "| model | sft/val loss | sft/val ppl | sft/val bpb |"]
     rows = {line.split(" | ")[0]: line.rstrip(" |").split(" | ")[-3:] for line in report if line.startswith("| ")}
     for model in ("base", "finetuned"):
         assert rows[f"| {model}"] == [f"{evaluation[f'{model}.sft/val.loss']:.4f}",

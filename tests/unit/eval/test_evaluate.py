@@ -280,14 +280,13 @@ def test_run_evaluate_end_to_end(pipeline, tmp_path):
     md = result.path("report.md").read_text()
     assert result.meta["markdown"] == md
     lines = md.splitlines()
-    assert (
-        "| model | wikitext2 loss | wikitext2 ppl | wikitext2 bpb "
-        "| tinyshakespeare loss | tinyshakespeare ppl | tinyshakespeare bpb |"
-    ) in lines
+    assert [line for line in lines if line.startswith("| model |")] == [  # a table per corpus
+        "| model | wikitext2 loss | wikitext2 ppl | wikitext2 bpb |",
+        "| model | tinyshakespeare loss | tinyshakespeare ppl | tinyshakespeare bpb |"]
     by = {(r["model"], r["corpus"]): r for r in report["results"]}
     base_row = next(line for line in lines if line.startswith("| base |"))
     assert base_row.split(" | ")[1] == f"{by['base', 'wikitext2']['loss']:.4f}"
-    delta_row = next(line for line in lines if line.startswith("| Δ finetuned − base |"))
+    delta_row = [line for line in lines if line.startswith("| Δ finetuned − base |")][1]  # tinyshakespeare's table
     delta = by["finetuned", "tinyshakespeare"]["bits_per_byte"] - by["base", "tinyshakespeare"]["bits_per_byte"]
     assert delta_row.rstrip(" |").split(" | ")[-1] == f"{delta:+.4f}"
 
@@ -467,13 +466,22 @@ def test_report_shows_the_champion_and_the_deltas_to_it():
         "finetuned.wiki.bits_per_byte": 1.5, "finetuned.wiki.tokens": 200.0,
         "finetuned.piqa.acc": 0.5, "finetuned.piqa.acc_norm": 0.5, "finetuned.piqa.n": 4.0}}
     lines = render_markdown(results, {}, eval_tokens=300, choice=choice, reference=reference).splitlines()
-    held_out = lines[lines.index("| model | shake loss | shake ppl | shake bpb | wiki loss | wiki ppl | wiki bpb |"):]
-    assert held_out[2:7] == [
-        "| base | 2.0000 | 7.25 | 1.5000 | 3.0000 | 20.00 | 2.0000 |",
-        "| finetuned | 1.5000 | 4.50 | 1.2500 | 2.5000 | 12.00 | 1.7500 |",
-        "| Δ finetuned − base | -0.5000 | -2.75 | -0.2500 | -0.5000 | -8.00 | -0.2500 |",
-        "| champion v3 | 1.7500 | 5.75 | 1.3750 | 2.2500 † | 9.50 † | 1.5000 † |",
-        "| Δ finetuned − champion v3 | -0.2500 | -1.25 | -0.1250 |  |  |  |",
+    # One table per corpus (TABLE_COLUMNS), each with its delta and champion rows.
+    shake = lines[lines.index("| model | shake loss | shake ppl | shake bpb |"):]
+    assert shake[2:7] == [
+        "| base | 2.0000 | 7.25 | 1.5000 |",
+        "| finetuned | 1.5000 | 4.50 | 1.2500 |",
+        "| Δ finetuned − base | -0.5000 | -2.75 | -0.2500 |",
+        "| champion v3 | 1.7500 | 5.75 | 1.3750 |",
+        "| Δ finetuned − champion v3 | -0.2500 | -1.25 | -0.1250 |",
+    ]
+    wiki = lines[lines.index("| model | wiki loss | wiki ppl | wiki bpb |"):]
+    assert wiki[2:7] == [
+        "| base | 3.0000 | 20.00 | 2.0000 |",
+        "| finetuned | 2.5000 | 12.00 | 1.7500 |",
+        "| Δ finetuned − base | -0.5000 | -8.00 | -0.2500 |",
+        "| champion v3 | 2.2500 † | 9.50 † | 1.5000 † |",
+        "| Δ finetuned − champion v3 |  |  |  |",
     ]
     mc = lines[lines.index("| model | piqa acc | piqa acc_norm |"):]
     assert mc[2:7] == [
@@ -493,7 +501,7 @@ def test_report_shows_the_champion_and_the_deltas_to_it():
     # A champion registered before the amounts were logged: its figures are shown, none compared.
     old = {**reference, "metrics": {k: v for k, v in reference["metrics"].items() if not k.endswith((".tokens", ".n"))}}
     lines = render_markdown(results, {}, eval_tokens=300, choice=choice, reference=old).splitlines()
-    assert "| Δ finetuned − champion v3 |  |  |  |  |  |  |" in lines
+    assert lines.count("| Δ finetuned − champion v3 |  |  |  |") == 2  # a table per corpus
     first = lines.index("- shake: none logged tokens then, 300 here")
     assert lines[first + 1 : first + 3] == ["- wiki: none logged tokens then, 300 here",
                                             "- piqa: none logged examples then, 4 here"]
@@ -667,13 +675,12 @@ def test_run_evaluate_scores_every_model_on_the_held_out_sft_examples(pipeline, 
         (m, c) for m in ("base", "finetuned") for c in ("wikitext2", "tinyshakespeare", "sft/val")]
 
     lines = result.meta["markdown"].splitlines()
-    header = next(line for line in lines if line.startswith("| model |"))
-    assert header.endswith("| sft/val loss | sft/val ppl | sft/val bpb |")
-    finetuned_row = next(line for line in lines if line.startswith("| finetuned |"))
+    assert [line for line in lines if line.startswith("| model |")][-1] == "| model | sft/val loss | sft/val ppl | sft/val bpb |"
+    finetuned_row = [line for line in lines if line.startswith("| finetuned |")][-1]
     assert finetuned_row.rstrip(" |").split(" | ")[-3:] == [
         f"{rows['finetuned']['loss']:.4f}", f"{rows['finetuned']['perplexity']:.2f}",
         f"{rows['finetuned']['bits_per_byte']:.4f}"]
-    delta_row = next(line for line in lines if line.startswith("| Δ finetuned − base |"))
+    delta_row = [line for line in lines if line.startswith("| Δ finetuned − base |")][-1]
     delta = rows["finetuned"]["bits_per_byte"] - rows["base"]["bits_per_byte"]
     assert delta_row.rstrip(" |").split(" | ")[-1] == f"{delta:+.4f}"
     assert (f"- finetuned on sft/val: {rows['finetuned']['tokens']:,} assistant target tokens in 6 examples, "

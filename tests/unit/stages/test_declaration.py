@@ -23,6 +23,7 @@ NOT_FINGERPRINTED = {
     "encode_batch_size",  # how fast the deterministic encoder runs, never what it writes
     "benchmark_files",  # where the files of benchmark_sha256 are
     "may_be_empty",  # whether an empty split fails the stage; what a stage writes does not depend on it
+    "lineage",  # tags naming stages upstream of the fine-tuned model, whose fingerprint covers them
 }
 
 

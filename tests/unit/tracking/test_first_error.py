@@ -56,7 +56,5 @@ def test_a_flow_failure_is_raised_when_recording_it_fails_too(workdir, lmpipe_wa
         (workdir / "mlflow.db-journal").mkdir()
         raise disk_full
     assert raised.value is disk_full and raised.value.__context__ is None
-    assert lmpipe_warnings == [
-        f"could not put the stage summary on MLflow run {ctx.parent_run_id}: {UNWRITABLE}",
-        f"could not mark MLflow run {ctx.parent_run_id} FAILED: {UNWRITABLE}",
-    ]
+    # No stage ran, so the stage summary is stages.json alone, in the artifact store (files), which still works.
+    assert lmpipe_warnings == [f"could not mark MLflow run {ctx.parent_run_id} FAILED: {UNWRITABLE}"]

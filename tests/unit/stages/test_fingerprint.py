@@ -36,10 +36,10 @@ def test_pretrain_code_covers_the_modules_training_runs():
     assert _closure("register") == {
         "lmpipe.artifacts", "lmpipe.config.base", "lmpipe.config.data", "lmpipe.config.effects",
         "lmpipe.config.evaluation", "lmpipe.data.documents", "lmpipe.data.increments", "lmpipe.data.reader",
-        "lmpipe.data.sources", "lmpipe.data.splitting", "lmpipe.data.tokenizer",
+        "lmpipe.data.shards", "lmpipe.data.sources", "lmpipe.data.splitting", "lmpipe.data.tokenizer",
         "lmpipe.model.generation_settings", "lmpipe.processes", "lmpipe.stages.register", "lmpipe.tracking.owners",
         "lmpipe.tracking.registry", "lmpipe.tracking.runs", "lmpipe.tracking.serving", "lmpipe.tracking.store",
-        "lmpipe.tracking.trained_on", "lmpipe.tracking.uris",
+        "lmpipe.tracking.links", "lmpipe.tracking.trained_on", "lmpipe.tracking.uris",
     }
     # downloading the champion's files does not depend on how models are trained
     assert not any(m.startswith("lmpipe.training") for m in _closure("champion"))

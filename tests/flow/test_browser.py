@@ -116,13 +116,21 @@ def test_the_mlflow_ui_shows_the_runs_and_the_registered_model(site, page):
 
 def test_a_completed_runs_artifacts_tab_shows_the_report_and_the_loss_curves(site, page):
     ui = site["prefect"].ui
-    page.goto(f"{ui}/runs/flow-run/{site['flow_run']}?tab=Artifacts")
+    page.goto(f"{ui}/runs/flow-run/{site['flow_run']}")
+    _settle(page, "Artifacts")
+    page.get_by_text("Artifacts", exact=True).first.click()
     _settle(page, "evaluation-report")
     _shot(page, "prefect-artifacts")
+    assert "pipeline-run-summary" in page.inner_text("body")
     page.get_by_text("evaluation-report").first.click()
-    _settle(page, "bits per byte")
-    images = page.eval_on_selector_all("img", "els => els.map(e => [e.getAttribute('src').slice(0, 22), "
+    # The report's tables, and its loss curves embedded in it (a relative path would load nothing).
+    page.wait_for_selector("img[src^='data:image/png']", timeout=60_000)
+    _settle(page, "bits per UTF-8 byte")
+    time.sleep(1)
+    images = page.eval_on_selector_all("img", "els => els.map(e => [(e.getAttribute('src') || '').slice(0, 22), "
                                               "e.complete, e.naturalWidth])")
+    text = page.inner_text("body")
     _shot(page, "prefect-evaluation-report")
     assert any(src.startswith("data:image/png") and done and width > 0 for src, done, width in images), json.dumps(
         images)
+    assert "| model |" not in text and "finetuned" in text  # the tables render as tables, not as markdown source

@@ -18,6 +18,7 @@ A trained model, given as a checkpoint directory or an MLflow model URI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -193,7 +194,8 @@ def _log_to(path: Path) -> Iterator[None]:
         yield
     finally:
         root.removeHandler(handler)
-        handler.close()
+        with contextlib.suppress(OSError):  # a full disk cannot take the last lines: the run's error goes first
+            handler.close()
 
 
 def show_config(args: argparse.Namespace) -> str:

@@ -137,7 +137,16 @@ def write_checkpoint(
     tmp.mkdir()
     save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        # Through a Python file: a full disk is then OSError "No space left on device", where torch's own
+        # writer (given a path) says only "unexpected pos"; that writer, closing after the OSError, raises its
+        # RuntimeError in its place, so the OSError is raised again.
+        with open(tmp / OPTIMIZER_FILE, "wb") as f:
+            try:
+                torch.save(optimizer_state, f)
+            except RuntimeError as err:
+                if isinstance(err.__context__, OSError):
+                    raise err.__context__ from err
+                raise
     full = {
         **state,
         "format_version": FORMAT_VERSION,

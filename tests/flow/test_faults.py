@@ -254,6 +254,7 @@ def test_corrupted_outputs_are_found_named_and_repaired(tmp_path: Path, referenc
 
 
 DATA_STAGES = ("downloads", "download", "clean_chunk", "clean", "train_tokenizer", "encode_chunk", "shard")
+LOG_KIB = 256  # what the CLI's copy of the run's log takes by the time pretraining starts (tens of KiB), and more
 
 
 def _kib(path: Path) -> int:
@@ -262,9 +263,10 @@ def _kib(path: Path) -> int:
 
 def test_a_full_disk_fails_with_its_own_error_and_a_rerun_after_freeing_space_completes(tmp_path: Path,
                                                                                          reference: Path):
-    # The work directory on a filesystem with room for the data stages and 64 KiB more: pretraining fills it.
-    # The MLflow store and Prefect's database are elsewhere, as on a server whose data disk fills up.
-    size_kib = sum(_kib(reference / name) for name in DATA_STAGES) + 64
+    # The work directory on a filesystem with room for the data stages, the run's log (<workdir>/logs) and 64 KiB
+    # more: pretraining fills it. The MLflow store and Prefect's database are elsewhere, as on a server whose data
+    # disk fills up.
+    size_kib = sum(_kib(reference / name) for name in DATA_STAGES) + LOG_KIB + 64
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(disk)],
@@ -279,8 +281,8 @@ def test_a_full_disk_fails_with_its_own_error_and_a_rerun_after_freeing_space_co
         proc = subprocess.run(cmd, cwd=REPO, env={**_env(), **env}, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 1
         # The reason the run gives is the full disk (here safetensors', writing a checkpoint), not a later error.
-        reason = next(line for line in proc.stderr.splitlines() if line.startswith("lmpipe: run failed:"))
-        assert "No space left on device" in reason, proc.stderr[-3000:]
+        reasons = [line for line in proc.stderr.splitlines() if line.startswith("lmpipe: run failed")]
+        assert reasons and "No space left on device" in reasons[0], proc.stderr[-5000:]
         assert not any(stage.name == "pretrain" for stage in workdir.iterdir() if any(stage.glob(f"*/{RESULT_FILE}")))
         _, runs, _ = _registry(workdir, store)
         assert {r.info.status for r in runs} == {"FINISHED", "FAILED"}  # the data stages' runs, and the failed ones

@@ -8,6 +8,7 @@ receiver on loopback, and /proc to see which processes are left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -99,6 +100,7 @@ def test_training_tasks_take_turns_on_the_gpu_limit_and_reused_ones_take_no_slot
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectNotFound
 
     from lmpipe.tracking.runs import TrackingContext
     from tasks.device_slots import GPU_LIMIT
@@ -121,6 +123,9 @@ def test_training_tasks_take_turns_on_the_gpu_limit_and_reused_ones_take_no_slot
         return [f.result().meta.get("reused", False) for f in futures]
 
     with get_client(sync_client=True) as prefect:
+        # Earlier training under this session's API made the limit already (one slot per device): start afresh.
+        with contextlib.suppress(ObjectNotFound):
+            prefect.delete_global_concurrency_limit_by_name(GPU_LIMIT)
         prefect.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
         try:
             assert two_trainings() == [False, False]

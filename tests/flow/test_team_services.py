@@ -157,7 +157,7 @@ def test_a_second_run_against_the_server_reuses_every_stage(team, runs):
     from flows.summary import format_summary
 
     assert (f"MLflow UI:   {server.url}/#/experiments/{again['experiment_id']}/runs/{again['mlflow_run_id']}"
-            in format_summary(again, 1.0).splitlines())
+            "?workflowType=machine_learning" in format_summary(again, 1.0).splitlines())
 
 
 def test_a_teammates_run_of_the_same_config_registers_no_second_version(team, runs, tmp_path, capfd):

@@ -36,7 +36,7 @@ from lmpipe.model.checkpoint import MODEL_DIR, check_compatible, read_state
 from lmpipe.stages.preflight import check_context_fits, check_inputs
 from lmpipe.stages.training import tokenizer_info
 from lmpipe.tracking.registry import WEIGHTS_TAG
-from lmpipe.tracking.runs import TrackingContext, client_for
+from lmpipe.tracking.runs import TrackingContext, log_parent_figures
 from lmpipe.tracking.trained_on import champion_trained_on
 from tasks.stages import champion, continue_pretrain
 
@@ -166,7 +166,4 @@ def _report(ctx: TrackingContext, ledger: Ledger, outcome: str, before: tuple[An
     get_run_logger().info("%s", markdown)
     create_markdown_artifact(markdown=markdown, key="continual-report",
                              description="What was new, how much was trained, the champion gate's decision")
-    client = client_for(ctx.uri)
-    for key, value in figures.items():
-        client.log_metric(ctx.parent_run_id, key, value)
-    client.set_tag(ctx.parent_run_id, "lmpipe.continual.outcome", outcome)
+    log_parent_figures(ctx, figures, {"lmpipe.continual.outcome": outcome})

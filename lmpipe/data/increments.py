@@ -217,10 +217,12 @@ def new_parts(record: TrainedOn, corpus: CorpusConfig, field: str) -> Delta:
             if old is not None and now.sha256 == old.sha256:  # the same bytes (a one-document file, say)
                 files.append(now)
                 continue
+            if old is not None:  # changed: read again from its start, whole (its part and its state from that read)
+                read = _read(path, appendable, 0, name)
+                now = read.state
             if now.bytes > 0:
-                whole = read.tail_sha256 if old is None else _read(path, appendable, 0, name).state.sha256
                 delta.parts.append(Part(i, name, str(path), 0, now.bytes, "new" if old is None else "changed",
-                                        whole))
+                                        read.tail_sha256))
             files.append(now)
         delta.state.append(files)
     return delta

@@ -393,6 +393,13 @@ def stage_run(ctx: TrackingContext, stage: str, fingerprint: str, params: dict[s
     client.set_terminated(sr.run_id, status="FINISHED")
 
 
+def log_parent_figures(ctx: TrackingContext, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    """Figures and tags on the flow's parent run, in one call (a continual run's report)."""
+    now = int(time.time() * 1000)
+    client_for(ctx.uri).log_batch(ctx.parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                                  tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+
+
 def set_parent_summary(ctx: TrackingContext, results: dict[str, StageResult], outcomes: list[dict[str, Any]]) -> None:
     """Put every stage's metrics, fingerprint and cache status on the parent run.
 

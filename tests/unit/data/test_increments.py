@@ -110,6 +110,17 @@ def test_an_edited_file_is_read_again_whole(src, tmp_path):
     assert delta.parts[0].sha256 == hashlib.sha256(b"ONE\ntwo\nthree\n").hexdigest()
 
 
+def test_an_edited_file_without_a_last_line_end_is_copied_whole(src, tmp_path):
+    corpus = _corpus(src)
+    record = _record(corpus, tmp_path)
+    (src / "a.txt").write_text("ONE\ntwo\nthree")  # edited; its last line has no line end
+    delta = new_parts(record, corpus, "data.pretrain")
+    assert [(p.why, p.start, p.end) for p in delta.parts] == [("changed", 0, 13)]
+    assert next_record(record, delta, documents=3).trained[0][0].bytes == 13
+    view = materialize(delta.parts, corpus, "new", tmp_path / "views")
+    assert (Path(view.sources[0].uri).parent / "000000-a.txt").read_text() == "ONE\ntwo\nthree"
+
+
 @pytest.mark.parametrize(("name", "content", "grown", "source"), [
     ("a.txt.gz", gzip.compress(b"one\n"), gzip.compress(b"two\n"), {}),  # a second gzip member: no tail alone
     ("a.txt", b"one\n", b"two\n", {"doc_boundary": "file"}),  # one document: a tail is no document

@@ -51,6 +51,23 @@ def prefect_harness():
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
 
+def flow_run_logs(flow_run_id: str) -> list:
+    """Every log of a flow run, oldest first: the ones still queued in this process are sent first, and the API's
+    pages (200 logs each by default) are all read, so a long run's last lines are not cut off."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    logs: list = []
+    with get_client(sync_client=True) as prefect:
+        while page := prefect.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                        sort=LogSort.TIMESTAMP_ASC, offset=len(logs), limit=200):
+            logs.extend(page)
+    return logs
+
+
 def tiny_config(workdir: Path, *overrides: str) -> PipelineConfig:
     """configs/tiny.yaml on the real corpora, everything written under workdir."""
     return load_config(

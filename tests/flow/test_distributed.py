@@ -24,7 +24,7 @@ from lmpipe.model.checkpoint import latest_checkpoint, read_state
 from lmpipe.stages.pretrain import run_pretrain
 from lmpipe.training.launch import DistributedTrainingError, launch
 from lmpipe.training.loop import Reporters
-from tests.conftest import tiny_config
+from tests.conftest import flow_run_logs, tiny_config
 from tests.unit.training.test_train import STAGE_MODEL, config
 
 
@@ -120,8 +120,6 @@ def _kill_rank_at_checkpoint(workdir: Path, rank: str, stop: threading.Event, ki
 def test_pipeline_runs_torchrun_and_a_killed_rank_is_retried_from_its_checkpoint(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
-    from prefect import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     from flows.pipeline import pipeline
 
@@ -156,6 +154,5 @@ def test_pipeline_runs_torchrun_and_a_killed_rank_is_retried_from_its_checkpoint
     assert resumed_steps[0] > result["meta"]["resumed_from_step"] and resumed_steps[-1] == 300
     # The workers' lines reached the Prefect log of the flow run.
     flow_run_id = client.get_run(summary["mlflow_run_id"]).data.tags["prefect.flow_run_id"]
-    with get_client(sync_client=True) as prefect:
-        logs = prefect.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    logs = flow_run_logs(flow_run_id)
     assert any(log.message.startswith("pretrain step 300/300 loss") for log in logs)

@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from lmpipe.artifacts import RESULT_FILE
-from tests.conftest import DATA, REPO, tiny_config
+from tests.conftest import DATA, REPO, flow_run_logs, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -153,7 +153,6 @@ def test_prefect_and_mlflow_point_at_each_other(first_run):
     task logs its MLflow run; every MLflow run's description links the Prefect flow run; the evaluation report
     carries its loss curves inside it."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.settings import PREFECT_UI_URL
 
     from lmpipe.tracking.links import mlflow_ui
@@ -194,7 +193,7 @@ def test_prefect_and_mlflow_point_at_each_other(first_run):
     # Each MLflow run's description links the Prefect flow run; a stage's also links its parent run.
     with get_client(sync_client=True) as prefect:
         name = prefect.read_flow_run(flow_run_id).name
-        logs = prefect.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    logs = flow_run_logs(flow_run_id)
     flow_link = f"Prefect flow run [{name}]({PREFECT_UI_URL.value()}/flow-runs/flow-run/{flow_run_id}) (id `{flow_run_id}`)."
     client = MlflowClient(tracking_uri=uri)
     assert client.get_run(parent).data.tags["mlflow.note.content"].startswith(flow_link + "\n\n")

@@ -52,9 +52,10 @@ def _documents(config: PipelineConfig, corpus: CorpusConfig, field: str, ctx: Tr
     fetch = download.with_options(retries=config.data.download_retries,
                                   retry_delay_seconds=[delay * 5**i for i in range(config.data.download_retries)] or 0)
     digests = local_source_digests(corpus, cache_file=Path(ctx.workdir) / DIGEST_CACHE)
-    docs = ledger.run(fetch, f"download/{corpus.name}", corpus=corpus, field=field,
-                      chunk_bytes=config.data.chunk_bytes, strict=config.data.strict, ctx=ctx, local_sha256=digests)
     cfg, clean_field = (corpus.clean, f"{field}.clean") if corpus.clean else (config.data.clean, "data.clean")
+    docs = ledger.run(fetch, f"download/{corpus.name}", corpus=corpus, field=field,
+                      chunk_bytes=config.data.chunk_bytes, strict=config.data.strict, ctx=ctx, local_sha256=digests,
+                      gutenberg_boilerplate=cfg.gutenberg_boilerplate)
     chunks = ledger.map(clean_chunk, f"clean_chunk/{corpus.name}", docs.meta["chunks"], cfg=cfg, docs=docs, ctx=ctx)
     return docs, ledger.run(clean, f"clean/{corpus.name}", cfg=cfg, docs=docs, chunks=chunks, corpus_field=field,
                             clean_field=clean_field, ctx=ctx)

@@ -90,22 +90,27 @@ def _rank_lost(_task: Any, _task_run: Any, state: Any) -> bool:
 
 
 # local_sha256: the content of local source files, so editing a corpus in place re-runs the data stages.
-# val_fraction and the corpus's own cleaning do not change what is read.
-DOWNLOAD = StageSpec("download", configs=("corpus",), inputs=("local_sha256", "chunk_bytes", "strict"),
+# val_fraction and the corpus's own cleaning do not change what is read, except the Gutenberg cut, which is made
+# on whole files before they are split (gutenberg_boilerplate: the corpus's cleaning's setting).
+DOWNLOAD = StageSpec("download", configs=("corpus",),
+                     inputs=("local_sha256", "chunk_bytes", "strict", "gutenberg_boilerplate"),
                      not_read=(("corpus", frozenset({"val_fraction", "clean"})),))
 
 
 @stage_task(name="download", retries=3, retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5,
             retry_condition_fn=_transient_only)
 def download(corpus: CorpusConfig, field: str, chunk_bytes: int, strict: bool, ctx: TrackingContext,
-             local_sha256: list[str | None] | None = None, label: str | None = None) -> StageResult:
+             local_sha256: list[str | None] | None = None, label: str | None = None,
+             gutenberg_boilerplate: bool = False) -> StageResult:
     fp, out_dir = DOWNLOAD.locate(locals())
     if (done := reuse(out_dir)) is not None:
         return done
-    with stage_run(ctx, "download", fp, {field: corpus, "data.chunk_bytes": chunk_bytes, "data.strict": strict},
+    with stage_run(ctx, "download", fp, {field: corpus, "data.chunk_bytes": chunk_bytes, "data.strict": strict,
+                                         "gutenberg_boilerplate": gutenberg_boilerplate},
                    {"lmpipe.corpus": corpus.name}, name=label) as run:
         result = run_download(corpus, out_dir, fp, field=field, chunk_bytes=chunk_bytes, strict=strict,
-                              download_dir=Path(ctx.workdir) / "downloads")
+                              download_dir=Path(ctx.workdir) / "downloads",
+                              gutenberg_boilerplate=gutenberg_boilerplate)
         run.log_result(result, ["sources.json", "read_report.json"])
     issues = result.meta.get("read_issues") or {}
     if any(issues.values()):
@@ -138,7 +143,8 @@ def clean(cfg: CleanConfig, docs: StageResult, chunks: list[StageResult], corpus
     if (done := reuse(out_dir)) is not None:
         return done
     with stage_run(ctx, "clean", fp, {clean_field: cfg}, {"lmpipe.corpus_field": corpus_field}, name=label) as run:
-        result = run_clean(cfg, chunks, out_dir, fp, corpus_field=corpus_field, clean_field=clean_field)
+        result = run_clean(cfg, chunks, out_dir, fp, corpus_field=corpus_field, clean_field=clean_field,
+                           before_split=docs.meta.get("before_split"))
         run.log_result(result, ["clean_report.json", "removed.parquet"])
         rows = result.meta["report"]
         samples = [{"step": step, **example} for step, examples in result.meta["samples"].items()

@@ -26,6 +26,7 @@ from lmpipe.data.increments import check_watchable, first_record
 from lmpipe.data.sources import local_source_digests
 from lmpipe.eval.benchmark_files import resolve_benchmarks
 from lmpipe.stages.preflight import check_context_fits, check_inputs
+from lmpipe.stages.shard import choose_val_split
 from lmpipe.tracking.registry import champion_metrics, lineage_tags
 from lmpipe.tracking.runs import TrackingContext
 from tasks.stages import (
@@ -63,11 +64,13 @@ def _documents(config: PipelineConfig, corpus: CorpusConfig, field: str, ctx: Tr
 
 def _shards(config: PipelineConfig, corpus: CorpusConfig, field: str, docs: StageResult, tokenizer: StageResult,
             ctx: TrackingContext, ledger: StageRunner, may_be_empty: tuple[str, ...] = ()) -> StageResult:
+    val_split = choose_val_split(docs, corpus.val_fraction, may_be_empty)  # by document, or inside one book
     encoded = ledger.map(encode_chunk, f"encode_chunk/{corpus.name}", docs.meta["chunks"], docs=docs,
-                         tokenizer=tokenizer, val_fraction=corpus.val_fraction,
+                         tokenizer=tokenizer, val_fraction=corpus.val_fraction, val_split=val_split,
                          encode_batch_size=config.data.shard.encode_batch_size, ctx=ctx)
     return ledger.run(shard, f"shard/{corpus.name}", cfg=config.data.shard, corpus=corpus, docs=docs,
-                      encoded=encoded, tokenizer=tokenizer, corpus_field=field, ctx=ctx, may_be_empty=may_be_empty)
+                      encoded=encoded, tokenizer=tokenizer, corpus_field=field, ctx=ctx, may_be_empty=may_be_empty,
+                      val_split=val_split)
 
 
 def _prepare(config: PipelineConfig, ctx: TrackingContext,

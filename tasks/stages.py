@@ -28,6 +28,7 @@ from lmpipe.config.data import CleanConfig, CorpusConfig, ShardConfig, Tokenizer
 from lmpipe.config.evaluation import EvalConfig, TrackingConfig
 from lmpipe.config.training import ClassifyConfig, FinetuneConfig, ModelConfig, TrainConfig
 from lmpipe.data.sft import HELD_OUT_FILE, HELD_OUT_META
+from lmpipe.data.shards import VAL_BY_DOCUMENT
 from lmpipe.data.sources import TransientDownloadError
 from lmpipe.eval.report import LOSS_CURVES, embed_images
 from lmpipe.stages.champion import run_champion
@@ -173,31 +174,33 @@ def train_tokenizer(cfg: TokenizerConfig, docs: StageResult, ctx: TrackingContex
 
 
 # encode_batch_size changes how fast, never what: the encoder is deterministic.
-ENCODE_CHUNK = StageSpec("encode_chunk", inputs=("chunk", "val_fraction"), upstreams=("docs", "tokenizer"))
+ENCODE_CHUNK = StageSpec("encode_chunk", inputs=("chunk", "val_fraction", "val_split"),
+                         upstreams=("docs", "tokenizer"))
 
 
 @stage_task(name="encode_chunk")
 def encode_chunk(docs: StageResult, chunk: str, tokenizer: StageResult, val_fraction: float, encode_batch_size: int,
-                 ctx: TrackingContext) -> StageResult:
+                 ctx: TrackingContext, val_split: str = VAL_BY_DOCUMENT) -> StageResult:
     fp, out_dir = ENCODE_CHUNK.locate(locals())
-    return run_encode_chunk(docs.path(chunk), tokenizer, val_fraction, encode_batch_size, out_dir, fp)
+    return run_encode_chunk(docs.path(chunk), tokenizer, val_fraction, encode_batch_size, out_dir, fp,
+                            val_split=val_split)
 
 
-SHARD = StageSpec("shard", configs=("cfg", "corpus"), upstreams=("docs", "tokenizer"),
+SHARD = StageSpec("shard", configs=("cfg", "corpus"), inputs=("val_split",), upstreams=("docs", "tokenizer"),
                   not_read=(("corpus", frozenset({"clean"})),))
 
 
 @stage_task(name="shard")
 def shard(cfg: ShardConfig, corpus: CorpusConfig, docs: StageResult, encoded: list[StageResult],
           tokenizer: StageResult, corpus_field: str, ctx: TrackingContext, may_be_empty: tuple[str, ...] = (),
-          label: str | None = None) -> StageResult:
+          label: str | None = None, val_split: str = VAL_BY_DOCUMENT) -> StageResult:
     fp, out_dir = SHARD.locate(locals())
     if (done := reuse(out_dir)) is not None:
         return done
-    with stage_run(ctx, "shard", fp, {"data.shard": cfg, "val_fraction": corpus.val_fraction},
+    with stage_run(ctx, "shard", fp, {"data.shard": cfg, "val_fraction": corpus.val_fraction, "val_split": val_split},
                    {"lmpipe.corpus_field": corpus_field}, name=label) as run:
         result = run_shard(cfg, corpus, encoded, tokenizer, out_dir, fp, corpus_field=corpus_field,
-                           may_be_empty=may_be_empty)
+                           may_be_empty=may_be_empty, val_split=val_split)
         run.log_result(result, ["manifest.json"])
     return result
 

@@ -155,8 +155,8 @@ class GutenbergCut:
                 return
             else:
                 yield line
-        for line in rest:
-            if is_licence_start(line.text):
+        for line in rest:  # every line of a book passes here: the cheap test first, inline
+            if ("utenberg" in line.text or "UTENBERG" in line.text) and _END.match(line.text):
                 self._licence(line, [], rest)
                 return
             yield line

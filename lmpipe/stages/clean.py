@@ -31,9 +31,7 @@ from lmpipe.data.clean import (
     STATS_FILE,
     STATS_FORMAT_VERSION,
     Dedup,
-    Filter,
     Step,
-    Transform,
     _ChunkState,
     _row,
     build_steps,
@@ -66,7 +64,7 @@ def run_clean_chunk(cfg: CleanConfig, chunk_file: str | Path, out_dir: str | Pat
     steps = [s for s in build_steps(cfg) if not isinstance(s, Dedup)]
 
     def build(tmp: Path) -> BuildOutput:
-        state = _ChunkState(steps, cfg.report_samples)
+        state = _ChunkState(steps, cfg.report_samples, cfg.min_chars)
         docs_in = bytes_in = 0
         for batch in docset.iter_document_batches(chunk_file, BATCH_DOCS, columns=docset.DOCUMENT_COLUMNS):
             docs_in += len(batch["id"])
@@ -98,14 +96,19 @@ def _now(cfg: CleanConfig, name: str) -> str:
 
 
 def _empty_message(corpus_field: str, clean_field: str, steps: list[Step], rows: list[dict],
-                   cfg: CleanConfig, docs_in: int) -> str:
+                   cfg: CleanConfig, docs_in: int, bytes_in: int) -> str:
+    """Why nothing is left: the step that removed the most bytes, each step's removals, the knobs to relax."""
     if docs_in == 0:
         return f"{corpus_field}: the download produced no documents; check {corpus_field}.sources"
-    removed = ", ".join(f"{r['step']} {r['docs_in'] - r['docs_out']}" for r in rows if r["docs_in"] != r["docs_out"])
-    culprits = [s for s, r in zip(steps, rows) if isinstance(s, Filter) and r["docs_in"] != r["docs_out"]]
+    top = max(rows, key=lambda r: r["bytes_in"] - r["bytes_out"])  # the earliest on a tie
+    removed = ", ".join(f"{r['step']} {r['docs_in'] - r['docs_out']} ({r['bytes_in'] - r['bytes_out']} bytes)"
+                        for r in rows if r["docs_in"] != r["docs_out"])
+    culprits = [s for s, r in zip(steps, rows) if not isinstance(s, Dedup) and r["docs_in"] != r["docs_out"]]
     hints = " or ".join(f"{clean_field}.{s.field} (now {_now(cfg, s.field)})" for s in culprits)
     return (
-        f"{corpus_field}: no document survived cleaning ({docs_in} in; removed per step: {removed}). "
+        f"{corpus_field}: no document survived cleaning ({docs_in} documents, {bytes_in} bytes in). "
+        f"{top['step']} removed the most: {top['bytes_in'] - top['bytes_out']} of the {bytes_in} bytes "
+        f"({top['docs_in'] - top['docs_out']} of the {docs_in} documents); documents removed per step: {removed}. "
         f"Relax {hints}, or check that {corpus_field}.sources hold the text you expect."
     )
 
@@ -268,9 +271,9 @@ def run_clean(cfg: CleanConfig, chunks: list[StageResult], out_dir: str | Path, 
         bytes_in = sum(st["totals"]["bytes_in"] for st in stats)
         survivors = _totals(rows, docs_in, bytes_in)
         if survivors["docs_out"] == 0:
-            raise EmptyCorpusError(_empty_message(corpus_field, clean_field, steps, rows, cfg, docs_in))
+            raise EmptyCorpusError(_empty_message(corpus_field, clean_field, steps, rows, cfg, docs_in, bytes_in))
 
-        samples: dict[str, list[dict[str, Any]]] = {s.name: [] for s in steps if not isinstance(s, Transform)}
+        samples: dict[str, list[dict[str, Any]]] = {s.name: [] for s in steps}
         for st in stats:
             for name, examples in st["samples"].items():
                 samples[name] += examples[:cfg.report_samples - len(samples[name])]

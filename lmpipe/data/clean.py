@@ -33,11 +33,9 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lmpipe.config.data import CleanConfig
 from lmpipe.data import documents as docset
@@ -246,19 +244,3 @@ class _ChunkState:
         if len(after) < self.min_chars <= len(before):
             return f"{step}: left {len(after)} chars < min_chars {self.min_chars} (had {len(before)})"
         return None
-
-
-def why_removed(workdir: str | Path, doc_id: str) -> list[dict[str, Any]]:
-    """Every finished clean stage under ``workdir`` that removed ``doc_id``: which step, why, and an excerpt.
-
-    One row per clean stage directory (a corpus cleaned with several configs has several), so
-    "why was this document dropped?" is answered from the files alone, without MLflow or Prefect.
-    """
-    rows: list[dict[str, Any]] = []
-    for path in sorted(Path(workdir).glob(f"clean/*/{REMOVED_FILE}")):
-        if not (path.parent / "stage_result.json").is_file():
-            continue  # an unfinished stage
-        table = pq.read_table(path, filters=[("id", "=", doc_id)])
-        for row in table.to_pylist():
-            rows.append({"clean_dir": str(path.parent), **row})
-    return rows

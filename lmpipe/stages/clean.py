@@ -36,7 +36,9 @@ from lmpipe.data.clean import (
     _row,
     build_steps,
 )
-from lmpipe.stages.contract import run_stage
+from lmpipe.stages.contract import load_completed, run_stage
+
+CHUNK_STAGES = "chunk_stages"  # the clean stage's meta: fingerprints of the clean_chunk stages it combined
 
 
 def _totals(rows: list[dict[str, Any]], docs_in: int, bytes_in: int) -> dict[str, int]:
@@ -301,6 +303,48 @@ def run_clean(cfg: CleanConfig, chunks: list[StageResult], out_dir: str | Path, 
         write_json_atomic(tmp / REPORT_FILE, {"corpus_field": corpus_field, "steps": rows, "totals": totals,
                                               "samples": samples})
         return BuildOutput(metrics=_metrics(totals, rows),
-                           meta={"report": rows, "samples": samples, "chunks": [e["file"] for e in entries]})
+                           meta={"report": rows, "samples": samples, "chunks": [e["file"] for e in entries],
+                                 CHUNK_STAGES: [c.fingerprint for c in chunks]})
 
     return run_stage("clean", fingerprint, out_dir, build)
+
+
+@dataclass
+class Removals:
+    """What the files under a work directory say about one document (``lmpipe why``).
+
+    rows: one per stage that removed it (stage, stage_dir, chunk, id, source, step, reason, bytes,
+    excerpt): finished clean stages first, then finished clean_chunk stages that no finished clean
+    stage combined (their clean stage failed or has not run yet).
+    uncombined: those clean_chunk stages' directories. While there are any, a document found nowhere
+    may still be in one of their chunks, or removed by de-duplication when their clean stage runs.
+    """
+
+    rows: list[dict[str, Any]]
+    uncombined: list[str]
+
+
+def why_removed(workdir: str | Path, doc_id: str) -> Removals:
+    """Which step removed ``doc_id`` and why, from the stage directories alone (no MLflow, no Prefect).
+
+    A corpus cleaned with several configs has several clean stages, so several rows. When a clean
+    stage failed (an empty corpus, a corrupt chunk), its chunks' removals are still in their
+    clean_chunk stages' removed.parquet: the answer comes from there.
+    """
+    workdir = Path(workdir)
+    cleans = _finished(workdir / "clean")
+    combined = {fp for result in cleans for fp in result.meta.get(CHUNK_STAGES, [])}
+    uncombined = [r for r in _finished(workdir / "clean_chunk") if r.fingerprint not in combined]
+    rows: list[dict[str, Any]] = []
+    for result in cleans + uncombined:
+        table = pq.read_table(result.path(REMOVED_FILE), filters=[("id", "=", doc_id)])
+        rows += [{"stage": result.stage, "stage_dir": result.out_dir, "chunk": result.meta.get("chunk"), **row}
+                 for row in table.to_pylist()]
+    return Removals(rows, [r.out_dir for r in uncombined])
+
+
+def _finished(stage_root: Path) -> list[StageResult]:
+    """The finished stages under ``<workdir>/<stage>/``, by directory name (unfinished ones have no result)."""
+    found = (load_completed(path) for path in sorted(stage_root.glob("*")) if path.is_dir())
+    return [result for result in found if result is not None]
+

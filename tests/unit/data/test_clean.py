@@ -39,7 +39,7 @@ from lmpipe.data.clean import (
 )
 from lmpipe.data.dedup import exact_hashes, minhash_signatures
 from lmpipe.data.splitting import split_documents
-from lmpipe.stages.clean import EmptyCorpusError, run_clean, run_clean_chunk
+from lmpipe.stages.clean import EmptyCorpusError, Removals, run_clean, run_clean_chunk, why_removed
 from lmpipe.stages.contract import partial_dir
 from tests.conftest import DATA, REPO
 
@@ -542,6 +542,53 @@ def test_chunks_cleaned_without_minhash_are_refused(tmp_path):
                                          r"with minhash off; re-run its clean_chunk task with this config"):
         run_clean(CleanConfig(minhash=MINHASH), [chunk], tmp_path / "out", "fp", corpus_field="data.pretrain")
     assert not (tmp_path / "out").exists() and not partial_dir(tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------
+# why: which step removed a document, also when the clean stage did not finish
+
+
+def chunk_stages(workdir: Path, parts: list[list[str]], cfg: CleanConfig) -> list[StageResult]:
+    """The clean_chunk stages of a download, where a pipeline puts them: <workdir>/clean_chunk/<fingerprint>."""
+    files = write_chunks(workdir.parent / "download", parts)
+    return [run_clean_chunk(cfg, f, workdir / "clean_chunk" / f"fp{i}", f"fp{i}") for i, f in enumerate(files)]
+
+
+def test_why_answers_from_the_chunk_stages_when_the_clean_stage_failed(tmp_path):
+    workdir = tmp_path / "w"
+    chunks = chunk_stages(workdir, [NON_ENGLISH[:4], NON_ENGLISH[4:]], C4_KEEPS_NO_LINE)
+    with pytest.raises(EmptyCorpusError):
+        run_clean(C4_KEEPS_NO_LINE, chunks, workdir / "clean" / "fp", "fp", corpus_field="data.pretrain")
+    found = why_removed(workdir, "t/0/5")
+    assert found.rows == [{"stage": "clean_chunk", "stage_dir": str(workdir / "clean_chunk" / "fp1"),
+                           "chunk": "part-000001.parquet", "id": "t/0/5", "source": "mem", "step": "c4",
+                           "reason": "c4: emptied the document (had 18 chars)", "bytes": 23,
+                           "excerpt": NON_ENGLISH[5]}]
+    assert found.uncombined == [str(workdir / "clean_chunk" / "fp0"), str(workdir / "clean_chunk" / "fp1")]
+
+
+def test_why_does_not_call_a_document_kept_while_its_clean_stage_has_not_finished(tmp_path):
+    workdir = tmp_path / "w"
+    chunks = chunk_stages(workdir, CRAFTED, CleanConfig(min_chars=6))
+    chunks[2].path(STATS_FILE).write_text("{not json", encoding="utf-8")  # the reducer cannot read chunk 2
+    with pytest.raises(ValueError):
+        run_clean(CleanConfig(min_chars=6), chunks, workdir / "clean" / "fp", "fp", corpus_field="data.pretrain")
+    assert [(r["stage_dir"], r["step"]) for r in why_removed(workdir, "t/0/2").rows] == [
+        (str(workdir / "clean_chunk" / "fp1"), "min_chars")]
+    # t/0/1 passed its chunk's steps; dedup, which would remove it, never ran.
+    assert why_removed(workdir, "t/0/1") == Removals([], [c.out_dir for c in chunks])
+
+
+def test_why_after_a_finished_clean_stage_reads_it_alone(tmp_path):
+    workdir = tmp_path / "w"
+    cfg = CleanConfig(min_chars=6, max_chars=40)
+    chunks = chunk_stages(workdir, CRAFTED, cfg)
+    result = run_clean(cfg, chunks, workdir / "clean" / "fp", "fp", corpus_field="data.pretrain")
+    assert result.meta["chunk_stages"] == ["fp0", "fp1", "fp2"]
+    for row in CRAFTED_REMOVED:  # once each, from the clean stage, though its chunk stage holds it too
+        assert why_removed(workdir, row["id"]) == Removals(
+            [{"stage": "clean", "stage_dir": str(workdir / "clean" / "fp"), "chunk": None, **row}], [])
+    assert why_removed(workdir, "t/0/0") == Removals([], [])  # kept: every chunk stage was combined
 
 
 # ---------------------------------------------------------------------------

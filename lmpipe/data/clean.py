@@ -212,27 +212,39 @@ class _ChunkState:
         for step, row in zip(self.steps, self.rows):
             row["docs_in"] += len(texts)
             row["bytes_in"] += sum(nbytes)
-            ids, texts, sources, nbytes = self._run(step, ids, texts, sources, nbytes)
+            if isinstance(step, Transform):
+                ids, texts, sources, nbytes = self._rewrite(step, ids, texts, sources, nbytes)
+            else:
+                ids, texts, sources, nbytes = self._filter(step, ids, texts, sources, nbytes)
             row["docs_out"] += len(texts)
             row["bytes_out"] += sum(nbytes)
         for key, values in (("id", ids), ("text", texts), ("source", sources)):
             self.kept[key].extend(values)
 
-    def _run(self, step: Transform | Filter, ids: list[str], texts: list[str], sources: list[str],
-             nbytes: list[int]) -> tuple[list[str], list[str], list[str], list[int]]:
+    def _rewrite(self, step: Transform, ids: list[str], texts: list[str], sources: list[str], nbytes: list[int]
+                 ) -> tuple[list[str], list[str], list[str], list[int]]:
+        new = [step.fn(t) for t in texts]
+        # Most steps return the very same object when nothing changed: no need to look at it again.
+        gone = {i: reason for i, (a, b) in enumerate(zip(new, texts))
+                if a is not b and (reason := self._shortened(step.name, b, a)) is not None}
+        for i, reason in gone.items():
+            self.remove(step.name, ids[i], sources[i], reason, nbytes[i], texts[i])
+        nbytes = [n if a is b else docset.utf8_len(a) for a, b, n in zip(new, texts, nbytes)]
+        if not gone:
+            return ids, new, sources, nbytes
+        keep = [i for i in range(len(new)) if i not in gone]
+        return [ids[i] for i in keep], [new[i] for i in keep], [sources[i] for i in keep], [nbytes[i] for i in keep]
+
+    def _filter(self, step: Filter, ids: list[str], texts: list[str], sources: list[str], nbytes: list[int]
+                ) -> tuple[list[str], list[str], list[str], list[int]]:
         out: tuple[list, list, list, list] = ([], [], [], [])
         for doc_id, text, source, n in zip(ids, texts, sources, nbytes):
-            reason: str | None = None
-            if isinstance(step, Transform):
-                new = step.fn(text)
-            else:
-                new, reason = step.fn(text)
-            if reason is None and new is not text:
+            new, reason = step.fn(text)
+            if reason is None and new is not text:  # a filter that rewrites (C4 removes lines)
                 reason = self._shortened(step.name, text, new)
             if reason is not None:
                 self.remove(step.name, doc_id, source, reason, n, text)
                 continue
-            # Most steps return the very same object when nothing changed: no need to measure it again.
             for col, value in zip(out, (doc_id, new, source, n if new is text else docset.utf8_len(new))):
                 col.append(value)
         return out

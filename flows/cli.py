@@ -234,16 +234,27 @@ def cloze_benchmark(args: argparse.Namespace) -> str:
 
 def explain_removal(workdir: str, doc_id: str) -> tuple[str, int]:
     """The `why` command's text and exit status (0 when the document was removed somewhere)."""
-    from lmpipe.data.clean import why_removed
+    from lmpipe.stages.clean import why_removed
 
-    rows = why_removed(workdir, doc_id)
-    if not rows:
+    found = why_removed(workdir, doc_id)
+    if not found.rows:
+        if found.uncombined:
+            return (f"{doc_id}: not removed by any finished clean stage under {workdir}, nor by the per-document "
+                    f"steps of {len(found.uncombined)} clean_chunk stage(s) that no finished clean stage combined "
+                    "(a failed or unfinished run): whether it is kept is not known until their clean stage runs "
+                    "(de-duplication), and it may be in a chunk that was not cleaned"), 1
         return (f"{doc_id}: not removed by any finished clean stage under {workdir} "
                 "(kept, or not in these corpora: ids are <corpus>/<source index>/<n or id>)"), 1
     lines = []
-    for r in rows:
-        lines += [f"{doc_id}: removed by {r['step']} in {r['clean_dir']}", f"  reason:  {r['reason']}",
-                  f"  source:  {r['source']} ({r['bytes']} bytes)", f"  excerpt: {r['excerpt'][:200]!r}"]
+    for r in found.rows:
+        if r["stage"] == "clean":
+            lines.append(f"{doc_id}: removed by {r['step']} in {r['stage_dir']}")
+        else:
+            lines.append(f"{doc_id}: removed by {r['step']} in the clean_chunk stage {r['stage_dir']} "
+                         f"(chunk {r['chunk']}; no finished clean stage combined it, so the answer comes from "
+                         "this chunk stage)")
+        lines += [f"  reason:  {r['reason']}", f"  source:  {r['source']} ({r['bytes']} bytes)",
+                  f"  excerpt: {r['excerpt'][:200]!r}"]
     return "\n".join(lines), 0
 
 

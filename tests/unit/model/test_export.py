@@ -5,7 +5,10 @@ logits at every position, greedy generations, token ids, special tokens, files, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,7 @@ from lmpipe.model.gpt import GPT, GPTConfig
 from lmpipe.model.hf_export import export_hf
 from lmpipe.stages.tokenizer import run_train_tokenizer
 from lmpipe.training.checkpoint import save_checkpoint
-from tests.conftest import DATA
+from tests.conftest import DATA, REPO
 from tests.unit.data.test_tokenizer import write_documents
 
 BLOCK = 64
@@ -255,3 +258,45 @@ def test_failed_export_leaves_no_dest(exported, tmp_path: Path, monkeypatch: pyt
         export_hf(ckpt, Path(tok.out_dir), dest)
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
     assert list(dest.parent.glob(f".{dest.name}.*")) == []  # no temporary or moved-aside folder left
+
+
+# In a process of its own, whose umask the shell sets: a training checkpoint, the model directory the pipeline
+# keeps of it, and `lmpipe export` of that model with its tokenizer.
+UNDER_UMASK = """
+import sys
+from pathlib import Path
+import torch
+from flows.cli import main
+from lmpipe.model.checkpoint import export_model, load_model, read_state
+from lmpipe.training.checkpoint import save_checkpoint
+
+ckpt, tok, out = map(Path, sys.argv[1:])
+model = load_model(ckpt)
+state = {"tokenizer_fingerprint": read_state(ckpt)["tokenizer_fingerprint"]}
+saved = save_checkpoint(out / "checkpoints", 7, model, torch.optim.AdamW(model.parameters()), state)
+export_model(saved, out / "model")
+sys.exit(main(["export", str(out / "model"), str(out / "hf"), "--tokenizer", str(tok)]))
+"""
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_written_files_follow_the_umask(exported, tmp_path: Path, mask: int) -> None:
+    """Folders and files get what plain open() and mkdir give under the umask: the export (built in a 0700
+    temporary folder, its weights written 0600 by safetensors) and the checkpoints it is made from."""
+    _, _, tok, ckpt, _ = exported
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(["sh", "-c", f'umask {mask:03o} && exec "$0" -c "$1" "$2" "$3" "$4"', sys.executable,
+                           UNDER_UMASK, str(ckpt), tok.out_dir, str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"exported {out / 'model'} to {out / 'hf'}\n")
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in sorted(out.rglob("*"))}
+    folder, file = 0o777 & ~mask, 0o666 & ~mask
+    assert modes == {
+        "checkpoints": folder, "checkpoints/step-0000007": folder,
+        **{f"checkpoints/step-0000007/{f}": file for f in ("model.safetensors", "optimizer.pt", "state.json")},
+        "model": folder, "model/model.safetensors": file, "model/state.json": file,
+        "hf": folder, **{f"hf/{f}": file for f in ("README.md", "config.json", "generation_config.json",
+                                                   "model.safetensors", "tokenizer.json", "tokenizer_config.json")},
+    }

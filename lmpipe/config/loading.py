@@ -100,17 +100,16 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         if isinstance(node, list):
             key = _as_index(key, node, dotted, field)
         elif isinstance(key, int):
-            kind = "a section" if isinstance(node, dict) else ("not set (null)" if node is None else repr(node))
+            kind = "a section" if isinstance(node, dict) else ("not set" if node is None else repr(node))
             raise ConfigError(f"override {dotted}: {field} is not a list, so [{key}] cannot index it (it is {kind})")
         elif not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {field} is not a section")
         if i == len(path) - 1:
             node[key] = value
             return
-        child = node[key] if isinstance(node, list) else node.get(key)
-        if child is None and isinstance(node, dict) and isinstance(path[i + 1], str):
-            child = node[key] = {}  # a section left unset, or a misspelt field that validation then names
-        node = child
+        if isinstance(node, dict) and node.get(key) is None and isinstance(path[i + 1], str):
+            node[key] = {}  # a section left unset, or a misspelt field that validation then names
+        node = node.get(key) if isinstance(node, dict) else node[key]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:

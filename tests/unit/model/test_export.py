@@ -20,7 +20,7 @@ import lmpipe.model.hf_export
 from lmpipe.artifacts import StageResult
 from lmpipe.config.base import CHAT_TOKENS, EOT
 from lmpipe.config.data import TokenizerConfig
-from lmpipe.data.sft import Message, encode_chat_prompt, render_chat
+from lmpipe.data.sft import Message, encode_chat_prompt, hf_chat_template, render_chat
 from lmpipe.data.tokenizer import TokenizerMismatchError, load_tokenizer, tokenizer_fingerprint
 from lmpipe.model.checkpoint import CheckpointError, load_model
 from lmpipe.model.gpt import GPT, GPTConfig
@@ -162,10 +162,15 @@ def test_a_chat_model_carries_its_chat_template(exported, tmp_path: Path) -> Non
     """apply_chat_template renders and encodes a conversation as our SFT did; a base model has no template."""
     model, tok, tok_stage, _, dest = exported
     assert AutoTokenizer.from_pretrained(dest, local_files_only=True).chat_template is None
+    assert not (dest / "chat_template.jinja").exists()
     state = {"tokenizer_fingerprint": tokenizer_fingerprint(tok_stage.path("tokenizer.json")), "train": {"mode": "sft"}}
     ckpt = save_checkpoint(tmp_path / "chat", 7, model, torch.optim.AdamW(model.parameters()), state)
-    hf_tok = AutoTokenizer.from_pretrained(export_hf(ckpt, Path(tok_stage.out_dir), tmp_path / "hf"),
-                                           local_files_only=True)
+    chat_dest = export_hf(ckpt, Path(tok_stage.out_dir), tmp_path / "hf")
+    # transformers 5 keeps the template in chat_template.jinja, not in tokenizer_config.json (as 4.x did).
+    assert (chat_dest / "chat_template.jinja").read_text(encoding="utf-8") == hf_chat_template()
+    assert "chat_template" not in json.loads((chat_dest / "tokenizer_config.json").read_text(encoding="utf-8"))
+    hf_tok = AutoTokenizer.from_pretrained(chat_dest, local_files_only=True)
+    assert hf_tok.chat_template == hf_chat_template()
     conv = [Message("system", "Be brief."), Message("user", "Who are you?"), Message("assistant", "A king.")]
     as_dicts = [{"role": m.role, "content": m.content} for m in conv]
     assert hf_tok.apply_chat_template(as_dicts, tokenize=False) == render_chat(conv)
@@ -180,6 +185,8 @@ def test_a_chat_model_carries_its_chat_template(exported, tmp_path: Path) -> Non
     assert list(hf_ids).count(ours[-1]) == 2 and ours.count(ours[-1]) == 1  # the assistant token, twice vs once
     with pytest.raises(Exception, match="unknown role tool"):
         hf_tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+    (chat_dest / "chat_template.jinja").unlink()  # the only place AutoTokenizer found it
+    assert AutoTokenizer.from_pretrained(chat_dest, local_files_only=True).chat_template is None
 
 
 def test_export_replaces_an_earlier_export_and_refuses_anything_else(exported, tmp_path: Path) -> None:

@@ -99,6 +99,99 @@ def test_gpt2_124m_preset_is_gpt2_small_with_a_half_million_token_batch():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (["pretrain.batch_tokens=1000"], r"pretrain\.batch_tokens=1000 is not a multiple of model\.block_size=128"),
+        (["pretrain.batch_tokens=2048", "pretrain.batch_size=3"],
+         r"pretrain\.batch_tokens=2048 is 16 sequences .* pretrain\.batch_size=3 on "
+         r"pretrain\.distributed\.nproc_per_node=1 processes"),
+        (["pretrain.batch_size=auto"], r"pretrain: batch_size='auto' needs batch_tokens"),
+        (["pretrain.batch_size=0"], r"pretrain\.batch_size: must be >= 1 or 'auto'"),
+        # only pretraining launches torchrun: fine-tuning has no distributed section
+        (["finetune.distributed.nproc_per_node=2"], r"finetune\.distributed: unknown field"),
+        (["tracking.promote_metric=finetuned.nope.loss"],
+         r"tracking\.promote_metric='finetuned\.nope\.loss' is not a metric the evaluation reports; choose one of "
+         r"\['finetuned\.shakespeare_cloze\.acc', 'finetuned\.shakespeare_cloze\.acc_norm', "
+         r"'finetuned\.tinyshakespeare\.bits_per_byte', "),
+        (["tracking.alias=champion"], r"tracking: alias and champion_alias must differ \(both 'champion'\)"),
+    ],
+)
+def test_bad_batch_settings_name_the_fields(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_batch_tokens_sets_the_global_batch_whatever_the_split():
+    cfg = load_config(None, ["pretrain.batch_tokens=8192", "pretrain.batch_size=8",
+                             "pretrain.distributed.nproc_per_node=2"])
+    assert cfg.pretrain.sequences_per_step(128) == 64  # 8 per micro-batch x 4 accumulation x 2 processes
+    assert load_config(None).pretrain.sequences_per_step(128) == 16  # batch_size x grad_accum_steps
+
+
+def test_the_champion_metric_defaults_to_bits_per_byte_on_the_finetuning_corpus():
+    assert load_config(None).champion_metric() == "finetuned.tinyshakespeare.bits_per_byte"
+    cfg = load_config(None, ["tracking.promote_metric=finetuned.wikitext2.loss"])
+    assert cfg.champion_metric() == "finetuned.wikitext2.loss"
+
+
+def test_integer_classification_labels_are_their_decimal_strings_as_in_the_data():
+    cfg = load_config(None, ["classify={path: data.jsonl, labels: [0, 1, two]}"])
+    assert cfg.classify.labels == ["0", "1", "two"]
+    with pytest.raises(ConfigError, match="labels"):
+        load_config(None, ["classify={path: data.jsonl, labels: [true, false]}"])
+
+
+def test_after_sft_the_champion_metric_defaults_to_bits_per_byte_on_the_held_out_sft_examples():
+    sft = ["finetune.mode=sft", "finetune.sft_path=chat.jsonl"]
+    cfg = load_config(None, sft)
+    assert cfg.champion_metric() == "finetuned.sft/val.bits_per_byte"
+    assert cfg.promotable_metrics() - load_config(None).promotable_metrics() == {
+        "finetuned.sft/val.loss", "finetuned.sft/val.perplexity", "finetuned.sft/val.bits_per_byte"}
+    # An explicit choice still wins, a corpus's included.
+    cfg = load_config(None, [*sft, "tracking.promote_metric=finetuned.tinyshakespeare.bits_per_byte"])
+    assert cfg.champion_metric() == "finetuned.tinyshakespeare.bits_per_byte"
+    assert load_config(None, [*sft, "tracking.promote_metric=finetuned.sft/val.loss"]).champion_metric() == \
+        "finetuned.sft/val.loss"
+    # Without SFT there is no such figure to promote on.
+    with pytest.raises(ConfigError, match=r"tracking.promote_metric='finetuned.sft/val.loss' is not a metric"):
+        load_config(None, ["tracking.promote_metric=finetuned.sft/val.loss"])
+
+
+def test_switching_an_sft_preset_to_continue_leaves_the_sft_fields_out(tmp_path):
+    preset = tmp_path / "sft.yaml"
+    preset.write_text("finetune: {mode: sft, sft_path: chat.jsonl, sft_layout: packed, learning_rate: 0.001}\n")
+    cfg = load_config(preset, ["finetune.mode=continue"])
+    assert cfg.finetune.mode == "continue" and cfg.finetune.learning_rate == 0.001
+    assert "sft_path" not in cfg.finetune.model_dump()
+    # A field the overrides set themselves is not dropped: it is an error that names it.
+    with pytest.raises(ConfigError, match=r"finetune\.sft_layout: unknown field \(got 'padded'\)"):
+        load_config(preset, ["finetune.mode=continue", "finetune.sft_layout=padded"])
+    # Without a mode switch, nothing is dropped: a stray SFT field in continue mode is an error.
+    with pytest.raises(ConfigError, match=r"finetune\.sft_path: unknown field \(got 'chat.jsonl'\)"):
+        load_config(None, ["finetune.sft_path=chat.jsonl"])
+
+
+def test_the_json_schema_offers_the_fine_tune_modes_as_any_of():
+    """The Prefect UI's parameter form renders anyOf as a choice of definitions, picked by the value."""
+    schema = PipelineConfig.model_json_schema()
+    finetune = schema["properties"]["finetune"]
+    assert "oneOf" not in finetune
+    assert finetune["anyOf"] == [{"$ref": "#/$defs/ContinueFinetuneConfig"}, {"$ref": "#/$defs/SFTFinetuneConfig"}]
+    assert schema["$defs"]["SFTFinetuneConfig"]["properties"]["mode"]["const"] == "sft"
+
+
+@pytest.mark.parametrize("override", ["data.pretrain.sources[1].doc_boundary=file",
+                                      "data.pretrain.sources.1.doc_boundary=file"])
+def test_a_list_item_is_overridden_by_its_index_in_either_form(override):
+    cfg = load_config(None, [override])
+    assert [s.doc_boundary for s in cfg.data.pretrain.sources] == ["wikitext_title", "file"]
+    assert cfg.data.pretrain.sources[1].uri == PipelineConfig().data.pretrain.sources[1].uri  # the rest kept
+    assert load_config(None, ["eval.prompts[1]=To be"]).eval.prompts == ["ROMEO:", "To be"]
+    whole = load_config(None, ["data.pretrain.sources[0]={uri: a.txt, doc_boundary: line}"]).data.pretrain.sources[0]
+    assert (whole.uri, whole.doc_boundary, whole.max_bytes) == ("a.txt", "line", None)  # an item set whole
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
         (["data.pretrain.sources[2].doc_boundary=file"],
          "override data.pretrain.sources[2].doc_boundary: index 2 is out of range: data.pretrain.sources has 2 items "
          "(indices 0..1)"),

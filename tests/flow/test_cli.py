@@ -1,3 +1,4 @@
+import pytest
 import yaml
 
 from flows.cli import format_summary, main
@@ -122,3 +123,33 @@ def test_model_commands_check_options_and_device_before_fetching_the_model(tmp_p
     assert capsys.readouterr().err == ("lmpipe evaluate: --device 'gpu' is not a device: expected cpu, cuda, "
                                        "cuda:<index> or mps\n")
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_benchmark_is_given_as_its_format_and_a_wrong_one_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    base = ["evaluate", "models:/nope@x", "--workdir", str(tmp_path)]  # refused before the model is looked up
+    assert main([*base, "-b", "arc-easy=ARC-Easy-Test.jsonl"]) == 1
+    assert capsys.readouterr().err == (
+        "lmpipe evaluate: --benchmark 'arc-easy=ARC-Easy-Test.jsonl': 'arc-easy' is not a benchmark format; "
+        "FORMAT=PATH names the shape of the file's lines, one of hellaswag, arc, piqa (e.g. -b piqa=ARC-Easy-Test.jsonl)\n")
+    for spec in ("piqa-valid.jsonl", "piqa="):
+        assert main([*base, "--benchmark", spec]) == 1
+        assert capsys.readouterr().err == (f"lmpipe evaluate: --benchmark {spec!r}: expected FORMAT=PATH, FORMAT one of "
+                                           "hellaswag, arc, piqa (e.g. -b arc=ARC-Easy-Test.jsonl)\n")
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("--benchmark FORMAT=PATH, -b FORMAT=PATH a local JSONL benchmark file and the shape of its lines, FORMAT "
+            "one of hellaswag, arc, piqa (the dataset it comes from, not a name): -b arc=ARC-Easy-Test.jsonl (repeat "
+            "for several)") in text
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate", "export"])
+def test_model_commands_say_that_options_win_over_the_config(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps help at the terminal's width, in words and after hyphens
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("--config YAML, -c YAML the run's preset: its workdir and tracking.uri say where the model's files are; "
+            "--workdir and --tracking-uri, when given, win over it") in text
+    assert "--workdir WORKDIR the run's work directory (default: the --config's workdir, else .lmpipe)" in text

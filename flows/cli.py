@@ -11,7 +11,8 @@ A trained model, given as a checkpoint directory or an MLflow model URI
 (``models:/lmpipe-gpt@candidate``):
 
     lmpipe generate models:/lmpipe-gpt@candidate -p "ROMEO:" --temperature 0.8 --top-k 40
-    lmpipe evaluate .lmpipe/finetune/<fp>/model --benchmark piqa=piqa-valid.jsonl
+    lmpipe evaluate .lmpipe/finetune/<fp>/model --benchmark piqa=piqa-valid.jsonl   # FORMAT=PATH
+    lmpipe generate --config configs/demo.yaml models:/lmpipe-gpt@candidate -p "ROMEO:"   # workdir and tracking.uri
     lmpipe export models:/lmpipe-gpt@candidate hf-model/   # Hugging Face transformers format
 """
 
@@ -34,6 +35,7 @@ import yaml
 from flows import model_commands
 from flows.summary import format_summary
 from lmpipe.config import ConfigError, EvalConfig, PipelineConfig, load_config
+from lmpipe.eval.benchmark_files import BENCHMARK_FORMATS
 from lmpipe.model.generation_settings import GENERATION_DEFAULTS
 from lmpipe.tracking.uris import MODEL_URI_FORMS
 
@@ -86,10 +88,15 @@ def _model_parser(sub: argparse._SubParsersAction, name: str, help_text: str) ->
     """A command on a trained model: the model reference and where to find its files."""
     p = sub.add_parser(name, help=help_text)
     p.add_argument("model", help=f"checkpoint directory, or MLflow model URI ({MODEL_URI_FORMS})")
+    p.add_argument("--config", "-c", metavar="YAML",
+                   help="the run's preset: its workdir and tracking.uri say where the model's files are; "
+                        "--workdir and --tracking-uri, when given, win over it")
+    p.add_argument("--workdir", type=Path, help="the run's work directory (default: the --config's workdir, else "
+                                                f"{PipelineConfig().workdir})")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the --config's tracking.uri, else the work "
+                                          "directory's store)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: found by the checkpoint's "
-                                                  "tokenizer fingerprint under --workdir)")
-    p.add_argument("--workdir", type=Path, default=Path(PipelineConfig().workdir), help="the run's work directory")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the work directory's store)")
+                                                  "tokenizer fingerprint under the work directory)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
     return p
 
@@ -114,10 +121,12 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", "-t", action="append", type=Path, default=[], metavar="FILE",
                    help="a UTF-8 text file to score as one held-out document (repeat for several)")
-    p.add_argument("--eval-tokens", type=int, default=EvalConfig().eval_tokens,
-                   help="score at most this many tokens of each text (default: eval.eval_tokens)")
-    p.add_argument("--benchmark", "-b", action="append", default=[], metavar="KIND=PATH",
-                   help="hellaswag|arc|piqa=local JSONL file (repeat for several)")
+    p.add_argument("--eval-tokens", type=int, help="score at most this many tokens of each text (default: the "
+                                                   f"--config's eval.eval_tokens, else {EvalConfig().eval_tokens})")
+    p.add_argument("--benchmark", "-b", action="append", default=[], metavar="FORMAT=PATH",
+                   help=f"a local JSONL benchmark file and the shape of its lines, FORMAT one of "
+                        f"{', '.join(BENCHMARK_FORMATS)} (the dataset it comes from, not a name): "
+                        "-b arc=ARC-Easy-Test.jsonl (repeat for several)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples of each")
     p.add_argument("--batch-size", type=int, default=16)
 
@@ -234,16 +243,27 @@ def cloze_benchmark(args: argparse.Namespace) -> str:
 
 def explain_removal(workdir: str, doc_id: str) -> tuple[str, int]:
     """The `why` command's text and exit status (0 when the document was removed somewhere)."""
-    from lmpipe.data.clean import why_removed
+    from lmpipe.stages.clean import why_removed
 
-    rows = why_removed(workdir, doc_id)
-    if not rows:
+    found = why_removed(workdir, doc_id)
+    if not found.rows:
+        if found.uncombined:
+            return (f"{doc_id}: not removed by any finished clean stage under {workdir}, nor by the per-document "
+                    f"steps of {len(found.uncombined)} clean_chunk stage(s) that no finished clean stage combined "
+                    "(a failed or unfinished run): whether it is kept is not known until their clean stage runs "
+                    "(de-duplication), and it may be in a chunk that was not cleaned"), 1
         return (f"{doc_id}: not removed by any finished clean stage under {workdir} "
                 "(kept, or not in these corpora: ids are <corpus>/<source index>/<n or id>)"), 1
     lines = []
-    for r in rows:
-        lines += [f"{doc_id}: removed by {r['step']} in {r['clean_dir']}", f"  reason:  {r['reason']}",
-                  f"  source:  {r['source']} ({r['bytes']} bytes)", f"  excerpt: {r['excerpt'][:200]!r}"]
+    for r in found.rows:
+        if r["stage"] == "clean":
+            lines.append(f"{doc_id}: removed by {r['step']} in {r['stage_dir']}")
+        else:
+            lines.append(f"{doc_id}: removed by {r['step']} in the clean_chunk stage {r['stage_dir']} "
+                         f"(chunk {r['chunk']}; no finished clean stage combined it, so the answer comes from "
+                         "this chunk stage)")
+        lines += [f"  reason:  {r['reason']}", f"  source:  {r['source']} ({r['bytes']} bytes)",
+                  f"  excerpt: {r['excerpt'][:200]!r}"]
     return "\n".join(lines), 0
 
 

@@ -18,6 +18,24 @@ from typing import Any
 from lmpipe.model.generation_settings import GENERATION_DEFAULTS
 
 
+def settle_locations(args: argparse.Namespace) -> None:
+    """Fill in what the command line left out: the work directory and tracking URI (for evaluate also
+    eval_tokens) from --config when one is given, else the defaults; an option given on the command line wins.
+    Also notes where each came from (``workdir_from``, ``tracking_from``), for the errors that name them."""
+    from lmpipe.config import PipelineConfig, load_config
+
+    config = load_config(args.config) if args.config else PipelineConfig()
+    given = f"--config {args.config}: " if args.config else ""
+    args.workdir_from = "--workdir" if args.workdir is not None or not given else f"{given}workdir"
+    if args.workdir is None:
+        args.workdir = Path(config.workdir)
+    args.tracking_from = "--tracking-uri" if args.tracking_uri is not None or not given else f"{given}tracking.uri"
+    if args.tracking_uri is None:
+        args.tracking_uri = config.tracking.uri  # None: the work directory's own store
+    if getattr(args, "eval_tokens", 0) is None:
+        args.eval_tokens = config.eval.eval_tokens
+
+
 @contextmanager
 def _model_files(args: argparse.Namespace) -> Iterator[Any]:
     """The model's checkpoint and tokenizer files; an MLflow model is downloaded to a folder removed afterwards."""
@@ -25,7 +43,8 @@ def _model_files(args: argparse.Namespace) -> Iterator[Any]:
 
     with tempfile.TemporaryDirectory(prefix="lmpipe-model-") as tmp:
         yield resolve_model(args.model, workdir=args.workdir, tokenizer=args.tokenizer,
-                            tracking_uri=args.tracking_uri, download_dir=Path(tmp))
+                            tracking_uri=args.tracking_uri, download_dir=Path(tmp),
+                            workdir_from=args.workdir_from, tracking_from=args.tracking_from)
 
 
 def _load(files: Any, device: str) -> tuple[Any, Any, int]:
@@ -40,6 +59,7 @@ def _load(files: Any, device: str) -> tuple[Any, Any, int]:
 
 def generate(args: argparse.Namespace) -> str:
     """Continue each --prompt; options are checked as the served model checks its params."""
+    settle_locations(args)
     from lmpipe.eval.samples import generate_samples
     from lmpipe.model.checkpoint import is_chat_model, read_state
     from lmpipe.model.device import check_device
@@ -68,14 +88,19 @@ def _read_texts(paths: list[Path]) -> list[tuple[Path, str]]:
 
 
 def _read_benchmarks(specs: list[str], limit: int | None) -> list[tuple[str, str, list, list]]:
-    """(--benchmark spec, kind, examples, their file lines) of each KIND=PATH."""
-    from lmpipe.eval.benchmark_files import read_benchmark
+    """(--benchmark spec, format, examples, their file lines) of each FORMAT=PATH."""
+    from lmpipe.eval.benchmark_files import BENCHMARK_FORMATS, read_benchmark
 
     benches = []
     for spec in specs:
         kind, sep, path = spec.partition("=")
-        if not sep or kind not in ("hellaswag", "arc", "piqa"):
-            raise ValueError(f"--benchmark {spec!r}: expected KIND=PATH with KIND hellaswag, arc or piqa")
+        formats = ", ".join(BENCHMARK_FORMATS)
+        if not sep or not path:
+            raise ValueError(f"--benchmark {spec!r}: expected FORMAT=PATH, FORMAT one of {formats} "
+                             "(e.g. -b arc=ARC-Easy-Test.jsonl)")
+        if kind not in BENCHMARK_FORMATS:
+            raise ValueError(f"--benchmark {spec!r}: {kind!r} is not a benchmark format; FORMAT=PATH names the shape "
+                             f"of the file's lines, one of {formats} (e.g. -b piqa={path})")
         try:
             examples, lines, _ = read_benchmark(Path(path), kind, limit=limit, skip_bad=False)  # type: ignore[arg-type]
         except OSError as err:
@@ -88,13 +113,14 @@ def _read_benchmarks(specs: list[str], limit: int | None) -> list[tuple[str, str
 
 def evaluate(args: argparse.Namespace) -> str:
     """Held-out loss / perplexity / bits per byte of --text files, acc / acc_norm of --benchmark files."""
+    settle_locations(args)
     from lmpipe.eval.heldout import score_text
     from lmpipe.eval.multiple_choice import score_mc
     from lmpipe.model.device import check_device
 
     check_device(args.device)
     if not args.text and not args.benchmark:
-        raise ValueError("nothing to score: give --text FILE and/or --benchmark KIND=PATH")
+        raise ValueError("nothing to score: give --text FILE and/or --benchmark FORMAT=PATH")
     if args.eval_tokens < 1:
         raise ValueError(f"--eval-tokens must be >= 1, got {args.eval_tokens}")
     texts, benches = _read_texts(args.text), _read_benchmarks(args.benchmark, args.limit)
@@ -123,6 +149,7 @@ def evaluate(args: argparse.Namespace) -> str:
 
 def export(args: argparse.Namespace) -> str:
     """Write the model in the Hugging Face transformers format."""
+    settle_locations(args)
     from lmpipe.data.tokenizer import META_FILE
     from lmpipe.model.hf_export import export_hf
 

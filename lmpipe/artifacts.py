@@ -114,6 +114,43 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def umask() -> int:
+    """The process's file-creation mask. Linux shows it in /proc; elsewhere it is read by setting it and setting it
+    back at once, to 0o077 meanwhile, so a file another thread creates in that instant is private, never open."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give ``path``, and everything under it if it is a folder, the mode a plain ``open()`` or ``mkdir`` gives
+    under the umask (0644 / 0755 under umask 022), executable bits kept. For what is written through a
+    temporary file or folder, which ignores the umask: ``tempfile.mkdtemp`` makes a 0700 folder, and
+    safetensors (0.8) writes its files 0600 through a temporary file of its own."""
+    mask = umask()
+    path = Path(path)
+    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if p.is_symlink():
+            continue
+        executable = p.is_dir() or p.stat().st_mode & 0o111
+        p.chmod((0o777 if executable else 0o666) & ~mask)
+
+
+def save_safetensors(tensors: dict[str, Any], path: Path) -> None:
+    """safetensors' ``save_file`` (PyTorch tensors), leaving the file with the mode the umask gives."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    follow_umask(path)
+
+
 def read_versioned_json(path: Path, version: int, what: str, remedy: str) -> dict[str, Any]:
     """Read a stage's JSON metadata file, refusing a missing file or another format version."""
     path = Path(path)

@@ -159,7 +159,8 @@ class CleanConfig(Section):
     normalize_whitespace: bool = Field(
         True, description="Strip trailing spaces, collapse runs of blank lines, trim the document."
     )
-    min_chars: int = Field(1, ge=0, description="Drop documents shorter than this (after cleaning).")
+    min_chars: int = Field(1, ge=0, description="Drop documents shorter than this; a step that rewrites text "
+                                                "and takes one below it (or leaves it blank) removes it.")
     max_chars: int | None = Field(None, ge=1, description="Drop documents longer than this.")
     language: LanguageConfig = Field(default_factory=LanguageConfig,
                                      description="Keep only documents in the listed languages (off by default).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,18 @@ from lmpipe.config.pipeline import PipelineConfig
 from lmpipe.config.training import FINETUNE_MODES
 
 
+def _field_name(path: list[str | int]) -> str:
+    """The path as the config's errors write it: ``data.pretrain.sources[0].uri``."""
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).removeprefix(".")
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         loc = e["loc"]
         if loc[:1] == ("finetune",) and len(loc) > 1 and loc[1] in FINETUNE_MODES:
             loc = loc[:1] + loc[2:]  # the variant's tag is the section's mode, not a field
-        field = ".".join(str(p) for p in loc) or "<root>"
+        field = _field_name(list(loc)) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
@@ -38,30 +44,72 @@ def build_config(data: dict[str, Any], source: str = "config") -> PipelineConfig
         raise ConfigError(_format_errors(err, source)) from None
 
 
+_STEP = re.compile(r"([^.\[\]]+)((?:\[[^\[\]]*\])*)")
+_INDEX = re.compile(r"\[([^\[\]]*)\]")
+
+
+def _override_path(dotted: str) -> list[str | int]:
+    """``a.b[0].c`` (or ``a.b.0.c``) as ``['a', 'b', 0, 'c']``; a digit between dots stays a string (a list
+    takes it as an index, a section as a field name)."""
+    path: list[str | int] = []
+    for part in dotted.split("."):
+        step = _STEP.fullmatch(part)
+        if step is None:
+            raise ConfigError(f"override {dotted}: {part!r} is not a field name, optionally with [index]")
+        path.append(step[1])
+        for raw in _INDEX.findall(step[2]):
+            if not raw.isdigit():
+                raise ConfigError(f"override {dotted}: [{raw}] is not a list index (0, 1, 2, ...)")
+            path.append(int(raw))
+    return path
+
+
+def _as_index(key: str | int, items: list[Any], dotted: str, field: str) -> int:
+    """``key`` as an index into the list ``field``, or a ConfigError naming the field, the index and the length."""
+    if isinstance(key, str) and not key.isdigit():
+        raise ConfigError(f"override {dotted}: {field} is a list: give an item's index ({field}[0].{key}), "
+                          "not a field name")
+    index = int(key)
+    if index >= len(items):
+        held = f"{len(items)} item{'s' if len(items) != 1 else ''}" if items else "no items"
+        raise ConfigError(f"override {dotted}: index {index} is out of range: {field} has {held}"
+                          + (f" (indices 0..{len(items) - 1})" if items else ""))
+    return index
+
+
 def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (so 3, 1e-3, true, [a, b])."""
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (so 3, 1e-3, true, [a, b]).
+
+    A list item is reached by its index, written either way: ``data.pretrain.sources[0].doc_boundary=file``
+    or ``data.pretrain.sources.0.doc_boundary=file``.
+    """
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.field=value")
     dotted, raw = override.split("=", 1)
-    keys = dotted.strip().split(".")
-    if not all(keys):
+    dotted = dotted.strip()
+    if not all(dotted.split(".")):
         raise ConfigError(f"override {override!r} has an empty field name")
+    path = _override_path(dotted)
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"override {dotted}: value {raw!r} is not valid YAML: {err}") from None
-    node = data
-    for i, key in enumerate(keys[:-1]):
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if isinstance(child, list) and keys[i + 1].isdigit():
-            raise ConfigError(f"override {dotted}: list items cannot be overridden one by one; "
-                              f"set {'.'.join(keys[: i + 1])} whole")
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted}: {'.'.join(keys[: i + 1])} is not a section")
-        node = child
-    node[keys[-1]] = value
+    node: Any = data
+    for i, key in enumerate(path):
+        field = _field_name(path[:i])
+        if isinstance(node, list):
+            key = _as_index(key, node, dotted, field)
+        elif isinstance(key, int):
+            kind = "a section" if isinstance(node, dict) else ("not set" if node is None else repr(node))
+            raise ConfigError(f"override {dotted}: {field} is not a list, so [{key}] cannot index it (it is {kind})")
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {field} is not a section")
+        if i == len(path) - 1:
+            node[key] = value
+            return
+        if isinstance(node, dict) and node.get(key) is None and isinstance(path[i + 1], str):
+            node[key] = {}  # a section left unset, or a misspelt field that validation then names
+        node = node.get(key) if isinstance(node, dict) else node[key]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:

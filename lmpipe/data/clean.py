@@ -1,8 +1,11 @@
 """Clean stage: a plain list of named steps, run chunk by chunk, then de-duplicated over the whole corpus.
 
 Transforms rewrite each document's text; filters decide which documents to
-keep; the last two steps (exact and MinHash de-duplication) need the whole
-corpus and run in the reducer. Steps that the config turns off are not in the
+keep. A step that rewrites a document and leaves it blank, or shorter than
+``min_chars`` when it was not before, removes it under its own name (a C4 line
+filter that keeps no line, a licence cut that leaves a fragment). The last two
+steps (exact and MinHash de-duplication) need the whole corpus and run in the
+reducer. Steps that the config turns off are not in the
 list at all, so the printed pipeline and the report show exactly what ran::
 
     >>> [step.name for step in build_steps(CleanConfig(max_chars=1000))]
@@ -30,15 +33,14 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lmpipe.config.data import CleanConfig
 from lmpipe.data import documents as docset
 from lmpipe.data import filters, transforms
+from lmpipe.data.splitting import is_blank
 
 REPORT_FILE = "clean_report.json"
 REMOVED_FILE = "removed.parquet"
@@ -65,10 +67,11 @@ BLANK_LINE_RUN = re.compile(r"\n{3,}")
 
 @dataclass(frozen=True)
 class Transform:
-    """Rewrites every document's text."""
+    """Rewrites every document's text (a document it leaves empty or too short is removed, see _ChunkState)."""
 
     name: str
     fn: Callable[[str], str]
+    field: str  # the CleanConfig field (or section) that controls it, for error messages
 
 
 @dataclass(frozen=True)
@@ -141,15 +144,15 @@ def build_steps(cfg: CleanConfig) -> list[Step]:
     """
     steps: list[Step] = []
     if cfg.fix_text:
-        steps.append(Transform("fix_text", transforms.fix_text))
+        steps.append(Transform("fix_text", transforms.fix_text, "fix_text"))
     if cfg.normalization != "none":
-        steps.append(Transform("normalize_unicode", NormalizeUnicode(cfg.normalization)))
+        steps.append(Transform("normalize_unicode", NormalizeUnicode(cfg.normalization), "normalization"))
     if cfg.strip_control:
-        steps.append(Transform("strip_control", strip_control))
+        steps.append(Transform("strip_control", strip_control, "strip_control"))
     # cfg.gutenberg_boilerplate is no step here: the download stage cuts it from each file before splitting it
     # into documents (lmpipe.data.gutenberg), and the clean report shows it first (``before_split``).
     if cfg.normalize_whitespace:
-        steps.append(Transform("normalize_whitespace", normalize_whitespace))
+        steps.append(Transform("normalize_whitespace", normalize_whitespace, "normalize_whitespace"))
     if cfg.min_chars > 0:
         steps.append(Filter("min_chars", MinChars(cfg.min_chars), "min_chars"))
     if cfg.max_chars is not None:
@@ -162,7 +165,7 @@ def build_steps(cfg: CleanConfig) -> list[Step]:
     ]
     steps += [Filter(name, make(section), name) for name, section, make in sections if section.enabled]
     if cfg.pii.enabled:
-        steps.append(Transform("pii", transforms.PIIMasker(cfg.pii)))
+        steps.append(Transform("pii", transforms.PIIMasker(cfg.pii), "pii"))
     if cfg.dedup:
         steps.append(Dedup("dedup", "dedup"))
     if cfg.minhash.enabled:
@@ -176,10 +179,18 @@ def _row(name: str) -> dict[str, Any]:
 
 @dataclass
 class _ChunkState:
-    """What one chunk's pass through the per-document steps gathers."""
+    """What one chunk's pass through the per-document steps gathers.
+
+    A step that rewrites a document (a transform, or a filter such as C4 that removes lines) also
+    removes it, under its own name, when it leaves the document blank, or takes it from at least
+    ``min_chars`` characters to fewer: nothing downstream should see an empty document or a fragment
+    that the min_chars rule would have dropped. A document that was already blank or short when it
+    reached the step is left to the min_chars filter, so a removal is charged to the step that caused it.
+    """
 
     steps: list[Transform | Filter]
     samples_per_step: int
+    min_chars: int = 0
     rows: list[dict[str, Any]] = field(init=False)
     kept: dict[str, list] = field(default_factory=lambda: {"id": [], "text": [], "source": []})
     removed: dict[str, list] = field(default_factory=lambda: {k: [] for k in REMOVED_SCHEMA.names})
@@ -187,7 +198,7 @@ class _ChunkState:
 
     def __post_init__(self) -> None:
         self.rows = [_row(s.name) for s in self.steps]
-        self.samples = {s.name: [] for s in self.steps if isinstance(s, Filter)}
+        self.samples = {s.name: [] for s in self.steps}  # any step can remove a document
 
     def remove(self, step: str, doc_id: str, source: str, reason: str, nbytes: int, text: str) -> None:
         excerpt = text[:EXCERPT_CHARS]
@@ -202,10 +213,7 @@ class _ChunkState:
             row["docs_in"] += len(texts)
             row["bytes_in"] += sum(nbytes)
             if isinstance(step, Transform):
-                new = [step.fn(t) for t in texts]
-                # Most steps return the very same object when nothing changed: no need to measure it again.
-                nbytes = [n if a is b else docset.utf8_len(a) for a, b, n in zip(new, texts, nbytes)]
-                texts = new
+                ids, texts, sources, nbytes = self._rewrite(step, ids, texts, sources, nbytes)
             else:
                 ids, texts, sources, nbytes = self._filter(step, ids, texts, sources, nbytes)
             row["docs_out"] += len(texts)
@@ -213,11 +221,27 @@ class _ChunkState:
         for key, values in (("id", ids), ("text", texts), ("source", sources)):
             self.kept[key].extend(values)
 
+    def _rewrite(self, step: Transform, ids: list[str], texts: list[str], sources: list[str], nbytes: list[int]
+                 ) -> tuple[list[str], list[str], list[str], list[int]]:
+        new = [step.fn(t) for t in texts]
+        # Most steps return the very same object when nothing changed: no need to look at it again.
+        gone = {i: reason for i, (a, b) in enumerate(zip(new, texts))
+                if a is not b and (reason := self._shortened(step.name, b, a)) is not None}
+        for i, reason in gone.items():
+            self.remove(step.name, ids[i], sources[i], reason, nbytes[i], texts[i])
+        nbytes = [n if a is b else docset.utf8_len(a) for a, b, n in zip(new, texts, nbytes)]
+        if not gone:
+            return ids, new, sources, nbytes
+        keep = [i for i in range(len(new)) if i not in gone]
+        return [ids[i] for i in keep], [new[i] for i in keep], [sources[i] for i in keep], [nbytes[i] for i in keep]
+
     def _filter(self, step: Filter, ids: list[str], texts: list[str], sources: list[str], nbytes: list[int]
                 ) -> tuple[list[str], list[str], list[str], list[int]]:
         out: tuple[list, list, list, list] = ([], [], [], [])
         for doc_id, text, source, n in zip(ids, texts, sources, nbytes):
             new, reason = step.fn(text)
+            if reason is None and new is not text:  # a filter that rewrites (C4 removes lines)
+                reason = self._shortened(step.name, text, new)
             if reason is not None:
                 self.remove(step.name, doc_id, source, reason, n, text)
                 continue
@@ -225,18 +249,10 @@ class _ChunkState:
                 col.append(value)
         return out
 
-
-def why_removed(workdir: str | Path, doc_id: str) -> list[dict[str, Any]]:
-    """Every finished clean stage under ``workdir`` that removed ``doc_id``: which step, why, and an excerpt.
-
-    One row per clean stage directory (a corpus cleaned with several configs has several), so
-    "why was this document dropped?" is answered from the files alone, without MLflow or Prefect.
-    """
-    rows: list[dict[str, Any]] = []
-    for path in sorted(Path(workdir).glob(f"clean/*/{REMOVED_FILE}")):
-        if not (path.parent / "stage_result.json").is_file():
-            continue  # an unfinished stage
-        table = pq.read_table(path, filters=[("id", "=", doc_id)])
-        for row in table.to_pylist():
-            rows.append({"clean_dir": str(path.parent), **row})
-    return rows
+    def _shortened(self, step: str, before: str, after: str) -> str | None:
+        """The reason to remove a document that ``step`` rewrote from ``before`` to ``after``, or None."""
+        if is_blank(after) and not is_blank(before):
+            return f"{step}: emptied the document (had {len(before)} chars)"
+        if len(after) < self.min_chars <= len(before):
+            return f"{step}: left {len(after)} chars < min_chars {self.min_chars} (had {len(before)})"
+        return None

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmpipe.artifacts import fsync_path
+from lmpipe.artifacts import follow_umask, fsync_path
 from lmpipe.config.data import CleanConfig, CorpusConfig, SourceConfig
 from lmpipe.data.reader import file_compression, file_format
 from lmpipe.data.sources import COPY_BYTES, expand_local, source_kind
@@ -280,6 +280,7 @@ def materialize(parts: list[Part], corpus: CorpusConfig, name: str, root: Path) 
                 fsync_path(out)
             (tmp / VIEW_MANIFEST).write_text(json.dumps([asdict(p) for p in parts], indent=1), encoding="utf-8")
             fsync_path(tmp / VIEW_MANIFEST)
+            follow_umask(tmp)  # mkdtemp's 0700: the work dir's other folders are as the umask makes them
             try:
                 os.rename(tmp, dest)
             except OSError:  # another run made it meanwhile: the same bytes, by its name

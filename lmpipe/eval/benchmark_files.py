@@ -64,12 +64,13 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from lmpipe.config.evaluation import BenchmarkConfig
 from lmpipe.data.jsonl import BadLineReport, BenchmarkFormatError, jsonl_records
 
 BenchmarkKind = Literal["hellaswag", "arc", "piqa"]
+BENCHMARK_FORMATS: tuple[str, ...] = get_args(BenchmarkKind)  # the shapes of lines a benchmark file can have
 TARGET_DELIMITER = " "  # the harness's default target_delimiter, put between context and choice
 
 

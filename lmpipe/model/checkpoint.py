@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     set_model_state_dict,
 )
 
-from lmpipe.artifacts import fsync_path, sha256_file, write_json_atomic
+from lmpipe.artifacts import fsync_path, save_safetensors, sha256_file, write_json_atomic
 from lmpipe.config.training import ModelConfig
 from lmpipe.model.gpt import GPT, GPTConfig
 from lmpipe.model.lora import LoraLinear, is_lora_state, merge_state
@@ -81,7 +81,7 @@ def export_model(ckpt_dir: Path, dest: Path) -> Path:
     tmp.mkdir(parents=True)
     if "lora" in state:  # a LoRA run's checkpoint: the exported model is the plain GPT with the updates merged
         weights = merge_state(load_file(str(Path(ckpt_dir) / WEIGHTS_FILE)), state["lora"]["scale"])
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_safetensors(weights, tmp / WEIGHTS_FILE)
         state["lora"] = state["lora"] | {"merged": True}
     else:
         shutil.copyfile(Path(ckpt_dir) / WEIGHTS_FILE, tmp / WEIGHTS_FILE)

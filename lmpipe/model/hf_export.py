@@ -14,7 +14,8 @@ tool that reads the transformers format can use the model as it is:
 
 Logits of the export equal ours (tests/unit/model/test_export.py checks <= 1e-4 in fp32, and
 identical greedy generations). The destination appears complete or not at all:
-it is built in a hidden sibling directory and renamed into place.
+it is built in a hidden sibling directory and renamed into place, its modes those
+the umask gives (as if written with plain ``open`` and ``mkdir``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from lmpipe.artifacts import follow_umask
 from lmpipe.data.sft import hf_chat_template
 from lmpipe.data.tokenizer import (
     META_FILE,
@@ -236,6 +238,7 @@ def export_hf(checkpoint_dir: Path, tokenizer_dir: Path, dest: Path, *, overwrit
         tokenizer.save_pretrained(tmp)
         card = _model_card(checkpoint_dir, state, tok_fp, model.config.block_size)
         (tmp / "README.md").write_text(card, encoding="utf-8")
+        follow_umask(tmp)  # the folder (mkdtemp: 0700) and the weights (safetensors: 0600) are the user's to share
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

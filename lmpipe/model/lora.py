@@ -34,9 +34,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
+from lmpipe.artifacts import save_safetensors
 from lmpipe.config.training import LoraConfig, ModelConfig
 
 ALL_LINEAR = "all-linear"
@@ -173,7 +173,7 @@ def write_peft_adapter(weights: dict[str, torch.Tensor], cfg: LoraConfig, target
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(adapter_state(weights), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_safetensors(adapter_state(weights), tmp / ADAPTER_WEIGHTS)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -31,14 +31,14 @@ from lmpipe.data.clean import (
     STATS_FILE,
     STATS_FORMAT_VERSION,
     Dedup,
-    Filter,
     Step,
-    Transform,
     _ChunkState,
     _row,
     build_steps,
 )
-from lmpipe.stages.contract import run_stage
+from lmpipe.stages.contract import load_completed, run_stage
+
+CHUNK_STAGES = "chunk_stages"  # the clean stage's meta: fingerprints of the clean_chunk stages it combined
 
 
 def _totals(rows: list[dict[str, Any]], docs_in: int, bytes_in: int) -> dict[str, int]:
@@ -66,7 +66,7 @@ def run_clean_chunk(cfg: CleanConfig, chunk_file: str | Path, out_dir: str | Pat
     steps = [s for s in build_steps(cfg) if not isinstance(s, Dedup)]
 
     def build(tmp: Path) -> BuildOutput:
-        state = _ChunkState(steps, cfg.report_samples)
+        state = _ChunkState(steps, cfg.report_samples, cfg.min_chars)
         docs_in = bytes_in = 0
         for batch in docset.iter_document_batches(chunk_file, BATCH_DOCS, columns=docset.DOCUMENT_COLUMNS):
             docs_in += len(batch["id"])
@@ -98,14 +98,19 @@ def _now(cfg: CleanConfig, name: str) -> str:
 
 
 def _empty_message(corpus_field: str, clean_field: str, steps: list[Step], rows: list[dict],
-                   cfg: CleanConfig, docs_in: int) -> str:
+                   cfg: CleanConfig, docs_in: int, bytes_in: int) -> str:
+    """Why nothing is left: the step that removed the most bytes, each step's removals, the knobs to relax."""
     if docs_in == 0:
         return f"{corpus_field}: the download produced no documents; check {corpus_field}.sources"
-    removed = ", ".join(f"{r['step']} {r['docs_in'] - r['docs_out']}" for r in rows if r["docs_in"] != r["docs_out"])
-    culprits = [s for s, r in zip(steps, rows) if isinstance(s, Filter) and r["docs_in"] != r["docs_out"]]
+    top = max(rows, key=lambda r: r["bytes_in"] - r["bytes_out"])  # the earliest on a tie
+    removed = ", ".join(f"{r['step']} {r['docs_in'] - r['docs_out']} ({r['bytes_in'] - r['bytes_out']} bytes)"
+                        for r in rows if r["docs_in"] != r["docs_out"])
+    culprits = [s for s, r in zip(steps, rows) if not isinstance(s, Dedup) and r["docs_in"] != r["docs_out"]]
     hints = " or ".join(f"{clean_field}.{s.field} (now {_now(cfg, s.field)})" for s in culprits)
     return (
-        f"{corpus_field}: no document survived cleaning ({docs_in} in; removed per step: {removed}). "
+        f"{corpus_field}: no document survived cleaning ({docs_in} documents, {bytes_in} bytes in). "
+        f"{top['step']} removed the most: {top['bytes_in'] - top['bytes_out']} of the {bytes_in} bytes "
+        f"({top['docs_in'] - top['docs_out']} of the {docs_in} documents); documents removed per step: {removed}. "
         f"Relax {hints}, or check that {corpus_field}.sources hold the text you expect."
     )
 
@@ -284,9 +289,9 @@ def run_clean(cfg: CleanConfig, chunks: list[StageResult], out_dir: str | Path, 
         bytes_in = sum(st["totals"]["bytes_in"] for st in stats)
         survivors = _totals(rows, docs_in, bytes_in)
         if survivors["docs_out"] == 0:
-            raise EmptyCorpusError(_empty_message(corpus_field, clean_field, steps, rows, cfg, docs_in))
+            raise EmptyCorpusError(_empty_message(corpus_field, clean_field, steps, rows, cfg, docs_in, bytes_in))
 
-        samples: dict[str, list[dict[str, Any]]] = {s.name: [] for s in steps if not isinstance(s, Transform)}
+        samples: dict[str, list[dict[str, Any]]] = {s.name: [] for s in steps}
         for st in stats:
             for name, examples in st["samples"].items():
                 samples[name] += examples[:cfg.report_samples - len(samples[name])]
@@ -319,6 +324,48 @@ def run_clean(cfg: CleanConfig, chunks: list[StageResult], out_dir: str | Path, 
                                               "samples": samples, **({"before_split": before_split} if before_split
                                                                      else {})})
         return BuildOutput(metrics=_metrics(totals, rows),
-                           meta={"report": rows, "samples": samples, "chunks": [e["file"] for e in entries]})
+                           meta={"report": rows, "samples": samples, "chunks": [e["file"] for e in entries],
+                                 CHUNK_STAGES: [c.fingerprint for c in chunks]})
 
     return run_stage("clean", fingerprint, out_dir, build)
+
+
+@dataclass
+class Removals:
+    """What the files under a work directory say about one document (``lmpipe why``).
+
+    rows: one per stage that removed it (stage, stage_dir, chunk, id, source, step, reason, bytes,
+    excerpt): finished clean stages first, then finished clean_chunk stages that no finished clean
+    stage combined (their clean stage failed or has not run yet).
+    uncombined: those clean_chunk stages' directories. While there are any, a document found nowhere
+    may still be in one of their chunks, or removed by de-duplication when their clean stage runs.
+    """
+
+    rows: list[dict[str, Any]]
+    uncombined: list[str]
+
+
+def why_removed(workdir: str | Path, doc_id: str) -> Removals:
+    """Which step removed ``doc_id`` and why, from the stage directories alone (no MLflow, no Prefect).
+
+    A corpus cleaned with several configs has several clean stages, so several rows. When a clean
+    stage failed (an empty corpus, a corrupt chunk), its chunks' removals are still in their
+    clean_chunk stages' removed.parquet: the answer comes from there.
+    """
+    workdir = Path(workdir)
+    cleans = _finished(workdir / "clean")
+    combined = {fp for result in cleans for fp in result.meta.get(CHUNK_STAGES, [])}
+    uncombined = [r for r in _finished(workdir / "clean_chunk") if r.fingerprint not in combined]
+    rows: list[dict[str, Any]] = []
+    for result in cleans + uncombined:
+        table = pq.read_table(result.path(REMOVED_FILE), filters=[("id", "=", doc_id)])
+        rows += [{"stage": result.stage, "stage_dir": result.out_dir, "chunk": result.meta.get("chunk"), **row}
+                 for row in table.to_pylist()]
+    return Removals(rows, [r.out_dir for r in uncombined])
+
+
+def _finished(stage_root: Path) -> list[StageResult]:
+    """The finished stages under ``<workdir>/<stage>/``, by directory name (unfinished ones have no result)."""
+    found = (load_completed(path) for path in sorted(stage_root.glob("*")) if path.is_dir())
+    return [result for result in found if result is not None]
+

@@ -50,8 +50,10 @@ def find_tokenizer(fingerprint: str, workdir: Path) -> Path | None:
 
 
 def resolve_model(ref: str, *, workdir: Path, tokenizer: Path | None = None, tracking_uri: str | None = None,
-                  download_dir: Path | None = None) -> ModelFiles:
-    """The checkpoint and tokenizer ``ref`` names; errors say which argument is wrong and why."""
+                  download_dir: Path | None = None, workdir_from: str = "--workdir",
+                  tracking_from: str = "--tracking-uri") -> ModelFiles:
+    """The checkpoint and tokenizer ``ref`` names; errors say which argument is wrong and why (``workdir_from``
+    and ``tracking_from``: the option or config field that gave ``workdir`` and ``tracking_uri``)."""
     from lmpipe.data.tokenizer import tokenizer_fingerprint
     from lmpipe.model.checkpoint import STATE_FILE, read_state
 
@@ -59,7 +61,7 @@ def resolve_model(ref: str, *, workdir: Path, tokenizer: Path | None = None, tra
         from lmpipe.tracking.registry import download_model_files, missing_store
         from lmpipe.tracking.runs import check_server
 
-        check_server(tracking_uri, "--tracking-uri")  # a server that is down: said now, not after minutes of retries
+        check_server(tracking_uri, tracking_from)  # a server that is down: said now, not after minutes of retries
         if download_dir is None:
             raise ValueError(f"model {ref!r}: a registry URI needs a download directory")
         if tracking_uri is None:  # the work directory's own store, as the pipeline uses it
@@ -69,7 +71,7 @@ def resolve_model(ref: str, *, workdir: Path, tokenizer: Path | None = None, tra
             tracking_uri = resolve_uri(TrackingConfig(), workdir)
             store = missing_store(tracking_uri)
             if store is not None:  # checked here too, to say which option points at it
-                raise FileNotFoundError(f"model {ref!r}: there is no MLflow store at {store} (--workdir "
+                raise FileNotFoundError(f"model {ref!r}: there is no MLflow store at {store} ({workdir_from} "
                                         f"{str(workdir)!r} is not a pipeline's work directory); pass the run's "
                                         "--workdir or --tracking-uri")
         checkpoint, tokenizer_dir = download_model_files(ref, tracking_uri, download_dir)

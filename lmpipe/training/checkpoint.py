@@ -19,7 +19,6 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -28,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from lmpipe.artifacts import save_safetensors
 from lmpipe.model.checkpoint import (
     FORMAT_VERSION,
     OPTIMIZER_FILE,
@@ -135,7 +135,7 @@ def write_checkpoint(
     final = step_dir(root, step)
     tmp = root / f".{final.name}.tmp"  # hidden, and never matches the step-N pattern
     tmp.mkdir()
-    save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_safetensors(weights, tmp / WEIGHTS_FILE)
     if optimizer_state is not None:
         # Through a Python file: a full disk is then OSError "No space left on device", where torch's own
         # writer (given a path) says only "unexpected pos"; that writer, closing after the OSError, raises its

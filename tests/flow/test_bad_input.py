@@ -72,6 +72,23 @@ def test_corpus_empty_after_cleaning(tmp_path):
     assert "data.pretrain" in message and "data.clean.min_chars" in message
 
 
+def test_corpus_emptied_by_a_line_filter_fails_at_cleaning_naming_the_step(tmp_path):
+    """C4's line rules (min_sentences 0, as FineWeb runs them) remove every line of nine non-English
+    lines: the run stops at cleaning, naming C4 and the bytes it removed, before a tokenizer trains."""
+    from tests.unit.data.test_clean import NON_ENGLISH
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(NON_ENGLISH) + "\n", encoding="utf-8")
+    message, runs = _run_failing(tiny_config(
+        tmp_path / "w", f"data.pretrain.sources=[{{uri: '{lines}', doc_boundary: line}}]",
+        "data.pretrain.clean={c4: {enabled: true, min_sentences: 0}}"))
+    assert ("data.pretrain: no document survived cleaning (9 documents, 270 bytes in). c4 removed the most: 270 "
+            "of the 270 bytes (9 of the 9 documents)") in message
+    assert "Relax data.pretrain.clean.c4 (now enabled)" in message
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status["clean/wikitext2"] == "FAILED" and "train_tokenizer" not in status
+
+
 def test_bytes_that_are_not_utf8_fail_in_strict_mode(tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 50)

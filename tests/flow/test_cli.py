@@ -1,3 +1,4 @@
+import pytest
 import yaml
 
 from flows.cli import format_summary, main
@@ -65,10 +66,41 @@ def test_why_names_the_step_and_reason_that_removed_a_document(tmp_path, capsys)
     assert main(["why", "c/0/1", "--workdir", str(tmp_path / "w")]) == 0
     out = capsys.readouterr().out
     assert "c/0/1: removed by min_chars" in out and "reason:  min_chars: 1 chars < 2" in out
+    assert out.count("removed by") == 1  # from the clean stage only, though its chunk stage holds the row too
     assert main(["why", "c/0/2", "--workdir", str(tmp_path / "w")]) == 0
     assert "reason:  dedup: same text as c/0/0" in capsys.readouterr().out
     assert main(["why", "c/0/0", "--workdir", str(tmp_path / "w")]) == 1
     assert "c/0/0: not removed by any finished clean stage" in capsys.readouterr().out
+
+
+def test_why_answers_from_the_chunk_stage_after_the_clean_stage_failed(tmp_path, capsys):
+    import pytest
+
+    from lmpipe.config.data import C4Config, CleanConfig
+    from lmpipe.data.documents import ChunkWriter, chunk_paths
+    from lmpipe.stages.clean import EmptyCorpusError, run_clean, run_clean_chunk
+
+    with ChunkWriter(tmp_path / "download", chunk_bytes=1 << 20) as w:
+        w.add_many(["c/0/0", "c/0/1"], ["Le chat dort sur le canap\u00e9", "Pisica doarme pe canapea"], ["a.txt"] * 2)
+    cfg = CleanConfig(c4=C4Config(enabled=True, min_sentences=0))  # C4 removes every line: nothing is left
+    chunk_dir = tmp_path / "w" / "clean_chunk" / "k"
+    chunk = run_clean_chunk(cfg, chunk_paths(tmp_path / "download")[0], chunk_dir, "k")
+    with pytest.raises(EmptyCorpusError, match="c4 removed the most: 51 of the 51 bytes"):
+        run_clean(cfg, [chunk], tmp_path / "w" / "clean" / "f", "f", corpus_field="data.pretrain")
+
+    assert main(["why", "c/0/1", "--workdir", str(tmp_path / "w")]) == 0
+    assert capsys.readouterr().out == (
+        f"c/0/1: removed by c4 in the clean_chunk stage {chunk_dir} (chunk part-000000.parquet; no finished clean "
+        "stage combined it, so the answer comes from this chunk stage)\n"
+        "  reason:  c4: emptied the document (had 24 chars)\n"
+        "  source:  a.txt (24 bytes)\n"
+        "  excerpt: 'Pisica doarme pe canapea'\n")
+    assert main(["why", "c/0/9", "--workdir", str(tmp_path / "w")]) == 1
+    assert capsys.readouterr().out == (
+        f"c/0/9: not removed by any finished clean stage under {tmp_path / 'w'}, nor by the per-document steps of "
+        "1 clean_chunk stage(s) that no finished clean stage combined (a failed or unfinished run): whether it is "
+        "kept is not known until their clean stage runs (de-duplication), and it may be in a chunk that was not "
+        "cleaned\n")
 
 
 def test_model_commands_check_options_and_device_before_fetching_the_model(tmp_path, capsys, monkeypatch):
@@ -91,3 +123,33 @@ def test_model_commands_check_options_and_device_before_fetching_the_model(tmp_p
     assert capsys.readouterr().err == ("lmpipe evaluate: --device 'gpu' is not a device: expected cpu, cuda, "
                                        "cuda:<index> or mps\n")
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_benchmark_is_given_as_its_format_and_a_wrong_one_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    base = ["evaluate", "models:/nope@x", "--workdir", str(tmp_path)]  # refused before the model is looked up
+    assert main([*base, "-b", "arc-easy=ARC-Easy-Test.jsonl"]) == 1
+    assert capsys.readouterr().err == (
+        "lmpipe evaluate: --benchmark 'arc-easy=ARC-Easy-Test.jsonl': 'arc-easy' is not a benchmark format; "
+        "FORMAT=PATH names the shape of the file's lines, one of hellaswag, arc, piqa (e.g. -b piqa=ARC-Easy-Test.jsonl)\n")
+    for spec in ("piqa-valid.jsonl", "piqa="):
+        assert main([*base, "--benchmark", spec]) == 1
+        assert capsys.readouterr().err == (f"lmpipe evaluate: --benchmark {spec!r}: expected FORMAT=PATH, FORMAT one of "
+                                           "hellaswag, arc, piqa (e.g. -b arc=ARC-Easy-Test.jsonl)\n")
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("--benchmark FORMAT=PATH, -b FORMAT=PATH a local JSONL benchmark file and the shape of its lines, FORMAT "
+            "one of hellaswag, arc, piqa (the dataset it comes from, not a name): -b arc=ARC-Easy-Test.jsonl (repeat "
+            "for several)") in text
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate", "export"])
+def test_model_commands_say_that_options_win_over_the_config(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps help at the terminal's width, in words and after hyphens
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("--config YAML, -c YAML the run's preset: its workdir and tracking.uri say where the model's files are; "
+            "--workdir and --tracking-uri, when given, win over it") in text
+    assert "--workdir WORKDIR the run's work directory (default: the --config's workdir, else .lmpipe)" in text

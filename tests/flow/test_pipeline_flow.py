@@ -362,7 +362,7 @@ def test_model_commands_take_a_registry_uri_or_a_checkpoint_directory(first_run,
     assert out[1].split() == ["speech.txt", "9", f"{r['bytes']:,.0f}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}",
                               f"{r['bits_per_byte']:.4f}"]
     assert main(["evaluate", "models:/lmpipe-gpt/1", *workdir]) == 1
-    assert "nothing to score: give --text FILE and/or --benchmark KIND=PATH" in capsys.readouterr().err
+    assert "nothing to score: give --text FILE and/or --benchmark FORMAT=PATH" in capsys.readouterr().err
     # Bad files fail before the model is looked up (this model does not exist)
     bad = tmp_path / "bad-piqa.jsonl"
     bad.write_text('{"goal": "g", "sol1": "a", "label": 0}\n', encoding="utf-8")

@@ -176,3 +176,55 @@ def test_the_json_schema_offers_the_fine_tune_modes_as_any_of():
     assert "oneOf" not in finetune
     assert finetune["anyOf"] == [{"$ref": "#/$defs/ContinueFinetuneConfig"}, {"$ref": "#/$defs/SFTFinetuneConfig"}]
     assert schema["$defs"]["SFTFinetuneConfig"]["properties"]["mode"]["const"] == "sft"
+
+
+@pytest.mark.parametrize("override", ["data.pretrain.sources[1].doc_boundary=file",
+                                      "data.pretrain.sources.1.doc_boundary=file"])
+def test_a_list_item_is_overridden_by_its_index_in_either_form(override):
+    cfg = load_config(None, [override])
+    assert [s.doc_boundary for s in cfg.data.pretrain.sources] == ["wikitext_title", "file"]
+    assert cfg.data.pretrain.sources[1].uri == PipelineConfig().data.pretrain.sources[1].uri  # the rest kept
+    assert load_config(None, ["eval.prompts[1]=To be"]).eval.prompts == ["ROMEO:", "To be"]
+    whole = load_config(None, ["data.pretrain.sources[0]={uri: a.txt, doc_boundary: line}"]).data.pretrain.sources[0]
+    assert (whole.uri, whole.doc_boundary, whole.max_bytes) == ("a.txt", "line", None)  # an item set whole
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.pretrain.sources[2].doc_boundary=file"],
+         "override data.pretrain.sources[2].doc_boundary: index 2 is out of range: data.pretrain.sources has 2 items "
+         "(indices 0..1)"),
+        (["data.pretrain.sources.5.doc_boundary=file"],
+         "override data.pretrain.sources.5.doc_boundary: index 5 is out of range: data.pretrain.sources has 2 items "
+         "(indices 0..1)"),
+        (["data.finetune.sources[1]={uri: b.txt}"],
+         "override data.finetune.sources[1]: index 1 is out of range: data.finetune.sources has 1 item (indices 0..0)"),
+        (["eval.prompts=[]", "eval.prompts[0]=x"],
+         "override eval.prompts[0]: index 0 is out of range: eval.prompts has no items"),
+        (["data.pretrain[0].uri=a.txt"],
+         "override data.pretrain[0].uri: data.pretrain is not a list, so [0] cannot index it (it is a section)"),
+        (["data.pretrain.name[0]=x"],
+         "override data.pretrain.name[0]: data.pretrain.name is not a list, so [0] cannot index it (it is 'wikitext2')"),
+        (["data.pretrain.sources.uri=a.txt"],
+         "override data.pretrain.sources.uri: data.pretrain.sources is a list: give an item's index "
+         "(data.pretrain.sources[0].uri), not a field name"),
+        (["data.pretrain.sources[-1].uri=a.txt"],
+         "override data.pretrain.sources[-1].uri: [-1] is not a list index (0, 1, 2, ...)"),
+        (["data.pretrain.sources[0]uri=a.txt"],
+         "override data.pretrain.sources[0]uri: 'sources[0]uri' is not a field name, optionally with [index]"),
+    ],
+)
+def test_a_bad_index_names_the_field_the_index_and_the_length(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value) == message
+
+
+def test_an_invalid_list_item_is_named_with_its_index():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.pretrain.sources.0.doc_boundary=page", "data.pretrain.sources[1].colour=red"])
+    assert str(err.value).splitlines()[1:] == [
+        "  data.pretrain.sources[0].doc_boundary: Input should be 'file', 'line', 'blank_line' or 'wikitext_title' "
+        "(got 'page')",
+        "  data.pretrain.sources[1].colour: unknown field (got 'red')"]

@@ -39,7 +39,7 @@ from lmpipe.data.clean import (
 )
 from lmpipe.data.dedup import exact_hashes, minhash_signatures
 from lmpipe.data.splitting import split_documents
-from lmpipe.stages.clean import EmptyCorpusError, run_clean, run_clean_chunk
+from lmpipe.stages.clean import EmptyCorpusError, Removals, run_clean, run_clean_chunk, why_removed
 from lmpipe.stages.contract import partial_dir
 from tests.conftest import DATA, REPO
 
@@ -194,6 +194,10 @@ def sample(row: dict) -> dict:
     return {k: row[k] for k in ("id", "reason", "excerpt")}
 
 
+# Every step can remove a document (a transform one it empties), so every step has a list of samples.
+NO_SAMPLES: dict[str, list] = {"normalize_unicode": [], "strip_control": [], "normalize_whitespace": []}
+
+
 def test_all_steps_exact_outputs_and_report(tmp_path):
     result = clean(tmp_path, CRAFTED, min_chars=6, max_chars=40)
     assert documents(result) == {"id": ["t/0/0", "t/0/4"], "text": ["Hello\nworld\n\nbye", "\u00e9t\u00e9 ok"],
@@ -206,7 +210,7 @@ def test_all_steps_exact_outputs_and_report(tmp_path):
                                                                                  (chunks[1], 1, 8)]
     assert result.meta["report"] == CRAFTED_ROWS
     assert removed(result) == CRAFTED_REMOVED
-    samples = {"min_chars": [sample(CRAFTED_REMOVED[0]), sample(CRAFTED_REMOVED[2])],
+    samples = {**NO_SAMPLES, "min_chars": [sample(CRAFTED_REMOVED[0]), sample(CRAFTED_REMOVED[2])],
                "max_chars": [sample(CRAFTED_REMOVED[1])], "dedup": [sample(CRAFTED_REMOVED[3])]}
     assert result.meta["samples"] == samples
     report = json.loads(result.path(REPORT_FILE).read_text())
@@ -242,16 +246,17 @@ def test_chunk_task_outputs(tmp_path):
     assert [(r["step"], r["docs_in"], r["docs_out"]) for r in stats["steps"]] == [
         ("normalize_unicode", 3, 3), ("strip_control", 3, 3), ("normalize_whitespace", 3, 3),
         ("min_chars", 3, 2), ("max_chars", 2, 1)]
-    assert stats["samples"] == {"min_chars": [sample(CRAFTED_REMOVED[0])], "max_chars": [sample(CRAFTED_REMOVED[1])]}
+    assert stats["samples"] == {**NO_SAMPLES, "min_chars": [sample(CRAFTED_REMOVED[0])],
+                                "max_chars": [sample(CRAFTED_REMOVED[1])]}
 
 
 def test_report_samples_are_the_first_removals_in_corpus_order(tmp_path):
     result = clean(tmp_path, CRAFTED, min_chars=6, max_chars=40, report_samples=1)
-    assert result.meta["samples"] == {"min_chars": [sample(CRAFTED_REMOVED[0])],
+    assert result.meta["samples"] == {**NO_SAMPLES, "min_chars": [sample(CRAFTED_REMOVED[0])],
                                       "max_chars": [sample(CRAFTED_REMOVED[1])],
                                       "dedup": [sample(CRAFTED_REMOVED[3])]}
     none = clean(tmp_path, CRAFTED, "none", min_chars=6, max_chars=40, report_samples=0)
-    assert none.meta["samples"] == {"min_chars": [], "max_chars": [], "dedup": []}
+    assert none.meta["samples"] == {**NO_SAMPLES, "min_chars": [], "max_chars": [], "dedup": []}
     assert removed(none) == CRAFTED_REMOVED  # removed.parquet always has every removal
 
 
@@ -370,6 +375,115 @@ def test_web_filters_in_the_stage(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# a step that empties a document, or takes it below min_chars, removes it
+
+
+def assert_rows_add_up(result: StageResult) -> None:
+    """Each step starts where the one before ended; documents removed per step match removed.parquet."""
+    rows, metrics = result.meta["report"], result.metrics
+    assert (rows[0]["docs_in"], rows[0]["bytes_in"]) == (metrics["docs_in"], metrics["bytes_in"])
+    assert (rows[-1]["docs_out"], rows[-1]["bytes_out"]) == (metrics["docs_out"], metrics["bytes_out"])
+    for before, after in zip(rows, rows[1:]):
+        assert (before["docs_out"], before["bytes_out"]) == (after["docs_in"], after["bytes_in"])
+    gone = [r["step"] for r in removed(result)]
+    assert {r["step"]: r["docs_in"] - r["docs_out"] for r in rows} == {r["step"]: gone.count(r["step"]) for r in rows}
+
+
+# One line each, in nine languages, none ending in . ! ? or a quote: C4 removes every line of every one.
+NON_ENGLISH = ["\u0397 \u03b3\u03ac\u03c4\u03b1 \u03ba\u03bf\u03b9\u03bc\u03ac\u03c4\u03b1\u03b9 "
+               "\u03c3\u03c4\u03bf\u03bd \u03ba\u03b1\u03bd\u03b1\u03c0\u03ad",
+               "Le chat dort sur le canap\u00e9",
+               "\u041a\u043e\u0448\u043a\u0430 \u0441\u043f\u0438\u0442 \u043d\u0430 "
+               "\u0434\u0438\u0432\u0430\u043d\u0435",
+               "Pisica doarme pe canapea", "Con m\u00e8o \u0111ang ng\u1ee7 tr\u00ean gh\u1ebf",
+               "M\u00f3s\u00ed bik\u00e1\u00e1 yi\u0142hosh", "Die Katze schl\u00e4ft auf dem Sofa",
+               "El gato duerme en el sof\u00e1", "Kedi kanepede uyuyor"]
+C4_KEEPS_NO_LINE = CleanConfig(c4=C4Config(enabled=True, min_sentences=0))
+
+
+def test_c4_removing_every_line_removes_the_document(tmp_path):
+    files = write_chunks(tmp_path / "download", [NON_ENGLISH])
+    chunk = run_clean_chunk(C4_KEEPS_NO_LINE, files[0], tmp_path / "chunk", "fp")
+    nbytes = [len(t.encode()) for t in NON_ENGLISH]
+    assert sum(nbytes) == 270
+    assert [(r["id"], r["step"], r["reason"], r["bytes"], r["excerpt"]) for r in removed(chunk)] == [
+        (f"t/0/{i}", "c4", f"c4: emptied the document (had {len(t)} chars)", n, t)
+        for i, (t, n) in enumerate(zip(NON_ENGLISH, nbytes))]
+    stats = json.loads(chunk.path(STATS_FILE).read_text())
+    assert stats["steps"][-1] == {"step": "c4", "docs_in": 9, "docs_out": 0, "bytes_in": 270, "bytes_out": 0}
+    assert docset.read_documents(chunk.path(KEPT_FILE)).num_rows == 0
+    assert stats["samples"]["c4"][0] == {"id": "t/0/0", "reason": "c4: emptied the document (had 27 chars)",
+                                         "excerpt": NON_ENGLISH[0]}
+
+
+def test_a_corpus_emptied_by_c4_fails_naming_c4_and_its_bytes(tmp_path):
+    with pytest.raises(EmptyCorpusError) as err:
+        clean(tmp_path, [NON_ENGLISH[:4], NON_ENGLISH[4:]], **C4_KEEPS_NO_LINE.model_dump())
+    assert str(err.value) == (
+        "data.pretrain: no document survived cleaning (9 documents, 270 bytes in). c4 removed the most: 270 of "
+        "the 270 bytes (9 of the 9 documents); documents removed per step: c4 9 (270 bytes). Relax "
+        "data.clean.c4 (now enabled), or check that data.pretrain.sources hold the text you expect.")
+    out = tmp_path / "clean" / "out"
+    assert not out.exists() and not partial_dir(out).exists()  # nothing for the tokenizer to train on
+
+
+NOVEL = ['Chapter 1\nHe said that he would come\nvisit him if you do not."',  # C4 keeps only the last line
+         "Menu\nThe harbour was built by the merchants of the river valley.",  # C4 removes "Menu"
+         "Too short."]  # 10 characters from the start: the min_chars filter's
+FRAGMENT = 'visit him if you do not."'
+
+
+def test_a_fragment_below_min_chars_after_c4_is_removed_by_c4(tmp_path):
+    result = clean(tmp_path, [NOVEL], **{**OFF, "min_chars": 30, "c4": C4Config(enabled=True, min_sentences=1)})
+    assert documents(result)["text"] == ["The harbour was built by the merchants of the river valley."]
+    assert [(r["id"], r["step"], r["reason"], r["bytes"]) for r in removed(result)] == [
+        ("t/0/2", "min_chars", "min_chars: 10 chars < 30", 10),
+        ("t/0/0", "c4", f"c4: left {len(FRAGMENT)} chars < min_chars 30 (had {len(NOVEL[0])})", 62)]
+    assert len(FRAGMENT) == 25
+    assert result.meta["report"] == [
+        {"step": "min_chars", "docs_in": 3, "docs_out": 2, "bytes_in": 136, "bytes_out": 126},
+        # t/0/0's 62 bytes, and the 5 of "Menu\n" from t/0/1
+        {"step": "c4", "docs_in": 2, "docs_out": 1, "bytes_in": 126, "bytes_out": 59}]
+    assert_rows_add_up(result)
+
+
+def test_a_fragment_c4_leaves_is_kept_when_min_chars_allows_it(tmp_path):
+    result = clean(tmp_path, [NOVEL], **{**OFF, "min_chars": 25, "c4": C4Config(enabled=True, min_sentences=1)})
+    assert documents(result)["text"] == [FRAGMENT, "The harbour was built by the merchants of the river valley."]
+
+
+def test_transforms_that_empty_or_shorten_a_document_remove_it(tmp_path):
+    docs = ["\x00\x01\x02",  # strip_control empties it
+            "\x00 \t\x00",  # strip_control leaves only blanks
+            "ab\x00\x00",  # short from the start: strip_control changes it, min_chars removes it
+            "mail a@example.org now",  # 22 characters; masked, 16
+            "Long enough to stay, with no address."]
+    result = clean(tmp_path, [docs], **{**OFF, "strip_control": True, "normalize_whitespace": True,
+                                        "min_chars": 17, "pii": PIIConfig(enabled=True)})
+    assert documents(result)["text"] == [docs[4]]
+    assert [(r["id"], r["step"], r["reason"]) for r in removed(result)] == [
+        ("t/0/0", "strip_control", "strip_control: emptied the document (had 3 chars)"),
+        ("t/0/1", "strip_control", "strip_control: emptied the document (had 4 chars)"),
+        ("t/0/2", "min_chars", "min_chars: 2 chars < 17"),
+        ("t/0/3", "pii", "pii: left 16 chars < min_chars 17 (had 22)")]
+    assert result.meta["report"] == [
+        {"step": "strip_control", "docs_in": 5, "docs_out": 3, "bytes_in": 70, "bytes_out": 61},
+        {"step": "normalize_whitespace", "docs_in": 3, "docs_out": 3, "bytes_in": 61, "bytes_out": 61},
+        {"step": "min_chars", "docs_in": 3, "docs_out": 2, "bytes_in": 61, "bytes_out": 59},
+        {"step": "pii", "docs_in": 2, "docs_out": 1, "bytes_in": 59, "bytes_out": 37}]
+    assert result.meta["samples"]["strip_control"] == [
+        {"id": "t/0/0", "reason": "strip_control: emptied the document (had 3 chars)", "excerpt": "\x00\x01\x02"},
+        {"id": "t/0/1", "reason": "strip_control: emptied the document (had 4 chars)", "excerpt": "\x00 \t\x00"}]
+    assert_rows_add_up(result)
+
+
+def test_without_min_chars_only_an_emptied_document_is_removed(tmp_path):
+    result = clean(tmp_path, [["\x00\x01", "a\x00"]], **{**OFF, "strip_control": True})
+    assert documents(result)["text"] == ["a"]
+    assert [r["reason"] for r in removed(result)] == ["strip_control: emptied the document (had 2 chars)"]
+
+
+# ---------------------------------------------------------------------------
 # errors
 
 
@@ -378,10 +492,13 @@ def test_empty_corpus_error_names_field_counts_and_knobs(tmp_path):
         clean(tmp_path, CRAFTED, min_chars=20, max_chars=30)
     msg = str(err.value)
     assert isinstance(err.value, ValueError)
-    assert msg.startswith("data.pretrain: no document survived cleaning (6 in; removed per step: min_chars 5, "
-                          "max_chars 1)")
-    assert "data.clean.min_chars (now 20)" in msg and "data.clean.max_chars (now 30)" in msg
-    assert "dedup" not in msg
+    # normalize_whitespace takes t/0/0 from 23 characters to 16, below min_chars: it removes it (see below).
+    assert msg == (
+        "data.pretrain: no document survived cleaning (6 documents, 110 bytes in). max_chars removed the most: 50 "
+        "of the 110 bytes (1 of the 6 documents); documents removed per step: normalize_whitespace 1 (27 bytes), "
+        "min_chars 4 (29 bytes), max_chars 1 (50 bytes). Relax data.clean.normalize_whitespace (now True) or "
+        "data.clean.min_chars (now 20) or data.clean.max_chars (now 30), or check that data.pretrain.sources hold "
+        "the text you expect.")
     out = tmp_path / "clean" / "out"
     assert not out.exists() and not partial_dir(out).exists()
 
@@ -397,8 +514,9 @@ def test_empty_corpus_error_names_the_corpus_clean_override(tmp_path):
 
 
 def test_empty_corpus_error_names_a_filter_section(tmp_path):
-    with pytest.raises(EmptyCorpusError, match=r"\(1 in; removed per step: language 1\)\. Relax "
-                                               r"data\.clean\.language \(now enabled\), or check"):
+    with pytest.raises(EmptyCorpusError, match=r"language removed the most: 259 of the 259 bytes \(1 of the 1 "
+                                               r"documents\); documents removed per step: language 1 \(259 bytes\)\. "
+                                               r"Relax data\.clean\.language \(now enabled\), or check"):
         clean(tmp_path, [[FRENCH]], language=LanguageConfig(enabled=True))
 
 
@@ -424,6 +542,53 @@ def test_chunks_cleaned_without_minhash_are_refused(tmp_path):
                                          r"with minhash off; re-run its clean_chunk task with this config"):
         run_clean(CleanConfig(minhash=MINHASH), [chunk], tmp_path / "out", "fp", corpus_field="data.pretrain")
     assert not (tmp_path / "out").exists() and not partial_dir(tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------
+# why: which step removed a document, also when the clean stage did not finish
+
+
+def chunk_stages(workdir: Path, parts: list[list[str]], cfg: CleanConfig) -> list[StageResult]:
+    """The clean_chunk stages of a download, where a pipeline puts them: <workdir>/clean_chunk/<fingerprint>."""
+    files = write_chunks(workdir.parent / "download", parts)
+    return [run_clean_chunk(cfg, f, workdir / "clean_chunk" / f"fp{i}", f"fp{i}") for i, f in enumerate(files)]
+
+
+def test_why_answers_from_the_chunk_stages_when_the_clean_stage_failed(tmp_path):
+    workdir = tmp_path / "w"
+    chunks = chunk_stages(workdir, [NON_ENGLISH[:4], NON_ENGLISH[4:]], C4_KEEPS_NO_LINE)
+    with pytest.raises(EmptyCorpusError):
+        run_clean(C4_KEEPS_NO_LINE, chunks, workdir / "clean" / "fp", "fp", corpus_field="data.pretrain")
+    found = why_removed(workdir, "t/0/5")
+    assert found.rows == [{"stage": "clean_chunk", "stage_dir": str(workdir / "clean_chunk" / "fp1"),
+                           "chunk": "part-000001.parquet", "id": "t/0/5", "source": "mem", "step": "c4",
+                           "reason": "c4: emptied the document (had 18 chars)", "bytes": 23,
+                           "excerpt": NON_ENGLISH[5]}]
+    assert found.uncombined == [str(workdir / "clean_chunk" / "fp0"), str(workdir / "clean_chunk" / "fp1")]
+
+
+def test_why_does_not_call_a_document_kept_while_its_clean_stage_has_not_finished(tmp_path):
+    workdir = tmp_path / "w"
+    chunks = chunk_stages(workdir, CRAFTED, CleanConfig(min_chars=6))
+    chunks[2].path(STATS_FILE).write_text("{not json", encoding="utf-8")  # the reducer cannot read chunk 2
+    with pytest.raises(ValueError):
+        run_clean(CleanConfig(min_chars=6), chunks, workdir / "clean" / "fp", "fp", corpus_field="data.pretrain")
+    assert [(r["stage_dir"], r["step"]) for r in why_removed(workdir, "t/0/2").rows] == [
+        (str(workdir / "clean_chunk" / "fp1"), "min_chars")]
+    # t/0/1 passed its chunk's steps; dedup, which would remove it, never ran.
+    assert why_removed(workdir, "t/0/1") == Removals([], [c.out_dir for c in chunks])
+
+
+def test_why_after_a_finished_clean_stage_reads_it_alone(tmp_path):
+    workdir = tmp_path / "w"
+    cfg = CleanConfig(min_chars=6, max_chars=40)
+    chunks = chunk_stages(workdir, CRAFTED, cfg)
+    result = run_clean(cfg, chunks, workdir / "clean" / "fp", "fp", corpus_field="data.pretrain")
+    assert result.meta["chunk_stages"] == ["fp0", "fp1", "fp2"]
+    for row in CRAFTED_REMOVED:  # once each, from the clean stage, though its chunk stage holds it too
+        assert why_removed(workdir, row["id"]) == Removals(
+            [{"stage": "clean", "stage_dir": str(workdir / "clean" / "fp"), "chunk": None, **row}], [])
+    assert why_removed(workdir, "t/0/0") == Removals([], [])  # kept: every chunk stage was combined
 
 
 # ---------------------------------------------------------------------------
@@ -498,8 +663,12 @@ def test_wikitext_min_chars_and_near_copies(tmp_path, wikitext_chunks):
     cfg = CleanConfig(min_chars=7000, minhash=MINHASH)
     result = clean_files(tmp_path / "run", [*wikitext_chunks, *extra], cfg)
     rows = {r["step"]: (r["docs_in"], r["docs_out"]) for r in result.meta["report"]}
-    # 50 of the 60 articles have 7000+ characters, 14 of the 20 copies and 10 of the 12 edits.
-    assert rows["min_chars"] == (92, 74)
+    # 50 of the 60 articles have 7000+ characters after cleaning, 14 of the 20 copies and 10 of the 12 edits;
+    # one article and its edit had 7000+ before whitespace was normalized: that step removes them.
+    assert rows["normalize_whitespace"] == (92, 90) and rows["min_chars"] == (90, 74)
+    assert [(r["id"], r["reason"]) for r in removed(result) if r["step"] == "normalize_whitespace"] == [
+        ("wikitext2/0/23", "normalize_whitespace: left 6980 chars < min_chars 7000 (had 7007)"),
+        ("t/0/23", "normalize_whitespace: left 6978 chars < min_chars 7000 (had 7005)")]
     assert rows["dedup"] == (74, 60) and rows["minhash"] == (60, 50)
     assert result.metrics["minhash.bytes_removed"] == 1_309_575 - 1_057_265
     assert {r["id"] for r in removed(result) if r["step"] == "dedup"} == {f"t/0/{n}" for n in range(20)} - {

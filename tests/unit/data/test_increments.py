@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lmpipe.artifacts import umask
 from lmpipe.config.data import CleanConfig, CorpusConfig, SourceConfig
 from lmpipe.data.increments import (
     VIEW_MANIFEST,
@@ -149,6 +150,8 @@ def test_materialized_parts_are_a_corpus_of_just_those_bytes(src, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["000000-a.txt"]
     assert (folder / "000000-a.txt").read_text() == "four\n"
     assert (folder.parent / VIEW_MANIFEST).is_file()
+    # Built in a temporary folder (mkdtemp: 0700), it ends as mkdir makes folders under the umask.
+    assert folder.parent.stat().st_mode & 0o777 == folder.stat().st_mode & 0o777 == 0o777 & ~umask()
     # The same parts again: the folder that is there is used; nothing half-built is left beside it.
     assert materialize(delta.parts, corpus, "new", tmp_path / "views") == view
     assert [p.name for p in (tmp_path / "views").iterdir()] == [folder.parent.name]

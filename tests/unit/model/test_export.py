@@ -5,7 +5,10 @@ logits at every position, greedy generations, token ids, special tokens, files, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,14 +20,14 @@ import lmpipe.model.hf_export
 from lmpipe.artifacts import StageResult
 from lmpipe.config.base import CHAT_TOKENS, EOT
 from lmpipe.config.data import TokenizerConfig
-from lmpipe.data.sft import Message, encode_chat_prompt, render_chat
+from lmpipe.data.sft import Message, encode_chat_prompt, hf_chat_template, render_chat
 from lmpipe.data.tokenizer import TokenizerMismatchError, load_tokenizer, tokenizer_fingerprint
 from lmpipe.model.checkpoint import CheckpointError, load_model
 from lmpipe.model.gpt import GPT, GPTConfig
 from lmpipe.model.hf_export import export_hf
 from lmpipe.stages.tokenizer import run_train_tokenizer
 from lmpipe.training.checkpoint import save_checkpoint
-from tests.conftest import DATA
+from tests.conftest import DATA, REPO
 from tests.unit.data.test_tokenizer import write_documents
 
 BLOCK = 64
@@ -159,10 +162,15 @@ def test_a_chat_model_carries_its_chat_template(exported, tmp_path: Path) -> Non
     """apply_chat_template renders and encodes a conversation as our SFT did; a base model has no template."""
     model, tok, tok_stage, _, dest = exported
     assert AutoTokenizer.from_pretrained(dest, local_files_only=True).chat_template is None
+    assert not (dest / "chat_template.jinja").exists()
     state = {"tokenizer_fingerprint": tokenizer_fingerprint(tok_stage.path("tokenizer.json")), "train": {"mode": "sft"}}
     ckpt = save_checkpoint(tmp_path / "chat", 7, model, torch.optim.AdamW(model.parameters()), state)
-    hf_tok = AutoTokenizer.from_pretrained(export_hf(ckpt, Path(tok_stage.out_dir), tmp_path / "hf"),
-                                           local_files_only=True)
+    chat_dest = export_hf(ckpt, Path(tok_stage.out_dir), tmp_path / "hf")
+    # transformers 5 keeps the template in chat_template.jinja, not in tokenizer_config.json (as 4.x did).
+    assert (chat_dest / "chat_template.jinja").read_text(encoding="utf-8") == hf_chat_template()
+    assert "chat_template" not in json.loads((chat_dest / "tokenizer_config.json").read_text(encoding="utf-8"))
+    hf_tok = AutoTokenizer.from_pretrained(chat_dest, local_files_only=True)
+    assert hf_tok.chat_template == hf_chat_template()
     conv = [Message("system", "Be brief."), Message("user", "Who are you?"), Message("assistant", "A king.")]
     as_dicts = [{"role": m.role, "content": m.content} for m in conv]
     assert hf_tok.apply_chat_template(as_dicts, tokenize=False) == render_chat(conv)
@@ -177,6 +185,8 @@ def test_a_chat_model_carries_its_chat_template(exported, tmp_path: Path) -> Non
     assert list(hf_ids).count(ours[-1]) == 2 and ours.count(ours[-1]) == 1  # the assistant token, twice vs once
     with pytest.raises(Exception, match="unknown role tool"):
         hf_tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+    (chat_dest / "chat_template.jinja").unlink()  # the only place AutoTokenizer found it
+    assert AutoTokenizer.from_pretrained(chat_dest, local_files_only=True).chat_template is None
 
 
 def test_export_replaces_an_earlier_export_and_refuses_anything_else(exported, tmp_path: Path) -> None:
@@ -255,3 +265,45 @@ def test_failed_export_leaves_no_dest(exported, tmp_path: Path, monkeypatch: pyt
         export_hf(ckpt, Path(tok.out_dir), dest)
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
     assert list(dest.parent.glob(f".{dest.name}.*")) == []  # no temporary or moved-aside folder left
+
+
+# In a process of its own, whose umask the shell sets: a training checkpoint, the model directory the pipeline
+# keeps of it, and `lmpipe export` of that model with its tokenizer.
+UNDER_UMASK = """
+import sys
+from pathlib import Path
+import torch
+from flows.cli import main
+from lmpipe.model.checkpoint import export_model, load_model, read_state
+from lmpipe.training.checkpoint import save_checkpoint
+
+ckpt, tok, out = map(Path, sys.argv[1:])
+model = load_model(ckpt)
+state = {"tokenizer_fingerprint": read_state(ckpt)["tokenizer_fingerprint"]}
+saved = save_checkpoint(out / "checkpoints", 7, model, torch.optim.AdamW(model.parameters()), state)
+export_model(saved, out / "model")
+sys.exit(main(["export", str(out / "model"), str(out / "hf"), "--tokenizer", str(tok)]))
+"""
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_written_files_follow_the_umask(exported, tmp_path: Path, mask: int) -> None:
+    """Folders and files get what plain open() and mkdir give under the umask: the export (built in a 0700
+    temporary folder, its weights written 0600 by safetensors) and the checkpoints it is made from."""
+    _, _, tok, ckpt, _ = exported
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(["sh", "-c", f'umask {mask:03o} && exec "$0" -c "$1" "$2" "$3" "$4"', sys.executable,
+                           UNDER_UMASK, str(ckpt), tok.out_dir, str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"exported {out / 'model'} to {out / 'hf'}\n")
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in sorted(out.rglob("*"))}
+    folder, file = 0o777 & ~mask, 0o666 & ~mask
+    assert modes == {
+        "checkpoints": folder, "checkpoints/step-0000007": folder,
+        **{f"checkpoints/step-0000007/{f}": file for f in ("model.safetensors", "optimizer.pt", "state.json")},
+        "model": folder, "model/model.safetensors": file, "model/state.json": file,
+        "hf": folder, **{f"hf/{f}": file for f in ("README.md", "config.json", "generation_config.json",
+                                                   "model.safetensors", "tokenizer.json", "tokenizer_config.json")},
+    }

@@ -209,3 +209,59 @@ def test_registry_commands_and_pyfunc_loading_print_no_mlflow_type_hint_warning(
     assert done.returncode == 0, done.stderr
     assert "type hints" not in done.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_config_says_where_the_model_is_and_options_win_over_it(served, tmp_path, capsys):
+    import shutil
+
+    from lmpipe.data.tokenizer import tokenizer_fingerprint
+    from tests.servers import free_port
+
+    workdir = tmp_path / "run"  # a work directory with the model's tokenizer stage, and no MLflow store
+    shutil.copytree(served.tokenizer_dir, workdir / "train_tokenizer" / "fp")
+    preset = tmp_path / "run.yaml"
+    preset.write_text(f"workdir: {workdir}\ntracking: {{uri: '{served.uri}'}}\neval: {{eval_tokens: 5}}\n")
+    args = ["-p", "ROMEO:", "--max-new-tokens", "4"]
+    assert main(["generate", "models:/m@candidate", "--tracking-uri", served.uri, *args]) == 0
+    expected = capsys.readouterr().out
+    # The registry from tracking.uri; a checkpoint directory's tokenizer found under workdir.
+    assert main(["generate", "models:/m@candidate", "--config", str(preset), *args]) == 0
+    assert capsys.readouterr().out == expected
+    assert main(["generate", str(served.checkpoint), "-c", str(preset), *args]) == 0
+    assert capsys.readouterr().out == expected
+    # evaluate scores eval.eval_tokens of the config; --eval-tokens wins.
+    text = tmp_path / "speech.txt"
+    text.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n", encoding="utf-8")
+    for extra, tokens in (([], "5"), (["--eval-tokens", "3"], "3")):
+        assert main(["evaluate", "models:/m@candidate", "-c", str(preset), "-t", str(text), *extra]) == 0
+        assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["speech.txt", tokens]
+
+    # --workdir wins over workdir: no tokenizer stage there.
+    elsewhere = tmp_path / "elsewhere"
+    fp = tokenizer_fingerprint(served.tokenizer_dir / "tokenizer.json")
+    assert main(["generate", str(served.checkpoint), "-c", str(preset), "--workdir", str(elsewhere), *args]) == 1
+    assert capsys.readouterr().err == (
+        f"lmpipe generate: model '{served.checkpoint}' was trained with tokenizer {fp}, which is not among the "
+        f"tokenizer stages under '{elsewhere / 'train_tokenizer'}'; pass --tokenizer DIR\n")
+    # A config without tracking.uri: its workdir's store, which is not there; --tracking-uri wins.
+    local = tmp_path / "local.yaml"
+    local.write_text(f"workdir: {workdir}\n")
+    assert main(["export", "models:/m@candidate", "-c", str(local), str(tmp_path / "hf")]) == 1
+    assert capsys.readouterr().err == (
+        f"lmpipe export: model 'models:/m@candidate': there is no MLflow store at {workdir / 'mlflow.db'} "
+        f"(--config {local}: workdir '{workdir}' is not a pipeline's work directory); pass the run's --workdir "
+        "or --tracking-uri\n")
+    assert main(["export", "models:/m@candidate", "-c", str(local), "--tracking-uri", served.uri,
+                 str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    # A server that is down is named by the config field that gave it.
+    dead = f"http://127.0.0.1:{free_port()}"
+    remote = tmp_path / "remote.yaml"
+    remote.write_text(f"tracking: {{uri: '{dead}'}}\n")
+    assert main(["generate", "models:/m@candidate", "-c", str(remote), *args]) == 1
+    assert capsys.readouterr().err.startswith(
+        f"lmpipe generate: --config {remote}: tracking.uri='{dead}': no MLflow tracking server answers at {dead}/health")
+    # A config that cannot be read is a configuration error (exit 2), before anything is looked up.
+    assert main(["evaluate", "models:/m@candidate", "-c", str(tmp_path / "nope.yaml"), "-t", str(text)]) == 2
+    assert capsys.readouterr().err == f"lmpipe: config file '{tmp_path / 'nope.yaml'}' does not exist\n"
+    assert not elsewhere.exists() and not (workdir / "mlflow.db").exists()

@@ -26,6 +26,7 @@ from lmpipe.data.increments import check_watchable, first_record
 from lmpipe.data.sources import local_source_digests
 from lmpipe.eval.benchmark_files import resolve_benchmarks
 from lmpipe.stages.preflight import check_context_fits, check_inputs
+from lmpipe.stages.shard import choose_val_split
 from lmpipe.tracking.registry import champion_metrics, lineage_tags
 from lmpipe.tracking.runs import TrackingContext
 from tasks.stages import (
@@ -52,9 +53,10 @@ def _documents(config: PipelineConfig, corpus: CorpusConfig, field: str, ctx: Tr
     fetch = download.with_options(retries=config.data.download_retries,
                                   retry_delay_seconds=[delay * 5**i for i in range(config.data.download_retries)] or 0)
     digests = local_source_digests(corpus, cache_file=Path(ctx.workdir) / DIGEST_CACHE)
-    docs = ledger.run(fetch, f"download/{corpus.name}", corpus=corpus, field=field,
-                      chunk_bytes=config.data.chunk_bytes, strict=config.data.strict, ctx=ctx, local_sha256=digests)
     cfg, clean_field = (corpus.clean, f"{field}.clean") if corpus.clean else (config.data.clean, "data.clean")
+    docs = ledger.run(fetch, f"download/{corpus.name}", corpus=corpus, field=field,
+                      chunk_bytes=config.data.chunk_bytes, strict=config.data.strict, ctx=ctx, local_sha256=digests,
+                      gutenberg_boilerplate=cfg.gutenberg_boilerplate)
     chunks = ledger.map(clean_chunk, f"clean_chunk/{corpus.name}", docs.meta["chunks"], cfg=cfg, docs=docs, ctx=ctx)
     return docs, ledger.run(clean, f"clean/{corpus.name}", cfg=cfg, docs=docs, chunks=chunks, corpus_field=field,
                             clean_field=clean_field, ctx=ctx)
@@ -62,11 +64,13 @@ def _documents(config: PipelineConfig, corpus: CorpusConfig, field: str, ctx: Tr
 
 def _shards(config: PipelineConfig, corpus: CorpusConfig, field: str, docs: StageResult, tokenizer: StageResult,
             ctx: TrackingContext, ledger: StageRunner, may_be_empty: tuple[str, ...] = ()) -> StageResult:
+    val_split = choose_val_split(docs, corpus.val_fraction, may_be_empty)  # by document, or inside one book
     encoded = ledger.map(encode_chunk, f"encode_chunk/{corpus.name}", docs.meta["chunks"], docs=docs,
-                         tokenizer=tokenizer, val_fraction=corpus.val_fraction,
+                         tokenizer=tokenizer, val_fraction=corpus.val_fraction, val_split=val_split,
                          encode_batch_size=config.data.shard.encode_batch_size, ctx=ctx)
     return ledger.run(shard, f"shard/{corpus.name}", cfg=config.data.shard, corpus=corpus, docs=docs,
-                      encoded=encoded, tokenizer=tokenizer, corpus_field=field, ctx=ctx, may_be_empty=may_be_empty)
+                      encoded=encoded, tokenizer=tokenizer, corpus_field=field, ctx=ctx, may_be_empty=may_be_empty,
+                      val_split=val_split)
 
 
 def _prepare(config: PipelineConfig, ctx: TrackingContext,

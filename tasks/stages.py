@@ -28,6 +28,7 @@ from lmpipe.config.data import CleanConfig, CorpusConfig, ShardConfig, Tokenizer
 from lmpipe.config.evaluation import EvalConfig, TrackingConfig
 from lmpipe.config.training import ClassifyConfig, FinetuneConfig, ModelConfig, TrainConfig
 from lmpipe.data.sft import HELD_OUT_FILE, HELD_OUT_META
+from lmpipe.data.shards import VAL_BY_DOCUMENT
 from lmpipe.data.sources import TransientDownloadError
 from lmpipe.eval.report import LOSS_CURVES, embed_images
 from lmpipe.stages.champion import run_champion
@@ -90,22 +91,27 @@ def _rank_lost(_task: Any, _task_run: Any, state: Any) -> bool:
 
 
 # local_sha256: the content of local source files, so editing a corpus in place re-runs the data stages.
-# val_fraction and the corpus's own cleaning do not change what is read.
-DOWNLOAD = StageSpec("download", configs=("corpus",), inputs=("local_sha256", "chunk_bytes", "strict"),
+# val_fraction and the corpus's own cleaning do not change what is read, except the Gutenberg cut, which is made
+# on whole files before they are split (gutenberg_boilerplate: the corpus's cleaning's setting).
+DOWNLOAD = StageSpec("download", configs=("corpus",),
+                     inputs=("local_sha256", "chunk_bytes", "strict", "gutenberg_boilerplate"),
                      not_read=(("corpus", frozenset({"val_fraction", "clean"})),))
 
 
 @stage_task(name="download", retries=3, retry_delay_seconds=[2, 10, 30], retry_jitter_factor=0.5,
             retry_condition_fn=_transient_only)
 def download(corpus: CorpusConfig, field: str, chunk_bytes: int, strict: bool, ctx: TrackingContext,
-             local_sha256: list[str | None] | None = None, label: str | None = None) -> StageResult:
+             local_sha256: list[str | None] | None = None, label: str | None = None,
+             gutenberg_boilerplate: bool = False) -> StageResult:
     fp, out_dir = DOWNLOAD.locate(locals())
     if (done := reuse(out_dir)) is not None:
         return done
-    with stage_run(ctx, "download", fp, {field: corpus, "data.chunk_bytes": chunk_bytes, "data.strict": strict},
+    with stage_run(ctx, "download", fp, {field: corpus, "data.chunk_bytes": chunk_bytes, "data.strict": strict,
+                                         "gutenberg_boilerplate": gutenberg_boilerplate},
                    {"lmpipe.corpus": corpus.name}, name=label) as run:
         result = run_download(corpus, out_dir, fp, field=field, chunk_bytes=chunk_bytes, strict=strict,
-                              download_dir=Path(ctx.workdir) / "downloads")
+                              download_dir=Path(ctx.workdir) / "downloads",
+                              gutenberg_boilerplate=gutenberg_boilerplate)
         run.log_result(result, ["sources.json", "read_report.json"])
     issues = result.meta.get("read_issues") or {}
     if any(issues.values()):
@@ -138,7 +144,8 @@ def clean(cfg: CleanConfig, docs: StageResult, chunks: list[StageResult], corpus
     if (done := reuse(out_dir)) is not None:
         return done
     with stage_run(ctx, "clean", fp, {clean_field: cfg}, {"lmpipe.corpus_field": corpus_field}, name=label) as run:
-        result = run_clean(cfg, chunks, out_dir, fp, corpus_field=corpus_field, clean_field=clean_field)
+        result = run_clean(cfg, chunks, out_dir, fp, corpus_field=corpus_field, clean_field=clean_field,
+                           before_split=docs.meta.get("before_split"))
         run.log_result(result, ["clean_report.json", "removed.parquet"])
         rows = result.meta["report"]
         samples = [{"step": step, **example} for step, examples in result.meta["samples"].items()
@@ -167,31 +174,33 @@ def train_tokenizer(cfg: TokenizerConfig, docs: StageResult, ctx: TrackingContex
 
 
 # encode_batch_size changes how fast, never what: the encoder is deterministic.
-ENCODE_CHUNK = StageSpec("encode_chunk", inputs=("chunk", "val_fraction"), upstreams=("docs", "tokenizer"))
+ENCODE_CHUNK = StageSpec("encode_chunk", inputs=("chunk", "val_fraction", "val_split"),
+                         upstreams=("docs", "tokenizer"))
 
 
 @stage_task(name="encode_chunk")
 def encode_chunk(docs: StageResult, chunk: str, tokenizer: StageResult, val_fraction: float, encode_batch_size: int,
-                 ctx: TrackingContext) -> StageResult:
+                 ctx: TrackingContext, val_split: str = VAL_BY_DOCUMENT) -> StageResult:
     fp, out_dir = ENCODE_CHUNK.locate(locals())
-    return run_encode_chunk(docs.path(chunk), tokenizer, val_fraction, encode_batch_size, out_dir, fp)
+    return run_encode_chunk(docs.path(chunk), tokenizer, val_fraction, encode_batch_size, out_dir, fp,
+                            val_split=val_split)
 
 
-SHARD = StageSpec("shard", configs=("cfg", "corpus"), upstreams=("docs", "tokenizer"),
+SHARD = StageSpec("shard", configs=("cfg", "corpus"), inputs=("val_split",), upstreams=("docs", "tokenizer"),
                   not_read=(("corpus", frozenset({"clean"})),))
 
 
 @stage_task(name="shard")
 def shard(cfg: ShardConfig, corpus: CorpusConfig, docs: StageResult, encoded: list[StageResult],
           tokenizer: StageResult, corpus_field: str, ctx: TrackingContext, may_be_empty: tuple[str, ...] = (),
-          label: str | None = None) -> StageResult:
+          label: str | None = None, val_split: str = VAL_BY_DOCUMENT) -> StageResult:
     fp, out_dir = SHARD.locate(locals())
     if (done := reuse(out_dir)) is not None:
         return done
-    with stage_run(ctx, "shard", fp, {"data.shard": cfg, "val_fraction": corpus.val_fraction},
+    with stage_run(ctx, "shard", fp, {"data.shard": cfg, "val_fraction": corpus.val_fraction, "val_split": val_split},
                    {"lmpipe.corpus_field": corpus_field}, name=label) as run:
         result = run_shard(cfg, corpus, encoded, tokenizer, out_dir, fp, corpus_field=corpus_field,
-                           may_be_empty=may_be_empty)
+                           may_be_empty=may_be_empty, val_split=val_split)
         run.log_result(result, ["manifest.json"])
     return result
 

@@ -152,7 +152,10 @@ class CleanConfig(Section):
         "NFC", description="Unicode normalization form: NFC (composed), NFKC (also folds compatibility "
                            "characters such as ligatures and full-width forms), or none.")
     strip_control: bool = Field(True, description="Drop control characters other than \\n and \\t.")
-    gutenberg_boilerplate: bool = Field(False, description="Cut Project Gutenberg headers and licence footers.")
+    gutenberg_boilerplate: bool = Field(
+        False, description="Cut the Project Gutenberg header (through its `*** START OF ...` line) and licence (from "
+                           "`*** END OF ...`) from each file, or record, before it is split into documents: the "
+                           "download stage does it, and the clean report shows the bytes cut per file.")
     normalize_whitespace: bool = Field(
         True, description="Strip trailing spaces, collapse runs of blank lines, trim the document."
     )

@@ -149,8 +149,8 @@ def build_steps(cfg: CleanConfig) -> list[Step]:
         steps.append(Transform("normalize_unicode", NormalizeUnicode(cfg.normalization), "normalization"))
     if cfg.strip_control:
         steps.append(Transform("strip_control", strip_control, "strip_control"))
-    if cfg.gutenberg_boilerplate:
-        steps.append(Transform("gutenberg_boilerplate", transforms.strip_gutenberg, "gutenberg_boilerplate"))
+    # cfg.gutenberg_boilerplate is no step here: the download stage cuts it from each file before splitting it
+    # into documents (lmpipe.data.gutenberg), and the clean report shows it first (``before_split``).
     if cfg.normalize_whitespace:
         steps.append(Transform("normalize_whitespace", normalize_whitespace, "normalize_whitespace"))
     if cfg.min_chars > 0:

@@ -47,7 +47,9 @@ string, an empty file, a truncated or corrupt compressed file (the documents
 before the cut are kept). With ``data.strict=true`` the first of them fails
 the stage. Documents keep their text exactly as read (cleaning is the next
 stage's job); empty or whitespace-only ones, and null text fields, are
-dropped silently.
+dropped silently. The one exception: with ``gutenberg_boilerplate`` a Project
+Gutenberg file's header and licence are cut before the file is split
+(``lmpipe.data.gutenberg``), since once split they cannot be told from the book.
 
     >>> split_documents("a\\n\\n\\nb\\nc\\n", "blank_line")
     ['a', 'b\\nc']
@@ -77,6 +79,7 @@ import zstandard
 from lmpipe.artifacts import sha256_file
 from lmpipe.config.data import SourceConfig
 from lmpipe.data.documents import utf8_len
+from lmpipe.data.gutenberg import GutenbergCut
 from lmpipe.data.sources import (
     COPY_BYTES,
     HTTP_BACKOFF_S,
@@ -347,7 +350,17 @@ class SourceReader:
     download_dir: Path
     retries: int = HTTP_RETRIES
     backoff_s: float = HTTP_BACKOFF_S
+    gutenberg: bool = False  # cut Project Gutenberg headers and licences from each file (record) before splitting
     files: list[_FileEntry] = dc_field(default_factory=list)
+    cuts: list[GutenbergCut] = dc_field(default_factory=list)  # per file read, when gutenberg is on
+
+    def _start_file(self, entry: _FileEntry) -> None:
+        self.files.append(entry)
+        if self.gutenberg:
+            self.cuts.append(GutenbergCut(entry.path))
+
+    def _cut(self, text: str, *, numbered: bool = False) -> str:
+        return self.cuts[-1].cut_text(text, numbered=numbered) if self.gutenberg else text
 
     def _issue(self, kind: str, file: str, message: str, **where: Any) -> None:
         self.report.add(self.index, kind, file, message, **where)
@@ -380,6 +393,7 @@ class SourceReader:
                             attr="id_column", **where)
                 return None
             doc_id = str(value)
+        text = self._cut(text)
         if is_blank(text):
             return None
         return _Doc(text, utf8_len(text), doc_id)
@@ -446,12 +460,17 @@ class SourceReader:
                 self._issue("binary_file", name, f"NUL byte at offset {nul}: a binary file, skipped whole")
                 return
             if fmt == "text" and self.source.doc_boundary == "file":
-                yield from self._text_docs([whole_file_piece(head, stream)], name)
+                piece = whole_file_piece(head, stream)
+                if piece.error is None:
+                    piece.text = self._cut(piece.text, numbered=True)
+                yield from self._text_docs([piece], name)
                 return
             lines = _decoded_lines(_byte_lines(head, stream))
             if fmt == "jsonl":
                 yield from self._jsonl_docs(lines, name)
             else:
+                if self.gutenberg:  # before the file is cut into documents: the header and licence span many
+                    lines = self.cuts[-1].cut_lines(lines)
                 yield from self._text_docs(document_pieces(lines, self.source.doc_boundary), name)
         except READ_ERRORS as err:
             self._issue("truncated", name, f"the file is cut short or corrupt ({err}); documents before the cut "
@@ -460,7 +479,7 @@ class SourceReader:
     def _file_docs(self, opener: Callable[[], IO[bytes]], name: str, entry: _FileEntry, *, hash_it: bool
                    ) -> Iterator[_Doc]:
         """Documents of one file; entry.sha256 is set once the file has been read to its end."""
-        self.files.append(entry)
+        self._start_file(entry)
         if entry.bytes == 0:
             self._issue("empty_file", name, "the file is empty")
             if hash_it and entry.sha256 is None:
@@ -513,7 +532,7 @@ class SourceReader:
         import datasets
 
         src = self.source
-        self.files.append(_FileEntry(src.uri, None))
+        self._start_file(_FileEntry(src.uri, None))
         try:
             ds = datasets.load_dataset(src.uri[3:], src.hf_config, split=src.hf_split, revision=src.hf_revision,
                                        streaming=True, cache_dir=str(self.scratch / "hf-cache"))

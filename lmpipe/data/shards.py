@@ -27,7 +27,10 @@ The work is split in two stages so it scales with the corpus:
 
 Documents go to train or val by a hash of their id, so the split does not depend
 on processing order or batch sizes. (Ids are positions within a source, so
-inserting a document in the middle of a file does move later ones.)
+inserting a document in the middle of a file does move later ones.) When that
+leaves one split empty (a corpus of one book, read as one document), the split is
+taken inside every document instead (``VAL_INSIDE``): its last ``val_fraction``,
+cut at a paragraph break near that point (:func:`held_out_cut`), is validation.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import re
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,6 +49,7 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from lmpipe.artifacts import CorruptArtifactError, StageResult, read_versioned_json
+from lmpipe.data.documents import utf8_len
 from lmpipe.data.tokenizer import (
     META_FILE,
     TOKENIZER_FILE,
@@ -64,6 +69,11 @@ MANIFEST_FORMAT_VERSION = 1
 DOC_INDEX_FILE = "doc_index.parquet"
 ENCODED_DOCS_FILE = "docs.parquet"
 SPLITS = ("train", "val")
+VAL_BY_DOCUMENT = "documents"  # each document wholly in train or val, by a hash of its id
+VAL_INSIDE = "inside_documents"  # the last val_fraction of every document is validation
+# Where a document may be cut, best first: a blank line, a line end, a space. The break's whitespace belongs to
+# neither part, so neither ends or starts with it.
+_BREAKS = (re.compile(r"\s*\n[ \t]*\n\s*"), re.compile(r"\s*\n\s*"), re.compile(r"\s+"))
 _DTYPES: dict[int, np.dtype] = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
 
@@ -80,6 +90,67 @@ def is_validation(doc_id: str, val_fraction: float) -> bool:
     document order.
     """
     return id_fraction(doc_id) < val_fraction
+
+
+def document_split_is_one_sided(doc_ids: Iterable[str], val_fraction: float) -> bool:
+    """Whether splitting by document puts every one of ``doc_ids`` on the same side (or there are none); reads
+    only until it has seen a document of each split."""
+    seen: set[bool] = set()
+    for doc_id in doc_ids:
+        seen.add(is_validation(doc_id, val_fraction))
+        if len(seen) == 2:
+            return False
+    return True
+
+
+def held_out_cut(text: str, val_fraction: float) -> tuple[int, int] | None:
+    """Where a document is cut when the validation split is taken inside documents: (end of its training part,
+    start of its validation part), or None when it is too short to cut (it all trains).
+
+    The validation part is the last ``val_fraction`` of the text's characters, its start moved to the nearest
+    paragraph break (blank line) within half that part's length; failing one, to the nearest line end, then the
+    nearest space, each within the same reach; failing all, the point itself. An equally near later break wins.
+
+        >>> text = "One.\\n\\nTwo two.\\n\\nThree three three.\\n\\nFour."
+        >>> cut = held_out_cut(text, 0.3)
+        >>> text[:cut[0]], text[cut[1]:]
+        ('One.\\n\\nTwo two.\\n\\nThree three three.', 'Four.')
+    """
+    n = len(text)
+    target = n - round(n * val_fraction)
+    if not 0 < target < n:
+        return None
+    reach = max(1, (n - target) // 2)
+    lo, hi = max(1, target - reach), min(n, target + reach + 1)
+    for brk in _BREAKS:
+        best: tuple[int, int] | None = None
+        for m in brk.finditer(text, lo, hi):
+            if m.start() > 0 and m.end() < n and (best is None or abs(m.end() - target) <= abs(best[1] - target)):
+                best = (m.start(), m.end())
+        if best is not None:
+            return best
+    return target, target
+
+
+def split_batch(batch: dict[str, list], val_fraction: float, val_split: str) -> dict[str, list]:
+    """A batch of documents (id, text, nbytes) as the pieces that are encoded, each with its split (``val``: a
+    list of bools): the documents themselves (VAL_BY_DOCUMENT), or each one's training part and then its
+    validation part (VAL_INSIDE; a document too short to cut is one training piece)."""
+    if val_split == VAL_BY_DOCUMENT:
+        return {**batch, "val": [is_validation(d, val_fraction) for d in batch["id"]]}
+    if val_split != VAL_INSIDE:
+        raise ValueError(f"unknown val_split {val_split!r}: {VAL_BY_DOCUMENT!r} or {VAL_INSIDE!r}")
+    out: dict[str, list] = {"id": [], "text": [], "nbytes": [], "val": []}
+    for doc_id, text, nbytes in zip(batch["id"], batch["text"], batch["nbytes"], strict=True):
+        cut = held_out_cut(text, val_fraction)
+        parts = [(text, nbytes, False)] if cut is None else [
+            (text[:cut[0]], None, False), (text[cut[1]:], None, True)]
+        for part, size, val in parts:
+            out["id"].append(doc_id)
+            out["text"].append(part)
+            out["nbytes"].append(utf8_len(part) if size is None else size)
+            out["val"].append(val)
+    return out
 
 
 def tokens_file(split: str) -> str:

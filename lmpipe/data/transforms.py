@@ -1,4 +1,6 @@
-"""Per-document text transforms ``(text) -> text``: :func:`fix_text`, :func:`strip_gutenberg`, :class:`PIIMasker`.
+"""Per-document text transforms ``(text) -> text``: :func:`fix_text`, :class:`PIIMasker`.
+
+(Project Gutenberg boilerplate is cut from whole files before they are split: ``lmpipe.data.gutenberg``.)
 
 Each is pure and built once from its config section; the cleaning pipeline
 (``lmpipe.data.clean``) runs them before the quality filters (``lmpipe.data.filters``),
@@ -51,52 +53,6 @@ def fix_text(text: str) -> str:
     if text.isascii() and _ASCII_FTFY_WORK.search(text) is None:
         return text
     return ftfy.fix_text(text, _FTFY_CONFIG)
-
-
-# Project Gutenberg markers, each matched at the start of a line, case-insensitively.
-# Header ends: "*** START OF THE/THIS PROJECT GUTENBERG EBOOK <title> ***" (the title may wrap onto
-# the next lines; the cut goes through the line with the closing ***), and the older
-# "*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*".
-_GUTENBERG_START = re.compile(
-    r"^[ \t]*\*+[ \t]*START OF (?:THE|THIS) PROJECT GUTENBERG E-?(?:BOOK|TEXT)"
-    r"|^[ \t]*(?P<small>\*END\*[ \t]*THE SMALL PRINT)",
-    re.IGNORECASE | re.MULTILINE,
-)
-# Footer starts: "*** END OF THE/THIS PROJECT GUTENBERG EBOOK ..." and the older
-# "End of the Project Gutenberg EBook of <title>" / "End of Project Gutenberg's <title>".
-_GUTENBERG_END = re.compile(
-    r"^[ \t]*\*+[ \t]*END OF (?:THE|THIS) PROJECT GUTENBERG E-?(?:BOOK|TEXT)"
-    r"|^[ \t]*End of (?:the |this )?Project Gutenberg(?:'s|’s)?\b",
-    re.IGNORECASE | re.MULTILINE,
-)
-_START_MARKER_SPAN = 500  # how far a wrapped "*** START ... ***" title may reach for its closing ***
-
-
-def _line_end(text: str, pos: int) -> int:
-    """Index just past the line that contains pos (past its \\n), or len(text)."""
-    nl = text.find("\n", pos)
-    return len(text) if nl < 0 else nl + 1
-
-
-def strip_gutenberg(text: str) -> str:
-    """Cut a Project Gutenberg header (through its last start marker line) and licence footer.
-
-    The last header marker wins (old files carry the small-print header and then a START line);
-    the footer is cut from the first end marker after it. Text without markers is unchanged.
-    """
-    if "utenberg" not in text and "UTENBERG" not in text and "SMALL PRINT" not in text:
-        return text
-    start = 0
-    for m in _GUTENBERG_START.finditer(text):
-        close = m.end()
-        if m.group("small") is None:  # look for the closing *** before the next blank line
-            blank = text.find("\n\n", close, close + _START_MARKER_SPAN)
-            found = text.find("***", close, blank if blank >= 0 else close + _START_MARKER_SPAN)
-            close = found if found >= 0 else close
-        start = _line_end(text, close)
-    end_match = _GUTENBERG_END.search(text, start)
-    end = end_match.start() if end_match else len(text)
-    return text[start:end]
 
 
 _EMAIL = re.compile(

@@ -256,13 +256,29 @@ def _removed_tables(chunks: list[StageResult], extra: list[Path]) -> Iterator[pa
         yield pq.read_table(path)
 
 
+def _before_split_rows(before_split: list[dict[str, Any]], docs_in: int, bytes_in: int) -> list[dict[str, Any]]:
+    """Report rows of the steps the download stage ran on whole files, before cutting them into documents (the
+    Gutenberg cut): they come first, with the documents the files gave, and the bytes they took out."""
+    rows: list[dict[str, Any]] = []
+    for entry in reversed(before_split):
+        removed = entry["bytes_removed"]
+        rows.insert(0, {"step": entry["step"], "docs_in": docs_in, "docs_out": docs_in,
+                        "bytes_in": bytes_in + removed, "bytes_out": bytes_in})
+        bytes_in += removed
+    return rows
+
+
 def run_clean(cfg: CleanConfig, chunks: list[StageResult], out_dir: str | Path, fingerprint: str, *,
-              corpus_field: str, clean_field: str = CLEAN_FIELD) -> StageResult:
+              corpus_field: str, clean_field: str = CLEAN_FIELD,
+              before_split: list[dict[str, Any]] | None = None) -> StageResult:
     """Stage "clean": de-duplicate the cleaned chunks across the corpus and publish the final document set.
 
     chunks: the clean_chunk results in corpus order (download chunk 0, 1, ...).
     corpus_field / clean_field: config paths (e.g. "data.pretrain", "data.clean") for error messages.
+    before_split: the download stage's ``before_split`` meta (what it cut from each file before splitting it),
+    reported as the first rows, with each file's cut and reason.
     """
+    before_split = before_split or []
     steps = build_steps(cfg)
     dedup_steps = [s for s in steps if isinstance(s, Dedup)]
 
@@ -299,9 +315,14 @@ def run_clean(cfg: CleanConfig, chunks: list[StageResult], out_dir: str | Path, 
         for path in removals.paths:
             path.unlink()
         docset.write_index(tmp, entries)
-        totals = _totals(rows, docs_in, bytes_in)
+        rows = _before_split_rows(before_split, docs_in, bytes_in) + rows
+        for entry in before_split:
+            samples[entry["step"]] = [{"id": f["file"], "reason": f["reason"], "excerpt": ""}
+                                      for f in entry["files"][:cfg.report_samples]]
+        totals = _totals(rows, docs_in, rows[0]["bytes_in"] if before_split else bytes_in)
         write_json_atomic(tmp / REPORT_FILE, {"corpus_field": corpus_field, "steps": rows, "totals": totals,
-                                              "samples": samples})
+                                              "samples": samples, **({"before_split": before_split} if before_split
+                                                                     else {})})
         return BuildOutput(metrics=_metrics(totals, rows),
                            meta={"report": rows, "samples": samples, "chunks": [e["file"] for e in entries],
                                  CHUNK_STAGES: [c.fingerprint for c in chunks]})

@@ -9,6 +9,8 @@ from typing import Any
 from lmpipe.artifacts import BuildOutput, StageResult, write_json_atomic
 from lmpipe.config.data import CorpusConfig
 from lmpipe.data.documents import ChunkWriter
+from lmpipe.data.gutenberg import STEP as GUTENBERG_STEP
+from lmpipe.data.gutenberg import GutenbergCut
 from lmpipe.data.reader import READ_REPORT_FILE, ReadReport, SourceReader
 from lmpipe.data.sources import HTTP_BACKOFF_S, HTTP_RETRIES, SOURCES_FILE, check_sources
 from lmpipe.stages.contract import run_stage
@@ -19,7 +21,7 @@ from lmpipe.stages.contract import run_stage
 
 def run_download(corpus: CorpusConfig, out_dir: str | Path, fingerprint: str, *, field: str, chunk_bytes: int,
                  strict: bool = False, download_dir: Path | None = None, retries: int = HTTP_RETRIES,
-                 backoff_s: float = HTTP_BACKOFF_S) -> StageResult:
+                 backoff_s: float = HTTP_BACKOFF_S, gutenberg_boilerplate: bool = False) -> StageResult:
     """Stream every source of ``corpus`` into a document set, ``sources.json`` and ``read_report.json``.
 
     field: the corpus's config path (e.g. "data.pretrain") for messages.
@@ -28,6 +30,9 @@ def run_download(corpus: CorpusConfig, out_dir: str | Path, fingerprint: str, *,
     download_dir: cache of http(s) downloads kept across runs (the flow passes
     ``<workdir>/downloads``); None downloads into the build directory and discards.
     retries, backoff_s: of each http(s) download (see ``download_url``).
+    gutenberg_boilerplate: cut Project Gutenberg headers and licences from each file (each record of a JSON
+    lines, parquet or Hub source) before it is split into documents (``lmpipe.data.gutenberg``); what each
+    file lost is in the stage's meta (``before_split``), which the clean stage reports.
     """
     check_sources(corpus, field)
 
@@ -36,13 +41,15 @@ def run_download(corpus: CorpusConfig, out_dir: str | Path, fingerprint: str, *,
         scratch.mkdir()
         report = ReadReport(field, strict, len(corpus.sources))
         entries = []
+        cuts: list[GutenbergCut] = []
         try:
             with ChunkWriter(tmp, chunk_bytes) as writer:
                 for i, source in enumerate(corpus.sources):
                     reader = SourceReader(source, i, f"{field}.sources[{i}]", report, scratch,
                                            Path(download_dir) if download_dir is not None else scratch / "downloads",
-                                           retries, backoff_s)
+                                           retries, backoff_s, gutenberg_boilerplate)
                     entries.append(_read_source(reader, corpus.name, writer))
+                    cuts += [c for c in reader.cuts if c.bytes_removed]
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         write_json_atomic(tmp / SOURCES_FILE, entries)
@@ -52,6 +59,11 @@ def run_download(corpus: CorpusConfig, out_dir: str | Path, fingerprint: str, *,
                    "bad_records": float(report.total)}
         metrics.update({f"bad_records.{k}": float(n) for k, n in report.issues.items() if n})
         meta = {"sources": entries, "chunks": [c["file"] for c in writer.chunks], "read_issues": report.issues}
+        if gutenberg_boilerplate:
+            removed = sum(c.bytes_removed for c in cuts)
+            metrics[f"{GUTENBERG_STEP}.bytes_removed"] = float(removed)
+            meta["before_split"] = [{"step": GUTENBERG_STEP, "bytes_removed": removed,
+                                     "files": [c.to_json() for c in cuts]}]
         return BuildOutput(metrics=metrics, meta=meta)
 
     return run_stage("download", fingerprint, out_dir, build)

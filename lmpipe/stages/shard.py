@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,18 +25,34 @@ from lmpipe.data.shards import (
     MANIFEST_FORMAT_VERSION,
     SHARD_FORMAT_VERSION,
     SPLITS,
+    VAL_BY_DOCUMENT,
+    VAL_INSIDE,
+    document_split_is_one_sided,
     encoded_batches,
-    is_validation,
     load_checked_tokenizer,
     shard_name,
+    split_batch,
     tokens_file,
     tokens_with_eot,
     write_shard,
 )
 from lmpipe.stages.contract import run_stage
 
+log = logging.getLogger(__name__)
 _SIDECAR = ".json"  # <shard>.bin.json: sha256/tokens/documents of a shard finished by an interrupted attempt
 _COPY_TOKENS = 1 << 22  # tokens per bulk copy from an encoded chunk into a shard
+_ID_BATCH = 4096  # document ids read at a time to decide how the validation split is taken
+
+
+def choose_val_split(docs: StageResult, val_fraction: float, may_be_empty: tuple[str, ...] = ()) -> str:
+    """How a corpus's validation split is taken: by document (VAL_BY_DOCUMENT), unless that puts every document
+    on one side (a one-book corpus is one document) and both splits are needed: then inside every document
+    (VAL_INSIDE). Decided from the document ids alone, so a corpus is always split the same way (a continual
+    run's held-out set stays the one its line began with). ``may_be_empty``: splits that may be empty."""
+    if may_be_empty:
+        return VAL_BY_DOCUMENT
+    ids = (doc_id for batch in iter_document_batches(docs.out_dir, _ID_BATCH, ("id",)) for doc_id in batch["id"])
+    return VAL_INSIDE if document_split_is_one_sided(ids, val_fraction) else VAL_BY_DOCUMENT
 
 
 def run_encode_chunk(
@@ -45,12 +62,15 @@ def run_encode_chunk(
     encode_batch_size: int,
     out_dir: str | Path,
     fingerprint: str,
+    val_split: str = VAL_BY_DOCUMENT,
 ) -> StageResult:
     """Stage: encode one document-set chunk into ``train.tokens`` / ``val.tokens`` and ``docs.parquet``.
 
     Documents keep their chunk order within each split; ``docs.parquet`` has one
     row per document (id, split, tokens including the eot, UTF-8 bytes), which
     the shard stage turns into the document index without touching the tokens.
+    With ``val_split`` VAL_INSIDE (see ``choose_val_split``) each document gives a
+    train row and a val row, its two parts (``lmpipe.data.shards.held_out_cut``).
     """
     chunk_file = Path(chunk_file)
 
@@ -59,11 +79,11 @@ def run_encode_chunk(
         rows: dict[str, list] = {"id": [], "split": [], "tokens": [], "bytes": []}
         start = time.perf_counter()
         with open(tmp / tokens_file("train"), "wb") as train_f, open(tmp / tokens_file("val"), "wb") as val_f:
-            batches = iter_document_batches(chunk_file, encode_batch_size, ("id", "text"))
+            batches = (split_batch(b, val_fraction, val_split)
+                       for b in iter_document_batches(chunk_file, encode_batch_size, ("id", "text")))
             for batch, encodings in encoded_batches(tok, batches):
                 tokens, lengths = tokens_with_eot(encodings, info["eot_id"], info["dtype"])
-                val = np.fromiter((is_validation(d, val_fraction) for d in batch["id"]), dtype=bool,
-                                  count=len(lengths))
+                val = np.array(batch["val"], dtype=bool)
                 token_is_val = np.repeat(val, lengths)
                 tokens[~token_is_val].tofile(train_f)
                 tokens[token_is_val].tofile(val_f)
@@ -82,7 +102,7 @@ def run_encode_chunk(
             metrics[f"{split}_tokens"] = float(sum(rows["tokens"][i] for i in in_split))
             metrics[f"{split}_bytes"] = float(sum(rows["bytes"][i] for i in in_split))
         meta = {"chunk": chunk_file.name, "tokenizer_fingerprint": info["sha256"], "dtype": info["dtype"].name,
-                "val_fraction": val_fraction}
+                "val_fraction": val_fraction, "val_split": val_split}
         return BuildOutput(metrics=metrics, meta=meta)
 
     return run_stage("encode_chunk", fingerprint, out_dir, build)
@@ -167,7 +187,7 @@ class _SplitPlan:
 
 
 def _check_encoded(encoded: Sequence[StageResult], tok_info: dict[str, Any], corpus: CorpusConfig,
-                   corpus_field: str) -> None:
+                   corpus_field: str, val_split: str) -> None:
     """Every encoded chunk must come from this tokenizer and this val_fraction, or the shards would mix."""
     if not encoded:
         raise ValueError(f"{corpus_field}: the shard stage got no encoded chunks; the document set is empty "
@@ -184,6 +204,9 @@ def _check_encoded(encoded: Sequence[StageResult], tok_info: dict[str, Any], cor
                 f"encoded chunk {i} ({enc.out_dir}) was split with val_fraction {enc.meta.get('val_fraction')}, "
                 f"{corpus_field}.val_fraction is {corpus.val_fraction}; re-run encode_chunk"
             )
+        if enc.meta.get("val_split", VAL_BY_DOCUMENT) != val_split:
+            raise ValueError(f"encoded chunk {i} ({enc.out_dir}) took its validation split {enc.meta.get('val_split')}"
+                             f", the shard stage takes it {val_split}; re-run encode_chunk")
 
 
 def _plan_and_index(encoded: Sequence[StageResult], shard_tokens: int, index_path: Path) -> dict[str, _SplitPlan]:
@@ -283,6 +306,7 @@ def run_shard(
     *,
     corpus_field: str,
     may_be_empty: tuple[str, ...] = (),
+    val_split: str = VAL_BY_DOCUMENT,
 ) -> StageResult:
     """Stage: merge the encoded chunks, in list order, into train/val shards, doc_index.parquet and manifest.json.
 
@@ -290,21 +314,30 @@ def run_shard(
     finished by an earlier attempt is verified against its sidecar and kept,
     so a long merge that dies near the end does not start over. ``may_be_empty``: splits that may hold no
     document (a continual run's new documents all train; its validation is on the fixed held-out set).
+    ``val_split``: how the encoded chunks took the validation split (``choose_val_split``); the manifest and the
+    stage's meta say which, and a split taken inside the documents is logged.
     """
 
     def build(tmp: Path) -> BuildOutput:
         start = time.perf_counter()
         _, tok_info = load_checked_tokenizer(tokenizer)
-        _check_encoded(encoded, tok_info, corpus, corpus_field)
+        _check_encoded(encoded, tok_info, corpus, corpus_field, val_split)
         dtype = tok_info["dtype"]
         plans = _plan_and_index(encoded, cfg.shard_tokens, tmp / DOC_INDEX_FILE)
         n_docs = sum(p.documents for p in plans.values())
         for split, plan in plans.items():
             if plan.documents == 0 and split not in may_be_empty:
+                how = ("; inside documents: every one is too short to cut" if val_split == VAL_INSIDE else "")
                 raise ValueError(
                     f"{corpus_field}.val_fraction={corpus.val_fraction} leaves the {split} split empty "
-                    f"({n_docs} documents in {len(encoded)} encoded chunk(s)); change val_fraction or add documents"
+                    f"({n_docs} documents in {len(encoded)} encoded chunk(s){how}); change val_fraction or add "
+                    "documents"
                 )
+        if val_split == VAL_INSIDE:
+            log.warning("%s: val_fraction=%s by document would leave a split empty (%d document(s)), so the "
+                        "validation split is the last %s of each document, cut at a paragraph break: %d tokens "
+                        "train, %d validate", corpus_field, corpus.val_fraction, plans["train"].documents,
+                        corpus.val_fraction, plans["train"].tokens, plans["val"].tokens)
         shards = {split: _write_split(plan, encoded, dtype, tmp) for split, plan in plans.items()}
         _remove_leftovers(tmp, {DOC_INDEX_FILE} | {s["file"] for entries in shards.values() for s in entries})
         manifest = {
@@ -313,6 +346,7 @@ def run_shard(
             "header_bytes": HEADER_BYTES,
             "corpus": corpus.name,
             "val_fraction": corpus.val_fraction,
+            "val_split": val_split,
             "shard_tokens": cfg.shard_tokens,
             "tokenizer_fingerprint": tok_info["sha256"],
             "vocab_size": tok_info["vocab_size"],
@@ -341,6 +375,7 @@ def run_shard(
             "dtype": dtype.name,
             "shards": {s: len(entries) for s, entries in shards.items()},
             "chunks": len(encoded),
+            "val_split": val_split,
         }
         return BuildOutput(metrics=metrics, meta=meta)
 

@@ -150,7 +150,7 @@ def test_every_step_in_order():
                       gopher_quality=GopherQualityConfig(enabled=True), c4=C4Config(enabled=True),
                       pii=PIIConfig(enabled=True), minhash=MINHASH)
     assert [s.name for s in build_steps(cfg)] == [
-        "fix_text", "normalize_unicode", "strip_control", "gutenberg_boilerplate", "normalize_whitespace",
+        "fix_text", "normalize_unicode", "strip_control", "normalize_whitespace",  # gutenberg: in download
         "min_chars", "max_chars", "language", "gopher_repetition", "gopher_quality", "c4", "pii",
         "dedup", "minhash"]
 

@@ -12,8 +12,9 @@ import pytest
 
 from lmpipe.config.data import C4Config, GopherQualityConfig, GopherRepetitionConfig, LanguageConfig, PIIConfig
 from lmpipe.data.filters import C4Filter, GopherQuality, GopherRepetition, LanguageFilter, count_sentences, split_words
+from lmpipe.data.gutenberg import strip_gutenberg
 from lmpipe.data.splitting import split_documents
-from lmpipe.data.transforms import PIIMasker, fix_text, strip_gutenberg
+from lmpipe.data.transforms import PIIMasker, fix_text
 from tests.conftest import DATA
 
 

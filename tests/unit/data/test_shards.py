@@ -200,7 +200,7 @@ def test_encode_chunk_outputs(encoded: list[StageResult], tokenizer: StageResult
         assert sum(n for n, s in zip(rows["tokens"], rows["split"]) if s == split) == len(stream)
     assert first.metrics["encode_seconds"] > 0
     assert first.meta == {"chunk": "part-000000.parquet", "tokenizer_fingerprint": tokenizer.files["tokenizer.json"],
-                          "dtype": "uint16", "val_fraction": 0.1}
+                          "dtype": "uint16", "val_fraction": 0.1, "val_split": "documents"}
 
 
 # --- the shard stage on real text ----------------------------------------------------------------

@@ -414,14 +414,17 @@ class C4Filter:
             if not line:
                 continue
             n_lines += 1
-            words = split_words(line, language) if unspaced else None
-            if len(line) > max_word and any(len(w) > max_word for w in (words or line.split())):
+            if unspaced:
+                words = split_words(line, language)
+                if len(line) > max_word and any(len(w) > max_word for w in words):
+                    continue
+            elif len(line) > max_word and any(len(w) > max_word for w in line.split()):
                 continue
             if cfg.citations and "[" in line:
                 line = _CITATION.sub("", line).rstrip()
             if punctuation and (not line.endswith(end_marks) or line.endswith(_ELLIPSES)):
                 continue
-            if min_words and len(words if words is not None else line.split(None, min_words - 1)) < min_words:
+            if min_words and len(words if unspaced else line.split(None, min_words - 1)) < min_words:
                 continue
             if self._lower:
                 low = line.lower()

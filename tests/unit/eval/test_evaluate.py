@@ -552,9 +552,9 @@ def sft_gpt(seed: int, vocab_size: int) -> GPT:
 def hand_sft_score(model: GPT, path: Path, tok, eot: int, token_bytes: np.ndarray) -> tuple[float, int, int, int]:
     """(summed nats, scored targets, their bytes, examples) of the held-out examples, each run through the model
     alone from position 0: the cross-entropy of every target whose loss mask is 1, as fine-tuning trains it."""
-    from lmpipe.data.sft import chat_token_ids, encode_chat, read_sft_jsonl, split_indices
+    from lmpipe.data.sft import chat_token_ids, encode_chat, read_sft_examples, split_indices
 
-    examples, _ = read_sft_jsonl(path)
+    examples = read_sft_examples(path).examples
     encoded = encode_chat([e.messages for e in examples], tok, chat_token_ids(tok, eot))
     _, val = split_indices(len(examples))
     nats, count, n_bytes = 0.0, 0, 0

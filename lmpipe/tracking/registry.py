@@ -434,14 +434,15 @@ def held_out_shortfall(metric: str, evaluation: Mapping[str, float], *, min_exam
     stem, _, stat = metric.rpartition(".")
     checks: list[tuple[str, int, str, str]] = []  # (amount key, minimum, what it counts, the config field)
     if stat in METRICS:
-        checks.append((f"{stem}.examples", min_examples, "held-out examples", "min_held_out_examples"))
-        checks.append((f"{stem}.{SCORED['held_out']}", min_tokens, "held-out tokens", "min_held_out_tokens"))
+        checks.append((f"{stem}.examples", min_examples, "held-out example", "min_held_out_examples"))
+        checks.append((f"{stem}.{SCORED['held_out']}", min_tokens, "held-out token", "min_held_out_tokens"))
     elif stat in MC_METRICS:
-        checks.append((f"{stem}.{SCORED['multiple_choice']}", min_examples, "benchmark items",
+        checks.append((f"{stem}.{SCORED['multiple_choice']}", min_examples, "benchmark item",
                        "min_held_out_examples"))
     for key, minimum, what, config_field in checks:
         amount = evaluation.get(key)
         if amount is not None and amount < minimum:
+            what += "" if amount == 1 else "s"
             return (f"{metric} was scored on {amount:,.0f} {what} ({key}), fewer than tracking.{config_field}="
                     f"{minimum:,}: too few to tell the models apart (the champion is kept; score on more held-out "
                     f"data, or lower tracking.{config_field})")

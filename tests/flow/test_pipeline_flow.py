@@ -849,7 +849,7 @@ def test_an_alpaca_json_array_fine_tunes_and_too_few_held_out_examples_decide_no
     n = meta["sft_val_examples"]
     assert (decision["promoted"], decision["decided"]) == (False, False)
     assert decision["reason"] == (
-        f"not decided: finetuned.sft/val.bits_per_byte was scored on {n} held-out examples "
+        f"not decided: finetuned.sft/val.bits_per_byte was scored on {n} held-out example{'s' * (n != 1)} "
         "(finetuned.sft/val.examples), fewer than tracking.min_held_out_examples=30: too few to tell the models apart "
         "(the champion is kept; score on more held-out data, or lower tracking.min_held_out_examples)")
     client = MlflowClient(tracking_uri=summary["tracking_uri"])

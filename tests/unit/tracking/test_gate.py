@@ -25,7 +25,7 @@ def too_few(what: str, amount: str, key: str, field: str, minimum: str, metric: 
     [
         # The case: one held-out SFT example of 14 tokens.
         (SFT, {"finetuned.sft/val.examples": 1, "finetuned.sft/val.tokens": 14},
-         too_few("held-out examples", "1", "finetuned.sft/val.examples", "min_held_out_examples", "30")),
+         too_few("held-out example", "1", "finetuned.sft/val.examples", "min_held_out_examples", "30")),
         (SFT, {"finetuned.sft/val.examples": 300, "finetuned.sft/val.tokens": 999},
          too_few("held-out tokens", "999", "finetuned.sft/val.tokens", "min_held_out_tokens", "1,000")),
         (SFT, {"finetuned.sft/val.examples": 29, "finetuned.sft/val.tokens": 5000},
@@ -62,7 +62,7 @@ def register(workdir, fingerprint, finetuned, tokenizer, evaluation, cfg=None):
 def test_too_little_held_out_data_registers_the_version_undecided(workdir, models, tokenizer) -> None:  # noqa: F811
     small = {SFT: 2.0, "finetuned.sft/val.examples": 1.0, "finetuned.sft/val.tokens": 14.0}
     first, client, run_id = register(workdir, "reg-a", models[0], tokenizer, small)
-    reason = "not decided: " + too_few("held-out examples", "1", "finetuned.sft/val.examples",
+    reason = "not decided: " + too_few("held-out example", "1", "finetuned.sft/val.examples",
                                        "min_held_out_examples", "30")
     decision = first.meta["promotion"]
     assert (decision["promoted"], decision["decided"], decision["reason"]) == (False, False, reason)

@@ -126,7 +126,7 @@ def _train_and_register(config: PipelineConfig, ctx: TrackingContext, ledger: St
     tuned = ledger.run(finetune, model_cfg=config.model, cfg=config.finetune, base=base,
                        shards=ft_shards if sft_cfg is None else None, sft_sha256=sft_sha256,
                        init_sha256=_digest(config.finetune.init_checkpoint, "model.safetensors"),
-                       tokenizer=tokenizer, ctx=ctx)
+                       min_held_out=config.sft_min_held_out(), tokenizer=tokenizer, ctx=ctx)
     if config.classify is not None:
         ledger.run(classify, model_cfg=config.model, cfg=config.classify, base=base, tokenizer=tokenizer,
                    ctx=ctx, data_sha256=_digest(config.classify.path),

@@ -230,14 +230,16 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, shards: StageResult, toke
 
 # sft_sha256 / init_sha256: the content of the SFT file and of an explicit starting checkpoint,
 # not just their paths, decide the result.
-FINETUNE = StageSpec("finetune", configs=("model_cfg", "cfg"), inputs=("sft_sha256", "init_sha256"),
+# min_held_out: with mode sft, the champion gate's minimums, which the held-out SFT split meets (None otherwise).
+FINETUNE = StageSpec("finetune", configs=("model_cfg", "cfg"), inputs=("sft_sha256", "init_sha256", "min_held_out"),
                      upstreams=("base", "shards", "tokenizer"))
 
 
 @stage_task(name="finetune")
 def finetune(model_cfg: ModelConfig, cfg: FinetuneConfig, base: StageResult | None, shards: StageResult | None,
              tokenizer: StageResult, ctx: TrackingContext, sft_sha256: str | None = None,
-             init_sha256: str | None = None, label: str | None = None) -> StageResult:
+             init_sha256: str | None = None, min_held_out: tuple[int, int] | None = None,
+             label: str | None = None) -> StageResult:
     fp, out_dir = FINETUNE.locate(locals())
     if (done := reuse(out_dir)) is not None:
         return done
@@ -249,7 +251,8 @@ def finetune(model_cfg: ModelConfig, cfg: FinetuneConfig, base: StageResult | No
         if shards is not None:
             run.log_shards(shards)
         result = run_finetune(cfg, model_cfg, init, shards, tokenizer, out_dir, fp,
-                              report=Reporters(run.log_metrics, PrefectProgress("finetune")))
+                              report=Reporters(run.log_metrics, PrefectProgress("finetune")),
+                              min_held_out=(min_held_out[0], min_held_out[1]) if min_held_out else (1, 1))
         # adapter/: LoRA with save_adapter; HELD_OUT_FILE: the held-out SFT examples, mode sft
         run.log_result(result, ["metrics.jsonl", "model", "adapter", HELD_OUT_FILE])
     return result

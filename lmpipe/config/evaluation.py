@@ -95,6 +95,17 @@ class TrackingConfig(Section):
     )
     promote_mode: Literal["min", "max"] = Field("min", description="'min': lower is better (loss, bits per "
                                                                     "byte); 'max': higher is better (accuracy).")
+    min_held_out_examples: int = Field(
+        30, ge=1,
+        description="The gate decides only on a figure scored on at least this many held-out examples (a "
+                    "benchmark's items, held-out SFT examples); otherwise the version is registered but not "
+                    "decided on, and the champion stays. With finetune.mode=sft the held-out split holds out at "
+                    "least this many when the file has twice as many usable examples.")
+    min_held_out_tokens: int = Field(
+        1000, ge=1,
+        description="The gate decides only on a held-out loss, perplexity or bits-per-byte figure scored on at "
+                    "least this many tokens (of a corpus's validation split: at most eval.eval_tokens; of the "
+                    "held-out SFT examples: their trained reply tokens).")
 
     @model_validator(mode="after")
     def _two_aliases(self) -> TrackingConfig:

@@ -71,7 +71,26 @@ class PipelineConfig(Section):
         if metric is not None and metric not in self.promotable_metrics():
             raise ValueError(f"tracking.promote_metric={metric!r} is not a metric the evaluation reports; "
                              f"choose one of {sorted(self.promotable_metrics())}")
+        self._check_gate_can_decide()
         return self
+
+    def _check_gate_can_decide(self) -> None:
+        """A corpus figure is scored on at most eval.eval_tokens, a benchmark's on at most its limit: below the
+        gate's minimums it could never decide (an SFT file's held-out amount is known only once it is read)."""
+        metric, track = self.champion_metric(), self.tracking
+        stem, _, stat = metric.rpartition(".")
+        name = stem.removeprefix("finetuned.")
+        if stat in ("loss", "perplexity", "bits_per_byte") and name != SFT_HELD_OUT \
+                and self.eval.eval_tokens < track.min_held_out_tokens:
+            raise ValueError(f"eval.eval_tokens={self.eval.eval_tokens} is fewer than tracking.min_held_out_tokens="
+                             f"{track.min_held_out_tokens}: the champion gate could never decide on {metric}; raise "
+                             "eval.eval_tokens or lower tracking.min_held_out_tokens")
+        for i, bench in enumerate(self.eval.benchmarks):
+            if bench.name == name and bench.limit is not None and bench.limit < track.min_held_out_examples:
+                raise ValueError(f"eval.benchmarks.{i}.limit={bench.limit} is fewer than tracking."
+                                 f"min_held_out_examples={track.min_held_out_examples}: the champion gate could "
+                                 f"never decide on {metric}; raise the limit or lower "
+                                 "tracking.min_held_out_examples")
 
     def champion_metric(self) -> str:
         """The metric the promotion gate compares: tracking.promote_metric or its default (bits per byte on
@@ -81,6 +100,13 @@ class PipelineConfig(Section):
         if isinstance(self.finetune, SFTFinetuneConfig):
             return f"finetuned.{SFT_HELD_OUT}.bits_per_byte"
         return f"finetuned.{(self.data.finetune or self.data.pretrain).name}.bits_per_byte"
+
+    def sft_min_held_out(self) -> tuple[int, int] | None:
+        """With finetune.mode=sft, the (examples, tokens) the held-out SFT examples hold at least when the file
+        has enough (the champion gate's minimums); None in mode continue, whose fine-tuning they do not change."""
+        if not isinstance(self.finetune, SFTFinetuneConfig):
+            return None
+        return self.tracking.min_held_out_examples, self.tracking.min_held_out_tokens
 
     def promotable_metrics(self) -> set[str]:
         """The fine-tuned model's evaluation metrics, by name (what tracking.promote_metric may be)."""

@@ -221,16 +221,19 @@ class ContinueFinetuneConfig(FinetuneConfig):
 
 
 class SFTFinetuneConfig(FinetuneConfig):
-    """Supervised fine-tuning on chat or instruction examples (a JSONL file), the loss on the replies only."""
+    """Supervised fine-tuning on chat or instruction examples (a JSON lines or JSON array file), the loss on the
+    replies only."""
 
     mode: Literal["sft"] = Field(
         "sft", description="'continue': train on data.finetune; 'sft': the chat examples of sft_path.")
     sft_path: str = Field(
         min_length=1,
-        description="JSONL of SFT examples, one per line in any of the shapes {prompt, completion}, "
-                    "{prompt, response}, Alpaca {instruction, input (optional), output} or {messages: [{role: "
-                    "system|user|assistant, content}, ...]}; rendered with the chat template on the "
-                    "tokenizer's reserved tokens, the loss only on the assistant's replies.")
+        description="SFT examples: JSON lines (one record per line) or one JSON array of records (a file "
+                    "starting with '['), in any of the shapes {prompt, completion or response}, Alpaca "
+                    "{instruction, input or context (optional), output or response}, {messages: [{role: "
+                    "system|user|assistant, content}, ...]} or ShareGPT {conversations: [{from: human|gpt|system, "
+                    "value}, ...]}; rendered with the chat template on the tokenizer's reserved tokens, the loss "
+                    "only on the assistant's replies.")
     sft_layout: Literal["padded", "packed"] = Field(
         "padded", description="'padded': each example fills one model.block_size window (end-of-text padding, no "
                               "loss), so no example attends to another; 'packed': examples back to back, cheaper "

@@ -1,19 +1,26 @@
 """Supervised fine-tuning data: chat-formatted examples, with the loss only on the assistant's replies.
 
-Formats. Input is JSONL, one example per line, in any of these shapes (told
-apart per line by their keys; other keys, such as an "id", are ignored)::
+Formats. Input is JSON lines (one record per line) or one JSON array of records
+(told apart by the file's first character, ``[`` for an array; a ``.jsonl`` file
+holding an array is an error that says what to do). Each record is in one of these
+shapes, told apart by its keys (other keys, such as an "id", are ignored; a file
+may mix shapes, and the stage reports how many records of each it read)::
 
-    {"prompt": "Who wrote Hamlet?", "completion": "Shakespeare."}
-    {"prompt": "Who wrote Hamlet?", "response": "Shakespeare."}
+    {"prompt": "Who wrote Hamlet?", "completion": "Shakespeare."}          # or "response"
     {"instruction": "Name the author.", "input": "Hamlet", "output": "Shakespeare."}   # Alpaca; input optional
+    {"instruction": "...", "context": "...", "response": "..."}               # the same, as Dolly names them
     {"messages": [{"role": "system", "content": "Be brief."},
                   {"role": "user", "content": "Who wrote Hamlet?"},
                   {"role": "assistant", "content": "Shakespeare."}]}
+    {"conversations": [{"from": "human", "value": "Who wrote Hamlet?"},    # ShareGPT
+                       {"from": "gpt", "value": "Shakespeare."}]}
 
-A prompt/completion (or prompt/response) pair is one user turn and one
-assistant turn; an Alpaca example is a user turn of the instruction (plus
-"\\n\\n" and the input when the input is not empty) and an assistant turn of the
-output. A messages example needs at least one assistant turn.
+A prompt/completion pair is one user turn and one assistant turn; an Alpaca
+example is a user turn of the instruction (plus "\\n\\n" and the input when the
+input is not empty) and an assistant turn of the output. A messages or ShareGPT
+example needs at least one assistant turn; ShareGPT's speakers are mapped to the
+three roles (``SHAREGPT_ROLES``: human/user, gpt/assistant/chatgpt/bard/bing/model,
+system). Any record may carry a "system" string, which becomes a first system turn.
 
 Chat template. Built on the tokenizer's reserved special tokens
 (``lmpipe.config.CHAT_TOKENS`` and the end-of-text token), each turn is
@@ -55,7 +62,8 @@ tokens that are example tokens (1.0 would be no padding at all).
 In both layouts an example longer than ``block_size`` is
 an error (or skipped and counted), since its reply would lose the start of its
 context.
-Every ``VAL_EVERY``-th example is held out for validation.
+Every ``VAL_EVERY``-th example is held out for validation, or more when those are
+too few for the champion gate to decide on (``held_out_split``).
 """
 
 from __future__ import annotations
@@ -63,7 +71,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -72,24 +81,33 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lmpipe.config.base import CHAT_TOKENS, EOT
-from lmpipe.data.jsonl import jsonl_records
+from lmpipe.data.jsonl import JSONArrayError, json_array_records, jsonl_records, starts_with_array
 from lmpipe.data.tokenizer import encode_ordinary
 
-VAL_EVERY = 10  # every 10th example is held out for validation
+log = logging.getLogger(__name__)
+
+VAL_EVERY = 10  # every 10th example is held out for validation (or more: held_out_split)
 MAX_REPORTED = 5  # line numbers of skipped examples kept for the stage's meta
 
 Role = Literal["system", "user", "assistant"]
 Layout = Literal["padded", "packed"]
 ROLE_TOKENS: dict[str, str] = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_TOKEN = "<|end|>"
-# The keys that identify each format; a line with keys of two formats is ambiguous.
-_FORMAT_KEYS: dict[str, frozenset[str]] = {
-    "prompt/completion": frozenset({"prompt", "completion", "response"}),
-    "alpaca": frozenset({"instruction", "input", "output"}),
+# The record shapes and the keys that tell each apart ("response" is a reply in two shapes, so it tells none);
+# a record with keys of two shapes is ambiguous.
+_SHAPE_KEYS: dict[str, frozenset[str]] = {
+    "prompt/completion": frozenset({"prompt", "completion"}),
+    "alpaca": frozenset({"instruction", "input", "output", "context"}),
     "messages": frozenset({"messages"}),
+    "sharegpt": frozenset({"conversations"}),
 }
-_FORMATS_HELP = ('{"prompt", "completion"}, {"prompt", "response"}, {"instruction", "input"?, "output"} '
-                 'or {"messages": [{"role", "content"}, ...]}')
+# ShareGPT's speaker names ("from"), as the ShareGPT dumps, FastChat, Axolotl and LLaMA-Factory write them.
+SHAREGPT_ROLES: dict[str, str] = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                                  "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant",
+                                  "bing": "assistant", "model": "assistant"}
+_FORMATS_HELP = ('{"prompt", "completion" or "response"}, Alpaca {"instruction", "input" or "context" (optional), '
+                 '"output" or "response"}, {"messages": [{"role", "content"}, ...]} or ShareGPT {"conversations": '
+                 '[{"from", "value"}, ...]}')
 
 
 class SFTFormatError(ValueError):
@@ -108,10 +126,15 @@ class Message:
 
 @dataclass(frozen=True)
 class SFTExample:
-    """One conversation and the 1-based line of the file it came from (for error messages)."""
+    """One conversation, the 1-based line of the file it came from and, in a JSON array, its 1-based record
+    number (for error messages)."""
 
     messages: tuple[Message, ...]
     line: int
+    record: int | None = None
+
+    def where(self, path: Path) -> str:
+        return f"{path}:{self.line}" + (f" (record {self.record})" if self.record else "")
 
 
 @dataclass(frozen=True)
@@ -139,10 +162,14 @@ class SFTData:
     skipped_long: int = 0
     skipped_long_lines: list[int] = dataclasses.field(default_factory=list)  # the first MAX_REPORTED
     fill: float = 1.0  # share of the training windows' tokens that are example tokens (the rest is padding)
+    format: str = ""  # the file's format in words (SFTFile.describe)
+    shapes: dict[str, int] = dataclasses.field(default_factory=dict)  # records read of each shape
 
     def meta(self) -> dict[str, Any]:
-        """The stage-meta entries: example counts, layout and skipped lines."""
+        """The stage-meta entries: the file's format, example counts, layout and skipped lines."""
         return {
+            "sft_format": self.format,
+            "sft_shapes": self.shapes,
             "sft_train_examples": self.train_examples,
             "sft_val_examples": self.val_examples,
             "sft_layout": self.layout,
@@ -170,8 +197,30 @@ def _require(obj: dict[str, Any], *keys: str) -> None:
             raise _LineError(f"missing key {key!r} (keys: {sorted(obj)})")
 
 
+def _one_of(obj: dict[str, Any], keys: tuple[str, str], required: bool) -> str | None:
+    """The one of two alternative keys the record has (None: neither, when not ``required``)."""
+    present = [k for k in keys if k in obj]
+    if len(present) == 2:
+        raise _LineError(f"has both {keys[0]!r} and {keys[1]!r}: give one")
+    if not present and required:
+        raise _LineError(f"missing key {keys[0]!r} or {keys[1]!r} (keys: {sorted(obj)})")
+    return present[0] if present else None
+
+
+def record_shape(obj: dict[str, Any]) -> str:
+    """The shape of one record (a key of ``_SHAPE_KEYS``), from its keys; raises _LineError if none or two match."""
+    shapes = [name for name, keys in _SHAPE_KEYS.items() if keys & obj.keys()]
+    if not shapes and "response" in obj:  # {"response": ...} alone: a prompt/response pair without its prompt
+        shapes = ["prompt/completion"]
+    if not shapes:
+        raise _LineError(f"matches none of the formats {_FORMATS_HELP} (keys: {sorted(obj)})")
+    if len(shapes) > 1:
+        raise _LineError(f"mixes the keys of the formats {shapes} (keys: {sorted(obj)})")
+    return shapes[0]
+
+
 def parse_example(obj: Any) -> tuple[Message, ...]:
-    """One decoded JSON line -> its conversation; raises _LineError naming the problem."""
+    """One decoded record -> its conversation; raises _LineError naming the problem."""
     messages = _conversation(obj)
     if not any(m.content for m in messages if m.role == "assistant"):
         raise _LineError("the assistant's reply is empty: nothing to train on but the closing tokens")
@@ -181,77 +230,136 @@ def parse_example(obj: Any) -> tuple[Message, ...]:
 def _conversation(obj: Any) -> tuple[Message, ...]:
     if not isinstance(obj, dict):
         raise _LineError(f"expected a JSON object of one of the formats {_FORMATS_HELP}, got {type(obj).__name__}")
-    formats = [name for name, keys in _FORMAT_KEYS.items() if keys & obj.keys()]
-    if not formats:
-        raise _LineError(f"matches none of the formats {_FORMATS_HELP} (keys: {sorted(obj)})")
-    if len(formats) > 1:
-        raise _LineError(f"mixes the keys of the formats {formats} (keys: {sorted(obj)})")
-    if formats[0] == "prompt/completion":
-        if "completion" in obj and "response" in obj:
-            raise _LineError("has both 'completion' and 'response': give one")
-        reply = "completion" if "completion" in obj else "response"
-        if reply not in obj:
-            raise _LineError(f"missing key 'completion' or 'response' (keys: {sorted(obj)})")
+    shape = record_shape(obj)
+    turns: tuple[Message, ...]
+    if shape == "prompt/completion":
+        reply = _one_of(obj, ("completion", "response"), required=True)
+        assert reply is not None
         _require(obj, "prompt")
-        return Message("user", _string(obj, "prompt")), Message("assistant", _string(obj, reply))
-    if formats[0] == "alpaca":
-        _require(obj, "instruction", "output")
+        turns = (Message("user", _string(obj, "prompt")), Message("assistant", _string(obj, reply)))
+    elif shape == "alpaca":
+        _require(obj, "instruction")
+        reply = _one_of(obj, ("output", "response"), required=True)
+        assert reply is not None
+        extra_key = _one_of(obj, ("input", "context"), required=False)
         user = _string(obj, "instruction")
-        extra = _string(obj, "input") if "input" in obj else ""
+        extra = _string(obj, extra_key) if extra_key else ""
         if extra:
             user += "\n\n" + extra
-        return Message("user", user), Message("assistant", _string(obj, "output"))
-    turns = obj["messages"]
+        turns = (Message("user", user), Message("assistant", _string(obj, reply)))
+    elif shape == "messages":
+        turns = _turns(obj, "messages", ("role", "content"), {r: r for r in ROLE_TOKENS}, "role/content")
+    else:
+        turns = _turns(obj, "conversations", ("from", "value"), SHAREGPT_ROLES, "from/value")
+    system = _string(obj, "system") if "system" in obj else ""
+    if system:  # a system prompt beside the turns (LLaMA-Factory, FastChat): the first turn
+        if turns[0].role == "system":
+            raise _LineError("has both a 'system' key and a system turn: give one")
+        turns = (Message("system", system), *turns)
+    return turns
+
+
+def _turns(obj: dict[str, Any], key: str, fields: tuple[str, str], roles: dict[str, str],
+           other: str) -> tuple[Message, ...]:
+    """The turns of a ``messages`` (role/content) or ShareGPT ``conversations`` (from/value) list; ``roles``
+    maps the record's role names to ours."""
+    turns = obj[key]
     if not isinstance(turns, list) or not turns:
-        raise _LineError(f"'messages' must be a non-empty list, got {json.dumps(turns)[:40]}")
+        raise _LineError(f"{key!r} must be a non-empty list, got {json.dumps(turns)[:40]}")
+    who, what = fields
     messages = []
     for i, turn in enumerate(turns):
-        where = f"messages[{i}]: "
+        where = f"{key}[{i}]: "
         if not isinstance(turn, dict):
-            raise _LineError(f"{where}expected an object with 'role' and 'content', got {type(turn).__name__}")
-        for key in ("role", "content"):
-            if key not in turn:
-                raise _LineError(f"{where}missing key {key!r} (keys: {sorted(turn)})")
-        role = _string(turn, "role", where)
-        if role not in ROLE_TOKENS:
-            raise _LineError(f"{where}unknown role {role!r} (expected one of {', '.join(ROLE_TOKENS)})")
-        messages.append(Message(cast(Role, role), _string(turn, "content", where)))
+            raise _LineError(f"{where}expected an object with {who!r} and {what!r}, got {type(turn).__name__}")
+        for field in fields:
+            if field not in turn:
+                hint = ""
+                if key == "conversations" and {"role", "content"} <= turn.keys():
+                    hint = ": ShareGPT 'conversations' turns are {from, value}; {role, content} turns go in 'messages'"
+                elif key == "messages" and {"from", "value"} <= turn.keys():
+                    hint = ": 'messages' turns are {role, content}; ShareGPT {from, value} turns go in 'conversations'"
+                raise _LineError(f"{where}missing key {field!r} (keys: {sorted(turn)}){hint}")
+        role = _string(turn, who, where)
+        if role not in roles:
+            raise _LineError(f"{where}unknown {who} {role!r} (expected one of {', '.join(roles)})")
+        messages.append(Message(cast(Role, roles[role]), _string(turn, what, where)))
     if not any(m.role == "assistant" for m in messages):
-        raise _LineError("'messages' has no 'assistant' turn: nothing to train on")
+        names = "/".join(name for name, role in roles.items() if role == "assistant")
+        raise _LineError(f"{key!r} has no {names!r} turn: nothing to train on")
     return tuple(messages)
 
 
-def read_sft_jsonl(
-    path: Path, *, skip_bad: bool = False, field: str = "finetune.sft_path"
-) -> tuple[list[SFTExample], list[int]]:
-    """Parse the file into (examples, line numbers of the skipped bad lines); blank lines are skipped.
+@dataclass
+class SFTFile:
+    """What :func:`read_sft_examples` read: the examples, the skipped bad records' lines, the container (JSON
+    lines or one JSON array) and how many records of each shape it holds (a file may mix shapes)."""
 
-    A bad line (not UTF-8, not JSON, no known format, a field missing or of the
-    wrong type, an unknown role, no assistant turn) raises SFTFormatError naming
-    the field, the file and the 1-based line; with ``skip_bad`` it is skipped
-    and its line number returned instead.
+    examples: list[SFTExample]
+    bad: list[int]
+    container: str
+    shapes: dict[str, int]
+
+    def describe(self) -> str:
+        """The file's format in words: ``alpaca records in a JSON array``, ``JSON lines of messages (3) and
+        prompt/completion (2) records``."""
+        if len(self.shapes) == 1:
+            return f"{next(iter(self.shapes))} records, {self.container}"
+        mixed = " and ".join(f"{shape} ({n})" for shape, n in self.shapes.items())
+        return f"{mixed} records, {self.container}"
+
+
+def read_sft_examples(path: Path, *, skip_bad: bool = False, field: str = "finetune.sft_path") -> SFTFile:
+    """Parse an SFT file: JSON lines (one record per line; blank lines are skipped) or, when its first character
+    is ``[``, one JSON array of records, read as a stream (``lmpipe.data.jsonl.json_array_records``).
+
+    The container is told by the content, not the name (a ``.json`` file of JSON lines
+    is read as JSON lines, as ``datasets`` does), except that a ``.jsonl`` file holding
+    an array is an error that says what to do. Each record's shape is told
+    by its keys (``_SHAPE_KEYS``), so a file may mix shapes; ``SFTFile.shapes`` counts them. A bad record
+    (not UTF-8, not JSON, no known shape, a field missing or of the wrong type, an
+    unknown role, no assistant turn) raises SFTFormatError naming the field, the file,
+    the 1-based line (and in an array, the record's number); with ``skip_bad`` it is
+    skipped and its line returned instead. An array whose text is not valid JSON is an
+    error even with ``skip_bad``: the records after the error cannot be found.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{field}: SFT file {str(path)!r} does not exist")
-    examples: list[SFTExample] = []
-    bad: list[int] = []
+    is_array = starts_with_array(path)
+    if is_array and path.suffix.lower() == ".jsonl":
+        raise SFTFormatError(f"{field}: {path}:1: holds a JSON array, but a .jsonl file is read as JSON lines (one "
+                             "record per line): rename it to .json to read it as one array of records, or write "
+                             "one record per line")
+    expected = f"a JSON object of one of the formats {_FORMATS_HELP}"
+    records: Iterator[tuple[int, int | None, dict[str, Any] | str]] = (
+        json_array_records(path, expected) if is_array else
+        ((line, None, r) for line, r in jsonl_records(path, expected, array_hint=(
+            "holds a JSON array, not a record: JSON lines hold one record (a JSON object) per line; a file that "
+            "is one JSON array of records is read as such when its first character is '['"))))
+    read = SFTFile([], [], "JSON array" if is_array else "JSON lines", {})
     first_error = ""
-    for lineno, record in jsonl_records(path, f"a JSON object of one of the formats {_FORMATS_HELP}"):
-        try:
-            if isinstance(record, str):
-                raise _LineError(record)
-            examples.append(SFTExample(parse_example(record), lineno))
-        except _LineError as err:
-            message = f"{field}: {path}:{lineno}: {err}"
-            if not skip_bad:
-                raise SFTFormatError(message) from None
-            bad.append(lineno)
-            first_error = first_error or message
-    if not examples:
-        detail = f"; {len(bad)} bad line(s) skipped, the first: {first_error}" if bad else ""
+    try:
+        for line, number, record in records:
+            at = f"{path}:{line}" + (f" (record {number})" if number else "")
+            try:
+                if isinstance(record, str):
+                    raise _LineError(record)
+                read.examples.append(SFTExample(parse_example(record), line, number))
+                shape = record_shape(record)
+                read.shapes[shape] = read.shapes.get(shape, 0) + 1
+            except _LineError as err:
+                message = f"{field}: {at}: {err}"
+                if not skip_bad:
+                    raise SFTFormatError(message) from None
+                read.bad.append(line)
+                first_error = first_error or message
+    except JSONArrayError as err:
+        raise SFTFormatError(f"{field}: {path}:{err.line}: {err.problem}") from None
+    if not read.examples:
+        detail = f"; {len(read.bad)} bad record(s) skipped, the first: {first_error}" if read.bad else ""
         raise SFTFormatError(f"{field}: SFT file {str(path)!r} holds no examples{detail}")
-    return examples, bad
+    return read
 
 
 # -- template ------------------------------------------------------------------
@@ -400,6 +508,41 @@ def split_indices(n: int, every: int = VAL_EVERY, what: str = "SFT") -> tuple[li
     return [i for i in range(n) if i not in held], val
 
 
+# Which examples are held out beyond every VAL_EVERY-th when that is too few to decide on: by their place in each
+# group of ten (spread over the file), then in file order.
+_HELD_OUT_ORDER = (9, 4, 6, 1, 8, 3, 7, 2, 5, 0)
+
+
+def held_out_split(targets: Sequence[int], *, min_examples: int = 1,
+                   min_tokens: int = 1) -> tuple[list[int], list[int]]:
+    """(train, val) indices of examples with ``targets[i]`` trained tokens each: every VAL_EVERY-th example
+    (``split_indices``), or more when those are fewer than ``min_examples`` examples or ``min_tokens`` targets.
+
+    The champion gate refuses to decide on fewer (``tracking.min_held_out_examples`` and
+    ``min_held_out_tokens``), so the split holds out enough whenever the file has enough
+    examples: more examples are added in a fixed order (``_HELD_OUT_ORDER``), until both
+    minimums are met, as long as at least as many are trained on as are held out. When
+    even half of the examples are not enough, the split stays every VAL_EVERY-th (more
+    held out would cost training data without letting the gate decide). Deterministic:
+    the same examples give the same split.
+    """
+    train, val = split_indices(len(targets))
+    chosen, tokens = list(val), sum(targets[i] for i in val)
+    if len(chosen) >= min_examples and tokens >= min_tokens:
+        return train, val
+    held = set(val)
+    rank = {residue: k for k, residue in enumerate(_HELD_OUT_ORDER)}
+    for i in sorted((i for i in range(len(targets)) if i not in held), key=lambda i: (rank[i % VAL_EVERY], i)):
+        if len(chosen) >= len(targets) // 2 or (len(chosen) >= min_examples and tokens >= min_tokens):
+            break
+        chosen.append(i)
+        tokens += targets[i]
+    if len(chosen) < min_examples or tokens < min_tokens:
+        return train, val
+    held = set(chosen)
+    return [i for i in range(len(targets)) if i not in held], sorted(held)
+
+
 def build_sft_data(
     path: Path,
     tok: Tokenizer,
@@ -410,38 +553,51 @@ def build_sft_data(
     skip_long: bool = False,
     skip_bad: bool = False,
     field: str = "finetune.sft_path",
+    min_held_out: tuple[int, int] = (1, 1),
 ) -> SFTData:
     """Read, encode, check the length of, split and lay out an SFT file.
 
     An example longer than ``block_size`` tokens raises SFTFormatError naming its
     line, unless ``skip_long`` (then it is counted in SFTData.skipped_long).
+    ``min_held_out``: the (examples, trained tokens) the champion gate decides on at
+    least (``held_out_split``), chosen among the examples that fit the context.
     """
     ids = chat_token_ids(tok, eot_id)
-    examples, bad = read_sft_jsonl(path, skip_bad=skip_bad, field=field)
-    encoded = encode_chat([e.messages for e in examples], tok, ids)
+    read = read_sft_examples(path, skip_bad=skip_bad, field=field)
+    encoded = encode_chat([e.messages for e in read.examples], tok, ids)
     kept: list[tuple[list[int], list[int]]] = []
     long_lines: list[int] = []
-    for example, (tokens, mask) in zip(examples, encoded):
+    for example, (tokens, mask) in zip(read.examples, encoded):
         if len(tokens) <= block_size:
             kept.append((tokens, mask))
             continue
         if not skip_long:
             raise SFTFormatError(
-                f"{field}: {path}:{example.line}: the example is {len(tokens)} tokens, longer than "
+                f"{field}: {example.where(path)}: the example is {len(tokens)} tokens, longer than "
                 f"model.block_size={block_size}: shorten it, raise model.block_size, or set "
                 "finetune.sft_skip_long=true to skip such examples"
             )
         long_lines.append(example.line)
+    targets = [sum(mask) for _, mask in kept]
     try:
-        train_idx, val_idx = split_indices(len(kept))
+        train_idx, val_idx = held_out_split(targets, min_examples=min_held_out[0], min_tokens=min_held_out[1])
     except ValueError as err:
         skipped = f" ({len(long_lines)} longer than model.block_size={block_size} skipped)" if long_lines else ""
         raise SFTFormatError(f"{field}: {path}: {err}{skipped}") from None
+    val_targets = sum(targets[i] for i in val_idx)
+    log.info("%s: %s read as %s: %d examples, %d held out (%d trained tokens)", field, path, read.describe(),
+             len(kept), len(val_idx), val_targets)
+    if len(val_idx) < min_held_out[0] or val_targets < min_held_out[1]:
+        log.warning("%s: %s: %d held-out examples (%d trained tokens), fewer than the champion gate decides on "
+                    "(%d examples, %d tokens: tracking.min_held_out_examples, min_held_out_tokens): %d usable "
+                    "examples are too few to hold out that many and train on as many, so the gate will not decide "
+                    "on the held-out SFT figures", field, path, len(val_idx), val_targets, *min_held_out, len(kept))
     train_tokens, train_mask = layout_stream([kept[i] for i in train_idx], layout, block_size, eot_id)
     val_tokens, val_mask = layout_stream([kept[i] for i in val_idx], layout, block_size, eot_id)
     fill = sum(len(kept[i][0]) for i in train_idx) / (len(train_tokens) - 1)  # the stream is n * block_size + 1
     return SFTData(train_tokens, train_mask, val_tokens, val_mask, len(train_idx), len(val_idx), layout,
-                   len(bad), bad[:MAX_REPORTED], len(long_lines), long_lines[:MAX_REPORTED], round(fill, 4))
+                   len(read.bad), read.bad[:MAX_REPORTED], len(long_lines), long_lines[:MAX_REPORTED],
+                   round(fill, 4), read.describe(), read.shapes)
 
 
 # -- the held-out examples, handed from fine-tuning to evaluation ----------------

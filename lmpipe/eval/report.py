@@ -142,7 +142,8 @@ def _held_out_section(results: list[dict[str, Any]], eval_tokens: int, against: 
         lines += [
             "",
             f"`{SFT_HELD_OUT}`: all the held-out examples of the fine-tuning run's finetune.sft_path (every "
-            f"{VAL_EVERY}th example it kept), in its windows; only the assistant's targets are scored (each reply, "
+            f"{VAL_EVERY}th example it kept, or more when those are too few for the champion gate), in its "
+            "windows; only the assistant's targets are scored (each reply, "
             "its `<|end|>` and the closing end-of-text), as fine-tuning trains on them: the task itself.",
         ]
 

@@ -27,6 +27,7 @@ def run_finetune(
     fingerprint: str,
     *,
     report: Reporters = SILENT,
+    min_held_out: tuple[int, int] = (1, 1),
 ) -> StageResult:
     """Stage: continue training ``init``'s weights (fresh optimizer and schedule).
 
@@ -34,7 +35,9 @@ def run_finetune(
     ft_cfg.sft_path's examples in the chat template (``lmpipe.data.sft``), with the
     loss on the assistant's replies only; in the padded layout every training and
     validation window is exactly one example, in the packed layout one bin of whole
-    examples that do not attend to each other (``doc_sep`` = end-of-text).
+    examples that do not attend to each other (``doc_sep`` = end-of-text). ``min_held_out``: the
+    (examples, tokens) the held-out SFT examples hold at least when the file has enough
+    (``lmpipe.data.sft.held_out_split``: the champion gate's minimums).
     """
 
     def build(tmp: Path) -> BuildOutput:
@@ -54,13 +57,14 @@ def run_finetune(
             eot = meta_eot_id(tok, tokenizer.path(META_FILE))
             sft = build_sft_data(Path(ft_cfg.sft_path), tok, eot, model_cfg.block_size, layout=ft_cfg.sft_layout,
                                  skip_long=ft_cfg.sft_skip_long, skip_bad=ft_cfg.sft_skip_bad,
-                                 field="finetune.sft_path")
+                                 field="finetune.sft_path", min_held_out=min_held_out)
             data = TrainData(ArraySource(sft.train_tokens), ArraySource(sft.val_tokens),
                              ArraySource(sft.train_mask), ArraySource(sft.val_mask), aligned_val=True,
                              doc_sep=eot if ft_cfg.sft_layout == "packed" else None)
             meta = sft.meta() | write_held_out(sft, tmp, {  # what evaluation scores the models on
                 "path": ft_cfg.sft_path, "layout": ft_cfg.sft_layout, "block_size": model_cfg.block_size,
-                "skip_long": ft_cfg.sft_skip_long, "skip_bad": ft_cfg.sft_skip_bad})
+                "skip_long": ft_cfg.sft_skip_long, "skip_bad": ft_cfg.sft_skip_bad,
+                "min_held_out": list(min_held_out)})
         summary = train(model_cfg, ft_cfg, vocab_size, data, tmp, tokenizer_fingerprint=tok_fp,
                         init_from=init_dir, log_metrics=report.metrics, on_progress=report.progress)
         if ft_cfg.lora is not None:

@@ -10,7 +10,7 @@ from lmpipe.config.base import CHAT_TOKENS
 from lmpipe.config.pipeline import PipelineConfig
 from lmpipe.config.training import SFTFinetuneConfig
 from lmpipe.data.labelled import build_classify_data, read_examples
-from lmpipe.data.sft import build_sft_data, read_sft_jsonl
+from lmpipe.data.sft import build_sft_data, read_sft_examples
 from lmpipe.data.shards import read_manifest
 from lmpipe.data.sources import check_sources
 from lmpipe.data.tokenizer import META_FILE, TOKENIZER_FILE, load_tokenizer, meta_eot_id
@@ -41,7 +41,7 @@ def check_inputs(config: PipelineConfig, *, training: bool = True) -> None:
                              f"finetune.mode='sft' renders its chat template with: keep all of {CHAT_TOKENS}")
         if not Path(ft.sft_path).is_file():
             raise FileNotFoundError(f"finetune.sft_path: file {ft.sft_path!r} does not exist")
-        read_sft_jsonl(Path(ft.sft_path), skip_bad=ft.sft_skip_bad)  # format errors now; lengths need the tokenizer
+        read_sft_examples(Path(ft.sft_path), skip_bad=ft.sft_skip_bad)  # format errors now; lengths need the tokenizer
     check_init_checkpoint(config)
     if ft.lora is not None:
         check_targets(config.model, ft.lora)  # a target no layer has: named now
@@ -67,7 +67,8 @@ def check_context_fits(config: PipelineConfig, corpora: dict[str, StageResult], 
     ft = config.finetune
     if isinstance(ft, SFTFinetuneConfig):
         build_sft_data(Path(ft.sft_path), tok, eot, config.model.block_size, layout=ft.sft_layout,
-                       skip_long=ft.sft_skip_long, skip_bad=ft.sft_skip_bad, field="finetune.sft_path")
+                       skip_long=ft.sft_skip_long, skip_bad=ft.sft_skip_bad, field="finetune.sft_path",
+                       min_held_out=config.sft_min_held_out() or (1, 1))
     if config.classify is not None:
         build_classify_data(config.classify, tok, eot, config.model.block_size)
     need = config.model.block_size + 1

@@ -12,6 +12,7 @@ from lmpipe.data.increments import TrainedOn
 from lmpipe.tracking.registry import (
     DECISION_TAG,
     FINETUNE_TAG,
+    held_out_shortfall,
     promote_if_better,
     recorded_decision,
     register_model,
@@ -44,6 +45,8 @@ def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finet
     key = scored_key(metric)
     # How much the figure was scored on, for the gate to compare it only with a figure scored on as much.
     scored = (key, evaluation[key]) if key is not None and key in evaluation else None
+    too_little = held_out_shortfall(metric, evaluation, min_examples=cfg.min_held_out_examples,
+                                    min_tokens=cfg.min_held_out_tokens)
 
     def build(tmp: Path) -> BuildOutput:
         # The evaluation figures the caller logged are in the run before a version points at it: champion_metrics
@@ -62,12 +65,14 @@ def run_register(cfg: TrackingConfig, ctx: TrackingContext, run: StageRun, finet
             decision = promote_if_better(run.client, cfg.registered_model, info["version"], metric,
                                          evaluation[metric], mode=cfg.promote_mode, alias=cfg.champion_alias,
                                          tags={FINETUNE_TAG: finetuned.fingerprint}, aliases=(cfg.alias,),
-                                         scored=scored)
+                                         scored=scored, too_little=too_little)
         info["promotion"] = decision
         run.set_tags({DECISION_TAG: info["promotion"]["reason"],
-                      DECISION_TAG + ".promoted": info["promotion"]["promoted"]})
+                      DECISION_TAG + ".promoted": info["promotion"]["promoted"],
+                      DECISION_TAG + ".decided": info["promotion"].get("decided", True)})
         write_json_atomic(tmp / "registration.json", {**info, "tracking_uri": ctx.uri})
         return BuildOutput(metrics={"version": float(info["version"]),
-                                    "promoted": float(info["promotion"]["promoted"])}, meta=info)
+                                    "promoted": float(info["promotion"]["promoted"]),
+                                    "decided": float(info["promotion"].get("decided", True))}, meta=info)
 
     return run_stage("register", fingerprint, out_dir, build)

@@ -224,7 +224,8 @@ def _champion_figures(client: MlflowClient, champion: Any, keys: tuple[str, ...]
 
 def promote_if_better(client: MlflowClient, name: str, version: str, metric: str, value: float, *,
                       mode: str, alias: str, tags: Mapping[str, str] | None = None,
-                      aliases: tuple[str, ...] = (), scored: tuple[str, float] | None = None) -> dict[str, Any]:
+                      aliases: tuple[str, ...] = (), scored: tuple[str, float] | None = None,
+                      too_little: str | None = None) -> dict[str, Any]:
     """The promotion gate: point ``alias`` at ``version`` only if it beats the version the alias holds.
 
     The new version is tagged with ``tags`` (where it came from), its figure (and, with
@@ -242,7 +243,9 @@ def promote_if_better(client: MlflowClient, name: str, version: str, metric: str
     figure counts only against one scored on the same amount, as the evaluation report
     compares them; otherwise the champion stays ("not comparable"), since a different
     token budget or benchmark limit moves the figure by itself. A non-finite figure is
-    never promoted.
+    never promoted. ``too_little`` (``held_out_shortfall``): the figure was scored on too
+    little held-out data to decide on, and why; the gate then does not decide ("not
+    decided: ..."), and no champion alias moves, whether or not there is a champion.
     """
     value = float(value)
     for key, tag in (tags or {}).items():
@@ -261,7 +264,9 @@ def promote_if_better(client: MlflowClient, name: str, version: str, metric: str
                                                             (metric,) + ((scored[0],) if scored else ()))
     best = figures.get(metric)
     best_amount = figures.get(scored[0]) if scored else None
-    if not math.isfinite(value):
+    if too_little is not None:
+        promoted, reason = False, f"not decided: {too_little}"
+    elif not math.isfinite(value):
         promoted, reason = False, f"{metric} is {value}, not a finite figure"
     elif champion is None:
         promoted, reason = True, f"no @{alias} yet"
@@ -282,10 +287,11 @@ def promote_if_better(client: MlflowClient, name: str, version: str, metric: str
         "metric": metric, "mode": mode, "alias": alias, "value": value,
         "champion_version": None if champion is None else str(champion.version),
         "champion_value": best, "scored": amount, "champion_scored": best_amount,
-        "promoted": promoted, "reason": reason,
+        "promoted": promoted, "decided": too_little is None, "reason": reason,
     }
     client.set_model_version_tag(name, version, DECISION_DETAIL_TAG, json.dumps(decision))
-    client.set_model_version_tag(name, version, DECISION_TAG, f"{'promoted' if promoted else 'not promoted'}: {reason}")
+    client.set_model_version_tag(name, version, DECISION_TAG,
+                                 reason if too_little else f"{'promoted' if promoted else 'not promoted'}: {reason}")
     for moved in aliases:
         client.set_registered_model_alias(name, moved, version)
     if promoted:
@@ -309,7 +315,8 @@ def recorded_decision(client: MlflowClient, name: str, version: str, *, alias: s
         return None
     detail = mv.tags.get(DECISION_DETAIL_TAG)
     decision: dict[str, Any] = json.loads(detail) if detail else {
-        "alias": alias, "promoted": text.startswith("promoted:"), "reason": text.partition(": ")[2],
+        "alias": alias, "promoted": text.startswith("promoted:"), "decided": not text.startswith("not decided:"),
+        "reason": text if text.startswith("not decided:") else text.partition(": ")[2],
         "champion_version": mv.tags.get(CHAMPION_BEFORE_TAG)}
     for moved in aliases:
         client.set_registered_model_alias(name, moved, version)
@@ -409,3 +416,34 @@ def scored_key(metric: str) -> str | None:
     stem, _, stat = metric.rpartition(".")
     kind = "held_out" if stat in METRICS else "multiple_choice" if stat in MC_METRICS else None
     return f"{stem}.{SCORED[kind]}" if stem and kind else None
+
+
+def held_out_shortfall(metric: str, evaluation: Mapping[str, float], *, min_examples: int,
+                       min_tokens: int) -> str | None:
+    """Why the gate must not decide on ``metric``: the held-out amount it was scored on (as the evaluate stage
+    logs it beside the figure) that is below its minimum, in words; None when every logged amount is enough.
+
+    A held-out loss counts its tokens (``finetuned.<corpus>.tokens``; after SFT also its
+    examples, ``finetuned.sft/val.examples``); a benchmark figure its items
+    (``finetuned.<benchmark>.n``). A figure decided on a handful of examples would move
+    the champion on noise: one held-out SFT example of 14 tokens says nothing about
+    which of two models is better.
+    """
+    from lmpipe.eval.heldout import MC_METRICS, METRICS, SCORED
+
+    stem, _, stat = metric.rpartition(".")
+    checks: list[tuple[str, int, str, str]] = []  # (amount key, minimum, what it counts, the config field)
+    if stat in METRICS:
+        checks.append((f"{stem}.examples", min_examples, "held-out example", "min_held_out_examples"))
+        checks.append((f"{stem}.{SCORED['held_out']}", min_tokens, "held-out token", "min_held_out_tokens"))
+    elif stat in MC_METRICS:
+        checks.append((f"{stem}.{SCORED['multiple_choice']}", min_examples, "benchmark item",
+                       "min_held_out_examples"))
+    for key, minimum, what, config_field in checks:
+        amount = evaluation.get(key)
+        if amount is not None and amount < minimum:
+            what += "" if amount == 1 else "s"
+            return (f"{metric} was scored on {amount:,.0f} {what} ({key}), fewer than tracking.{config_field}="
+                    f"{minimum:,}: too few to tell the models apart (the champion is kept; score on more held-out "
+                    f"data, or lower tracking.{config_field})")
+    return None

@@ -701,7 +701,7 @@ def test_register_stage_tells_the_gate_how_much_its_figure_was_scored_on(tmp_pat
     ckpt = save_checkpoint(tmp_path / "ckpts", 1, model, torch.optim.AdamW(model.parameters()),
                            {"tokenizer_fingerprint": "tok"})
     export_model(ckpt, tmp_path / "ft" / "model")
-    cfg = TrackingConfig(registered_model="m", promote_mode="max")
+    cfg = TrackingConfig(registered_model="m", promote_mode="max", min_held_out_examples=16)
     metric, key = "finetuned.shake.acc_norm", "finetuned.shake.n"
     client.create_registered_model("m")
     v1 = str(client.create_model_version("m", source=str(tmp_path)).version)
@@ -825,6 +825,38 @@ def test_a_failed_champion_alias_move_leaves_the_version_fully_tagged(tmp_path, 
     assert str(client.get_model_version_by_alias("m", "champion").version) == v2
 
 
+def test_an_alpaca_json_array_fine_tunes_and_too_few_held_out_examples_decide_nothing(tmp_path):
+    """A published instruction file as it is (one JSON array of Alpaca records, English and Chinese) fine-tunes
+    through the pipeline, its format reported; its 30 records hold out too few examples for the champion gate, so
+    the version is registered undecided, and no @champion is made of it."""
+    from flows.pipeline import pipeline
+    from lmpipe.stages.contract import load_completed
+    from lmpipe.tracking.registry import DECISION_TAG
+
+    sft = REPO / "tests" / "fixtures" / "sft" / "identity30.json"
+    cfg = tiny_config(tmp_path / "w", "finetune.mode=sft", f"finetune.sft_path={sft}", "finetune.sft_skip_long=true",
+                      "model.block_size=64")
+    summary = pipeline(config=cfg)
+    stages = {s["label"]: s for s in summary["stages"]}
+    meta = load_completed(Path(stages["finetune"]["out_dir"])).meta
+    assert (meta["sft_format"], meta["sft_shapes"]) == ("alpaca records, JSON array", {"alpaca": 30})
+    assert meta["sft_train_examples"] + meta["sft_val_examples"] + meta["sft_skipped_long"] == 30
+    assert meta["sft_train_examples"] > 0 and meta["sft_val_examples"] < 30
+    report = json.loads((Path(stages["evaluate"]["out_dir"]) / "report.json").read_text(encoding="utf-8"))
+    assert report["sft"]["sft_format"] == "alpaca records, JSON array"
+
+    decision = summary["registered"]["promotion"]
+    n = meta["sft_val_examples"]
+    assert (decision["promoted"], decision["decided"]) == (False, False)
+    assert decision["reason"] == (
+        f"not decided: finetuned.sft/val.bits_per_byte was scored on {n} held-out example{'s' * (n != 1)} "
+        "(finetuned.sft/val.examples), fewer than tracking.min_held_out_examples=30: too few to tell the models apart "
+        "(the champion is kept; score on more held-out data, or lower tracking.min_held_out_examples)")
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    version = client.get_model_version("lmpipe-gpt", summary["registered"]["version"])
+    assert version.tags[DECISION_TAG] == decision["reason"] and version.aliases == ["candidate"]
+
+
 def test_sft_held_out_examples_are_scored_reported_logged_and_gate_the_champion(tmp_path):
     """mode=sft: both models are also scored on the SFT file's held-out examples (sft/val, assistant targets only,
     here packed), beside the corpora: in the stage's metrics, the report's held-out table with its delta row, the
@@ -837,13 +869,18 @@ def test_sft_held_out_examples_are_scored_reported_logged_and_gate_the_champion(
     sft = tmp_path / "sft.jsonl"
     sft.write_text("".join(json.dumps({"prompt": a, "response": b}) + "\n"
                            for a, b in zip(lines[0:400:2], lines[1:400:2])), encoding="utf-8")
+    # Every 10th of these short pairs is 20 examples of ~140 reply tokens: too few for the gate, so the split holds
+    # out more, up to the gate's minimums (30 examples, here 300 tokens).
     cfg = tiny_config(tmp_path / "w", "finetune.mode=sft", f"finetune.sft_path={sft}", "finetune.sft_layout=packed",
-                      "finetune.sft_skip_long=true")
+                      "finetune.sft_skip_long=true", "tracking.min_held_out_tokens=300")
     summary = pipeline(config=cfg)
     stages = {s["label"]: s for s in summary["stages"]}
     evaluation = summary["metrics"]["evaluate"]
-    val_examples = load_completed(Path(stages["finetune"]["out_dir"])).meta["sft_val_examples"]
-    assert val_examples >= 1
+    meta = load_completed(Path(stages["finetune"]["out_dir"])).meta
+    val_examples = meta["sft_val_examples"]
+    assert val_examples >= 30 and evaluation["finetuned.sft/val.tokens"] >= 300
+    assert meta["sft_format"] == "prompt/completion records, JSON lines" and meta["sft_shapes"] == {
+        "prompt/completion": val_examples + meta["sft_train_examples"]}
     for model in ("base", "finetuned"):
         assert evaluation[f"{model}.sft/val.examples"] == val_examples
         assert evaluation[f"{model}.sft/val.tokens"] > 0
@@ -866,7 +903,7 @@ def test_sft_held_out_examples_are_scored_reported_logged_and_gate_the_champion(
 
     # The champion gate compared the SFT figure, scored on as many targets; MLflow holds it under the same name.
     decision = summary["registered"]["promotion"]
-    assert decision["metric"] == "finetuned.sft/val.bits_per_byte" and decision["promoted"]
+    assert decision["metric"] == "finetuned.sft/val.bits_per_byte" and decision["promoted"] and decision["decided"]
     assert decision["value"] == evaluation["finetuned.sft/val.bits_per_byte"]
     assert decision["scored"] == evaluation["finetuned.sft/val.tokens"]
     _, children = _runs(summary["tracking_uri"])

@@ -112,11 +112,26 @@ def test_gpt2_124m_preset_is_gpt2_small_with_a_half_million_token_batch():
          r"\['finetuned\.shakespeare_cloze\.acc', 'finetuned\.shakespeare_cloze\.acc_norm', "
          r"'finetuned\.tinyshakespeare\.bits_per_byte', "),
         (["tracking.alias=champion"], r"tracking: alias and champion_alias must differ \(both 'champion'\)"),
+        (["eval.eval_tokens=999"],
+         r"eval\.eval_tokens=999 is fewer than tracking\.min_held_out_tokens=1000: the champion gate could never "
+         r"decide on finetuned\.tinyshakespeare\.bits_per_byte; raise eval\.eval_tokens or lower "
+         r"tracking\.min_held_out_tokens$"),
+        (["tracking.promote_metric=finetuned.shakespeare_cloze.acc",
+          "eval.benchmarks=[{name: shakespeare_cloze, kind: hellaswag, path: x.jsonl, limit: 20}]"],
+         r"eval\.benchmarks\.0\.limit=20 is fewer than tracking\.min_held_out_examples=30: the champion gate could "
+         r"never decide on finetuned\.shakespeare_cloze\.acc; raise the limit or lower tracking\.min_held_out_examples$"),
     ],
 )
 def test_bad_batch_settings_name_the_fields(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_the_gate_minimums_are_checked_against_what_can_be_scored():
+    assert load_config(None, ["eval.eval_tokens=500", "tracking.min_held_out_tokens=500"]).eval.eval_tokens == 500
+    # The SFT figure's amount is known once the file is read (the split then holds out enough): no check here.
+    sft = load_config(None, ["finetune.mode=sft", "finetune.sft_path=chat.json", "eval.eval_tokens=500"])
+    assert sft.sft_min_held_out() == (30, 1000) and load_config(None).sft_min_held_out() is None
 
 
 def test_batch_tokens_sets_the_global_batch_whatever_the_split():

@@ -27,7 +27,7 @@ from lmpipe.data.sft import (
     encode_chat_prompt,
     layout_stream,
     pack_examples,
-    read_sft_jsonl,
+    read_sft_examples,
     render_chat,
     split_indices,
 )
@@ -52,6 +52,12 @@ EOT_ID, SYS, USR, ASST, END = 0, 1, 2, 3, 4
 
 def enc(tok: Tokenizer, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False).ids
+
+
+def read_pairs(path: Path, **kw: bool) -> tuple[list[SFTExample], list[int]]:
+    """(examples, bad lines) of ``read_sft_examples``."""
+    read = read_sft_examples(path, **kw)
+    return read.examples, read.bad
 
 
 def write_jsonl(path: Path, lines: list[str]) -> Path:
@@ -87,7 +93,7 @@ def test_each_format_renders_to_the_exact_ids_and_mask(
     tmp_path: Path, tok: Tokenizer, obj: dict, messages: list[tuple[str, str]]
 ) -> None:
     f = write_jsonl(tmp_path / "d.jsonl", [json.dumps(obj)])
-    [example], bad = read_sft_jsonl(f)
+    [example], bad = read_pairs(f)
     assert example == SFTExample(tuple(Message(r, c) for r, c in messages), 1) and bad == []  # type: ignore[arg-type]
 
     [(tokens, mask)] = encode_chat([example.messages], tok, chat_token_ids(tok, EOT_ID))
@@ -166,7 +172,7 @@ def test_a_chat_prompt_is_laid_out_as_in_training_then_opens_the_assistant_turn(
 def test_reads_line_numbers_and_skips_blank_lines(tmp_path: Path) -> None:
     good = dialogue(2)
     f = write_jsonl(tmp_path / "d.jsonl", [good[0], "", "   ", good[1]])
-    examples, bad = read_sft_jsonl(f)
+    examples, bad = read_pairs(f)
     assert [e.line for e in examples] == [1, 4] and bad == []
     assert examples[1].messages == (Message("user", LINES[1][:20]), Message("assistant", LINES[2][:20]))
 
@@ -175,14 +181,37 @@ def test_reads_line_numbers_and_skips_blank_lines(tmp_path: Path) -> None:
     ("bad_line", "message"),
     [
         ('{"prompt": "a", "response": ', r"not valid JSON \(Expecting value at column 29\)"),
-        ('["a", "b"]', r"expected a JSON object of one of the formats .*, got list"),
+        ('["a", "b"]', r"holds a JSON array, not a record: JSON lines hold one record \(a JSON object\) per line; a "
+                       r"file that is one JSON array of records is read as such when its first character is '\['$"),
+        ('"a"', r"expected a JSON object of one of the formats .*, got str$"),
         ('{"question": "a", "answer": "b"}', r"matches none of the formats .* \(keys: \['answer', 'question'\]\)"),
         ('{"prompt": "a", "output": "b"}', r"mixes the keys of the formats \['prompt/completion', 'alpaca'\]"),
         ('{"prompt": "a"}', r"missing key 'completion' or 'response' \(keys: \['prompt'\]\)"),
         ('{"response": "b"}', r"missing key 'prompt' \(keys: \['response'\]\)"),
         ('{"prompt": "a", "completion": "b", "response": "c"}', r"has both 'completion' and 'response'"),
         ('{"prompt": "a", "completion": 7}', r"'completion' must be a string, got int"),
-        ('{"instruction": "a", "input": "b"}', r"missing key 'output' \(keys: \['input', 'instruction'\]\)"),
+        ('{"instruction": "a", "input": "b"}',
+         r"missing key 'output' or 'response' \(keys: \['input', 'instruction'\]\)"),
+        ('{"instruction": "a", "output": "b", "response": "c"}', r"has both 'output' and 'response': give one$"),
+        ('{"instruction": "a", "input": "b", "context": "c", "output": "d"}', r"has both 'input' and 'context': give one$"),
+        ('{"input": "b", "output": "c"}', r"missing key 'instruction' \(keys: \['input', 'output'\]\)$"),
+        ('{"conversations": [{"from": "human", "value": "a"}], "messages": []}',
+         r"mixes the keys of the formats \['messages', 'sharegpt'\]"),
+        ('{"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]}',
+         r"conversations\[1\]: unknown from 'bot' \(expected one of system, human, user, gpt, assistant, chatgpt, "
+         r"bard, bing, model\)$"),
+        ('{"conversations": [{"from": "system", "value": "a"}, {"from": "human", "value": "b"}]}',
+         r"'conversations' has no 'gpt/assistant/chatgpt/bard/bing/model' turn: nothing to train on$"),
+        ('{"conversations": [{"role": "user", "content": "a"}]}',
+         r"conversations\[0\]: missing key 'from' \(keys: \['content', 'role'\]\): ShareGPT 'conversations' turns "
+         r"are \{from, value\}; \{role, content\} turns go in 'messages'$"),
+        ('{"messages": [{"from": "human", "value": "a"}]}',
+         r"messages\[0\]: missing key 'role' \(keys: \['from', 'value'\]\): 'messages' turns are \{role, content\}; "
+         r"ShareGPT \{from, value\} turns go in 'conversations'$"),
+        ('{"conversations": [{"from": "gpt", "value": 3}]}', r"conversations\[0\]: 'value' must be a string, got int$"),
+        ('{"system": "Be brief.", "messages": [{"role": "system", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+         r"has both a 'system' key and a system turn: give one$"),
+        ('{"system": 1, "prompt": "a", "completion": "b"}', r"'system' must be a string, got int$"),
         ('{"instruction": "a", "input": null, "output": "b"}', r"'input' must be a string, got NoneType"),
         ('{"messages": {"role": "user"}}', r"'messages' must be a non-empty list"),
         ('{"messages": []}', r"'messages' must be a non-empty list, got \[\]"),
@@ -203,13 +232,13 @@ def test_reads_line_numbers_and_skips_blank_lines(tmp_path: Path) -> None:
 def test_bad_line_names_file_and_line_number(tmp_path: Path, bad_line: str, message: str) -> None:
     f = write_jsonl(tmp_path / "d.jsonl", [*dialogue(2), bad_line, *dialogue(3)])
     with pytest.raises(SFTFormatError, match=rf"^finetune\.sft_path: {tmp_path}/d\.jsonl:3: {message}"):
-        read_sft_jsonl(f)
+        read_pairs(f)
 
 
 def test_a_byte_order_mark_before_the_first_line_is_not_part_of_it(tmp_path: Path) -> None:
     f = tmp_path / "d.jsonl"
     f.write_bytes(b"\xef\xbb\xbf" + "\n".join(dialogue(3)).encode())
-    examples, bad = read_sft_jsonl(f)
+    examples, bad = read_pairs(f)
     assert [e.line for e in examples] == [1, 2, 3] and bad == []
 
 
@@ -217,7 +246,7 @@ def test_undecodable_line_names_its_line(tmp_path: Path) -> None:
     f = tmp_path / "d.jsonl"
     f.write_bytes("\n".join(dialogue(2)).encode() + b'\n{"prompt": "\xff"}\n')
     with pytest.raises(SFTFormatError, match=r"d\.jsonl:3: not valid UTF-8 \(byte 12\)"):
-        read_sft_jsonl(f)
+        read_pairs(f)
 
 
 def test_skip_bad_counts_and_skips_bad_lines(tmp_path: Path, tok: Tokenizer) -> None:
@@ -225,7 +254,7 @@ def test_skip_bad_counts_and_skips_bad_lines(tmp_path: Path, tok: Tokenizer) -> 
     lines = [good[0], "{oops", good[1], '{"messages": [{"role": "bot", "content": "b"}]}', *good[2:6],
              '{"prompt": "a"}', "[]", '{"instruction": "a"}', *good[6:], '{"messages": []}', "nope"]
     f = write_jsonl(tmp_path / "d.jsonl", lines)
-    examples, bad = read_sft_jsonl(f, skip_bad=True)
+    examples, bad = read_pairs(f, skip_bad=True)
     assert len(examples) == 12 and bad == [2, 4, 9, 10, 11, 18, 19]
     data = build_sft_data(f, tok, EOT_ID, 32, skip_bad=True)
     assert (data.skipped_bad, data.skipped_bad_lines) == (7, [2, 4, 9, 10, 11][:MAX_REPORTED])
@@ -234,15 +263,15 @@ def test_skip_bad_counts_and_skips_bad_lines(tmp_path: Path, tok: Tokenizer) -> 
         build_sft_data(f, tok, EOT_ID, 32)
 
     all_bad = write_jsonl(tmp_path / "bad.jsonl", ["{oops", "[]"])
-    with pytest.raises(SFTFormatError, match=r"holds no examples; 2 bad line\(s\) skipped, the first: .*bad\.jsonl:1"):
-        read_sft_jsonl(all_bad, skip_bad=True)
+    with pytest.raises(SFTFormatError, match=r"holds no examples; 2 bad record\(s\) skipped, the first: .*bad\.jsonl:1"):
+        read_pairs(all_bad, skip_bad=True)
 
 
 def test_missing_and_empty_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"finetune\.sft_path: SFT file .*nope\.jsonl' does not exist"):
-        read_sft_jsonl(tmp_path / "nope.jsonl")
+        read_pairs(tmp_path / "nope.jsonl")
     with pytest.raises(SFTFormatError, match=r"empty\.jsonl' holds no examples$"):
-        read_sft_jsonl(write_jsonl(tmp_path / "empty.jsonl", [""]))
+        read_pairs(write_jsonl(tmp_path / "empty.jsonl", [""]))
 
 
 def test_val_split_every_tenth_example_at_least_one() -> None:
@@ -272,7 +301,7 @@ def varied_examples(n: int) -> list[str]:
 
 def test_padded_layout_every_training_window_is_exactly_one_example(tmp_path: Path, tok: Tokenizer) -> None:
     f = write_jsonl(tmp_path / "d.jsonl", varied_examples(45))
-    examples, _ = read_sft_jsonl(f)
+    examples, _ = read_pairs(f)
     encoded = encode_chat([e.messages for e in examples], tok, chat_token_ids(tok, EOT_ID))
     T = max(len(t) for t, _ in encoded)  # the longest example fills its window without padding
     data = build_sft_data(f, tok, EOT_ID, T)
@@ -312,7 +341,7 @@ def test_pack_examples_is_best_fit_longest_first() -> None:
 
 def test_packed_layout_puts_whole_examples_in_each_window(tmp_path: Path, tok: Tokenizer) -> None:
     f = write_jsonl(tmp_path / "d.jsonl", varied_examples(23))
-    examples, _ = read_sft_jsonl(f)
+    examples, _ = read_pairs(f)
     encoded = encode_chat([e.messages for e in examples], tok, chat_token_ids(tok, EOT_ID))
     data = build_sft_data(f, tok, EOT_ID, 64, layout="packed")
     padded = build_sft_data(f, tok, EOT_ID, 64, layout="padded")
@@ -499,3 +528,186 @@ def test_a_packed_window_starting_inside_an_example_does_not_train_on_its_rest()
     assert CutExampleMask(tokens, None, sep=0).window(4, 2).tolist() == [0, 0]  # no separator: all of it
     assert CutExampleMask(tokens, None, sep=0).window(3, 3).tolist() == [1, 1, 1]
     assert base.window(4, 5).tolist() == [1, 1, 1, 0, 1]  # the wrapped mask is not modified
+
+
+# ---------------------------------------------------------------- real files: JSON arrays, Alpaca, Dolly, ShareGPT
+
+FIXTURES = REPO / "tests" / "fixtures" / "sft"
+VICUNA = ("A chat between a curious user and an artificial intelligence assistant whose name is Vicuna. The assistant "
+          "gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def trained_text(tok: Tokenizer, conv: tuple[Message, ...]) -> tuple[list[int], list[int]]:
+    """(ids the loss counts, ids it does not) of a conversation as encode_chat lays it out."""
+    [(tokens, mask)] = encode_chat([conv], tok, chat_token_ids(tok, EOT_ID))
+    return [t for t, m in zip(tokens, mask) if m], [t for t, m in zip(tokens, mask) if not m]
+
+
+def test_an_alpaca_json_array_is_read_record_by_record(tok: Tokenizer) -> None:
+    read = read_sft_examples(FIXTURES / "identity30.json")
+    assert (read.container, read.shapes, read.bad) == ("JSON array", {"alpaca": 30}, [])
+    assert read.describe() == "alpaca records, JSON array"
+    assert [(e.line, e.record) for e in read.examples] == [(2 + 5 * k, k + 1) for k in range(30)]
+    assert read.examples[0].messages == (Message("user", "hi"), Message(
+        "assistant", "Hello! I am NAME, an AI assistant developed by AUTHOR. How can I assist you today?"))
+    assert read.examples[16].messages == (Message("user", "你好"), Message(
+        "assistant", "您好，我是 NAME，一个由 AUTHOR 开发的 AI 助手，很高兴认识您。请问我能为您做些什么？"))
+    learned, given = trained_text(tok, read.examples[16].messages)
+    assert learned == [*enc(tok, read.examples[16].messages[1].content), END, EOT_ID]
+    assert given == [USR, *enc(tok, "你好"), END, ASST]
+
+
+def test_dolly_records_are_alpaca_with_context_and_response() -> None:
+    read = read_sft_examples(FIXTURES / "dolly9.jsonl")
+    assert (read.container, read.shapes) == ("JSON lines", {"alpaca": 9})
+    lines = [json.loads(line) for line in (FIXTURES / "dolly9.jsonl").read_text(encoding="utf-8").splitlines()]
+    for example, record in zip(read.examples, lines):
+        user = record["instruction"] + ("\n\n" + record["context"] if record["context"] else "")
+        assert example.messages == (Message("user", user), Message("assistant", record["response"]))
+    assert read.examples[1].messages == (Message("user", "Which is a species of fish? Tope or Rope"),
+                                         Message("assistant", "Tope"))
+    assert read.examples[3].messages[0].content.startswith("Alice's parents have three daughters: Amy, Jessy, and "
+                                                           "what\u2019s")
+    assert [(e.line, e.record) for e in read.examples] == [(k, None) for k in range(1, 10)]
+
+
+def test_sharegpt_conversations_train_on_the_gpt_turns_only(tok: Tokenizer) -> None:
+    read = read_sft_examples(FIXTURES / "sharegpt12.json")
+    assert (read.container, read.shapes, len(read.examples)) == ("JSON array", {"sharegpt": 12}, 12)
+    first = read.examples[0]
+    assert first.messages == (
+        Message("system", VICUNA), Message("user", "Who are you?"),
+        Message("assistant", "I am Vicuna, a language model trained by researchers from Large Model Systems "
+                             "Organization (LMSYS)."),
+        Message("user", "Have a nice day!"), Message("assistant", "You too!"))
+    assert (first.line, first.record) == (2, 1)
+    assert read.examples[6].messages[0] == Message("user", "What is your name?")  # no "system" key: no system turn
+    for example in read.examples:
+        learned, given = trained_text(tok, example.messages)
+        replies = [m.content for m in example.messages if m.role == "assistant"]
+        assert learned == [t for r in replies for t in (*enc(tok, r), END)] + [EOT_ID]
+        assert tok.decode(given, skip_special_tokens=False) == "".join(
+            f"{ROLE_TOKENS[m.role]}{m.content}{END_TOKEN}" if m.role != "assistant" else ROLE_TOKENS["assistant"]
+            for m in example.messages)
+
+
+@pytest.mark.parametrize(("speaker", "role"), [("human", "user"), ("user", "user"), ("gpt", "assistant"),
+                                               ("assistant", "assistant"), ("chatgpt", "assistant"),
+                                               ("bard", "assistant"), ("bing", "assistant"), ("model", "assistant"),
+                                               ("system", "system")])
+def test_sharegpt_speakers_map_to_the_three_roles(tmp_path: Path, speaker: str, role: str) -> None:
+    record = {"conversations": [{"from": speaker, "value": "a"}, {"from": "gpt", "value": "b"}]}
+    [example], _ = read_pairs(write_jsonl(tmp_path / "d.jsonl", [json.dumps(record)]))
+    assert example.messages == (Message(role, "a"), Message("assistant", "b"))  # type: ignore[arg-type]
+
+
+def test_a_system_key_is_a_first_system_turn_in_every_shape(tmp_path: Path) -> None:
+    lines = [{"system": "Be brief.", "prompt": "a", "completion": "b"},
+             {"system": "Be brief.", "instruction": "a", "output": "b"},
+             {"system": "Be brief.", "messages": [{"role": "user", "content": "a"},
+                                                  {"role": "assistant", "content": "b"}]},
+             {"system": "", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}]
+    examples, _ = read_pairs(write_jsonl(tmp_path / "d.jsonl", [json.dumps(r) for r in lines]))
+    brief = (Message("system", "Be brief."), Message("user", "a"), Message("assistant", "b"))
+    assert [e.messages for e in examples] == [brief, brief, brief, brief[1:]]  # an empty system prompt: none
+
+
+def test_the_container_is_told_by_the_content_and_shapes_may_mix(tmp_path: Path) -> None:
+    records = [{"prompt": "a", "completion": "b"}, {"instruction": "c", "output": "d"},
+               {"instruction": "e", "output": "f"}]
+    as_lines = "\n".join(json.dumps(r) for r in records)
+    for name, text, container in [("d.json", as_lines, "JSON lines"), ("d.txt", json.dumps(records), "JSON array"),
+                                  ("d.json", json.dumps(records, indent=1), "JSON array")]:
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        read = read_sft_examples(tmp_path / name)
+        assert (read.container, read.shapes) == (container, {"prompt/completion": 1, "alpaca": 2})
+        assert read.describe() == f"prompt/completion (1) and alpaca (2) records, {container}"
+        assert [e.messages[1].content for e in read.examples] == ["b", "d", "f"]
+
+
+def test_an_array_in_a_jsonl_file_says_what_to_do(tmp_path: Path) -> None:
+    f = tmp_path / "alpaca30.jsonl"
+    f.write_bytes((FIXTURES / "identity30.json").read_bytes())
+    with pytest.raises(SFTFormatError) as err:
+        read_sft_examples(f)
+    assert str(err.value) == (
+        f"finetune.sft_path: {f}:1: holds a JSON array, but a .jsonl file is read as JSON lines (one record per "
+        "line): rename it to .json to read it as one array of records, or write one record per line")
+
+
+def test_a_bad_record_of_an_array_names_its_line_and_number(tmp_path: Path, tok: Tokenizer) -> None:
+    f = tmp_path / "d.json"
+    f.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"question": "a",\n   "answer": "b"},\n'
+                 '  {"prompt": "c", "completion": "d"}, 5\n]', encoding="utf-8")
+    with pytest.raises(SFTFormatError) as err:
+        read_sft_examples(f)
+    assert str(err.value).startswith(f"finetune.sft_path: {f}:3 (record 2): matches none of the formats ")
+    assert str(err.value).endswith(" (keys: ['answer', 'question'])")
+    read = read_sft_examples(f, skip_bad=True)
+    assert [(e.line, e.record) for e in read.examples] == [(2, 1), (5, 3)] and read.bad == [3, 5]
+    assert read.shapes == {"prompt/completion": 2}
+
+    f.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "a" "completion": "b"}\n]', encoding="utf-8")
+    for skip_bad in (False, True):  # the records after it cannot be found: an error either way
+        with pytest.raises(SFTFormatError) as err:
+            read_sft_examples(f, skip_bad=skip_bad)
+        assert str(err.value) == f"finetune.sft_path: {f}:3: not valid JSON (Expecting ',' delimiter at column 18)"
+
+    long = tmp_path / "long.json"
+    long.write_text(json.dumps([{"prompt": "a", "completion": "b"}, {"prompt": LINES[0], "completion": LINES[1] * 3}],
+                               indent=2), encoding="utf-8")
+    with pytest.raises(SFTFormatError, match=rf"^finetune\.sft_path: {long}:6 \(record 2\): the example is \d+ "
+                                             r"tokens, longer than model\.block_size=32"):
+        build_sft_data(long, tok, EOT_ID, 32)
+
+
+def test_the_format_is_in_the_stage_meta(tmp_path: Path, tok: Tokenizer) -> None:
+    data = build_sft_data(FIXTURES / "sharegpt12.json", tok, EOT_ID, 128, skip_long=True)
+    assert data.meta()["sft_format"] == "sharegpt records, JSON array"
+    assert data.meta()["sft_shapes"] == {"sharegpt": 12}
+
+
+# ---------------------------------------------------------------- a held-out split the gate can decide on
+
+
+def test_the_held_out_split_meets_the_minimums_when_the_file_has_enough() -> None:
+    from lmpipe.data.sft import held_out_split
+
+    # Every 10th is enough: the split is unchanged.
+    assert held_out_split([5] * 100, min_examples=10, min_tokens=50) == split_indices(100)
+    # Too few: more are held out, by their place in each group of ten, until both minimums are met.
+    train, val = held_out_split([5] * 100, min_examples=14, min_tokens=1)
+    assert val == sorted([9, 19, 29, 39, 49, 59, 69, 79, 89, 99, 4, 14, 24, 34])
+    assert train == [i for i in range(100) if i not in val]
+    _, val = held_out_split([5] * 100, min_examples=1, min_tokens=62)  # 13 examples of 5 tokens
+    assert val == sorted([9, 19, 29, 39, 49, 59, 69, 79, 89, 99, 4, 14, 24])
+    _, val = held_out_split([5] * 40, min_examples=20, min_tokens=1)  # half of the file: allowed
+    assert len(val) == 20 and val[:4] == [1, 4, 6, 8]
+    # Not enough even with half of the examples held out: every 10th, as without a minimum.
+    assert held_out_split([5] * 39, min_examples=20) == split_indices(39)
+    assert held_out_split([5] * 100, min_examples=1, min_tokens=251) == split_indices(100)
+
+
+def test_held_out_examples_are_chosen_after_long_ones_are_skipped(tmp_path: Path, tok: Tokenizer,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Most examples too long for the context (skipped): the held-out split is made of those that fit, and holds
+    the gate's minimum of them (it used to be every 10th line that fit: one example)."""
+    long_line = json.dumps({"prompt": LINES[0], "completion": LINES[1] + LINES[2]})
+    lines = [long_line if i % 3 else line for i, line in enumerate(dialogue(90))]
+    f = write_jsonl(tmp_path / "d.jsonl", lines)
+    plain = build_sft_data(f, tok, EOT_ID, 32, skip_long=True)
+    assert (plain.skipped_long, plain.train_examples, plain.val_examples) == (60, 27, 3)
+    data = build_sft_data(f, tok, EOT_ID, 32, skip_long=True, min_held_out=(12, 1))
+    assert (data.train_examples, data.val_examples) == (18, 12)
+    assert data.val_mask.sum() >= 12 * 3  # every held-out example's reply, <|end|> and end-of-text
+    again = build_sft_data(f, tok, EOT_ID, 32, skip_long=True, min_held_out=(12, 1))
+    assert np.array_equal(again.val_tokens, data.val_tokens)  # deterministic
+    # 30 usable examples cannot hold out 16 and train on as many: every 10th, with a warning.
+    caplog.clear()
+    short = build_sft_data(f, tok, EOT_ID, 32, skip_long=True, min_held_out=(16, 1))
+    assert (short.train_examples, short.val_examples) == (27, 3)
+    targets = int(short.val_mask.sum())
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"finetune.sft_path: {f}: 3 held-out examples ({targets} trained tokens), fewer than the champion gate decides "
+        "on (16 examples, 1 tokens: tracking.min_held_out_examples, min_held_out_tokens): 30 usable examples are too "
+        "few to hold out that many and train on as many, so the gate will not decide on the held-out SFT figures"]

@@ -20,7 +20,15 @@ import lmpipe.model.hf_export
 from lmpipe.artifacts import StageResult
 from lmpipe.config.base import CHAT_TOKENS, EOT
 from lmpipe.config.data import TokenizerConfig
-from lmpipe.data.sft import Message, encode_chat_prompt, hf_chat_template, render_chat
+from lmpipe.data.sft import (
+    Message,
+    chat_token_ids,
+    encode_chat,
+    encode_chat_prompt,
+    hf_chat_template,
+    read_sft_examples,
+    render_chat,
+)
 from lmpipe.data.tokenizer import TokenizerMismatchError, load_tokenizer, tokenizer_fingerprint
 from lmpipe.model.checkpoint import CheckpointError, load_model
 from lmpipe.model.gpt import GPT, GPTConfig
@@ -185,6 +193,13 @@ def test_a_chat_model_carries_its_chat_template(exported, tmp_path: Path) -> Non
     assert list(hf_ids).count(ours[-1]) == 2 and ours.count(ours[-1]) == 1  # the assistant token, twice vs once
     with pytest.raises(Exception, match="unknown role tool"):
         hf_tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+    # Real ShareGPT records (a system prompt beside them, up to three exchanges), as SFT read and trained on them:
+    # transformers gives the same ids.
+    ids_of = chat_token_ids(tok, tok.token_to_id("<|endoftext|>"))
+    for example in read_sft_examples(REPO / "tests" / "fixtures" / "sft" / "sharegpt12.json").examples:
+        [(trained, _)] = encode_chat([example.messages], tok, ids_of)
+        as_dicts = [{"role": m.role, "content": m.content} for m in example.messages]
+        assert list(hf_tok.apply_chat_template(as_dicts, tokenize=True, return_dict=False)) == trained
     (chat_dest / "chat_template.jinja").unlink()  # the only place AutoTokenizer found it
     assert AutoTokenizer.from_pretrained(chat_dest, local_files_only=True).chat_template is None
 

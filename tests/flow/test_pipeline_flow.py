@@ -297,7 +297,7 @@ def test_registered_model_serves_text(first_run):
                                 "alias": "champion", "value": evaluation[reg["promotion"]["metric"]],
                                 "champion_version": None, "champion_value": None,
                                 "scored": evaluation["finetuned.tinyshakespeare.tokens"], "champion_scored": None,
-                                "promoted": True, "reason": "no @champion yet"}
+                                "decided": True, "promoted": True, "reason": "no @champion yet"}
     assert str(client.get_model_version_by_alias("lmpipe-gpt", "champion").version) == "1"
     assert client.get_model_version("lmpipe-gpt", "1").tags["lmpipe.promotion"] == "promoted: no @champion yet"
     finetuned = next(s["fingerprint"] for s in summary["stages"] if s["label"] == "finetune")
@@ -626,7 +626,7 @@ def test_promotion_gate_compares_only_figures_scored_on_as_much_data(tmp_path):
               "(the champion is kept; evaluate both on as much to compare)")
     assert fewer == {"metric": metric, "mode": "min", "alias": "champion", "value": 2.0,
                      "champion_version": versions[0], "champion_value": 2.5, "scored": 32.0,
-                     "champion_scored": 2048.0, "promoted": False, "reason": reason}
+                     "champion_scored": 2048.0, "decided": True, "promoted": False, "reason": reason}
     assert client.get_model_version("m", versions[1]).tags[DECISION_TAG] == "not promoted: " + reason
     assert str(client.get_model_version_by_alias("m", "champion").version) == versions[0]
     same = gate(2, 2.4, 2048)

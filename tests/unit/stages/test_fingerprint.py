@@ -20,7 +20,7 @@ def test_pretrain_code_covers_the_modules_training_runs():
     assert pretrain == {
         "lmpipe.artifacts", "lmpipe.config.base", "lmpipe.config.continual", "lmpipe.config.data",
         "lmpipe.config.effects", "lmpipe.config.evaluation", "lmpipe.config.pipeline", "lmpipe.config.training",
-        "lmpipe.data.jsonl",
+        "lmpipe.data.documents", "lmpipe.data.jsonl",
         "lmpipe.data.shards", "lmpipe.data.tokenizer",
         "lmpipe.model.checkpoint", "lmpipe.model.device", "lmpipe.model.gpt", "lmpipe.model.lora",
         "lmpipe.processes", "lmpipe.stages.contract", "lmpipe.stages.lease", "lmpipe.stages.pretrain",
@@ -35,7 +35,8 @@ def test_pretrain_code_covers_the_modules_training_runs():
     assert _closure("continue") - pretrain == {"lmpipe.stages.continual"}
     assert _closure("register") == {
         "lmpipe.artifacts", "lmpipe.config.base", "lmpipe.config.data", "lmpipe.config.effects",
-        "lmpipe.config.evaluation", "lmpipe.data.documents", "lmpipe.data.increments", "lmpipe.data.reader",
+        "lmpipe.config.evaluation", "lmpipe.data.documents", "lmpipe.data.gutenberg", "lmpipe.data.increments",
+        "lmpipe.data.reader",
         "lmpipe.data.shards", "lmpipe.data.sources", "lmpipe.data.splitting", "lmpipe.data.tokenizer",
         "lmpipe.model.generation_settings", "lmpipe.processes", "lmpipe.stages.register", "lmpipe.tracking.owners",
         "lmpipe.tracking.registry", "lmpipe.tracking.runs", "lmpipe.tracking.serving", "lmpipe.tracking.store",

@@ -220,7 +220,8 @@ def test_a_config_says_where_the_model_is_and_options_win_over_it(served, tmp_pa
     workdir = tmp_path / "run"  # a work directory with the model's tokenizer stage, and no MLflow store
     shutil.copytree(served.tokenizer_dir, workdir / "train_tokenizer" / "fp")
     preset = tmp_path / "run.yaml"
-    preset.write_text(f"workdir: {workdir}\ntracking: {{uri: '{served.uri}'}}\neval: {{eval_tokens: 5}}\n")
+    preset.write_text(f"workdir: {workdir}\ntracking: {{uri: '{served.uri}', min_held_out_tokens: 5}}\n"
+                      f"eval: {{eval_tokens: 5}}\n")
     args = ["-p", "ROMEO:", "--max-new-tokens", "4"]
     assert main(["generate", "models:/m@candidate", "--tracking-uri", served.uri, *args]) == 0
     expected = capsys.readouterr().out

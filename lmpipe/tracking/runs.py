@@ -27,6 +27,7 @@ import mlflow
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelStatus, Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
 from lmpipe.artifacts import StageResult
@@ -311,7 +312,7 @@ class StageRun:
 
     def log_shards(self, shards: StageResult, context: str = "train") -> None:
         """A corpus's token shards (a shard stage's result) as a dataset input of this run (``shard_dataset``)."""
-        self.client.log_inputs(self.run_id, datasets=[shard_dataset(shards, context)])
+        log_inputs(self.client, self.run_id, [shard_dataset(shards, context)])
 
     def log_result(self, result: StageResult, artifacts: Sequence[str] = ()) -> None:
         """The stage's summary metrics, its file hashes as an artifact, and the named output files."""
@@ -328,6 +329,28 @@ class StageRun:
 
 
 DIGEST_CHARS = 32  # of a manifest's sha256 in a dataset's digest: MLflow stores 36 characters at most
+
+
+# What the store says when two processes insert the same dataset row at once (SQLite, PostgreSQL, MySQL).
+_DUPLICATE_KEY = ("UNIQUE constraint failed", "duplicate key value violates unique constraint", "Duplicate entry")
+
+
+def log_inputs(client: MlflowClient, run_id: str, datasets: list[DatasetInput], attempts: int = 3) -> None:
+    """``client.log_inputs``, safe against another run logging the same dataset at the same moment.
+
+    MLflow looks a dataset (experiment, name, digest) up and inserts it when it is not there, in one transaction;
+    two runs sharing a corpus's shards (two configs started together) can both miss it, and the second insert
+    breaks the table's unique key. That transaction is rolled back whole and the dataset now exists, so the call
+    is made again and links it.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            client.log_inputs(run_id, datasets=datasets)
+            return
+        except MlflowException as err:
+            if attempt == attempts or not any(text in str(err) for text in _DUPLICATE_KEY):
+                raise
+            log.info("dataset inputs of run %s: another run logged the same dataset at once; logging again", run_id)
 
 
 def shard_dataset(shards: StageResult, context: str) -> DatasetInput:

@@ -317,10 +317,11 @@ def test_batch_tokens_with_auto_micro_batch_trains_the_same_global_batch(tmp_pat
     assert losses(tmp_path / "auto") == pytest.approx(losses(tmp_path / "fixed"), rel=1e-5)
 
 
-def test_compile_switch_trains_the_same_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", [MODEL, QWEN3_MODEL], ids=["gpt2", "qwen3"])
+def test_compile_switch_trains_the_same_model(tmp_path: Path, model: ModelConfig) -> None:
     """torch.compile (on by default on CUDA only) is switchable; on CPU it runs inductor's C++ kernels (~30 s)."""
-    compiled = run(tmp_path / "compiled", config(compile=True, max_steps=4))
-    eager = run(tmp_path / "eager", config(compile=False, max_steps=4))
+    compiled = run(tmp_path / "compiled", config(compile=True, max_steps=4), model)
+    eager = run(tmp_path / "eager", config(compile=False, max_steps=4), model)
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
     assert compiled.final_val_loss == pytest.approx(eager.final_val_loss, rel=1e-5)
     # Compiled in place: the checkpoint has the plain model's names, loadable without compile.

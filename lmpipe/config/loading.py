@@ -160,6 +160,8 @@ def _drop_other_mode_fields(data: dict[str, Any], overrides: list[str] | tuple[s
         for field in list(section):
             if field in given:
                 continue
-            if field not in variant.model_fields or section[field] != variant.model_fields[field].default and any(
+            if field not in variant.model_fields:
+                del section[field]
+            elif section[field] != variant.model_fields[field].default and any(
                     field in o.model_fields and o.model_fields[field].default == section[field] for o in others):
-                del section[field]  # not the new variant's, or the old one's default: the new one's default
+                del section[field]  # another variant's default, not a choice: the new variant's default applies

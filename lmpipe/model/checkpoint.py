@@ -168,14 +168,12 @@ def architecture_diffs(state: dict[str, Any], model_cfg: ModelConfig) -> list[st
     Compared as the model is built (``GPTConfig.from_config``: qwen3's n_kv_head and intermediate_size
     resolved), over the config's arch's fields; a checkpoint without ``arch`` is a GPT-2 (as they all were).
     """
-    saved = state.get("model") or {}
+    saved = {"arch": "gpt2"} | (state.get("model") or {})
     wanted = GPTConfig.from_config(model_cfg, vocab_size=0).to_dict() | {"arch": model_cfg.arch}
-    saved_arch = saved.get("arch", "gpt2")
-    names = ("arch", *ARCH_FIELDS[model_cfg.arch]) if saved_arch == model_cfg.arch else \
-        ("arch", *(n for n in ARCH_FIELDS[model_cfg.arch] if n in ARCH_FIELDS.get(saved_arch, ())))
-    return [f"model.{name}: checkpoint has {saved.get(name, saved_arch if name == 'arch' else None)!r}, "
-            f"config has {wanted[name]!r}"
-            for name in names if saved.get(name, saved_arch if name == "arch" else None) != wanted[name]]
+    # Another arch: the arch, and the fields both have (the others would only repeat that the arch differs).
+    names = ["arch", *(n for n in ARCH_FIELDS[model_cfg.arch] if n in ARCH_FIELDS.get(saved["arch"], ()))]
+    return [f"model.{name}: checkpoint has {saved.get(name)!r}, config has {wanted[name]!r}"
+            for name in names if saved.get(name) != wanted[name]]
 
 
 def check_compatible(

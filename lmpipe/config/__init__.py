@@ -36,6 +36,7 @@ from lmpipe.config.loading import apply_override, build_config, load_config
 from lmpipe.config.pipeline import PipelineConfig, check_batch
 from lmpipe.config.training import (
     FINETUNE_MODES,
+    MODEL_ARCHS,
     ClassifyConfig,
     ContinueFinetuneConfig,
     DistributedConfig,
@@ -43,6 +44,8 @@ from lmpipe.config.training import (
     FinetuneSection,
     LoraConfig,
     ModelConfig,
+    ModelSection,
+    Qwen3ModelConfig,
     SFTFinetuneConfig,
     TrainConfig,
 )
@@ -52,6 +55,9 @@ __all__ = [
     "ContinueFinetuneConfig",
     "FINETUNE_MODES",
     "FinetuneSection",
+    "MODEL_ARCHS",
+    "ModelSection",
+    "Qwen3ModelConfig",
     "SFTFinetuneConfig",
     "field_effect",
     "fingerprinted",

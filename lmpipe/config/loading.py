@@ -11,7 +11,11 @@ from pydantic import ValidationError
 
 from lmpipe.config.base import ConfigError
 from lmpipe.config.pipeline import PipelineConfig
-from lmpipe.config.training import FINETUNE_MODES
+from lmpipe.config.training import FINETUNE_MODES, MODEL_ARCHS
+
+# Sections with variants: the field that picks one, and the variants by its value.
+_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"finetune": ("mode", FINETUNE_MODES),
+                                                   "model": ("arch", MODEL_ARCHS)}
 
 
 def _field_name(path: list[str | int]) -> str:
@@ -23,8 +27,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         loc = e["loc"]
-        if loc[:1] == ("finetune",) and len(loc) > 1 and loc[1] in FINETUNE_MODES:
-            loc = loc[:1] + loc[2:]  # the variant's tag is the section's mode, not a field
+        if loc and loc[0] in _VARIANTS and len(loc) > 1 and loc[1] in _VARIANTS[str(loc[0])][1]:
+            loc = loc[:1] + loc[2:]  # the variant's tag is the section's mode or arch, not a field
         field = _field_name(list(loc)) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
@@ -139,17 +143,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def _drop_other_mode_fields(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
-    """After ``finetune.mode=...`` switches the preset's fine-tune variant, leave out the preset's fields the new
-    variant does not have (an SFT preset's sft_path in mode continue); a field the overrides set stays, so a
-    misplaced one is still an error that names it."""
+    """After ``finetune.mode=...`` (or ``model.arch=...``) switches the preset's variant of a section, leave out
+    the preset's fields the new variant does not have (an SFT preset's sft_path in mode continue), and those
+    holding another variant's default where the new one's differs (GPT-2's ``bias: true`` becomes Qwen3's
+    false); a field the overrides set stays, so a misplaced one is still an error that names it."""
     keys = [o.split("=", 1)[0].strip() for o in overrides]
-    section = data.get("finetune")
-    if "finetune.mode" not in keys or not isinstance(section, dict):
-        return
-    variant = FINETUNE_MODES.get(section.get("mode"))  # type: ignore[arg-type]
-    if variant is None:
-        return  # an unknown mode: validation names it
-    given = {k.removeprefix("finetune.").split(".")[0] for k in keys if k.startswith("finetune.")}
-    for field in list(section):
-        if field not in variant.model_fields and field not in given:
-            del section[field]
+    for name, (picker, variants) in _VARIANTS.items():
+        section = data.get(name)
+        if f"{name}.{picker}" not in keys or not isinstance(section, dict):
+            continue
+        variant = variants.get(section.get(picker))  # type: ignore[arg-type]
+        if variant is None:
+            continue  # an unknown mode or arch: validation names it
+        given = {k.removeprefix(f"{name}.").split(".")[0] for k in keys if k.startswith(f"{name}.")}
+        others = [v for v in variants.values() if v is not variant]
+        for field in list(section):
+            if field in given:
+                continue
+            if field not in variant.model_fields:
+                del section[field]
+            elif section[field] != variant.model_fields[field].default and any(
+                    field in o.model_fields and o.model_fields[field].default == section[field] for o in others):
+                del section[field]  # another variant's default, not a choice: the new variant's default applies

@@ -15,6 +15,7 @@ from lmpipe.config.training import (
     ContinueFinetuneConfig,
     FinetuneSection,
     ModelConfig,
+    ModelSection,
     SFTFinetuneConfig,
     TrainConfig,
     Training,
@@ -22,8 +23,9 @@ from lmpipe.config.training import (
 
 
 def _any_of_modes(schema: dict[str, Any]) -> None:
-    """The fine-tune variants as ``anyOf`` in the JSON schema (the Prefect UI's parameter form): its form offers
-    a choice of definitions for ``anyOf`` and picks the one the value fits; ``mode`` makes them exclusive anyway."""
+    """A section's variants (fine-tune modes, model archs) as ``anyOf`` in the JSON schema (the Prefect UI's
+    parameter form): its form offers a choice of definitions for ``anyOf`` and picks the one the value fits;
+    ``mode`` / ``arch`` makes them exclusive anyway."""
     if "oneOf" in schema:
         schema["anyOf"] = schema.pop("oneOf")
 
@@ -45,7 +47,9 @@ class PipelineConfig(Section):
                     "on a shared filesystem whose writes can stall.")
     data: DataConfig = Field(default_factory=DataConfig, description="Corpora, cleaning, shards, download retries.")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The byte-level BPE tokenizer.")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="The GPT's size and shape.")
+    model: ModelSection = Field(
+        default_factory=ModelConfig, json_schema_extra=_any_of_modes,
+        description="The model's size and shape; `arch` picks the variant: 'gpt2' (the default) or 'qwen3'.")
     pretrain: TrainConfig = Field(default_factory=TrainConfig, description="Pretraining on data.pretrain.")
     finetune: FinetuneSection = Field(
         default_factory=ContinueFinetuneConfig, json_schema_extra=_any_of_modes,

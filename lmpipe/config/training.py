@@ -15,8 +15,13 @@ CLASSIFY_SUFFIX = r"\.([Cc][Ss][Vv]|[Jj][Ss][Oo][Nn][Ll]?)$"
 
 
 class ModelConfig(Section):
-    """The GPT's architecture (GPT-2's design); its vocabulary size is the tokenizer's."""
+    """The model's architecture; ``arch`` picks the block design (this class is GPT-2's, the default;
+    :class:`Qwen3ModelConfig` the other). Its vocabulary size is the tokenizer's."""
 
+    arch: Literal["gpt2"] = Field(
+        "gpt2", description="Block design. 'gpt2': learned positions, LayerNorm, GELU MLP, tied embeddings "
+                            "(nanoGPT's; exported as GPT2LMHeadModel). 'qwen3': rotary positions, RMSNorm, "
+                            "QK-norm, SwiGLU MLP (exported as Qwen3ForCausalLM); it has more fields.")
     n_layer: int = Field(4, ge=1, description="Transformer blocks.")
     # n_head comes before n_embd, whose check reads it.
     n_head: int = Field(4, ge=1, description="Attention heads per block; n_embd must be a multiple of it.")
@@ -35,6 +40,84 @@ class ModelConfig(Section):
         if n_head and v % n_head:
             raise ValueError(f"{v} must be divisible by n_head={n_head}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_for_qwen3(cls, data: Any) -> Any:
+        """A Qwen3 field in a GPT-2 section: say which arch it belongs to, not just 'unknown field'."""
+        if cls is ModelConfig and isinstance(data, dict):
+            other = sorted(set(data) & (set(Qwen3ModelConfig.model_fields) - set(ModelConfig.model_fields)))
+            if other:
+                one = len(other) == 1
+                raise ValueError(f"{', '.join(other)} only appl{'ies' if one else 'y'} to model.arch='qwen3' "
+                                 f"(model.arch is {data.get('arch', 'gpt2')!r}); set model.arch=qwen3 or leave "
+                                 f"{'it' if one else 'them'} out")
+        return data
+
+
+def default_intermediate_size(n_embd: int) -> int:
+    """SwiGLU's hidden width when not given: 8/3 n_embd (the parameters of GPT-2's 4 n_embd GELU MLP, as its three
+    matrices hold 3 x n_embd x hidden), rounded up to a multiple of 64 for the matmul kernels."""
+    return -(-8 * n_embd // (3 * 64)) * 64
+
+
+class Qwen3ModelConfig(ModelConfig):
+    """Qwen3's block (transformers' Qwen3ForCausalLM): RMSNorm before attention and MLP, rotary position
+    embeddings, RMSNorm on each head's queries and keys, a SwiGLU MLP, no biases but optionally in attention."""
+
+    arch: Literal["qwen3"] = Field(  # type: ignore[assignment]
+        "qwen3", description="Block design. 'gpt2': learned positions, LayerNorm, GELU MLP, tied embeddings "
+                             "(nanoGPT's; exported as GPT2LMHeadModel). 'qwen3': rotary positions, RMSNorm, "
+                             "QK-norm, SwiGLU MLP (exported as Qwen3ForCausalLM).")
+    bias: bool = Field(False, description="Biases in the attention's q, k, v and output projections "
+                                          "(Qwen3's attention_bias); its MLP and norms have none.")
+    n_kv_head: int | None = Field(
+        None, ge=1, description="Key/value heads (grouped-query attention: each serves n_head / n_kv_head query "
+                                "heads, and the KV cache shrinks by that factor); a divisor of n_head. None: "
+                                "n_head (multi-head attention).")
+    intermediate_size: int | None = Field(
+        None, ge=1, description="Hidden width of the SwiGLU MLP. None: 8/3 n_embd rounded up to a multiple of "
+                                "64 (as many MLP parameters as GPT-2's 4 n_embd).")
+    rope_theta: float = Field(10000.0, gt=0.0, description="Base of the rotary embeddings' wavelengths (Qwen3 "
+                                                           "uses 1e6 for its 32K context; 1e4 suits short ones).")
+    rms_norm_eps: float = Field(1e-6, gt=0.0, lt=1.0, description="Epsilon of every RMSNorm (Qwen3: 1e-6).")
+    tie_embeddings: bool = Field(True, description="The output head shares the token embedding's matrix; false: "
+                                                   "a separate head (more parameters, often better at scale).")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> Qwen3ModelConfig:
+        head_size = self.n_embd // self.n_head
+        if head_size % 2:
+            raise ValueError(f"n_embd / n_head = {self.n_embd} / {self.n_head} = {head_size} must be even: rotary "
+                             "embeddings rotate pairs of each head's dimensions")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        return self
+
+
+MODEL_ARCHS: dict[str, type[ModelConfig]] = {"gpt2": ModelConfig, "qwen3": Qwen3ModelConfig}
+
+
+def _model_arch(value: Any) -> str:
+    """The variant a model section validates as: its ``arch``, "gpt2" when not given."""
+    arch = value.get("arch", "gpt2") if isinstance(value, dict) else getattr(value, "arch", "gpt2")
+    return arch if isinstance(arch, str) else repr(arch)
+
+
+# The model section: one variant per arch, so the Qwen3-only fields exist only with arch "qwen3".
+ModelSection = Annotated[
+    Annotated[ModelConfig, Tag("gpt2")] | Annotated[Qwen3ModelConfig, Tag("qwen3")],
+    Discriminator(_model_arch, custom_error_type="model_arch",
+                  custom_error_message=f"arch must be one of {', '.join(map(repr, MODEL_ARCHS))}"),
+]
+
+
+def model_config(data: dict[str, Any]) -> ModelConfig:
+    """A model section from its plain form (a spec file, a stored config): the variant its ``arch`` names."""
+    arch = _model_arch(data)
+    if arch not in MODEL_ARCHS:
+        raise ValueError(f"model.arch must be one of {', '.join(map(repr, MODEL_ARCHS))}, got {arch}")
+    return MODEL_ARCHS[arch].model_validate(data)
 
 
 class DistributedConfig(Section):
@@ -188,9 +271,10 @@ class LoraConfig(Section):
     alpha: float = Field(16.0, gt=0.0, description="The update is scaled by alpha / r.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input.")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["c_attn", "c_proj", "c_fc"], min_length=1,
-        description="Linear layers to adapt, by name or name suffix (c_attn, c_proj, c_fc, attn.c_proj, "
-                    "transformer.h.0.mlp.c_fc) or 'all-linear'.")
+        default_factory=lambda: ["all-linear"], min_length=1,
+        description="Linear layers to adapt, by name or name suffix (model.arch gpt2: c_attn, c_proj, c_fc, "
+                    "attn.c_proj, transformer.h.0.mlp.c_fc; qwen3: q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                    "up_proj, down_proj) or 'all-linear' (the default: every linear layer but the output head).")
     save_adapter: bool = Field(False, description="Also publish adapter/: only the adapter weights, in peft's "
                                                   "format for the transformers export. The merged weights are "
                                                   "always published (model/), for evaluation and serving.")

@@ -2,7 +2,7 @@
 
 Layout of ``<root>/step-0000200/``::
 
-    model.safetensors   weights (the tied output head is stored once, as the token embedding)
+    model.safetensors   weights (a tied output head is stored once, as the token embedding)
     optimizer.pt        AdamW state keyed by parameter name, read back with torch.load(weights_only=True)
     state.json          written LAST: format version, step, model config, vocab size,
                         tokenizer fingerprint, data position, every rank's RNG states, sha256 of the files
@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lmpipe.artifacts import fsync_path, save_safetensors, sha256_file, write_json_atomic
 from lmpipe.config.training import ModelConfig
-from lmpipe.model.gpt import GPT, GPTConfig
+from lmpipe.model.gpt import ARCH_FIELDS, GPT, GPTConfig
 from lmpipe.model.lora import LoraLinear, is_lora_state, merge_state
 
 FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name, RNG states per rank
@@ -45,12 +45,9 @@ MODEL_DIR = "model"  # in a training stage's output: the checkpoint that goes fo
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
-# The output head is the token embedding (weight tying); safetensors refuses shared
-# tensors, and storing the matrix once is what we want anyway.
+# The output head is the token embedding (weight tying; a qwen3 model may have its own);
+# safetensors refuses shared tensors, and storing the matrix once is what we want anyway.
 TIED_KEY, _TIED_TO = "lm_head.weight", "transformer.wte.weight"
-# Fields that decide the weights' shapes and meaning. Dropout is left out: it is a
-# training-time choice, and a checkpoint is valid with any dropout.
-ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
 
 
 class CheckpointError(ValueError):
@@ -166,10 +163,17 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def architecture_diffs(state: dict[str, Any], model_cfg: ModelConfig) -> list[str]:
-    """'model.<field>: checkpoint has X, config has Y' for every architecture field that differs."""
-    saved = state.get("model") or {}
-    return [f"model.{name}: checkpoint has {saved.get(name)!r}, config has {getattr(model_cfg, name)!r}"
-            for name in ARCH_FIELDS if saved.get(name) != getattr(model_cfg, name)]
+    """'model.<field>: checkpoint has X, config has Y' for every architecture field that differs.
+
+    Compared as the model is built (``GPTConfig.from_config``: qwen3's n_kv_head and intermediate_size
+    resolved), over the config's arch's fields; a checkpoint without ``arch`` is a GPT-2 (as they all were).
+    """
+    saved = {"arch": "gpt2"} | (state.get("model") or {})
+    wanted = GPTConfig.from_config(model_cfg, vocab_size=0).to_dict() | {"arch": model_cfg.arch}
+    # Another arch: the arch, and the fields both have (the others would only repeat that the arch differs).
+    names = ["arch", *(n for n in ARCH_FIELDS[model_cfg.arch] if n in ARCH_FIELDS.get(saved["arch"], ()))]
+    return [f"model.{name}: checkpoint has {saved.get(name)!r}, config has {wanted[name]!r}"
+            for name in names if saved.get(name) != wanted[name]]
 
 
 def check_compatible(
@@ -225,7 +229,8 @@ def _load_weights(model: nn.Module, ckpt_dir: Path, state: dict[str, Any]) -> No
             raise CheckpointError(f"{state.get('state_file', ckpt_dir)}: {WEIGHTS_FILE} holds LoRA adapters but "
                                   "the state names no 'lora' entry with their 'scale', so they cannot be merged")
         sd = merge_state(sd, float(lora["scale"]))
-    sd[TIED_KEY] = sd[_TIED_TO]
+    if TIED_KEY not in sd:  # stored once: the head is the token embedding
+        sd[TIED_KEY] = sd[_TIED_TO]
     set_model_state_dict(model, cast(dict[str, Any], sd), options=StateDictOptions(full_state_dict=True, strict=True))
 
 

@@ -50,7 +50,6 @@ absent from both is left out of the mean rather than counted as 0 or 1.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +191,7 @@ def save_classifier(model: GPTClassifier, dest: Path, *, info: dict[str, Any]) -
         "labels": list(model.labels),
         "eot_id": model.eot_id,
         "head_dropout": model.drop.p,
-        "model": asdict(model.body.config),
+        "model": model.body.config.to_dict(),
         **info,
     })
 

@@ -4,6 +4,12 @@ Token + learned position embeddings, ``n_layer`` pre-norm transformer blocks
 (LayerNorm -> causal self-attention, LayerNorm -> GELU MLP), a final LayerNorm
 and an output head that shares its weight with the token embedding.
 
+``arch="qwen3"`` swaps in Qwen3's block (transformers' ``Qwen3ForCausalLM``): no
+position embedding but rotary positions on q and k, RMSNorm everywhere, RMSNorm
+on each head's q and k (QK-norm), a SwiGLU MLP, no biases (optionally in
+attention), grouped-query attention (``n_kv_head``), a tied or separate head.
+The rest (loss, KV cache, packing, generation) is shared.
+
     >>> cfg = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
     >>> model = GPT(cfg)
     >>> logits, loss = model(torch.zeros(1, 8, dtype=torch.long))
@@ -16,20 +22,21 @@ layer's keys and values in a ``KVCache`` (see ``GPT.generate``).
 Packed sequences: ``model(idx, targets, doc_sep=eot)`` treats every
 ``doc_sep`` token as the end of a document, so each position attends only to
 earlier positions of its own document and position embeddings restart at 0
-where a document starts (``packed_attention``): several short examples in one
-row are each seen exactly as if run alone.
+where a document starts (``packed_attention``; qwen3's rotary angles alike):
+several short examples in one row are each seen exactly as if run alone.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from lmpipe.config.training import ModelConfig
+from lmpipe.config.training import ModelConfig, Qwen3ModelConfig, default_intermediate_size
 
 LN_EPS = 1e-5  # LayerNorm epsilon (GPT-2's; the transformers export states it)
 IGNORE_INDEX = -1  # target value whose position does not count towards the loss (masked prompts)
@@ -43,12 +50,25 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
-    bias: bool = True  # biases in Linear layers and LayerNorms
+    bias: bool = True  # biases in Linear layers and LayerNorms (qwen3: in attention's projections only)
+    arch: str = "gpt2"  # "gpt2" | "qwen3" (the fields below are qwen3's: Qwen3Block)
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); qwen3: always set
+    intermediate_size: int | None = None  # SwiGLU hidden width; qwen3: always set
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = True  # qwen3 only; GPT-2's head is always the token embedding
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCH_FIELDS:
+            raise ValueError(f"model arch {self.arch!r} is not one of {', '.join(map(repr, ARCH_FIELDS))}")
+        if self.arch == "qwen3" and (self.n_kv_head is None or self.intermediate_size is None):
+            raise ValueError("a qwen3 GPTConfig needs n_kv_head and intermediate_size (GPTConfig.from_config "
+                             "resolves them)")
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, vocab_size: int) -> GPTConfig:
         """The model section of the pipeline config plus the tokenizer's vocabulary size."""
-        return cls(
+        config = cls(
             vocab_size=vocab_size,
             block_size=model_cfg.block_size,
             n_layer=model_cfg.n_layer,
@@ -57,6 +77,40 @@ class GPTConfig:
             dropout=model_cfg.dropout,
             bias=model_cfg.bias,
         )
+        if not isinstance(model_cfg, Qwen3ModelConfig):
+            return config
+        return replace(
+            config,
+            arch="qwen3",
+            n_kv_head=model_cfg.n_kv_head or model_cfg.n_head,
+            intermediate_size=model_cfg.intermediate_size or default_intermediate_size(model_cfg.n_embd),
+            rope_theta=model_cfg.rope_theta,
+            rms_norm_eps=model_cfg.rms_norm_eps,
+            tie_embeddings=model_cfg.tie_embeddings,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields a checkpoint records (state.json's ``model``): a GPT-2's without the qwen3 fields, so its
+        files read as they always have, and ``GPTConfig(**d)`` builds it again."""
+        d = asdict(self)
+        if self.arch == "gpt2":
+            for name in _QWEN3_ONLY:
+                d.pop(name)
+        return d
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+
+# The fields that decide the weights' shapes and meaning, per arch (dropout is a training-time choice, and a
+# checkpoint is valid with any dropout): what a checkpoint must match to be resumed or fine-tuned.
+ARCH_FIELDS = {
+    "gpt2": ("n_layer", "n_head", "n_embd", "block_size", "bias"),
+    "qwen3": ("n_layer", "n_head", "n_embd", "block_size", "bias", "n_kv_head", "intermediate_size", "rope_theta",
+              "rms_norm_eps", "tie_embeddings"),
+}
+_QWEN3_ONLY = ("arch", "n_kv_head", "intermediate_size", "rope_theta", "rms_norm_eps", "tie_embeddings")
 
 
 class LayerNorm(nn.Module):
@@ -82,15 +136,16 @@ class KVCache:
     rather than concatenating, which would copy the whole cache every token.
 
     Keys carry their absolute position (the position embedding is added before
-    the first layer), so a full cache cannot slide: ``reset`` and re-encode the
-    last ``block_size`` tokens instead.
+    the first layer; qwen3's keys are stored rotated), so a full cache cannot
+    slide: ``reset`` and re-encode the last ``block_size`` tokens instead. With
+    grouped-query attention it holds the ``n_kv_head`` key/value heads only.
     """
 
     def __init__(self, config: GPTConfig) -> None:
         self.max_len = config.block_size
         self.length = 0  # positions filled, the same in every layer
-        self.k: list[torch.Tensor | None] = [None] * config.n_layer  # each (B, nh, max_len, hs)
-        self.v: list[torch.Tensor | None] = [None] * config.n_layer  # each (B, nh, max_len, hs)
+        self.k: list[torch.Tensor | None] = [None] * config.n_layer  # each (B, nkv, max_len, hs)
+        self.v: list[torch.Tensor | None] = [None] * config.n_layer  # each (B, nkv, max_len, hs)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store layer's k, v (B, nh, T, hs) after the cached positions; return all of them (B, nh, length + T, hs).
@@ -110,6 +165,40 @@ class KVCache:
     def reset(self) -> None:
         """Forget the cached tokens; the buffers are kept for the next prefill."""
         self.length = 0
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache | None, layer_idx: int,
+           attn_mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    """Scaled dot-product attention of q (B, nh, T, hs) over k, v (B, nkv, T, hs) -> (B, nh, T, hs).
+
+    nkv < nh is grouped-query attention (each key/value head serves nh / nkv query heads).
+    With kv_cache, k and v continue the cached tokens: they are appended and the queries
+    attend over the cached keys as well as their own. attn_mask (B, 1, T, T) bool, True =
+    may attend, replaces the causal mask (packed documents, see ``packed_attention``); not
+    combined with kv_cache.
+    """
+    gqa = k.size(1) != q.size(1)
+    T = q.size(2)
+    if attn_mask is not None:
+        # Packed documents: block-diagonal causal. An explicit mask rules out the flash
+        # kernel (the memory-efficient one runs instead), so only this path pays for it.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=gqa)
+    if kv_cache is None:
+        # Training and uncached inference. Fused kernel (flash attention on GPU);
+        # is_causal masks out future positions.
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+    start = kv_cache.length
+    k, v = kv_cache.append(layer_idx, k, v)  # (B, nkv, S, hs), S = start + T
+    if T == 1:
+        # One query (a decoding step) may see every key: no mask.
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=gqa)
+    if start == 0:
+        # Prefill: keys are exactly the T new ones, so the plain causal mask fits.
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+    # Several tokens after a non-empty cache: is_causal would align the mask's
+    # top-left corner, so query i (absolute position start + i) gets an explicit one.
+    mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)  # (T, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
 
 
 class CausalSelfAttention(nn.Module):
@@ -141,29 +230,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        dropout_p = self.dropout if self.training else 0.0
-        if attn_mask is not None:
-            # Packed documents: block-diagonal causal. An explicit mask rules out the flash
-            # kernel (the memory-efficient one runs instead), so only this path pays for it.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)  # (B, nh, T, hs)
-        elif kv_cache is None:
-            # Training and uncached inference. Fused kernel (flash attention on GPU);
-            # is_causal masks out future positions.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
-        else:
-            start = kv_cache.length
-            k, v = kv_cache.append(self.layer_idx, k, v)  # (B, nh, S, hs), S = start + T
-            if T == 1:
-                # One query (a decoding step) may see every key: no mask.
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-            elif start == 0:
-                # Prefill: keys are exactly the T new ones, so the plain causal mask fits.
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-            else:
-                # Several tokens after a non-empty cache: is_causal would align the mask's
-                # top-left corner, so query i (absolute position start + i) gets an explicit one.
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)  # (T, S)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = attend(q, k, v, kv_cache, self.layer_idx, attn_mask, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -211,21 +278,146 @@ class Transformer(nn.Module):
         self.ln_f = LayerNorm(config.n_embd, bias=config.bias)
 
 
+# ---------------------------------------------------------------- Qwen3's block (arch "qwen3")
+# Named as transformers' Qwen3 layers (self_attn.q_proj, mlp.down_proj, ...), so the export renames only the
+# containers (``transformers_name``) and LoRA targets are the names peft users know.
+
+
+def rotary(pos: torch.Tensor, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (..., T, hs) of the rotary embeddings (Su et al. 2021) at positions pos (T,) or (B, T).
+
+    Computed as transformers' Qwen3RotaryEmbedding does (fp32, each frequency twice: the
+    "rotate half" layout), so the export's logits match ours.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float, device=pos.device) / head_size))
+    freqs = pos[..., None].float() * inv_freq  # (..., T, hs/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, hs)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, nh, T, hs) by its positions' angles: pairs (i, i + hs/2) turn by the same angle."""
+    x1, x2 = x.chunk(2, dim=-1)  # 2 x (B, nh, T, hs/2)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Qwen3Attention(nn.Module):
+    """Causal self-attention with RMSNorm on each head's queries and keys (QK-norm) and rotary positions."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        assert config.n_kv_head is not None
+        hs, nh, nkv, C = config.head_size, config.n_head, config.n_kv_head, config.n_embd
+        self.q_proj = nn.Linear(C, nh * hs, bias=config.bias)
+        self.k_proj = nn.Linear(C, nkv * hs, bias=config.bias)
+        self.v_proj = nn.Linear(C, nkv * hs, bias=config.bias)
+        self.o_proj = nn.Linear(nh * hs, C, bias=config.bias)
+        # Per head, over hs: bounds the attention logits, so a higher learning rate stays stable.
+        self.q_norm = nn.RMSNorm(hs, eps=config.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(hs, eps=config.rms_norm_eps)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_kv_head, self.head_size = nh, nkv, hs
+        self.dropout = config.dropout
+        self.layer_idx = layer_idx  # this layer's slot in a KVCache
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); rope: cos, sin (1 or B, 1, T, hs) of x's positions; the rest as ``attend``."""
+        B, T, C = x.size()
+        hs = self.head_size
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, hs)).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, hs)).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        cos, sin = rope
+        # Cached keys are stored rotated: each keeps its absolute position, as GPT-2's do.
+        q, k = apply_rotary(q, cos, sin).to(v.dtype), apply_rotary(k, cos, sin).to(v.dtype)  # fp32 angles
+        y = attend(q, k, v, kv_cache, self.layer_idx, attn_mask, self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * hs)  # (B, T, nh * hs)
+        return self.resid_dropout(self.o_proj(y))
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP (Shazeer 2020): down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        assert config.intermediate_size is not None
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class Qwen3Block(nn.Module):
+    """Pre-norm, as GPT-2's Block, with RMSNorm (no mean, no bias) in place of LayerNorm."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.n_embd, eps=config.rms_norm_eps)
+        self.self_attn = Qwen3Attention(config, layer_idx)
+        self.post_attention_layernorm = nn.RMSNorm(config.n_embd, eps=config.rms_norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, attn_mask)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class Qwen3Transformer(nn.Module):
+    """The body under the same container names as GPT-2's (``transformer.wte``, ``.h``, ``.ln_f``), so
+    checkpoints, FSDP's per-block wrapping and the classifier's hook treat both alike; no position embedding."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Qwen3Block(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.RMSNorm(config.n_embd, eps=config.rms_norm_eps)
+
+
+def transformers_name(name: str, arch: str) -> str:
+    """A parameter's or module's name in the transformers export of ``arch``.
+
+    GPT-2's are ours (nanoGPT kept them); Qwen3's blocks are named as transformers names them,
+    under other containers: ``transformer.h.0.self_attn.q_proj`` is ``model.layers.0.self_attn.q_proj``.
+    """
+    if arch == "gpt2" or name.startswith("lm_head"):
+        return name
+    for ours, theirs in (("transformer.h.", "model.layers."), ("transformer.wte", "model.embed_tokens"),
+                         ("transformer.ln_f", "model.norm")):
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    raise KeyError(f"{name!r} is not a weight of the {arch} model")
+
+
+_RESIDUAL_PROJECTIONS = ("c_proj.weight", "o_proj.weight", "down_proj.weight")
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.transformer = Transformer(config)
+        self.transformer: Transformer | Qwen3Transformer
+        if config.arch == "qwen3":
+            self.transformer = Qwen3Transformer(config)
+        else:
+            self.transformer = Transformer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (Press & Wolf 2017): reading a token and predicting it use one
-        # matrix; fewer parameters and better small-model perplexity.
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.arch == "gpt2" or config.tie_embeddings:
+            # Weight tying (Press & Wolf 2017): reading a token and predicting it use one
+            # matrix; fewer parameters and better small-model perplexity.
+            self.transformer.wte.weight = self.lm_head.weight
 
         self.apply(self._init_weights)
         # GPT-2: each residual projection adds to the stream, 2 per layer; scaling their
         # init by 1/sqrt(2 * n_layer) keeps the stream's variance independent of depth.
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith(_RESIDUAL_PROJECTIONS):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -243,9 +435,16 @@ class GPT(nn.Module):
         embedding is also the output layer, so its FLOPs are real (nanoGPT's convention).
         """
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
-        if non_embedding:
+        if non_embedding and isinstance(self.transformer, Transformer):
             n -= self.transformer.wpe.weight.numel()
+        elif non_embedding and not self.tied:
+            n -= self.transformer.wte.weight.numel()  # an untied input embedding is a lookup too
         return n
+
+    @property
+    def tied(self) -> bool:
+        """Whether the output head is the token embedding (always for GPT-2; qwen3: ``tie_embeddings``)."""
+        return self.config.arch == "gpt2" or self.config.tie_embeddings
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token, forward + backward (PaLM appendix B, as in nanoGPT).
@@ -299,10 +498,18 @@ class GPT(nn.Module):
         else:
             attn_mask, pos = packed_attention(idx, doc_sep)  # (B, 1, T, T), (B, T) positions within the document
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)  # (T, C) broadcast over the batch, or (B, T, C)
-        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, kv_cache, attn_mask)
+        if isinstance(self.transformer, Transformer):
+            pos_emb = self.transformer.wpe(pos)  # (T, C) broadcast over the batch, or (B, T, C)
+            x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+            for block in self.transformer.h:
+                x = block(x, kv_cache, attn_mask)
+        else:
+            # Rotary: positions enter each layer's q and k, as angles of the document's own positions.
+            cos, sin = rotary(pos, self.config.head_size, self.config.rope_theta)  # (T, hs) or (B, T, hs)
+            rope = (cos.unsqueeze(-3), sin.unsqueeze(-3))  # (1 or B, 1, T, hs): broadcast over heads
+            x = self.transformer.drop(tok_emb)  # (B, T, C)
+            for block in self.transformer.h:
+                x = block(x, rope, kv_cache, attn_mask)
         if kv_cache is not None:
             kv_cache.length += T  # every layer has appended its k, v for these T positions
         x = self.transformer.ln_f(x)  # (B, T, C)

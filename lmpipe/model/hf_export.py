@@ -12,6 +12,11 @@ tool that reads the transformers format can use the model as it is:
 - Biases: a model trained with ``bias=False`` has none, GPT-2 always has them;
   zeros compute the same function.
 
+A ``model.arch: qwen3`` model is exported as ``Qwen3ForCausalLM``: its blocks are
+named as transformers names them, so only the containers are renamed
+(``lmpipe.model.gpt.transformers_name``), and its rotary embeddings, RMSNorms
+and attention are computed as transformers computes them.
+
 Logits of the export equal ours (tests/unit/model/test_export.py checks <= 1e-4 in fp32, and
 identical greedy generations). The destination appears complete or not at all:
 it is built in a hidden sibling directory and renamed into place, its modes those
@@ -20,6 +25,7 @@ the umask gives (as if written with plain ``open`` and ``mkdir``).
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -29,7 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from lmpipe.artifacts import follow_umask
 from lmpipe.data.sft import hf_chat_template
@@ -41,7 +55,7 @@ from lmpipe.data.tokenizer import (
     tokenizer_fingerprint,
 )
 from lmpipe.model.checkpoint import is_chat_model, load_model, read_state
-from lmpipe.model.gpt import GPT, LN_EPS
+from lmpipe.model.gpt import GPT, LN_EPS, transformers_name
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _TIED_HEAD = "lm_head.weight"  # stored once, as transformer.wte.weight (tie_word_embeddings)
@@ -111,6 +125,69 @@ def to_gpt2(model: GPT, eot_id: int) -> GPT2LMHeadModel:
     return hf.eval()
 
 
+def qwen3_config(model: GPT, eot_id: int) -> Qwen3Config:
+    """The Qwen3Config that computes what a ``model.arch: qwen3`` model computes (no dropout: for inference)."""
+    c = model.config
+    assert c.intermediate_size is not None and c.n_kv_head is not None  # always set for qwen3 (GPTConfig)
+    return Qwen3Config(
+        vocab_size=c.vocab_size,
+        hidden_size=c.n_embd,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_kv_head,
+        head_dim=c.head_size,
+        hidden_act="silu",
+        max_position_embeddings=c.block_size,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        attention_bias=c.bias,
+        attention_dropout=0.0,
+        use_sliding_window=False,
+        tie_word_embeddings=c.tie_embeddings,
+        bos_token_id=eot_id,
+        eos_token_id=eot_id,
+        pad_token_id=eot_id,
+        architectures=["Qwen3ForCausalLM"],
+    )
+
+
+def to_qwen3(model: GPT, eot_id: int) -> Qwen3ForCausalLM:
+    """A Qwen3ForCausalLM holding ``model``'s weights (the same tensors: the layouts agree, only names differ)."""
+    config = qwen3_config(model, eot_id)
+    with torch.device("meta"):
+        hf = Qwen3ForCausalLM(config)
+    ours = model.state_dict()
+    if model.tied:
+        ours.pop(_TIED_HEAD)
+    sd = {transformers_name(k, "qwen3"): v for k, v in ours.items()}
+    expected = {k: v.shape for k, v in hf.state_dict().items() if not (model.tied and k == _TIED_HEAD)}
+    if sd.keys() != expected.keys():
+        raise KeyError(f"Qwen3 weights without an lmpipe counterpart: {sorted(expected.keys() - sd.keys())}; "
+                       f"lmpipe weights without a Qwen3 one: {sorted(sd.keys() - expected.keys())}")
+    for key, shape in expected.items():
+        if sd[key].shape != shape:
+            raise ValueError(f"{key}: lmpipe weight has shape {tuple(sd[key].shape)}, Qwen3 expects {tuple(shape)}")
+    hf.load_state_dict(sd, strict=False, assign=True)
+    with torch.device("cpu"):  # the rotary frequencies are buffers of no checkpoint: computed afresh, off meta
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(config)
+    if model.tied:
+        hf.tie_weights()
+        if hf.lm_head.weight.data_ptr() != hf.model.embed_tokens.weight.data_ptr():
+            raise RuntimeError("the exported Qwen3's output head is not tied to its token embedding")
+    hf.generation_config = GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
+    return hf.eval()
+
+
+def to_transformers(model: GPT, eot_id: int) -> PreTrainedModel:
+    """The transformers model of ``model``'s arch holding its weights: GPT2LMHeadModel or Qwen3ForCausalLM."""
+    return to_qwen3(model, eot_id) if model.config.arch == "qwen3" else to_gpt2(model, eot_id)
+
+
+_HF_CLASS = {"gpt2": "`GPT2LMHeadModel` (exact-erf GELU, tied embeddings)",
+             "qwen3": "`Qwen3ForCausalLM` (rotary positions, RMSNorm, QK-norm, SwiGLU)"}
+
+
 def _model_card(ckpt_dir: Path, state: dict[str, Any], tok_fp: str, block_size: int) -> str:
     """README.md: what the directory holds, where it came from, and how to load and evaluate it."""
     m = state["model"]
@@ -121,7 +198,7 @@ pipeline_tag: text-generation
 # {ckpt_dir.name} (lmpipe export)
 
 A GPT language model trained with lmpipe, exported to the Hugging Face transformers format as
-`GPT2LMHeadModel` (exact-erf GELU, tied embeddings): {m['n_layer']} layers, {m['n_head']} heads,
+{_HF_CLASS[m.get('arch', 'gpt2')]}: {m['n_layer']} layers, {m['n_head']} heads,
 width {m['n_embd']}, context {block_size} tokens, vocabulary {state['vocab_size']}.
 
 - lmpipe checkpoint: `{ckpt_dir.name}`, step {state.get('step')}
@@ -145,7 +222,7 @@ Evaluate with lm-evaluation-harness:
 lm_eval --model hf --model_args pretrained=<this directory> --tasks hellaswag
 ```
 
-Inputs longer than {block_size} tokens must be truncated: the model has no position embeddings beyond.
+Inputs longer than {block_size} tokens must be truncated: the model was trained on no positions beyond.
 """
 
 
@@ -223,7 +300,13 @@ def export_hf(checkpoint_dir: Path, tokenizer_dir: Path, dest: Path, *, overwrit
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         with _bars_only_on_a_terminal():
-            to_gpt2(model, eot_id).save_pretrained(tmp)
+            to_transformers(model, eot_id).save_pretrained(tmp)
+        if model.config.arch == "qwen3":
+            # transformers 5 writes rope_theta inside rope_parameters only; readers on transformers 4 (lm-eval,
+            # serving engines pinned to it) read the top-level key and would take their default instead.
+            hf_config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+            hf_config["rope_theta"] = model.config.rope_theta
+            (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_file=str(tok_path),
             bos_token=eot,

@@ -22,8 +22,10 @@ the exported base model.
 Targets. ``target_modules`` holds module names matched as peft does: a name
 matches a module whose qualified name equals it or ends with ``.`` + name
 (``c_attn`` matches every layer's ``transformer.h.<i>.attn.c_attn``);
-``all-linear`` is every linear layer but the output head. The output head is
-tied to the token embedding and cannot be adapted.
+``all-linear`` (the default) is every linear layer but the output head, which
+is not adapted (GPT-2's is tied to the token embedding). Qwen3's layers are
+named as in transformers (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,
+``gate_proj``, ``up_proj``, ``down_proj``).
 """
 
 from __future__ import annotations
@@ -153,35 +155,42 @@ def merge_state(weights: dict[str, torch.Tensor], scale: float) -> dict[str, tor
     return out
 
 
-def adapter_state(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Only the adapter matrices, under peft's names for the transformers export
+def adapter_state(weights: dict[str, torch.Tensor], arch: str = "gpt2") -> dict[str, torch.Tensor]:
+    """Only the adapter matrices, under peft's names for the transformers export of ``arch``
     (``base_model.model.<module>.lora_A.weight``)."""
-    return {_PEFT_PREFIX + k: v.contiguous() for k, v in weights.items() if ".lora_A." in k or ".lora_B." in k}
+    from lmpipe.model.gpt import transformers_name
+
+    return {_PEFT_PREFIX + transformers_name(k, arch): v.contiguous()
+            for k, v in weights.items() if ".lora_A." in k or ".lora_B." in k}
 
 
-def write_peft_adapter(weights: dict[str, torch.Tensor], cfg: LoraConfig, targets: list[str], dest: Path) -> Path:
+def write_peft_adapter(weights: dict[str, torch.Tensor], cfg: LoraConfig, targets: list[str], dest: Path,
+                       arch: str = "gpt2") -> Path:
     """Write ``dest`` as a peft adapter directory (atomically: a temporary directory renamed at the end).
 
     The transformers export's GPT-2 layers are ``Conv1D`` (weights stored (in, out)),
-    hence ``fan_in_fan_out``; the adapter matrices themselves have the same shapes
-    either way. ``target_modules`` lists the adapted layers' full names (the export keeps
-    ours), so peft adapts exactly those layers.
+    hence ``fan_in_fan_out``; Qwen3's are ``nn.Linear`` as ours. The adapter matrices
+    themselves have the same shapes either way. ``target_modules`` lists the adapted
+    layers' full names in the export of ``arch`` (GPT-2's are ours), so peft adapts
+    exactly those layers.
     """
     import shutil
+
+    from lmpipe.model.gpt import transformers_name
 
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_safetensors(adapter_state(weights), tmp / ADAPTER_WEIGHTS)
+    save_safetensors(adapter_state(weights, arch), tmp / ADAPTER_WEIGHTS)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
-        "target_modules": list(targets),
-        "fan_in_fan_out": True,
+        "target_modules": [transformers_name(t, arch) for t in targets],
+        "fan_in_fan_out": arch == "gpt2",
         "bias": "none",
         "inference_mode": True,
         "base_model_name_or_path": None,

@@ -27,7 +27,7 @@ from lmpipe.training.launch import (
 def _worker(spec_path: Path) -> None:
     if TORCHRUN_PID_ENV in os.environ:  # started by lmpipe's launcher: end with torchrun, however it ends
         die_with_parent(signal.SIGKILL, int(os.environ[TORCHRUN_PID_ENV]))
-    from lmpipe.config.training import ModelConfig, TrainConfig
+    from lmpipe.config.training import TrainConfig, model_config
     from lmpipe.data.shards import TokenSplit
     from lmpipe.tracking.runs import StageRun
     from lmpipe.training.data import TrainData
@@ -48,7 +48,7 @@ def _worker(spec_path: Path) -> None:
     signal.signal(signal.SIGTERM, terminated)
     try:
         summary = train(
-            ModelConfig.model_validate(spec["model"]), train_cfg, spec["vocab_size"],
+            model_config(spec["model"]), train_cfg, spec["vocab_size"],
             TrainData(TokenSplit(Path(spec["shards"]), "train"), TokenSplit(Path(spec["shards"]), "val")),
             Path(spec["work_dir"]), tokenizer_fingerprint=spec["tokenizer_fingerprint"],
             log_metrics=run.log_metrics if run else None, on_progress=progress if ctx.is_main else None,

@@ -76,7 +76,7 @@ def lora_meta(ckpt: Path, adapter_dir: Path | None) -> dict[str, Any]:
     weights = load_file(str(ckpt / WEIGHTS_FILE))
     lora = LoraConfig.model_validate({k: v for k, v in state["lora"].items() if k not in ("targets", "scale")})
     if adapter_dir is not None:
-        write_peft_adapter(weights, lora, state["lora"]["targets"], adapter_dir)
+        write_peft_adapter(weights, lora, state["lora"]["targets"], adapter_dir, state["model"].get("arch", "gpt2"))
     adapter = sum(v.numel() for k, v in weights.items() if ".lora_" in k)
     return {"lora_targets": len(state["lora"]["targets"]), "lora_params": adapter,
             "lora_params_share": adapter / sum(v.numel() for v in weights.values())}

@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 from collections.abc import Callable, Collection
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
 
@@ -99,7 +98,8 @@ def capture(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[
     this is a collective (every rank calls it) and ranks other than 0 get empty dicts.
     """
     sd = get_model_state_dict(model, options=_FULL)
-    sd.pop(TIED_KEY, None)  # the GPT always ties its head to the token embedding
+    if getattr(model, "module", model).tied:  # (DDP keeps the GPT in .module) the head is the token embedding
+        sd.pop(TIED_KEY, None)
     weights = {k: cast(torch.Tensor, v).detach().contiguous() for k, v in sd.items()}
     opt = get_optimizer_state_dict(model, optimizer, options=_FULL) if optimizer is not None else None
     return weights, opt
@@ -151,7 +151,7 @@ def write_checkpoint(
         **state,
         "format_version": FORMAT_VERSION,
         "step": step,
-        "model": asdict(config),
+        "model": config.to_dict(),
         "vocab_size": config.vocab_size,
         "rng": rng if rng is not None else [rng_state()],
     }

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmpipe.artifacts import RESULT_FILE
+from lmpipe.config.training import ModelConfig, Qwen3ModelConfig
 from lmpipe.model.checkpoint import latest_checkpoint, read_state
 from lmpipe.stages.pretrain import run_pretrain
 from lmpipe.training.launch import DistributedTrainingError, launch
@@ -41,15 +42,24 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(model_dir / "model.safetensors")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, stages, strategy: str) -> None:
+# Qwen3's block (untied head, grouped-query attention): the workers build it from the spec's model section, and
+# FSDP shards its blocks as GPT-2's.
+QWEN3_STAGE_MODEL = Qwen3ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, n_kv_head=1,
+                                     tie_embeddings=False)
+
+
+@pytest.mark.parametrize(("strategy", "model"), [("ddp", STAGE_MODEL), ("fsdp", STAGE_MODEL),
+                                                 ("ddp", QWEN3_STAGE_MODEL), ("fsdp", QWEN3_STAGE_MODEL)],
+                         ids=["ddp", "fsdp", "ddp-qwen3", "fsdp-qwen3"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, stages, strategy: str,
+                                                            model: ModelConfig) -> None:
     tok, shards = stages
     lines: list[str] = []
     progress: list[tuple[int, int]] = []
-    multi = run_pretrain(STAGE_MODEL, two_procs(strategy), shards, tok, tmp_path / "multi", "fp",
+    multi = run_pretrain(model, two_procs(strategy), shards, tok, tmp_path / "multi", "fp",
                          report=Reporters(lines=lines.append, progress=lambda d, t: progress.append((d, t))))
-    single = run_pretrain(STAGE_MODEL, config(max_steps=6, batch_size=2, grad_accum_steps=2, checkpoint_interval=3,
-                                              log_interval=1), shards, tok, tmp_path / "single", "fp")
+    single = run_pretrain(model, config(max_steps=6, batch_size=2, grad_accum_steps=2, checkpoint_interval=3,
+                                        log_interval=1), shards, tok, tmp_path / "single", "fp")
     assert losses(multi.path("metrics.jsonl")) == pytest.approx(losses(single.path("metrics.jsonl")), rel=1e-5)
     assert multi.metrics["final_val_loss"] == pytest.approx(single.metrics["final_val_loss"], rel=1e-5)
     w_multi, w_single = weights(multi.path("model")), weights(single.path("model"))
@@ -60,6 +70,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, stag
     assert any(line.startswith("pretrain step 6/6 loss") for line in lines)  # rank 0's log reached on_log
     # The hand-over files of the launcher are not part of the published stage.
     assert sorted(multi.files) == ["metrics.jsonl", "model/model.safetensors", "model/state.json"]
+    assert read_state(multi.path("model"))["model"].get("arch", "gpt2") == model.arch
 
 
 def _spec(stages, work: Path, **train: object) -> dict:

@@ -5,6 +5,7 @@ import torch
 from lmpipe.config.base import ConfigError
 from lmpipe.config.loading import load_config
 from lmpipe.config.pipeline import PipelineConfig
+from lmpipe.config.training import ModelConfig, Qwen3ModelConfig
 from lmpipe.stages.fingerprint import stage_fingerprint
 from tests.conftest import REPO
 
@@ -184,6 +185,43 @@ def test_switching_an_sft_preset_to_continue_leaves_the_sft_fields_out(tmp_path)
         load_config(None, ["finetune.sft_path=chat.jsonl"])
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.rope_theta=500"], "model: rope_theta only applies to model.arch='qwen3' (model.arch is 'gpt2'); "
+                                   "set model.arch=qwen3 or leave it out"),
+        (["model.n_kv_head=2", "model.tie_embeddings=false"],
+         "model: n_kv_head, tie_embeddings only apply to model.arch='qwen3' (model.arch is 'gpt2')"),
+        (["model.arch=llama"], "model: arch must be one of 'gpt2', 'qwen3'"),
+        (["model.arch=qwen3", "model.n_kv_head=3"], "model: n_kv_head=3 must divide n_head=4"),
+        (["model.arch=qwen3", "model.n_head=8", "model.n_embd=24"],
+         "model: n_embd / n_head = 24 / 8 = 3 must be even: rotary embeddings rotate pairs of each head's dimensions"),
+        (["model.arch=qwen3", "model.rope_theta=0"], "model.rope_theta: Input should be greater than 0 (got 0)"),
+        (["model.arch=qwen3", "model.intermediate_size=0"],
+         "model.intermediate_size: Input should be greater than or equal to 1 (got 0)"),
+    ],
+)
+def test_qwen3_fields_exist_only_for_that_arch_and_are_checked(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_switching_the_arch_takes_the_new_arch_defaults_and_drops_the_other_fields(tmp_path):
+    cfg = load_config(None, ["model.arch=qwen3"])
+    assert isinstance(cfg.model, Qwen3ModelConfig)
+    assert (cfg.model.bias, cfg.model.n_kv_head, cfg.model.rope_theta, cfg.model.tie_embeddings) == (
+        False, None, 10000.0, True)  # GPT-2's bias=true was its default, not a choice: Qwen3's applies
+    assert load_config(None, ["model.arch=qwen3", "model.bias=true"]).model.bias is True
+    preset = tmp_path / "qwen3.yaml"
+    preset.write_text("model: {arch: qwen3, n_layer: 2, rope_theta: 500.0, n_kv_head: 2}\n")
+    cfg = load_config(preset)
+    assert (cfg.model.arch, cfg.model.rope_theta, cfg.model.n_kv_head) == ("qwen3", 500.0, 2)
+    back = load_config(preset, ["model.arch=gpt2"])
+    assert type(back.model) is ModelConfig and back.model.n_layer == 2 and back.model.bias is True
+    assert "rope_theta" not in back.model.model_dump()
+
+
 def test_the_json_schema_offers_the_fine_tune_modes_as_any_of():
     """The Prefect UI's parameter form renders anyOf as a choice of definitions, picked by the value."""
     schema = PipelineConfig.model_json_schema()
@@ -191,6 +229,9 @@ def test_the_json_schema_offers_the_fine_tune_modes_as_any_of():
     assert "oneOf" not in finetune
     assert finetune["anyOf"] == [{"$ref": "#/$defs/ContinueFinetuneConfig"}, {"$ref": "#/$defs/SFTFinetuneConfig"}]
     assert schema["$defs"]["SFTFinetuneConfig"]["properties"]["mode"]["const"] == "sft"
+    assert schema["properties"]["model"]["anyOf"] == [{"$ref": "#/$defs/ModelConfig"},
+                                                      {"$ref": "#/$defs/Qwen3ModelConfig"}]
+    assert schema["$defs"]["Qwen3ModelConfig"]["properties"]["arch"]["const"] == "qwen3"
 
 
 @pytest.mark.parametrize("override", ["data.pretrain.sources[1].doc_boundary=file",

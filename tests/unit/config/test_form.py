@@ -114,6 +114,10 @@ def test_the_server_checks_a_run_against_the_schema():
     assert not is_valid(bad_pin, full)
     assert not is_valid(_params(pretrain={"batch_size": 0}), full)
     assert is_valid(_params(pretrain={"batch_size": "auto", "batch_tokens": 4096}), full)
+    # The model section's variants: a qwen3 field is the qwen3 form's, and checked there.
+    assert is_valid(_params(model={"arch": "qwen3", "n_kv_head": 2}), full)
+    assert not is_valid(_params(model={"n_kv_head": 2}), full)  # arch gpt2 has no n_kv_head
+    assert not is_valid(_params(model={"arch": "qwen3", "n_kv_head": 0}), full)
 
 
 def test_a_vocabulary_below_the_real_minimum_fails_at_load_and_at_flow_start():

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, Qwen3ForCausalLM
 
 import lmpipe.model.hf_export
 from lmpipe.artifacts import StageResult
 from lmpipe.config.base import CHAT_TOKENS, EOT
 from lmpipe.config.data import TokenizerConfig
+from lmpipe.config.training import Qwen3ModelConfig
 from lmpipe.data.sft import (
     Message,
     chat_token_ids,
@@ -61,11 +62,14 @@ def _tokenizer(root: Path, pretokenizer: str, vocab_size: int = 512) -> StageRes
     return run_train_tokenizer(cfg, docs, root / "tok", "fp")
 
 
-def _checkpoint(root: Path, tok: StageResult, bias: bool) -> Path:
-    """A seeded random GPT, every weight perturbed so that biases and LayerNorm gains are not 0 and 1."""
+def _checkpoint(root: Path, tok: StageResult, bias: bool, qwen3: Qwen3ModelConfig | None = None) -> Path:
+    """A seeded random GPT (a qwen3 one with ``qwen3``), every weight perturbed so that biases and norm gains
+    are not 0 and 1."""
     torch.manual_seed(1234)
     vocab = load_tokenizer(tok.path("tokenizer.json")).get_vocab_size()
-    model = GPT(GPTConfig(vocab_size=vocab, block_size=BLOCK, n_layer=2, n_head=4, n_embd=32, bias=bias))
+    config = GPTConfig(vocab_size=vocab, block_size=BLOCK, n_layer=2, n_head=4, n_embd=32, bias=bias) \
+        if qwen3 is None else GPTConfig.from_config(qwen3, vocab)
+    model = GPT(config)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -280,6 +284,77 @@ def test_failed_export_leaves_no_dest(exported, tmp_path: Path, monkeypatch: pyt
         export_hf(ckpt, Path(tok.out_dir), dest)
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
     assert list(dest.parent.glob(f".{dest.name}.*")) == []  # no temporary or moved-aside folder left
+
+
+# ---------------------------------------------------------------- model.arch: qwen3
+
+# Tied head, grouped-query attention (2 key/value heads for 4 query heads), no biases; untied head, multi-head
+# attention, attention biases, another rotary base.
+QWEN3_CASES = {
+    "tied-gqa": Qwen3ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=BLOCK, n_kv_head=2),
+    "untied-bias": Qwen3ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=BLOCK, bias=True,
+                                    tie_embeddings=False, rope_theta=500.0, intermediate_size=80),
+}
+
+
+@pytest.fixture(scope="module", params=list(QWEN3_CASES))
+def exported_qwen3(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """(our model, our tokenizer, export dir) of a qwen3 checkpoint."""
+    root = tmp_path_factory.mktemp(f"export-qwen3-{request.param}")
+    tok = _tokenizer(root, "gpt4")
+    ckpt = _checkpoint(root, tok, False, QWEN3_CASES[request.param])
+    dest = export_hf(ckpt, Path(tok.out_dir), root / "hf")
+    return load_model(ckpt), load_tokenizer(tok.path("tokenizer.json")), dest
+
+
+def test_qwen3_files_and_config(exported_qwen3) -> None:
+    model, _, dest = exported_qwen3
+    c = model.config
+    cfg = json.loads((dest / "config.json").read_text())
+    expected = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 32,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": c.n_kv_head, "head_dim": 8,
+                "intermediate_size": c.intermediate_size, "hidden_act": "silu", "max_position_embeddings": BLOCK,
+                "rms_norm_eps": 1e-6, "attention_bias": c.bias, "attention_dropout": 0.0,
+                "tie_word_embeddings": c.tie_embeddings, "use_sliding_window": False,
+                "vocab_size": c.vocab_size, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0,
+                "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+                "rope_theta": c.rope_theta}  # also top-level, where transformers 4 reads it
+    assert {k: cfg[k] for k in expected} == expected
+    with safe_open(str(dest / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert ("lm_head.weight" in keys) is not c.tie_embeddings  # a tied head is stored once
+        assert f.get_tensor("model.layers.1.self_attn.k_proj.weight").shape == (8 * c.n_kv_head, 32)
+        per_block = 11 + (4 if c.bias else 0)  # 2 norms, 4 projections (+ biases), q/k norms, 3 MLP matrices
+        assert len(keys) == 2 + (0 if c.tie_embeddings else 1) + 2 * per_block  # embed_tokens, norm, (lm_head)
+    assert "`Qwen3ForCausalLM` (rotary positions, RMSNorm, QK-norm, SwiGLU)" in (dest / "README.md").read_text()
+
+
+def test_qwen3_logits_equal_ours_at_every_position(exported_qwen3) -> None:
+    model, tok, dest = exported_qwen3
+    hf = AutoModelForCausalLM.from_pretrained(dest, local_files_only=True)
+    assert isinstance(hf, Qwen3ForCausalLM) and not hf.training
+    tied = hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    assert tied is model.config.tie_embeddings
+    ids = _real_ids(tok, rows=3, length=BLOCK)  # (3, 64)
+    with torch.no_grad():
+        ours, _ = model(ids, targets=ids)  # (3, 64, V)
+        theirs = hf(ids).logits  # (3, 64, V)
+    assert theirs.dtype == ours.dtype == torch.float32 and theirs.shape == ours.shape
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert ours.std().item() > 0.5  # the weights are far from init, so the comparison means something
+
+
+def test_qwen3_greedy_generation_with_kv_caches_is_identical(exported_qwen3) -> None:
+    """Our cached greedy generation and transformers' (its own KV cache) produce the same tokens."""
+    model, tok, dest = exported_qwen3
+    hf = AutoModelForCausalLM.from_pretrained(dest, local_files_only=True)
+    prompt = _real_ids(tok, rows=2, length=PROMPT)  # (2, 16)
+    with torch.no_grad():
+        ours = model.generate(prompt, NEW, temperature=0.0)  # KVCache: the prompt once, then a token a step
+        theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=NEW)
+    assert not (ours[:, PROMPT:] == 0).any()  # no EOT, where transformers would stop: all 20 tokens compared
+    assert theirs.tolist() == ours.tolist()
+    assert len(set(ours[:, PROMPT:].flatten().tolist())) > 3  # not one token repeated
 
 
 # In a process of its own, whose umask the shell sets: a training checkpoint, the model directory the pipeline

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from lmpipe.artifacts import StageResult
-from lmpipe.config.training import LoraConfig, ModelConfig, SFTFinetuneConfig, TrainConfig
+from lmpipe.config.training import LoraConfig, ModelConfig, Qwen3ModelConfig, SFTFinetuneConfig, TrainConfig
 from lmpipe.data.shards import ArraySource
 from lmpipe.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from lmpipe.model.checkpoint import CheckpointError, export_model, load_model, read_state
@@ -119,6 +119,24 @@ def test_unknown_target_is_named(target: str, message: str) -> None:
     with pytest.raises(ValueError) as err:
         check_targets(ModelConfig(n_layer=2), LoraConfig(target_modules=["c_attn", target]))
     assert str(err.value).startswith(message)
+
+
+QWEN3 = Qwen3ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, n_kv_head=1, tie_embeddings=False)
+QWEN3_LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                "mlp.up_proj", "mlp.down_proj")
+
+
+def test_qwen3_targets_are_transformers_layer_names() -> None:
+    assert check_targets(QWEN3, LoraConfig(target_modules=["q_proj", "self_attn.v_proj", "down_proj"])) == [
+        f"transformer.h.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
+    # The default, all-linear: every projection of every block; not the (here untied) output head.
+    assert check_targets(QWEN3, LoraConfig()) == [f"transformer.h.{i}.{m}" for i in (0, 1) for m in QWEN3_LINEAR]
+    with pytest.raises(ValueError) as err:
+        check_targets(QWEN3, LoraConfig(target_modules=["c_attn"]))
+    assert str(err.value) == (
+        "finetune.lora.target_modules: 'c_attn' matches no linear layer of the model; its linear layers are "
+        "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (e.g. transformer.h.0.self_attn.q_proj), "
+        "or use 'all-linear'")
 
 
 @pytest.mark.parametrize(
@@ -255,6 +273,43 @@ def test_run_finetune_publishes_merged_weights_and_a_peft_adapter(
     hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_hf, local_files_only=True),
                                    str(adapter_dir)).eval()
     x = torch.randint(0, ours.config.vocab_size, (2, MODEL.block_size))
+    with torch.no_grad():
+        want, _ = ours(x, x)
+        got = hf(input_ids=x).logits
+        before, _ = load_model(ckpt)(x, x)
+    assert (got - want).abs().max().item() < 1e-4
+    assert (want - before).abs().max().item() > 0.1  # the adapters did change the model
+
+
+def test_a_qwen3_lora_adapter_loads_onto_its_transformers_export(
+        tmp_path: Path, tokenizer: StageResult, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A qwen3 model (untied head, grouped-query attention): LoRA fine-tuning publishes merged weights and a peft
+    adapter under Qwen3's layer names that peft puts on the export of the base, giving the merged model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = load_tokenizer(tokenizer.path("tokenizer.json"))
+    stream = np.array(tok.encode("\n".join(LINES), add_special_tokens=False).ids, dtype=np.int64)
+    ckpt = train(QWEN3, TrainConfig(max_steps=3, batch_size=4, eval_batches=1, device="cpu"), tok.get_vocab_size(),
+                 TrainData(ArraySource(stream[:-500]), ArraySource(stream[-500:])), tmp_path / "base",
+                 tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.path("tokenizer.json"))).checkpoint
+    chats = [json.dumps({"prompt": LINES[i][:16], "response": "Amen."}) for i in range(40)]
+    cfg = LORA_FT.model_copy(update={"sft_path": str(write_jsonl(tmp_path / "d.jsonl", chats)), "lora": LoraConfig(
+        r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], save_adapter=True)})
+    result = run_finetune(cfg, QWEN3, ckpt, None, tokenizer, tmp_path / "ft", "fp")
+    # 2 layers x r=4 x ((32 + 32) q_proj + (32 + 16) v_proj + (32 + 32) o_proj + (128 + 32) down_proj)
+    assert result.meta["lora_params"] == 2 * 4 * (64 + 48 + 64 + 160) and result.meta["lora_targets"] == 8
+    adapter = json.loads((result.path("adapter") / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    assert adapter["fan_in_fan_out"] is False and adapter["target_modules"][:2] == [
+        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    ours = load_model(result.path("model"))  # a plain qwen3 GPT: the merged weights, its own head
+    assert ours.config.arch == "qwen3" and not ours.tied
+
+    base_hf = export_hf(ckpt, Path(tokenizer.out_dir), tmp_path / "hf-base")
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_hf, local_files_only=True),
+                                   str(result.path("adapter"))).eval()
+    x = torch.randint(0, ours.config.vocab_size, (2, QWEN3.block_size))
     with torch.no_grad():
         want, _ = ours(x, x)
         got = hf(input_ids=x).logits

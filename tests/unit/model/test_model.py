@@ -4,20 +4,60 @@ packed documents."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from lmpipe.config.training import ModelConfig
-from lmpipe.model.gpt import GPT, IGNORE_INDEX, GPTConfig, KVCache, filter_logits, packed_attention
+from lmpipe.config.training import ModelConfig, Qwen3ModelConfig
+from lmpipe.model.gpt import GPT, IGNORE_INDEX, GPTConfig, KVCache, filter_logits, packed_attention, rotary
 
 TINY = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
+# Qwen3's block with grouped-query attention: one key/value head serves both query heads.
+TINY_QWEN3 = GPTConfig.from_config(Qwen3ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, n_kv_head=1), 256)
+ARCHS = {"gpt2": TINY, "qwen3": TINY_QWEN3}
 
 
-@pytest.fixture
-def model() -> GPT:
+@pytest.fixture(params=list(ARCHS))
+def model(request: pytest.FixtureRequest) -> GPT:
+    """A tiny model of each arch: the tests that take it hold for both."""
     torch.manual_seed(0)
-    return GPT(TINY).eval()
+    return GPT(ARCHS[request.param]).eval()
+
+
+def test_qwen3_config_resolves_its_defaults() -> None:
+    assert TINY_QWEN3 == GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False,
+                                   arch="qwen3", n_kv_head=1, intermediate_size=128, rope_theta=10000.0,
+                                   rms_norm_eps=1e-6, tie_embeddings=True)
+    # 8/3 of the width, rounded up to a multiple of 64; n_kv_head None is multi-head attention.
+    cfg = GPTConfig.from_config(Qwen3ModelConfig(n_embd=768, n_head=12), 100)
+    assert (cfg.intermediate_size, cfg.n_kv_head, cfg.head_size) == (2048, 12, 64)
+    assert GPTConfig.from_config(Qwen3ModelConfig(n_embd=128), 100).intermediate_size == 384
+    # What a checkpoint records: a GPT-2's fields as they always were, a qwen3's all of them.
+    assert TINY.to_dict() == {"vocab_size": 256, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32,
+                              "dropout": 0.0, "bias": True}
+    assert GPTConfig(**TINY_QWEN3.to_dict()) == TINY_QWEN3 and GPTConfig(**TINY.to_dict()) == TINY
+    with pytest.raises(ValueError, match="model arch 'llama' is not one of 'gpt2', 'qwen3'"):
+        GPTConfig(vocab_size=8, arch="llama")
+
+
+def test_qwen3_modules_are_named_as_transformers_names_them() -> None:
+    m = GPT(TINY_QWEN3)
+    names = [n for n, _ in m.named_parameters() if n.startswith("transformer.h.0.")]
+    assert names == [f"transformer.h.0.{n}.weight" for n in (
+        "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "self_attn.q_norm", "self_attn.k_norm", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
+        "mlp.down_proj")]
+    shapes = {n.removeprefix("transformer.h.0."): tuple(p.shape) for n, p in m.named_parameters() if n in names}
+    assert (shapes["self_attn.q_proj.weight"], shapes["self_attn.k_proj.weight"]) == ((32, 32), (16, 32))  # GQA
+    assert shapes["self_attn.q_norm.weight"] == (16,) and shapes["mlp.gate_proj.weight"] == (128, 32)
+    assert {n for n, _ in m.named_parameters() if not n.startswith("transformer.h.")} == {
+        "transformer.wte.weight", "transformer.ln_f.weight"}  # no position embedding; the head is tied
+    untied = GPT(replace(TINY_QWEN3, tie_embeddings=False))
+    assert untied.lm_head.weight is not untied.transformer.wte.weight and not untied.tied
+    # The untied input embedding is a lookup: left out of the count of parameters that cost FLOPs.
+    assert untied.num_params(non_embedding=False) - untied.num_params() == 256 * 32
+    assert untied.num_params(non_embedding=False) == m.num_params(non_embedding=False) + 256 * 32
 
 
 def test_from_config_takes_model_section_and_vocab() -> None:
@@ -79,7 +119,8 @@ def test_causal_future_tokens_do_not_change_past_logits(model: GPT) -> None:
     assert not torch.equal(a[:, 9:], b[:, 9:])
 
 
-def test_param_count_exact(model: GPT) -> None:
+def test_param_count_exact() -> None:
+    model = GPT(TINY)
     V, T, C, L = 256, 16, 32, 2
     per_layer = (
         2 * C  # ln_1
@@ -101,7 +142,24 @@ def test_param_count_without_bias() -> None:
     assert m.num_params() == 256 * C + 2 * (2 * C + 12 * C * C) + C
 
 
-def test_flops_per_token_exact(model: GPT) -> None:
+def test_qwen3_param_count_exact() -> None:
+    V, C, L, hs, H = 256, 32, 2, 16, 128
+    per_layer = (
+        C  # input_layernorm
+        + C * C + 2 * C * hs + C * C  # q_proj, k_proj and v_proj (one key/value head), o_proj
+        + 2 * hs  # q_norm, k_norm
+        + C  # post_attention_layernorm
+        + 3 * C * H  # gate_proj, up_proj, down_proj
+    )
+    total = V * C + L * per_layer + C  # wte (= lm_head), blocks, ln_f
+    m = GPT(TINY_QWEN3)
+    assert m.num_params(non_embedding=False) == m.num_params() == total == 39136
+    L, H, Q, T = 2, 2, 16, 16
+    assert m.flops_per_token() == 6 * total + 12 * L * H * Q * T
+
+
+def test_flops_per_token_exact() -> None:
+    model = GPT(TINY)
     N = 34176 - 16 * 32
     L, H, Q, T = 2, 2, 16, 16
     assert model.flops_per_token() == 6 * N + 12 * L * H * Q * T == 214272
@@ -147,9 +205,9 @@ def test_generate_crops_context_to_block_size(model: GPT) -> None:
 
 def test_cached_steps_give_the_full_forwards_logits(model: GPT) -> None:
     idx = torch.randint(0, 256, (2, 16))
-    cache = KVCache(TINY)
+    cache = KVCache(model.config)
     logits, _ = model(idx[:, :7], kv_cache=cache)  # prefill
-    assert cache.length == 7 and cache.k[0].shape == (2, 2, 16, 16)
+    assert cache.length == 7 and cache.k[0].shape == (2, model.config.n_kv_head or 2, 16, 16)  # GQA: fewer heads
     torch.testing.assert_close(logits, model(idx[:, :7])[0], atol=1e-5, rtol=0)
     for t in range(7, 16):  # one token at absolute position t
         step, _ = model(idx[:, t : t + 1], kv_cache=cache)  # (2, 1, V)
@@ -164,7 +222,7 @@ def test_cached_chunk_after_prefill_gives_the_full_forwards_logits(model: GPT) -
     # Several tokens after a non-empty cache: the causal mask must be offset by the cached length.
     idx = torch.randint(0, 256, (2, 12))
     full, _ = model(idx, idx)  # (2, 12, V)
-    cache = KVCache(TINY)
+    cache = KVCache(model.config)
     model(idx[:, :5], kv_cache=cache)
     chunk, _ = model(idx[:, 5:], idx[:, 5:].contiguous(), kv_cache=cache)  # (2, 7, V)
     torch.testing.assert_close(chunk, full[:, 5:], atol=1e-5, rtol=0)
@@ -173,11 +231,11 @@ def test_cached_chunk_after_prefill_gives_the_full_forwards_logits(model: GPT) -
     torch.testing.assert_close(again, full[:, :9], atol=1e-5, rtol=0)
 
 
-@pytest.fixture
-def sharp() -> GPT:
+@pytest.fixture(params=list(ARCHS))
+def sharp(request: pytest.FixtureRequest) -> GPT:
     """Weights far from init, so that greedy decoding does not repeat one token forever."""
     torch.manual_seed(0)
-    m = GPT(TINY).eval()
+    m = GPT(ARCHS[request.param]).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0.0, 0.1)
@@ -364,4 +422,31 @@ def test_no_gradient_and_no_influence_across_packed_documents(model: GPT) -> Non
 
 def test_doc_sep_with_kv_cache_is_refused(model: GPT) -> None:
     with pytest.raises(ValueError, match="doc_sep .* cannot be combined with kv_cache"):
-        model(torch.ones(1, 4, dtype=torch.long), doc_sep=SEP, kv_cache=KVCache(TINY))
+        model(torch.ones(1, 4, dtype=torch.long), doc_sep=SEP, kv_cache=KVCache(model.config))
+
+
+def test_packed_rotary_positions_restart_at_each_document() -> None:
+    """Qwen3's q and k are rotated by each document's own positions (0, 1, ... from its start), as alone.
+
+    Rotary attention depends on position differences only, so the logits of the test above would
+    hardly tell; the angles the blocks receive do, exactly."""
+    torch.manual_seed(0)
+    model = GPT(TINY_QWEN3).eval()
+    docs = [_doc(4), _doc(7), _doc(5)]
+    row = torch.cat(docs)[None]  # (1, 16)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hook = model.transformer.h[0].register_forward_pre_hook(lambda _m, args: seen.append(args[1]))
+    try:
+        model(row, row, doc_sep=SEP)
+        model(row, row)
+    finally:
+        hook.remove()
+    (packed_cos, packed_sin), (plain_cos, plain_sin) = seen
+    restart = torch.tensor([list(range(4)) + list(range(7)) + list(range(5))])  # (1, 16)
+    cos, sin = rotary(restart, 16, 10000.0)  # (1, 16, hs)
+    assert packed_cos.shape == (1, 1, 16, 16)
+    assert torch.equal(packed_cos[:, 0], cos) and torch.equal(packed_sin[:, 0], sin)
+    cos, sin = rotary(torch.arange(16), 16, 10000.0)  # (16, hs): the causal path counts from the row's start
+    assert plain_cos.shape == (1, 16, 16)  # (1, T, hs): one set of angles for every row and head
+    assert torch.equal(plain_cos[0], cos) and torch.equal(plain_sin[0], sin)
+    assert not torch.equal(packed_cos[0, 0], plain_cos[0])

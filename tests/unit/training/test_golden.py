@@ -7,7 +7,7 @@ below are compared with ``==`` on the floats. The runs are CPU-only, single-thre
 corpora from ``data/``: pretraining on WikiText-2's validation text as bytes
 (dropout and gradient accumulation on, so the RNG and the micro-batch sums are
 covered), and packed SFT (loss masks, per-token weighting, the block-diagonal
-mask) with this suite's BPE tokenizer.
+mask) with this suite's BPE tokenizer, for each ``model.arch``.
 
 Another CPU family or torch version may round differently (other kernels); the
 files are from the locked requirements on an x86-64 CPU.
@@ -30,7 +30,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lmpipe.config.base import EOT
-from lmpipe.config.training import ModelConfig, SFTFinetuneConfig, TrainConfig
+from lmpipe.config.training import ModelConfig, Qwen3ModelConfig, SFTFinetuneConfig, TrainConfig
 from lmpipe.data.sft import build_sft_data
 from lmpipe.data.shards import ArraySource
 from lmpipe.training.data import TrainData
@@ -76,13 +76,19 @@ def test_tiny_pretraining_run_reproduces_its_golden_losses(tmp_path: Path) -> No
     _compare("tiny_pretrain", curve)
 
 
-def test_tiny_packed_sft_run_reproduces_its_golden_losses(tmp_path: Path, tok: Tokenizer) -> None:
+@pytest.mark.parametrize(("name", "model"), [
+    ("tiny_sft_packed", ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)),
+    # Qwen3's block: rotary positions restarting per example, grouped-query attention, its own output head.
+    ("tiny_qwen3_sft_packed", Qwen3ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, n_kv_head=1,
+                                               tie_embeddings=False)),
+], ids=["gpt2", "qwen3"])
+def test_tiny_packed_sft_run_reproduces_its_golden_losses(tmp_path: Path, tok: Tokenizer, name: str,
+                                                          model: ModelConfig) -> None:
     lines = [ln for ln in (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8").splitlines() if ln.strip()]
     sft_file = tmp_path / "sft.jsonl"
     sft_file.write_text("".join(json.dumps({"prompt": lines[i][:24], "response": lines[i + 1][:24]}) + "\n"
                                 for i in range(150)), encoding="utf-8")
     eot = tok.token_to_id(EOT)
-    model = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
     sft = build_sft_data(sft_file, tok, eot, model.block_size, layout="packed")
     cfg = SFTFinetuneConfig(sft_path=str(sft_file), sft_layout="packed", max_steps=12, batch_size=4,
                          grad_accum_steps=2, learning_rate=1e-2, min_lr=1e-3, warmup_steps=2, eval_interval=6,
@@ -92,4 +98,4 @@ def test_tiny_packed_sft_run_reproduces_its_golden_losses(tmp_path: Path, tok: T
     summary = train(model, cfg, tok.get_vocab_size(), data, tmp_path / "run", tokenizer_fingerprint="fixture")
     curve = _curve(tmp_path / "run", summary)
     assert len(curve["losses"]) == 12  # type: ignore[arg-type]
-    _compare("tiny_sft_packed", curve)
+    _compare(name, curve)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmpipe.config.training import ContinueFinetuneConfig, ModelConfig, TrainConfig
+from lmpipe.config.training import ContinueFinetuneConfig, ModelConfig, Qwen3ModelConfig, TrainConfig
 from lmpipe.data.shards import ArraySource
 from lmpipe.eval.report import plot_loss_curves
 from lmpipe.model.checkpoint import (
@@ -53,6 +53,9 @@ MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)
 FP = "bytes-as-tokens"
 # Dropout on: runs draw from the torch RNG, which a resume must restore to match.
 DROPOUT_MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.1)
+# Qwen3's block with its own output head and grouped-query attention.
+QWEN3_MODEL = Qwen3ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, n_kv_head=1, tie_embeddings=False)
+DROPOUT_QWEN3 = QWEN3_MODEL.model_copy(update={"dropout": 0.1})
 
 
 def config(**overrides: object) -> TrainConfig:
@@ -173,23 +176,24 @@ def test_two_fresh_runs_are_identical(tmp_path: Path) -> None:
     assert losses(tmp_path / "c") != losses(tmp_path / "a")
 
 
+@pytest.mark.parametrize("model", [DROPOUT_MODEL, DROPOUT_QWEN3], ids=["gpt2", "qwen3"])
 @pytest.mark.parametrize("accum", [1, 2])
-def test_resume_is_exact(tmp_path: Path, accum: int) -> None:
+def test_resume_is_exact(tmp_path: Path, accum: int, model: ModelConfig) -> None:
     cfg = config(grad_accum_steps=accum)
     logged_full: dict[int, dict[str, float]] = {}
-    full = run(tmp_path / "full", cfg, DROPOUT_MODEL, log_metrics=lambda m, s: logged_full.update({s: m}))
+    full = run(tmp_path / "full", cfg, model, log_metrics=lambda m, s: logged_full.update({s: m}))
 
     work = tmp_path / "resumed"
     logged: dict[int, dict[str, float]] = {}
-    first = run(work, cfg, DROPOUT_MODEL, stop_after=4, log_metrics=lambda m, s: logged.update({s: m}))
+    first = run(work, cfg, model, stop_after=4, log_metrics=lambda m, s: logged.update({s: m}))
     assert first.steps == 4 and first.final_val_loss is None
     assert [p.name for p in (work / "checkpoints").iterdir()] == ["step-0000004"]
-    second = run(work, cfg, DROPOUT_MODEL, stop_after=9, log_metrics=lambda m, s: logged.update({s: m}))
+    second = run(work, cfg, model, stop_after=9, log_metrics=lambda m, s: logged.update({s: m}))
     assert second.resumed_from == 4
     # A crash after metrics were written but before the next checkpoint leaves extra rows.
     with open(work / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 10, "loss": 9.9, "lr": 0.0, "grad_norm": 0.0}) + "\n")
-    last = run(work, cfg, DROPOUT_MODEL, log_metrics=lambda m, s: logged.update({s: m}))
+    last = run(work, cfg, model, log_metrics=lambda m, s: logged.update({s: m}))
     assert last.resumed_from == 9
     # Resumed inside a log interval (steps 1-5, 6-10): the logged means and gradient norms still cover
     # the whole interval, as in the run that never stopped.
@@ -313,10 +317,11 @@ def test_batch_tokens_with_auto_micro_batch_trains_the_same_global_batch(tmp_pat
     assert losses(tmp_path / "auto") == pytest.approx(losses(tmp_path / "fixed"), rel=1e-5)
 
 
-def test_compile_switch_trains_the_same_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", [MODEL, QWEN3_MODEL], ids=["gpt2", "qwen3"])
+def test_compile_switch_trains_the_same_model(tmp_path: Path, model: ModelConfig) -> None:
     """torch.compile (on by default on CUDA only) is switchable; on CPU it runs inductor's C++ kernels (~30 s)."""
-    compiled = run(tmp_path / "compiled", config(compile=True, max_steps=4))
-    eager = run(tmp_path / "eager", config(compile=False, max_steps=4))
+    compiled = run(tmp_path / "compiled", config(compile=True, max_steps=4), model)
+    eager = run(tmp_path / "eager", config(compile=False, max_steps=4), model)
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
     assert compiled.final_val_loss == pytest.approx(eager.final_val_loss, rel=1e-5)
     # Compiled in place: the checkpoint has the plain model's names, loadable without compile.
@@ -455,6 +460,27 @@ def test_checkpoint_round_trip_keeps_tied_weights(tmp_path: Path) -> None:
                              "sequences_seen": 12}
     assert len(state["rng"]) == 1 and set(state["rng"][0]) >= {"python", "numpy", "torch"}  # one per rank
     assert set(state["files"]) == {"model.safetensors", "optimizer.pt"}
+
+
+def test_a_qwen3_checkpoint_keeps_its_arch_and_its_own_head(tmp_path: Path) -> None:
+    summary = run(tmp_path / "run", config(max_steps=3), QWEN3_MODEL)
+    model = load_model(summary.checkpoint)
+    assert model.config == GPTConfig.from_config(QWEN3_MODEL, 256) and not model.tied
+    stored = load_file(summary.checkpoint / "model.safetensors")
+    assert not torch.equal(stored["lm_head.weight"], stored["transformer.wte.weight"])  # both stored, both trained
+    assert read_state(summary.checkpoint)["model"] == {
+        "vocab_size": 256, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0, "bias": False,
+        "arch": "qwen3", "n_kv_head": 1, "intermediate_size": 128, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+        "tie_embeddings": False}
+    # Starting another model from it names what differs: the arch, or a qwen3 field.
+    for other, diff in ((MODEL, "model.arch: checkpoint has 'qwen3', config has 'gpt2'"),
+                        (QWEN3_MODEL.model_copy(update={"rope_theta": 500.0}),
+                         "model.rope_theta: checkpoint has 10000.0, config has 500.0"),
+                        (QWEN3_MODEL.model_copy(update={"n_kv_head": None}),
+                         "model.n_kv_head: checkpoint has 1, config has 2")):
+        with pytest.raises(CheckpointMismatchError) as err:
+            run(tmp_path / "ft", config(), other, init_from=summary.checkpoint)
+        assert diff in str(err.value)
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.train import format_table
+from bench.train import compile_caches_in, format_table
 from bench.verify import demo_shards
 from lmpipe.config.loading import load_config
 from lmpipe.config.pipeline import PipelineConfig
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> list[Curve]:
         raise SystemExit(f"--eval-interval {args.eval_interval} exceeds the {steps} steps: no validation to compare")
     load_before = os.getloadavg()[0]
     curves = []
-    with tempfile.TemporaryDirectory(prefix="lmpipe-bench-recipe-") as tmp_str:
+    with tempfile.TemporaryDirectory(prefix="lmpipe-bench-recipe-") as tmp_str, compile_caches_in(Path(tmp_str)):
         root = Path(tmp_str)
         shard_dir = args.shards if args.shards is not None else demo_shards(configs[0], root / "data")
         val = read_manifest(shard_dir)["splits"]["val"]

@@ -56,6 +56,7 @@ from lmpipe.training.data import TrainData
 from lmpipe.training.device import find_micro_batch, peak_flops
 from lmpipe.training.loader import WindowOrder, sequence_range
 from lmpipe.training.loop import train
+from lmpipe.training.optimizer import LR_SCALE, build_optimizer
 from lmpipe.training.schedule import lr_at
 from lmpipe.training.validation import get_batch
 
@@ -202,7 +203,7 @@ def bare_run(model_cfg: ModelConfig, cfg: TrainConfig, vocab_size: int, batches:
     model = GPT(GPTConfig.from_config(model_cfg, vocab_size)).to(device)
     if cfg.compile:
         model.compile()
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    optimizer = build_optimizer(model, cfg, device.type)
     torch.manual_seed(cfg.seed)  # train()'s dropout masks
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     accum = len(batches[0])
@@ -213,9 +214,9 @@ def bare_run(model_cfg: ModelConfig, cfg: TrainConfig, vocab_size: int, batches:
         if step == sched.warmup:
             sync(device)
             started = time.perf_counter()
+        lr = lr_at(step, max_lr=cfg.learning_rate, min_lr=cfg.min_lr, warmup=cfg.warmup_steps, total=cfg.max_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, max_lr=cfg.learning_rate, min_lr=cfg.min_lr, warmup=cfg.warmup_steps,
-                                total=cfg.max_steps)
+            group["lr"] = lr * group.get(LR_SCALE, 1.0)
         loss_sum: torch.Tensor | None = None
         for x, y in micro_batches:
             with autocast:
@@ -248,11 +249,12 @@ def compile_caches_in(root: Path) -> Iterator[None]:
             os.environ.pop(n, None)
 
 
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    """Columns as wide as their longest cell: names left-aligned, figures right-aligned for comparing."""
+def format_table(header: list[str], rows: list[list[str]], left: int = 3) -> str:
+    """Columns as wide as their longest cell: names (the first ``left`` columns) left-aligned, figures
+    right-aligned for comparing."""
     widths = [max(len(c) for c in col) for col in zip(header, *rows)]
     lines = [header, *rows]
-    return "\n".join(" ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+    return "\n".join(" ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
                      for line in lines)
 
 

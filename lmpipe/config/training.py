@@ -157,6 +157,35 @@ class AdamBetas(Section):
                                                            "mean.")
 
 
+class MuonConfig(Section):
+    """torch.optim.Muon's settings: the optimizer of the hidden weight matrices when ``optimizer`` is 'muon'."""
+
+    lr: float = Field(0.02, gt=0.0, description="Muon's peak learning rate, reached after warmup_steps; the schedule "
+                                                "scales it as it scales learning_rate (warmup, then cosine decay "
+                                                "to lr x min_lr / learning_rate).")
+    momentum: float = Field(0.95, ge=0.0, lt=1.0, description="Decay rate of Muon's momentum buffer.")
+    nesterov: bool = Field(True, description="Nesterov momentum: orthogonalize the gradient plus momentum x the "
+                                             "buffer instead of the buffer.")
+    ns_steps: int = Field(5, ge=1, le=99, description="Newton-Schulz iterations that orthogonalize each update.")
+    adjust_lr_fn: Literal["original", "match_rms_adamw"] = Field(
+        "match_rms_adamw", description="How the update is scaled to the matrix's shape: 'original' (Keller Jordan: "
+                                       "lr x sqrt(max(1, rows / cols))) or 'match_rms_adamw' (Moonshot: lr x 0.2 x "
+                                       "sqrt(max(rows, cols)), the RMS of an AdamW update).")
+    weight_decay: float = Field(0.1, ge=0.0, description="Decoupled weight decay of the Muon matrices (each step "
+                                                         "multiplies them by 1 - lr x weight_decay).")
+
+
+class OptimizerChoice(Section):
+    """Which optimizer trains the hidden weight matrices (the language-model trainings)."""
+
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="'adamw': AdamW for every weight; 'muon': torch.optim.Muon (the muon settings) for the "
+                             "2-D weights of the linear layers inside the transformer blocks, AdamW for the "
+                             "embeddings, the output head, norms and biases.")
+    muon: MuonConfig = Field(default_factory=MuonConfig, description="Muon's settings (read when optimizer is "
+                                                                     "'muon').")
+
+
 class Batch(Section):
     """How big a step is and how it is split; only the global batch decides the steps taken."""
 
@@ -230,7 +259,7 @@ class EarlyStopping(Section):
     early_stopping_min_delta: float = Field(0.0, ge=0.0, description="Improvement a val loss needs to count.")
 
 
-class Training(EarlyStopping, TrainCadence, TrainRuntime, Batch, AdamBetas, Optimizer):
+class Training(EarlyStopping, TrainCadence, TrainRuntime, Batch, OptimizerChoice, AdamBetas, Optimizer):
     """A language-model training run (pretrain, finetune): the sections they share.
 
     The sections are listed last-first: pydantic orders fields from the last base on, so the config, its YAML
@@ -295,6 +324,14 @@ class FinetuneConfig(Training):
     )
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of every weight; None: full "
                                                       "fine-tuning.")
+
+    @model_validator(mode="after")
+    def _check_optimizer(self) -> FinetuneConfig:
+        if self.optimizer == "muon" and self.lora is not None:
+            raise ValueError("optimizer 'muon' does not train LoRA adapters: they are low-rank factors, not the "
+                             "hidden weight matrices Muon orthogonalizes, and the base weights are frozen; set "
+                             "optimizer=adamw or lora=null")
+        return self
 
 
 class ContinueFinetuneConfig(FinetuneConfig):

@@ -3,7 +3,8 @@
 Layout of ``<root>/step-0000200/``::
 
     model.safetensors   weights (a tied output head is stored once, as the token embedding)
-    optimizer.pt        AdamW state keyed by parameter name, read back with torch.load(weights_only=True)
+    optimizer.pt        optimizer state (AdamW's; with optimizer muon, Muon's too) keyed by parameter name,
+                        read back with torch.load(weights_only=True)
     state.json          written LAST: format version, step, model config, vocab size,
                         tokenizer fingerprint, data position, every rank's RNG states, sha256 of the files
 

@@ -44,6 +44,7 @@ from lmpipe.model.checkpoint import (
 from lmpipe.model.gpt import GPT, GPTConfig
 from lmpipe.training.distributed import DistContext, barrier, gather_objects
 from lmpipe.training.early_stopping import EarlyStopping
+from lmpipe.training.optimizer import TrainOptimizer, optimizer_parts
 
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"  # early stopping: the checkpoint of the lowest val loss so far (weights only)
@@ -91,7 +92,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def capture(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, torch.Tensor], dict | None]:
+def capture(model: nn.Module, optimizer: TrainOptimizer | None) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Full CPU copies of the weights (tied head dropped) and of the optimizer state.
 
     ``model`` may be a GPT, or one wrapped by DDP or sharded by FSDP2; under FSDP
@@ -101,12 +102,13 @@ def capture(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[
     if getattr(model, "module", model).tied:  # (DDP keeps the GPT in .module) the head is the token embedding
         sd.pop(TIED_KEY, None)
     weights = {k: cast(torch.Tensor, v).detach().contiguous() for k, v in sd.items()}
-    opt = get_optimizer_state_dict(model, optimizer, options=_FULL) if optimizer is not None else None
+    opt = (get_optimizer_state_dict(model, optimizer_parts(optimizer), options=_FULL) if optimizer is not None
+           else None)
     return weights, opt
 
 
 def save_checkpoint(
-    root: Path, step: int, model: GPT, optimizer: torch.optim.Optimizer, state: dict[str, Any], *, keep: int = 2
+    root: Path, step: int, model: GPT, optimizer: TrainOptimizer, state: dict[str, Any], *, keep: int = 2
 ) -> Path:
     """Checkpoint a single-process model: ``capture`` then ``write_checkpoint``."""
     weights, opt = capture(model, optimizer)
@@ -209,7 +211,7 @@ def resume_checkpoint(root: Path) -> Path | None:
 def load_checkpoint(
     ckpt_dir: Path,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: TrainOptimizer | None = None,
     *,
     restore_rng: bool = True,
     rank: int = 0,
@@ -230,7 +232,8 @@ def load_checkpoint(
         if not opt_file.is_file():
             raise CheckpointError(f"{ckpt_dir} holds no optimizer state (an exported model?)")
         opt_state = torch.load(opt_file, map_location="cpu", weights_only=True)
-        set_optimizer_state_dict(model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer_parts(optimizer), opt_state,
+                                 options=StateDictOptions(full_state_dict=True))
     state["rng_restored"] = restore_rng and len(state.get("rng", [])) == world_size
     if state["rng_restored"]:
         set_rng_state(state["rng"][rank])
@@ -251,7 +254,7 @@ class Checkpointer:
     main rank writes files.
     """
 
-    def __init__(self, work_dir: Path, model: nn.Module, config: GPTConfig, optimizer: torch.optim.Optimizer, *,
+    def __init__(self, work_dir: Path, model: nn.Module, config: GPTConfig, optimizer: TrainOptimizer, *,
                  interval: int, max_steps: int, early: EarlyStopping, state: dict[str, Any],
                  best_state: dict[str, Any], position: Callable[[int], dict[str, Any]],
                  stop_after: int | None = None, dist_ctx: DistContext | None = None,

@@ -23,6 +23,7 @@ from lmpipe.training.checkpoint import CHECKPOINTS_DIR, load_checkpoint, resume_
 from lmpipe.training.device import find_micro_batch
 from lmpipe.training.distributed import DistContext, gather_objects, init_process_group, wrap_model
 from lmpipe.training.early_stopping import EarlyStopping
+from lmpipe.training.optimizer import TrainOptimizer, build_optimizer
 
 
 def trajectory(cfg: Training, sequences_per_step: int) -> dict[str, Any]:
@@ -39,7 +40,7 @@ class Run:
     autocast: contextlib.AbstractContextManager
     raw: GPT
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: TrainOptimizer
     micro: int  # sequences per micro-batch per rank
     accum: int  # micro-batches per optimizer step per rank
     sequences_per_step: int  # the global batch
@@ -108,7 +109,7 @@ def prepare(model_cfg: ModelConfig, cfg: Training, vocab_size: int, work_dir: Pa
         micro = find_micro_batch(raw, per_rank, device, autocast, doc_sep=doc_sep)
         micro = min(gather_objects(micro, dist_ctx))  # every rank must take the same micro-batch
     model = _compile_and_wrap(raw, cfg, dist_ctx, device)
-    optimizer = raw.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    optimizer = build_optimizer(raw, cfg, device.type)
 
     start, early_state = 0, None
     if last_ckpt is not None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from lmpipe.model.gpt import IGNORE_INDEX
 from lmpipe.training.distributed import DistContext, full_tensor, mean_over_ranks, set_grad_sync, sum_over_ranks
+from lmpipe.training.optimizer import LR_SCALE, TrainOptimizer
 from lmpipe.training.schedule import Schedule
 
 Batch = tuple[torch.Tensor, ...]  # the model's positional inputs; the last one holds the targets
@@ -33,7 +34,7 @@ class TrainStep:
     """
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
+        self, model: nn.Module, optimizer: TrainOptimizer, schedule: Schedule,
         next_batch: Callable[[], Batch], *, accum: int = 1, grad_clip: float = 0.0,
         autocast: contextlib.AbstractContextManager | None = None, dist_ctx: DistContext | None = None,
         per_token: bool = False, forward_kwargs: dict[str, Any] | None = None,
@@ -47,10 +48,11 @@ class TrainStep:
         self.forward_kwargs = forward_kwargs or {}
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Take (0-based) optimizer step ``step``; returns (mean loss, grad norm) on the device, and the lr."""
+        """Take (0-based) optimizer step ``step``; returns (mean loss, grad norm) on the device, and the lr
+        (the schedule's: Muon's groups take it times their ``lr_scale``)."""
         lr = self.schedule.lr(step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get(LR_SCALE, 1.0)
         loss, grad_norm = self.forward_backward()
         # The one sync per optimizer step (never per micro step): the update must be
         # skipped, not undone, when the loss or gradients are not finite.

@@ -97,6 +97,31 @@ def test_a_ddp_run_resumes_exactly_from_its_checkpoint(tmp_path: Path, stages) -
     assert last["final_val_loss"] == full["final_val_loss"]
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_muon_in_two_processes_trains_as_one_and_resumes_exactly(tmp_path: Path, stages, strategy: str) -> None:
+    """Under DDP every rank applies Muon to the same all-reduced gradients; under FSDP2 Muon's Newton-Schulz
+    iterations run on the sharded matrices (DTensors), orthogonalizing each whole matrix through collectives.
+    Either trains as one process does, up to the rounding of those bf16 iterations, and resumes bit for bit."""
+    tok, shards = stages
+    full = launch(_spec(stages, tmp_path / "full", strategy=strategy, optimizer="muon"), tmp_path / "full", 2,
+                  on_line=lambda _: None)
+    single = run_pretrain(STAGE_MODEL, config(max_steps=6, batch_size=2, grad_accum_steps=2, checkpoint_interval=3,
+                                              log_interval=1, optimizer="muon"), shards, tok, tmp_path / "single", "fp")
+    assert losses(tmp_path / "full" / "metrics.jsonl") == pytest.approx(
+        losses(single.path("metrics.jsonl")), rel=1e-3)
+    w_multi, w_single = weights(Path(full["checkpoint"])), weights(single.path("model"))
+    for k in w_single:
+        torch.testing.assert_close(w_multi[k], w_single[k], rtol=0, atol=2e-3)
+
+    work = tmp_path / "resumed"
+    launch(_spec(stages, work, strategy=strategy, optimizer="muon") | {"stop_after": 4}, work, 2,
+           on_line=lambda _: None)
+    last = launch(_spec(stages, work, strategy=strategy, optimizer="muon"), work, 2, on_line=lambda _: None)
+    assert last["resumed_from"] == 4
+    assert (work / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+    assert last["final_val_loss"] == full["final_val_loss"]
+
+
 def test_a_failing_rank_fails_the_launch_with_its_error(tmp_path: Path, stages) -> None:
     spec = _spec(stages, tmp_path) | {"shards": str(tmp_path / "missing")}
     seen: list[str] = []

@@ -198,7 +198,7 @@ def bare_run(model_cfg: ModelConfig, cfg: TrainConfig, vocab_size: int, batches:
     torch.manual_seed(cfg.seed)  # train()'s initial weights
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # as train() sets it
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, cfg.precision)
     model = GPT(GPTConfig.from_config(model_cfg, vocab_size)).to(device)
     if cfg.compile:
         model.compile()
@@ -296,8 +296,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     torch.manual_seed(preset.seed)
     probe = GPT(GPTConfig.from_config(model_cfg, vocab_size)).to(device)
     flops_per_token, params = probe.flops_per_token(), probe.num_params(non_embedding=False)
-    micro = (find_micro_batch(probe, sequences, device, autocast_for(device)) if preset.batch_size == "auto"
-             else preset.batch_size)
+    micro = (find_micro_batch(probe, sequences, device, autocast_for(device, preset.precision))
+             if preset.batch_size == "auto" else preset.batch_size)
     del probe
     accum = sequences // micro
     tokens_per_step = micro * accum * T

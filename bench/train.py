@@ -71,6 +71,7 @@ MicroBatch = tuple[torch.Tensor, torch.Tensor]  # inputs and targets, int64 (mic
 class Measurement:
     seconds: float  # the timed window
     loss: float  # mean training loss of the window's last log interval
+    startup: float = 0.0  # full loop: from calling train() to the window's start (set-up, compile, warm-up steps)
 
 
 @dataclass
@@ -177,9 +178,10 @@ def full_run(model_cfg: ModelConfig, cfg: TrainConfig, vocab_size: int, train_sr
         if done == last:
             window_loss.append(logged["train/loss"])
 
+    started = time.perf_counter()
     train(model_cfg, cfg, vocab_size, TrainData(train_src, val_src), work_dir, tokenizer_fingerprint="bench",
           log_metrics=log_metrics, on_progress=on_progress)
-    return Measurement(marks[last] - marks[first], window_loss[0])
+    return Measurement(marks[last] - marks[first], window_loss[0], marks[first] - started)
 
 
 def prebuilt_batches(src: ArraySource, order: WindowOrder, block_size: int, micro: int, accum: int,

@@ -49,7 +49,7 @@ import torch
 
 from lmpipe.config.loading import load_config
 from lmpipe.config.training import ModelConfig, TrainConfig
-from lmpipe.data.shards import ArraySource
+from lmpipe.data.shards import ArraySource, TokenSource
 from lmpipe.model.device import autocast_for, resolve_device
 from lmpipe.model.gpt import GPT, GPTConfig
 from lmpipe.training.data import TrainData
@@ -162,8 +162,8 @@ def release(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def full_run(model_cfg: ModelConfig, cfg: TrainConfig, vocab_size: int, train_src: ArraySource,
-             val_src: ArraySource, work_dir: Path, sched: Schedule, device: torch.device) -> Measurement:
+def full_run(model_cfg: ModelConfig, cfg: TrainConfig, vocab_size: int, train_src: TokenSource,
+             val_src: TokenSource, work_dir: Path, sched: Schedule, device: torch.device) -> Measurement:
     """train() as the pipeline runs it, timed between its progress callbacks at the window's ends."""
     first, last = sched.warmup, sched.warmup + sched.steps
     marks: dict[int, float] = {}

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test check bench clean-work
+.PHONY: install run test check bench gpu-check clean-work
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.memory --gigabytes $(BENCH_MEMORY_GB)
 	$(BIN)/python -m bench.verify --config $(BENCH_TRAIN_CONFIG)
 	$(BIN)/python -m bench.reuse
+
+# On one CUDA GPU, in under 8 minutes: the gpu-smoke pipeline, CUDA paths, GPT-2 124M tokens/s and MFU per
+# recipe (compiled and eager), the export's logits on CUDA, DDP where 2 GPUs exist; one JSON line per figure.
+# Exit 0 all passed, 1 a part failed, 2 a preset is invalid, 3 no CUDA device (bench/gpu_check.py).
+GPU_CHECK_ARGS ?=
+gpu-check: $(STAMP)
+	$(BIN)/python -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean-work:
 	rm -rf .lmpipe

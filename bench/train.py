@@ -49,7 +49,7 @@ import torch
 
 from lmpipe.config.loading import load_config
 from lmpipe.config.training import ModelConfig, TrainConfig
-from lmpipe.data.shards import ArraySource
+from lmpipe.data.shards import ArraySource, TokenSource
 from lmpipe.model.device import autocast_for, resolve_device
 from lmpipe.model.gpt import GPT, GPTConfig
 from lmpipe.training.data import TrainData
@@ -72,6 +72,7 @@ MicroBatch = tuple[torch.Tensor, torch.Tensor]  # inputs and targets, int64 (mic
 class Measurement:
     seconds: float  # the timed window
     loss: float  # mean training loss of the window's last log interval
+    startup: float = 0.0  # full loop: from calling train() to the window's start (set-up, compile, warm-up steps)
 
 
 @dataclass
@@ -162,8 +163,8 @@ def release(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def full_run(model_cfg: ModelConfig, cfg: TrainConfig, vocab_size: int, train_src: ArraySource,
-             val_src: ArraySource, work_dir: Path, sched: Schedule, device: torch.device) -> Measurement:
+def full_run(model_cfg: ModelConfig, cfg: TrainConfig, vocab_size: int, train_src: TokenSource,
+             val_src: TokenSource, work_dir: Path, sched: Schedule, device: torch.device) -> Measurement:
     """train() as the pipeline runs it, timed between its progress callbacks at the window's ends."""
     first, last = sched.warmup, sched.warmup + sched.steps
     marks: dict[int, float] = {}
@@ -178,9 +179,10 @@ def full_run(model_cfg: ModelConfig, cfg: TrainConfig, vocab_size: int, train_sr
         if done == last:
             window_loss.append(logged["train/loss"])
 
+    started = time.perf_counter()
     train(model_cfg, cfg, vocab_size, TrainData(train_src, val_src), work_dir, tokenizer_fingerprint="bench",
           log_metrics=log_metrics, on_progress=on_progress)
-    return Measurement(marks[last] - marks[first], window_loss[0])
+    return Measurement(marks[last] - marks[first], window_loss[0], marks[first] - started)
 
 
 def prebuilt_batches(src: ArraySource, order: WindowOrder, block_size: int, micro: int, accum: int,
@@ -199,7 +201,7 @@ def bare_run(model_cfg: ModelConfig, cfg: TrainConfig, vocab_size: int, batches:
     torch.manual_seed(cfg.seed)  # train()'s initial weights
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # as train() sets it
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, cfg.precision)
     model = GPT(GPTConfig.from_config(model_cfg, vocab_size)).to(device)
     if cfg.compile:
         model.compile()
@@ -298,8 +300,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     torch.manual_seed(preset.seed)
     probe = GPT(GPTConfig.from_config(model_cfg, vocab_size)).to(device)
     flops_per_token, params = probe.flops_per_token(), probe.num_params(non_embedding=False)
-    micro = (find_micro_batch(probe, sequences, device, autocast_for(device)) if preset.batch_size == "auto"
-             else preset.batch_size)
+    micro = (find_micro_batch(probe, sequences, device, autocast_for(device, preset.precision))
+             if preset.batch_size == "auto" else preset.batch_size)
     del probe
     accum = sequences // micro
     tokens_per_step = micro * accum * T

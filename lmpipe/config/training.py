@@ -229,6 +229,10 @@ class TrainRuntime(Runtime):
         None, ge=1, description="torch CPU threads; None keeps torch's default.")
     compile: Annotated[bool | None, EXECUTION] = Field(
         None, description="torch.compile the model; None: on for CUDA, off elsewhere.")
+    precision: Annotated[Literal["auto", "fp32", "bf16"], EXECUTION] = Field(
+        "auto", description="'auto': bf16 autocast on CUDA, fp32 elsewhere (CPU runs bitwise reproducible); "
+                            "'bf16': bf16 autocast on CUDA and CPU (faster on CPUs with AVX-512, most with "
+                            "AVX512-BF16 or AMX; weights and optimizer stay fp32); 'fp32': no autocast.")
     peak_flops: Annotated[float | None, NO_EFFECT] = Field(
         None, gt=0.0, description="Device peak FLOP/s for MFU; None: known GPUs' dense bf16 peak, else no MFU."
     )

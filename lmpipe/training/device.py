@@ -8,9 +8,10 @@ import torch
 
 from lmpipe.model.gpt import GPT, GPTConfig
 
-# Dense bf16 peak FLOP/s (no sparsity) by device-name substring, for MFU.
-# First match wins: the PCIe H100 before the SXM one.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16 peak FLOP/s (no sparsity) by device-name substring, for MFU; NVIDIA's data sheets.
+# First match wins: the PCIe and NVL cards before the SXM ones ("NVIDIA H100 80GB HBM3"); GH200 is an H200.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
+                   "A100": 312e12}
 
 
 # ---------------------------------------------------------------- pieces of the loop
@@ -19,8 +20,18 @@ PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name: str) -> float | None:
+    """The dense bf16 peak of the GPU called ``name`` (as torch.cuda.get_device_name says it); None: unknown."""
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def mfu(flops_per_token: int, tokens_per_sec: float, peak: float, devices: int = 1) -> float:
+    """Model FLOPs utilisation: the FLOP/s the model's arithmetic needs at this speed over the peak of
+    ``devices`` GPUs (``GPT.flops_per_token``: 6N + 12*L*H*Q*T, PaLM's and nanoGPT's count)."""
+    return flops_per_token * tokens_per_sec / (peak * devices)
 
 
 def activation_bytes(config: GPTConfig, micro_batch: int, packed: bool = False) -> int:

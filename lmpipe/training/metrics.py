@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from lmpipe.data.jsonl import parse_jsonl_line, read_jsonl_objects
+from lmpipe.training.device import mfu
 
 METRICS_FILE = "metrics.jsonl"
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class MetricLogger:
             tok_s = self.interval_tokens / max(self.interval_seconds, 1e-9)
             logged |= {"train/grad_norm": self.last_grad_norm, "train/tokens_per_sec": tok_s}
             if self.peak is not None:
-                logged["train/mfu"] = self.flops_per_token * tok_s / (self.peak * self.world_size)
+                logged["train/mfu"] = mfu(self.flops_per_token, tok_s, self.peak, self.world_size)
             if self.echo is not None:
                 print(f"{self.echo} step {step}/{max_steps} loss {logged['train/loss']:.4f} tokens/s {tok_s:,.0f}",
                       flush=True)

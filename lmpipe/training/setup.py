@@ -74,7 +74,7 @@ def prepare(model_cfg: ModelConfig, cfg: Training, vocab_size: int, work_dir: Pa
     ones are set aside, ``resume_checkpoint``); otherwise start from ``init_from``'s weights (a fine-tuning
     start, fresh optimizer) or from a seeded random init."""
     device = init_device(cfg, dist_ctx)
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, cfg.precision, field=f"{cfg.SECTION}.precision")  # before any work
     # The main rank picks it (setting damaged ones aside), the others take its answer.
     found = resume_checkpoint(work_dir / CHECKPOINTS_DIR) if dist_ctx.is_main else None
     last_ckpt: Path | None = gather_objects(found, dist_ctx)[0]

@@ -21,7 +21,8 @@ from lmpipe.config.training import Cadence, EarlyStopping, Optimizer, Runtime
 # Neither the fingerprint nor a resume looks at these.
 NO_EFFECT = {"eval_interval", "log_interval", "checkpoint_interval", "threads", "peak_flops"}
 # Fingerprinted (the figures may change) but a checkpoint resumes across them: the global batch is compared instead.
-EXECUTION = {"eval_batches", "device", "batch_size", "grad_accum_steps", "batch_tokens", "compile"}
+EXECUTION = {"eval_batches", "device", "batch_size", "grad_accum_steps", "batch_tokens", "compile",
+             "precision"}
 
 
 @pytest.mark.parametrize("section", [TrainConfig(), ContinueFinetuneConfig(), SFTFinetuneConfig(sft_path="c.jsonl")])

@@ -4,7 +4,7 @@
                            [--recipes adamw,muon] [--recipe NAME="OVERRIDE ..."] [--shards DIR] [override ...]
 
 A recipe is a set of config overrides. The built-in ones are every combination
-of the choices in ``AXES`` (today: the optimizer); the first choice of every
+of the choices in ``AXES`` (architecture x optimizer x precision); the first choice of every
 axis is today's recipe, the baseline. ``--recipe`` adds one of your own (a name,
 ``=``, its overrides separated by spaces), e.g. for a learning-rate sweep:
 
@@ -53,7 +53,9 @@ REPO = Path(__file__).resolve().parents[1]
 # Each axis of a recipe: its choices, by name, with the overrides that select each; the first is today's.
 # Another axis (or choice) is one line here, e.g. "arch": {"gpt2": [], "qwen3": ["model.arch=qwen3"]}.
 AXES: dict[str, dict[str, list[str]]] = {
+    "arch": {"gpt2": [], "qwen3": ["model.arch=qwen3"]},
     "optimizer": {"adamw": [], "muon": ["pretrain.optimizer=muon"]},
+    "precision": {"fp32": [], "bf16": ["pretrain.precision=bf16"]},
 }
 TARGET_COLUMNS = ["step to target", "s to target", "time vs baseline"]
 

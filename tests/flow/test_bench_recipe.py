@@ -13,7 +13,12 @@ from tests.conftest import REPO
 
 
 def test_recipes_are_every_combination_of_the_axes_baseline_first() -> None:
-    assert builtin_recipes() == [Recipe("adamw", ()), Recipe("muon", ("pretrain.optimizer=muon",))]
+    built_in = builtin_recipes()  # architecture x optimizer x precision
+    assert [r.name for r in built_in] == [f"{a}+{o}+{p}" for a in ("gpt2", "qwen3") for o in ("adamw", "muon")
+                                          for p in ("fp32", "bf16")]
+    assert built_in[0] == Recipe("gpt2+adamw+fp32", ())  # today's recipe, the baseline
+    assert built_in[-1] == Recipe("qwen3+muon+bf16", ("model.arch=qwen3", "pretrain.optimizer=muon",
+                                                      "pretrain.precision=bf16"))
     axes = {"arch": {"gpt2": [], "qwen3": ["model.arch=qwen3"]},
             "optimizer": {"adamw": [], "muon": ["pretrain.optimizer=muon"]}}
     assert builtin_recipes(axes) == [
@@ -27,12 +32,12 @@ def test_a_recipe_of_ones_own_and_the_choice_of_built_in_ones() -> None:
         "lr1", ("pretrain.optimizer=muon", "pretrain.muon.lr=0.01"))
     with pytest.raises(ValueError, match="expected NAME=OVERRIDE"):
         parse_recipe("pretrain.optimizer")
-    args = parse_args(["--recipes", "muon", "--recipe", "x=pretrain.muon.lr=0.05"])
-    assert [r.name for r in args.run] == ["adamw", "muon", "x"]  # the baseline always runs, first
+    args = parse_args(["--recipes", "gpt2+muon+fp32", "--recipe", "x=pretrain.muon.lr=0.05"])
+    assert [r.name for r in args.run] == ["gpt2+adamw+fp32", "gpt2+muon+fp32", "x"]  # the baseline runs first
     with pytest.raises(SystemExit):
         parse_args(["--recipes", "sgd"])
     with pytest.raises(SystemExit):
-        parse_args(["--recipe", "adamw=pretrain.optimizer=muon"])  # a name taken by a built-in recipe
+        parse_args(["--recipe", "gpt2+adamw+fp32=pretrain.optimizer=muon"])  # a name taken by a built-in recipe
 
 
 def test_the_target_is_reached_between_validations_linearly() -> None:
@@ -51,10 +56,10 @@ def test_bench_recipe_tiny(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(REPO)  # the preset's corpus paths are relative to the repository
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
 
-    curves = main(["--config", str(REPO / "configs" / "tiny.yaml"), "--steps", "6", "--eval-interval", "3",
+    curves = main(["--config", str(REPO / "configs" / "tiny.yaml"), "--steps", "6", "--eval-interval", "3", "--recipes", "gpt2+muon+fp32",
                    "--recipe", "muon-lr0.05=pretrain.optimizer=muon pretrain.muon.lr=0.05", "pretrain.device=cpu"])
 
-    assert [c.recipe.name for c in curves] == ["adamw", "muon", "muon-lr0.05"]
+    assert [c.recipe.name for c in curves] == ["gpt2+adamw+fp32", "gpt2+muon+fp32", "muon-lr0.05"]
     assert all(sorted(c.val) == sorted(c.seconds) == [3, 6] for c in curves)
     assert curves[0].val != curves[1].val != curves[2].val  # the optimizers and learning rates differ
     assert curves[0].reach(curves[0].val[6]) == (6.0, curves[0].seconds[6])
@@ -63,12 +68,12 @@ def test_bench_recipe_tiny(tmp_path: Path, monkeypatch, capsys) -> None:
     assert out[header].split() == ["recipe", "tokens/s", "val@3", "val@6", "bits/byte@6", "step", "to", "target",
                                    "s", "to", "target", "time", "vs", "baseline"]
     rows = [line.split() for line in out[header + 1 : header + 4]]
-    assert [r[0] for r in rows] == ["adamw", "muon", "muon-lr0.05"]
+    assert [r[0] for r in rows] == ["gpt2+adamw+fp32", "gpt2+muon+fp32", "muon-lr0.05"]
     assert rows[0][3] == f"{curves[0].val[6]:.4f}" and rows[0][5:] == ["6", f"{curves[0].seconds[6]:.1f}", "1.00x"]
     bits = float(rows[1][4])
     assert bits == pytest.approx(curves[1].val[6] / math.log(2) / float(_bytes_per_token(out)), abs=1e-4)
     steps_table = out[out.index("", header) + 1 :]
-    assert steps_table[0].split() == ["step", "adamw", "muon", "muon-lr0.05"]
+    assert steps_table[0].split() == ["step", "gpt2+adamw+fp32", "gpt2+muon+fp32", "muon-lr0.05"]
     assert [line.split()[0] for line in steps_table[1:]] == ["3", "6"]
     assert list(tmp.iterdir()) == []  # the data and the runs went into a temporary directory, now gone
 

@@ -27,7 +27,8 @@ def test_pretrain_code_covers_the_modules_training_runs():
         "lmpipe.stages.torchrun_worker", "lmpipe.stages.training",
         "lmpipe.training.checkpoint", "lmpipe.training.data", "lmpipe.training.device",
         "lmpipe.training.distributed", "lmpipe.training.early_stopping", "lmpipe.training.launch",
-        "lmpipe.training.loader", "lmpipe.training.loop", "lmpipe.training.metrics", "lmpipe.training.schedule",
+        "lmpipe.training.loader", "lmpipe.training.loop", "lmpipe.training.metrics", "lmpipe.training.optimizer",
+        "lmpipe.training.schedule",
         "lmpipe.training.setup", "lmpipe.training.step", "lmpipe.training.validation",
     }
     finetune = _closure("finetune")

@@ -422,6 +422,8 @@ class C4Filter:
                 continue
             if cfg.citations and "[" in line:
                 line = _CITATION.sub("", line).rstrip()
+                if unspaced:  # the words min_words_per_line counts are the line's without its citations
+                    words = split_words(line, language)
             if punctuation and (not line.endswith(end_marks) or line.endswith(_ELLIPSES)):
                 continue
             if min_words and len(words if unspaced else line.split(None, min_words - 1)) < min_words:

@@ -125,11 +125,22 @@ def held_out_cut(text: str, val_fraction: float) -> tuple[int, int] | None:
     for brk in _BREAKS:
         best: tuple[int, int] | None = None
         for m in brk.finditer(text, lo, hi):
-            if m.start() > 0 and m.end() < n and (best is None or abs(m.end() - target) <= abs(best[1] - target)):
-                best = (m.start(), m.end())
+            start, end = _whole_break(text, m.start(), m.end())
+            if start > 0 and end < n and (best is None or abs(end - target) <= abs(best[1] - target)):
+                best = (start, end)
         if best is not None:
             return best
     return target, target
+
+
+def _whole_break(text: str, start: int, end: int) -> tuple[int, int]:
+    """A break with all of its whitespace: a match that the search window's edge cut short is widened, so neither
+    part ends or starts with whitespace."""
+    while start > 0 and text[start - 1].isspace():
+        start -= 1
+    while end < len(text) and text[end].isspace():
+        end += 1
+    return start, end
 
 
 def split_batch(batch: dict[str, list], val_fraction: float, val_split: str) -> dict[str, list]:

@@ -232,3 +232,13 @@ def test_sample_fixture_is_what_its_readme_says():
     assert counts == {**dict.fromkeys(["ar", "de", "el", "en", "es", "fr", "he", "hi", "it", "ja", "ko", "nl", "nv",
                                        "pl", "pt", "ro", "ru", "th", "tr", "uk", "vi"], 20), "zh": 20}
     assert Path(SAMPLE).stat().st_size < 200_000
+
+
+def test_c4_counts_an_unspaced_line_s_words_without_its_citation_markers():
+    from lmpipe.config.data import C4Config
+    from lmpipe.data.filters import C4Filter, split_words
+
+    assert split_words("你好。[1][2]", "zh") == ["你好", "1", "2"]  # ICU makes words of the markers' digits
+    c4 = C4Filter(C4Config(enabled=True, min_words_per_line=3, min_sentences=0))
+    assert c4("你好。[1][2]", "zh") == ("", None)  # one word once the citations go: the line is dropped
+    assert c4("我们今天去公园散步。", "zh")[0] == "我们今天去公园散步。"

@@ -126,3 +126,10 @@ def test_many_documents_are_split_by_document(tmp_path):
     # at 0.001 every one of the 40 ids hashes to train: the split is taken inside them
     assert not any(is_validation(f"doc-{i:05d}", 0.001) for i in range(40))
     assert choose_val_split(docs, 0.001) == VAL_INSIDE
+
+
+def test_a_break_cut_short_by_the_search_window_keeps_all_its_whitespace_out_of_both_parts():
+    # The blank line's run of spaces reaches past the window the break is searched in: the whole run is the break.
+    text = "a" * 90 + "\n\n" + " " * 30 + "b" * 10
+    assert held_out_cut(text, 0.3) == (90, 122)
+    assert text[:90] == "a" * 90 and text[122:] == "b" * 10

@@ -98,10 +98,16 @@ class Qwen3ModelConfig(ModelConfig):
 MODEL_ARCHS: dict[str, type[ModelConfig]] = {"gpt2": ModelConfig, "qwen3": Qwen3ModelConfig}
 
 
+def _variant(value: Any, field: str, default: str) -> str:
+    """The variant a section with variants validates as: its ``field`` (``default`` when not given), from a dict
+    being parsed or a model already built."""
+    name = value.get(field, default) if isinstance(value, dict) else getattr(value, field, default)
+    return name if isinstance(name, str) else repr(name)
+
+
 def _model_arch(value: Any) -> str:
     """The variant a model section validates as: its ``arch``, "gpt2" when not given."""
-    arch = value.get("arch", "gpt2") if isinstance(value, dict) else getattr(value, "arch", "gpt2")
-    return arch if isinstance(arch, str) else repr(arch)
+    return _variant(value, "arch", "gpt2")
 
 
 # The model section: one variant per arch, so the Qwen3-only fields exist only with arch "qwen3".
@@ -376,8 +382,7 @@ FINETUNE_MODES: dict[str, type[FinetuneConfig]] = {"continue": ContinueFinetuneC
 
 def _finetune_mode(value: Any) -> str:
     """The variant a finetune section validates as: its ``mode``, "continue" when not given."""
-    mode = value.get("mode", "continue") if isinstance(value, dict) else getattr(value, "mode", "continue")
-    return mode if isinstance(mode, str) else repr(mode)
+    return _variant(value, "mode", "continue")
 
 
 # The finetune section: one variant per mode, so the SFT-only fields exist only with mode "sft".

@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> str:
     from flows.continual import continual  # imports prefect: after the environment is set
     from flows.pipeline import pipeline, prepare_data
 
+    _start_temporary_api()
     flow = {"run": pipeline, "data": prepare_data, "continual": continual}[args.command]
     start = time.perf_counter()
     log_file = Path(config.workdir) / "logs" / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
@@ -282,6 +283,32 @@ def _prefect_environment(config: PipelineConfig) -> None:
     # from the chunk runner's worker processes, which inherit this.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lmpipe")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def _start_temporary_api() -> None:
+    """Start the temporary Prefect API of a run that has no server of its own, one process at a time per
+    Prefect home.
+
+    The server migrates the home's database as it starts. Two runs of one work directory started together
+    would migrate it at once, and one fails ('duplicate column name', 'table ... already exists'); so the
+    start holds an exclusive lock on a file in the home until the server answers. The kernel drops the lock
+    of a killed process. The flow's client then finds this process's server already running.
+    """
+    import fcntl
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+
+    if PREFECT_API_URL.value():
+        return
+    home = Path(PREFECT_HOME.value())
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / TEMPORARY_API_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        SubprocessASGIServer().start()
+
+
+TEMPORARY_API_LOCK = "temporary-api.lock"
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], str | Answer]] = {

@@ -1,7 +1,14 @@
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import yaml
 
-from flows.cli import format_summary, main
+from flows.cli import TEMPORARY_API_LOCK, format_summary, main
 from tests.conftest import REPO
 
 
@@ -153,3 +160,30 @@ def test_model_commands_say_that_options_win_over_the_config(command, capsys, mo
     assert ("--config YAML, -c YAML the run's preset: its workdir and tracking.uri say where the model's files are; "
             "--workdir and --tracking-uri, when given, win over it") in text
     assert "--workdir WORKDIR the run's work directory (default: the --config's workdir, else .lmpipe)" in text
+
+
+def _blocked_on_a_lock(pid: int) -> bool:
+    """Whether process ``pid`` waits for a file lock (a ``->`` line of /proc/locks)."""
+    return any(line.split()[1] == "->" and line.split()[5] == str(pid)
+               for line in Path("/proc/locks").read_text().splitlines())
+
+
+def test_a_run_starts_its_temporary_prefect_api_only_while_no_other_run_of_its_home_does(tmp_path: Path):
+    # Two runs of one work directory share a Prefect home; their servers must not migrate its database at once.
+    home = tmp_path / "prefect"
+    home.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+           "PREFECT_HOME": str(home), "PYTHONPATH": str(REPO)}
+    code = "from flows.cli import _start_temporary_api; _start_temporary_api(); print('answering')"
+    with open(home / TEMPORARY_API_LOCK, "a") as other_run:
+        fcntl.flock(other_run, fcntl.LOCK_EX)  # another run is starting its server on this home
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while not _blocked_on_a_lock(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _blocked_on_a_lock(proc.pid), proc.poll()
+        assert not (home / "prefect.db").exists()  # it waits before its server touches the database
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0 and "answering" in out, out
+    assert (home / "prefect.db").exists()

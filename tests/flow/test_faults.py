@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,12 +189,19 @@ def test_a_run_killed_at_random_moments_ends_identical_to_an_uninterrupted_one(t
     _assert_like_reference(tmp_path / "w", reference)
 
 
+def _tails(logs: Iterable[Path]) -> str:
+    """The ends of the runs' logs, as text (a list would be shortened in pytest's report), and every error line."""
+    texts = [(log, log.read_text(errors="replace")) for log in logs]
+    return "\n".join(f"--- {log.name}: error lines\n" + "\n".join(line for line in text.splitlines() if "Error" in line)
+                     + f"\n--- {log.name}: last 3000 characters\n{text[-3000:]}" for log, text in texts)
+
+
 def test_two_runs_of_one_config_started_together_both_finish_with_one_set_of_artifacts(tmp_path: Path,
                                                                                          reference: Path):
     workdir = tmp_path / "w"
     procs = [_start(_command(workdir), tmp_path / f"run{i}.log") for i in (1, 2)]
     rcs = [p.wait(timeout=900) for p in procs]
-    assert rcs == [0, 0], [(tmp_path / f"run{i}.log").read_text()[-3000:] for i in (1, 2)]
+    assert rcs == [0, 0], _tails(tmp_path / f"run{i}.log" for i in (1, 2))
     _assert_like_reference(workdir, reference)
     logs = [(tmp_path / f"run{i}.log").read_text() for i in (1, 2)]
     assert any("waiting for" in text for text in logs)
@@ -205,7 +212,7 @@ def test_two_runs_with_other_models_share_the_data_stages_and_both_finish(tmp_pa
     procs = [_start(_command(workdir, *overrides), tmp_path / f"run{i}.log")
              for i, overrides in enumerate([(), ("model.n_embd=48",)])]
     rcs = [p.wait(timeout=900) for p in procs]
-    assert rcs == [0, 0], [(tmp_path / f"run{i}.log").read_text()[-3000:] for i in (0, 1)]
+    assert rcs == [0, 0], _tails(tmp_path / f"run{i}.log" for i in (0, 1))
     for stage in ("download", "clean", "train_tokenizer", "shard"):  # built once, for both
         assert sorted(p.name for p in (workdir / stage).iterdir()) == sorted(p.name for p in (reference / stage).iterdir())
     assert len(list((workdir / "pretrain").glob(f"*/{RESULT_FILE}"))) == 2

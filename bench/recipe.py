@@ -17,6 +17,8 @@ skipped: it changes the size by a few percent; ``--shards DIR`` trains on an
 existing shard stage's directory instead), with the same seed, batches and
 schedule (``--steps``, default the preset's ``pretrain.max_steps``), validating
 every ``--eval-interval`` steps on the same windows of the validation split.
+Without ``--steps``, a recipe may set its own ``pretrain.max_steps`` (a shorter
+schedule is part of a recipe: its learning rate decays over its own steps).
 
 Printed, one row per recipe: tokens/s of the training steps; the validation loss
 at a third, two thirds and all of the steps, and its bits per byte at the end
@@ -162,8 +164,10 @@ def report(curves: list[Curve], bytes_per_token: float) -> tuple[list[str], list
     rows = []
     for c in curves:
         reached = c.reach(target)
-        bpb = c.val[steps] / math.log(2) / bytes_per_token
-        rows.append([c.recipe.name, f"{c.tokens_per_sec:,.0f}", *(f"{c.val[s]:.4f}" for s in marks), f"{bpb:.4f}",
+        bpb = c.val[c.steps] / math.log(2) / bytes_per_token
+        vals = [f"{c.val[s]:.4f}" if s in c.val else "-" for s in marks]  # "-": past a shorter schedule's end
+        rows.append([c.recipe.name, f"{c.tokens_per_sec:,.0f}", *vals,
+                     f"{bpb:.4f}" + ("" if c.steps == steps else f" ({c.steps} steps)"),
                      "-" if reached is None else f"{reached[0]:.0f}",
                      "-" if reached is None else f"{reached[1]:.1f}",
                      "-" if reached is None else f"{reached[1] / base_reach[1]:.2f}x"])
@@ -243,9 +247,9 @@ def main(argv: list[str] | None = None) -> list[Curve]:
     print(f"target: {curves[0].recipe.name}'s validation loss at step {steps}, {curves[0].val[steps]:.4f}; "
           "s to target: training seconds (validation and checkpoints excluded) until a recipe first reaches it")
     print()
-    every = sorted(curves[0].val)
+    every = sorted({s for c in curves for s in c.val})
     print(format_table(["step"] + [c.recipe.name for c in curves],
-                       [[str(s)] + [f"{c.val[s]:.4f}" for c in curves] for s in every], left=1))
+                       [[str(s)] + [f"{c.val[s]:.4f}" if s in c.val else "-" for c in curves] for s in every], left=1))
     return curves
 
 

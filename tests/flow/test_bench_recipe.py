@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.recipe import Curve, Recipe, builtin_recipes, main, parse_args, parse_recipe
+from bench.recipe import Curve, Recipe, builtin_recipes, main, parse_args, parse_recipe, report
 from tests.conftest import REPO
 
 
@@ -48,6 +48,16 @@ def test_the_target_is_reached_between_validations_linearly() -> None:
     assert c.reach(3.5) == (30.0, 4.0)
     assert c.reach(3.4) is None
     assert c.tokens_per_sec == 30 * 100 / 4.0
+
+
+def test_a_recipe_with_its_own_shorter_schedule_is_compared_at_its_last_step() -> None:
+    base = Curve(Recipe("base", ()), val={2: 6.0, 4: 5.0, 6: 4.0}, seconds={2: 2.0, 4: 4.0, 6: 6.0},
+                 tokens_per_step=10)
+    short = Curve(Recipe("short", ("pretrain.max_steps=4",)), val={2: 5.5, 4: 3.0}, seconds={2: 1.0, 4: 2.0},
+                  tokens_per_step=10)
+    header, rows = report([base, short], bytes_per_token=1 / math.log(2))  # bits per byte = the loss
+    assert header[:6] == ["recipe", "tokens/s", "val@2", "val@4", "val@6", "bits/byte@6"]
+    assert rows[1] == ["short", "20", "5.5000", "3.0000", "-", "3.0000 (4 steps)", "3", "1.6", "0.27x"]  # 4.0 at step 3.2
 
 
 def test_bench_recipe_tiny(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -14,8 +14,8 @@ from lmpipe.config.training import (
     ClassifyConfig,
     ContinueFinetuneConfig,
     FinetuneSection,
-    ModelConfig,
     ModelSection,
+    Qwen3ModelConfig,
     SFTFinetuneConfig,
     TrainConfig,
     Training,
@@ -48,8 +48,8 @@ class PipelineConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Corpora, cleaning, shards, download retries.")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The byte-level BPE tokenizer.")
     model: ModelSection = Field(
-        default_factory=ModelConfig, json_schema_extra=_any_of_modes,
-        description="The model's size and shape; `arch` picks the variant: 'gpt2' (the default) or 'qwen3'.")
+        default_factory=Qwen3ModelConfig, json_schema_extra=_any_of_modes,
+        description="The model's size and shape; `arch` picks the variant: 'qwen3' (the default) or 'gpt2'.")
     pretrain: TrainConfig = Field(default_factory=TrainConfig, description="Pretraining on data.pretrain.")
     finetune: FinetuneSection = Field(
         default_factory=ContinueFinetuneConfig, json_schema_extra=_any_of_modes,

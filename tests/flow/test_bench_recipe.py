@@ -16,9 +16,11 @@ def test_recipes_are_every_combination_of_the_axes_baseline_first() -> None:
     built_in = builtin_recipes()  # architecture x optimizer x precision
     assert [r.name for r in built_in] == [f"{a}+{o}+{p}" for a in ("gpt2", "qwen3") for o in ("adamw", "muon")
                                           for p in ("fp32", "bf16")]
-    assert built_in[0] == Recipe("gpt2+adamw+fp32", ())  # today's recipe, the baseline
+    # nanoGPT's recipe, the baseline, and the demo's default in bf16: each whatever the preset's defaults
+    assert built_in[0] == Recipe("gpt2+adamw+fp32", ("model.arch=gpt2", "pretrain.optimizer=adamw",
+                                                     "pretrain.learning_rate=0.002", "pretrain.precision=fp32"))
     assert built_in[-1] == Recipe("qwen3+muon+bf16", ("model.arch=qwen3", "pretrain.optimizer=muon",
-                                                      "pretrain.precision=bf16"))
+                                                      "pretrain.learning_rate=0.006", "pretrain.precision=bf16"))
     axes = {"arch": {"gpt2": [], "qwen3": ["model.arch=qwen3"]},
             "optimizer": {"adamw": [], "muon": ["pretrain.optimizer=muon"]}}
     assert builtin_recipes(axes) == [

@@ -188,9 +188,9 @@ def test_switching_an_sft_preset_to_continue_leaves_the_sft_fields_out(tmp_path)
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model.rope_theta=500"], "model: rope_theta only applies to model.arch='qwen3' (model.arch is 'gpt2'); "
+        (["model.arch=gpt2", "model.rope_theta=500"], "model: rope_theta only applies to model.arch='qwen3' (model.arch is 'gpt2'); "
                                    "set model.arch=qwen3 or leave it out"),
-        (["model.n_kv_head=2", "model.tie_embeddings=false"],
+        (["model.arch=gpt2", "model.n_kv_head=2", "model.tie_embeddings=false"],
          "model: n_kv_head, tie_embeddings only apply to model.arch='qwen3' (model.arch is 'gpt2')"),
         (["model.arch=llama"], "model: arch must be one of 'gpt2', 'qwen3'"),
         (["model.arch=qwen3", "model.n_kv_head=3"], "model: n_kv_head=3 must divide n_head=4"),
@@ -208,10 +208,14 @@ def test_qwen3_fields_exist_only_for_that_arch_and_are_checked(overrides, messag
 
 
 def test_switching_the_arch_takes_the_new_arch_defaults_and_drops_the_other_fields(tmp_path):
-    cfg = load_config(None, ["model.arch=qwen3"])
-    assert isinstance(cfg.model, Qwen3ModelConfig)
+    cfg = load_config(None)
+    assert isinstance(cfg.model, Qwen3ModelConfig)  # the default
     assert (cfg.model.bias, cfg.model.n_kv_head, cfg.model.rope_theta, cfg.model.tie_embeddings) == (
-        False, None, 10000.0, True)  # GPT-2's bias=true was its default, not a choice: Qwen3's applies
+        False, None, 10000.0, True)
+    gpt2 = load_config(None, ["model.arch=gpt2"]).model  # Qwen3's bias=false was its default, not a choice
+    assert type(gpt2) is ModelConfig and gpt2.bias is True and "rope_theta" not in gpt2.model_dump()
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["model.arch=qwen3"])  # from a GPT-2 preset
+    assert isinstance(cfg.model, Qwen3ModelConfig) and (cfg.model.n_layer, cfg.model.bias) == (2, False)
     assert load_config(None, ["model.arch=qwen3", "model.bias=true"]).model.bias is True
     preset = tmp_path / "qwen3.yaml"
     preset.write_text("model: {arch: qwen3, n_layer: 2, rope_theta: 500.0, n_kv_head: 2}\n")

@@ -14,6 +14,7 @@ from prefect.utilities.schema_tools.validation import ValidationError, is_valid,
 from flows.continual import continual
 from flows.pipeline import pipeline, prepare_data
 from lmpipe.config import ConfigError, PipelineConfig, load_config
+from lmpipe.config.training import ModelConfig
 from lmpipe.data.sources import DownloadError, check_sources
 
 DEMO_WIKI_VALID = "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"
@@ -116,7 +117,11 @@ def test_the_server_checks_a_run_against_the_schema():
     assert is_valid(_params(pretrain={"batch_size": "auto", "batch_tokens": 4096}), full)
     # The model section's variants: a qwen3 field is the qwen3 form's, and checked there.
     assert is_valid(_params(model={"arch": "qwen3", "n_kv_head": 2}), full)
-    assert not is_valid(_params(model={"n_kv_head": 2}), full)  # arch gpt2 has no n_kv_head
+    gpt2 = _params()
+    gpt2["config"]["model"] = ModelConfig().model_dump(mode="json")
+    assert is_valid(gpt2, full)
+    gpt2["config"]["model"]["n_kv_head"] = 2
+    assert not is_valid(gpt2, full)  # arch gpt2 has no n_kv_head
     assert not is_valid(_params(model={"arch": "qwen3", "n_kv_head": 0}), full)
 
 

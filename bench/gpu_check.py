@@ -54,7 +54,7 @@ from pydantic import BaseModel
 from lmpipe.config.base import ConfigError
 from lmpipe.config.loading import load_config
 from lmpipe.config.pipeline import PipelineConfig
-from lmpipe.config.training import ModelConfig, TrainConfig
+from lmpipe.config.training import DEFAULT_ARCH, MODEL_ARCHS, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE, GPT2 = REPO / "configs" / "gpu-smoke.yaml", REPO / "configs" / "gpt2-124m.yaml"
@@ -110,11 +110,19 @@ def choices(section: type[BaseModel], name: str, prefix: str) -> list[str]:
     return []
 
 
-def recipes(model_section: type[BaseModel] = ModelConfig, train_section: type[BaseModel] = TrainConfig
+def arch_choices() -> list[str]:
+    """A ``model.arch`` override per architecture, the default first: each is its own section class
+    (``MODEL_ARCHS``), whose ``arch`` field has one value."""
+    return [f"model.arch={a}" for a in sorted(MODEL_ARCHS, key=lambda a: a != DEFAULT_ARCH)]
+
+
+def recipes(model_section: type[BaseModel] | None = None, train_section: type[BaseModel] = TrainConfig
             ) -> list[Recipe]:
-    """Every architecture x optimizer the config offers (``model.arch``, ``pretrain.optimizer``)."""
+    """Every architecture x optimizer the config offers (``model.arch``, ``pretrain.optimizer``); the
+    architectures are ``arch_choices()`` unless ``model_section`` is one class with an ``arch`` field."""
     axes: list[list[tuple[str, str | None]]] = []  # per axis: (its name in a label, the override or None)
-    for found, fixed in ((choices(model_section, "arch", "model"), FIXED["arch"]),
+    archs = arch_choices() if model_section is None else choices(model_section, "arch", "model")
+    for found, fixed in ((archs, FIXED["arch"]),
                          (choices(train_section, "optimizer", "pretrain"), FIXED["optimizer"])):
         axes.append([(o.split(".", 1)[1], o) for o in found] or [(fixed, None)])
     return [Recipe(tuple(o for _, o in combo if o is not None), ",".join(name for name, _ in combo))

@@ -74,7 +74,10 @@ def test_recipes_are_every_arch_and_optimizer_the_config_offers() -> None:
         lr: float = 1.0
 
     assert recipes(Plain, Plain) == [Recipe((), "arch=gpt2,optimizer=adamw")]  # before the settings existed
-    # whatever the config offers today, each recipe is a valid gpt2-124m config
+    # Today's: each arch is a section class of its own (one arch value each), so they come from MODEL_ARCHS;
+    # the default recipe first. Each is a valid gpt2-124m config.
+    assert [r.label for r in recipes()] == ["arch=qwen3,optimizer=muon", "arch=qwen3,optimizer=adamw",
+                                            "arch=gpt2,optimizer=muon", "arch=gpt2,optimizer=adamw"]
     for recipe in recipes():
         load_config(REPO / "configs" / "gpt2-124m.yaml", list(recipe.overrides))
 

@@ -41,7 +41,7 @@ from lmpipe.training.data import TrainData
 from lmpipe.training.loader import WindowOrder
 from lmpipe.training.loop import train
 from lmpipe.training.validation import get_batch
-from tests.conftest import REPO
+from tests.conftest import NANOGPT, REPO
 
 DATA = REPO / "data"
 LINES = [ln for ln in (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8").splitlines() if ln.strip()][:400]
@@ -442,7 +442,7 @@ def _base_and_chats(tmp_path: Path, tokenizer: StageResult, tok: Tokenizer) -> t
     """A 2-step pretrained base checkpoint and an SFT config on 60 chats whose replies are all the same."""
     fp = tokenizer_fingerprint(tokenizer.path("tokenizer.json"))
     stream = np.array(enc(tok, "\n".join(LINES)), dtype=np.int64)
-    base = train(MODEL, TrainConfig(max_steps=2, batch_size=4, eval_batches=1, device="cpu"), tok.get_vocab_size(),
+    base = train(MODEL, TrainConfig(**NANOGPT, max_steps=2, batch_size=4, eval_batches=1, device="cpu"), tok.get_vocab_size(),
                  TrainData(ArraySource(stream[:-500]), ArraySource(stream[-500:])), tmp_path / "base",
                  tokenizer_fingerprint=fp)
 

@@ -37,7 +37,7 @@ from lmpipe.training.checkpoint import load_checkpoint
 from lmpipe.training.data import TrainData
 from lmpipe.training.loop import train
 from lmpipe.training.metrics import METRICS_FILE
-from tests.conftest import tiny_config
+from tests.conftest import NANOGPT, tiny_config
 from tests.unit.data.test_sft import LINES, MODEL, write_jsonl
 
 GPT_CFG = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -165,7 +165,7 @@ def base(tmp_path_factory: pytest.TempPathFactory, tokenizer: StageResult) -> tu
     tok = load_tokenizer(tokenizer.path("tokenizer.json"))
     stream = np.array(tok.encode("\n".join(LINES), add_special_tokens=False).ids, dtype=np.int64)
     train_src, val_src = ArraySource(stream[:-500]), ArraySource(stream[-500:])
-    summary = train(MODEL, TrainConfig(max_steps=3, batch_size=4, eval_batches=1, device="cpu"),
+    summary = train(MODEL, TrainConfig(**NANOGPT, max_steps=3, batch_size=4, eval_batches=1, device="cpu"),
                     tok.get_vocab_size(), TrainData(train_src, val_src), tmp_path_factory.mktemp("lora-base"),
                     tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.path("tokenizer.json")))
     return summary.checkpoint, train_src, val_src
@@ -277,7 +277,7 @@ def test_a_qwen3_lora_adapter_loads_onto_its_transformers_export(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok = load_tokenizer(tokenizer.path("tokenizer.json"))
     stream = np.array(tok.encode("\n".join(LINES), add_special_tokens=False).ids, dtype=np.int64)
-    ckpt = train(QWEN3, TrainConfig(max_steps=3, batch_size=4, eval_batches=1, device="cpu"), tok.get_vocab_size(),
+    ckpt = train(QWEN3, TrainConfig(**NANOGPT, max_steps=3, batch_size=4, eval_batches=1, device="cpu"), tok.get_vocab_size(),
                  TrainData(ArraySource(stream[:-500]), ArraySource(stream[-500:])), tmp_path / "base",
                  tokenizer_fingerprint=tokenizer_fingerprint(tokenizer.path("tokenizer.json"))).checkpoint
     chats = [json.dumps({"prompt": LINES[i][:16], "response": "Amen."}) for i in range(40)]

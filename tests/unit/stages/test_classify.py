@@ -42,7 +42,7 @@ from lmpipe.training.checkpoint import load_checkpoint
 from lmpipe.training.classifier import batch_order, fit_classifier
 from lmpipe.training.data import TrainData
 from lmpipe.training.loop import Reporters, train
-from tests.conftest import REPO
+from tests.conftest import NANOGPT, REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "classify"
 CSV_FILE, JSONL_FILE = FIXTURES / "corpus.csv", FIXTURES / "corpus.jsonl"
@@ -57,7 +57,7 @@ def base(tmp_path_factory: pytest.TempPathFactory, tokenizer: StageResult, tok: 
     fp = tokenizer_fingerprint(tokenizer.path("tokenizer.json"))
     text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:60_000]
     stream = np.array(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
-    summary = train(MODEL, TrainConfig(max_steps=20, batch_size=8, warmup_steps=2, eval_batches=1, device="cpu"),
+    summary = train(MODEL, TrainConfig(**NANOGPT, max_steps=20, batch_size=8, warmup_steps=2, eval_batches=1, device="cpu"),
                     tok.get_vocab_size(), TrainData(ArraySource(stream[:-2000]), ArraySource(stream[-2000:])),
                     tmp_path_factory.mktemp("base"), tokenizer_fingerprint=fp)
     return summary.checkpoint
@@ -379,7 +379,7 @@ def test_a_qwen3_body_classifies_and_round_trips(tmp_path: Path, tokenizer: Stag
     fp = tokenizer_fingerprint(tokenizer.path("tokenizer.json"))
     text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:60_000]
     stream = np.array(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
-    body = train(qwen3, TrainConfig(max_steps=20, batch_size=8, warmup_steps=2, eval_batches=1, device="cpu"),
+    body = train(qwen3, TrainConfig(**NANOGPT, max_steps=20, batch_size=8, warmup_steps=2, eval_batches=1, device="cpu"),
                  tok.get_vocab_size(), TrainData(ArraySource(stream[:-2000]), ArraySource(stream[-2000:])),
                  tmp_path / "base", tokenizer_fingerprint=fp).checkpoint
     cfg = config(JSONL_FILE, max_steps=40, eval_interval=40, learning_rate=2e-3, min_lr=2e-4)

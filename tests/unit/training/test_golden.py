@@ -66,8 +66,8 @@ def _compare(name: str, curve: dict[str, object]) -> None:
 def test_tiny_pretraining_run_reproduces_its_golden_losses(tmp_path: Path) -> None:
     tokens = np.frombuffer((DATA / "wikitext2-valid.txt").read_bytes(), dtype=np.uint8).astype(np.int64)
     model = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, dropout=0.1)
-    cfg = TrainConfig(max_steps=30, batch_size=4, grad_accum_steps=2, learning_rate=3e-3, min_lr=3e-4,
-                      warmup_steps=5, eval_interval=10, eval_batches=2, log_interval=5, checkpoint_interval=15,
+    cfg = TrainConfig(optimizer="adamw", max_steps=30, batch_size=4, grad_accum_steps=2, learning_rate=3e-3,
+                      min_lr=3e-4, warmup_steps=5, eval_interval=10, eval_batches=2, log_interval=5, checkpoint_interval=15,
                       device="cpu", threads=1)
     data = TrainData(ArraySource(tokens[:-30_000]), ArraySource(tokens[-30_000:]))
     summary = train(model, cfg, 256, data, tmp_path, tokenizer_fingerprint="bytes")

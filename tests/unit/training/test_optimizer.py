@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lmpipe.config.base import ConfigError
 from lmpipe.config.loading import load_config
-from lmpipe.config.training import ContinueFinetuneConfig, LoraConfig, ModelConfig
+from lmpipe.config.training import ContinueFinetuneConfig, LoraConfig, ModelConfig, TrainConfig
 from lmpipe.model.checkpoint import CheckpointMismatchError
 from lmpipe.model.gpt import GPT, GPTConfig
 from lmpipe.model.lora import apply_lora
@@ -73,11 +73,14 @@ def test_without_biases_the_adamw_side_holds_embeddings_and_norm_gains() -> None
         ["transformer.h.0.ln_1.weight", "transformer.h.0.ln_2.weight", "transformer.ln_f.weight"]]
 
 
-def test_adamw_is_the_default_and_unchanged() -> None:
+def test_adamw_is_unchanged_and_muon_the_pretraining_default() -> None:
     model = gpt()
-    opt = build_optimizer(model, config(), "cpu")
+    opt = build_optimizer(model, config(), "cpu")  # the tests' config() pins AdamW, nanoGPT's
     assert type(opt) is torch.optim.AdamW and len(opt.param_groups) == 2
     assert all(LR_SCALE not in g for g in opt.param_groups)
+    default = build_optimizer(model, TrainConfig(), "cpu")
+    assert type(default) is Optimizers and [type(p) for p in default.parts] == [torch.optim.Muon, torch.optim.AdamW]
+    assert [g["lr"] for g in default.param_groups] == [0.02, 6e-3, 6e-3]  # Muon's; AdamW's decayed and not
 
 
 def test_one_schedule_drives_both_optimizers() -> None:

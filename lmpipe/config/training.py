@@ -302,9 +302,7 @@ class TrainConfig(Training):
     kept slow: about 0.5x GPT-2 + AdamW's wall time to its 600-step loss, against 0.7x at 2e-3."""
 
     optimizer: Literal["adamw", "muon"] = Field(
-        "muon", description="'adamw': AdamW for every weight; 'muon': torch.optim.Muon (the muon settings) for the "
-                            "2-D weights of the linear layers inside the transformer blocks, AdamW for the "
-                            "embeddings, the output head, norms and biases.")
+        "muon", description=OptimizerChoice.model_fields["optimizer"].description)  # only the default differs
     learning_rate: float = Field(6e-3, gt=0.0, description="Peak learning rate (AdamW's; Muon's is muon.lr), "
                                                            "reached after warmup_steps.")
 

@@ -59,7 +59,7 @@ from safetensors.torch import save_model as save_safetensors_model
 from tokenizers import Tokenizer
 from torch import nn
 
-from lmpipe.artifacts import read_versioned_json, write_json_atomic
+from lmpipe.artifacts import follow_umask, read_versioned_json, write_json_atomic
 from lmpipe.config.training import ClassifyConfig
 from lmpipe.data.labelled import encode_texts
 from lmpipe.data.tokenizer import tokenizer_fingerprint
@@ -186,6 +186,7 @@ def save_classifier(model: GPTClassifier, dest: Path, *, info: dict[str, Any]) -
     """dest/classifier.safetensors (the tied embedding stored once) and dest/classifier.json (what loading needs)."""
     dest.mkdir(parents=True, exist_ok=True)
     save_safetensors_model(model, str(dest / WEIGHTS_FILE))
+    follow_umask(dest / WEIGHTS_FILE)  # safetensors writes 0600 whatever the umask
     write_json_atomic(dest / CONFIG_FILE, {
         "format_version": FORMAT_VERSION,
         "labels": list(model.labels),

@@ -358,13 +358,14 @@ def test_qwen3_greedy_generation_with_kv_caches_is_identical(exported_qwen3) -> 
 
 
 # In a process of its own, whose umask the shell sets: a training checkpoint, the model directory the pipeline
-# keeps of it, and `lmpipe export` of that model with its tokenizer.
+# keeps of it, `lmpipe export` of that model with its tokenizer, and a classifier (classify stage) built on it.
 UNDER_UMASK = """
 import sys
 from pathlib import Path
 import torch
 from flows.cli import main
 from lmpipe.model.checkpoint import export_model, load_model, read_state
+from lmpipe.model.classifier import GPTClassifier, save_classifier
 from lmpipe.training.checkpoint import save_checkpoint
 
 ckpt, tok, out = map(Path, sys.argv[1:])
@@ -372,6 +373,7 @@ model = load_model(ckpt)
 state = {"tokenizer_fingerprint": read_state(ckpt)["tokenizer_fingerprint"]}
 saved = save_checkpoint(out / "checkpoints", 7, model, torch.optim.AdamW(model.parameters()), state)
 export_model(saved, out / "model")
+save_classifier(GPTClassifier(model.config, ["a", "b"], eot_id=0), out / "classifier", info={})
 sys.exit(main(["export", str(out / "model"), str(out / "hf"), "--tokenizer", str(tok)]))
 """
 
@@ -379,7 +381,8 @@ sys.exit(main(["export", str(out / "model"), str(out / "hf"), "--tokenizer", str
 @pytest.mark.parametrize("mask", [0o022, 0o027])
 def test_written_files_follow_the_umask(exported, tmp_path: Path, mask: int) -> None:
     """Folders and files get what plain open() and mkdir give under the umask: the export (built in a 0700
-    temporary folder, its weights written 0600 by safetensors) and the checkpoints it is made from."""
+    temporary folder, its weights written 0600 by safetensors), the checkpoints it is made from, and a
+    classifier's weights (safetensors' save_model, 0600 too)."""
     _, _, tok, ckpt, _ = exported
     out = tmp_path / "out"
     out.mkdir()
@@ -394,6 +397,7 @@ def test_written_files_follow_the_umask(exported, tmp_path: Path, mask: int) -> 
         "checkpoints": folder, "checkpoints/step-0000007": folder,
         **{f"checkpoints/step-0000007/{f}": file for f in ("model.safetensors", "optimizer.pt", "state.json")},
         "model": folder, "model/model.safetensors": file, "model/state.json": file,
+        "classifier": folder, "classifier/classifier.safetensors": file, "classifier/classifier.json": file,
         "hf": folder, **{f"hf/{f}": file for f in ("README.md", "config.json", "generation_config.json",
                                                    "model.safetensors", "tokenizer.json", "tokenizer_config.json")},
     }

@@ -1,4 +1,5 @@
-"""Many languages: language id (ja vs zh, unknown codes), words of unspaced scripts, the web filters on 13 languages.
+"""Many languages: language id (ja vs zh, unknown codes), words of unspaced scripts, the web filters on 13 languages,
+and on a text file of lines and one of pages read as a user's corpus is.
 
 Text is real: paragraphs of the Universal Declaration of Human Rights (tests/fixtures/multilingual).
 """
@@ -15,16 +16,20 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from lmpipe.artifacts import StageResult
 from lmpipe.config.data import (
     LANGUAGE_ID_LABELS,
     C4Config,
+    CleanConfig,
     GopherQualityConfig,
+    GopherRepetitionConfig,
     LanguageConfig,
 )
 from lmpipe.config.loading import load_config
 from lmpipe.data.filters import C4Filter, GopherQuality, LanguageFilter, language_identifier, tokens_and_words
 from tests.conftest import REPO
-from tests.unit.data.test_clean import clean, documents, removed
+from tests.unit.data.test_clean import clean, clean_files, documents, removed
+from tests.unit.data.test_gutenberg import download
 
 SAMPLE = REPO / "tests" / "fixtures" / "multilingual" / "udhr_sample.tsv"
 
@@ -223,6 +228,88 @@ def test_without_language_id_the_rules_keep_only_english(tmp_path):
     reasons = {r["id"]: r["reason"] for r in removed(result)}
     assert reasons["t/0/9"] == "gopher_quality: 2 words < 10"  # Japanese
     assert reasons["t/0/8"] == "gopher_quality: mean word length 1.409 < 3.0"  # Hindi cut at its vowel signs
+
+
+# ---------------------------------------------------------------------------
+# the same read from text files: one document a line, then pages of several lines
+
+
+def read_and_clean(tmp_path: Path, lines: list[str], boundary: str, cfg: CleanConfig, name: str) -> StageResult:
+    """Write ``lines`` to a .txt file, read it as a source with ``doc_boundary`` (the download stage), clean it."""
+    root = tmp_path / name
+    root.mkdir()
+    (root / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    docs = download(root, boundary, on=False, uri=root / "corpus.txt")
+    return clean_files(root, [docs.path(chunk) for chunk in docs.meta["chunks"]], cfg)
+
+
+LINE_LANGUAGES = ["en", "fr", "de", "ru", "el", "ar", "vi", "hi", "ja", "zh", "ko", "th"]  # 9 scripts
+LINE_JUNK = {  # each junk line and the reason it is removed
+    "Click here to subscribe to our newsletter": "gopher_quality: 7 words < 10",
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore "
+    "magna aliqua.": f"language: la (0.47) not in {LINE_LANGUAGES}",
+    "Welcome to {{ site.name }}, the best place to find everything you need for your home and garden.":
+        "c4: contains '{'",
+    "{{ page.title }} | {{ site.name }} - {% include footer.html %}": "language: en scored 0.39 < 0.65",
+    "ホーム | 会社概要 | お問い合わせ | サイトマップ | プライバシーポリシー": "gopher_quality: 9 words < 10",
+    "Главная | Новости | Контакты | Поиск": "gopher_quality: 4 words < 10",
+    "首页 | 关于我们 | 联系我们 | 网站地图": "gopher_quality: 7 words < 10",
+    " ".join(["buy"] * 20): "gopher_repetition: characters in the top 2-gram 1.443 > 0.2",
+    "#### ***** ===== ----- >>>>> <<<<< ##### *****": "language: de scored 0.17 < 0.65",
+    "Please enable JavaScript in your browser to view this site and all of its content properly.":
+        "c4: 0 sentences < 1 (0 of 1 lines kept)",
+}
+# The web filters at their defaults but for two thresholds a document of one line cannot meet: Gopher's 50 words
+# (a web page's; these lines are one UDHR article each, the shortest 17 words, the Japanese) and C4's 5 sentences
+# (an article is one or two).
+LINE_WEB = CleanConfig(language=LanguageConfig(enabled=True, languages=LINE_LANGUAGES),
+                       gopher_repetition=GopherRepetitionConfig(enabled=True),
+                       gopher_quality=GopherQualityConfig(enabled=True, min_words=10),
+                       c4=C4Config(enabled=True, min_sentences=1))
+
+
+def test_a_file_of_lines_in_twelve_languages_keeps_each_language_and_drops_the_junk_between(tmp_path):
+    natural = [paragraphs(lang)[12] for lang in LINE_LANGUAGES]  # article 19 in most; one paragraph a line
+    junk = list(LINE_JUNK)
+    lines = [line for i, text in enumerate(natural) for line in [text, *junk[i:i + 1]]]
+    assert len(lines) == len(natural) + len(junk) and lines[-1] == natural[-1]
+    result = read_and_clean(tmp_path, lines, "line", LINE_WEB, "lines")
+    ids = [f"book/0/{n}" for n in range(len(lines))]  # one document a line, numbered in file order
+    kept = documents(result)
+    assert kept["id"] == [ids[lines.index(text)] for text in natural]
+    assert kept["text"] == [unicodedata.normalize("NFC", text) for text in natural]  # the Vietnamese is not NFC
+    assert {lines[ids.index(r["id"])]: r["reason"] for r in removed(result)} == LINE_JUNK
+    assert len(removed(result)) == len(junk)
+
+
+# Pages of several lines, junk lines of another language inside each: a Japanese page with English junk, an English
+# page with Japanese junk. C4 removes lines by each page's language: a Japanese line is many words to ICU, so it
+# stays, and 。 ends its sentences. Every threshold is at its default.
+JA_PAGE = [paragraphs("ja")[3], paragraphs("ja")[4], "Click here to subscribe to our newsletter", paragraphs("ja")[5],
+           paragraphs("ja")[6], "Please enable JavaScript to view this page.", paragraphs("ja")[7],
+           "By using this site you agree to our cookie policy.", paragraphs("ja")[8]]
+EN_PAGE = [paragraphs("en")[4], paragraphs("en")[5], "ホーム | 会社概要 | お問い合わせ | サイトマップ", paragraphs("en")[6],
+           paragraphs("en")[7], "今すぐ購入してください！送料無料です。", paragraphs("en")[8], paragraphs("en")[9]]
+PAGE_JUNK = {2, 5, 7}, {2, 5}  # the junk lines' indexes in each page
+
+
+def test_c4_removes_junk_lines_inside_a_page_by_the_page_s_language(tmp_path):
+    pages = [[line for i, line in enumerate(page) if i not in junk] for page, junk in zip([JA_PAGE, EN_PAGE],
+                                                                                          PAGE_JUNK, strict=True)]
+    web = CleanConfig(language=LanguageConfig(enabled=True, languages=["en", "ja"]),
+                      gopher_repetition=GopherRepetitionConfig(enabled=True),
+                      gopher_quality=GopherQualityConfig(enabled=True), c4=C4Config(enabled=True))
+    result = read_and_clean(tmp_path, [*JA_PAGE, "", *EN_PAGE], "blank_line", web, "pages")
+    assert documents(result)["text"] == ["\n".join(page) for page in pages]
+    assert removed(result) == []
+    c4 = next(row for row in result.meta["report"] if row["step"] == "c4")
+    junk_bytes = sum(len(page[i].encode()) + 1 for page, junk in zip([JA_PAGE, EN_PAGE], PAGE_JUNK) for i in junk)
+    assert (c4["docs_in"], c4["docs_out"], c4["bytes_in"] - c4["bytes_out"]) == (2, 2, junk_bytes)
+    # C4 alone, without language id: the Japanese lines are a word or two each, so they go with the junk.
+    alone = read_and_clean(tmp_path, [*JA_PAGE, "", *EN_PAGE], "blank_line", CleanConfig(c4=C4Config(enabled=True)),
+                           "alone")
+    assert documents(alone)["text"] == ["\n".join(pages[1])]
+    assert [(r["id"], r["reason"]) for r in removed(alone)] == [("book/0/0", "c4: 0 sentences < 5 (0 of 9 lines kept)")]
 
 
 def test_sample_fixture_is_what_its_readme_says():

@@ -110,12 +110,20 @@ _FORMATS_HELP = ('{"prompt", "completion" or "response"}, Alpaca {"instruction",
                  '[{"from", "value"}, ...]}')
 
 
+SKIP_BAD_OPTION = "finetune.sft_skip_bad"  # the config option behind read_sft_examples' skip_bad
+
+
 class SFTFormatError(ValueError):
     """A line of the SFT file is not an example of a known format, or its example does not fit the context."""
 
 
 class _LineError(Exception):
-    """Raised by the per-line parser; the reader adds the field, file and line."""
+    """Raised by the per-line parser; the reader adds the field, file and line, and for an error with a ``remedy``
+    (what to change in the record) that remedy and the option that skips such records."""
+
+    def __init__(self, message: str, remedy: str = "") -> None:
+        super().__init__(message)
+        self.remedy = remedy
 
 
 @dataclass(frozen=True)
@@ -213,7 +221,8 @@ def record_shape(obj: dict[str, Any]) -> str:
     if not shapes and "response" in obj:  # {"response": ...} alone: a prompt/response pair without its prompt
         shapes = ["prompt/completion"]
     if not shapes:
-        raise _LineError(f"matches none of the formats {_FORMATS_HELP} (keys: {sorted(obj)})")
+        raise _LineError(f"matches none of the formats {_FORMATS_HELP} (keys: {sorted(obj)})",
+                         remedy="rename the record's keys to those of one of these formats")
     if len(shapes) > 1:
         raise _LineError(f"mixes the keys of the formats {shapes} (keys: {sorted(obj)})")
     return shapes[0]
@@ -349,9 +358,10 @@ def read_sft_examples(path: Path, *, skip_bad: bool = False, field: str = "finet
                 shape = record_shape(record)
                 read.shapes[shape] = read.shapes.get(shape, 0) + 1
             except _LineError as err:
-                message = f"{field}: {at}: {err}"
+                message = f"{field}: {at}: {err}" + (f": {err.remedy}" if err.remedy else "")
                 if not skip_bad:
-                    raise SFTFormatError(message) from None
+                    skip = f", or set {SKIP_BAD_OPTION}: true to skip and count such records" if err.remedy else ""
+                    raise SFTFormatError(message + skip) from None
                 read.bad.append(line)
                 first_error = first_error or message
     except JSONArrayError as err:

@@ -184,7 +184,9 @@ def test_reads_line_numbers_and_skips_blank_lines(tmp_path: Path) -> None:
         ('["a", "b"]', r"holds a JSON array, not a record: JSON lines hold one record \(a JSON object\) per line; a "
                        r"file that is one JSON array of records is read as such when its first character is '\['$"),
         ('"a"', r"expected a JSON object of one of the formats .*, got str$"),
-        ('{"question": "a", "answer": "b"}', r"matches none of the formats .* \(keys: \['answer', 'question'\]\)"),
+        ('{"question": "a", "answer": "b"}', r"matches none of the formats .* \(keys: \['answer', 'question'\]\): rename "
+                                            r"the record's keys to those of one of these formats, or set "
+                                            r"finetune\.sft_skip_bad: true to skip and count such records$"),
         ('{"prompt": "a", "output": "b"}', r"mixes the keys of the formats \['prompt/completion', 'alpaca'\]"),
         ('{"prompt": "a"}', r"missing key 'completion' or 'response' \(keys: \['prompt'\]\)"),
         ('{"response": "b"}', r"missing key 'prompt' \(keys: \['response'\]\)"),
@@ -635,17 +637,33 @@ def test_an_array_in_a_jsonl_file_says_what_to_do(tmp_path: Path) -> None:
         "line): rename it to .json to read it as one array of records, or write one record per line")
 
 
+FORMATS = ('{"prompt", "completion" or "response"}, Alpaca {"instruction", "input" or "context" (optional), '
+           '"output" or "response"}, {"messages": [{"role", "content"}, ...]} or ShareGPT {"conversations": '
+           '[{"from", "value"}, ...]}')  # the shapes an unrecognised record's error lists
+
+
 def test_a_bad_record_of_an_array_names_its_line_and_number(tmp_path: Path, tok: Tokenizer) -> None:
     f = tmp_path / "d.json"
     f.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"question": "a",\n   "answer": "b"},\n'
                  '  {"prompt": "c", "completion": "d"}, 5\n]', encoding="utf-8")
     with pytest.raises(SFTFormatError) as err:
         read_sft_examples(f)
-    assert str(err.value).startswith(f"finetune.sft_path: {f}:3 (record 2): matches none of the formats ")
-    assert str(err.value).endswith(" (keys: ['answer', 'question'])")
+    assert str(err.value) == (
+        f"finetune.sft_path: {f}:3 (record 2): matches none of the formats {FORMATS} (keys: ['answer', 'question']): "
+        "rename the record's keys to those of one of these formats, or set finetune.sft_skip_bad: true to skip and "
+        "count such records")
     read = read_sft_examples(f, skip_bad=True)
     assert [(e.line, e.record) for e in read.examples] == [(2, 1), (5, 3)] and read.bad == [3, 5]
     assert read.shapes == {"prompt/completion": 2}
+    # Skipping already, the error when nothing is left keeps the remedy and does not offer the option again.
+    only_bad = tmp_path / "bad.json"
+    only_bad.write_text('[{"question": "a", "answer": "b"}]', encoding="utf-8")
+    with pytest.raises(SFTFormatError) as err:
+        read_sft_examples(only_bad, skip_bad=True)
+    assert str(err.value) == (
+        f"finetune.sft_path: SFT file {str(only_bad)!r} holds no examples; 1 bad record(s) skipped, the first: "
+        f"finetune.sft_path: {only_bad}:1 (record 1): matches none of the formats {FORMATS} (keys: ['answer', "
+        "'question']): rename the record's keys to those of one of these formats")
 
     f.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "a" "completion": "b"}\n]', encoding="utf-8")
     for skip_bad in (False, True):  # the records after it cannot be found: an error either way

@@ -236,6 +236,14 @@ def test_a_config_says_where_the_model_is_and_options_win_over_it(served, tmp_pa
     for extra, tokens in (([], "5"), (["--eval-tokens", "3"], "3")):
         assert main(["evaluate", "models:/m@candidate", "-c", str(preset), "-t", str(text), *extra]) == 0
         assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["speech.txt", tokens]
+    # export: the registered model from tracking.uri, and the checkpoint with its tokenizer found under workdir.
+    exports = {"models:/m@candidate": tmp_path / "hf-registry", str(served.checkpoint): tmp_path / "hf-checkpoint"}
+    for model, dest in exports.items():
+        assert main(["export", model, "-c", str(preset), str(dest)]) == 0
+        assert capsys.readouterr().out.startswith(f"exported {model} to {dest}\n")
+    files = [{p.name: p.read_bytes() for p in sorted(dest.iterdir())} for dest in exports.values()]
+    assert files[0] == files[1] and list(files[0]) == ["README.md", "config.json", "generation_config.json",
+                                                       "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 
     # --workdir wins over workdir: no tokenizer stage there.
     elsewhere = tmp_path / "elsewhere"

@@ -86,10 +86,12 @@ def continual(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 
         tokenizer = start.model_copy(update={"fingerprint": f"tokenizer-{tok_fp[:16]}"})
         views = Path(ctx.workdir) / VIEWS_DIR
         increment = materialize(delta.parts, pre, "new", views).model_copy(update={"name": f"{pre.name}.new"})
-        new_read, new_docs = _documents(config, increment, "data.pretrain", ctx, ledger)
+        # Cleaning may remove every new document: that is too little new, not an error.
+        new_read, new_docs = _documents(config, increment, "data.pretrain", ctx, ledger, may_be_empty=True)
         kept = new_docs.metrics["docs_out"]
         if kept < config.continual.min_new_documents:
-            _report(ctx, ledger, "too little new", (version, record), delta, None, kept)
+            _report(ctx, ledger, "too little new", (version, record), delta, None, kept,
+                    cleaned_away=new_docs.meta.get("empty"))
             return ledger.summary(ctx)
         origin = materialize(origin_parts(record, pre, "data.pretrain"), pre, "origin", views)
         _, origin_docs = _documents(config, origin, "data.pretrain", ctx, ledger)
@@ -125,9 +127,10 @@ def _unpinned(config: PipelineConfig) -> PipelineConfig:
 
 def _report(ctx: TrackingContext, ledger: Ledger, outcome: str, before: tuple[Any, TrainedOn] | None,
             delta: Delta, registered: Any, new_documents: float = 0.0,
-            trained: dict[str, float] | None = None) -> None:
+            trained: dict[str, float] | None = None, cleaned_away: str | None = None) -> None:
     """The run's report: a Prefect artifact and figures on the MLflow parent run, the same names every run, so
-    scheduled runs line up in MLflow's charts."""
+    scheduled runs line up in MLflow's charts. ``cleaned_away``: the clean stage's account of why no new
+    document survived it."""
     figures = {"continual.new_files": float(len(delta.parts)), "continual.new_bytes": float(delta.new_bytes),
                "continual.new_documents": float(new_documents),
                "continual.trained_tokens": (trained or {}).get("new_tokens", 0.0)
@@ -145,8 +148,9 @@ def _report(ctx: TrackingContext, ledger: Ledger, outcome: str, before: tuple[An
                      "reused, nothing was trained.")
     elif outcome == "too little new":
         lines.append(f"\nOnly {new_documents:.0f} new documents after cleaning (continual.min_new_documents is "
-                     "more): nothing was "
-                     "trained; they count again next run.")
+                     "more): nothing was trained; they count again next run.")
+        if cleaned_away is not None:
+            lines.append(f"\nCleaning removed every new document: {cleaned_away}")
     if delta.parts:
         lines += ["", "| source | file | what | from byte | bytes |", "|---|---|---|---:|---:|"]
         lines += [f"| {p['source']} | {p['file']} | {p['why']} | {p['from_byte']:,} | {p['bytes']:,} |"

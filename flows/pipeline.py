@@ -47,8 +47,9 @@ DIGEST_CACHE = "downloads/digests.json"  # under the work directory: local files
 
 
 def _documents(config: PipelineConfig, corpus: CorpusConfig, field: str, ctx: TrackingContext,
-               ledger: StageRunner) -> tuple[StageResult, StageResult]:
-    """The corpus downloaded (what was read: its files' sizes and sha256) and cleaned."""
+               ledger: StageRunner, may_be_empty: bool = False) -> tuple[StageResult, StageResult]:
+    """The corpus downloaded (what was read: its files' sizes and sha256) and cleaned (``may_be_empty``: cleaning
+    may remove every document, see run_clean)."""
     delay = config.data.download_retry_delay_s
     fetch = download.with_options(retries=config.data.download_retries,
                                   retry_delay_seconds=[delay * 5**i for i in range(config.data.download_retries)] or 0)
@@ -59,7 +60,7 @@ def _documents(config: PipelineConfig, corpus: CorpusConfig, field: str, ctx: Tr
                       gutenberg_boilerplate=cfg.gutenberg_boilerplate)
     chunks = ledger.map(clean_chunk, f"clean_chunk/{corpus.name}", docs.meta["chunks"], cfg=cfg, docs=docs, ctx=ctx)
     return docs, ledger.run(clean, f"clean/{corpus.name}", cfg=cfg, docs=docs, chunks=chunks, corpus_field=field,
-                            clean_field=clean_field, ctx=ctx)
+                            clean_field=clean_field, ctx=ctx, may_be_empty=may_be_empty)
 
 
 def _shards(config: PipelineConfig, corpus: CorpusConfig, field: str, docs: StageResult, tokenizer: StageResult,

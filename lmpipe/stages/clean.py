@@ -302,13 +302,15 @@ def _before_split_rows(before_split: list[dict[str, Any]], docs_in: int, bytes_i
 
 def run_clean(cfg: CleanConfig, chunks: list[StageResult], out_dir: str | Path, fingerprint: str, *,
               corpus_field: str, clean_field: str = CLEAN_FIELD,
-              before_split: list[dict[str, Any]] | None = None) -> StageResult:
+              before_split: list[dict[str, Any]] | None = None, may_be_empty: bool = False) -> StageResult:
     """Stage "clean": de-duplicate the cleaned chunks across the corpus and publish the final document set.
 
     chunks: the clean_chunk results in corpus order (download chunk 0, 1, ...).
     corpus_field / clean_field: config paths (e.g. "data.pretrain", "data.clean") for error messages.
     before_split: the download stage's ``before_split`` meta (what it cut from each file before splitting it),
     reported as the first rows, with each file's cut and reason.
+    may_be_empty: when no document survives, finish with an empty document set and the EmptyCorpusError's
+    message as ``meta["empty"]`` (a continual run's new documents), instead of raising it.
     """
     before_split = before_split or []
     steps = build_steps(cfg)
@@ -320,8 +322,11 @@ def run_clean(cfg: CleanConfig, chunks: list[StageResult], out_dir: str | Path, 
         docs_in = sum(st["totals"]["docs_in"] for st in stats)
         bytes_in = sum(st["totals"]["bytes_in"] for st in stats)
         survivors = _totals(rows, docs_in, bytes_in)
+        empty = None
         if survivors["docs_out"] == 0:
-            raise EmptyCorpusError(_empty_message(corpus_field, clean_field, steps, rows, cfg, docs_in, bytes_in))
+            empty = _empty_message(corpus_field, clean_field, steps, rows, cfg, docs_in, bytes_in)
+            if not may_be_empty:
+                raise EmptyCorpusError(empty)
 
         samples: dict[str, list[dict[str, Any]]] = {s.name: [] for s in steps}
         for st in stats:
@@ -357,6 +362,8 @@ def run_clean(cfg: CleanConfig, chunks: list[StageResult], out_dir: str | Path, 
             report["before_split"] = before_split
         meta: dict[str, Any] = {"report": rows, "samples": samples, "chunks": [e["file"] for e in entries],
                                 CHUNK_STAGES: [c.fingerprint for c in chunks]}
+        if empty is not None:
+            meta["empty"] = empty
         if any(isinstance(s, LanguageStep) for s in steps):
             report["languages"] = meta["languages"] = _language_rows(chunks, stats, found, removals)
         write_json_atomic(tmp / REPORT_FILE, report)

@@ -427,6 +427,39 @@ def test_a_corpus_emptied_by_c4_fails_naming_c4_and_its_bytes(tmp_path):
     assert not out.exists() and not partial_dir(out).exists()  # nothing for the tokenizer to train on
 
 
+def test_a_corpus_that_may_be_empty_finishes_empty_with_the_error_message(tmp_path):
+    files = write_chunks(tmp_path / "download", [NON_ENGLISH[:4], NON_ENGLISH[4:]])
+    chunks = [run_clean_chunk(C4_KEEPS_NO_LINE, f, tmp_path / f"chunk-{i}", f"fp{i}") for i, f in enumerate(files)]
+    result = run_clean(C4_KEEPS_NO_LINE, chunks, tmp_path / "out", "fp", corpus_field="data.pretrain",
+                       may_be_empty=True)
+    assert result.meta["empty"] == (
+        "data.pretrain: no document survived cleaning (9 documents, 270 bytes in). c4 removed the most: 270 of "
+        "the 270 bytes (9 of the 9 documents); documents removed per step: c4 9 (270 bytes). Relax "
+        "data.clean.c4 (now enabled), or check that data.pretrain.sources hold the text you expect.")
+    assert result.meta["chunks"] == [] and documents(result)["text"] == []
+    assert result.metrics["docs_in"] == 9.0 and result.metrics["docs_out"] == 0.0
+    assert [r["id"] for r in removed(result)] == [f"t/0/{i}" for i in range(9)]  # each one, in the report
+    assert "empty" not in clean(tmp_path, [NON_ENGLISH[:1]]).meta  # a corpus with survivors has no such note
+
+
+def test_a_finished_empty_clean_stage_is_reused_only_where_it_may_be_empty(tmp_path):
+    import tasks.stages as stages
+    from lmpipe.tracking.runs import TrackingContext
+
+    ctx = TrackingContext(workdir=str(tmp_path), uri="sqlite:///x.db", experiment_id="0", parent_run_id="p")
+    docs = StageResult(stage="download", fingerprint="d", out_dir="unused")
+    args = {"cfg": C4_KEEPS_NO_LINE, "docs": docs, "chunks": [], "corpus_field": "data.pretrain",
+            "clean_field": "data.clean", "ctx": ctx}
+    fp, out_dir = stages.CLEAN.locate(args)
+    [file] = write_chunks(tmp_path / "download", [NON_ENGLISH])
+    chunk = run_clean_chunk(C4_KEEPS_NO_LINE, file, tmp_path / "chunk", "fp0")
+    made = run_clean(C4_KEEPS_NO_LINE, [chunk], out_dir, fp, corpus_field="data.pretrain", may_be_empty=True)
+    body = stages.clean.fn.__wrapped__  # the task's body, outside a Prefect run
+    assert body(**args, may_be_empty=True).meta["empty"] == made.meta["empty"]  # reused: no MLflow run
+    with pytest.raises(EmptyCorpusError, match=r"^data\.pretrain: no document survived cleaning \(9 documents"):
+        body(**args)  # a corpus that must not be empty fails as if cleaned now
+
+
 NOVEL = ['Chapter 1\nHe said that he would come\nvisit him if you do not."',  # C4 keeps only the last line
          "Menu\nThe harbour was built by the merchants of the river valley.",  # C4 removes "Menu"
          "Too short."]  # 10 characters from the start: the min_chars filter's

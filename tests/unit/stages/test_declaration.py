@@ -22,7 +22,9 @@ NOT_FINGERPRINTED = {
     "chunks", "encoded",  # the chunk results: a function of the declared config and upstream
     "encode_batch_size",  # how fast the deterministic encoder runs, never what it writes
     "benchmark_files",  # where the files of benchmark_sha256 are
-    "may_be_empty",  # whether an empty split fails the stage; what a stage writes does not depend on it
+    # whether an empty split (shard) or an empty corpus (clean) fails the stage; what a stage writes does not
+    # depend on it (a finished empty clean stage fails a caller for whom it must not be empty)
+    "may_be_empty",
     "lineage",  # tags naming stages upstream of the fine-tuned model, whose fingerprint covers them
 }
 

@@ -305,8 +305,8 @@ def test_the_notification_goes_to_the_webhook_block_lmpipe_notify_block_names(mo
 
     from flows.notify import BLOCK_ENV, DEFAULT_BLOCK, notify_failure
 
-    receivers = {name: ThreadingHTTPServer(("127.0.0.1", 0), type(name, (_Receiver,), {"received": []}))
-                 for name in ("team-alerts", DEFAULT_BLOCK)}
+    handlers = {name: type(name, (_Receiver,), {"received": []}) for name in ("team-alerts", DEFAULT_BLOCK)}
+    receivers = {name: ThreadingHTTPServer(("127.0.0.1", 0), handler) for name, handler in handlers.items()}
     for name, receiver in receivers.items():
         threading.Thread(target=receiver.serve_forever, daemon=True).start()
         Webhook(url=f"http://127.0.0.1:{receiver.server_address[1]}/hook").save(name, overwrite=True)
@@ -323,10 +323,10 @@ def test_the_notification_goes_to_the_webhook_block_lmpipe_notify_block_names(mo
             receiver.shutdown()
             Webhook.delete(name)  # no other test's failed flow notifies a receiver that is gone
     assert state.is_failed()
-    [note] = receivers["team-alerts"].RequestHandlerClass.received
+    [note] = handlers["team-alerts"].received
     assert note["flow_run_id"] == str(state.state_details.flow_run_id) and note["stage"] is None
     assert note["error"] == "RuntimeError: the team's block gets this"
-    assert receivers[DEFAULT_BLOCK].RequestHandlerClass.received == []
+    assert handlers[DEFAULT_BLOCK].received == []
 
 
 # ---------------------------------------------------------------- the CLI on a failed run

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -72,8 +73,15 @@ def page(browser):
 
 
 def _shot(page, name: str) -> Path:
+    """A screenshot of the whole page. Both UIs scroll inside their own panes, which a full-page screenshot does not
+    unroll, so the viewport first grows to the tallest pane's height (and goes back afterwards)."""
     path = SHOTS / f"{name}.png"
+    viewport = page.viewport_size
+    height = page.evaluate("() => Math.max(...Array.from(document.querySelectorAll('*'), e => e.scrollHeight))")
+    page.set_viewport_size({"width": viewport["width"], "height": min(max(height, viewport["height"]), 10_000)})
+    time.sleep(1)  # the panes lay out again
     page.screenshot(path=str(path), full_page=True)
+    page.set_viewport_size(viewport)
     return path
 
 
@@ -93,20 +101,50 @@ def test_the_custom_run_form_shows_every_config_section(site, page):
               for name, field in PipelineConfig.model_fields.items()]
     missing = [t for t in titles if t not in text]
     assert not missing, f"sections not on the form: {missing}"
+    # The whole form is taller than a screenshot can be: each section, scrolled to the top, has its own.
+    for name, field in PipelineConfig.model_fields.items():
+        if field.annotation not in (str, int, float):  # a section (a model, a union of models, or None)
+            title = field.title or name.replace("_", " ").title()
+            heading = page.get_by_text(re.compile(rf"^{re.escape(title)}( \(Optional\))?$")).first
+            heading.evaluate("e => e.scrollIntoView({block: 'start'})")
+            page.screenshot(path=str(SHOTS / f"prefect-custom-run-form-{name}.png"))
 
 
 def test_the_mlflow_ui_shows_the_runs_and_the_registered_model(site, page):
     client = MlflowClient(site["store"])
     exp = client.get_experiment_by_name("lmpipe")
-    parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
-    [parent] = parents
-    page.goto(f"{site['mlflow']}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}")
+    runs = client.search_runs([exp.experiment_id])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    stages = {r.info.run_name: r.info.run_id for r in runs if r is not parent}
+    assert {"download/wikitext2", "clean/wikitext2", "clean/tinyshakespeare", "pretrain", "finetune", "evaluate",
+            "register"} <= set(stages)
+
+    def link(name: str):  # a link whose whole text is the run's name (not a metric or parameter named after it)
+        return page.get_by_role("link", name=name, exact=True)
+
+    # The experiment's runs view, as the README says to open it (MLflow 3 opens its GenAI view otherwise).
+    runs_view = f"{site['mlflow']}/#/experiments/{exp.experiment_id}?workflowType=machine_learning"
+    page.goto(runs_view)
+    link(parent.info.run_name).wait_for(timeout=60_000)
+    assert "Run Name" in page.inner_text("body")  # the runs table, not the GenAI view
+    # The stage runs are nested under the parent: its row's expander lists them.
+    page.get_by_role("gridcell").filter(has=link(parent.info.run_name)).get_by_role("button").click()
+    link("clean/wikitext2").wait_for(timeout=30_000)
+    _shot(page, "mlflow-runs")
+    assert link(parent.info.run_name).get_attribute("href").endswith(f"/runs/{parent.info.run_id}")
+    for name, run_id in stages.items():
+        assert link(name).get_attribute("href").endswith(f"/runs/{run_id}"), name
+
+    page.goto(f"{site['mlflow']}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}"
+              "?workflowType=machine_learning")
     _settle(page, "Child runs")
-    text = page.inner_text("body")
+    link("register").wait_for(timeout=30_000)
     _shot(page, "mlflow-parent-run")
-    assert parent.info.run_name in text
-    # The stage runs, listed on the parent's page (the first ten; the rest behind "Load more").
-    assert all(stage in text for stage in ("pretrain", "finetune", "evaluate", "register")), text[:3000]
+    assert parent.info.run_name in page.inner_text("body")
+    # The stage runs, listed on the parent's page, newest first (the first ten; the rest behind "Load more").
+    for name in ("register", "evaluate", "finetune", "pretrain", "clean/tinyshakespeare", "clean/wikitext2"):
+        assert link(name).get_attribute("href").endswith(f"/runs/{stages[name]}"), name
+
     page.goto(f"{site['mlflow']}/#/models/lmpipe-gpt")
     _settle(page, "Version 1")
     text = page.inner_text("body")

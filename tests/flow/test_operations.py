@@ -298,6 +298,37 @@ def test_a_failed_deployment_run_posts_its_url_stage_and_error_to_the_webhook(tm
                             f"\n{url}")
 
 
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_notification_goes_to_the_webhook_block_lmpipe_notify_block_names(monkeypatch):
+    from prefect import flow
+    from prefect.blocks.webhook import Webhook
+
+    from flows.notify import BLOCK_ENV, DEFAULT_BLOCK, notify_failure
+
+    handlers = {name: type(name, (_Receiver,), {"received": []}) for name in ("team-alerts", DEFAULT_BLOCK)}
+    receivers = {name: ThreadingHTTPServer(("127.0.0.1", 0), handler) for name, handler in handlers.items()}
+    for name, receiver in receivers.items():
+        threading.Thread(target=receiver.serve_forever, daemon=True).start()
+        Webhook(url=f"http://127.0.0.1:{receiver.server_address[1]}/hook").save(name, overwrite=True)
+
+    @flow(on_failure=[notify_failure])
+    def fails() -> None:
+        raise RuntimeError("the team's block gets this")
+
+    monkeypatch.setenv(BLOCK_ENV, "team-alerts")
+    try:
+        state = fails(return_state=True)
+    finally:
+        for name, receiver in receivers.items():
+            receiver.shutdown()
+            Webhook.delete(name)  # no other test's failed flow notifies a receiver that is gone
+    assert state.is_failed()
+    [note] = handlers["team-alerts"].received
+    assert note["flow_run_id"] == str(state.state_details.flow_run_id) and note["stage"] is None
+    assert note["error"] == "RuntimeError: the team's block gets this"
+    assert handlers[DEFAULT_BLOCK].received == []
+
+
 # ---------------------------------------------------------------- the CLI on a failed run
 
 

@@ -23,7 +23,8 @@ Targets. ``target_modules`` holds module names matched as peft does: a name
 matches a module whose qualified name equals it or ends with ``.`` + name
 (``c_attn`` matches every layer's ``transformer.h.<i>.attn.c_attn``);
 ``all-linear`` (the default) is every linear layer but the output head, which
-is not adapted (GPT-2's is tied to the token embedding). Qwen3's layers are
+is not adapted (tied to the token embedding unless Qwen3's
+``tie_embeddings`` is false). Qwen3's layers are
 named as in transformers (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,
 ``gate_proj``, ``up_proj``, ``down_proj``).
 """
@@ -44,7 +45,8 @@ from lmpipe.config.training import LoraConfig, ModelConfig
 ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_HEAD = "lm_head"  # tied to the token embedding: never a target
+_HEAD = "lm_head"  # the output head: never a target (tied to the token embedding, or with tie_embeddings off
+#                    a full-size matrix that an adapter of rank r would barely touch)
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -91,8 +93,9 @@ def resolve_targets(names: Iterable[str], targets: list[str], field: str = "fine
         return names
     for t in targets:
         if t == _HEAD or t.endswith("." + _HEAD):
-            raise ValueError(f"{field}: {t!r} is the output head, which is tied to the token embedding and cannot "
-                             "take an adapter")
+            raise ValueError(f"{field}: {t!r} is the output head, which LoRA does not adapt here (it is tied "
+                             "to the token embedding unless model.tie_embeddings is false); the linear layers "
+                             "inside the blocks take the adapters")
         if not any(_matches(n, t) for n in names):
             short = sorted({n.rsplit(".", 1)[-1] for n in names})
             raise ValueError(f"{field}: {t!r} matches no linear layer of the model; its linear layers are "

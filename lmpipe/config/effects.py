@@ -14,8 +14,10 @@ fingerprint counts it, but the steps are the same, so a checkpoint resumes acros
 it (the global batch itself is compared). ``"none"``: neither (logging and
 checkpoint cadence, thread count, MFU's peak, a deterministic encoder's batch).
 A mark that names ``output_when`` is ``"output"`` while that field of the same
-section is not None: validating every ``eval_interval`` steps decides nothing,
-unless early stopping counts its patience in validations.
+section is not None (or, with ``output_value``, equals it): validating every
+``eval_interval`` steps decides nothing, unless early stopping counts its
+patience in validations; Muon's settings decide nothing unless ``optimizer`` is
+``muon``.
 
 The mark is looked up through the section's base classes, so a subclass that
 redeclares a field only to change its default keeps the base's mark.
@@ -37,6 +39,7 @@ class Affects:
 
     effect: Effect
     output_when: str | None = None  # a field of the same section: while it is not None, the effect is "output"
+    output_value: Any = None  # given: while output_when's field equals it instead
 
 
 EXECUTION = Affects("execution")
@@ -57,8 +60,10 @@ def field_effect(section: BaseModel, name: str) -> Effect:
     mark = _mark(type(section), name)
     if mark is None:
         return "output"
-    if mark.output_when is not None and getattr(section, mark.output_when, None) is not None:
-        return "output"
+    if mark.output_when is not None:
+        value = getattr(section, mark.output_when, None)
+        if value == mark.output_value if mark.output_value is not None else value is not None:
+            return "output"
     return mark.effect
 
 

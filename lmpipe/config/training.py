@@ -191,8 +191,8 @@ class OptimizerChoice(Section):
         "adamw", description="'adamw': AdamW for every weight; 'muon': torch.optim.Muon (the muon settings) for the "
                              "2-D weights of the linear layers inside the transformer blocks, AdamW for the "
                              "embeddings, the output head, norms and biases.")
-    muon: MuonConfig = Field(default_factory=MuonConfig, description="Muon's settings (read when optimizer is "
-                                                                     "'muon').")
+    muon: Annotated[MuonConfig, Affects("none", output_when="optimizer", output_value="muon")] = Field(
+        default_factory=MuonConfig, description="Muon's settings (read when optimizer is 'muon').")
 
 
 class Batch(Section):

@@ -29,10 +29,24 @@ EXECUTION = {"eval_batches", "device", "batch_size", "grad_accum_steps", "batch_
 def test_training_fields_split_into_output_execution_and_none(section):
     fields = set(section.model_dump())
     distributed = {"distributed"} if isinstance(section, TrainConfig) else set()
-    assert fields - set(fingerprinted(section)) == NO_EFFECT
-    assert fields - set(trajectory(section)) == NO_EFFECT | EXECUTION | distributed
+    # Pretraining defaults to Muon; fine-tuning to AdamW, whose runs Muon's settings cannot change.
+    idle = NO_EFFECT | ({"muon"} if section.optimizer == "adamw" else set())
+    assert (type(section) is TrainConfig) == (section.optimizer == "muon")
+    assert fields - set(fingerprinted(section)) == idle
+    assert fields - set(trajectory(section)) == idle | EXECUTION | distributed
     assert {f for f in fields if field_effect(section, f) == "execution"} == EXECUTION | distributed
-    assert fingerprinted(section) == {k: v for k, v in section.model_dump(mode="json").items() if k not in NO_EFFECT}
+    assert fingerprinted(section) == {k: v for k, v in section.model_dump(mode="json").items() if k not in idle}
+
+
+@pytest.mark.parametrize("section", [TrainConfig(), ContinueFinetuneConfig()])
+def test_muon_settings_count_only_when_muon_trains(section):
+    tuned = {"muon": section.muon.model_copy(update={"lr": 0.05})}
+    muon = section.model_copy(update={"optimizer": "muon"})
+    adamw = section.model_copy(update={"optimizer": "adamw"})
+    assert fingerprinted(muon) != fingerprinted(muon.model_copy(update=tuned))
+    assert trajectory(muon)["muon"]["lr"] == 0.02 and trajectory(muon.model_copy(update=tuned))["muon"]["lr"] == 0.05
+    assert fingerprinted(adamw) == fingerprinted(adamw.model_copy(update=tuned)) and "muon" not in fingerprinted(adamw)
+    assert trajectory(adamw) == trajectory(adamw.model_copy(update=tuned))
 
 
 @pytest.mark.parametrize("section", [TrainConfig(), ContinueFinetuneConfig()])
@@ -41,7 +55,8 @@ def test_eval_interval_counts_only_with_early_stopping(section):
     assert field_effect(section, "eval_interval") == "none"
     assert field_effect(stopping, "eval_interval") == "output"
     assert fingerprinted(stopping)["eval_interval"] == trajectory(stopping)["eval_interval"] == 100
-    assert set(stopping.model_dump()) - set(fingerprinted(stopping)) == NO_EFFECT - {"eval_interval"}
+    idle = NO_EFFECT - {"eval_interval"} | ({"muon"} if section.optimizer == "adamw" else set())
+    assert set(stopping.model_dump()) - set(fingerprinted(stopping)) == idle
 
 
 def test_classify_shares_the_sections_and_its_validation_cadence_decides_nothing():

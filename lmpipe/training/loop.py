@@ -140,7 +140,7 @@ def run_loop(loop: Loop) -> tuple[int, float | None]:
             is_log = done % m.log_interval == 0 or is_last
             is_ckpt = ckpt is not None and ckpt.should_save(done, last=early.stopped)
             if is_log or is_ckpt:
-                m.flush()  # metrics.jsonl must reach `done` before a checkpoint of `done` exists
+                m.flush(durable=is_ckpt)  # metrics.jsonl reaches `done`, on disk, before a checkpoint of `done` exists
             if is_log:
                 logged = m.interval(done, lr, loop.max_steps) | logged
                 postfix = {"loss": f"{logged['train/loss']:.3f}"}

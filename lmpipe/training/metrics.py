@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from lmpipe.artifacts import fsync_path
 from lmpipe.data.jsonl import parse_jsonl_line, read_jsonl_objects
 from lmpipe.training.device import mfu
 
@@ -101,10 +102,16 @@ class MetricLogger:
         """Put more values (validation scores) into the row of the pending step ``step``."""
         self.extras[step] = values
 
-    def flush(self) -> None:
-        """Write pending steps to metrics.jsonl (one device sync for all of them)."""
-        if not self.pending:
-            return
+    def flush(self, durable: bool = False) -> None:
+        """Write pending steps to metrics.jsonl (one device sync for all of them). ``durable``: also fsync the
+        file, before a checkpoint of the last step is sealed: a power loss must not keep a checkpoint whose
+        rows are lost (a resume keeps the rows up to its step)."""
+        if self.pending:
+            self._write_pending()
+        if durable and self.write and self.path is not None and self.path.exists():
+            fsync_path(self.path)
+
+    def _write_pending(self) -> None:
         values = torch.stack([torch.stack([p[2].float(), p[3].float()]) for p in self.pending]).tolist()  # (n, 2)
         self.last_grad_norm = values[-1][1]
         new_rows = [{"step": s, "loss": loss, "lr": lr, "grad_norm": norm} | self.extras.pop(s, {})

@@ -176,6 +176,30 @@ def test_two_fresh_runs_are_identical(tmp_path: Path) -> None:
     assert losses(tmp_path / "c") != losses(tmp_path / "a")
 
 
+def test_metrics_reach_the_disk_before_each_checkpoint_is_written(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A power loss must not keep a checkpoint of step k and lose metrics.jsonl's rows up to k."""
+    import lmpipe.training.checkpoint as checkpoint_module
+    import lmpipe.training.metrics as metrics_module
+
+    events: list[tuple[str, int]] = []
+    real_fsync, real_write = metrics_module.fsync_path, checkpoint_module.write_checkpoint
+
+    def fsync_path(path: Path) -> None:  # the real fsync, recording the last step the file holds then
+        real_fsync(path)
+        events.append(("fsync metrics", json.loads(Path(path).read_text().splitlines()[-1])["step"]))
+
+    def write_checkpoint(root: Path, step: int, *args: object, **kwargs: object) -> Path:
+        events.append(("checkpoint", step))
+        return real_write(root, step, *args, **kwargs)
+
+    monkeypatch.setattr(metrics_module, "fsync_path", fsync_path)
+    monkeypatch.setattr(checkpoint_module, "write_checkpoint", write_checkpoint)
+    run(tmp_path, config(checkpoint_interval=4, log_interval=3))  # checkpoints at 4, 8, 12; logs at 3, 6, 9, 12
+    assert events == [("fsync metrics", 4), ("checkpoint", 4), ("fsync metrics", 8), ("checkpoint", 8),
+                      ("fsync metrics", 12), ("checkpoint", 12)]
+
+
 @pytest.mark.parametrize("model", [DROPOUT_MODEL, DROPOUT_QWEN3], ids=["gpt2", "qwen3"])
 @pytest.mark.parametrize("accum", [1, 2])
 def test_resume_is_exact(tmp_path: Path, accum: int, model: ModelConfig) -> None:

@@ -72,7 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="store_true", help="the data stages only (what `lmpipe data` builds)")
     p = sub.add_parser("why", help="say which cleaning step removed a document, and why")
     p.add_argument("doc_id", help="the document's id, e.g. wikitext2/0/17")
-    p.add_argument("--workdir", default=PipelineConfig().workdir, help="the run's work directory")
+    p.add_argument("--config", "-c", metavar="YAML", help="the run's preset: its workdir is where to look; "
+                                                          "--workdir, when given, wins over it")
+    p.add_argument("--workdir", help=f"the run's work directory (default: the --config's workdir, else "
+                                     f"{PipelineConfig().workdir})")
     _generate_arguments(_model_parser(sub, "generate", "continue prompts with a trained model"))
     _evaluate_arguments(_model_parser(sub, "evaluate", "score a trained model: held-out loss / perplexity / bits "
                                                        "per byte on text files, acc / acc_norm on benchmarks"))
@@ -227,7 +230,8 @@ def verify(args: argparse.Namespace) -> Answer:
 
 def why(args: argparse.Namespace) -> Answer:
     """`lmpipe why`: which cleaning step removed a document; exit status 1 when none did."""
-    return Answer(*explain_removal(args.workdir, args.doc_id))
+    workdir = args.workdir or (load_config(args.config).workdir if args.config else PipelineConfig().workdir)
+    return Answer(*explain_removal(workdir, args.doc_id))
 
 
 def cloze_benchmark(args: argparse.Namespace) -> str:

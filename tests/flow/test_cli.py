@@ -78,6 +78,13 @@ def test_why_names_the_step_and_reason_that_removed_a_document(tmp_path, capsys)
     assert "reason:  dedup: same text as c/0/0" in capsys.readouterr().out
     assert main(["why", "c/0/0", "--workdir", str(tmp_path / "w")]) == 1
     assert "c/0/0: not removed by any finished clean stage" in capsys.readouterr().out
+    # The run's preset says where its work directory is; --workdir wins over it.
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(f"workdir: {tmp_path / 'w'}\n", encoding="utf-8")
+    assert main(["why", "c/0/1", "-c", str(preset)]) == 0
+    assert "reason:  min_chars: 1 chars < 2" in capsys.readouterr().out
+    assert main(["why", "c/0/1", "-c", str(preset), "--workdir", str(tmp_path / "elsewhere")]) == 1
+    assert "c/0/1: not removed by any finished clean stage" in capsys.readouterr().out
 
 
 def test_why_answers_from_the_chunk_stage_after_the_clean_stage_failed(tmp_path, capsys):

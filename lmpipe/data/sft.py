@@ -130,6 +130,7 @@ class _LineError(Exception):
 class Message:
     role: Role
     content: str
+    train: bool = True  # an assistant turn's tokens are trained on; false: context only (a turn's "weight": 0)
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,8 @@ def parse_example(obj: Any) -> tuple[Message, ...]:
     messages = _conversation(obj)
     if not any(m.content for m in messages if m.role == "assistant"):
         raise _LineError("the assistant's reply is empty: nothing to train on but the closing tokens")
+    if not any(m.train for m in messages if m.role == "assistant"):
+        raise _LineError("every assistant turn has weight 0: nothing to train on")
     return messages
 
 
@@ -292,11 +295,25 @@ def _turns(obj: dict[str, Any], key: str, fields: tuple[str, str], roles: dict[s
         role = _string(turn, who, where)
         if role not in roles:
             raise _LineError(f"{where}unknown {who} {role!r} (expected one of {', '.join(roles)})")
-        messages.append(Message(cast(Role, roles[role]), _string(turn, what, where)))
+        messages.append(Message(cast(Role, roles[role]), _string(turn, what, where),
+                                train=_weight(turn, roles[role], where)))
     if not any(m.role == "assistant" for m in messages):
         names = "/".join(name for name, role in roles.items() if role == "assistant")
         raise _LineError(f"{key!r} has no {names!r} turn: nothing to train on")
     return tuple(messages)
+
+
+def _weight(turn: dict[str, Any], role: str, where: str) -> bool:
+    """A turn's ``weight`` (OpenAI's chat fine-tuning files, Axolotl): 1 (the default) trains on an assistant
+    turn, 0 keeps it as context only; no other value, and only on assistant turns."""
+    if "weight" not in turn:
+        return True
+    weight = turn["weight"]
+    if role != "assistant":
+        raise _LineError(f"{where}'weight' is read on assistant turns only (this one is the {role}'s)")
+    if type(weight) is not int or weight not in (0, 1):
+        raise _LineError(f"{where}'weight' must be 0 (context only) or 1 (trained on), got {json.dumps(weight)}")
+    return weight == 1
 
 
 @dataclass
@@ -436,11 +453,11 @@ def encode_chat(
         mask: list[int] = []
         for m in conv:
             body = next(encoded)
-            learn = int(m.role == "assistant")
+            learn = int(m.role == "assistant" and m.train)
             tokens += [ids.roles[m.role], *body, ids.end]
             mask += [0] + [learn] * (len(body) + 1)
         tokens.append(ids.eot)
-        mask.append(int(conv[-1].role == "assistant"))
+        mask.append(int(conv[-1].role == "assistant" and conv[-1].train))
         out.append((tokens, mask))
     return out
 

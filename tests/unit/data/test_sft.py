@@ -603,6 +603,43 @@ def test_sharegpt_speakers_map_to_the_three_roles(tmp_path: Path, speaker: str, 
     assert example.messages == (Message(role, "a"), Message("assistant", "b"))  # type: ignore[arg-type]
 
 
+def test_an_assistant_turn_of_weight_0_is_context_not_trained_on(tmp_path: Path, tok: Tokenizer) -> None:
+    # OpenAI's chat fine-tuning files mark assistant turns with "weight" 0 or 1; ShareGPT files of Axolotl too.
+    turns = [("user", "Hi", None), ("assistant", "Bad reply.", 0), ("user", "Again?", None), ("assistant", "Hail.", 1)]
+    records = [{"messages": [{"role": r, "content": c} | ({} if w is None else {"weight": w}) for r, c, w in turns]},
+               {"conversations": [{"from": {"user": "human", "assistant": "gpt"}[r], "value": c}
+                                  | ({} if w is None else {"weight": w}) for r, c, w in turns]}]
+    examples, _ = read_pairs(write_jsonl(tmp_path / "d.jsonl", [json.dumps(r) for r in records]))
+    expected = (Message("user", "Hi"), Message("assistant", "Bad reply.", train=False), Message("user", "Again?"),
+                Message("assistant", "Hail."))
+    assert [e.messages for e in examples] == [expected, expected]
+    learned, given = trained_text(tok, expected)
+    assert learned == [*enc(tok, "Hail."), END, EOT_ID]
+    assert given == [USR, *enc(tok, "Hi"), END, ASST, *enc(tok, "Bad reply."), END, USR, *enc(tok, "Again?"), END,
+                     ASST]
+    # The last turn of weight 0: neither it nor the closing end-of-text is trained on.
+    learned, _ = trained_text(tok, (*expected[:3], Message("assistant", "Hail.", train=False),
+                                    Message("user", "x"), Message("assistant", "y")))
+    assert learned == [*enc(tok, "y"), END, EOT_ID]
+    learned, _ = trained_text(tok, (expected[0], Message("assistant", "a"), Message("assistant", "b", train=False)))
+    assert learned == [*enc(tok, "a"), END]
+
+
+@pytest.mark.parametrize(("turn", "message"), [
+    ({"role": "user", "content": "a", "weight": 0}, r"messages\[0\]: 'weight' is read on assistant turns only "
+                                                     r"\(this one is the user's\)"),
+    ({"role": "assistant", "content": "a", "weight": 0.5}, r"messages\[0\]: 'weight' must be 0 \(context only\) "
+                                                          r"or 1 \(trained on\), got 0.5"),
+    ({"role": "assistant", "content": "a", "weight": True}, r"messages\[0\]: 'weight' must be 0 .* got true"),
+    ({"role": "assistant", "content": "a", "weight": 0}, "every assistant turn has weight 0: nothing to train on"),
+])
+def test_a_bad_or_useless_weight_is_named(tmp_path: Path, turn: dict, message: str) -> None:
+    record = {"messages": [turn] + ([{"role": "assistant", "content": "b", "weight": 0}] if turn["role"] == "user"
+                                    else [])}
+    with pytest.raises(SFTFormatError, match=rf"^finetune\.sft_path: {tmp_path}/d\.jsonl:1: {message}"):
+        read_sft_examples(write_jsonl(tmp_path / "d.jsonl", [json.dumps(record)]))
+
+
 def test_a_system_key_is_a_first_system_turn_in_every_shape(tmp_path: Path) -> None:
     lines = [{"system": "Be brief.", "prompt": "a", "completion": "b"},
              {"system": "Be brief.", "instruction": "a", "output": "b"},

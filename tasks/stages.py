@@ -33,7 +33,7 @@ from lmpipe.data.sources import TransientDownloadError
 from lmpipe.eval.report import LOSS_CURVES, embed_images
 from lmpipe.stages.champion import run_champion
 from lmpipe.stages.classify import PREDICTIONS_FILE, REPORT_FILE, run_classify
-from lmpipe.stages.clean import EmptyCorpusError, run_clean, run_clean_chunk
+from lmpipe.stages.clean import nonempty, run_clean, run_clean_chunk
 from lmpipe.stages.continual import run_continue
 from lmpipe.stages.contract import reuse
 from lmpipe.stages.declaration import StageSpec
@@ -142,11 +142,7 @@ def clean(cfg: CleanConfig, docs: StageResult, chunks: list[StageResult], corpus
           ctx: TrackingContext, label: str | None = None, may_be_empty: bool = False) -> StageResult:
     fp, out_dir = CLEAN.locate(locals())
     if (done := reuse(out_dir)) is not None:
-        # may_be_empty (no surviving document is an outcome, see run_clean) is not in the fingerprint: a finished
-        # empty stage fails a caller for whom it must not be empty, as if cleaned now.
-        if "empty" in done.meta and not may_be_empty:
-            raise EmptyCorpusError(done.meta["empty"])
-        return done
+        return nonempty(done, may_be_empty)
     with stage_run(ctx, "clean", fp, {clean_field: cfg}, {"lmpipe.corpus_field": corpus_field}, name=label) as run:
         result = run_clean(cfg, chunks, out_dir, fp, corpus_field=corpus_field, clean_field=clean_field,
                            before_split=docs.meta.get("before_split"), may_be_empty=may_be_empty)

@@ -369,7 +369,16 @@ def run_clean(cfg: CleanConfig, chunks: list[StageResult], out_dir: str | Path, 
         write_json_atomic(tmp / REPORT_FILE, report)
         return BuildOutput(metrics=_metrics(totals, rows), meta=meta)
 
-    return run_stage("clean", fingerprint, out_dir, build)
+    return nonempty(run_stage("clean", fingerprint, out_dir, build), may_be_empty)
+
+
+def nonempty(result: StageResult, may_be_empty: bool) -> StageResult:
+    """A clean stage's ``result``, unless it holds no document and the caller does not allow that: then the
+    EmptyCorpusError cleaning would raise now. ``may_be_empty`` is not in the fingerprint, so a stage that a
+    caller allowing it finished (a continual run's new documents) may be found by one that does not."""
+    if "empty" in result.meta and not may_be_empty:
+        raise EmptyCorpusError(result.meta["empty"])
+    return result
 
 
 @dataclass

@@ -458,6 +458,11 @@ def test_a_finished_empty_clean_stage_is_reused_only_where_it_may_be_empty(tmp_p
     assert body(**args, may_be_empty=True).meta["empty"] == made.meta["empty"]  # reused: no MLflow run
     with pytest.raises(EmptyCorpusError, match=r"^data\.pretrain: no document survived cleaning \(9 documents"):
         body(**args)  # a corpus that must not be empty fails as if cleaned now
+    with pytest.raises(EmptyCorpusError, match=r"^data\.pretrain: no document survived cleaning \(9 documents"):
+        # the stage found finished by run_stage itself (as after waiting for another run's lease)
+        run_clean(C4_KEEPS_NO_LINE, [chunk], out_dir, fp, corpus_field="data.pretrain")
+    assert "empty" in run_clean(C4_KEEPS_NO_LINE, [chunk], out_dir, fp, corpus_field="data.pretrain",
+                                may_be_empty=True).meta
 
 
 NOVEL = ['Chapter 1\nHe said that he would come\nvisit him if you do not."',  # C4 keeps only the last line

@@ -150,7 +150,7 @@ def _report(ctx: TrackingContext, ledger: Ledger, outcome: str, before: tuple[An
         lines.append(f"\nOnly {new_documents:.0f} new documents after cleaning (continual.min_new_documents is "
                      "more): nothing was trained; they count again next run.")
         if cleaned_away is not None:
-            lines.append(f"\nCleaning removed every new document: {cleaned_away}")
+            lines.append(f"\nNo new document survived cleaning: {cleaned_away}")
     if delta.parts:
         lines += ["", "| source | file | what | from byte | bytes |", "|---|---|---|---:|---:|"]
         lines += [f"| {p['source']} | {p['file']} | {p['why']} | {p['from_byte']:,} | {p['bytes']:,} |"

@@ -121,7 +121,7 @@ def test_continual_line(line):
         "# Continual run: too little new", "", champion_before, "",
         "Only 0 new documents after cleaning (continual.min_new_documents is more): nothing was trained; they "
         "count again next run.", "",
-        "Cleaning removed every new document: data.pretrain: no document survived cleaning (1 documents, 4 bytes "
+        "No new document survived cleaning: data.pretrain: no document survived cleaning (1 documents, 4 bytes "
         "in). strip_control removed the most: 4 of the 4 bytes (1 of the 1 documents); documents removed per "
         "step: strip_control 1 (4 bytes). Relax data.clean.strip_control (now True), or check that "
         "data.pretrain.sources hold the text you expect.", "",

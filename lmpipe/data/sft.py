@@ -232,10 +232,10 @@ def record_shape(obj: dict[str, Any]) -> str:
 def parse_example(obj: Any) -> tuple[Message, ...]:
     """One decoded record -> its conversation; raises _LineError naming the problem."""
     messages = _conversation(obj)
-    if not any(m.content for m in messages if m.role == "assistant"):
-        raise _LineError("the assistant's reply is empty: nothing to train on but the closing tokens")
     if not any(m.train for m in messages if m.role == "assistant"):
         raise _LineError("every assistant turn has weight 0: nothing to train on")
+    if not any(m.content for m in messages if m.role == "assistant" and m.train):
+        raise _LineError("the assistant's reply is empty: nothing to train on but the closing tokens")
     return messages
 
 

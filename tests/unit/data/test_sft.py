@@ -632,10 +632,13 @@ def test_an_assistant_turn_of_weight_0_is_context_not_trained_on(tmp_path: Path,
                                                           r"or 1 \(trained on\), got 0.5"),
     ({"role": "assistant", "content": "a", "weight": True}, r"messages\[0\]: 'weight' must be 0 .* got true"),
     ({"role": "assistant", "content": "a", "weight": 0}, "every assistant turn has weight 0: nothing to train on"),
+    ({"role": "assistant", "content": "context", "weight": 0},  # then an empty reply: the only one trained on
+     "the assistant's reply is empty: nothing to train on but the closing tokens"),
 ])
 def test_a_bad_or_useless_weight_is_named(tmp_path: Path, turn: dict, message: str) -> None:
-    record = {"messages": [turn] + ([{"role": "assistant", "content": "b", "weight": 0}] if turn["role"] == "user"
-                                    else [])}
+    after = {"user": [{"role": "assistant", "content": "b", "weight": 0}],
+             "context": [{"role": "user", "content": "u"}, {"role": "assistant", "content": ""}]}
+    record = {"messages": [turn, *after.get(turn["role"], after.get(turn["content"], []))]}
     with pytest.raises(SFTFormatError, match=rf"^finetune\.sft_path: {tmp_path}/d\.jsonl:1: {message}"):
         read_sft_examples(write_jsonl(tmp_path / "d.jsonl", [json.dumps(record)]))
 

@@ -93,9 +93,8 @@ def resolve_targets(names: Iterable[str], targets: list[str], field: str = "fine
         return names
     for t in targets:
         if t == _HEAD or t.endswith("." + _HEAD):
-            raise ValueError(f"{field}: {t!r} is the output head, which LoRA does not adapt here (it is tied "
-                             "to the token embedding unless model.tie_embeddings is false); the linear layers "
-                             "inside the blocks take the adapters")
+            raise ValueError(f"{field}: {t!r} is the output head, which LoRA does not adapt here; the linear "
+                             "layers inside the blocks take the adapters")
         if not any(_matches(n, t) for n in names):
             short = sorted({n.rsplit(".", 1)[-1] for n in names})
             raise ValueError(f"{field}: {t!r} matches no linear layer of the model; its linear layers are "

@@ -110,6 +110,7 @@ class MetricLogger:
             self._write_pending()
         if durable and self.write and self.path is not None and self.path.exists():
             fsync_path(self.path)
+            fsync_path(self.path.parent)  # and its directory entry (the file's creation)
 
     def _write_pending(self) -> None:
         values = torch.stack([torch.stack([p[2].float(), p[3].float()]) for p in self.pending]).tolist()  # (n, 2)

@@ -230,8 +230,8 @@ def verify(args: argparse.Namespace) -> Answer:
 
 def why(args: argparse.Namespace) -> Answer:
     """`lmpipe why`: which cleaning step removed a document; exit status 1 when none did."""
-    workdir = args.workdir or (load_config(args.config).workdir if args.config else PipelineConfig().workdir)
-    return Answer(*explain_removal(workdir, args.doc_id))
+    model_commands.settle_workdir(args)
+    return Answer(*explain_removal(args.workdir, args.doc_id))
 
 
 def cloze_benchmark(args: argparse.Namespace) -> str:

@@ -13,15 +13,17 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmpipe.model.generation_settings import GENERATION_DEFAULTS
 
+if TYPE_CHECKING:
+    from lmpipe.config import PipelineConfig
 
-def settle_locations(args: argparse.Namespace) -> None:
-    """Fill in what the command line left out: the work directory and tracking URI (for evaluate also
-    eval_tokens) from --config when one is given, else the defaults; an option given on the command line wins.
-    Also notes where each came from (``workdir_from``, ``tracking_from``), for the errors that name them."""
+
+def settle_workdir(args: argparse.Namespace) -> PipelineConfig:
+    """Fill in the work directory when the command line left it out: --config's when one is given, else the
+    default; --workdir given wins. Notes where it came from (``workdir_from``). Returns the config read."""
     from lmpipe.config import PipelineConfig, load_config
 
     config = load_config(args.config) if args.config else PipelineConfig()
@@ -29,6 +31,15 @@ def settle_locations(args: argparse.Namespace) -> None:
     args.workdir_from = "--workdir" if args.workdir is not None or not given else f"{given}workdir"
     if args.workdir is None:
         args.workdir = Path(config.workdir)
+    return config
+
+
+def settle_locations(args: argparse.Namespace) -> None:
+    """Fill in what the command line left out: the work directory and tracking URI (for evaluate also
+    eval_tokens) from --config when one is given, else the defaults; an option given on the command line wins.
+    Also notes where each came from (``workdir_from``, ``tracking_from``), for the errors that name them."""
+    config = settle_workdir(args)
+    given = f"--config {args.config}: " if args.config else ""
     args.tracking_from = "--tracking-uri" if args.tracking_uri is not None or not given else f"{given}tracking.uri"
     if args.tracking_uri is None:
         args.tracking_uri = config.tracking.uri  # None: the work directory's own store

@@ -62,7 +62,7 @@ def field_effect(section: BaseModel, name: str) -> Effect:
         return "output"
     if mark.output_when is not None:
         value = getattr(section, mark.output_when, None)
-        if value == mark.output_value if mark.output_value is not None else value is not None:
+        if (value == mark.output_value) if mark.output_value is not None else (value is not None):
             return "output"
     return mark.effect
 

@@ -45,8 +45,7 @@ from lmpipe.config.training import LoraConfig, ModelConfig
 ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_HEAD = "lm_head"  # the output head: never a target (tied to the token embedding, or with tie_embeddings off
-#                    a full-size matrix that an adapter of rank r would barely touch)
+_HEAD = "lm_head"  # the output head: never a target
 _PEFT_PREFIX = "base_model.model."
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
@@ -33,8 +32,8 @@ def _wait_scheduled_runs(server: PrefectServer, deployment_id: str, timeout: flo
 
 def _states(server: PrefectServer, flow_run_id: str) -> list[dict]:
     """The flow run's states, oldest first."""
-    with urllib.request.urlopen(f"{server.api}/flow_run_states/?flow_run_id={flow_run_id}", timeout=10) as r:
-        return sorted(json.load(r), key=lambda s: s["timestamp"])
+    states: list[dict] = server.get(f"/flow_run_states/?flow_run_id={flow_run_id}")  # type: ignore[assignment]
+    return sorted(states, key=lambda s: s["timestamp"])
 
 
 def test_deploy_and_run_through_a_worker(tmp_path):
